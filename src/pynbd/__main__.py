@@ -1,0 +1,3 @@
+from pynbd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""The ``pynbd`` command: ``pynbd serve|info|copy|sh|dump|fuse ...``."""
+
+from __future__ import annotations
+
+import sys
+
+from pynbd import __version__
+
+__all__ = ["main"]
+
+USAGE = """\
+usage: pynbd COMMAND [ARGS...]
+
+commands:
+  serve    serve an NBD export from a plugin (nbdkit's command line)
+
+`pynbd COMMAND --help` describes each command.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0 if args else 1
+    if args[0] in ("-V", "--version"):
+        print(f"pynbd {__version__}")
+        return 0
+    cmd, rest = args[0], args[1:]
+    if cmd == "serve":
+        from pynbd.server.main import main as serve_main
+
+        return serve_main(rest)
+    print(f"pynbd: unknown command '{cmd}'. Try 'pynbd --help'.", file=sys.stderr)
+    return 1

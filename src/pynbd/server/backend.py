@@ -1,0 +1,411 @@
+"""The backend chain: filters over a plugin, and the per-connection context with emulation.
+
+A :class:`Chain` is built once per server (filters outermost first, then the plugin). Each
+client connection opens a :class:`Context` on the outermost layer. A context caches the
+export's properties (each ``can_*`` is asked at most once per connection, as in nbdkit) and
+emulates what a layer lacks: WRITE_ZEROES by writing zeroes, FUA by flush, CACHE by reading,
+extents as one data extent. Filters call the layer below through a context too, so they get
+the same emulation.
+
+Plugin methods may be coroutines; a context running in a worker thread bridges them onto the
+event loop. Whether a chain runs on the loop or in worker threads is decided once
+(:attr:`Chain.on_loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from pynbd.errors import CommandError, ConfigError
+from pynbd.plugin import (
+    EXTENT_HOLE, EXTENT_ZERO, CacheMode, Filter, Flag, FuaMode, Plugin, ThreadModel, _overrides,
+)
+
+__all__ = ["Chain", "Context", "Layer", "PluginLayer", "FilterLayer"]
+
+_DATA_METHODS = ("pread", "pread_into", "pwrite", "flush", "trim", "zero", "extents", "cache")
+_ZERO_CHUNK = bytes(1 << 20)
+_QUERIES = ("get_size", "export_description", "block_size", "can_write", "can_flush",
+            "is_rotational", "can_trim", "can_zero", "can_fast_zero", "can_extents", "can_fua",
+            "can_multi_conn", "can_cache")
+
+
+def _is_async(obj: object, name: str) -> bool:
+    return inspect.iscoroutinefunction(getattr(obj, name, None))
+
+
+class Layer:
+    """One layer of the chain; methods take the layer's handle first."""
+
+    name: str
+    nonblocking: bool
+    thread_model: ThreadModel
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        r = fn(*args)
+        if inspect.isawaitable(r):
+            loop = self.loop
+            if loop is None:
+                raise RuntimeError("a coroutine callback needs the server's event loop")
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                raise RuntimeError("a coroutine callback was called on the event loop thread")
+            return asyncio.run_coroutine_threadsafe(r, loop).result()  # type: ignore[arg-type]
+        return r
+
+
+class PluginLayer(Layer):
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.name = plugin.name
+        self.has_async = any(_is_async(plugin, m) for m in _DATA_METHODS + _QUERIES + ("open",))
+        self.nonblocking = bool(plugin.nonblocking) and not self.has_async
+        self.thread_model = ThreadModel(getattr(plugin, "thread_model", ThreadModel.PARALLEL))
+
+    def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
+        return self._call(self.plugin.open, readonly, export_name, is_tls)
+
+    def close(self, h: Any) -> None:
+        self._call(self.plugin.close, h)
+
+    def query(self, h: Any, what: str) -> Any:
+        return self._call(getattr(self.plugin, what), h)
+
+    def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        return self._call(self.plugin.pread, h, count, offset, flags)
+
+    def pwrite(self, h: Any, buf: Any, offset: int, flags: int) -> None:
+        self._call(self.plugin.pwrite, h, buf, offset, flags)
+
+    def flush(self, h: Any, flags: int) -> None:
+        self._call(self.plugin.flush, h, flags)
+
+    def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._call(self.plugin.trim, h, count, offset, flags)
+
+    def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._call(self.plugin.zero, h, count, offset, flags)
+
+    def extents(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        return self._call(self.plugin.extents, h, count, offset, flags)
+
+    def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._call(self.plugin.cache, h, count, offset, flags)
+
+
+class FilterLayer(Layer):
+    """A filter over the layer below. Its handle is (filter handle, context below)."""
+
+    def __init__(self, flt: Filter, below: Layer) -> None:
+        self.filter = flt
+        self.below = below
+        self.name = flt.name
+        self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not any(
+            _is_async(flt, m) for m in _DATA_METHODS + _QUERIES + ("open",))
+        self.thread_model = min(ThreadModel(flt.thread_model), below.thread_model)
+        self._has = {m: _overrides(flt, m, Filter) for m in _DATA_METHODS + _QUERIES}
+
+    def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
+        below: list[Context] = []
+
+        def next_open(ro: bool, name: str) -> None:
+            below.append(Context(self.below, self.below.open(ro, name, is_tls), ro))
+
+        fh = self._call(self.filter.open, next_open, readonly, export_name, is_tls)
+        if not below:
+            raise CommandError(errno.EIO, f"{self.name}: open did not open the layer below")
+        return (fh, below[0])
+
+    def close(self, h: Any) -> None:
+        fh, nxt = h
+        try:
+            self._call(self.filter.close, fh)
+        finally:
+            nxt.close()
+
+    def query(self, h: Any, what: str) -> Any:
+        fh, nxt = h
+        if self._has.get(what):
+            return self._call(getattr(self.filter, what), nxt, fh)
+        return getattr(nxt, what)()
+
+    def _data(self, what: str, h: Any, *args: Any) -> Any:
+        fh, nxt = h
+        if self._has[what]:
+            return self._call(getattr(self.filter, what), nxt, fh, *args)
+        return getattr(nxt, what)(*args)
+
+    def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        return self._data("pread", h, count, offset, flags)
+
+    def pwrite(self, h: Any, buf: Any, offset: int, flags: int) -> None:
+        self._data("pwrite", h, buf, offset, flags)
+
+    def flush(self, h: Any, flags: int) -> None:
+        self._data("flush", h, flags)
+
+    def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._data("trim", h, count, offset, flags)
+
+    def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._data("zero", h, count, offset, flags)
+
+    def extents(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        return self._data("extents", h, count, offset, flags)
+
+    def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
+        self._data("cache", h, count, offset, flags)
+
+
+def _truth(v: Any) -> bool:
+    return bool(v)
+
+
+class Context:
+    """A layer opened for one connection: cached properties plus emulation.
+
+    This is also the ``next`` object filters receive: ``next.pread(count, offset, flags)``.
+    """
+
+    def __init__(self, layer: Layer, handle: Any, readonly: bool) -> None:
+        self.layer = layer
+        self.handle = handle
+        self.readonly = readonly
+        self._cache: dict[str, Any] = {}
+        self._closed = False
+
+    # ---- properties --------------------------------------------------------------------
+    def _q(self, what: str) -> Any:
+        try:
+            return self._cache[what]
+        except KeyError:
+            v = self.layer.query(self.handle, what)
+            self._cache[what] = v
+            return v
+
+    def get_size(self) -> int:
+        size = self._q("get_size")
+        if not isinstance(size, int) or size < 0 or size > (1 << 63) - 1:
+            raise CommandError(errno.EIO, f"{self.layer.name}: get_size returned {size!r}")
+        return size
+
+    def export_description(self) -> str | None:
+        return self._q("export_description")
+
+    def block_size(self) -> tuple[int, int, int] | None:
+        bs = self._q("block_size")
+        if not bs or bs == (0, 0, 0):
+            return None
+        mn, pref, mx = (int(x) for x in bs)
+        if not (1 <= mn <= 65536 and mn & (mn - 1) == 0 and pref >= max(mn, 512)
+                and pref & (pref - 1) == 0 and mx >= pref and mx <= 0xFFFFFFFF):
+            raise CommandError(errno.EIO, f"{self.layer.name}: invalid block_size {bs!r}")
+        return (mn, pref, mx)
+
+    def can_write(self) -> bool:
+        return not self.readonly and _truth(self._q("can_write"))
+
+    def can_flush(self) -> bool:
+        return _truth(self._q("can_flush"))
+
+    def is_rotational(self) -> bool:
+        return _truth(self._q("is_rotational"))
+
+    def can_trim(self) -> bool:
+        return self.can_write() and _truth(self._q("can_trim"))
+
+    def can_zero(self) -> bool:
+        """Whether the layer's zero is called; WRITE_ZEROES is advertised when writable."""
+        return self.can_write() and _truth(self._q("can_zero"))
+
+    def can_fast_zero(self) -> bool:
+        if not self.can_write():
+            return False
+        if not self.can_zero():
+            return True  # fast zero requests fail fast
+        return _truth(self._q("can_fast_zero"))
+
+    def can_extents(self) -> bool:
+        return _truth(self._q("can_extents"))
+
+    def can_fua(self) -> FuaMode:
+        if not self.can_write():
+            return FuaMode.NONE
+        return FuaMode(int(self._q("can_fua")))
+
+    def can_multi_conn(self) -> bool:
+        return _truth(self._q("can_multi_conn"))
+
+    def can_cache(self) -> CacheMode:
+        return CacheMode(int(self._q("can_cache")))
+
+    # ---- data --------------------------------------------------------------------------
+    def pread(self, count: int, offset: int, flags: int = 0) -> Any:
+        return self.layer.pread(self.handle, count, offset, flags)
+
+    def pwrite(self, buf: Any, offset: int, flags: int = 0) -> None:
+        if not self.can_write():
+            raise CommandError(errno.EROFS, "the export is read-only")
+        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.pwrite(self.handle, buf, offset, flags & ~Flag.FUA)
+            self.layer.flush(self.handle, 0)
+        else:
+            self.layer.pwrite(self.handle, buf, offset, flags)
+
+    def flush(self, flags: int = 0) -> None:
+        if self.can_flush():
+            self.layer.flush(self.handle, flags)
+
+    def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        if not self.can_trim():
+            return  # trim is advisory
+        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.trim(self.handle, count, offset, flags & ~Flag.FUA)
+            self.layer.flush(self.handle, 0)
+        else:
+            self.layer.trim(self.handle, count, offset, flags)
+
+    def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        if not self.can_write():
+            raise CommandError(errno.EROFS, "the export is read-only")
+        fua_emulated = bool(flags & Flag.FUA) and self.can_fua() == FuaMode.EMULATE
+        lflags = flags & ~Flag.FUA if fua_emulated else flags
+        if self.can_zero():
+            try:
+                self.layer.zero(self.handle, count, offset, lflags)
+            except (OSError, CommandError) as e:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & Flag.FAST_ZERO:
+                    raise
+            else:
+                if fua_emulated:
+                    self.layer.flush(self.handle, 0)
+                return
+        if flags & Flag.FAST_ZERO:
+            raise CommandError(errno.ENOTSUP, "fast zero is not supported")
+        wflags = lflags & Flag.FUA
+        pos, end = offset, offset + count
+        while pos < end:
+            n = min(len(_ZERO_CHUNK), end - pos)
+            self.layer.pwrite(self.handle, memoryview(_ZERO_CHUNK)[:n], pos, wflags)
+            pos += n
+        if fua_emulated:
+            self.layer.flush(self.handle, 0)
+
+    def extents(self, count: int, offset: int, flags: int = 0) -> list[tuple[int, int, int]]:
+        """Extents covering [offset, ...) as (offset, length, type), clipped to the request."""
+        if not self.can_extents():
+            return [(offset, count, 0)]
+        raw = self.layer.extents(self.handle, count, offset, flags)
+        return _normalise_extents(raw, offset, count, self.layer.name)
+
+    def cache(self, count: int, offset: int, flags: int = 0) -> None:
+        mode = self.can_cache()
+        if mode == CacheMode.NATIVE:
+            self.layer.cache(self.handle, count, offset, flags)
+        elif mode == CacheMode.EMULATE:
+            pos, end = offset, offset + count
+            while pos < end:
+                n = min(1 << 20, end - pos)
+                self.layer.pread(self.handle, n, pos, 0)
+                pos += n
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.layer.close(self.handle)
+
+
+def _normalise_extents(raw: Any, offset: int, count: int,
+                       who: str) -> list[tuple[int, int, int]]:
+    """Check a layer's extents: ascending, contiguous, covering ``offset``; clip to the end."""
+    out: list[tuple[int, int, int]] = []
+    end = offset + count
+    expect = None
+    for e in raw or ():
+        off, length, typ = int(e[0]), int(e[1]), int(e[2]) & (EXTENT_HOLE | EXTENT_ZERO)
+        if length <= 0:
+            continue
+        if expect is not None and off != expect:
+            raise CommandError(errno.EIO, f"{who}: extents are not contiguous")
+        expect = off + length
+        if off + length <= offset:
+            continue
+        if off >= end:
+            break
+        if off < offset:
+            length -= offset - off
+            off = offset
+        if out and out[-1][2] == typ:
+            o, n, t = out[-1]
+            out[-1] = (o, n + length, t)
+        else:
+            out.append((off, length, typ))
+    if not out or out[0][0] != offset:
+        raise CommandError(errno.EIO, f"{who}: extents do not cover the requested offset")
+    return out
+
+
+class Chain:
+    """The configured stack: filters (outermost first) over a plugin."""
+
+    def __init__(self, plugin: Plugin, filters: list[Filter] | None = None) -> None:
+        self.plugin = plugin
+        self.filters = list(filters or [])
+        self.top: Layer = PluginLayer(plugin)
+        self.layers: list[Layer] = [self.top]
+        for f in reversed(self.filters):
+            self.top = FilterLayer(f, self.top)
+            self.layers.append(self.top)
+
+    # configuration, outermost first: each filter consumes its keys and passes the rest down
+    def config(self, key: str, value: str) -> None:
+        def at(i: int, k: str, v: str) -> None:
+            if i < len(self.filters):
+                self.filters[i].config(lambda k2, v2: at(i + 1, k2, v2), k, v)
+            else:
+                self.plugin.config(k, v)
+
+        at(0, key, value)
+
+    def config_complete(self) -> None:
+        for f in self.filters:
+            f.config_complete()
+        self.plugin.config_complete()
+
+    def get_ready(self) -> None:
+        self.plugin.get_ready()
+        for f in reversed(self.filters):
+            f.get_ready()
+
+    def cleanup(self) -> None:
+        for f in self.filters:
+            f.cleanup()
+        self.plugin.cleanup()
+
+    def set_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        for layer in self.layers:
+            layer.loop = loop
+
+    @property
+    def on_loop(self) -> bool:
+        """True when every callback is a plain method that never blocks."""
+        return self.top.nonblocking
+
+    @property
+    def thread_model(self) -> ThreadModel:
+        return self.top.thread_model
+
+    def open(self, readonly: bool, export_name: str, is_tls: bool) -> Context:
+        return Context(self.top, self.top.open(readonly, export_name, is_tls), readonly)
+
+    def check_config(self) -> None:
+        if not isinstance(self.plugin, Plugin):
+            raise ConfigError("not a plugin")

@@ -1,0 +1,802 @@
+"""One client connection: negotiation, then the transmission hot path.
+
+Transmission reads into a preallocated buffer, parses every complete request in it, validates
+each one in :func:`validate` before any plugin code runs, and answers a batch of replies with
+one ``writev`` of headers and ``memoryview`` slices. A WRITE payload larger than what is
+buffered is received straight into a buffer of its own. Plugins that never block run on the
+event loop; others run in a per-connection pool of worker threads with the thread model's
+locks, so a slow request never stops the reading of the next ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno as E
+import logging
+import struct
+import threading
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from pynbd.errors import CommandError, OptionError, ProtocolError
+from pynbd.limits import (
+    HANDSHAKE_TIMEOUT, MAX_BYTES_IN_FLIGHT, MAX_EXTENTS_PER_REPLY, MAX_OPTION_ROUNDS,
+    MAX_OPTION_ROUNDS_PER_EXPORT, MAX_PAYLOAD_ACCEPTED, MAX_PAYLOAD_ADVERTISED,
+    MAX_REQUESTS_IN_FLIGHT,
+)
+from pynbd.plugin import CacheMode, Flag, FuaMode, ThreadModel
+from pynbd.protocol import options as O
+from pynbd.protocol.constants import (
+    EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC, REQUEST, REQUEST_MAGIC,
+    SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag,
+    Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag, errno_to_nbd,
+)
+from pynbd.protocol.handshake import NEED_DATA, ClientFlags, OptionRequest, ServerHandshake
+from pynbd.protocol.transmission import block_status_chunk, error_chunk, none_chunk
+
+if TYPE_CHECKING:
+    from pynbd.server.backend import Context
+    from pynbd.server.server import Server
+    from pynbd.server.stream import FdStream
+
+log = logging.getLogger("pynbd.server")
+
+__all__ = ["Connection", "validate", "Export"]
+
+_U64 = struct.Struct(">Q")
+_OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured header + data offset
+_EXT_OFFSET_DATA = struct.Struct(">IHHQQQQ")  # extended header + data offset
+_BUF_SIZE = 256 * 1024
+
+_EINVAL, _EPERM, _ENOSPC = 22, 1, 28
+
+# Flags each command accepts (FUA is checked separately: valid on every command if advertised).
+_CMD_FLAGS = {
+    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.DISC: CmdFlag.FUA,
+    Cmd.FLUSH: CmdFlag.FUA,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: CmdFlag.FUA,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+}
+
+
+class Export:
+    """What negotiation settled for the transmission phase."""
+
+    __slots__ = ("ctx", "name", "size", "eflags", "minimum", "structured", "extended",
+                 "contexts", "readonly")
+
+    def __init__(self, ctx: Context, name: str, size: int, eflags: int, minimum: int,
+                 structured: bool, extended: bool, contexts: dict[int, str]) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.size = size
+        self.eflags = eflags
+        self.minimum = minimum
+        self.structured = structured
+        self.extended = extended
+        self.contexts = contexts
+        self.readonly = bool(eflags & TxFlag.READ_ONLY)
+
+
+def validate(ex: Export, cmd: int, flags: int, offset: int, length: int) -> int:
+    """The one validation step before any plugin code: 0, or the NBD error to send.
+
+    Zero-length policy (documented in docs/protocol.md): READ, WRITE, TRIM, WRITE_ZEROES and
+    CACHE of length 0 inside the export succeed and do nothing; BLOCK_STATUS of length 0 is
+    EINVAL (it cannot return a non-empty extent).
+    """
+    allowed = _CMD_FLAGS.get(cmd)  # type: ignore[call-overload]
+    if allowed is None:
+        return _EINVAL
+    ef = ex.eflags
+    if flags & ~allowed & 0xFFFF:
+        if not (flags & CmdFlag.PAYLOAD_LEN and ex.extended):
+            return _EINVAL
+    if flags & CmdFlag.FUA and not ef & TxFlag.SEND_FUA:
+        return _EINVAL
+    if flags & CmdFlag.DF and not ex.structured:
+        return _EINVAL
+    if flags & CmdFlag.FAST_ZERO and not ef & TxFlag.SEND_FAST_ZERO:
+        return _EINVAL
+    if cmd == Cmd.READ:
+        if length > MAX_PAYLOAD_ACCEPTED:
+            return _EINVAL
+    elif cmd == Cmd.WRITE:
+        if ex.readonly:
+            return _EPERM
+    elif cmd == Cmd.TRIM:
+        if ex.readonly:
+            return _EPERM
+        if not ef & TxFlag.SEND_TRIM:
+            return _EINVAL
+    elif cmd == Cmd.WRITE_ZEROES:
+        if ex.readonly:
+            return _EPERM
+        if not ef & TxFlag.SEND_WRITE_ZEROES:
+            return _EINVAL
+    elif cmd == Cmd.FLUSH:
+        if not ef & TxFlag.SEND_FLUSH or offset or length:
+            return _EINVAL
+        return 0
+    elif cmd == Cmd.CACHE:
+        if not ef & TxFlag.SEND_CACHE:
+            return _EINVAL
+    elif cmd == Cmd.BLOCK_STATUS:
+        if not (ex.structured and ex.contexts) or length == 0:
+            return _EINVAL
+    if offset + length > ex.size:
+        return _ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else _EINVAL
+    m = ex.minimum
+    if m > 1 and (offset % m or length % m):
+        return _EINVAL
+    return 0
+
+
+class Connection:
+    def __init__(self, server: Server, stream: FdStream, conn_id: int) -> None:
+        self.server = server
+        self.stream = stream
+        self.id = conn_id
+        self.loop = stream.loop
+        self.export: Export | None = None
+        self._ctx_lock_held = False
+        # negotiation state
+        self._structured = False
+        self._extended = False
+        self._meta: dict[int, str] = {}
+        self._meta_export: str | None = None
+        # transmission state
+        self._buf = bytearray(_BUF_SIZE)
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_req: tuple[int, int, int, int, int] | None = None
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+        self._inflight = 0
+        self._inflight_bytes = 0
+        self._reading = False
+        self._stopping = False
+        self._done: asyncio.Future[None] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._conn_lock = threading.Lock()
+        self._error: str | None = None
+
+    # ==================================================================================
+    # lifecycle
+    async def run(self) -> None:
+        try:
+            try:
+                ok = await asyncio.wait_for(self._negotiate(), HANDSHAKE_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.error("client %d: handshake timed out", self.id)
+                return
+            except ProtocolError as e:
+                log.error("client %d: %s", self.id, e)
+                return
+            if ok and self.export is not None:
+                await self._transmission()
+        except (ConnectionError, BrokenPipeError) as e:
+            log.debug("client %d: connection lost: %s", self.id, e)
+        finally:
+            await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        self.stream.set_reader(None)
+        ex = self.export
+        self.export = None
+        if ex is not None:
+            try:
+                await self._call_blocking(ex.ctx.close)
+            except Exception as e:  # noqa: BLE001
+                log.error("client %d: close: %s", self.id, e)
+        if self._ctx_lock_held:
+            self.server.release_connection_lock()
+            self._ctx_lock_held = False
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await self.loop.run_in_executor(None, pool.shutdown, True)
+        self.stream.close()
+
+    async def _call_blocking(self, fn: Any, *args: Any) -> Any:
+        """Run a control-path callback: on the loop for nonblocking chains, else a thread."""
+        if self.server.chain.on_loop:
+            return fn(*args)
+        return await self.loop.run_in_executor(self._get_pool(), self._locked, fn, args)
+
+    def _get_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.server.config.threads,
+                thread_name_prefix=f"pynbd-conn{self.id}")
+        return self._pool
+
+    def _locked(self, fn: Any, args: tuple[Any, ...]) -> Any:
+        tm = self.server.thread_model
+        if tm <= ThreadModel.SERIALIZE_ALL_REQUESTS:
+            with self.server.all_requests_lock:
+                return fn(*args)
+        if tm == ThreadModel.SERIALIZE_REQUESTS:
+            with self._conn_lock:
+                return fn(*args)
+        return fn(*args)
+
+    # ==================================================================================
+    # negotiation
+    async def _negotiate(self) -> bool:
+        cfg = self.server.config
+        stream = self.stream
+        if cfg.oldstyle:
+            ex = await self._open_export("", go=True)
+            stream.write([ServerHandshake.oldstyle_greeting(ex.size, ex.eflags)])
+            self.export = ex
+            return True
+        hs = ServerHandshake(cfg.handshake_flags)
+        stream.write([hs.greeting()])
+        rounds = 0
+        limit = MAX_OPTION_ROUNDS
+        while True:
+            ev = hs.next_event()
+            if ev is NEED_DATA:
+                data = await stream.read_some()
+                if not data:
+                    log.debug("client %d: closed the connection during negotiation", self.id)
+                    return False
+                hs.receive_data(data)
+                continue
+            if isinstance(ev, ClientFlags):
+                continue
+            assert isinstance(ev, OptionRequest)
+            rounds += 1
+            if rounds > limit:
+                log.error("client %d: too many option rounds", self.id)
+                return False
+            opt, data = ev.opt, ev.data
+            if self.server.closing and opt != Opt.ABORT:
+                if opt == Opt.EXPORT_NAME:
+                    return False
+                stream.write([hs.reply(Rep.ERR_SHUTDOWN, b"server is shutting down")])
+                continue
+            if opt == Opt.EXPORT_NAME:
+                try:
+                    name = O.decode_string(data, "export name")
+                    ex = await self._open_export(name, go=True)
+                except (OptionError, CommandError, OSError) as e:
+                    log.error("client %d: EXPORT_NAME: %s", self.id, e)
+                    return False
+                stream.write([hs.export_name_reply(ex.size, ex.eflags & 0xFFFF)])
+                self.export = ex
+                self._pending_trailing = hs.trailing_data
+                return True
+            try:
+                done = await self._option(hs, opt, data)
+            except OptionError as e:
+                msg = e.message.encode("utf-8")[:4096]
+                stream.write([hs.reply(e.reply, msg)])
+                continue
+            if opt == Opt.LIST and isinstance(done, int):
+                limit += MAX_OPTION_ROUNDS_PER_EXPORT * done
+                continue
+            if done is True:
+                self._pending_trailing = hs.trailing_data
+                return True
+            if done is False:
+                await stream.drain()
+                return False
+
+    async def _option(self, hs: ServerHandshake, opt: int, data: bytes) -> bool | int | None:
+        """Answer one option. True = go to transmission, False = close, int = exports listed."""
+        w = self.stream.write
+        cfg = self.server.config
+        if opt == Opt.ABORT:
+            w([hs.reply(Rep.ACK)])
+            return False
+        if opt == Opt.LIST:
+            if data:
+                raise OptionError(Rep.ERR_INVALID, "LIST takes no data")
+            exports = await self._list_exports()
+            out = [hs.reply(Rep.SERVER, O.build_rep_server(n, d)) for n, d in exports]
+            out.append(hs.reply(Rep.ACK))
+            w(out)
+            return len(exports)
+        if opt == Opt.STARTTLS:
+            if data:
+                raise OptionError(Rep.ERR_INVALID, "STARTTLS takes no data")
+            raise OptionError(Rep.ERR_POLICY, "TLS is not enabled on this server")
+        if opt in (Opt.INFO, Opt.GO):
+            name, infos = O.parse_info_request(data)
+            go = opt == Opt.GO
+            try:
+                ex = await self._open_export(name, go=go)
+            except (CommandError, OSError) as e:
+                msg = getattr(e, "message", None) or str(e)
+                raise OptionError(Rep.ERR_UNKNOWN, f"cannot open export '{name}': {msg}") from None
+            try:
+                out = [hs.reply(Rep.INFO, O.build_info_export(ex.size, ex.eflags))]
+                if Info.NAME in infos:
+                    out.append(hs.reply(Rep.INFO, O.build_info_name(ex.name)))
+                if Info.DESCRIPTION in infos:
+                    desc = await self._call_blocking(ex.ctx.export_description)
+                    if desc:
+                        out.append(hs.reply(Rep.INFO, O.build_info_description(desc)))
+                bs = await self._call_blocking(ex.ctx.block_size)
+                if Info.BLOCK_SIZE in infos or bs:
+                    mn, pref, mx = bs or (1, 4096, MAX_PAYLOAD_ADVERTISED)
+                    out.append(hs.reply(Rep.INFO, O.build_info_block_size(
+                        mn, pref, min(mx, MAX_PAYLOAD_ADVERTISED))))
+            except BaseException:
+                await self._close_export(ex)
+                raise
+            if go:
+                if self._meta_export is not None and self._meta_export != ex.name and \
+                        self._meta_export != name:
+                    self._meta = {}
+                ex.contexts = dict(self._meta) if (self._structured or self._extended) else {}
+                out.append(hs.reply(Rep.ACK))
+                w(out)
+                self.export = ex
+                return True
+            out.append(hs.reply(Rep.ACK))
+            w(out)
+            await self._close_export(ex)
+            return None
+        if opt == Opt.STRUCTURED_REPLY:
+            if data:
+                raise OptionError(Rep.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            if cfg.no_sr:
+                raise OptionError(Rep.ERR_UNSUP, "structured replies are disabled")
+            self._structured = True
+            w([hs.reply(Rep.ACK)])
+            return None
+        if opt == Opt.EXTENDED_HEADERS:
+            if data:
+                raise OptionError(Rep.ERR_INVALID, "EXTENDED_HEADERS takes no data")
+            if cfg.no_sr:
+                raise OptionError(Rep.ERR_UNSUP, "extended headers are disabled")
+            self._extended = True
+            self._structured = True
+            w([hs.reply(Rep.ACK)])
+            return None
+        if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+            if not (self._structured or self._extended):
+                raise OptionError(Rep.ERR_INVALID, "meta contexts need structured replies")
+            name, queries = O.parse_meta_request(data)
+            names = self.server.contexts.match(queries, listing=opt == Opt.LIST_META_CONTEXT)
+            out = []
+            if opt == Opt.SET_META_CONTEXT:
+                self._meta = {i + 1: n for i, n in enumerate(names)}
+                self._meta_export = name
+                out = [hs.reply(Rep.META_CONTEXT, O.build_rep_meta_context(i, n))
+                       for i, n in self._meta.items()]
+            else:
+                out = [hs.reply(Rep.META_CONTEXT, O.build_rep_meta_context(0, n)) for n in names]
+            out.append(hs.reply(Rep.ACK))
+            w(out)
+            return None
+        raise OptionError(Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    async def _list_exports(self) -> list[tuple[str, str]]:
+        cfg = self.server.config
+        plugin = self.server.chain.plugin
+        res = await self._call_blocking(plugin.list_exports, cfg.readonly, False)
+        if res is None:
+            default = await self._call_blocking(plugin.default_export, cfg.readonly, False)
+            return [(default or "", "")]
+        out = []
+        for item in res:
+            if isinstance(item, str):
+                out.append((item, ""))
+            else:
+                out.append((str(item[0]), str(item[1] or "")))
+        return out
+
+    async def _open_export(self, name: str, go: bool) -> Export:
+        server = self.server
+        cfg = server.config
+        chain = server.chain
+        if name == "":
+            canon = await self._call_blocking(chain.plugin.default_export, cfg.readonly, False)
+            if canon is None:
+                raise CommandError(E.ENOENT, "no default export")
+        else:
+            canon = name
+        if server.thread_model == ThreadModel.SERIALIZE_CONNECTIONS and not self._ctx_lock_held:
+            await server.acquire_connection_lock()
+            self._ctx_lock_held = True
+        try:
+            await self._call_blocking(chain.plugin.preconnect, cfg.readonly)
+            ctx = await self._call_blocking(chain.open, cfg.readonly, canon, False)
+            try:
+                ex = await self._call_blocking(self._describe, ctx, canon)
+            except BaseException:
+                await self._call_blocking(ctx.close)
+                raise
+        except BaseException:
+            if self._ctx_lock_held and not go:
+                server.release_connection_lock()
+                self._ctx_lock_held = False
+            raise
+        if not go and self._ctx_lock_held:
+            pass  # released in _close_export
+        return ex
+
+    async def _close_export(self, ex: Export) -> None:
+        try:
+            await self._call_blocking(ex.ctx.close)
+        finally:
+            if self._ctx_lock_held:
+                self.server.release_connection_lock()
+                self._ctx_lock_held = False
+
+    def _describe(self, ctx: Context, name: str) -> Export:
+        """Compute size and transmission flags (each capability asked once)."""
+        size = ctx.get_size()
+        structured = self._structured or self._extended
+        f = TxFlag.HAS_FLAGS
+        writable = ctx.can_write()
+        if not writable:
+            f |= TxFlag.READ_ONLY
+        if ctx.can_flush():
+            f |= TxFlag.SEND_FLUSH
+        if writable and ctx.can_fua() != FuaMode.NONE:
+            f |= TxFlag.SEND_FUA
+        if ctx.is_rotational():
+            f |= TxFlag.ROTATIONAL
+        if ctx.can_trim():
+            f |= TxFlag.SEND_TRIM
+        if writable:
+            f |= TxFlag.SEND_WRITE_ZEROES
+            if ctx.can_fast_zero():
+                f |= TxFlag.SEND_FAST_ZERO
+        if structured:
+            f |= TxFlag.SEND_DF
+        if ctx.can_multi_conn() and self.server.thread_model > ThreadModel.SERIALIZE_CONNECTIONS:
+            f |= TxFlag.CAN_MULTI_CONN
+        if ctx.can_cache() != CacheMode.NONE:
+            f |= TxFlag.SEND_CACHE
+        bs = ctx.block_size()
+        minimum = bs[0] if bs else 1
+        return Export(ctx, name, size, int(f), minimum, structured, self._extended, {})
+
+    # ==================================================================================
+    # transmission
+    async def _transmission(self) -> None:
+        ex = self.export
+        assert ex is not None
+        self._done = self.loop.create_future()
+        self.stream.on_write_error = self._on_write_error
+        self.stream.on_drained = self._resume_if_idle
+        trailing = getattr(self, "_pending_trailing", b"")
+        if trailing:
+            n = len(trailing)
+            if n > len(self._buf):
+                self._buf = bytearray(n)
+                self._view = memoryview(self._buf)
+            self._buf[:n] = trailing
+            self._end = n
+        self._on_loop = self.server.chain.on_loop
+        self._reading = True
+        self.stream.set_reader(self._on_readable)
+        if self._end:
+            self._process()
+            self._flush()
+        self.server.register_transmission(self)
+        try:
+            await self._done
+        finally:
+            self.server.unregister_transmission(self)
+        await self.stream.drain()
+
+    def stop(self) -> None:
+        """Stop reading new requests; finish in-flight ones, then close (server shutdown)."""
+        self._stopping = True
+        self._pause()
+        self._maybe_done()
+
+    def _on_write_error(self, e: OSError) -> None:
+        self._error = f"write failed: {e}"
+        self._fatal()
+
+    def _fatal(self) -> None:
+        """Hard disconnect: stop reading; in-flight work finishes but its replies are dropped."""
+        self._stopping = True
+        self._pause()
+        self._maybe_done(force=True)
+
+    def _maybe_done(self, force: bool = False) -> None:
+        if self._done is not None and not self._done.done() and (self._inflight == 0 or force):
+            if force and self._inflight:
+                # wait for in-flight callbacks; _complete() calls us again
+                return
+            self._done.set_result(None)
+
+    def _pause(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.stream.pause_reading()
+
+    def _resume(self) -> None:
+        if not self._reading and not self._stopping:
+            self._reading = True
+            self.stream.resume_reading()
+
+    def _resume_if_idle(self) -> None:
+        if self._inflight < MAX_REQUESTS_IN_FLIGHT // 2 and \
+                self._inflight_bytes < MAX_BYTES_IN_FLIGHT // 2:
+            self._resume()
+
+    def _on_readable(self) -> None:
+        try:
+            if self._payload is not None:
+                n = self.stream.readinto(self._payload_view[self._payload_got:])  # type: ignore[index]
+                if n == 0:
+                    return self._eof()
+                self._payload_got += n
+                if self._payload_got < len(self._payload):
+                    return
+                payload, self._payload, self._payload_view = self._payload, None, None
+                req = self._payload_req
+                assert req is not None
+                self._handle(*req, memoryview(payload), True)
+                self._process()
+            else:
+                n = self.stream.readinto(self._view[self._end:])
+                if n == 0:
+                    return self._eof()
+                self._end += n
+                self._process()
+        except BlockingIOError:
+            return
+        except (ConnectionResetError, BrokenPipeError, OSError) as e:
+            if isinstance(e, BlockingIOError):
+                return
+            log.debug("client %d: read failed: %s", self.id, e)
+            return self._eof()
+        except ProtocolError as e:
+            log.error("client %d: %s", self.id, e)
+            self._flush()
+            return self._fatal()
+        self._flush()
+
+    def _eof(self) -> None:
+        if self._payload is not None or self._end > self._pos:
+            log.debug("client %d: disconnected in the middle of a request", self.id)
+            self._payload = None
+        self._stopping = True
+        self._pause()
+        self._flush()
+        self._maybe_done()
+
+    def _process(self) -> None:
+        """Parse and dispatch every complete request in the buffer."""
+        ex = self.export
+        assert ex is not None
+        buf = self._buf
+        pos, end = self._pos, self._end
+        if ex.extended:
+            hdr, want_magic = EXT_REQUEST, EXT_REQUEST_MAGIC
+        else:
+            hdr, want_magic = REQUEST, REQUEST_MAGIC
+        hsize = hdr.size
+        unpack = hdr.unpack_from
+        extended = ex.extended
+        while end - pos >= hsize and not self._stopping:
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != want_magic:
+                self._pos = self._end = 0
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            if (cmd == Cmd.WRITE and not extended) or (extended and flags & CmdFlag.PAYLOAD_LEN):
+                if length > MAX_PAYLOAD_ACCEPTED:
+                    self._pos = self._end = 0
+                    raise ProtocolError(f"request payload of {length} bytes is over the limit")
+                start = pos + hsize
+                if end - start >= length:
+                    pos = start + length
+                    self._handle(flags, cmd, cookie, offset, length,
+                                 self._view[start:pos], False)
+                    continue
+                # payload straight into a buffer of its own
+                got = end - start
+                pb = bytearray(length)
+                pb[:got] = buf[start:end]
+                self._payload = pb
+                self._payload_view = memoryview(pb)
+                self._payload_got = got
+                self._payload_req = (flags, cmd, cookie, offset, length)
+                pos = end
+                break
+            pos += hsize
+            if cmd == Cmd.DISC:
+                log.debug("client %d: sent NBD_CMD_DISC", self.id)
+                self._pos = self._end = 0
+                self._stopping = True
+                self._pause()
+                self._maybe_done()
+                return
+            self._handle(flags, cmd, cookie, offset, length, None, False)
+        if pos >= end:
+            self._pos = self._end = 0
+        elif pos:
+            rest = end - pos
+            if len(buf) - end < hsize or pos > len(buf) // 2:
+                buf[:rest] = buf[pos:end]
+                self._pos, self._end = 0, rest
+            else:
+                self._pos = pos
+        if self._inflight >= MAX_REQUESTS_IN_FLIGHT or \
+                self._inflight_bytes + self.stream.pending >= MAX_BYTES_IN_FLIGHT:
+            self._pause()
+
+    # ---- one request -------------------------------------------------------------------
+    def _handle(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                payload: memoryview | None, owned: bool) -> None:
+        ex = self.export
+        assert ex is not None
+        if self.server.closing:
+            return self._reply_error(ex, cmd, cookie, offset, 108, "server is shutting down")
+        err = validate(ex, cmd, flags, offset, length)
+        if err:
+            return self._reply_error(ex, cmd, cookie, offset, err, "")
+        if length == 0 and cmd != Cmd.FLUSH:
+            return self._reply_ok(ex, cmd, cookie, offset, b"" if cmd == Cmd.READ else None)
+        pflags = Flag.FUA if flags & CmdFlag.FUA else 0
+        ctx = ex.ctx
+        if cmd == Cmd.READ:
+            fn, args = ctx.pread, (length, offset, 0)
+        elif cmd == Cmd.WRITE:
+            if not self._on_loop and not owned:
+                payload = memoryview(bytes(payload))  # type: ignore[arg-type]
+            fn, args = ctx.pwrite, (payload, offset, pflags)
+        elif cmd == Cmd.WRITE_ZEROES:
+            if not flags & CmdFlag.NO_HOLE:
+                pflags |= Flag.MAY_TRIM
+            if flags & CmdFlag.FAST_ZERO:
+                pflags |= Flag.FAST_ZERO
+            fn, args = ctx.zero, (length, offset, pflags)
+        elif cmd == Cmd.FLUSH:
+            fn, args = ctx.flush, (0,)
+        elif cmd == Cmd.TRIM:
+            fn, args = ctx.trim, (length, offset, pflags)
+        elif cmd == Cmd.CACHE:
+            fn, args = ctx.cache, (length, offset, 0)
+        elif cmd == Cmd.BLOCK_STATUS:
+            req_one = bool(flags & CmdFlag.REQ_ONE)
+            fn, args = self._block_status, (ex, length, offset, req_one)
+        else:  # validate() rejects anything else
+            return self._reply_error(ex, cmd, cookie, offset, _EINVAL, "")
+        if self._on_loop:
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001
+                return self._reply_exc(ex, cmd, flags, cookie, offset, e)
+            return self._reply_result(ex, cmd, flags, cookie, offset, length, result)
+        self._inflight += 1
+        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+            self._inflight_bytes += length
+        fut = self.loop.run_in_executor(self._get_pool(), self._locked, fn, args)
+        fut.add_done_callback(
+            lambda f: self._complete(f, ex, cmd, flags, cookie, offset, length))
+
+    def _complete(self, fut: asyncio.Future[Any], ex: Export, cmd: int, flags: int, cookie: int,
+                  offset: int, length: int) -> None:
+        self._inflight -= 1
+        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+            self._inflight_bytes -= length
+        if not self.stream.closed and self.stream.write_error is None:
+            exc = fut.exception()
+            if exc is not None:
+                self._reply_exc(ex, cmd, flags, cookie, offset, exc)
+            else:
+                self._reply_result(ex, cmd, flags, cookie, offset, length, fut.result())
+            self._schedule_flush()
+        if self._stopping:
+            self._maybe_done()
+        elif self._inflight < MAX_REQUESTS_IN_FLIGHT // 2 and \
+                self._inflight_bytes + self.stream.pending < MAX_BYTES_IN_FLIGHT // 2:
+            self._resume()
+
+    def _block_status(self, ex: Export, length: int, offset: int,
+                      req_one: bool) -> list[tuple[int, list[tuple[int, int]]]]:
+        out = []
+        for ctx_id, name in ex.contexts.items():
+            provider = self.server.contexts.get(name)
+            ext = provider(ex.ctx, length, offset, req_one)
+            if req_one:
+                n, f = ext[0]
+                ext = [(min(n, length), f)]
+            elif len(ext) > MAX_EXTENTS_PER_REPLY:
+                ext = ext[:MAX_EXTENTS_PER_REPLY]
+            out.append((ctx_id, ext))
+        return out
+
+    # ---- replies -----------------------------------------------------------------------
+    def _reply_result(self, ex: Export, cmd: int, flags: int, cookie: int, offset: int,
+                      length: int, result: Any) -> None:
+        if cmd == Cmd.READ:
+            if len(result) != length:
+                log.error("client %d: plugin returned %d bytes for a read of %d", self.id,
+                          len(result), length)
+                return self._reply_error(ex, cmd, cookie, offset, 5, "short read from plugin")
+            return self._reply_ok(ex, cmd, cookie, offset, result)
+        if cmd == Cmd.BLOCK_STATUS:
+            out = self._out
+            items = result
+            for i, (ctx_id, ext) in enumerate(items):
+                out.append(block_status_chunk(cookie, ctx_id, ext, i == len(items) - 1,
+                                              ex.extended, offset))
+            return None
+        return self._reply_ok(ex, cmd, cookie, offset, None)
+
+    def _reply_ok(self, ex: Export, cmd: int, cookie: int, offset: int, data: Any) -> None:
+        out = self._out
+        if data is not None:
+            n = len(data)
+            if ex.extended:
+                if n == 0:
+                    out.append(none_chunk(cookie, True, offset))
+                else:
+                    out.append(_EXT_OFFSET_DATA.pack(EXT_REPLY_MAGIC, ReplyFlag.DONE,
+                                                     ReplyType.OFFSET_DATA, cookie, offset,
+                                                     n + 8, offset))
+                    out.append(data)
+            elif ex.structured:
+                if n == 0:
+                    out.append(none_chunk(cookie))
+                else:
+                    out.append(_OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                                 ReplyType.OFFSET_DATA, cookie, n + 8, offset))
+                    out.append(data)
+            else:
+                out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+                if n:
+                    out.append(data)
+        elif ex.extended:
+            out.append(none_chunk(cookie, True, offset))
+        else:
+            out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+
+    def _reply_error(self, ex: Export, cmd: int, cookie: int, offset: int, err: int,
+                     msg: str) -> None:
+        if ex.extended or (ex.structured and cmd in (Cmd.READ, Cmd.BLOCK_STATUS)):
+            self._out.append(error_chunk(cookie, err, msg, ex.extended, offset))
+        else:
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))
+
+    def _reply_exc(self, ex: Export, cmd: int, flags: int, cookie: int, offset: int,
+                   e: BaseException) -> None:
+        name = self.server.chain.top.name
+        if isinstance(e, CommandError | OSError) and e.errno:
+            err = errno_to_nbd(e.errno, fast_zero=bool(flags & CmdFlag.FAST_ZERO),
+                               df=bool(flags & CmdFlag.DF))
+            msg = getattr(e, "message", None) or e.strerror or str(e)
+            if not (isinstance(e, CommandError) and e.errno == E.ENOTSUP):
+                log.debug("%s: %s: %s", name, Cmd(cmd).name.lower(), msg)
+        else:
+            err = 5
+            msg = f"{type(e).__name__}: {e}"
+            log.error("%s: %s: error: %s", name, Cmd(cmd).name.lower(),
+                      "".join(traceback.format_exception(e)).rstrip())
+        self._reply_error(ex, cmd, cookie, offset, err, msg)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if out:
+            self._out = []
+            self.stream.write(out)
+            if self.stream.pending >= MAX_BYTES_IN_FLIGHT:
+                self._pause()
+

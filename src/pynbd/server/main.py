@@ -1,0 +1,639 @@
+"""``pynbd serve``: nbdkit's command line over the pynbd server.
+
+    pynbd serve [OPTIONS] PLUGIN [[KEY=]VALUE ...]
+
+Options may come before or after the plugin and its parameters (GNU getopt permutation),
+exactly as nbdkit accepts them. Bad command lines get one clear line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import getopt
+import importlib.util
+import inspect
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynbd import __version__
+from pynbd.errors import ConfigError
+from pynbd.plugin import Filter, Plugin, ThreadModel, parse_bool
+from pynbd.protocol.constants import HandshakeFlag
+from pynbd.server.backend import Chain
+from pynbd.server.server import Server, ServerConfig, bind_tcp, bind_unix, bind_vsock
+from pynbd.server.stream import FdStream
+
+__all__ = ["main", "parse_args", "Options"]
+
+PROG = "pynbd serve"
+
+SHORT = "46D:e:fg:i:nop:P:rst:u:U:vV"
+LONG = [
+    "help", "version", "dump-config", "dump-plugin", "ipv4-only", "ipv6-only", "debug=",
+    "exit-with-parent", "export=", "export-name=", "exportname=", "filter=", "foreground",
+    "no-fork", "group=", "ip-addr=", "ipaddr=", "log=", "mask-handshake=", "new-style",
+    "newstyle", "no-sr", "no-structured-replies", "no-mc", "no-meta-contexts", "old-style",
+    "oldstyle", "pid-file=", "pidfile=", "port=", "read-only", "readonly", "run=",
+    "selinux-label=", "single", "stdin", "swap", "threads=", "tls=", "tls-certificates=",
+    "tls-psk=", "tls-verify-peer", "unix=", "user=", "verbose", "vsock", "print-uri",
+    "print-url", "show-uri", "show-url", "keepalive", "keep-alive", "timeout=",
+    "long-options", "short-options",
+]
+_ALIASES = {
+    "-4": "ipv4-only", "-6": "ipv6-only", "-D": "debug", "-e": "export", "-f": "foreground",
+    "-g": "group", "-i": "ip-addr", "-n": "new-style", "-o": "old-style", "-p": "port",
+    "-P": "pid-file", "-r": "read-only", "-s": "single", "-t": "threads", "-u": "user",
+    "-U": "unix", "-v": "verbose", "-V": "version",
+    "--export-name": "export", "--exportname": "export", "--no-fork": "foreground",
+    "--ipaddr": "ip-addr", "--newstyle": "new-style", "--no-structured-replies": "no-sr",
+    "--no-meta-contexts": "no-mc", "--oldstyle": "old-style", "--pidfile": "pid-file",
+    "--readonly": "read-only", "--stdin": "single", "--print-url": "print-uri",
+    "--show-uri": "print-uri", "--show-url": "print-uri", "--keep-alive": "keepalive",
+}
+_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
+
+USAGE = """\
+pynbd serve [-4|-6] [-D NAME.FLAG=N] [--exit-with-parent] [-e EXPORTNAME]
+            [--filter=FILTER ...] [-f] [-i IPADDR] [--mask-handshake=MASK]
+            [-n] [--no-sr] [-o] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
+            [--run 'CMD'] [-s] [-t THREADS] [--timeout=SECS] [-U SOCKET|-] [-v]
+            [--vsock] PLUGIN [[KEY=]VALUE [KEY=VALUE ...]]
+pynbd serve PLUGIN --help | --dump-plugin
+pynbd serve --dump-config | --help | --version
+
+Serve an NBD export from PLUGIN. Built-in plugins: memory, file, null, zero, full, pattern.
+`pynbd serve PLUGIN --help` prints the plugin's manual page.
+"""
+
+
+class UsageError(ConfigError):
+    pass
+
+
+@dataclass
+class Options:
+    plugin: str | None = None
+    params: list[str] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)
+    help: bool = False
+    version: bool = False
+    dump_config: bool = False
+    dump_plugin: bool = False
+    family: int = socket.AF_UNSPEC
+    exit_with_parent: bool = False
+    export: str = ""
+    foreground: bool = False
+    ip_addr: str | None = None
+    mask_handshake: int = 3
+    no_sr: bool = False
+    oldstyle: bool = False
+    pidfile: str | None = None
+    port: str | None = None
+    readonly: bool = False
+    run: str | None = None
+    single: bool = False
+    threads: int = 16
+    unix: str | None = None
+    verbose: bool = False
+    vsock: bool = False
+    print_uri: bool = False
+    timeout: float | None = None
+    tls: str = "off"
+    debug_flags: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> Options:
+    try:
+        opts, args = getopt.gnu_getopt(argv, SHORT, LONG)
+    except getopt.GetoptError as e:
+        raise UsageError(f"{e.msg}. Try 'pynbd serve --help'.") from None
+    o = Options()
+    for raw, val in opts:
+        key = _ALIASES.get(raw, raw.lstrip("-"))
+        if key == "help":
+            o.help = True
+        elif key == "version":
+            o.version = True
+        elif key == "dump-config":
+            o.dump_config = True
+        elif key == "dump-plugin":
+            o.dump_plugin = True
+        elif key == "ipv4-only":
+            o.family = socket.AF_INET
+        elif key == "ipv6-only":
+            o.family = socket.AF_INET6
+        elif key == "debug":
+            if "=" not in val or "." not in val.split("=", 1)[0]:
+                raise UsageError(f"-D (Debug Flag) must have the format NAME.FLAG=N: {val!r}")
+            o.debug_flags.append(val)
+        elif key == "exit-with-parent":
+            o.exit_with_parent = True
+            o.foreground = True
+        elif key == "export":
+            o.export = val
+        elif key == "filter":
+            o.filters.append(val)
+        elif key == "foreground":
+            o.foreground = True
+        elif key in ("group", "user"):
+            raise UsageError(f"--{key} is not supported: run pynbd as the user you want")
+        elif key == "ip-addr":
+            o.ip_addr = val
+        elif key == "log":
+            if val not in ("stderr", "syslog", "null"):
+                raise UsageError(f"--log must be stderr, syslog or null, not {val!r}")
+        elif key == "mask-handshake":
+            try:
+                o.mask_handshake = int(val, 0)
+            except ValueError:
+                raise UsageError(f"--mask-handshake: could not parse {val!r}") from None
+        elif key == "new-style":
+            o.oldstyle = False
+        elif key == "old-style":
+            o.oldstyle = True
+        elif key == "no-sr":
+            o.no_sr = True
+        elif key == "no-mc":
+            pass
+        elif key == "pid-file":
+            o.pidfile = os.path.abspath(val)
+        elif key == "port":
+            o.port = val
+        elif key == "read-only":
+            o.readonly = True
+        elif key == "run":
+            o.run = val
+            o.foreground = True
+        elif key == "single":
+            o.single = True
+            o.foreground = True
+        elif key == "threads":
+            try:
+                o.threads = int(val)
+                if o.threads < 0:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"cannot parse number of threads: {val}") from None
+            if o.threads == 0:
+                o.threads = 16
+        elif key == "unix":
+            o.unix = val if val == "-" else os.path.abspath(val)
+        elif key == "verbose":
+            o.verbose = True
+        elif key == "vsock":
+            o.vsock = True
+        elif key == "print-uri":
+            o.print_uri = True
+        elif key == "timeout":
+            try:
+                o.timeout = float(val)
+                if o.timeout <= 0:
+                    raise ValueError
+            except ValueError:
+                raise UsageError(f"--timeout: could not parse {val!r}") from None
+        elif key == "tls":
+            v = val.lower()
+            if v in ("require", "required", "force"):
+                raise UsageError("--tls=require: TLS is not supported by this version of pynbd")
+            try:
+                if parse_bool(v, "--tls"):
+                    raise UsageError("--tls=on: TLS is not supported by this version of pynbd")
+            except ConfigError as e:
+                raise UsageError(str(e)) from None
+        elif key in ("tls-certificates", "tls-psk", "tls-verify-peer"):
+            raise UsageError(f"--{key}: TLS is not supported by this version of pynbd")
+        elif key in ("selinux-label", "swap", "keepalive", "new-style"):
+            pass
+        elif key == "long-options":
+            print("\n".join("--" + x.rstrip("=") for x in LONG))
+            raise SystemExit(0)
+        elif key == "short-options":
+            print("\n".join("-" + c for c in SHORT.replace(":", "")))
+            raise SystemExit(0)
+    if args:
+        o.plugin = args[0]
+        o.params = args[1:]
+    _check_conflicts(o)
+    return o
+
+
+def _check_conflicts(o: Options) -> None:
+    modes = [o.port is not None, o.unix is not None, o.single, o.vsock and o.unix is not None]
+    bad = (
+        (o.port is not None and o.unix is not None)
+        or (o.port is not None and o.single)
+        or (o.unix is not None and o.single)
+        or (o.single and o.run is not None)
+        or (o.single and o.dump_plugin)
+        or (o.vsock and o.unix is not None)
+        or (o.vsock and o.single)
+    )
+    del modes
+    if bad:
+        raise UsageError(
+            "--dump-plugin, -p, --run, -s, -U or --vsock options cannot be used in this combination")
+    if o.port is not None:
+        try:
+            p = int(o.port)
+            if not 0 <= p <= 65535:
+                raise ValueError
+        except ValueError:
+            try:
+                socket.getservbyname(o.port, "tcp")
+            except OSError:
+                raise UsageError(f"-p: unknown port or service: {o.port}") from None
+
+
+# ---- plugin and filter loading ----------------------------------------------------------
+
+
+def load_plugin(name: str) -> type[Plugin]:
+    if "/" in name or name.endswith(".py"):
+        return _load_from_file(name, Plugin)  # type: ignore[return-value]
+    from pynbd.plugins import find_plugin
+
+    return find_plugin(name)
+
+
+def load_filter(name: str) -> type[Filter]:
+    if "/" in name or name.endswith(".py"):
+        return _load_from_file(name, Filter)  # type: ignore[return-value]
+    from pynbd.filters import find_filter
+
+    return find_filter(name)
+
+
+def _load_from_file(path: str, base: type) -> type:
+    if not os.path.isfile(path):
+        raise ConfigError(f"cannot open plugin file {path!r}: no such file")
+    spec = importlib.util.spec_from_file_location(f"pynbd_user_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot load {path!r}")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    found = [v for v in vars(mod).values()
+             if inspect.isclass(v) and issubclass(v, base) and v is not base
+             and v.__module__ == mod.__name__]
+    if len(found) != 1:
+        raise ConfigError(f"{path}: expected exactly one {base.__name__} class, found {len(found)}")
+    return found[0]
+
+
+def apply_params(chain: Chain, plugin_cls: type[Plugin], params: list[str]) -> None:
+    """nbdkit's key=value rule, with the magic key for bare values."""
+    magic = plugin_cls.magic_config_key
+    first_bare = True
+    for p in params:
+        key, sep, value = p.partition("=")
+        if sep and _KEY_RE.match(key):
+            chain.config(key, value)
+        elif magic:
+            chain.config(magic, p)
+        elif first_bare:
+            first_bare = False
+            chain.config("script", p)
+        else:
+            raise ConfigError(f"expecting key=value on the command line but got: {p}")
+
+
+def manual(cls: type) -> str:
+    doc = inspect.getdoc(cls) or f"{cls.__name__}: no manual page."
+    return doc.rstrip() + "\n"
+
+
+# ---- the URI and --run -------------------------------------------------------------------
+
+
+def make_uri(o: Options, unix_path: str | None, port: int | None, vsock_port: int | None) -> str:
+    exp = urllib.parse.quote(o.export, safe="/")
+    path = "/" + exp if exp else ""
+    if unix_path is not None:
+        return f"nbd+unix://{path or '/'}?socket={urllib.parse.quote(unix_path, safe='/')}"
+    if vsock_port is not None:
+        return f"nbd+vsock://1:{vsock_port}{path}"
+    host = o.ip_addr or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    portpart = "" if port == 10809 else f":{port}"
+    return f"nbd://{host}{portpart}{path}"
+
+
+def _run_command(cmd: str, uri: str, o: Options, unix_path: str | None,
+                 port: int | None) -> subprocess.Popen[bytes]:
+    assigns = {
+        "uri": uri, "nbd": uri, "port": "" if port is None else str(port),
+        "unixsocket": unix_path or "", "exportname": o.export,
+    }
+    script = "".join(f"{k}={shlex.quote(v)}\n" for k, v in assigns.items()) + cmd
+    return subprocess.Popen(["/bin/sh", "-c", script], close_fds=True)
+
+
+def _set_pdeathsig() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _listen_fds() -> list[socket.socket] | None:
+    pid = os.environ.get("LISTEN_PID")
+    nfds = os.environ.get("LISTEN_FDS")
+    if pid is None or nfds is None:
+        return None
+    if pid != str(os.getpid()):
+        logging.getLogger("pynbd").info("LISTEN_PID was not for us (ignored)")
+        return None
+    del os.environ["LISTEN_PID"]
+    del os.environ["LISTEN_FDS"]
+    os.environ.pop("LISTEN_FDNAMES", None)
+    try:
+        n = int(nfds)
+    except ValueError:
+        raise ConfigError(f"LISTEN_FDS is not a number: {nfds!r}") from None
+    if not 1 <= n <= 16:
+        raise ConfigError(f"LISTEN_FDS out of range: {n}")
+    socks = []
+    for fd in range(3, 3 + n):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+def _dump_config() -> str:
+    import platform
+
+    return "".join(f"{k}={v}\n" for k, v in [
+        ("binary", shutil.which("pynbd") or sys.argv[0]), ("host_cpu", platform.machine()),
+        ("host_os", sys.platform + "-gnu" if sys.platform == "linux" else sys.platform),
+        ("name", "pynbd"), ("run_default_socket", "Unix"), ("tls", "no"),
+        ("version", __version__), ("version_major", __version__.split(".")[0]),
+        ("version_minor", __version__.split(".")[1]), ("vsock_option", "yes"),
+        ("timeout_option", "yes"), ("exit_with_parent", "yes"),
+    ])
+
+
+_CALLBACKS = ("config", "config_complete", "get_ready", "after_fork", "cleanup", "preconnect",
+              "list_exports", "default_export", "open", "close", "export_description",
+              "get_size", "block_size", "can_write", "can_flush", "is_rotational", "can_trim",
+              "can_zero", "can_fast_zero", "can_extents", "can_fua", "can_multi_conn",
+              "can_cache", "pread", "pwrite", "flush", "trim", "zero", "extents", "cache")
+
+
+def _dump_plugin(plugin: Plugin, chain: Chain, path: str) -> str:
+    cls = type(plugin)
+    lines = [f"path={path}", f"name={cls.name}", f"version={cls.version or __version__}",
+             "api_version=2", f"max_thread_model={ThreadModel(cls.thread_model).name.lower()}",
+             f"thread_model={chain.thread_model.name.lower()}", "errno_is_preserved=1"]
+    if cls.magic_config_key:
+        lines.append(f"magic_config_key={cls.magic_config_key}")
+    for cb in _CALLBACKS:
+        mine = getattr(cls, cb, None)
+        if cb == "pread":
+            defined = getattr(cls, "pread") is not Plugin.pread or \
+                getattr(cls, "pread_into") is not Plugin.pread_into
+        else:
+            defined = mine is not None and mine is not getattr(Plugin, cb, None)
+        if defined or cb in ("open", "get_size"):
+            lines.append(f"has_{cb}=1")
+    lines += list(plugin.dump_plugin())
+    return "\n".join(lines) + "\n"
+
+
+# ---- main --------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pynbd: %(levelname)s: %(message)s"))
+    root = logging.getLogger("pynbd")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.propagate = False
+
+
+def _main(argv: list[str]) -> int:
+    o = parse_args(argv)
+    _setup_logging(o.verbose)
+    if o.version and not o.plugin:
+        print(f"pynbd {__version__}")
+        return 0
+    if o.dump_config:
+        sys.stdout.write(_dump_config())
+        return 0
+    if o.help and not o.plugin:
+        sys.stdout.write(USAGE)
+        return 0
+    if not o.plugin:
+        raise UsageError("no plugins given on the command line. Try 'pynbd serve --help'.")
+    plugin_cls = load_plugin(o.plugin)
+    filter_classes = [load_filter(f) for f in o.filters]
+    if o.help:
+        for fc in filter_classes:
+            sys.stdout.write(manual(fc) + "\n")
+        sys.stdout.write(manual(plugin_cls))
+        return 0
+    if o.version:
+        print(f"pynbd {__version__}")
+        print(f"{plugin_cls.name} {plugin_cls.version or __version__}")
+        for fc in filter_classes:
+            print(f"{fc.name} {fc.version or __version__}")
+        return 0
+    plugin = plugin_cls()
+    chain = Chain(plugin, [fc() for fc in filter_classes])
+    apply_params(chain, plugin_cls, o.params)
+    if o.dump_plugin:
+        sys.stdout.write(_dump_plugin(plugin, chain, inspect.getfile(plugin_cls)))
+        return 0
+    chain.config_complete()
+    chain.get_ready()
+    try:
+        return _serve(o, chain)
+    finally:
+        chain.cleanup()
+
+
+def _serve(o: Options, chain: Chain) -> int:
+    config = ServerConfig(
+        readonly=o.readonly, threads=o.threads, no_sr=o.no_sr, oldstyle=o.oldstyle,
+        handshake_flags=(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) & o.mask_handshake,
+        export_name=o.export,
+    )
+    if o.timeout:
+        import pynbd.server.connection as _c
+
+        _c.HANDSHAKE_TIMEOUT = o.timeout
+    server = Server(chain, config)
+    if o.exit_with_parent:
+        _set_pdeathsig()
+
+    activated = _listen_fds()
+    if activated is not None:
+        if o.port is not None or o.unix is not None or o.single or o.run or o.ip_addr:
+            raise UsageError("socket activation cannot be used with -i, -p, -s, -U or --run")
+        _write_pidfile(o)
+        chain.plugin.after_fork()
+        return _run_loop(server, server.serve(activated))
+
+    if o.single:
+        rfd, wfd = os.dup(0), os.dup(1)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        _write_pidfile(o)
+        chain.plugin.after_fork()
+
+        async def one() -> None:
+            owner = None
+            try:
+                owner = socket.socket(fileno=os.dup(rfd))
+                if owner.type != socket.SOCK_STREAM:
+                    owner.close()
+                    owner = None
+            except OSError:
+                owner = None
+            if owner is not None:
+                os.close(rfd)
+                if wfd != rfd:
+                    os.close(wfd)
+                stream = FdStream(asyncio.get_running_loop(), owner.fileno(), owner=owner)
+            else:
+                stream = FdStream(asyncio.get_running_loop(), rfd, wfd)
+            await server.serve_stream(stream)
+
+        return _run_loop(server, one())
+
+    # bind
+    tmpdir = None
+    unix_path = None
+    port = None
+    vsock_port = None
+    try:
+        if o.unix is None and o.port is None and o.run is not None and not o.vsock:
+            o.unix = "-"
+        if o.unix is not None:
+            if o.unix == "-":
+                tmpdir = tempfile.mkdtemp(prefix="pynbd")
+                unix_path = os.path.join(tmpdir, "socket")
+            else:
+                unix_path = o.unix
+            listeners = [bind_unix(unix_path)]
+        elif o.vsock:
+            vsock_port = int(o.port) if o.port is not None else 10809
+            listeners = [bind_vsock(vsock_port)]
+        else:
+            port = int(o.port) if o.port is not None and o.port.isdigit() else (
+                socket.getservbyname(o.port, "tcp") if o.port else 10809)
+            listeners = bind_tcp(port, o.ip_addr, o.family)
+            if port == 0:
+                port = listeners[0].getsockname()[1]
+    except OSError as e:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        raise ConfigError(f"cannot listen: {e.strerror or e}") from None
+
+    uri = make_uri(o, unix_path, port, vsock_port)
+    if o.print_uri:
+        print(uri, flush=True)
+    try:
+        runner = None
+        if o.run is not None:
+            sys.stdout.flush()
+            runner = _run_command(o.run, uri, o, unix_path, port)
+        if not o.foreground:
+            _daemonize(o.verbose)
+        _write_pidfile(o)
+        chain.plugin.after_fork()
+        if runner is None:
+            return _run_loop(server, server.serve(listeners))
+        return _run_captive(server, listeners, runner)
+    finally:
+        for ls in listeners:
+            ls.close()
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _write_pidfile(o: Options) -> None:
+    if o.pidfile:
+        tmp = o.pidfile + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, o.pidfile)
+
+
+def _daemonize(verbose: bool) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    if not verbose:
+        os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _run_loop(server: Server, main_coro: Any) -> int:
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            loop.add_signal_handler(sig, server.shutdown)
+        await main_coro
+
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    asyncio.run(runner())
+    return 0
+
+
+def _run_captive(server: Server, listeners: list[socket.socket],
+                 runner: subprocess.Popen[bytes]) -> int:
+    async def watch() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, runner.wait)
+        server.shutdown()
+
+    async def both() -> None:
+        task = asyncio.ensure_future(watch())
+        try:
+            await server.serve(listeners)
+        finally:
+            if runner.poll() is None:
+                runner.terminate()
+            await task
+
+    _run_loop(server, both())
+    rc = runner.returncode
+    if rc is None:
+        rc = runner.wait()
+    return 128 - rc if rc < 0 else rc
