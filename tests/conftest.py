@@ -97,7 +97,7 @@ class ServerFactory:
                 listen = ["-U", sock]
             try:
                 server = start_server(
-                    [*self.command, *fg, *listen, *map(os.fspath, args)],
+                    [*self.command, *fg, *listen, *(os.fspath(a) for a in args)],
                     logdir=logdir,
                     sock=sock,
                     port=port,

@@ -83,6 +83,10 @@ SERVER_START_TIMEOUT = 10.0
 SERVER_STOP_TIMEOUT = 10.0
 
 
+def _strs(args: Sequence[str | os.PathLike[str]]) -> list[str]:
+    return [os.fspath(a) for a in args]
+
+
 def missing(reason: str) -> NoReturn:
     """Skip the test, or fail it in CI, because something it needs is not here."""
     if IN_CI:
@@ -141,7 +145,7 @@ def run_peer(
 
     With `check` (the default) a non-zero exit fails the test showing stderr.
     """
-    argv = [require(tool), *map(os.fspath, args)]
+    argv = [require(tool), *_strs(args)]
     cp = subprocess.run(
         argv,
         check=False,
@@ -212,7 +216,7 @@ def run_libnbd(
         ).stdout
     """
     py = require_libnbd_python()
-    argv = [py, "-c", script, *map(os.fspath, args)]
+    argv = [py, "-c", script, *_strs(args)]
     env = peer_env()
     # Never let the test venv's settings leak into the system interpreter.
     for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
@@ -230,7 +234,7 @@ def run_libnbd(
     if check and cp.returncode != 0:
         pytest.fail(
             f"libnbd script exited {cp.returncode}\n--- script:\n{script}\n"
-            f"--- args: {[os.fspath(a) for a in args]}\n"
+            f"--- args: {_strs(args)}\n"
             f"--- stdout:\n{cp.stdout}\n--- stderr:\n{cp.stderr}",
             pytrace=False,
         )
@@ -483,11 +487,11 @@ def start_server(
     """
     if sock is not None and len(os.fspath(sock)) > UNIX_PATH_MAX:
         raise ValueError(f"Unix socket path too long ({len(os.fspath(sock))} bytes): {sock}")
-    argv = [os.fspath(a) for a in argv]
+    cmd = _strs(argv)
     logdir.mkdir(parents=True, exist_ok=True)
     with open(logdir / "stdout", "wb") as out, open(logdir / "stderr", "wb") as err:
         proc = subprocess.Popen(
-            argv,
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
@@ -496,7 +500,7 @@ def start_server(
             start_new_session=True,
         )
     server = Server(
-        argv=argv,
+        argv=cmd,
         proc=proc,
         logdir=logdir,
         sock=os.fspath(sock) if sock is not None else None,
@@ -511,7 +515,7 @@ def start_server(
             proc=proc,
             timeout=timeout,
             probe=probe,
-            describe=shlex.join(argv),
+            describe=shlex.join(cmd),
             stderr_path=logdir / "stderr",
         )
     except BaseException:
@@ -596,11 +600,11 @@ def start_daemon_server(
     timeout: float = SERVER_START_TIMEOUT,
 ) -> DaemonServer:
     """Run `argv`, which daemonizes and writes `pidfile`; wait for the pid file and listener."""
-    argv = [os.fspath(a) for a in argv]
+    cmd = _strs(argv)
     logdir.mkdir(parents=True, exist_ok=True)
     with open(logdir / "stdout", "wb") as out, open(logdir / "stderr", "wb") as err:
         cp = subprocess.run(
-            argv,
+            cmd,
             check=False,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -610,7 +614,7 @@ def start_daemon_server(
         )
     if cp.returncode != 0:
         pytest.fail(
-            f"{shlex.join(argv)} exited {cp.returncode}\n--- stderr:\n"
+            f"{shlex.join(cmd)} exited {cp.returncode}\n--- stderr:\n"
             + (logdir / "stderr").read_text(errors="replace"),
             pytrace=False,
         )
@@ -623,10 +627,10 @@ def start_daemon_server(
             pass
         if not pid:
             if time.monotonic() > deadline:
-                pytest.fail(f"{shlex.join(argv)} wrote no pid file {pidfile}", pytrace=False)
+                pytest.fail(f"{shlex.join(cmd)} wrote no pid file {pidfile}", pytrace=False)
             time.sleep(0.01)
     server = DaemonServer(
-        argv=argv,
+        argv=cmd,
         pid=pid,
         logdir=logdir,
         sock=os.fspath(sock) if sock is not None else None,
@@ -639,7 +643,7 @@ def start_daemon_server(
             sock=sock,
             port=port,
             timeout=max(0.1, deadline - time.monotonic()),
-            describe=shlex.join(argv),
+            describe=shlex.join(cmd),
             stderr_path=logdir / "stderr",
         )
     except BaseException:
@@ -659,7 +663,7 @@ def run_pynbd(
 
     With `check` (the default) a non-zero exit fails the test showing stderr.
     """
-    argv = [*PYNBD, *map(os.fspath, args)]
+    argv = [*PYNBD, *_strs(args)]
     cp = subprocess.run(
         argv,
         check=False,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -152,7 +152,7 @@ def nbd_server(sockdir: Path) -> Iterator[Callable[..., DaemonServer]]:
         _stop_all(servers)
 
 
-def _stop_all(servers: list[Server] | list[DaemonServer]) -> None:
+def _stop_all(servers: Sequence[Server | DaemonServer]) -> None:
     errors: list[BaseException] = []
     for server in reversed(servers):
         try:
