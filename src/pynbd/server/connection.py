@@ -30,7 +30,7 @@ from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
     EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC, REQUEST, REQUEST_MAGIC,
     SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag,
-    Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag, errno_to_nbd,
+    Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag, errno_to_nbd, name_of,
 )
 from pynbd.protocol.handshake import NEED_DATA, ClientFlags, OptionRequest, ServerHandshake
 from pynbd.protocol.transmission import block_status_chunk, error_chunk, none_chunk
@@ -47,20 +47,30 @@ __all__ = ["Connection", "validate", "Export"]
 _U64 = struct.Struct(">Q")
 _OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured header + data offset
 _EXT_OFFSET_DATA = struct.Struct(">IHHQQQQ")  # extended header + data offset
-_BUF_SIZE = 256 * 1024
+_BUF_SIZE = 2 * 1024 * 1024  # receive buffer per connection
+_INLINE_PAYLOAD = 1024 * 1024  # larger WRITE payloads get a buffer of their own
 
 _EINVAL, _EPERM, _ENOSPC = 22, 1, 28
 
-# Flags each command accepts (FUA is checked separately: valid on every command if advertised).
+# Plain ints on the hot path (enum arithmetic costs microseconds per request).
+_READ, _WRITE, _DISC, _FLUSH, _TRIM, _CACHE, _WZ, _BS = (int(c) for c in (
+    Cmd.READ, Cmd.WRITE, Cmd.DISC, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES,
+    Cmd.BLOCK_STATUS))
+_F_FUA, _F_NO_HOLE, _F_DF, _F_REQ_ONE, _F_FAST_ZERO, _F_PAYLOAD_LEN = (int(f) for f in (
+    CmdFlag.FUA, CmdFlag.NO_HOLE, CmdFlag.DF, CmdFlag.REQ_ONE, CmdFlag.FAST_ZERO,
+    CmdFlag.PAYLOAD_LEN))
+_P_FUA, _P_MAY_TRIM, _P_FAST_ZERO = int(Flag.FUA), int(Flag.MAY_TRIM), int(Flag.FAST_ZERO)
+_MAX_PAYLOAD = MAX_PAYLOAD_ACCEPTED
+
+# Flags each command accepts in principle (FUA is valid on every command if advertised).
 _CMD_FLAGS = {
-    Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.DISC: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.CACHE: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
+    _READ: _F_FUA | _F_DF,
+    _WRITE: _F_FUA,
+    _FLUSH: _F_FUA,
+    _TRIM: _F_FUA,
+    _CACHE: _F_FUA,
+    _WZ: _F_FUA | _F_NO_HOLE | _F_FAST_ZERO,
+    _BS: _F_FUA | _F_REQ_ONE,
 }
 
 
@@ -68,7 +78,7 @@ class Export:
     """What negotiation settled for the transmission phase."""
 
     __slots__ = ("ctx", "name", "size", "eflags", "minimum", "structured", "extended",
-                 "contexts", "readonly")
+                 "contexts", "readonly", "rules")
 
     def __init__(self, ctx: Context, name: str, size: int, eflags: int, minimum: int,
                  structured: bool, extended: bool, contexts: dict[int, str]) -> None:
@@ -81,60 +91,82 @@ class Export:
         self.extended = extended
         self.contexts = contexts
         self.readonly = bool(eflags & TxFlag.READ_ONLY)
+        self.rules: dict[int, tuple[int, int]] = {}
+
+    def build_rules(self) -> None:
+        """Per command: (flags allowed on this export, error for the command itself or 0)."""
+        ef = self.eflags
+        extra = _F_PAYLOAD_LEN if self.extended else 0
+        rules = {}
+        for cmd, allowed in _CMD_FLAGS.items():
+            if not ef & TxFlag.SEND_FUA:
+                allowed &= ~_F_FUA
+            if not self.structured:
+                allowed &= ~_F_DF
+            if not ef & TxFlag.SEND_FAST_ZERO:
+                allowed &= ~_F_FAST_ZERO
+            err = 0
+            if cmd in (_WRITE, _TRIM, _WZ) and self.readonly:
+                err = _EPERM
+            elif (cmd == _TRIM and not ef & TxFlag.SEND_TRIM) or \
+                    (cmd == _WZ and not ef & TxFlag.SEND_WRITE_ZEROES) or \
+                    (cmd == _FLUSH and not ef & TxFlag.SEND_FLUSH) or \
+                    (cmd == _CACHE and not ef & TxFlag.SEND_CACHE) or \
+                    (cmd == _BS and not (self.structured and self.contexts)):
+                err = _EINVAL
+            rules[cmd] = (allowed | extra, err)
+        self.rules = rules
 
 
 def validate(ex: Export, cmd: int, flags: int, offset: int, length: int) -> int:
     """The one validation step before any plugin code: 0, or the NBD error to send.
 
-    Zero-length policy (documented in docs/protocol.md): READ, WRITE, TRIM, WRITE_ZEROES and
-    CACHE of length 0 inside the export succeed and do nothing; BLOCK_STATUS of length 0 is
-    EINVAL (it cannot return a non-empty extent).
+    In order: unknown command; read-only export (EPERM); command not advertised; unknown or
+    inapplicable flag; FLUSH with a range; READ over the accepted maximum; BLOCK_STATUS of
+    length 0; out of bounds (ENOSPC for WRITE and WRITE_ZEROES, else EINVAL); misaligned to
+    the advertised minimum block size (EINVAL).
+
+    Zero-length policy (docs/protocol.md): READ, WRITE, TRIM, WRITE_ZEROES and CACHE of length
+    0 inside the export succeed and do nothing; BLOCK_STATUS of length 0 is EINVAL (it cannot
+    return a non-empty extent).
     """
-    allowed = _CMD_FLAGS.get(cmd)  # type: ignore[call-overload]
-    if allowed is None:
+    rule = ex.rules.get(cmd)
+    if rule is None:
         return _EINVAL
-    ef = ex.eflags
-    if flags & ~allowed & 0xFFFF:
-        if not (flags & CmdFlag.PAYLOAD_LEN and ex.extended):
-            return _EINVAL
-    if flags & CmdFlag.FUA and not ef & TxFlag.SEND_FUA:
+    allowed, err = rule
+    if err:
+        return err
+    if flags & ~allowed:
         return _EINVAL
-    if flags & CmdFlag.DF and not ex.structured:
+    if cmd == _FLUSH:
+        return _EINVAL if offset or length else 0
+    if cmd == _READ:
+        if length > _MAX_PAYLOAD:
+            return _EINVAL
+    elif cmd == _BS and length == 0:
         return _EINVAL
-    if flags & CmdFlag.FAST_ZERO and not ef & TxFlag.SEND_FAST_ZERO:
-        return _EINVAL
-    if cmd == Cmd.READ:
-        if length > MAX_PAYLOAD_ACCEPTED:
-            return _EINVAL
-    elif cmd == Cmd.WRITE:
-        if ex.readonly:
-            return _EPERM
-    elif cmd == Cmd.TRIM:
-        if ex.readonly:
-            return _EPERM
-        if not ef & TxFlag.SEND_TRIM:
-            return _EINVAL
-    elif cmd == Cmd.WRITE_ZEROES:
-        if ex.readonly:
-            return _EPERM
-        if not ef & TxFlag.SEND_WRITE_ZEROES:
-            return _EINVAL
-    elif cmd == Cmd.FLUSH:
-        if not ef & TxFlag.SEND_FLUSH or offset or length:
-            return _EINVAL
-        return 0
-    elif cmd == Cmd.CACHE:
-        if not ef & TxFlag.SEND_CACHE:
-            return _EINVAL
-    elif cmd == Cmd.BLOCK_STATUS:
-        if not (ex.structured and ex.contexts) or length == 0:
-            return _EINVAL
     if offset + length > ex.size:
-        return _ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else _EINVAL
+        return _ENOSPC if cmd == _WRITE or cmd == _WZ else _EINVAL
     m = ex.minimum
     if m > 1 and (offset % m or length % m):
         return _EINVAL
     return 0
+
+
+class _Direct:
+    """Bound plugin methods for the fast path (a plugin on the loop with no filters)."""
+
+    __slots__ = ("pread", "pwrite", "handle")
+
+    def __init__(self, ctx: Context) -> None:
+        from pynbd.server.backend import PluginLayer
+
+        layer = ctx.layer
+        self.pread = self.pwrite = None
+        self.handle = ctx.handle
+        if isinstance(layer, PluginLayer) and not layer.has_async:
+            self.pread = layer.plugin.pread
+            self.pwrite = layer.plugin.pwrite if ctx.can_write() else None
 
 
 class Connection:
@@ -169,6 +201,8 @@ class Connection:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn_lock = threading.Lock()
         self._error: str | None = None
+        self._direct: _Direct | None = None
+        self._on_loop = False
 
     # ==================================================================================
     # lifecycle
@@ -483,6 +517,10 @@ class Connection:
             self._buf[:n] = trailing
             self._end = n
         self._on_loop = self.server.chain.on_loop
+        ex.build_rules()
+        self._direct = _Direct(ex.ctx) if self._on_loop else None
+        if self._direct is not None and self._direct.pread is None:
+            self._direct = None
         self._reading = True
         self.stream.set_reader(self._on_readable)
         if self._end:
@@ -593,7 +631,7 @@ class Connection:
             if magic != want_magic:
                 self._pos = self._end = 0
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            if (cmd == Cmd.WRITE and not extended) or (extended and flags & CmdFlag.PAYLOAD_LEN):
+            if (cmd == _WRITE and not extended) or (extended and flags & _F_PAYLOAD_LEN):
                 if length > MAX_PAYLOAD_ACCEPTED:
                     self._pos = self._end = 0
                     raise ProtocolError(f"request payload of {length} bytes is over the limit")
@@ -603,10 +641,18 @@ class Connection:
                     self._handle(flags, cmd, cookie, offset, length,
                                  self._view[start:pos], False)
                     continue
-                # payload straight into a buffer of its own
+                if hsize + length <= _INLINE_PAYLOAD:
+                    # wait for the rest in the receive buffer (make room at its end)
+                    if pos + hsize + length > len(buf):
+                        rest = end - pos
+                        buf[:rest] = buf[pos:end]
+                        pos, end = 0, rest
+                        self._end = end
+                    break
+                # a large payload goes straight into a buffer of its own
                 got = end - start
                 pb = bytearray(length)
-                pb[:got] = buf[start:end]
+                pb[:got] = self._view[start:end]
                 self._payload = pb
                 self._payload_view = memoryview(pb)
                 self._payload_got = got
@@ -614,7 +660,7 @@ class Connection:
                 pos = end
                 break
             pos += hsize
-            if cmd == Cmd.DISC:
+            if cmd == _DISC:
                 log.debug("client %d: sent NBD_CMD_DISC", self.id)
                 self._pos = self._end = 0
                 self._stopping = True
@@ -624,13 +670,12 @@ class Connection:
             self._handle(flags, cmd, cookie, offset, length, None, False)
         if pos >= end:
             self._pos = self._end = 0
-        elif pos:
+        elif pos and (len(buf) - end < hsize or pos > len(buf) // 2):
             rest = end - pos
-            if len(buf) - end < hsize or pos > len(buf) // 2:
-                buf[:rest] = buf[pos:end]
-                self._pos, self._end = 0, rest
-            else:
-                self._pos = pos
+            buf[:rest] = buf[pos:end]
+            self._pos, self._end = 0, rest
+        else:
+            self._pos = pos
         if self._inflight >= MAX_REQUESTS_IN_FLIGHT or \
                 self._inflight_bytes + self.stream.pending >= MAX_BYTES_IN_FLIGHT:
             self._pause()
@@ -645,31 +690,44 @@ class Connection:
         err = validate(ex, cmd, flags, offset, length)
         if err:
             return self._reply_error(ex, cmd, cookie, offset, err, "")
-        if length == 0 and cmd != Cmd.FLUSH:
-            return self._reply_ok(ex, cmd, cookie, offset, b"" if cmd == Cmd.READ else None)
-        pflags = Flag.FUA if flags & CmdFlag.FUA else 0
+        if length == 0 and cmd != _FLUSH:
+            return self._reply_ok(ex, cmd, cookie, offset, b"" if cmd == _READ else None)
+        direct = self._direct
+        if direct is not None and not flags:
+            # fast path: a plugin running on the loop, no filters, no flags to emulate
+            try:
+                if cmd == _READ:
+                    data = direct.pread(direct.handle, length, offset, 0)
+                    if len(data) != length:
+                        return self._reply_result(ex, cmd, flags, cookie, offset, length, data)
+                    return self._reply_ok(ex, cmd, cookie, offset, data)
+                if cmd == _WRITE:
+                    direct.pwrite(direct.handle, payload, offset, 0)
+                    return self._reply_ok(ex, cmd, cookie, offset, None)
+            except BaseException as e:  # noqa: BLE001
+                return self._reply_exc(ex, cmd, flags, cookie, offset, e)
+        pflags = _P_FUA if flags & _F_FUA else 0
         ctx = ex.ctx
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             fn, args = ctx.pread, (length, offset, 0)
-        elif cmd == Cmd.WRITE:
+        elif cmd == _WRITE:
             if not self._on_loop and not owned:
                 payload = memoryview(bytes(payload))  # type: ignore[arg-type]
             fn, args = ctx.pwrite, (payload, offset, pflags)
-        elif cmd == Cmd.WRITE_ZEROES:
-            if not flags & CmdFlag.NO_HOLE:
-                pflags |= Flag.MAY_TRIM
-            if flags & CmdFlag.FAST_ZERO:
-                pflags |= Flag.FAST_ZERO
+        elif cmd == _WZ:
+            if not flags & _F_NO_HOLE:
+                pflags |= _P_MAY_TRIM
+            if flags & _F_FAST_ZERO:
+                pflags |= _P_FAST_ZERO
             fn, args = ctx.zero, (length, offset, pflags)
-        elif cmd == Cmd.FLUSH:
+        elif cmd == _FLUSH:
             fn, args = ctx.flush, (0,)
-        elif cmd == Cmd.TRIM:
+        elif cmd == _TRIM:
             fn, args = ctx.trim, (length, offset, pflags)
-        elif cmd == Cmd.CACHE:
+        elif cmd == _CACHE:
             fn, args = ctx.cache, (length, offset, 0)
-        elif cmd == Cmd.BLOCK_STATUS:
-            req_one = bool(flags & CmdFlag.REQ_ONE)
-            fn, args = self._block_status, (ex, length, offset, req_one)
+        elif cmd == _BS:
+            fn, args = self._block_status, (ex, length, offset, bool(flags & _F_REQ_ONE))
         else:  # validate() rejects anything else
             return self._reply_error(ex, cmd, cookie, offset, _EINVAL, "")
         if self._on_loop:
@@ -679,7 +737,7 @@ class Connection:
                 return self._reply_exc(ex, cmd, flags, cookie, offset, e)
             return self._reply_result(ex, cmd, flags, cookie, offset, length, result)
         self._inflight += 1
-        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+        if cmd == _READ or cmd == _WRITE:
             self._inflight_bytes += length
         fut = self.loop.run_in_executor(self._get_pool(), self._locked, fn, args)
         fut.add_done_callback(
@@ -688,7 +746,7 @@ class Connection:
     def _complete(self, fut: asyncio.Future[Any], ex: Export, cmd: int, flags: int, cookie: int,
                   offset: int, length: int) -> None:
         self._inflight -= 1
-        if cmd == Cmd.READ or cmd == Cmd.WRITE:
+        if cmd == _READ or cmd == _WRITE:
             self._inflight_bytes -= length
         if not self.stream.closed and self.stream.write_error is None:
             exc = fut.exception()
@@ -720,13 +778,13 @@ class Connection:
     # ---- replies -----------------------------------------------------------------------
     def _reply_result(self, ex: Export, cmd: int, flags: int, cookie: int, offset: int,
                       length: int, result: Any) -> None:
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             if len(result) != length:
                 log.error("client %d: plugin returned %d bytes for a read of %d", self.id,
                           len(result), length)
                 return self._reply_error(ex, cmd, cookie, offset, 5, "short read from plugin")
             return self._reply_ok(ex, cmd, cookie, offset, result)
-        if cmd == Cmd.BLOCK_STATUS:
+        if cmd == _BS:
             out = self._out
             items = result
             for i, (ctx_id, ext) in enumerate(items):
@@ -765,7 +823,7 @@ class Connection:
 
     def _reply_error(self, ex: Export, cmd: int, cookie: int, offset: int, err: int,
                      msg: str) -> None:
-        if ex.extended or (ex.structured and cmd in (Cmd.READ, Cmd.BLOCK_STATUS)):
+        if ex.extended or (ex.structured and (cmd == _READ or cmd == _BS)):
             self._out.append(error_chunk(cookie, err, msg, ex.extended, offset))
         else:
             self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))
@@ -774,15 +832,15 @@ class Connection:
                    e: BaseException) -> None:
         name = self.server.chain.top.name
         if isinstance(e, CommandError | OSError) and e.errno:
-            err = errno_to_nbd(e.errno, fast_zero=bool(flags & CmdFlag.FAST_ZERO),
-                               df=bool(flags & CmdFlag.DF))
+            err = errno_to_nbd(e.errno, fast_zero=bool(flags & _F_FAST_ZERO),
+                               df=bool(flags & _F_DF))
             msg = getattr(e, "message", None) or e.strerror or str(e)
             if not (isinstance(e, CommandError) and e.errno == E.ENOTSUP):
-                log.debug("%s: %s: %s", name, Cmd(cmd).name.lower(), msg)
+                log.debug("%s: %s: %s", name, name_of(Cmd, cmd).lower(), msg)
         else:
             err = 5
             msg = f"{type(e).__name__}: {e}"
-            log.error("%s: %s: error: %s", name, Cmd(cmd).name.lower(),
+            log.error("%s: %s: error: %s", name, name_of(Cmd, cmd).lower(),
                       "".join(traceback.format_exception(e)).rstrip())
         self._reply_error(ex, cmd, cookie, offset, err, msg)
 
