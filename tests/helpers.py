@@ -77,8 +77,8 @@ PEER_PACKAGES: dict[str, str] = {
 #: A Unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
 UNIX_PATH_MAX = 107
 
-#: How long a server may take from exec to listening.
-SERVER_START_TIMEOUT = 10.0
+#: How long a server may take from exec to listening (seen: 3-5 s for pynbd on a loaded 2-CPU machine).
+SERVER_START_TIMEOUT = 20.0
 #: How long a server may take to exit after SIGTERM before it is killed (a failure).
 SERVER_STOP_TIMEOUT = 10.0
 
