@@ -280,4 +280,4 @@ class Filter:
 
 
 def _overrides(obj: object, method: str, base: type) -> bool:
-    return getattr(type(obj), method, None) is not getattr(base, method)
+    return getattr(type(obj), method, None) is not getattr(base, method, None)

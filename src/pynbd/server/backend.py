@@ -343,6 +343,8 @@ def _normalise_extents(raw: Any, offset: int, count: int,
         if off < offset:
             length -= offset - off
             off = offset
+        if off + length > end:
+            length = end - off
         if out and out[-1][2] == typ:
             o, n, t = out[-1]
             out[-1] = (o, n + length, t)
