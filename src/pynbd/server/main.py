@@ -9,8 +9,10 @@ exactly as nbdkit accepts them. Bad command lines get one clear line and exit st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import getopt
+import importlib
 import importlib.util
 import inspect
 import logging
@@ -262,29 +264,66 @@ def _check_conflicts(o: Options) -> None:
 def load_plugin(name: str) -> type[Plugin]:
     if "/" in name or name.endswith(".py"):
         return _load_from_file(name, Plugin)  # type: ignore[return-value]
-    from pynbd.plugins import find_plugin
-
-    return find_plugin(name)
+    return _find_builtin("plugin", name, Plugin)  # type: ignore[return-value]
 
 
 def load_filter(name: str) -> type[Filter]:
     if "/" in name or name.endswith(".py"):
         return _load_from_file(name, Filter)  # type: ignore[return-value]
-    from pynbd.filters import find_filter
+    return _find_builtin("filter", name, Filter)  # type: ignore[return-value]
 
-    return find_filter(name)
+
+def _find_builtin(kind: str, name: str, base: type) -> type:
+    """A plugin or filter by short name: the package's finder, else the entry points.
+
+    Whatever goes wrong (unknown name, a module that fails to import) becomes one clear
+    ConfigError: a bad name on the command line must never print a traceback.
+    """
+    package = f"pynbd.{kind}s"
+    finder_name = f"find_{kind}"
+    try:
+        finder = getattr(importlib.import_module(package), finder_name, None)
+    except ImportError:
+        finder = None
+    try:
+        if finder is not None:
+            found = finder(name)
+        else:
+            found = _from_entry_points(package, name)
+    except ConfigError:
+        raise
+    except (LookupError, ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"{kind} '{name}' not found ({type(e).__name__}: {e})") from None
+    if found is None:
+        raise ConfigError(f"{kind} '{name}' not found")
+    if not (inspect.isclass(found) and issubclass(found, base)):
+        raise ConfigError(f"{kind} '{name}' is not a pynbd {base.__name__} class")
+    return found
+
+
+def _from_entry_points(group: str, name: str) -> type | None:
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        if ep.name == name:
+            return ep.load()  # type: ignore[no-any-return]
+    return None
 
 
 def _load_from_file(path: str, base: type) -> type:
+    kind = base.__name__.lower()
     if not os.path.isfile(path):
-        raise ConfigError(f"cannot open plugin file {path!r}: no such file")
-    spec = importlib.util.spec_from_file_location(f"pynbd_user_{abs(hash(path))}", path)
+        raise ConfigError(f"cannot open {kind} file {path!r}: no such file")
+    modname = f"pynbd_user_{kind}_{abs(hash(os.path.abspath(path)))}"
+    spec = importlib.util.spec_from_file_location(modname, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot load {path!r}")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[modname] = mod  # inspect, pickle and dataclasses look modules up here
     try:
         spec.loader.exec_module(mod)
     except Exception as e:  # noqa: BLE001
+        del sys.modules[modname]
         raise ConfigError(f"{path}: {type(e).__name__}: {e}") from None
     found = [v for v in vars(mod).values()
              if inspect.isclass(v) and issubclass(v, base) and v is not base
@@ -396,6 +435,13 @@ _CALLBACKS = ("config", "config_complete", "get_ready", "after_fork", "cleanup",
               "can_cache", "pread", "pwrite", "flush", "trim", "zero", "extents", "cache")
 
 
+def _source_path(cls: type) -> str:
+    try:
+        return os.path.abspath(inspect.getfile(cls))
+    except (TypeError, OSError):
+        return getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
+
+
 def _dump_plugin(plugin: Plugin, chain: Chain, path: str) -> str:
     cls = type(plugin)
     lines = [f"path={path}", f"name={cls.name}", f"version={cls.version or __version__}",
@@ -420,13 +466,45 @@ def _dump_plugin(plugin: Plugin, chain: Chain, path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
     try:
-        return _main(sys.argv[1:] if argv is None else argv)
+        return _main(args)
     except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `pynbd serve --help | head -1`: the reader went away; nothing left to say.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        # A pid file in a missing directory, a socket we may not create...: one line.
+        what = f"{e.filename}: " if e.filename else ""
+        _error(f"{what}{e.strerror or e}")
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bad command line never prints a traceback
+        if _wants_traceback(args):
+            raise
+        _error(f"{type(e).__name__}: {e} (run with -v for the traceback)")
+        return 1
+
+
+def _error(msg: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _wants_traceback(args: list[str]) -> bool:
+    """-v (or --verbose, or -v inside combined short flags) shows tracebacks of internal errors."""
+    for a in args:
+        if a == "--":
+            break
+        # -v alone or in a cluster of argument-less short flags (-fv, -rsv).
+        if a == "--verbose" or re.fullmatch(r"-[46fnorsV]*v[46fnorsvV]*", a):
+            return True
+    return bool(os.environ.get("PYNBD_DEBUG"))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -469,7 +547,7 @@ def _main(argv: list[str]) -> int:
     chain = Chain(plugin, [fc() for fc in filter_classes])
     apply_params(chain, plugin_cls, o.params)
     if o.dump_plugin:
-        sys.stdout.write(_dump_plugin(plugin, chain, inspect.getfile(plugin_cls)))
+        sys.stdout.write(_dump_plugin(plugin, chain, _source_path(plugin_cls)))
         return 0
     chain.config_complete()
     chain.get_ready()
@@ -568,6 +646,9 @@ def _serve(o: Options, chain: Chain) -> int:
             sys.stdout.flush()
             runner = _run_command(o.run, uri, o, unix_path, port)
         if not o.foreground:
+            if o.pidfile and not os.path.isdir(os.path.dirname(o.pidfile)):
+                # Found out now, while the error can still reach the user's terminal.
+                raise ConfigError(f"-P {o.pidfile}: the directory does not exist")
             _daemonize(o.verbose)
         _write_pidfile(o)
         chain.plugin.after_fork()
