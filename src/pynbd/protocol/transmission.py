@@ -83,7 +83,9 @@ def offset_hole_chunk(cookie: int, offset: int, length: int, done: bool = True,
 
 def error_chunk(cookie: int, error: int, message: str = "", extended: bool = False,
                 req_offset: int = 0, offset: int | None = None) -> bytes:
-    msg = message.encode("utf-8")[:4096]
+    msg = message.encode("utf-8")
+    if len(msg) > 4096:  # the spec's string limit; never cut inside a UTF-8 sequence
+        msg = msg[:4096].decode("utf-8", "ignore").encode("utf-8")
     if offset is None:
         payload = _ERR.pack(error, len(msg)) + msg
         rtype = ReplyType.ERROR
@@ -197,6 +199,8 @@ def _decode_chunk(c: Chunk, extended: bool) -> Chunk:
     if t == ReplyType.NONE:
         if p:
             raise RemoteProtocolError("NONE chunk with a payload")
+        if not c.flags & ReplyFlag.DONE:
+            raise RemoteProtocolError("NONE chunk without the DONE flag")
     elif t == ReplyType.OFFSET_DATA:
         if len(p) < 9:
             raise RemoteProtocolError("OFFSET_DATA chunk too short")
@@ -207,30 +211,36 @@ def _decode_chunk(c: Chunk, extended: bool) -> Chunk:
             raise RemoteProtocolError("OFFSET_HOLE chunk has the wrong length")
         c.data_offset, c.hole_length = _HOLE.unpack(p)
     elif t == ReplyType.BLOCK_STATUS:
+        if extended:
+            raise RemoteProtocolError("BLOCK_STATUS chunk under extended headers")
         if len(p) < 12 or (len(p) - 4) % 8:
             raise RemoteProtocolError("BLOCK_STATUS chunk has a bad length")
         c.context_id = int.from_bytes(p[:4], "big")
         c.extents = [_BS_ENTRY.unpack_from(p, 4 + 8 * i) for i in range((len(p) - 4) // 8)]
     elif t == ReplyType.BLOCK_STATUS_EXT:
+        if not extended:
+            raise RemoteProtocolError("BLOCK_STATUS_EXT chunk without extended headers")
         if len(p) < 24 or (len(p) - 8) % 16:
             raise RemoteProtocolError("BLOCK_STATUS_EXT chunk has a bad length")
         c.context_id, n = _BS_EXT_HDR.unpack_from(p)
         c.extents = [_BS_EXT_ENTRY.unpack_from(p, 8 + 16 * i) for i in range((len(p) - 8) // 16)]
         if n != len(c.extents):
             raise RemoteProtocolError("BLOCK_STATUS_EXT count does not match its length")
-    elif t in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
-        if len(p) < 6:
-            raise RemoteProtocolError("ERROR chunk too short")
-        c.error, mlen = _ERR.unpack_from(p)
-        extra = 8 if t == ReplyType.ERROR_OFFSET else 0
-        if len(p) != 6 + mlen + extra:
-            raise RemoteProtocolError("ERROR chunk length does not match its message")
-        c.message = p[6 : 6 + mlen].decode("utf-8", "replace")
-        if extra:
-            c.error_offset = _U64.unpack_from(p, 6 + mlen)[0]
     elif t & 0x8000:
-        if len(p) >= 6:
-            c.error, mlen = _ERR.unpack_from(p)
+        # Every error chunk type (known or not) starts with error, msglen, message; the
+        # header length then covers the type's remaining fields.
+        if len(p) < 6:
+            raise RemoteProtocolError("error chunk too short")
+        c.error, mlen = _ERR.unpack_from(p)
+        if mlen > len(p) - 6:
+            raise RemoteProtocolError("error chunk message overruns the chunk")
+        c.message = p[6 : 6 + mlen].decode("utf-8", "replace")
+        if t == ReplyType.ERROR_OFFSET:
+            if len(p) != 6 + mlen + 8:
+                raise RemoteProtocolError("ERROR_OFFSET chunk length does not match its message")
+            c.error_offset = _U64.unpack_from(p, 6 + mlen)[0]
+        elif t == ReplyType.ERROR and len(p) != 6 + mlen:
+            raise RemoteProtocolError("ERROR chunk length does not match its message")
     else:
         raise RemoteProtocolError(f"unknown chunk type {t}")
     return c
