@@ -44,6 +44,8 @@ START_TIMEOUT = 15.0
 #: How long a server may take to exit after SIGTERM.
 STOP_TIMEOUT = 10.0
 SERVERS = ("pynbd", "nbdkit")
+#: Other processes using more than this many CPUs during a run make it suspect.
+NOISE_CPU = 0.15
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Measurement:
     bw: float  # bytes/s
     lat_us: float  # mean completion latency
     server_cpu: float  # server CPU seconds / wall seconds during fio (1.0 = one core)
+    other_cpu: float  # CPUs busy with anything but this server and fio (noise)
 
 
 @dataclass
@@ -122,6 +125,17 @@ def _unix_listening(path: str) -> bool:
     except OSError:
         with socket.socket(socket.AF_UNIX) as s:
             return s.connect_ex(path) == 0
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all CPUs, from /proc/stat)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+        return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -206,7 +220,7 @@ def run_fio(
         "--output-format=json",
         f"--output={out}",
     ]
-    cpu0, t0 = _cpu_seconds(server_pid), time.monotonic()
+    busy0, cpu0, t0 = _busy_seconds(), _cpu_seconds(server_pid), time.monotonic()
     cp = subprocess.run(
         argv,
         check=False,
@@ -215,7 +229,7 @@ def run_fio(
         text=True,
         timeout=args.runtime + args.ramp + 120,
     )
-    cpu1, t1 = _cpu_seconds(server_pid), time.monotonic()
+    busy1, cpu1, t1 = _busy_seconds(), _cpu_seconds(server_pid), time.monotonic()
     if cp.returncode != 0:
         raise RuntimeError(
             f"fio exited {cp.returncode}: {shlex.join(argv)}\n{cp.stderr}{cp.stdout}"
@@ -228,11 +242,17 @@ def run_fio(
     side = j["write" if "write" in job.rw else "read"]
     if side["io_bytes"] == 0:
         raise RuntimeError(f"fio did no I/O: {shlex.join(argv)}\n{cp.stderr}")
+    wall = t1 - t0
+    server_cpu = (cpu1 - cpu0) / wall
+    # fio reports its own CPU use over its runtime, in percent of one CPU.
+    fio_cpu = (float(j.get("usr_cpu", 0)) + float(j.get("sys_cpu", 0))) / 100
+    fio_cpu *= (args.runtime + args.ramp) / wall
     return Measurement(
         iops=float(side["iops"]),
         bw=float(side["bw_bytes"]),
         lat_us=float(side["clat_ns"]["mean"]) / 1000,
-        server_cpu=(cpu1 - cpu0) / (t1 - t0),
+        server_cpu=server_cpu,
+        other_cpu=max(0.0, (busy1 - busy0) / wall - server_cpu - fio_cpu),
     )
 
 
@@ -328,6 +348,7 @@ def table_rows(results: list[Result]) -> list[list[str]]:
                 _fmt_bw(r.median("nbdkit", "bw")),
                 _fmt_cpu(r.median("nbdkit", "server_cpu")),
                 "-" if ratio is None else f"{ratio:.2f}",
+                _fmt_cpu(max((m.other_cpu for ms in r.runs.values() for m in ms), default=None)),
                 f">= {r.job.bar:g} ({'IOPS' if r.job.metric == 'iops' else 'MB/s'})",
                 r.verdict(),
             ]
@@ -344,6 +365,7 @@ HEADERS = [
     "nbdkit MiB/s",
     "nbdkit CPU",
     "pynbd/nbdkit",
+    "others CPU",
     "bar",
     "result",
 ]
@@ -370,7 +392,10 @@ def print_markdown(results: list[Result], context: dict[str, str]) -> None:
         f"each job {context['runtime']} s after {context['ramp']} s ramp-up, one fio job over a "
         f"Unix socket, fresh server per run, servers alternating; median of {context['repeat']}."
     )
-    print("CPU is the server's CPU time over the run (100% = one core).")
+    print(
+        "CPU is the server's CPU time over the run (100% = one core); 'others CPU' is the most"
+        " that other processes (not the server, not fio) used during one of the job's runs."
+    )
     print()
     print("| " + " | ".join(HEADERS) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(HEADERS))) + "|")
@@ -459,11 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for s in servers:
         print(f"# {s}: {shlex.join(commands[s])} -f -U SOCK PLUGIN ...")
-    load1 = os.getloadavg()[0]
-    if load1 > 0.5:
+    b0, t0 = _busy_seconds(), time.monotonic()
+    time.sleep(1)
+    idle_busy = (_busy_seconds() - b0) / (time.monotonic() - t0)
+    context["load"] += f", {idle_busy:.2f} CPUs busy before starting"
+    print(f"# {idle_busy:.2f} CPUs busy in the second before starting")
+    if idle_busy > NOISE_CPU:
         print(
-            f"# WARNING: load average {load1:.2f} before starting: something else is using the"
-            " CPUs; ratios will be noisy (use --repeat, or an A/A run with --pynbd-cmd nbdkit)",
+            "# WARNING: something else is using the CPUs; ratios will be noisy"
+            " (use --repeat, or an A/A run with --pynbd-cmd nbdkit)",
             file=sys.stderr,
         )
 
@@ -471,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     image: Path | None = None
     results = [Result(job) for job in jobs]
     error = False
+    noisy = False
     try:
         if any(j.target == "file" for j in jobs):
             image_dir = pick_file_dir(args.file_dir)
@@ -500,9 +530,12 @@ def main(argv: list[str] | None = None) -> int:
                         print(
                             f"[{step}/{total}] {job.name:17} {name:6} "
                             f"{m.iops:>10.0f} IOPS {m.bw / (1 << 20):>8.1f} MiB/s "
-                            f"lat {m.lat_us:>7.1f} us  server CPU {_fmt_cpu(m.server_cpu)}",
+                            f"lat {m.lat_us:>7.1f} us  server CPU {_fmt_cpu(m.server_cpu)}"
+                            f"  others {_fmt_cpu(m.other_cpu)}",
                             flush=True,
                         )
+                        if m.other_cpu > NOISE_CPU:
+                            noisy = True
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         result.errors[name] = str(e)
                         print(f"[{step}/{total}] {job.name:17} {name:6} ERROR: {e}", flush=True)
@@ -546,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     verdicts = [r.verdict() for r in results]
     print()
+    if noisy:
+        print(
+            f"WARNING: other processes used more than {NOISE_CPU:.0%} of a CPU during some runs"
+            " ('others' above): these ratios are not trustworthy; rerun on a quiet machine."
+        )
     for r in results:
         ratio = r.ratio()
         shown = "-" if ratio is None else f"{ratio:.2f}"
