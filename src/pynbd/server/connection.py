@@ -207,6 +207,8 @@ class Connection:
     # ==================================================================================
     # lifecycle
     async def run(self) -> None:
+        # Registered from the start, so a server shutdown also ends a negotiating client.
+        self.server.register_transmission(self)
         try:
             try:
                 ok = await asyncio.wait_for(self._negotiate(), HANDSHAKE_TIMEOUT)
@@ -220,7 +222,10 @@ class Connection:
                 await self._transmission()
         except (ConnectionError, BrokenPipeError) as e:
             log.debug("client %d: connection lost: %s", self.id, e)
+        except Exception:  # noqa: BLE001 - one connection's failure must never end the server
+            log.exception("client %d: internal error", self.id)
         finally:
+            self.server.unregister_transmission(self)
             await self._cleanup()
 
     async def _cleanup(self) -> None:
@@ -300,12 +305,16 @@ class Connection:
                 stream.write([hs.reply(Rep.ERR_SHUTDOWN, b"server is shutting down")])
                 continue
             if opt == Opt.EXPORT_NAME:
+                if self._extended:
+                    log.error("client %d: EXPORT_NAME after extended headers", self.id)
+                    return False
                 try:
                     name = O.decode_string(data, "export name")
                     ex = await self._open_export(name, go=True)
-                except (OptionError, CommandError, OSError) as e:
+                except Exception as e:  # noqa: BLE001 - no error can be expressed: hang up
                     log.error("client %d: EXPORT_NAME: %s", self.id, e)
                     return False
+                self._select_contexts(ex, name)
                 stream.write([hs.export_name_reply(ex.size, ex.eflags & 0xFFFF)])
                 self.export = ex
                 self._pending_trailing = hs.trailing_data
@@ -336,7 +345,11 @@ class Connection:
         if opt == Opt.LIST:
             if data:
                 raise OptionError(Rep.ERR_INVALID, "LIST takes no data")
-            exports = await self._list_exports()
+            try:
+                exports = await self._list_exports()
+            except Exception as e:  # noqa: BLE001
+                log.error("client %d: list_exports: %s", self.id, e)
+                raise OptionError(Rep.ERR_PLATFORM, f"cannot list exports: {e}") from None
             out = [hs.reply(Rep.SERVER, O.build_rep_server(n, d)) for n, d in exports]
             out.append(hs.reply(Rep.ACK))
             w(out)
@@ -350,9 +363,8 @@ class Connection:
             go = opt == Opt.GO
             try:
                 ex = await self._open_export(name, go=go)
-            except (CommandError, OSError) as e:
-                msg = getattr(e, "message", None) or str(e)
-                raise OptionError(Rep.ERR_UNKNOWN, f"cannot open export '{name}': {msg}") from None
+            except Exception as e:  # noqa: BLE001 - a plugin's failure is the option's failure
+                raise self._open_failed(name, e) from None
             try:
                 out = [hs.reply(Rep.INFO, O.build_info_export(ex.size, ex.eflags))]
                 if Info.NAME in infos:
@@ -366,21 +378,23 @@ class Connection:
                     mn, pref, mx = bs or (1, 4096, MAX_PAYLOAD_ADVERTISED)
                     out.append(hs.reply(Rep.INFO, O.build_info_block_size(
                         mn, pref, min(mx, MAX_PAYLOAD_ADVERTISED))))
-            except BaseException:
+            except BaseException as e:
                 await self._close_export(ex)
+                if isinstance(e, Exception) and not isinstance(e, OptionError):
+                    raise self._open_failed(name, e) from None
                 raise
             if go:
-                if self._meta_export is not None and self._meta_export != ex.name and \
-                        self._meta_export != name:
-                    self._meta = {}
-                ex.contexts = dict(self._meta) if (self._structured or self._extended) else {}
+                self._select_contexts(ex, name)
                 out.append(hs.reply(Rep.ACK))
                 w(out)
                 self.export = ex
                 return True
             out.append(hs.reply(Rep.ACK))
             w(out)
-            await self._close_export(ex)
+            try:
+                await self._close_export(ex)
+            except Exception as e:  # noqa: BLE001 - the reply is out; only log it
+                log.error("client %d: close: %s", self.id, e)
             return None
         if opt == Opt.STRUCTURED_REPLY:
             if data:
@@ -416,6 +430,20 @@ class Connection:
             w(out)
             return None
         raise OptionError(Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    def _open_failed(self, name: str, e: Exception) -> OptionError:
+        msg = getattr(e, "message", None) or str(e) or type(e).__name__
+        if not isinstance(e, CommandError | OSError):
+            log.error("client %d: opening export '%s': %s: %s", self.id, name,
+                      type(e).__name__, e)
+        return OptionError(Rep.ERR_UNKNOWN, f"cannot open export '{name}': {msg}")
+
+    def _select_contexts(self, ex: Export, name: str) -> None:
+        """The meta contexts of the last SET apply if it named the export now opened."""
+        if self._meta_export is not None and self._meta_export != ex.name and \
+                self._meta_export != name:
+            self._meta = {}
+        ex.contexts = dict(self._meta) if (self._structured or self._extended) else {}
 
     async def _list_exports(self) -> list[tuple[str, str]]:
         cfg = self.server.config
@@ -521,21 +549,29 @@ class Connection:
         self._direct = _Direct(ex.ctx) if self._on_loop else None
         if self._direct is not None and self._direct.pread is None:
             self._direct = None
+        if self._stopping:  # the server began shutting down while we negotiated
+            return
         self._reading = True
         self.stream.set_reader(self._on_readable)
         if self._end:
-            self._process()
+            try:
+                self._process()
+            except ProtocolError as e:
+                log.error("client %d: %s", self.id, e)
+                self._fatal()
             self._flush()
-        self.server.register_transmission(self)
-        try:
-            await self._done
-        finally:
-            self.server.unregister_transmission(self)
+        await self._done
         await self.stream.drain()
 
     def stop(self) -> None:
-        """Stop reading new requests; finish in-flight ones, then close (server shutdown)."""
+        """Stop reading new requests; finish in-flight ones, then close (server shutdown).
+
+        A client still negotiating is disconnected at once (its pending read returns EOF).
+        """
         self._stopping = True
+        if self._done is None:
+            self.stream.interrupt_read()
+            return
         self._pause()
         self._maybe_done()
 
@@ -600,6 +636,10 @@ class Connection:
             return self._eof()
         except ProtocolError as e:
             log.error("client %d: %s", self.id, e)
+            self._flush()
+            return self._fatal()
+        except Exception:  # noqa: BLE001 - our bug: drop this client, keep the server
+            log.exception("client %d: internal error", self.id)
             self._flush()
             return self._fatal()
         self._flush()
@@ -779,17 +819,23 @@ class Connection:
     def _reply_result(self, ex: Export, cmd: int, flags: int, cookie: int, offset: int,
                       length: int, result: Any) -> None:
         if cmd == _READ:
-            if len(result) != length:
-                log.error("client %d: plugin returned %d bytes for a read of %d", self.id,
-                          len(result), length)
+            try:
+                n = len(result)
+            except TypeError:
+                n = -1
+            if n != length:
+                log.error("client %d: plugin returned %s for a read of %d bytes", self.id,
+                          f"{n} bytes" if n >= 0 else type(result).__name__, length)
                 return self._reply_error(ex, cmd, cookie, offset, 5, "short read from plugin")
             return self._reply_ok(ex, cmd, cookie, offset, result)
         if cmd == _BS:
-            out = self._out
-            items = result
-            for i, (ctx_id, ext) in enumerate(items):
-                out.append(block_status_chunk(cookie, ctx_id, ext, i == len(items) - 1,
-                                              ex.extended, offset))
+            try:
+                chunks = [block_status_chunk(cookie, ctx_id, ext, i == len(result) - 1,
+                                             ex.extended, offset)
+                          for i, (ctx_id, ext) in enumerate(result)]
+            except Exception as e:  # noqa: BLE001 - e.g. a context provider's bad extents
+                return self._reply_exc(ex, cmd, flags, cookie, offset, e)
+            self._out += chunks
             return None
         return self._reply_ok(ex, cmd, cookie, offset, None)
 

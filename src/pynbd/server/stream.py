@@ -20,6 +20,11 @@ __all__ = ["FdStream"]
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class FdStream:
     def __init__(self, loop: asyncio.AbstractEventLoop, rfd: int, wfd: int | None = None,
                  owner: Any = None, peer: str = "") -> None:
@@ -35,6 +40,8 @@ class FdStream:
         self._writer_on = False
         self._reader: Callable[[], None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._interrupted = False
         self.closed = False
         self.write_error: OSError | None = None
         self.on_write_error: Callable[[OSError], None] | None = None
@@ -63,8 +70,11 @@ class FdStream:
         return os.readv(self.rfd, [view])
 
     async def read_some(self, n: int = 65536) -> bytes:
-        """Await some bytes (b"" at EOF). Used during negotiation only."""
+        """Await some bytes (b"" at EOF, or after :meth:`interrupt_read`). Used during
+        negotiation only."""
         while True:
+            if self._interrupted or self.closed:
+                return b""
             try:
                 return os.read(self.rfd, n)
             except BlockingIOError:
@@ -72,11 +82,20 @@ class FdStream:
             except (ConnectionResetError, BrokenPipeError):
                 return b""
             fut = self.loop.create_future()
-            self.loop.add_reader(self.rfd, fut.set_result, None)
+            self._read_waiter = fut
+            self.loop.add_reader(self.rfd, _wake, fut)
             try:
                 await fut
             finally:
-                self.loop.remove_reader(self.rfd)
+                self._read_waiter = None
+                if not self.closed:
+                    self.loop.remove_reader(self.rfd)
+
+    def interrupt_read(self) -> None:
+        """Make the pending and every later :meth:`read_some` return b"" (shutdown)."""
+        self._interrupted = True
+        if self._read_waiter is not None:
+            _wake(self._read_waiter)
 
     # ---- writing -----------------------------------------------------------------------
     @property

@@ -1,0 +1,108 @@
+"""A misbehaving plugin or client never takes the server down; shutdown is clean (§4 rules 19-21)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from rawclient import RawClient
+
+from pynbd.protocol import options as O
+from pynbd.protocol.constants import IHAVEOPT, OPT_HEADER, Cmd, Opt, Rep
+from pynbd.protocol.transmission import build_request
+
+
+def test_plugin_open_raising_is_err_unknown_and_server_lives(serve):
+    srv = serve(params=["boom_export=boom"])
+    with RawClient(srv.sock) as c:
+        c.start()
+        for opt in (Opt.INFO, Opt.GO):
+            (r,) = c.option(opt, O.build_info_request("boom"))
+            assert r.rep == Rep.ERR_UNKNOWN
+            assert b"boom in open" in r.data
+        assert c.go("fine")[-1].rep == Rep.ACK
+        assert c.pread(0, 4) == bytes(4)
+    with RawClient(srv.sock) as c:  # EXPORT_NAME can only hang up
+        c.start()
+        c.send_option(Opt.EXPORT_NAME, b"boom")
+        assert c.expect_hangup() == b""
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        assert c.pread(0, 4) == bytes(4)
+    assert "boom in open" in srv.stderr
+
+
+def test_plugin_list_exports_raising_is_err_platform(serve):
+    srv = serve(params=["boom_list=1"])
+    with RawClient(srv.sock) as c:
+        c.start()
+        (r,) = c.option(Opt.LIST)
+        assert r.rep == Rep.ERR_PLATFORM
+        assert c.go()[-1].rep == Rep.ACK
+
+
+def test_plugin_pread_raising_is_eio_and_connection_lives(serve):
+    for blocking in (False, True):
+        srv = serve(params=["boom_read=4096", "bad_read=8192"], blocking=blocking,
+                    tracebacks_ok=True)
+        for structured in (False, True):
+            with RawClient(srv.sock) as c:
+                c.negotiate(structured=structured)
+                for off in (4096, 8192):
+                    r = c.cmd(Cmd.READ, off, 512)
+                    assert r.error == 5 and r.data == b""
+                    assert r.simple != structured
+                assert c.pread(0, 512) == bytes(512)
+        assert "boom in pread" in srv.stderr
+
+
+def test_bad_magic_right_after_go_hangs_up(shared):
+    srv = shared()
+    with RawClient(srv.sock) as c:
+        c.start()
+        go = OPT_HEADER.pack(IHAVEOPT, Opt.GO, 6) + O.build_info_request("")
+        c.send(go + b"\xde\xad\xbe\xef" + bytes(24))  # pipelined with GO: bad request magic
+        while c.read_option_reply().rep != Rep.ACK:
+            pass
+        assert c.expect_hangup() == b""
+
+
+def test_sigterm_with_clients_connected_exits_cleanly(serve):
+    srv = serve(blocking=True)
+    negotiating = RawClient(srv.sock)
+    negotiating.start()
+    idle = RawClient(srv.sock)
+    idle.negotiate()
+    busy = RawClient(srv.sock)
+    busy.negotiate(structured=True)
+    busy.pwrite(0, b"z" * 4096)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    rc = srv.proc.wait(8)
+    elapsed = time.monotonic() - t0
+    assert rc == 0
+    assert elapsed < 3, f"took {elapsed:.1f}s to exit"
+    for c in (negotiating, idle, busy):
+        assert c.expect_hangup() == b""
+        c.close()
+    err = srv.stderr
+    assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_server_survives_many_abrupt_clients(shared):
+    srv = shared()
+    for i in range(20):
+        c = RawClient(srv.sock)
+        if i % 4:
+            c.start()
+        if i % 4 == 2:
+            c.send(OPT_HEADER.pack(IHAVEOPT, Opt.GO, 6) + O.build_info_request(""))
+        if i % 4 == 3:
+            c.send(OPT_HEADER.pack(IHAVEOPT, Opt.GO, 6) + O.build_info_request(""))
+            while c.read_option_reply().rep != Rep.ACK:
+                pass
+            c.send(build_request(Cmd.WRITE, 1, 0, 4096)[:20])  # half a header
+        c.close()
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        assert c.pread(0, 8) == bytes(8)
