@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import errno
+from enum import Enum
 
 import pytest
 
 from pynbd.protocol import constants as C
 from pynbd.protocol.constants import (
-    ClientFlag, Cmd, CmdFlag, Err, HandshakeFlag, Info, Opt, Rep, ReplyFlag, ReplyType, State,
-    TxFlag, errno_to_nbd, name_of, nbd_to_errno,
+    ClientFlag,
+    Cmd,
+    CmdFlag,
+    Err,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    State,
+    TxFlag,
+    errno_to_nbd,
+    name_of,
+    nbd_to_errno,
 )
 
 ERR_BASE = 2**31
 
 
-def _members(enum: type) -> dict[str, int]:
+def _members(enum: type[Enum]) -> dict[str, int]:
     return {m.name: int(m.value) for m in enum}
 
 
@@ -193,7 +207,7 @@ def test_eoverflow_only_for_df() -> None:
 
 def test_errno_to_nbd_only_puts_spec_values_on_the_wire() -> None:
     allowed = {int(e) for e in Err}
-    for local in range(0, 200):
+    for local in range(200):
         for fz in (False, True):
             for df in (False, True):
                 assert errno_to_nbd(local, fast_zero=fz, df=df) in allowed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable, Iterable
 
@@ -11,11 +12,24 @@ from hypothesis import strategies as st
 
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
 from pynbd.protocol.constants import (
-    IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, REPLY_MAGIC_OPT, REQUEST, REQUEST_MAGIC, Cmd,
-    HandshakeFlag, Opt, Rep,
+    IHAVEOPT,
+    NBDMAGIC,
+    OLDSTYLE_MAGIC,
+    REPLY_MAGIC_OPT,
+    REQUEST,
+    REQUEST_MAGIC,
+    Cmd,
+    HandshakeFlag,
+    Opt,
+    Rep,
 )
 from pynbd.protocol.handshake import (
-    NEED_DATA, TRANSITIONS, ClientFlags, HState, OptionRequest, ServerHandshake,
+    NEED_DATA,
+    TRANSITIONS,
+    ClientFlags,
+    HState,
+    OptionRequest,
+    ServerHandshake,
 )
 
 FIXED = 1
@@ -267,7 +281,7 @@ def test_any_split_gives_the_same_events(options: list[tuple[int, bytes]], go_da
     expected.append(OptionRequest(Opt.GO, go_data))
 
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(points, points[1:])]
+    chunks = [stream[a:b] for a, b in itertools.pairwise(points)]
     go_end = len(stream) - len(trailing)
     results = []
     for feed in ([stream], chunks, one_byte_at_a_time(stream)):

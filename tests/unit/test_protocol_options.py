@@ -10,15 +10,26 @@ from pynbd.errors import OptionError, RemoteProtocolError
 from pynbd.limits import MAX_META_QUERIES, MAX_STRING
 from pynbd.protocol.constants import Info, Rep
 from pynbd.protocol.options import (
-    InfoReply, build_info_block_size, build_info_description, build_info_export,
-    build_info_name, build_info_request, build_meta_request, build_rep_meta_context,
-    build_rep_server, decode_string, parse_info_reply, parse_info_request, parse_meta_request,
-    parse_rep_meta_context, parse_rep_server,
+    InfoReply,
+    build_info_block_size,
+    build_info_description,
+    build_info_export,
+    build_info_name,
+    build_info_request,
+    build_meta_request,
+    build_rep_meta_context,
+    build_rep_server,
+    decode_string,
+    parse_info_reply,
+    parse_info_request,
+    parse_meta_request,
+    parse_rep_meta_context,
+    parse_rep_server,
 )
 
 assert MAX_STRING == 4096  # the spec's MUST; the tests below spell the numbers out
 
-_chars = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
+_chars = st.characters(exclude_characters="\x00", exclude_categories=["Cs"])
 
 
 def _fit(s: str, limit: int = 4096) -> str:
