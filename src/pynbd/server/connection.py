@@ -91,12 +91,18 @@ class Export:
         self.extended = extended
         self.contexts = contexts
         self.readonly = bool(eflags & TxFlag.READ_ONLY)
-        self.rules: dict[int, tuple[int, int]] = {}
+        self.rules: dict[int, tuple[int, int, int]] = {}
 
     def build_rules(self) -> None:
-        """Per command: (flags allowed on this export, error for the command itself or 0)."""
+        """Per command: (mask, need, err). The flags are valid iff ``(flags ^ need) & mask``
+        is 0: every bit of ``need`` is set and no bit outside the allowed flags is. ``err`` is
+        the error for the command itself, or 0.
+
+        With extended headers a WRITE must carry PAYLOAD_LEN (no payload means no data to
+        write) and no other command may (BLOCK_STATUS_PAYLOAD is not advertised): such a
+        payload is consumed, then refused with EINVAL.
+        """
         ef = self.eflags
-        extra = _F_PAYLOAD_LEN if self.extended else 0
         rules = {}
         for cmd, allowed in _CMD_FLAGS.items():
             if not ef & TxFlag.SEND_FUA:
@@ -114,7 +120,8 @@ class Export:
                     (cmd == _CACHE and not ef & TxFlag.SEND_CACHE) or \
                     (cmd == _BS and not (self.structured and self.contexts)):
                 err = _EINVAL
-            rules[cmd] = (allowed | extra, err)
+            need = _F_PAYLOAD_LEN if self.extended and cmd == _WRITE else 0
+            rules[cmd] = ((~allowed & 0xFFFF) | need, need, err)
         self.rules = rules
 
 
@@ -133,10 +140,10 @@ def validate(ex: Export, cmd: int, flags: int, offset: int, length: int) -> int:
     rule = ex.rules.get(cmd)
     if rule is None:
         return _EINVAL
-    allowed, err = rule
+    mask, need, err = rule
     if err:
         return err
-    if flags & ~allowed:
+    if (flags ^ need) & mask:
         return _EINVAL
     if cmd == _FLUSH:
         return _EINVAL if offset or length else 0
@@ -733,7 +740,7 @@ class Connection:
         if length == 0 and cmd != _FLUSH:
             return self._reply_ok(ex, cmd, cookie, offset, b"" if cmd == _READ else None)
         direct = self._direct
-        if direct is not None and not flags:
+        if direct is not None and not flags & ~_F_PAYLOAD_LEN:
             # fast path: a plugin running on the loop, no filters, no flags to emulate
             try:
                 if cmd == _READ:
