@@ -203,7 +203,7 @@ class RawClient:
                 if info.kind == 0:
                     self.size, self.eflags = info.size, info.flags
             if opt == Opt.GO:
-                self._parser = ReplyParser(self.structured, self.extended)
+                self.enter_transmission()
         return replies
 
     def export_name(self, name: str = "", zeroes: bool = True) -> tuple[int, int]:
@@ -213,7 +213,7 @@ class RawClient:
         self.size, self.eflags = int.from_bytes(data[:8], "big"), int.from_bytes(data[8:], "big")
         if zeroes:
             assert self.recv_exact(124) == bytes(124)
-        self._parser = ReplyParser(self.structured, self.extended)
+        self.enter_transmission()
         return self.size, self.eflags
 
     def negotiate(self, structured: bool = False, extended: bool = False,
@@ -230,6 +230,10 @@ class RawClient:
         assert replies[-1].rep == Rep.ACK, f"GO failed: {replies[-1]}"
 
     # ---- transmission ------------------------------------------------------------------
+    def enter_transmission(self) -> None:
+        """Start parsing replies (after a GO ACK read by hand)."""
+        self._parser = ReplyParser(self.structured, self.extended)
+
     def cookie(self) -> int:
         return next(self._cookies)
 

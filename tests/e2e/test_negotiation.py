@@ -352,19 +352,16 @@ def test_pipelined_option_bytes_and_requests_after_go(shared):
     with RawClient(srv.sock) as c:
         c.start()
         go = OPT_HEADER.pack(IHAVEOPT, Opt.GO, 6) + O.build_info_request("")
-        c._read_len[7] = 4
-        from pynbd.protocol.transmission import build_request
         off = 516 * 1024
-        c.send(go + build_request(Cmd.WRITE, 6, off, 4) + b"pipe" + build_request(Cmd.READ, 7, off, 4))
-        while True:
-            r = c.read_option_reply()
-            if r.rep == Rep.ACK:
-                break
-        from pynbd.protocol.transmission import ReplyParser
-        c._parser = ReplyParser()
+        w, write = c.request(Cmd.WRITE, off, 4, payload=b"pipe", send=False)
+        r, read = c.request(Cmd.READ, off, 4, send=False)
+        c.send(go + write + read)
+        while c.read_option_reply().rep != Rep.ACK:
+            pass
+        c.enter_transmission()
         a, b = c.read_reply(), c.read_reply()
-        assert (a.cookie, a.error) == (6, 0)
-        assert (b.cookie, b.error, b.data) == (7, 0, b"pipe")
+        assert (a.cookie, a.error) == (w, 0)
+        assert (b.cookie, b.error, b.data) == (r, 0, b"pipe")
 
 
 def test_hangup_during_greeting_is_harmless(shared):
