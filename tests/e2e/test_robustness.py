@@ -106,3 +106,26 @@ def test_server_survives_many_abrupt_clients(shared):
     with RawClient(srv.sock) as c:
         c.negotiate()
         assert c.pread(0, 8) == bytes(8)
+
+
+def test_oldstyle_open_failure_hangs_up_quietly(serve):
+    srv = serve("-o", params=["boom_export="])  # opening the default export "" raises
+    with RawClient(srv.sock) as c:
+        assert c.expect_hangup() == b""
+    assert "boom in open" in srv.stderr
+
+
+def test_sigterm_finishes_in_flight_request(serve):
+    slow = 4096
+    srv = serve(blocking=True, params=[f"slow={slow}", "delay=0.7"])
+    c = RawClient(srv.sock)
+    c.negotiate()
+    cookie, _ = c.request(Cmd.READ, slow, 512)
+    time.sleep(0.2)  # the read is in the plugin now
+    srv.proc.send_signal(signal.SIGTERM)
+    r = c.read_reply()
+    assert (r.cookie, r.error, r.data) == (cookie, 0, bytes(512))
+    assert c.expect_hangup() == b""
+    c.close()
+    assert srv.proc.wait(5) == 0
+    assert "Traceback" not in srv.stderr

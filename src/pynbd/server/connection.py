@@ -281,7 +281,11 @@ class Connection:
         cfg = self.server.config
         stream = self.stream
         if cfg.oldstyle:
-            ex = await self._open_export("", go=True)
+            try:
+                ex = await self._open_export("", go=True)
+            except Exception as e:  # noqa: BLE001 - no error can be expressed: hang up
+                log.error("client %d: %s", self.id, self._open_failed("", e).message)
+                return False
             stream.write([ServerHandshake.oldstyle_greeting(ex.size, ex.eflags)])
             self.export = ex
             return True

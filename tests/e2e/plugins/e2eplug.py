@@ -11,6 +11,7 @@ on the event loop, default 0).
 - slow=OFFSET delay=SECS: a pread at exactly OFFSET sleeps SECS first.
 - sleep=SECS: every pread sleeps SECS (to measure concurrency).
 - stats=FILE: after every pread, FILE holds "max_concurrent_preads max_concurrent_connections".
+- minblock=N: advertise block sizes (N, max(N, 4096), 32M).
 - Plugin bugs on demand: boom_export=NAME (open of NAME raises RuntimeError), boom_list=1
   (list_exports raises), boom_read=OFFSET (pread at OFFSET raises RuntimeError),
   bad_read=OFFSET (pread at OFFSET returns None).
@@ -45,6 +46,7 @@ class E2EPlugin(Plugin):
         self.boom_list = False
         self.boom_read: int | None = None
         self.bad_read: int | None = None
+        self.minblock: int | None = None
         self.lock = threading.Lock()
         self.active = 0
         self.max_active = 0
@@ -72,6 +74,8 @@ class E2EPlugin(Plugin):
             self.boom_read = int(value)
         elif key == "bad_read":
             self.bad_read = int(value)
+        elif key == "minblock":
+            self.minblock = int(value)
         else:
             super().config(key, value)
 
@@ -102,6 +106,11 @@ class E2EPlugin(Plugin):
 
     def get_size(self, h: Any) -> int:
         return self.size
+
+    def block_size(self, h: Any) -> tuple[int, int, int] | None:
+        if self.minblock is None:
+            return None
+        return (self.minblock, max(self.minblock, 4096), 32 * 1024 * 1024)
 
     def can_multi_conn(self, h: Any) -> bool:
         return True
