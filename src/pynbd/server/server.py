@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -31,6 +32,10 @@ __all__ = ["Server", "ServerConfig"]
 SOCKET_BUFFER = 4 * 1024 * 1024
 #: Seconds a shutdown waits for in-flight requests before cancelling them.
 SHUTDOWN_GRACE = 10.0
+#: Seconds to stop accepting after accept() fails for lack of resources (EMFILE...): the
+#: listener stays readable, so retrying at once would spin the loop at 100% CPU.
+ACCEPT_BACKOFF = 0.1
+_ACCEPT_BACKOFF_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 @dataclass
@@ -143,8 +148,14 @@ class Server:
                 sock, addr = ls.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued: not our problem
             except OSError as e:
                 log.error("accept: %s", e)
+                if e.errno in _ACCEPT_BACKOFF_ERRNOS:
+                    # Out of file descriptors or memory: the listener stays readable, so
+                    # retrying at once would spin. Pause accepting for a moment.
+                    self._pause_accepting(ls, tg)
                 return
             if self.closing or len(self._connections) >= self.config.max_connections:
                 log.error("refusing a connection: %s", "shutting down" if self.closing
@@ -158,9 +169,32 @@ class Server:
             assert self.loop is not None
             stream = FdStream(self.loop, sock.fileno(), owner=sock, peer=str(addr))
             conn = Connection(self, stream, self._new_id())
-            task = tg.create_task(conn.run())
+            task = tg.create_task(_guarded(conn))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
+
+    def _pause_accepting(self, ls: socket.socket, tg: asyncio.TaskGroup) -> None:
+        assert self.loop is not None
+        loop = self.loop
+        loop.remove_reader(ls.fileno())
+
+        def resume() -> None:
+            if not self.closing and ls.fileno() >= 0:
+                loop.add_reader(ls.fileno(), self._accept, ls, tg)
+
+        loop.call_later(ACCEPT_BACKOFF, resume)
+
+
+async def _guarded(conn: Connection) -> None:
+    """A connection's task: whatever escapes it is logged, never the end of the TaskGroup.
+
+    An exception leaving a TaskGroup child cancels every sibling, which would end the whole
+    server because one client hit a bug.
+    """
+    try:
+        await conn.run()
+    except Exception:  # noqa: BLE001
+        log.exception("client %d: unexpected error", conn.id)
 
 
 def bind_tcp(port: int, addr: str | None = None, family: int = socket.AF_UNSPEC) -> list[socket.socket]:
