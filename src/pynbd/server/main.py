@@ -368,8 +368,8 @@ def make_uri(o: Options, unix_path: str | None, port: int | None, vsock_port: in
     host = o.ip_addr or "localhost"
     if ":" in host:
         host = f"[{host}]"
-    portpart = "" if port == 10809 else f":{port}"
-    return f"nbd://{host}{portpart}{path}"
+    # nbdkit always spells the port out, 10809 included (nbd://localhost:10809).
+    return f"nbd://{host}:{port}{path}"
 
 
 def _run_command(cmd: str, uri: str, o: Options, unix_path: str | None,
@@ -575,6 +575,7 @@ def _serve(o: Options, chain: Chain) -> int:
     if activated is not None:
         if o.port is not None or o.unix is not None or o.single or o.run or o.ip_addr:
             raise UsageError("socket activation cannot be used with -i, -p, -s, -U or --run")
+        _detach_stdio()
         _write_pidfile(o)
         chain.plugin.after_fork()
         return _run_loop(server, server.serve(activated))
@@ -645,6 +646,10 @@ def _serve(o: Options, chain: Chain) -> int:
         if o.run is not None:
             sys.stdout.flush()
             runner = _run_command(o.run, uri, o, unix_path, port)
+        # CMD (above) got the real stdin/stdout; the server keeps neither, as nbdkit:
+        # a plugin's print() cannot corrupt a caller's output, and a pipe reading a
+        # foreground server's stdout sees EOF once the URI is printed.
+        _detach_stdio()
         if not o.foreground:
             if o.pidfile and not os.path.isdir(os.path.dirname(o.pidfile)):
                 # Found out now, while the error can still reach the user's terminal.
@@ -660,6 +665,18 @@ def _serve(o: Options, chain: Chain) -> int:
             ls.close()
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _detach_stdio() -> None:
+    """Point fds 0 and 1 at /dev/null (nbdkit does this after get_ready)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+    finally:
+        os.close(devnull)
 
 
 def _write_pidfile(o: Options) -> None:
