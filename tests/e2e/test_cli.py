@@ -775,3 +775,134 @@ def test_sigterm_and_sigint_clean_exit(pynbd_server) -> None:
 
 def test_errno_names() -> None:
     assert (NBD_EPERM, NBD_EINVAL, NBD_ENOSPC) == (errno.EPERM, errno.EINVAL, errno.ENOSPC)
+
+
+def test_uri_always_has_port() -> None:
+    from pynbd.server.main import Options, make_uri
+
+    o = Options()
+    assert make_uri(o, None, 10809, None) == "nbd://localhost:10809"
+    o.export = "a b/c"
+    assert make_uri(o, None, 10900, None) == "nbd://localhost:10900/a%20b/c"
+    o.ip_addr = "::1"
+    assert make_uri(o, None, 10900, None) == "nbd://[::1]:10900/a%20b/c"
+    assert make_uri(o, "/tmp/s", None, None) == "nbd+unix:///a%20b/c?socket=/tmp/s"
+    assert make_uri(o, None, None, 10809) == "nbd+vsock://1:10809/a%20b/c"
+
+
+NOISY_PLUGIN = '''
+from pynbd.plugin import Plugin
+
+class Noisy(Plugin):
+    """NAME
+    noisy - prints on stdout when a client connects
+    """
+
+    name = "noisy"
+    nonblocking = True
+
+    def open(self, readonly, export_name, is_tls):
+        print("NOISE from open", flush=True)
+
+    def get_size(self, h):
+        return 4096
+
+    def pread(self, h, count, offset, flags):
+        print("NOISE from pread", flush=True)
+        return bytes(count)
+'''
+
+
+def test_server_stdout_is_detached(tmp_path: Path) -> None:
+    """After start-up the server's stdout is /dev/null (nbdkit): plugin output goes nowhere
+    and a reader of the server's stdout gets EOF right after the URI."""
+    plugin = tmp_path / "noisy.py"
+    plugin.write_text(NOISY_PLUGIN)
+    proc = _popen_serve("-f", "--print-uri", "-U", "-", plugin)
+    try:
+        assert proc.stdout is not None
+        out = proc.stdout.read()  # EOF while the server still runs
+        assert proc.poll() is None
+        uri = out.strip()
+        c = RawClient.unix(uri.split("socket=", 1)[1])
+        assert c.pread(16, 0) == bytes(16)
+        c.close()
+    finally:
+        rest, err = _stop(proc)
+    assert rest == ""
+    assert "NOISE" not in err
+
+
+def test_run_command_keeps_stdout(tmp_path: Path) -> None:
+    plugin = tmp_path / "noisy.py"
+    plugin.write_text(NOISY_PLUGIN)
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]\n"
+        "from test_cli import RawClient\n"
+        "c = RawClient.unix(sys.argv[1]); c.pread(8, 0); c.close()\n"
+        "print('client done')\n")
+    cp = run_serve("-U", "-", plugin, "--run", f'{sys.executable} {client} "$unixsocket"')
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == "client done\n"
+
+
+def test_fd_exhaustion_does_not_spin(tmp_path: Path, sockdir: Path) -> None:
+    """accept() failing with EMFILE must not busy-loop; the server recovers afterwards."""
+    import resource
+
+    sock = str(sockdir / "emfile.sock")
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    errlog = tmp_path / "stderr"
+    with open(errlog, "w") as err:
+        proc = subprocess.Popen(pynbd_cmd("-f", "-U", sock, "memory", "1M"),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, env=peer_env(),
+                                preexec_fn=limit, start_new_session=True)
+    clients: list[socket.socket] = []
+    try:
+        wait_listening(sock=sock, proc=proc)  # type: ignore[arg-type]
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            try:
+                s.connect(sock)
+            except OSError:
+                s.close()
+                break
+            clients.append(s)
+        time.sleep(0.5)
+
+        def cpu() -> float:
+            with open(f"/proc/{proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu()
+        time.sleep(1.0)
+        used = cpu() - before
+        assert used < 0.5, f"server used {used:.2f}s of CPU in 1s while out of fds"
+        # ... and does not flood its log (one line per retry, not per loop iteration).
+        assert errlog.read_text().count("accept") < 100
+        for s in clients:
+            s.close()
+        clients.clear()
+        deadline = time.monotonic() + 15
+        while True:  # the queued connections drain, then a new client is served
+            try:
+                c = RawClient.unix(sock)
+                break
+            except (ConnectionError, OSError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert c.size == 1 << 20
+        c.close()
+    finally:
+        for s in clients:
+            s.close()
+        _stop(proc)
