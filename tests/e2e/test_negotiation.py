@@ -378,3 +378,46 @@ def test_hangup_during_greeting_is_harmless(shared):
         c.send(OPT_HEADER.pack(IHAVEOPT, 1, 0) + bytes(12))
         with pytest.raises(Hangup):
             c.read_reply()
+
+
+def test_file_plugin_dir_unknown_export(pynbd_server, tmp_path):
+    """The built-in file plugin in dir= mode: LIST shows the files, others are ERR_UNKNOWN."""
+    pytest.importorskip("pynbd.plugins.file")
+    (tmp_path / "disk1").write_bytes(b"1" * 4096)
+    (tmp_path / "disk2").write_bytes(b"2" * 8192)
+    srv = pynbd_server("file", f"dir={tmp_path}")
+    with RawClient(srv.sock) as c:
+        c.start()
+        replies = c.option(Opt.LIST)
+        assert replies[-1].rep == Rep.ACK
+        assert sorted(O.parse_rep_server(r.data)[0] for r in replies[:-1]) == ["disk1", "disk2"]
+        for opt in (Opt.INFO, Opt.GO):
+            (r,) = c.option(opt, O.build_info_request("nosuch"))
+            assert r.rep == Rep.ERR_UNKNOWN
+        (r,) = c.option(Opt.INFO, O.build_info_request("../etc"))
+        assert r.is_error
+        replies = c.go("disk2")
+        assert replies[-1].rep == Rep.ACK
+        assert info_of(replies)[Info.EXPORT].size == 8192
+        assert c.pread(4096, 4) == b"2222"
+
+
+def test_long_strings_and_too_many_queries(shared):
+    from pynbd.limits import MAX_META_QUERIES, MAX_STRING
+
+    srv = shared()
+    with RawClient(srv.sock) as c:
+        c.start()
+        c.structured_reply()
+        (r,) = c.option(Opt.INFO, O.build_info_request("n" * (MAX_STRING + 1)))
+        assert r.rep == Rep.ERR_INVALID
+        (r,) = c.option(Opt.LIST_META_CONTEXT,
+                        O.build_meta_request("", ["base:allocation"] * (MAX_META_QUERIES + 1)))
+        assert r.rep == Rep.ERR_TOO_BIG
+        (r,) = c.option(Opt.SET_META_CONTEXT, O.build_meta_request("", ["x:" + "q" * MAX_STRING]))
+        assert r.rep == Rep.ERR_INVALID
+        assert c.go()[-1].rep == Rep.ACK
+    with RawClient(srv.sock) as c:  # EXPORT_NAME cannot answer: it hangs up
+        c.start()
+        c.send_option(Opt.EXPORT_NAME, b"n" * (MAX_STRING + 1))
+        assert c.expect_hangup() == b""
