@@ -116,9 +116,52 @@ class Options:
     debug_flags: list[str] = field(default_factory=list)
 
 
+def _canonical(long_name: str) -> str:
+    return _ALIASES.get("--" + long_name, long_name)
+
+
+def _expand_prefixes(argv: list[str]) -> list[str]:
+    """GNU getopt_long's rule for abbreviations, which Python's getopt lacks.
+
+    A prefix matching several long options is not ambiguous when they are all spellings of
+    the same option: nbdkit accepts ``--read`` (--read-only, --readonly), ``--pid``
+    (--pid-file, --pidfile) and ``--exp=NAME``. Such prefixes are rewritten to one full
+    name; anything else is left for getopt to accept or report.
+    """
+    takes_arg = {x.rstrip("="): x.endswith("=") for x in LONG}
+    short_with_arg = set(re.findall(r"(\w):", SHORT))
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        out.append(a)
+        i += 1
+        if a == "--":
+            out += argv[i:]
+            break
+        if a.startswith("--"):
+            name, eq, _ = a[2:].partition("=")
+            if name not in takes_arg:
+                cands = [x for x in takes_arg if x.startswith(name)] if name else []
+                if cands and len({_canonical(c) for c in cands}) == 1:
+                    name = cands[0]
+                    out[-1] = "--" + name + a[2 + len(a[2:].partition("=")[0]):]
+            if takes_arg.get(name) and not eq and i < len(argv):
+                out.append(argv[i])  # the option's value, whatever it looks like
+                i += 1
+        elif a.startswith("-") and len(a) > 1:
+            for j, c in enumerate(a[1:], 1):
+                if c in short_with_arg:
+                    if j == len(a) - 1 and i < len(argv):
+                        out.append(argv[i])
+                        i += 1
+                    break
+    return out
+
+
 def parse_args(argv: list[str]) -> Options:
     try:
-        opts, args = getopt.gnu_getopt(argv, SHORT, LONG)
+        opts, args = getopt.gnu_getopt(_expand_prefixes(argv), SHORT, LONG)
     except getopt.GetoptError as e:
         raise UsageError(f"{e.msg}. Try 'pynbd serve --help'.") from None
     o = Options()
