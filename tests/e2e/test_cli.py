@@ -315,8 +315,15 @@ class MyPlugin(Plugin):
     ids=lambda v: " ".join(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else "",
 )
 def test_bad_command_line(args: list[str], needles: list[str]) -> None:
-    cp = run_serve(*args, timeout=30)
+    # -f: should a bad line ever be accepted, the server stays our child (killed at the
+    # timeout) instead of leaking a daemon.
+    cp = run_serve("-f", *args, timeout=30)
     assert_clean_error(cp, *needles)
+
+
+def test_bad_pidfile_dir_caught_before_forking() -> None:
+    cp = run_serve("-P", "/nonexistent/dir/pid", "-U", "-", "memory", "1M", timeout=30)
+    assert_clean_error(cp, "/nonexistent/dir")
 
 
 def test_conflict_message_is_nbdkits() -> None:
@@ -906,3 +913,37 @@ def test_fd_exhaustion_does_not_spin(tmp_path: Path, sockdir: Path) -> None:
         for s in clients:
             s.close()
         _stop(proc)
+
+
+@pytest.mark.parametrize(
+    "opts, expect",
+    [
+        (["--read"], "ro"),  # --read-only / --readonly: one option, so not ambiguous
+        (["--readon"], "ro"),
+        (["--exp=foo"], "foo"),  # --export / --export-name / --exportname
+        (["--exportn", "bar"], "bar"),
+        (["-e", "--read"], "--read"),  # an option's value is never parsed as an option
+        (["--fore"], ""),
+        (["-fr"], "ro"),
+        (["--run=true", "--"], ""),  # `--` ends options; the rest are positional
+    ],
+)
+def test_long_option_abbreviations(opts: list[str], expect: str) -> None:
+    """GNU getopt_long: a unique prefix, or a prefix of several spellings of one option."""
+    run = ['--run', 'echo "$exportname"; test -n "$unixsocket"']
+    if "--" in opts:
+        args = [*opts[:-1], *run, "-U", "-", "--", "memory", "1M"]
+    else:
+        args = [*opts, "-U", "-", "memory", "1M", *run]
+    if expect == "ro":
+        args = [a.replace('echo "$exportname"', "echo ro") for a in args]
+    cp = run_serve(*args)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.strip() == expect
+
+
+@pytest.mark.parametrize("opt", ["--no", "--ip=127.0.0.1", "--ex"])
+def test_ambiguous_abbreviations(opt: str) -> None:
+    # --no: --no-fork or --no-sr; --ip: --ip-addr or --ipv4-only...; --ex: --export or --exit...
+    line = assert_clean_error(run_serve(opt, "-U", "-", "memory", "1M", "--run", "true"))
+    assert "prefix" in line or "ambiguous" in line
