@@ -29,7 +29,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from helpers import PYNBD, Server, short_tmpdir, start_server  # noqa: E402
+from helpers import PYNBD, Server, short_tmpdir, start_server
 
 #: The e2e plugin file (a memory plugin with knobs; see its docstring).
 PLUGIN = str(Path(__file__).parent / "plugins" / "e2eplug.py")

@@ -17,15 +17,27 @@ import itertools
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Self
 
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
-    GREETING, IHAVEOPT, NBDMAGIC, OLDSTYLE_GREETING, OLDSTYLE_MAGIC, OPT_HEADER,
-    OPT_REPLY_HEADER, REPLY_MAGIC_OPT, ClientFlag, Cmd, HandshakeFlag, Opt, Rep,
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OLDSTYLE_GREETING,
+    OLDSTYLE_MAGIC,
+    OPT_HEADER,
+    OPT_REPLY_HEADER,
+    REPLY_MAGIC_OPT,
+    ClientFlag,
+    Cmd,
+    HandshakeFlag,
+    Opt,
+    Rep,
 )
 from pynbd.protocol.transmission import Chunk, ReplyParser, SimpleReply, build_request
 
-__all__ = ["RawClient", "OptReply", "Reply", "Hangup"]
+__all__ = ["Hangup", "OptReply", "RawClient", "Reply"]
 
 #: How long any single wait for the server may take before the test fails.
 DEFAULT_TIMEOUT = 5.0
@@ -78,7 +90,7 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> RawClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

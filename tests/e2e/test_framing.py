@@ -63,7 +63,7 @@ def test_pipelined_mixed_sizes(shared, blocking):
         expect = {}
         for i, n in enumerate(sizes):
             data = rng.randbytes(n)
-            cookie, req = c.request(Cmd.WRITE, i * region, n, payload=data, send=False)
+            _cookie, req = c.request(Cmd.WRITE, i * region, n, payload=data, send=False)
             expect[i] = data
             out += req
             # a small request right after each write

@@ -11,7 +11,13 @@ from rawclient import FIXED, NO_ZEROES, Hangup, RawClient
 from pynbd.limits import MAX_OPTION_LENGTH, MAX_OPTION_ROUNDS
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
-    IHAVEOPT, OPT_HEADER, Cmd, Info, Opt, Rep, TxFlag,
+    IHAVEOPT,
+    OPT_HEADER,
+    Cmd,
+    Info,
+    Opt,
+    Rep,
+    TxFlag,
 )
 
 MiB = 1 << 20

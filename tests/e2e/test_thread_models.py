@@ -36,7 +36,7 @@ def pipelined_reads(clients: list[RawClient], n: int) -> None:
     for c in clients:
         batch = b""
         for i in range(n):
-            cookie, data = c.request(Cmd.READ, i * 4096, 4096, send=False)
+            _cookie, data = c.request(Cmd.READ, i * 4096, 4096, send=False)
             batch += data
         sent.append(batch)
     for c, batch in zip(clients, sent):

@@ -13,7 +13,12 @@ from rawclient import RawClient
 
 from pynbd.limits import MAX_PAYLOAD_ACCEPTED
 from pynbd.protocol.constants import (
-    EXT_REQUEST_MAGIC, REQUEST_MAGIC, Cmd, CmdFlag, ReplyType, TxFlag,
+    EXT_REQUEST_MAGIC,
+    REQUEST_MAGIC,
+    Cmd,
+    CmdFlag,
+    ReplyType,
+    TxFlag,
 )
 from pynbd.protocol.transmission import build_request
 
@@ -28,8 +33,8 @@ _names = ["basic", "enospc", "flags", "zero_len", "sr", "ext", "pipeline", "twoc
           "vanish", "write_fua"]
 REGION = {n: (i + 1) * 64 * KiB for i, n in enumerate(_names)}
 
-MODES = [pytest.param(dict(), id="simple"), pytest.param(dict(structured=True), id="sr"),
-         pytest.param(dict(extended=True), id="ext")]
+MODES = [pytest.param({}, id="simple"), pytest.param({"structured": True}, id="sr"),
+         pytest.param({"extended": True}, id="ext")]
 
 
 def slot(mode: dict) -> int:

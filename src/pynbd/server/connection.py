@@ -169,7 +169,8 @@ class _Direct:
         from pynbd.server.backend import PluginLayer
 
         layer = ctx.layer
-        self.pread = self.pwrite = None
+        self.pread: Any = None
+        self.pwrite: Any = None
         self.handle = ctx.handle
         if isinstance(layer, PluginLayer) and not layer.has_async:
             self.pread = layer.plugin.pread
@@ -759,6 +760,8 @@ class Connection:
                 return self._reply_exc(ex, cmd, flags, cookie, offset, e)
         pflags = _P_FUA if flags & _F_FUA else 0
         ctx = ex.ctx
+        fn: Any
+        args: tuple[Any, ...]
         if cmd == _READ:
             fn, args = ctx.pread, (length, offset, 0)
         elif cmd == _WRITE:
@@ -891,7 +894,7 @@ class Connection:
         if isinstance(e, CommandError | OSError) and e.errno:
             err = errno_to_nbd(e.errno, fast_zero=bool(flags & _F_FAST_ZERO),
                                df=bool(flags & _F_DF))
-            msg = getattr(e, "message", None) or e.strerror or str(e)
+            msg = getattr(e, "message", None) or getattr(e, "strerror", None) or str(e)
             if not (isinstance(e, CommandError) and e.errno == E.ENOTSUP):
                 log.debug("%s: %s: %s", name, name_of(Cmd, cmd).lower(), msg)
         else:
