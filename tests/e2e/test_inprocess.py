@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PLUGIN
 from rawclient import RawClient
 
 from pynbd.server.backend import Chain
 from pynbd.server.server import Server, ServerConfig, bind_unix
+
+PLUGIN = str(Path(__file__).parent / "plugins" / "e2eplug.py")
 
 
 def load_plugin_class(nonblocking: bool, monkeypatch: pytest.MonkeyPatch) -> type:

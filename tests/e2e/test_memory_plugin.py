@@ -127,3 +127,17 @@ def test_memory_pipelined_and_vanishing(pynbd_server, structured):
         v.close()
     with connect(srv) as c:
         assert c.pread(8 * MiB, 3 * MiB) == bytes(3 * MiB)
+
+
+def test_memory_cache_and_fast_zero(giant):
+    with connect(giant, structured=True) as c:
+        assert c.eflags & TxFlag.SEND_CACHE and c.eflags & TxFlag.SEND_FAST_ZERO
+        base = 3 * EiB + 7 * GiB
+        c.pwrite(base, b"f" * 65536)
+        assert c.cmd(Cmd.CACHE, base, 65536).error == 0
+        r = c.cmd(Cmd.WRITE_ZEROES, base, 65536, int(CmdFlag.FAST_ZERO))
+        assert r.error in (0, 95)  # done fast, or ENOTSUP (and then nothing changed)
+        expect = bytes(65536) if r.error == 0 else b"f" * 65536
+        assert c.pread(base, 65536) == expect
+        assert c.cmd(Cmd.WRITE_ZEROES, base, 65536).error == 0
+        assert c.pread(base, 65536) == bytes(65536)

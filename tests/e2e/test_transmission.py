@@ -161,6 +161,8 @@ def test_read_only(shared, mode):
             check_error(c.cmd(Cmd.WRITE_ZEROES, 0, 4096), EPERM, c, Cmd.WRITE_ZEROES)
             # even out of range or with odd flags, a read-only export says EPERM
             check_error(c.cmd(Cmd.WRITE, MiB, 8, wf | NO_HOLE, b"y" * 8), EPERM, c, Cmd.WRITE)
+        # no SEND_FUA on a read-only export: FUA is an unadvertised flag even on READ
+        check_error(c.cmd(Cmd.READ, 0, 512, FUA), EINVAL, c, Cmd.READ)
         assert c.pread(0, 4096) == bytes(4096)
 
 
