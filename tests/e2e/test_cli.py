@@ -947,3 +947,79 @@ def test_ambiguous_abbreviations(opt: str) -> None:
     # --no: --no-fork or --no-sr; --ip: --ip-addr or --ipv4-only...; --ex: --export or --exit...
     line = assert_clean_error(run_serve(opt, "-U", "-", "memory", "1M", "--run", "true"))
     assert "prefix" in line or "ambiguous" in line
+
+
+FILTER_TEMPLATE = '''
+from pynbd.plugin import Filter
+
+class {cls}(Filter):
+    """NAME
+    {name} - {doc}
+    """
+
+    name = "{name}"
+    {attr} = {default}
+
+    def config(self, next_config, key, value):
+        if key == "{name}-arg":
+            self.{attr} = int(value)
+        else:
+            next_config(key, value)
+
+    def pread(self, next, h, count, offset, flags):
+        data = bytes(next.pread(count, offset, flags))
+        return bytes(({expr}) & 255 for b in data)
+'''
+
+THREES_PLUGIN = '''
+from pynbd.plugin import Plugin
+
+class Threes(Plugin):
+    """NAME
+    threes - every byte is 3
+    """
+
+    name = "threes"
+    nonblocking = True
+
+    def config(self, key, value):
+        super().config(key, value)
+
+    def get_size(self, h):
+        return 4096
+
+    def pread(self, h, count, offset, flags):
+        return b"\\x03" * count
+'''
+
+
+def test_filters_from_files_stack_in_command_line_order(pynbd_server, tmp_path: Path) -> None:
+    """The first --filter is the outermost; filter keys are consumed, others reach the plugin."""
+    inc = tmp_path / "inc.py"
+    inc.write_text(FILTER_TEMPLATE.format(cls="Inc", name="inc", doc="adds", attr="add",
+                                          default=1, expr="b + self.add"))
+    dbl = tmp_path / "dbl.py"
+    dbl.write_text(FILTER_TEMPLATE.format(cls="Dbl", name="dbl", doc="multiplies", attr="mul",
+                                          default=2, expr="b * self.mul"))
+    plugin = tmp_path / "threes.py"
+    plugin.write_text(THREES_PLUGIN)
+    for filters, params, want in (
+        ([f"--filter={inc}", f"--filter={dbl}"], [], 3 * 2 + 1),
+        ([f"--filter={dbl}", f"--filter={inc}"], [], (3 + 1) * 2),
+        ([f"--filter={inc}", f"--filter={dbl}"], ["inc-arg=10", "dbl-arg=5"], 3 * 5 + 10),
+        (["--filter", str(inc), "--filter", str(inc)], [], 5),
+    ):
+        srv = pynbd_server(*filters, plugin, *params)
+        c = RawClient.unix(srv.sock)
+        assert c.pread(4, 0) == bytes([want]) * 4, (filters, params)
+        c.close()
+    # A key no layer wants is an error from the plugin, not silently dropped.
+    cp = run_serve("-f", f"--filter={inc}", plugin, "bogus=1")
+    assert_clean_error(cp, "bogus")
+    # --help prints each filter's manual page before the plugin's.
+    cp = run_serve(f"--filter={inc}", plugin, "--help")
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.index("inc - adds") < cp.stdout.index("threes - every byte is 3")
+    cp = run_serve(f"--filter={dbl}", plugin, "--version")
+    assert cp.returncode == 0, cp.stderr
+    assert [x.split()[0] for x in cp.stdout.splitlines()[1:]] == ["threes", "dbl"]

@@ -294,3 +294,21 @@ def test_run_libnbd_helper_works() -> None:
     # Guard: the helper runs the system interpreter, not ours.
     cp = run_libnbd("import sys, nbd; print(sys.executable)")
     assert cp.stdout.strip() == "/usr/bin/python3"
+
+
+def test_oldstyle_and_plain_newstyle(pynbd_server) -> None:
+    out = nbdinfo("--no-content", pynbd_server("-o", "memory", "1M").uri)
+    assert out.splitlines()[0] == "protocol: oldstyle without TLS, using simple packets"
+    assert "\texport-size: 1048576 (1M)" in out.splitlines()
+    info = nbdinfo_json(pynbd_server("--mask-handshake=0", "memory", "1M").uri)
+    assert info["protocol"] == "newstyle"
+    assert info["structured"] is False
+    assert info["exports"][0]["export-size"] == 1 << 20
+
+
+def test_tcp(pynbd_server) -> None:
+    srv = pynbd_server("memory", "1M", tcp=True)
+    assert srv.uri.startswith("nbd://127.0.0.1:")
+    ex = nbdinfo_json(srv.uri)["exports"][0]
+    assert ex["export-size"] == 1 << 20
+    assert ex["uri"].startswith("nbd://127.0.0.1:")

@@ -287,3 +287,8 @@ def test_run_port_and_exportname() -> None:
     assert first == f"{port} exp nbd://localhost:{port}/exp"
     # The export name only names the URI; the server serves any name (as nbdkit).
     assert json.loads(rest)["exports"][0]["export-size"] == 1 << 20
+    # The captive server is gone once the command returns: nothing listens on the port.
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0
