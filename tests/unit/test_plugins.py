@@ -254,7 +254,15 @@ def test_memory_run_broken_by_trim() -> None:
     p, h = make(MemoryPlugin, "1M")
     big = bytes(random.Random(3).randbytes(8 * _PAGE))
     p.pwrite(h, big, 0, 0)
+    assert p._runs[0].intact
+    big = bytes(random.Random(4).randbytes(8 * _PAGE))
+    p.pwrite(h, big, 0, 0)  # rewritten in place, one copy into the run
+    assert read(p, h, len(big), 0) == big
+    p.pwrite(h, b"ab", _PAGE - 1, 0)  # and a small write across two of its pages
+    big = big[:_PAGE - 1] + b"ab" + big[_PAGE + 1:]
+    assert read(p, h, len(big), 0) == big
     p.trim(h, _PAGE, 3 * _PAGE, 0)  # frees a page in the middle of the run
+    assert not p._runs[0].intact
     expect = big[:3 * _PAGE] + bytes(_PAGE) + big[4 * _PAGE:]
     assert read(p, h, len(big), 0) == expect
     p.pwrite(h, b"q" * 10, 3 * _PAGE + 1, 0)  # reallocated on its own

@@ -50,12 +50,13 @@ class _Run:
     (read-only, no copy). ``intact`` turns false, for good, once any of its pages is freed.
     """
 
-    __slots__ = ("end", "intact", "start", "view")
+    __slots__ = ("end", "intact", "start", "view", "wview")
 
-    def __init__(self, start: int, end: int, view: memoryview) -> None:
+    def __init__(self, start: int, end: int, wview: memoryview) -> None:
         self.start = start
         self.end = end
-        self.view = view
+        self.wview = wview
+        self.view = wview.toreadonly()
         self.intact = True
 
 
@@ -238,9 +239,15 @@ class MemoryPlugin(Plugin):
         get = pages.get
         src = memoryview(buf).cast("B")
         pn = offset >> _SHIFT
+        total = len(src)
+        run = self._runs.get(pn)
+        if run is not None and run.intact and (offset + total - 1) >> _SHIFT < run.end:
+            # All in one run: one copy into its buffer.
+            start = offset - (run.start << _SHIFT)
+            run.wview[start:start + total] = src
+            return
         a = offset & _MASK
         pos = 0
-        total = len(src)
         while pos < total:
             n = _PAGE - a
             n = min(n, total - pos)
@@ -264,7 +271,7 @@ class MemoryPlugin(Plugin):
 
     def _new_run(self, pn: int, k: int, data: memoryview) -> None:
         view = memoryview(bytearray(data))
-        run = _Run(pn, pn + k, view.toreadonly())
+        run = _Run(pn, pn + k, view)
         pages = self._pages
         runs = self._runs
         for i in range(k):
