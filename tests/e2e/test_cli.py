@@ -708,19 +708,32 @@ def test_single_stdin_pipes() -> None:
             proc.wait()
 
 
-def _activate(lsock: socket.socket, listen_pid: str | None, *args: str) -> subprocess.Popen[str]:
-    """Start `pynbd serve ARGS` with `lsock` as fd 3 and LISTEN_FDS=1 (systemd's protocol)."""
-    fd = lsock.fileno()
+def _activate(lsock: socket.socket | list[socket.socket], listen_pid: str | None,
+              *args: str) -> subprocess.Popen[str]:
+    """Start `pynbd serve ARGS` with the sockets as fds 3, 4... and LISTEN_FDS (systemd's
+    protocol: LISTEN_PID must be the server's own pid, hence the exec from a shell)."""
+    socks = lsock if isinstance(lsock, list) else [lsock]
+    import fcntl
 
-    def to_fd3() -> None:
-        os.dup2(fd, 3)
+    # Copies on high fds first, so no socket sits on a target fd when dup2 fills 3, 4...
+    high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for s in socks]
+    targets = list(range(3, 3 + len(socks)))
+
+    def to_fds() -> None:
+        for src, dst in zip(high, targets):
+            os.dup2(src, dst)  # dup2 clears FD_CLOEXEC on the copy
 
     pid_expr = '"$$"' if listen_pid is None else listen_pid
-    script = f'LISTEN_PID={pid_expr} LISTEN_FDS=1 exec "$@"'
-    return subprocess.Popen(["/bin/sh", "-c", script, "sh", *pynbd_cmd(*args)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=peer_env(),
-                            preexec_fn=to_fd3, pass_fds=(3,), start_new_session=True)
+    script = f'LISTEN_PID={pid_expr} LISTEN_FDS={len(socks)} exec "$@"'
+    try:
+        return subprocess.Popen(["/bin/sh", "-c", script, "sh", *pynbd_cmd(*args)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=peer_env(),
+                                preexec_fn=to_fds, pass_fds=tuple(targets),
+                                start_new_session=True)
+    finally:
+        for fd in high:
+            os.close(fd)
 
 
 def test_socket_activation(sockdir: Path) -> None:
@@ -737,6 +750,31 @@ def test_socket_activation(sockdir: Path) -> None:
             c = RawClient.unix(path)
             assert c.size == 1 << 20
             c.close()
+    finally:
+        _stop(proc)
+
+
+def test_socket_activation_two_sockets(sockdir: Path) -> None:
+    path = str(sockdir / "act-two.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen(8)
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    port = tcp.getsockname()[1]
+    try:
+        proc = _activate([unix, tcp], None, "memory", "1M")
+    finally:
+        unix.close()
+        tcp.close()
+    try:
+        a = RawClient.unix(path)
+        b = RawClient.tcp("127.0.0.1", port)
+        assert a.pwrite(b"shared", 0) == 0
+        assert b.pread(6, 0) == b"shared"  # one server, one disk
+        a.close()
+        b.close()
     finally:
         _stop(proc)
 
