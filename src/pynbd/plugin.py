@@ -222,6 +222,15 @@ class Plugin:
     def pread_into(self, h: Any, buf: memoryview, offset: int, flags: int) -> None:
         raise NotImplementedError(f"{self.name}: pread is not implemented")
 
+    def pread_nowait(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        """Optional fast path for blocking plugins, called on the event loop.
+
+        Return the data if it can be had without blocking (a file's page cache, say), or
+        raise :class:`BlockingIOError`: the server then calls :meth:`pread` in a worker
+        thread. Used only under the PARALLEL thread model with no filters.
+        """
+        raise BlockingIOError
+
     def pwrite(self, h: Any, buf: memoryview, offset: int, flags: int) -> None:
         raise NotImplementedError
 

@@ -84,6 +84,9 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate: {os.strerror(err)}")
 
 
+#: preadv flag to read only what is in the page cache (Linux >= 4.14); 0 if missing.
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
 class _Handle:
     """One open file: the per-connection handle."""
 
@@ -442,6 +445,16 @@ class FilePlugin(Plugin):
         return True
 
     # Data ------------------------------------------------------------------------------
+    def pread_nowait(self, h: _Handle, count: int, offset: int, flags: int) -> bytearray:
+        """Read from the page cache on the event loop (RWF_NOWAIT); BlockingIOError if the
+        data is not all cached, so the server reads in a worker thread instead."""
+        if self._cache_none or _RWF_NOWAIT == 0:
+            raise BlockingIOError
+        buf = bytearray(count)
+        if os.preadv(h.fd, [buf], offset, _RWF_NOWAIT) != count:
+            raise BlockingIOError
+        return buf
+
     def pread_into(self, h: _Handle, buf: memoryview, offset: int, flags: int) -> None:
         fd = h.fd
         view = buf if buf.format == "B" and buf.ndim == 1 else buf.cast("B")

@@ -161,20 +161,30 @@ def validate(ex: Export, cmd: int, flags: int, offset: int, length: int) -> int:
 
 
 class _Direct:
-    """Bound plugin methods for the fast path (a plugin on the loop with no filters)."""
+    """Bound plugin methods for the fast path: a plugin with no filters whose methods run on
+    the loop, or (``nowait``) a blocking plugin's ``pread_nowait`` tried on the loop first."""
 
-    __slots__ = ("pread", "pwrite", "handle")
+    __slots__ = ("pread", "pwrite", "handle", "nowait")
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, nowait: bool = False) -> None:
+        from pynbd.plugin import Plugin
         from pynbd.server.backend import PluginLayer
 
         layer = ctx.layer
         self.pread: Any = None
         self.pwrite: Any = None
         self.handle = ctx.handle
-        if isinstance(layer, PluginLayer) and not layer.has_async:
-            self.pread = layer.plugin.pread
-            self.pwrite = layer.plugin.pwrite if ctx.can_write() else None
+        self.nowait = nowait
+        if not isinstance(layer, PluginLayer) or layer.has_async:
+            return
+        plugin = layer.plugin
+        if nowait:
+            if type(plugin).pread_nowait is not Plugin.pread_nowait and \
+                    layer.thread_model == ThreadModel.PARALLEL:
+                self.pread = plugin.pread_nowait
+        else:
+            self.pread = plugin.pread
+            self.pwrite = plugin.pwrite if ctx.can_write() else None
 
 
 class Connection:
@@ -558,7 +568,10 @@ class Connection:
             self._end = n
         self._on_loop = self.server.chain.on_loop
         ex.build_rules()
-        self._direct = _Direct(ex.ctx) if self._on_loop else None
+        self._direct = _Direct(ex.ctx, nowait=not self._on_loop)
+        if self._direct.pread is not None and not self._on_loop and \
+                self.server.thread_model != ThreadModel.PARALLEL:
+            self._direct = None
         if self._direct is not None and self._direct.pread is None:
             self._direct = None
         if self._stopping:  # the server began shutting down while we negotiated
@@ -753,9 +766,13 @@ class Connection:
                     if len(data) != length:
                         return self._reply_result(ex, cmd, flags, cookie, offset, length, data)
                     return self._reply_ok(ex, cmd, cookie, offset, data)
-                if cmd == _WRITE:
+                if cmd == _WRITE and direct.pwrite is not None:
                     direct.pwrite(direct.handle, payload, offset, 0)
                     return self._reply_ok(ex, cmd, cookie, offset, None)
+            except BlockingIOError as e:
+                if not direct.nowait:
+                    return self._reply_exc(ex, cmd, flags, cookie, offset, e)
+                # not cached: read in a worker thread below
             except BaseException as e:  # noqa: BLE001
                 return self._reply_exc(ex, cmd, flags, cookie, offset, e)
         pflags = _P_FUA if flags & _F_FUA else 0
