@@ -1,6 +1,6 @@
 """Transmission phase: request parsing and reply building, sans-IO.
 
-The server's hot path uses :class:`RequestParser` on its receive buffer and the ``*_header``
+The server's hot path parses requests with the precompiled structs and uses the ``*_header``
 builders for replies; the client uses the request builders and :class:`ReplyParser`.
 """
 
