@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,9 +69,9 @@ _KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")
 
 USAGE = """\
 pynbd serve [-4|-6] [-D NAME.FLAG=N] [--exit-with-parent] [-e EXPORTNAME]
-            [--filter=FILTER ...] [-f] [-i IPADDR] [--mask-handshake=MASK]
+            [--filter=FILTER ...] [-f] [-g GROUP] [-i IPADDR] [--mask-handshake=MASK]
             [-n] [--no-sr] [-o] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
-            [--run 'CMD'] [-s] [-t THREADS] [--timeout=SECS] [-U SOCKET|-] [-v]
+            [--run 'CMD'] [-s] [-t THREADS] [--timeout=SECS] [-U SOCKET|-] [-u USER] [-v]
             [--vsock] PLUGIN [[KEY=]VALUE [KEY=VALUE ...]]
 pynbd serve PLUGIN --help | --dump-plugin
 pynbd serve --dump-config | --help | --version
@@ -113,6 +114,8 @@ class Options:
     print_uri: bool = False
     timeout: float | None = None
     tls: str = "off"
+    user: str | None = None
+    group: str | None = None
     debug_flags: list[str] = field(default_factory=list)
 
 
@@ -192,8 +195,10 @@ def parse_args(argv: list[str]) -> Options:
             o.filters.append(val)
         elif key == "foreground":
             o.foreground = True
-        elif key in ("group", "user"):
-            raise UsageError(f"--{key} is not supported: run pynbd as the user you want")
+        elif key == "group":
+            o.group = val
+        elif key == "user":
+            o.user = val
         elif key == "ip-addr":
             o.ip_addr = val
         elif key == "log":
@@ -234,6 +239,8 @@ def parse_args(argv: list[str]) -> Options:
             if o.threads == 0:
                 o.threads = 16
         elif key == "unix":
+            if not val:
+                raise UsageError("-U: the socket path is empty (use -U - for a private socket)")
             o.unix = val if val == "-" else os.path.abspath(val)
         elif key == "verbose":
             o.verbose = True
@@ -619,6 +626,7 @@ def _serve(o: Options, chain: Chain) -> int:
         if o.port is not None or o.unix is not None or o.single or o.run or o.ip_addr:
             raise UsageError("socket activation cannot be used with -i, -p, -s, -U or --run")
         _detach_stdio()
+        _change_user(o)
         _write_pidfile(o)
         chain.plugin.after_fork()
         return _run_loop(server, server.serve(activated))
@@ -629,6 +637,7 @@ def _serve(o: Options, chain: Chain) -> int:
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         os.close(devnull)
+        _change_user(o)
         _write_pidfile(o)
         chain.plugin.after_fork()
 
@@ -684,8 +693,8 @@ def _serve(o: Options, chain: Chain) -> int:
     uri = make_uri(o, unix_path, port, vsock_port)
     if o.print_uri:
         print(uri, flush=True)
+    runner = None
     try:
-        runner = None
         if o.run is not None:
             sys.stdout.flush()
             runner = _run_command(o.run, uri, o, unix_path, port)
@@ -693,6 +702,7 @@ def _serve(o: Options, chain: Chain) -> int:
         # a plugin's print() cannot corrupt a caller's output, and a pipe reading a
         # foreground server's stdout sees EOF once the URI is printed.
         _detach_stdio()
+        _change_user(o, tmpdir)
         if not o.foreground:
             if o.pidfile and not os.path.isdir(os.path.dirname(o.pidfile)):
                 # Found out now, while the error can still reach the user's terminal.
@@ -703,11 +713,67 @@ def _serve(o: Options, chain: Chain) -> int:
         if runner is None:
             return _run_loop(server, server.serve(listeners))
         return _run_captive(server, listeners, runner)
+    except BaseException:
+        # The server could not start (a pid file it may not write, a user it may not
+        # become...): CMD must not wait forever for it.
+        if runner is not None and runner.poll() is None:
+            runner.terminate()
+            runner.wait()
+        raise
     finally:
         for ls in listeners:
             ls.close()
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+#: Modules the server may import lazily while serving, imported before -u/-g drop
+#: privileges: the new user may not be able to read the Python installation (a pyenv
+#: under /root), and a failed lazy import then would break a running server.
+_PRELOAD = ("concurrent.futures.thread", "traceback", "linecache", "encodings.idna",
+            "pynbd.server.connection", "pynbd.server.stream")
+
+
+def _change_user(o: Options, tmpdir: str | None = None) -> None:
+    """-g GROUP then -u USER (names or numbers), after binding, as nbdkit.
+
+    A private ``-U -`` directory is handed to the new user so the server can still remove
+    it at exit.
+    """
+    import grp
+    import pwd
+
+    if o.group is None and o.user is None:
+        return
+    for mod in _PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
+    if tmpdir is not None:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            uid = -1 if o.user is None else (
+                int(o.user) if o.user.isdigit() else pwd.getpwnam(o.user).pw_uid)
+            gid = -1 if o.group is None else (
+                int(o.group) if o.group.isdigit() else grp.getgrnam(o.group).gr_gid)
+            os.chown(tmpdir, uid, gid)
+    if o.group is not None:
+        try:
+            gid = int(o.group) if o.group.isdigit() else grp.getgrnam(o.group).gr_gid
+        except KeyError:
+            raise ConfigError(f"-g: unknown group: {o.group}") from None
+        try:
+            os.setgroups([gid])
+            os.setgid(gid)
+        except OSError as e:
+            raise ConfigError(f"-g {o.group}: cannot change group: {e.strerror}") from None
+    if o.user is not None:
+        try:
+            uid = int(o.user) if o.user.isdigit() else pwd.getpwnam(o.user).pw_uid
+        except KeyError:
+            raise ConfigError(f"-u: unknown user: {o.user}") from None
+        try:
+            os.setuid(uid)
+        except OSError as e:
+            raise ConfigError(f"-u {o.user}: cannot change user: {e.strerror}") from None
 
 
 def _detach_stdio() -> None:
@@ -759,19 +825,26 @@ def _run_loop(server: Server, main_coro: Any) -> int:
 
 def _run_captive(server: Server, listeners: list[socket.socket],
                  runner: subprocess.Popen[bytes]) -> int:
-    async def watch() -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, runner.wait)
-        server.shutdown()
-
     async def both() -> None:
-        task = asyncio.ensure_future(watch())
+        loop = asyncio.get_running_loop()
+
+        def wait_for_cmd() -> None:
+            # A plain thread, not the loop's executor: nothing to import lazily (which can
+            # fail after -u), and nothing that can fail and leave the server running
+            # forever after CMD is gone.
+            try:
+                runner.wait()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop already closed
+                    loop.call_soon_threadsafe(server.shutdown)
+
+        watcher = threading.Thread(target=wait_for_cmd, name="pynbd-run-wait", daemon=True)
+        watcher.start()
         try:
             await server.serve(listeners)
         finally:
             if runner.poll() is None:
                 runner.terminate()
-            await task
 
     _run_loop(server, both())
     rc = runner.returncode
