@@ -1061,3 +1061,56 @@ def test_filters_from_files_stack_in_command_line_order(pynbd_server, tmp_path: 
     cp = run_serve(f"--filter={dbl}", plugin, "--version")
     assert cp.returncode == 0, cp.stderr
     assert [x.split()[0] for x in cp.stdout.splitlines()[1:]] == ["threes", "dbl"]
+
+
+def _client_script(tmp_path: Path, body: str) -> Path:
+    client = tmp_path / "client.py"
+    client.write_text(
+        "import sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]\n"
+        "from test_cli import RawClient\n" + body)
+    return client
+
+
+@pytest.mark.parametrize("who", [("nobody", "nogroup"), ("65534", "65534")])
+def test_user_and_group(tmp_path: Path, who: tuple[str, str]) -> None:
+    """-u/-g change user after binding (as nbdkit); the private socket dir follows."""
+    if os.geteuid() != 0:
+        cp = run_serve("-f", "-u", "0", "-U", "-", "memory", "1M", "--run", "true")
+        assert_clean_error(cp, "-u")
+        return
+    import pwd
+
+    try:
+        pwd.getpwuid(65534)
+    except KeyError:
+        pytest.skip("no user 65534 here")
+    client = _client_script(tmp_path, "c = RawClient.unix(sys.argv[1]); print(c.size); c.close()\n")
+    user, group = who
+    if not user.isdigit():
+        try:
+            import grp
+
+            pwd.getpwnam(user)
+            grp.getgrnam(group)
+        except KeyError:
+            pytest.skip(f"no user {user} / group {group} here")
+    cp = run_serve("-u", user, "-g", group, "-U", "-", "memory", "1M", "--run",
+                   f'{sys.executable} {client} "$unixsocket" && '
+                   'grep -E "^(Uid|Gid):" /proc/$PPID/status && echo "$unixsocket"')
+    assert cp.returncode == 0, cp.stderr
+    size, uid, gid, sock = cp.stdout.splitlines()
+    assert size == "1048576"
+    assert uid.split()[1:] == ["65534"] * 4
+    assert gid.split()[1:] == ["65534"] * 4
+    assert not os.path.exists(os.path.dirname(sock))  # removed by the unprivileged server
+
+
+def test_bad_user_stops_run_command(tmp_path: Path) -> None:
+    """If the server cannot start after CMD did, CMD is stopped rather than left waiting."""
+    marker = tmp_path / "marker"
+    cp = run_serve("-u", "no-such-user-here", "-U", "-", "memory", "1M", "--run",
+                   f"sleep 2; touch {marker}")
+    assert_clean_error(cp, "no-such-user-here")
+    time.sleep(2.5)
+    assert not marker.exists()
