@@ -1114,3 +1114,27 @@ def test_bad_user_stops_run_command(tmp_path: Path) -> None:
     assert_clean_error(cp, "no-such-user-here")
     time.sleep(2.5)
     assert not marker.exists()
+
+
+def test_background_with_relative_paths(sockdir: Path) -> None:
+    """The daemon does chdir("/"): relative -U, -P and file paths still work."""
+    data = os.urandom(8192)
+    (sockdir / "rel.img").write_bytes(data)
+    cp = subprocess.run(pynbd_cmd("-P", "rel.pid", "-U", "rel.sock", "file", "rel.img"),
+                        capture_output=True, text=True, timeout=60, cwd=sockdir,
+                        stdin=subprocess.DEVNULL, env=peer_env())
+    assert cp.returncode == 0, cp.stderr
+    deadline = time.monotonic() + 20
+    while not (sockdir / "rel.pid").exists():
+        assert time.monotonic() < deadline, "no pid file"
+        time.sleep(0.02)
+    pid = int((sockdir / "rel.pid").read_text())
+    try:
+        wait_listening(sock=sockdir / "rel.sock")
+        c = RawClient.unix(str(sockdir / "rel.sock"))
+        assert c.size == 8192
+        assert c.pread(8192, 0) == data
+        c.close()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert _wait_gone(pid)
