@@ -7,6 +7,7 @@ outputs are compared (minus the socket path in `uri:`).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -312,3 +313,18 @@ def test_tcp(pynbd_server) -> None:
     ex = nbdinfo_json(srv.uri)["exports"][0]
     assert ex["export-size"] == 1 << 20
     assert ex["uri"].startswith("nbd://127.0.0.1:")
+
+
+def test_list_many_exports(pynbd_server, tmp_path: Path) -> None:
+    """nbdinfo --list asks INFO for every export: the option-round limit scales with them."""
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(1, 121):
+        (d / f"f{i:03d}").write_bytes(b"")
+        os.truncate(d / f"f{i:03d}", i * 512)
+    srv = pynbd_server("file", f"dir={d}")
+    js = json.loads(nbdinfo("--list", "--json", srv.uri))
+    got = {e["export-name"]: e["export-size"] for e in js["exports"]}
+    assert got == {f"f{i:03d}": i * 512 for i in range(1, 121)}
+    out = run_peer("qemu-nbd", "--list", "-k", srv.sock).stdout.decode()
+    assert out.count("export: ") == 120

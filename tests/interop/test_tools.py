@@ -113,8 +113,9 @@ def test_qemu_img_info(pynbd_server) -> None:
 
 def test_qemu_img_convert_and_compare(pynbd_server, random_64m: Path, tmp_path: Path) -> None:
     srv = pynbd_server("memory", "64M")
-    run_peer("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", random_64m, srv.uri,
-             timeout=120)
+    # -W -m 16: 16 coroutines writing out of order, many requests in flight.
+    run_peer("qemu-img", "convert", "-n", "-W", "-m", "16", "-f", "raw", "-O", "raw",
+             random_64m, srv.uri, timeout=120)
     run_peer("qemu-img", "compare", "-f", "raw", "-F", "raw", random_64m, srv.uri, timeout=120)
     out = tmp_path / "back.qcow2"
     run_peer("qemu-img", "convert", "-f", "raw", "-O", "qcow2", srv.uri, out, timeout=120)
