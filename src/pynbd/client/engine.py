@@ -1,0 +1,936 @@
+"""The asyncio NBD client engine: the one implementation behind every client face.
+
+Many requests in flight (cookie -> pending command, one reader), replies in any order,
+structured-reply reassembly straight into the caller's buffer (data is received into the
+destination without an intermediate copy when it is not already buffered), caps on requests
+and bytes in flight, strict checks before the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno as E
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynbd.errors import (
+    CommandError, LocalProtocolError, NBDError, OptionError, ProtocolError, RemoteProtocolError,
+)
+from pynbd.protocol import options as O
+from pynbd.protocol.client import (
+    NEED_DATA, ClientHandshake, ExportReply, Greeting, OldstyleGreeting, OptionReply,
+)
+from pynbd.protocol.constants import (
+    CONTEXT_BASE_ALLOCATION, EXT_REPLY, EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC,
+    REQUEST, REQUEST_MAGIC, SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag, Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag,
+    nbd_to_errno,
+)
+from pynbd.server.stream import FdStream
+
+__all__ = ["AsyncClient", "ExportInfo", "ChunkCallback"]
+
+_U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
+_ERRH = struct.Struct(">IH")
+_HOLE = struct.Struct(">QI")
+
+#: Requests in flight per connection before new ones wait.
+DEFAULT_MAX_IN_FLIGHT = 64
+#: Payload bytes in flight per connection before new requests wait.
+DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+#: Largest non-data reply chunk accepted (a block-status chunk of 2^20 extents fits).
+MAX_CHUNK = 64 * 1024 * 1024
+_RECV_BUF = 1024 * 1024
+
+#: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
+ChunkCallback = Callable[[memoryview, int, int, int], Any]
+
+
+@dataclass
+class ExportInfo:
+    name: str = ""
+    size: int = 0
+    eflags: int = 0
+    description: str | None = None
+    canonical_name: str | None = None
+    block_size: tuple[int, int, int] | None = None
+
+
+@dataclass
+class _Pending:
+    cookie: int
+    cmd: int
+    offset: int
+    length: int
+    fut: asyncio.Future[Any]
+    dest: memoryview | None = None
+    chunk_cb: ChunkCallback | None = None
+    error: int = 0
+    message: str = ""
+    covered: list[tuple[int, int]] = field(default_factory=list)
+    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    nbytes: int = 0
+
+
+class AsyncClient:
+    """An NBD client connection. Create with :meth:`connect` (or the connect_* helpers)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stream: FdStream | None = None
+        self._owner: Any = None
+        self._proc: Any = None
+        self.hs = ClientHandshake()
+        self.structured = False
+        self.extended = False
+        self.export = ExportInfo()
+        self.meta_contexts: dict[int, str] = {}
+        self._meta_requested: list[str] = []
+        self.strict = True
+        self.handshake_flags = 3
+        self.request_structured = True
+        self.request_extended = False
+        self.request_block_size = True
+        self.full_info = False
+        self.opt_mode = False
+        self.protocol = ""
+        self.tls_negotiated = False
+        self.connected = False
+        self.closed = False
+        self.failure: BaseException | None = None
+        # transmission
+        self._pending: dict[int, _Pending] = {}
+        self._next_cookie = 1
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.max_bytes_in_flight = DEFAULT_MAX_BYTES_IN_FLIGHT
+        self._bytes_in_flight = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._buf = bytearray(_RECV_BUF)
+        self._view = memoryview(self._buf)
+        self._pos = 0
+        self._end = 0
+        self._sink: memoryview | None = None
+        self._sink_got = 0
+        self._sink_done: Callable[[], None] | None = None
+        self._out: list[Any] = []
+        self._flush_scheduled = False
+        self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
+                      "chunks_received": 0}
+
+    # ==================================================================================
+    # connecting
+    @classmethod
+    async def connect(cls, uri: str | None = None, *, unix: str | None = None,
+                      host: str | None = None, port: int = 10809,
+                      vsock: tuple[int, int] | None = None, sock: socket.socket | None = None,
+                      command: Sequence[str] | None = None,
+                      socket_activation: Sequence[str] | None = None,
+                      export_name: str = "", opt_mode: bool = False,
+                      meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
+                      structured: bool = True, extended: bool = False,
+                      timeout: float | None = None, strict: bool = True) -> AsyncClient:
+        c = cls()
+        c.strict = strict
+        c.request_structured = structured
+        c.request_extended = extended
+        c._meta_requested = list(meta_contexts)
+        c.opt_mode = opt_mode
+        coro = c._connect(uri, unix, host, port, vsock, sock, command, socket_activation,
+                          export_name)
+        if timeout is not None:
+            try:
+                await asyncio.wait_for(coro, timeout)
+            except asyncio.TimeoutError:
+                c._abandon()
+                raise TimeoutError("timed out connecting to the NBD server") from None
+        else:
+            try:
+                await coro
+            except BaseException:
+                c._abandon()
+                raise
+        return c
+
+    async def _connect(self, uri: str | None, unix: str | None, host: str | None, port: int,
+                       vsock: tuple[int, int] | None, sock: socket.socket | None,
+                       command: Sequence[str] | None, socket_activation: Sequence[str] | None,
+                       export_name: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        if uri is not None:
+            from pynbd.protocol.uri import parse_uri
+
+            u = parse_uri(uri)
+            if u.tls:
+                raise NBDError("TLS (nbds URIs) is not supported yet by this version of pynbd")
+            export_name = u.export
+            if u.transport == "unix":
+                unix = u.socket
+            elif u.transport == "vsock":
+                vsock = (u.vsock_cid, u.port)
+            else:
+                host, port = u.host or "localhost", u.port
+        if sock is None:
+            if unix is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, unix)
+                except BaseException:
+                    sock.close()
+                    raise
+            elif vsock is not None:
+                sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, vsock)
+                except BaseException:
+                    sock.close()
+                    raise
+            elif command is not None:
+                sock = self._start_command(list(command))
+            elif socket_activation is not None:
+                sock = await self._start_activation(list(socket_activation))
+            elif host is not None:
+                r, w = await asyncio.open_connection(host, port)
+                s = w.get_extra_info("socket")
+                sock = socket.socket(fileno=os.dup(s.fileno()))
+                w.transport.abort()
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                raise ValueError("nothing to connect to: give a URI, unix=, host=, vsock=, "
+                                 "sock=, command= or socket_activation=")
+        sock.setblocking(False)
+        self._owner = sock
+        self.stream = FdStream(loop, sock.fileno(), owner=sock)
+        await self._handshake(export_name)
+
+    def _start_command(self, argv: list[str]) -> socket.socket:
+        import subprocess
+
+        mine, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, close_fds=True)
+        finally:
+            theirs.close()
+        return mine
+
+    async def _start_activation(self, argv: list[str]) -> socket.socket:
+        import shutil
+        import subprocess
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="pynbd-sa-")
+        path = os.path.join(d, "sock")
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ls.bind(path)
+            ls.listen(8)
+            fd = ls.fileno()
+            wrapper = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-'
+            self._proc = subprocess.Popen(["/bin/sh", "-c", wrapper, "sh", *argv],
+                                          pass_fds=(fd,), close_fds=True)
+        finally:
+            ls.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            assert self.loop is not None
+            await self.loop.sock_connect(sock, path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        return sock
+
+    def _abandon(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        elif self._owner is not None:
+            self._owner.close()
+        self._reap()
+
+    def _reap(self) -> None:
+        p = self._proc
+        if p is not None:
+            self._proc = None
+            if p.poll() is None:
+                p.terminate()
+            try:
+                p.wait(timeout=5)
+            except Exception:  # noqa: BLE001
+                p.kill()
+                p.wait()
+
+    # ==================================================================================
+    # negotiation
+    async def _recv_event(self) -> Any:
+        assert self.stream is not None
+        while True:
+            ev = self.hs.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            data = await self.stream.read_some()
+            if not data:
+                raise RemoteProtocolError("server closed the connection during the handshake")
+            self.hs.receive_data(data)
+
+    async def _handshake(self, export_name: str) -> None:
+        assert self.stream is not None
+        self.hs = ClientHandshake(self.handshake_flags)
+        ev = await self._recv_event()
+        if isinstance(ev, OldstyleGreeting):
+            self.protocol = "oldstyle"
+            self.export = ExportInfo("", ev.size, ev.eflags)
+            self._enter_transmission()
+            return
+        assert isinstance(ev, Greeting)
+        self.stream.write([self.hs.client_flags()])
+        if not self.hs.fixed_newstyle:
+            self.protocol = "newstyle"
+            await self._export_name(export_name)
+            return
+        self.protocol = "newstyle-fixed"
+        if self.request_extended:
+            try:
+                await self.opt_extended_headers()
+            except OptionError:
+                pass
+        if self.request_structured and not self.extended:
+            try:
+                await self.opt_structured_reply()
+            except OptionError:
+                pass
+        if (self.structured or self.extended) and self._meta_requested:
+            try:
+                await self.opt_set_meta_context(self._meta_requested, export_name)
+            except OptionError:
+                self.meta_contexts = {}
+        self.export.name = export_name
+        if not self.opt_mode:
+            await self.opt_go(export_name)
+
+    async def _option(self, opt: int, data: bytes = b"") -> list[OptionReply]:
+        """Send one option and collect its replies up to the final one."""
+        assert self.stream is not None
+        if self.connected or self.closed:
+            raise LocalProtocolError("not negotiating")
+        self.stream.write([self.hs.option(opt, data)])
+        replies = []
+        while True:
+            ev = await self._recv_event()
+            assert isinstance(ev, OptionReply)
+            replies.append(ev)
+            if ev.type == Rep.ACK or ev.is_error:
+                return replies
+
+    @staticmethod
+    def _check(replies: list[OptionReply], what: str) -> list[OptionReply]:
+        last = replies[-1]
+        if last.is_error:
+            msg = last.data.decode("utf-8", "replace")
+            raise OptionError(last.type, f"{what}: {msg}" if msg else f"{what} failed")
+        return replies[:-1]
+
+    async def opt_structured_reply(self) -> None:
+        self._check(await self._option(Opt.STRUCTURED_REPLY), "structured replies")
+        self.structured = True
+
+    async def opt_extended_headers(self) -> None:
+        self._check(await self._option(Opt.EXTENDED_HEADERS), "extended headers")
+        self.extended = True
+        self.structured = True
+
+    async def opt_starttls(self) -> None:
+        raise NBDError("TLS is not supported yet by this version of pynbd")
+
+    async def opt_list(self) -> list[tuple[str, str]]:
+        out = []
+        for r in self._check(await self._option(Opt.LIST), "list exports"):
+            if r.type == Rep.SERVER:
+                out.append(O.parse_rep_server(r.data))
+        return out
+
+    async def _info_or_go(self, opt: int, name: str) -> ExportInfo:
+        infos = [Info.NAME, Info.DESCRIPTION] if self.full_info else []
+        if self.request_block_size:
+            infos.append(Info.BLOCK_SIZE)
+        replies = await self._option(opt, O.build_info_request(name, infos))
+        last = replies[-1]
+        if last.type == Rep.ERR_UNSUP and opt == Opt.GO:
+            raise OptionError(last.type, "server does not support NBD_OPT_GO")
+        info = ExportInfo(name)
+        got_export = False
+        for r in self._check(replies, "export " + repr(name)):
+            if r.type != Rep.INFO:
+                continue
+            try:
+                ir = O.parse_info_reply(r.data)
+            except RemoteProtocolError:
+                if len(r.data) >= 2 and int.from_bytes(r.data[:2], "big") == Info.EXPORT:
+                    raise
+                continue  # malformed optional info: ignore
+            if ir.kind == Info.EXPORT:
+                assert ir.size is not None and ir.flags is not None
+                info.size, info.eflags = ir.size, ir.flags
+                got_export = True
+            elif ir.kind == Info.NAME:
+                info.canonical_name = ir.name
+            elif ir.kind == Info.DESCRIPTION:
+                info.description = ir.description
+            elif ir.kind == Info.BLOCK_SIZE and ir.block_size is not None:
+                mn, pref, mx = ir.block_size
+                if (mn & (mn - 1) == 0 and 1 <= mn <= 65536 and pref & (pref - 1) == 0
+                        and pref >= max(mn, 512) and mx >= pref):
+                    info.block_size = ir.block_size
+        if not got_export:
+            raise RemoteProtocolError("server did not send NBD_INFO_EXPORT")
+        if not info.eflags & TxFlag.HAS_FLAGS:
+            raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
+        return info
+
+    async def opt_info(self, name: str = "") -> ExportInfo:
+        return await self._info_or_go(Opt.INFO, name)
+
+    async def opt_go(self, name: str | None = None) -> None:
+        if name is None:
+            name = self.export.name
+        try:
+            info = await self._info_or_go(Opt.GO, name)
+        except OptionError as e:
+            if e.reply == Rep.ERR_UNSUP:
+                await self._export_name(name)
+                return
+            raise
+        self.export = info
+        if not (self.structured or self.extended):
+            self.meta_contexts = {}
+        self._enter_transmission()
+
+    async def _export_name(self, name: str) -> None:
+        assert self.stream is not None
+        self.stream.write([self.hs.export_name(name)])
+        ev = await self._recv_event()
+        assert isinstance(ev, ExportReply)
+        self.export = ExportInfo(name, ev.size, ev.eflags)
+        self._enter_transmission()
+
+    async def opt_abort(self) -> None:
+        try:
+            await self._option(Opt.ABORT)
+        except (ProtocolError, ConnectionError):
+            pass
+        await self.close()
+
+    async def _meta(self, opt: int, queries: Sequence[str], name: str | None) -> list[tuple[int, str]]:
+        data = O.build_meta_request(self.export.name if name is None else name, list(queries))
+        out = []
+        for r in self._check(await self._option(opt, data), "meta context"):
+            if r.type == Rep.META_CONTEXT:
+                out.append(O.parse_rep_meta_context(r.data))
+        return out
+
+    async def opt_list_meta_context(self, queries: Sequence[str] = (),
+                                    name: str | None = None) -> list[str]:
+        return [n for _, n in await self._meta(Opt.LIST_META_CONTEXT, queries, name)]
+
+    async def opt_set_meta_context(self, queries: Sequence[str],
+                                   name: str | None = None) -> list[str]:
+        self.meta_contexts = {}
+        got = await self._meta(Opt.SET_META_CONTEXT, queries, name)
+        self.meta_contexts = dict(got)
+        return [n for _, n in got]
+
+    def _enter_transmission(self) -> None:
+        assert self.stream is not None
+        trailing = self.hs.trailing_data
+        if trailing:
+            raise RemoteProtocolError("server sent data before the first request")
+        self.connected = True
+        self.stream.on_write_error = self._on_write_error
+        self.stream.set_reader(self._on_readable)
+
+    # ==================================================================================
+    # export properties
+    @property
+    def size(self) -> int:
+        return self.export.size
+
+    @property
+    def eflags(self) -> int:
+        return self.export.eflags
+
+    def _flag(self, f: int) -> bool:
+        return bool(self.export.eflags & f)
+
+    def is_read_only(self) -> bool:
+        return self._flag(TxFlag.READ_ONLY)
+
+    def can_flush(self) -> bool:
+        return self._flag(TxFlag.SEND_FLUSH)
+
+    def can_fua(self) -> bool:
+        return self._flag(TxFlag.SEND_FUA)
+
+    def is_rotational(self) -> bool:
+        return self._flag(TxFlag.ROTATIONAL)
+
+    def can_trim(self) -> bool:
+        return self._flag(TxFlag.SEND_TRIM)
+
+    def can_zero(self) -> bool:
+        return self._flag(TxFlag.SEND_WRITE_ZEROES)
+
+    def can_df(self) -> bool:
+        return self._flag(TxFlag.SEND_DF) and self.structured
+
+    def can_multi_conn(self) -> bool:
+        return self._flag(TxFlag.CAN_MULTI_CONN)
+
+    def can_cache(self) -> bool:
+        return self._flag(TxFlag.SEND_CACHE)
+
+    def can_fast_zero(self) -> bool:
+        return self._flag(TxFlag.SEND_FAST_ZERO) and self.can_zero()
+
+    def can_meta_context(self, name: str) -> bool:
+        return name in self.meta_contexts.values()
+
+    def block_size(self) -> tuple[int, int, int]:
+        return self.export.block_size or (1, 4096, 32 * 1024 * 1024)
+
+    # ==================================================================================
+    # commands
+    def _strict_check(self, cmd: int, offset: int, length: int, flags: int) -> None:
+        if self.closed or self.failure is not None:
+            raise ConnectionError("the connection is closed") from self.failure
+        if not self.connected:
+            raise LocalProtocolError("not connected: finish negotiation with opt_go()")
+        if not self.strict:
+            return
+        if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
+            raise CommandError(E.EPERM, "server does not support write operations")
+        if cmd == Cmd.FLUSH and not self.can_flush():
+            raise CommandError(E.EINVAL, "server does not support flush operations")
+        if cmd == Cmd.TRIM and not self.can_trim():
+            raise CommandError(E.EINVAL, "server does not support trim operations")
+        if cmd == Cmd.WRITE_ZEROES and not self.can_zero():
+            raise CommandError(E.EINVAL, "server does not support zero operations")
+        if cmd == Cmd.CACHE and not self.can_cache():
+            raise CommandError(E.EINVAL, "server does not support cache operations")
+        if flags & CmdFlag.FUA and not self.can_fua():
+            raise CommandError(E.EINVAL, "server does not support the FUA flag")
+        if flags & CmdFlag.DF and not self.can_df():
+            raise CommandError(E.EINVAL, "server does not support the DF flag")
+        if flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
+            raise CommandError(E.EINVAL, "server does not support the fast zero flag")
+        if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
+            raise CommandError(E.ENOTSUP, "did not negotiate any metadata contexts")
+        if cmd != Cmd.FLUSH:
+            if length == 0:
+                raise CommandError(E.EINVAL, "count cannot be 0")
+            if offset < 0 or offset + length > self.export.size:
+                raise CommandError(E.EINVAL, "request out of bounds")
+            mn = self.block_size()[0]
+            if mn > 1 and (offset % mn or length % mn):
+                raise CommandError(E.EINVAL, "request is unaligned")
+        if cmd in (Cmd.READ, Cmd.WRITE) and length > self.block_size()[2]:
+            raise CommandError(E.ERANGE, "request too large for the maximum payload")
+
+    async def _submit(self, cmd: int, offset: int, length: int, flags: int = 0,
+                      payload: Any = None, dest: memoryview | None = None,
+                      chunk_cb: ChunkCallback | None = None) -> Any:
+        self._strict_check(cmd, offset, length, flags)
+        nbytes = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
+        if len(self._pending) >= self.max_in_flight or (
+                self._bytes_in_flight + nbytes > self.max_bytes_in_flight and self._pending):
+            await self._wait_slot(nbytes)
+        assert self.loop is not None
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        fut = self.loop.create_future()
+        p = _Pending(cookie, cmd, offset, length, fut, dest, chunk_cb, nbytes=nbytes)
+        self._pending[cookie] = p
+        self._bytes_in_flight += nbytes
+        if self.extended:
+            if payload is not None:
+                flags |= CmdFlag.PAYLOAD_LEN
+            hdr = EXT_REQUEST.pack(EXT_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+        else:
+            hdr = REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+        out = self._out
+        out.append(hdr)
+        if payload is not None:
+            out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return await fut
+
+    async def _wait_slot(self, nbytes: int) -> None:
+        assert self.loop is not None
+        while (len(self._pending) >= self.max_in_flight or (
+                self._bytes_in_flight + nbytes > self.max_bytes_in_flight and self._pending)):
+            if self.failure is not None or self.closed:
+                raise ConnectionError("the connection is closed") from self.failure
+            w = self.loop.create_future()
+            self._waiters.append(w)
+            await w
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        out = self._out
+        if out and self.stream is not None:
+            self._out = []
+            self.stream.write(out)
+
+    async def pread(self, count: int, offset: int, flags: int = 0) -> bytearray:
+        buf = bytearray(count)
+        await self._submit(Cmd.READ, offset, count, flags, dest=memoryview(buf))
+        return buf
+
+    async def pread_into(self, buf: Any, offset: int, flags: int = 0,
+                         chunk_cb: ChunkCallback | None = None) -> None:
+        mv = memoryview(buf).cast("B")
+        if mv.readonly:
+            raise TypeError("pread_into needs a writable buffer")
+        await self._submit(Cmd.READ, offset, len(mv), flags, dest=mv, chunk_cb=chunk_cb)
+
+    async def pwrite(self, buf: Any, offset: int, flags: int = 0) -> None:
+        mv = memoryview(buf).cast("B")
+        await self._submit(Cmd.WRITE, offset, len(mv), flags, payload=mv)
+
+    async def flush(self, flags: int = 0) -> None:
+        await self._submit(Cmd.FLUSH, 0, 0, flags)
+
+    async def trim(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._submit(Cmd.TRIM, offset, count, flags)
+
+    async def zero(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._submit(Cmd.WRITE_ZEROES, offset, count, flags)
+
+    async def cache(self, count: int, offset: int, flags: int = 0) -> None:
+        await self._submit(Cmd.CACHE, offset, count, flags)
+
+    async def block_status(self, count: int, offset: int,
+                           flags: int = 0) -> dict[str, list[tuple[int, int]]]:
+        """Extents per selected context: {name: [(length, flags), ...]}."""
+        res = await self._submit(Cmd.BLOCK_STATUS, offset, count, flags)
+        return res  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        """Wait for in-flight commands, send NBD_CMD_DISC, close the connection."""
+        if self.closed:
+            return
+        if self.connected and self.failure is None and self.stream is not None:
+            pending = [p.fut for p in self._pending.values()]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            if self.extended:
+                hdr = EXT_REQUEST.pack(EXT_REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
+            else:
+                hdr = REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
+            self._flush()
+            self.stream.write([hdr])
+            await self.stream.drain()
+        self._shutdown(ConnectionError("the connection was closed"))
+        if self._proc is not None and self.loop is not None:
+            await self.loop.run_in_executor(None, self._reap)
+
+    def _shutdown(self, exc: BaseException) -> None:
+        self.closed = True
+        self.connected = False
+        if self.stream is not None:
+            self.stream.close()
+        for p in list(self._pending.values()):
+            if not p.fut.done():
+                p.fut.set_exception(exc)
+        self._pending.clear()
+        for w in self._waiters:
+            if not w.done():
+                w.set_result(None)
+        self._waiters.clear()
+
+    def _fail(self, exc: BaseException) -> None:
+        """A broken stream or protocol error: fail every pending command, never hang."""
+        if self.failure is None:
+            self.failure = exc
+        self._shutdown(exc)
+
+    def _on_write_error(self, e: OSError) -> None:
+        self._fail(ConnectionError(f"write to the server failed: {e}"))
+
+    # ==================================================================================
+    # the reader
+    def _on_readable(self) -> None:
+        try:
+            if self._sink is not None:
+                n = self.stream.readinto(self._sink[self._sink_got:])  # type: ignore[union-attr]
+                if n == 0:
+                    return self._fail(ConnectionError("server closed the connection"))
+                self._sink_got += n
+                if self._sink_got < len(self._sink):
+                    return
+                done = self._sink_done
+                self._sink = None
+                self._sink_done = None
+                assert done is not None
+                done()
+            else:
+                if self._end == len(self._buf):
+                    self._compact()
+                n = self.stream.readinto(self._view[self._end:])  # type: ignore[union-attr]
+                if n == 0:
+                    if self._pending or self._end > self._pos:
+                        return self._fail(ConnectionError("server closed the connection"))
+                    return self._fail(ConnectionError("server closed the connection"))
+                self._end += n
+            self._process()
+        except BlockingIOError:
+            return
+        except ProtocolError as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(ConnectionError(f"read from the server failed: {e}"))
+
+    def _compact(self) -> None:
+        rest = self._end - self._pos
+        if self._pos:
+            self._buf[:rest] = self._buf[self._pos:self._end]
+        self._pos, self._end = 0, rest
+
+    def _need(self, n: int) -> bool:
+        """True if n bytes are buffered at _pos; else make room for them and return False."""
+        if self._end - self._pos >= n:
+            return True
+        if self._pos + n > len(self._buf):
+            if n > len(self._buf):
+                newbuf = bytearray(n)
+                rest = self._end - self._pos
+                newbuf[:rest] = self._buf[self._pos:self._end]
+                self._buf = newbuf
+                self._view = memoryview(newbuf)
+                self._pos, self._end = 0, rest
+            else:
+                self._compact()
+        return False
+
+    def _into(self, dest: memoryview, then: Callable[[], None]) -> bool:
+        """Move buffered bytes into dest; if more are needed, receive straight into dest.
+        Returns True if dest was filled now (then() is NOT called in that case)."""
+        avail = self._end - self._pos
+        n = len(dest)
+        take = min(avail, n)
+        if take:
+            dest[:take] = self._view[self._pos:self._pos + take]
+            self._pos += take
+        if take == n:
+            return True
+        self._pos = self._end = 0
+        self._sink = dest
+        self._sink_got = take
+        self._sink_done = then
+        return False
+
+    def _process(self) -> None:
+        while self._sink is None and not self.closed:
+            if self._end - self._pos < 4:
+                if self._pos == self._end:
+                    self._pos = self._end = 0
+                return
+            magic = _U32.unpack_from(self._buf, self._pos)[0]
+            if magic == SIMPLE_REPLY_MAGIC and not self.extended:
+                if not self._need(16):
+                    return
+                _, error, cookie = SIMPLE_REPLY.unpack_from(self._buf, self._pos)
+                p = self._pending.get(cookie)
+                if p is None:
+                    raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
+                self._pos += 16
+                if p.cmd == Cmd.READ and self.structured:
+                    if error == 0:
+                        raise RemoteProtocolError("simple reply to a structured READ")
+                if p.cmd == Cmd.READ and error == 0:
+                    assert p.dest is not None
+                    if not self._into(p.dest, lambda p=p: self._finish_simple_read(p)):
+                        return
+                    self._finish_simple_read(p)
+                else:
+                    p.error = error
+                    self._finish(p)
+                continue
+            if magic == STRUCTURED_REPLY_MAGIC and self.structured and not self.extended:
+                hsize = 20
+                if not self._need(hsize):
+                    return
+                _, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack_from(self._buf, self._pos)
+            elif magic == EXT_REPLY_MAGIC and self.extended:
+                hsize = 32
+                if not self._need(hsize):
+                    return
+                _, flags, rtype, cookie, _off, length = EXT_REPLY.unpack_from(self._buf, self._pos)
+            else:
+                raise RemoteProtocolError(f"bad reply magic {magic:#x}")
+            p = self._pending.get(cookie)
+            if p is None:
+                raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
+            if rtype == ReplyType.OFFSET_DATA:
+                if not self._need(hsize + 8):
+                    return
+                if p.cmd != Cmd.READ or length < 9:
+                    raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
+                (doff,) = _U64.unpack_from(self._buf, self._pos + hsize)
+                n = length - 8
+                start = doff - p.offset
+                if start < 0 or start + n > p.length:
+                    raise RemoteProtocolError("OFFSET_DATA chunk outside the request")
+                self._pos += hsize + 8
+                assert p.dest is not None
+                dest = p.dest[start:start + n]
+                p.covered.append((start, n))
+                then = (lambda p=p, start=start, n=n, flags=flags:
+                        self._data_chunk_done(p, start, n, flags))
+                if not self._into(dest, then):
+                    return
+                self._data_chunk_done(p, start, n, flags)
+                continue
+            if length > MAX_CHUNK:
+                raise RemoteProtocolError(f"reply chunk of {length} bytes is too large")
+            if not self._need(hsize + length):
+                return
+            payload = bytes(self._view[self._pos + hsize:self._pos + hsize + length])
+            self._pos += hsize + length
+            self._chunk(p, flags, rtype, payload)
+
+    def _finish_simple_read(self, p: _Pending) -> None:
+        if p.chunk_cb is not None and p.dest is not None:
+            self._call_chunk_cb(p, p.dest, p.offset, 1, 0)
+        self._finish(p)
+
+    def _data_chunk_done(self, p: _Pending, start: int, n: int, flags: int) -> None:
+        if p.chunk_cb is not None and p.dest is not None:
+            self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, 1, 0)
+        if flags & ReplyFlag.DONE:
+            self._finish(p)
+
+    def _call_chunk_cb(self, p: _Pending, data: memoryview, offset: int, status: int,
+                       error: int) -> None:
+        try:
+            r = p.chunk_cb(data.toreadonly(), offset, status, error)  # type: ignore[misc]
+        except Exception as e:  # noqa: BLE001
+            if not p.error:
+                p.error = 5
+                p.message = f"chunk callback failed: {e}"
+            return
+        if isinstance(r, int) and r < 0 and not p.error:
+            p.error = 5
+
+    def _chunk(self, p: _Pending, flags: int, rtype: int, payload: bytes) -> None:
+        if rtype == ReplyType.NONE:
+            if payload or not flags & ReplyFlag.DONE:
+                raise RemoteProtocolError("malformed NONE chunk")
+        elif rtype == ReplyType.OFFSET_HOLE:
+            if p.cmd != Cmd.READ or len(payload) != 12:
+                raise RemoteProtocolError("unexpected or malformed OFFSET_HOLE chunk")
+            hoff, hlen = _HOLE.unpack(payload)
+            start = hoff - p.offset
+            if hlen == 0 or start < 0 or start + hlen > p.length:
+                raise RemoteProtocolError("OFFSET_HOLE chunk outside the request")
+            assert p.dest is not None
+            p.dest[start:start + hlen] = bytes(hlen)
+            p.covered.append((start, hlen))
+            if p.chunk_cb is not None:
+                self._call_chunk_cb(p, p.dest[start:start + hlen], hoff, 2, 0)
+        elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
+            self._status_chunk(p, rtype, payload)
+        elif rtype & 0x8000:
+            if len(payload) < 6:
+                raise RemoteProtocolError("error chunk too short")
+            err, mlen = _ERRH.unpack_from(payload)
+            extra = 8 if rtype == ReplyType.ERROR_OFFSET else 0
+            if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET) and \
+                    len(payload) != 6 + mlen + extra:
+                raise RemoteProtocolError("error chunk length does not match its message")
+            if 6 + mlen > len(payload):
+                raise RemoteProtocolError("error chunk message overruns the chunk")
+            if not p.error:
+                p.error = err or 22
+                p.message = payload[6:6 + mlen].decode("utf-8", "replace")
+            if extra and p.chunk_cb is not None and p.dest is not None:
+                (eoff,) = _U64.unpack_from(payload, 6 + mlen)
+                start = eoff - p.offset
+                if 0 <= start < p.length:
+                    self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
+        else:
+            raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
+        if flags & ReplyFlag.DONE:
+            self._finish(p)
+
+    def _status_chunk(self, p: _Pending, rtype: int, payload: bytes) -> None:
+        if p.cmd != Cmd.BLOCK_STATUS:
+            raise RemoteProtocolError("block status chunk for another command")
+        if rtype == ReplyType.BLOCK_STATUS:
+            if self.extended or len(payload) < 12 or (len(payload) - 4) % 8:
+                raise RemoteProtocolError("malformed BLOCK_STATUS chunk")
+            ctx = _U32.unpack_from(payload)[0]
+            ents = [struct.unpack_from(">II", payload, 4 + 8 * i)
+                    for i in range((len(payload) - 4) // 8)]
+        else:
+            if not self.extended or len(payload) < 24 or (len(payload) - 8) % 16:
+                raise RemoteProtocolError("malformed BLOCK_STATUS_EXT chunk")
+            ctx, count = struct.unpack_from(">II", payload)
+            ents = [struct.unpack_from(">QQ", payload, 8 + 16 * i)
+                    for i in range((len(payload) - 8) // 16)]
+            if count != len(ents):
+                raise RemoteProtocolError("BLOCK_STATUS_EXT count does not match its length")
+        if ctx not in self.meta_contexts:
+            raise RemoteProtocolError(f"block status for an unknown context id {ctx}")
+        if ctx in p.extents:
+            raise RemoteProtocolError("two block status chunks for one context")
+        if any(n == 0 for n, _ in ents):
+            raise RemoteProtocolError("zero-length extent in block status")
+        p.extents[ctx] = [(int(n), int(f)) for n, f in ents]
+
+    def _finish(self, p: _Pending) -> None:
+        self._pending.pop(p.cookie, None)
+        self._bytes_in_flight -= p.nbytes
+        if self._waiters:
+            w = self._waiters.pop(0)
+            if not w.done():
+                w.set_result(None)
+        if p.fut.done():
+            return
+        if p.error:
+            errno = nbd_to_errno(p.error)
+            p.fut.set_exception(CommandError(errno, p.message or os.strerror(errno)))
+            return
+        if p.cmd == Cmd.READ and (self.structured or self.extended):
+            # the chunks must cover the request exactly once
+            pos = 0
+            for start, n in sorted(p.covered):
+                if start != pos:
+                    self._fail(RemoteProtocolError(
+                        "read reply chunks overlap or leave a gap"))
+                    return
+                pos = start + n
+            if pos != p.length:
+                self._fail(RemoteProtocolError("read reply does not cover the request"))
+                return
+        if p.cmd == Cmd.BLOCK_STATUS:
+            res = {self.meta_contexts[c]: e for c, e in p.extents.items()}
+            p.fut.set_result(res)
+            return
+        p.fut.set_result(None)
+
+    # ---- context manager -----------------------------------------------------------
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

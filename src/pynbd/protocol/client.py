@@ -1,0 +1,192 @@
+"""The client side of the handshake as a sans-IO state machine.
+
+Feed bytes with :meth:`ClientHandshake.receive_data`, take events with
+:meth:`ClientHandshake.next_event`; :meth:`option`, :meth:`export_name` and
+:meth:`client_flags` return the bytes to send. Legal transitions are :data:`CLIENT_TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pynbd.errors import LocalProtocolError, RemoteProtocolError
+from pynbd.protocol.constants import (
+    EXPORT_NAME_REPLY, GREETING, IHAVEOPT, NBDMAGIC, OLDSTYLE_GREETING, OLDSTYLE_MAGIC,
+    OPT_HEADER, OPT_REPLY_HEADER, REPLY_MAGIC_OPT, ClientFlag, HandshakeFlag, Opt, TxFlag,
+)
+from pynbd.protocol.handshake import NEED_DATA
+
+__all__ = [
+    "CState", "ClientHandshake", "Greeting", "OldstyleGreeting", "OptionReply", "ExportReply",
+    "CLIENT_TRANSITIONS", "NEED_DATA",
+]
+
+#: Largest option reply payload accepted from a server (a LIST of many exports fits).
+MAX_OPTION_REPLY = 16 * 1024 * 1024
+
+
+class CState(enum.Enum):
+    AWAIT_GREETING = "await-greeting"
+    SEND_FLAGS = "send-flags"
+    OPTIONS = "options"
+    AWAIT_REPLY = "await-reply"
+    AWAIT_EXPORT_NAME = "await-export-name"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Greeting:
+    flags: int
+
+
+@dataclass(frozen=True)
+class OldstyleGreeting:
+    size: int
+    eflags: int
+
+
+@dataclass(frozen=True)
+class OptionReply:
+    opt: int
+    type: int
+    data: bytes
+
+    @property
+    def is_error(self) -> bool:
+        return self.type >= 1 << 31
+
+
+@dataclass(frozen=True)
+class ExportReply:
+    size: int
+    eflags: int
+
+
+CLIENT_TRANSITIONS: dict[tuple[CState, str], CState] = {
+    (CState.AWAIT_GREETING, "greeting"): CState.SEND_FLAGS,
+    (CState.AWAIT_GREETING, "oldstyle"): CState.TRANSMISSION,
+    (CState.SEND_FLAGS, "client-flags"): CState.OPTIONS,
+    (CState.OPTIONS, "option"): CState.AWAIT_REPLY,
+    (CState.OPTIONS, "export-name"): CState.AWAIT_EXPORT_NAME,
+    (CState.AWAIT_REPLY, "reply-partial"): CState.AWAIT_REPLY,
+    (CState.AWAIT_REPLY, "reply-final"): CState.OPTIONS,
+    (CState.AWAIT_REPLY, "go-ack"): CState.TRANSMISSION,
+    (CState.AWAIT_REPLY, "abort-ack"): CState.CLOSED,
+    (CState.AWAIT_EXPORT_NAME, "export-reply"): CState.TRANSMISSION,
+}
+
+
+class ClientHandshake:
+    def __init__(self, wanted_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+                 ) -> None:
+        self.wanted_flags = int(wanted_flags)
+        self.state = CState.AWAIT_GREETING
+        self.server_flags = 0
+        self.flags_sent = 0
+        self._buf = bytearray()
+        self._opt: int | None = None
+        self.trailing_data = b""
+
+    def _go(self, what: str) -> None:
+        new = CLIENT_TRANSITIONS.get((self.state, what))
+        if new is None:
+            raise LocalProtocolError(f"{what} is not allowed in state {self.state.value}")
+        self.state = new
+
+    @property
+    def fixed_newstyle(self) -> bool:
+        return bool(self.flags_sent & ClientFlag.C_FIXED_NEWSTYLE)
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def client_flags(self) -> bytes:
+        self._go("client-flags")
+        self.flags_sent = self.server_flags & self.wanted_flags & 3
+        return self.flags_sent.to_bytes(4, "big")
+
+    def option(self, opt: int, data: bytes = b"") -> bytes:
+        if opt == Opt.EXPORT_NAME:
+            raise LocalProtocolError("use export_name() for NBD_OPT_EXPORT_NAME")
+        if not self.fixed_newstyle:
+            raise LocalProtocolError("options other than EXPORT_NAME need fixed newstyle")
+        self._go("option")
+        self._opt = opt
+        return OPT_HEADER.pack(IHAVEOPT, opt, len(data)) + data
+
+    def export_name(self, name: str) -> bytes:
+        self._go("export-name")
+        self._opt = Opt.EXPORT_NAME
+        b = name.encode("utf-8")
+        return OPT_HEADER.pack(IHAVEOPT, Opt.EXPORT_NAME, len(b)) + b
+
+    def next_event(self) -> Greeting | OldstyleGreeting | OptionReply | ExportReply | object:
+        buf = self._buf
+        st = self.state
+        if st is CState.AWAIT_GREETING:
+            if len(buf) < 16:
+                return NEED_DATA
+            magic, second = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:16], "big")
+            if magic != NBDMAGIC:
+                raise RemoteProtocolError(f"bad server magic {magic:#x}")
+            if second == OLDSTYLE_MAGIC:
+                if len(buf) < OLDSTYLE_GREETING.size:
+                    return NEED_DATA
+                _, _, size, flags = OLDSTYLE_GREETING.unpack_from(buf)
+                del buf[:OLDSTYLE_GREETING.size]
+                self._go("oldstyle")
+                self.trailing_data = bytes(buf)
+                buf.clear()
+                return OldstyleGreeting(size, flags & 0xFFFF)
+            if second != IHAVEOPT:
+                raise RemoteProtocolError(f"bad server magic {second:#x}")
+            if len(buf) < GREETING.size:
+                return NEED_DATA
+            _, _, flags = GREETING.unpack_from(buf)
+            del buf[:GREETING.size]
+            self.server_flags = flags
+            self._go("greeting")
+            return Greeting(flags)
+        if st is CState.AWAIT_REPLY:
+            if len(buf) < OPT_REPLY_HEADER.size:
+                return NEED_DATA
+            magic, opt, rtype, length = OPT_REPLY_HEADER.unpack_from(buf)
+            if magic != REPLY_MAGIC_OPT:
+                raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
+            if opt != self._opt:
+                raise RemoteProtocolError(f"reply to option {opt} while {self._opt} is pending")
+            if length > MAX_OPTION_REPLY:
+                raise RemoteProtocolError(f"option reply of {length} bytes is too large")
+            if len(buf) < OPT_REPLY_HEADER.size + length:
+                return NEED_DATA
+            data = bytes(buf[OPT_REPLY_HEADER.size:OPT_REPLY_HEADER.size + length])
+            del buf[:OPT_REPLY_HEADER.size + length]
+            final = rtype == 1 or rtype >= 1 << 31
+            if final and rtype == 1 and opt == Opt.GO:
+                self._go("go-ack")
+                self.trailing_data = bytes(buf)
+                buf.clear()
+            elif final and rtype == 1 and opt == Opt.ABORT:
+                self._go("abort-ack")
+            else:
+                self._go("reply-final" if final else "reply-partial")
+            if final:
+                self._opt = None
+            return OptionReply(opt, rtype, data)
+        if st is CState.AWAIT_EXPORT_NAME:
+            n = EXPORT_NAME_REPLY.size
+            zeroes = not (self.flags_sent & ClientFlag.C_NO_ZEROES)
+            need = n + (124 if zeroes else 0)
+            if len(buf) < need:
+                return NEED_DATA
+            size, eflags = EXPORT_NAME_REPLY.unpack_from(buf)
+            del buf[:need]
+            self._go("export-reply")
+            self.trailing_data = bytes(buf)
+            buf.clear()
+            if not eflags & TxFlag.HAS_FLAGS:
+                raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
+            return ExportReply(size, eflags)
+        return NEED_DATA
