@@ -38,7 +38,7 @@ from pynbd.server.backend import Chain
 from pynbd.server.server import Server, ServerConfig, bind_tcp, bind_unix, bind_vsock
 from pynbd.server.stream import FdStream
 
-__all__ = ["main", "parse_args", "Options"]
+__all__ = ["Options", "main", "parse_args"]
 
 PROG = "pynbd serve"
 
@@ -502,8 +502,8 @@ def _dump_plugin(plugin: Plugin, chain: Chain, path: str) -> str:
     for cb in _CALLBACKS:
         mine = getattr(cls, cb, None)
         if cb == "pread":
-            defined = getattr(cls, "pread") is not Plugin.pread or \
-                getattr(cls, "pread_into") is not Plugin.pread_into
+            defined = cls.pread is not Plugin.pread or \
+                cls.pread_into is not Plugin.pread_into
         else:
             defined = mine is not None and mine is not getattr(Plugin, cb, None)
         if defined or cb in ("open", "get_size"):
@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{e.filename}: " if e.filename else ""
         _error(f"{what}{e.strerror or e}")
         return 1
-    except Exception as e:  # noqa: BLE001 - a bad command line never prints a traceback
+    except Exception as e:  # a bad command line never prints a traceback
         if _wants_traceback(args):
             raise
         _error(f"{type(e).__name__}: {e} (run with -v for the traceback)")
