@@ -116,7 +116,7 @@ def pynbd_cmd(*args: str | os.PathLike[str]) -> list[str]:
 def run_serve(*args: str | os.PathLike[str], timeout: float = 60,
               cwd: str | os.PathLike[str] | None = None,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(pynbd_cmd(*args), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(pynbd_cmd(*args), check=False, capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, cwd=cwd, env=peer_env(env))
 
 
@@ -607,7 +607,7 @@ def test_run_serves_and_exits(tmp_path: Path) -> None:
     cp = run_serve("-U", "-", "memory", "1M", "--run",
                    f'{sys.executable} {client} "$unixsocket"; echo $$')
     assert cp.returncode == 0, cp.stderr
-    first, shell_pid = cp.stdout.splitlines()
+    first, _shell_pid = cp.stdout.splitlines()
     size, data, _ = first.split()
     assert (size, data) == ("1048576", "captive")
     # Nothing of the captive server remains (the server is our direct child).
@@ -619,10 +619,10 @@ def test_exit_with_parent(sockdir: Path) -> None:
     # An intermediate parent starts the server, prints its pid, then waits forever.
     parent = subprocess.Popen(
         [sys.executable, "-c",
-         "import subprocess, sys, time\n"
-         "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
-         "print(p.pid, flush=True)\n"
-         "time.sleep(600)\n",
+         ("import subprocess, sys, time\n"
+          "p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL)\n"
+          "print(p.pid, flush=True)\n"
+          "time.sleep(600)\n"),
          *pynbd_cmd("--exit-with-parent", "-U", sock, "memory", "1M")],
         stdout=subprocess.PIPE, text=True, env=peer_env(), start_new_session=True)
     try:
@@ -729,7 +729,7 @@ def _activate(lsock: socket.socket | list[socket.socket], listen_pid: str | None
         return subprocess.Popen(["/bin/sh", "-c", script, "sh", *pynbd_cmd(*args)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=peer_env(),
-                                preexec_fn=to_fds, pass_fds=tuple(targets),
+                                preexec_fn=to_fds, pass_fds=tuple(targets),  # noqa: PLW1509
                                 start_new_session=True)
     finally:
         for fd in high:
@@ -787,7 +787,7 @@ def test_socket_activation_forbids_listeners(sockdir: Path) -> None:
         proc = _activate(lsock, None, "-p", "0", "memory", "1M")
     finally:
         lsock.close()
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, err
     assert "Traceback" not in err
     assert "socket activation" in err
@@ -907,7 +907,7 @@ def test_fd_exhaustion_does_not_spin(tmp_path: Path, sockdir: Path) -> None:
         proc = subprocess.Popen(pynbd_cmd("-f", "-U", sock, "memory", "1M"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, text=True, env=peer_env(),
-                                preexec_fn=limit, start_new_session=True)
+                                preexec_fn=limit, start_new_session=True)  # noqa: PLW1509
     clients: list[socket.socket] = []
     try:
         wait_listening(sock=sock, proc=proc)  # type: ignore[arg-type]
@@ -1121,7 +1121,7 @@ def test_background_with_relative_paths(sockdir: Path) -> None:
     data = os.urandom(8192)
     (sockdir / "rel.img").write_bytes(data)
     cp = subprocess.run(pynbd_cmd("-P", "rel.pid", "-U", "rel.sock", "file", "rel.img"),
-                        capture_output=True, text=True, timeout=60, cwd=sockdir,
+                        check=False, capture_output=True, text=True, timeout=60, cwd=sockdir,
                         stdin=subprocess.DEVNULL, env=peer_env())
     assert cp.returncode == 0, cp.stderr
     deadline = time.monotonic() + 20

@@ -501,13 +501,13 @@ def test_client_killed_mid_write(pynbd_server, libnbd) -> None:
     # A client in another process killed by SIGKILL mid-write.
     child = subprocess.Popen(
         [sys.executable, "-c",
-         "import socket, struct, sys, time\n"
-         f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-         "from test_libnbd_api import _raw_handshake\n"
-         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); _raw_handshake(s)\n"
-         "s.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 1, 1, 0, 8 << 20) + b'x' * 65536)\n"
-         "print('sent', flush=True)\n"
-         "time.sleep(60)\n",
+         ("import socket, struct, sys, time\n"
+          f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+          "from test_libnbd_api import _raw_handshake\n"
+          "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); _raw_handshake(s)\n"
+          "s.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 1, 1, 0, 8 << 20) + b'x' * 65536)\n"
+          "print('sent', flush=True)\n"
+          "time.sleep(60)\n"),
          srv.sock],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -251,17 +251,17 @@ def test_run_with_peers() -> None:
     require("nbdinfo")
     env = peer_env()
     cp = subprocess.run([*PYNBD_SERVE, "-U", "-", "memory", "1M", "--run", "nbdinfo --size $uri"],
-                        capture_output=True, text=True, timeout=60, env=env)
+                        check=False, capture_output=True, text=True, timeout=60, env=env)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.strip() == "1048576"
     cp = subprocess.run(
         [*PYNBD_SERVE, "-U", "-", "memory", "1M", "--run",
-         'qemu-io -f raw -c "write -P 7 0 4k" -c "read -P 7 0 4k" "$uri" && '
-         'nbdcopy "$uri" - | cmp -n 4096 - /dev/zero; test $? = 1'],
-        capture_output=True, text=True, timeout=60, env=env)
+         ('qemu-io -f raw -c "write -P 7 0 4k" -c "read -P 7 0 4k" "$uri" && '
+          'nbdcopy "$uri" - | cmp -n 4096 - /dev/zero; test $? = 1')],
+        check=False, capture_output=True, text=True, timeout=60, env=env)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     cp = subprocess.run([*PYNBD_SERVE, "-U", "-", "memory", "1M", "--run", "nbdinfo --size $uri; exit 3"],
-                        capture_output=True, text=True, timeout=60, env=env)
+                        check=False, capture_output=True, text=True, timeout=60, env=env)
     assert cp.returncode == 3
     assert cp.stdout.strip() == "1048576"
 
@@ -270,7 +270,7 @@ def test_run_unixsocket_with_qemu_nbd_list() -> None:
     require("qemu-nbd")
     cp = subprocess.run([*PYNBD_SERVE, "-U", "-", "memory", "1M", "--run",
                          "qemu-nbd --list -k $unixsocket"],
-                        capture_output=True, text=True, timeout=60, env=peer_env())
+                        check=False, capture_output=True, text=True, timeout=60, env=peer_env())
     assert cp.returncode == 0, cp.stderr
     assert "size:  1048576" in cp.stdout
 
@@ -282,7 +282,7 @@ def test_run_port_and_exportname() -> None:
     port = free_tcp_port()
     cp = subprocess.run([*PYNBD_SERVE, "-p", str(port), "-e", "exp", "memory", "1M", "--run",
                          'echo "$port $exportname $uri"; nbdinfo --json "$uri"'],
-                        capture_output=True, text=True, timeout=60, env=peer_env())
+                        check=False, capture_output=True, text=True, timeout=60, env=peer_env())
     assert cp.returncode == 0, cp.stderr
     first, rest = cp.stdout.split("\n", 1)
     assert first == f"{port} exp nbd://localhost:{port}/exp"
