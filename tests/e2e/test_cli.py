@@ -1138,3 +1138,11 @@ def test_background_with_relative_paths(sockdir: Path) -> None:
     finally:
         os.kill(pid, signal.SIGTERM)
         assert _wait_gone(pid)
+
+
+def test_run_command_gets_stdin() -> None:
+    cp = subprocess.run(pynbd_cmd("-U", "-", "memory", "1M", "--run", "cat; echo done"),
+                        check=False, input="from the caller\n", capture_output=True,
+                        text=True, timeout=60, env=peer_env())
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout == "from the caller\ndone\n"
