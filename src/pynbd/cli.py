@@ -20,9 +20,13 @@ commands:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        # A usage error: the text goes to stderr so a pipe never mistakes it for output.
+        sys.stderr.write(USAGE)
+        return 1
+    if args[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
-        return 0 if args else 1
+        return 0
     if args[0] in ("-V", "--version"):
         print(f"pynbd {__version__}")
         return 0

@@ -155,6 +155,10 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
 def test_pynbd_help_and_unknown_command() -> None:
     cp = run_pynbd("--help")
     assert b"serve" in cp.stdout
+    cp = run_pynbd(check=False)
+    assert cp.returncode == 1
+    assert cp.stdout == b""
+    assert b"serve" in cp.stderr
     cp = run_pynbd("frobnicate", check=False)
     assert cp.returncode == 1
     assert b"Traceback" not in cp.stderr
