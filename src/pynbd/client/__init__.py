@@ -1,6 +1,8 @@
-"""The NBD client: an asyncio engine (:class:`AsyncClient`) and a blocking facade (:class:`Client`)."""
+"""The NBD client: an asyncio engine (:class:`AsyncClient`), a blocking facade
+(:class:`Client`) and multi-conn pools (:func:`connect` with ``connections=N``)."""
 
 from pynbd.client.engine import AsyncClient, ExportInfo
+from pynbd.client.pool import AsyncPool, connect
 from pynbd.client.sync import Client
 
-__all__ = ["AsyncClient", "Client", "ExportInfo"]
+__all__ = ["AsyncClient", "AsyncPool", "Client", "ExportInfo", "connect"]
