@@ -328,3 +328,34 @@ def test_list_many_exports(pynbd_server, tmp_path: Path) -> None:
     assert got == {f"f{i:03d}": i * 512 for i in range(1, 121)}
     out = run_peer("qemu-nbd", "--list", "-k", srv.sock).stdout.decode()
     assert out.count("export: ") == 120
+
+
+def test_file_map_same_as_nbdkit(pynbd_server, nbdkit_server, libnbd, tmp_path: Path) -> None:
+    """A sparse file, then trim and zero through each server: the same map from both."""
+    maps = []
+    for name, factory in (("ours", pynbd_server), ("theirs", nbdkit_server)):
+        img = tmp_path / f"{name}.img"
+        with open(img, "wb") as f:
+            f.truncate(4 << 20)
+            for off, n in ((655360, 131072), (2621440, 65536), (3 << 20, 262144)):
+                f.seek(off)
+                f.write(os.urandom(n))
+        srv = factory("file", img)
+        libnbd(
+            "import nbd, sys\n"
+            "h = nbd.NBD(); h.connect_uri(sys.argv[1])\n"
+            "h.trim(65536, 655360)\n"
+            "h.zero(65536, 3 << 20)\n"
+            "h.flush()\n",
+            srv.uri,
+        )
+        m = json.loads(nbdinfo("--map", "--json", srv.uri))
+        merged: list[list[int]] = []
+        for e in m:  # compare the ZERO bit only (punching holes is the filesystem's choice)
+            if merged and merged[-1][2] == e["type"] & 2:
+                merged[-1][1] += e["length"]
+            else:
+                merged.append([e["offset"], e["length"], e["type"] & 2])
+        maps.append(merged)
+    if maps[0] != maps[1]:
+        pytest.fail(f"pynbd map {maps[0]}\nnbdkit map {maps[1]}")
