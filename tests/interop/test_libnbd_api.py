@@ -596,3 +596,79 @@ def test_many_connections_at_once(pynbd_server, libnbd) -> None:
         srv.uri,
         timeout=120,
     )
+
+
+def test_file_dir_refuses_unknown_and_escaping_names(pynbd_server, libnbd, tmp_path: Path) -> None:
+    d = tmp_path / "exports"
+    d.mkdir()
+    (d / "a").write_bytes(b"A" * 512)
+    srv = pynbd_server("file", f"dir={d}")
+    out = libnbd(
+        "import nbd, sys, json\n"
+        "res = {}\n"
+        "for name in ['a', 'nonexistent', '', '../a', '/etc/passwd', 'a/../a', './a']:\n"
+        "    h = nbd.NBD(); h.set_export_name(name)\n"
+        "    try:\n"
+        "        h.connect_unix(sys.argv[1]); res[name] = h.get_size()\n"
+        "    except nbd.Error as e:\n"
+        "        res[name] = e.errno\n"
+        "print(json.dumps(res))\n",
+        srv.sock,
+    ).stdout
+    res = json.loads(out)
+    assert res.pop("a") == 512
+    assert set(res.values()) == {"ENOENT"}, res
+
+
+def test_client_variants(pynbd_server, libnbd) -> None:
+    """Unusual but legal clients: plain newstyle, no structured replies, unknown contexts,
+    full info, disconnect and abandon with requests in flight."""
+    srv = pynbd_server("memory", "32M")
+    out = libnbd(
+        "import nbd, sys, json\n"
+        "uri = sys.argv[1]\n"
+        "res = {}\n"
+        "h = nbd.NBD(); h.add_meta_context('qemu:dirty-bitmap:x')\n"
+        "h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_uri(uri)\n"
+        "res['meta'] = [h.can_meta_context('qemu:dirty-bitmap:x'),\n"
+        "               h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)]\n"
+        "h = nbd.NBD(); h.set_handshake_flags(0); h.connect_uri(uri)\n"
+        "h.pwrite(b'plain', 0)\n"
+        "res['plain'] = [h.get_protocol(), h.pread(5, 0).decode()]\n"
+        "h = nbd.NBD(); h.set_request_structured_replies(False); h.connect_uri(uri)\n"
+        "res['nosr'] = [h.get_structured_replies_negotiated(), h.pread(5, 0).decode()]\n"
+        "h = nbd.NBD(); h.set_full_info(True); h.set_opt_mode(True); h.connect_uri(uri)\n"
+        "h.opt_info()\n"
+        "res['info'] = [h.get_canonical_export_name(), h.get_size()]\n"
+        "h.opt_go()\n"
+        "res['go'] = h.pread(5, 0).decode()\n"
+        "h = nbd.NBD(); h.connect_uri(uri)\n"
+        "bufs = [nbd.Buffer(1 << 20) for _ in range(16)]\n"
+        "for i, b in enumerate(bufs):\n"
+        "    h.aio_pread(b, i << 20)\n"
+        "h.aio_disconnect()\n"
+        "while h.aio_in_flight() > 0:\n"
+        "    h.poll(-1)\n"
+        "res['disconnect'] = h.aio_is_closed()\n"
+        "h = nbd.NBD(); h.connect_uri(uri)\n"
+        "for i in range(16):\n"
+        "    h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b'w' * (1 << 20))), i << 20)\n"
+        "h.shutdown(nbd.SHUTDOWN_ABANDON_PENDING)\n"
+        "del h\n"
+        "h = nbd.NBD(); h.connect_uri(uri)\n"
+        "res['after'] = h.pread(5, 0).decode()\n"
+        "print(json.dumps(res))\n",
+        srv.uri,
+    ).stdout
+    res = json.loads(out)
+    # Abandoned writes already on the wire may or may not have been applied.
+    assert res.pop("after") in ("plain", "wwwww")
+    assert res == {
+        "meta": [False, True],
+        "plain": ["newstyle", "plain"],
+        "nosr": [False, "plain"],
+        "info": ["", 32 << 20],
+        "go": "plain",
+        "disconnect": True,
+    }
+    assert srv.proc.poll() is None
