@@ -672,3 +672,22 @@ def test_client_variants(pynbd_server, libnbd) -> None:
         "disconnect": True,
     }
     assert srv.proc.poll() is None
+
+
+def test_tls_refused_cleanly(pynbd_server, libnbd) -> None:
+    """No TLS in this server: a client requiring it fails (ENOTSUP), one allowing it gets
+    plaintext, and the server keeps serving."""
+    srv = pynbd_server("memory", "1M")
+    out = libnbd(
+        "import nbd, sys, json\n"
+        "h = nbd.NBD(); h.set_tls(nbd.TLS_REQUIRE)\n"
+        "try:\n"
+        "    h.connect_uri(sys.argv[1]); req = 'connected'\n"
+        "except nbd.Error as e:\n"
+        "    req = e.errno\n"
+        "h = nbd.NBD(); h.set_tls(nbd.TLS_ALLOW); h.connect_uri(sys.argv[1])\n"
+        "print(json.dumps([req, h.get_tls_negotiated(), h.get_size()]))\n",
+        srv.uri,
+    ).stdout
+    assert json.loads(out) == ["ENOTSUP", False, 1 << 20]
+    assert srv.proc.poll() is None
