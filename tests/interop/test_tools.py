@@ -293,3 +293,14 @@ def test_run_port_and_exportname() -> None:
 
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_nbddump_same_as_nbdkit(pynbd_server, nbdkit_server) -> None:
+    ours = run_peer("nbddump", "--length=4096", pynbd_server("pattern", "1M").uri).stdout
+    theirs = run_peer("nbddump", "--length=4096", nbdkit_server("pattern", "1M").uri).stdout
+    assert ours == theirs
+    # A sparse memory disk: nbddump collapses the zero run.
+    srv = pynbd_server("memory", "1M")
+    run_peer("qemu-io", "-f", "raw", "-c", "write -P 0x41 64k 16", srv.uri)
+    out = run_peer("nbddump", srv.uri).stdout.decode()
+    assert "0000010000: 41 41 41 41" in out
