@@ -1114,9 +1114,9 @@ def test_bad_user_stops_run_command(tmp_path: Path) -> None:
     """If the server cannot start after CMD did, CMD is stopped rather than left waiting."""
     marker = tmp_path / "marker"
     cp = run_serve("-u", "no-such-user-here", "-U", "-", "memory", "1M", "--run",
-                   f"sleep 2; touch {marker}")
+                   f"sleep 1; touch {marker}")
     assert_clean_error(cp, "no-such-user-here")
-    time.sleep(2.5)
+    time.sleep(1.5)
     assert not marker.exists()
 
 
