@@ -115,6 +115,7 @@ class Options:
     timeout: float | None = None
     tls: str = "off"
     user: str | None = None
+    keepalive: bool = False
     group: str | None = None
     debug_flags: list[str] = field(default_factory=list)
 
@@ -160,6 +161,18 @@ def _expand_prefixes(argv: list[str]) -> list[str]:
                         i += 1
                     break
     return out
+
+
+_DELAY_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "\u03bcs": 1e-6, "ns": 1e-9}
+_DELAY_RE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(s|ms|us|\u03bcs|ns)?")
+
+
+def parse_delay(text: str, what: str) -> float:
+    """nbdkit_parse_delay: ``1``, ``1.5``, ``1.5s``, ``100ms``, ``20us``, ``20\u03bcs``, ``5ns``."""
+    m = _DELAY_RE.fullmatch(text.strip())
+    if m is None:
+        raise UsageError(f"{what}: could not parse delay: {text!r}")
+    return float(m.group(1)) * _DELAY_UNITS[m.group(2) or ""]
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -249,12 +262,11 @@ def parse_args(argv: list[str]) -> Options:
         elif key == "print-uri":
             o.print_uri = True
         elif key == "timeout":
-            try:
-                o.timeout = float(val)
-                if o.timeout <= 0:
-                    raise ValueError
-            except ValueError:
-                raise UsageError(f"--timeout: could not parse {val!r}") from None
+            o.timeout = parse_delay(val, "--timeout")
+            if o.timeout <= 0:
+                raise UsageError(f"--timeout: must be greater than zero: {val!r}")
+        elif key == "keepalive":
+            o.keepalive = True
         elif key == "tls":
             v = val.lower()
             if v in ("require", "required", "force"):
@@ -266,7 +278,7 @@ def parse_args(argv: list[str]) -> Options:
                 raise UsageError(str(e)) from None
         elif key in ("tls-certificates", "tls-psk", "tls-verify-peer"):
             raise UsageError(f"--{key}: TLS is not supported by this version of pynbd")
-        elif key in ("selinux-label", "swap", "keepalive", "new-style"):
+        elif key in ("selinux-label", "swap", "new-style"):
             pass
         elif key == "long-options":
             print("\n".join("--" + x.rstrip("=") for x in LONG))
@@ -611,7 +623,7 @@ def _serve(o: Options, chain: Chain) -> int:
     config = ServerConfig(
         readonly=o.readonly, threads=o.threads, no_sr=o.no_sr, oldstyle=o.oldstyle,
         handshake_flags=(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) & o.mask_handshake,
-        export_name=o.export,
+        export_name=o.export, keepalive=o.keepalive,
     )
     if o.timeout:
         import pynbd.server.connection as _c

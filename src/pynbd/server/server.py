@@ -47,6 +47,8 @@ class ServerConfig:
     handshake_flags: int = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
     export_name: str = ""
     max_connections: int = MAX_CONNECTIONS
+    #: SO_KEEPALIVE on TCP connections (--keepalive): dead peers are found eventually.
+    keepalive: bool = False
 
 
 class Server:
@@ -164,6 +166,8 @@ class Server:
                 continue
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if self.config.keepalive:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             assert self.loop is not None
