@@ -1150,3 +1150,48 @@ def test_run_command_gets_stdin() -> None:
                         text=True, timeout=60, env=peer_env())
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout == "from the caller\ndone\n"
+
+
+@pytest.mark.parametrize("text, seconds", [("1", 1.0), ("1.5", 1.5), ("1.5s", 1.5),
+                                           ("100ms", 0.1), ("20us", 20e-6),
+                                           ("20\u03bcs", 20e-6), ("5ns", 5e-9)])
+def test_parse_delay(text: str, seconds: float) -> None:
+    from pynbd.server.main import parse_delay
+
+    assert parse_delay(text, "--timeout") == pytest.approx(seconds)
+
+
+def test_timeout_drops_idle_handshake(pynbd_server) -> None:
+    srv = pynbd_server("--timeout=300ms", "memory", "1M")
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(srv.sock)
+    t0 = time.monotonic()
+    assert _recv(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
+    assert s.recv(1) == b""  # we never answered: dropped
+    assert 0.2 < time.monotonic() - t0 < 5
+    s.close()
+    c = RawClient.unix(srv.sock)  # a prompt client is served as usual
+    assert c.size == 1 << 20
+    c.close()
+
+
+def test_keepalive(pynbd_server) -> None:
+    import shutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to see socket timers")
+    for opts, want in ((["--keepalive"], True), ([], False)):
+        srv = pynbd_server(*opts, "memory", "1M", tcp=True)
+        c = RawClient.tcp("127.0.0.1", srv.port)
+        deadline = time.monotonic() + 5
+        while True:
+            # ss shows one timer: wait until no retransmission timer ("on") hides it.
+            out = subprocess.run(
+                ["ss", "-tno", "state", "established", f"( sport = :{srv.port} )"],
+                check=True, capture_output=True, text=True).stdout
+            if "timer:(on" not in out or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert ("keepalive" in out) is want, out
+        c.close()
