@@ -22,7 +22,7 @@ from pynbd.errors import (
 )
 from pynbd.protocol import options as O
 from pynbd.protocol.client import (
-    NEED_DATA, ClientHandshake, ExportReply, Greeting, OldstyleGreeting, OptionReply,
+    NEED_DATA, ClientHandshake, CState, ExportReply, Greeting, OldstyleGreeting, OptionReply,
 )
 from pynbd.protocol.constants import (
     CONTEXT_BASE_ALLOCATION, EXT_REPLY, EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC,
@@ -46,6 +46,34 @@ DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: Largest non-data reply chunk accepted (a block-status chunk of 2^20 extents fits).
 MAX_CHUNK = 64 * 1024 * 1024
 _RECV_BUF = 1024 * 1024
+#: Largest READ/WRITE payload sent in strict mode whatever the server advertises (libnbd's cap).
+MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024
+#: Seconds a command= server may take to exit after we hang up before it gets SIGTERM.
+PROC_EXIT_GRACE = 2.0
+#: Seconds a server we started may take to exit after SIGTERM before it gets SIGKILL.
+PROC_TERM_WAIT = 5.0
+#: Seconds close() waits for NBD_CMD_DISC to be written to a server that stopped reading.
+CLOSE_DRAIN_TIMEOUT = 5.0
+
+# libnbd's strict-mode bits (set_strict_mode); ``strict=True`` means all of them.
+STRICT_COMMANDS = 1
+STRICT_FLAGS = 2
+STRICT_BOUNDS = 4
+STRICT_ZERO_SIZE = 8
+STRICT_ALIGN = 16
+STRICT_PAYLOAD = 32
+STRICT_ALL = 63
+
+#: Command flags each command takes (libnbd's STRICT_FLAGS table).
+_CMD_FLAGS = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA,
+    Cmd.FLUSH: 0,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: 0,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
 
 #: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
@@ -75,6 +103,7 @@ class _Pending:
     covered: list[tuple[int, int]] = field(default_factory=list)
     extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     nbytes: int = 0
+    flags: int = 0
 
 
 class AsyncClient:
@@ -103,6 +132,10 @@ class AsyncClient:
         self.connected = False
         self.closed = False
         self.failure: BaseException | None = None
+        #: Seconds a command may wait for its reply (None: forever). When one times out the
+        #: connection is failed: every pending command gets a TimeoutError.
+        self.request_timeout: float | None = None
+        self._proc_grace = 0.0  # seconds a started server may take to exit by itself
         # transmission
         self._pending: dict[int, _Pending] = {}
         self._next_cookie = 1
@@ -133,27 +166,35 @@ class AsyncClient:
                       export_name: str = "", opt_mode: bool = False,
                       meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
                       structured: bool = True, extended: bool = False,
-                      timeout: float | None = None, strict: bool = True) -> AsyncClient:
+                      timeout: float | None = None, strict: bool | int = True,
+                      request_timeout: float | None = None) -> AsyncClient:
+        """Connect and negotiate. ``timeout`` bounds connecting and the whole handshake
+        (TimeoutError); ``request_timeout`` sets :attr:`request_timeout`. ``strict`` is True
+        (every check), False (none) or a mask of the ``STRICT_*`` bits (libnbd's values)."""
         c = cls()
         c.strict = strict
+        c.request_timeout = request_timeout
         c.request_structured = structured
         c.request_extended = extended
         c._meta_requested = list(meta_contexts)
         c.opt_mode = opt_mode
         coro = c._connect(uri, unix, host, port, vsock, sock, command, socket_activation,
                           export_name)
-        if timeout is not None:
-            try:
-                await asyncio.wait_for(coro, timeout)
-            except asyncio.TimeoutError:
-                c._abandon()
-                raise TimeoutError("timed out connecting to the NBD server") from None
-        else:
-            try:
+        try:
+            if timeout is not None:
+                try:
+                    await asyncio.wait_for(coro, timeout)
+                except TimeoutError:
+                    raise TimeoutError(
+                        f"timed out after {timeout} s connecting to the NBD server") from None
+            else:
                 await coro
-            except BaseException:
-                c._abandon()
-                raise
+        except Exception:
+            await c._aabandon()
+            raise
+        except BaseException:
+            c._abandon()
+            raise
         return c
 
     async def _connect(self, uri: str | None, unix: str | None, host: str | None, port: int,
@@ -216,8 +257,13 @@ class AsyncClient:
         mine, theirs = socket.socketpair()
         try:
             self._proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, close_fds=True)
+        except BaseException:
+            mine.close()
+            raise
         finally:
             theirs.close()
+        # A server on a socket pair exits when we hang up: give it time before SIGTERM.
+        self._proc_grace = PROC_EXIT_GRACE
         return mine
 
     async def _start_activation(self, argv: list[str]) -> socket.socket:
@@ -231,10 +277,15 @@ class AsyncClient:
         try:
             ls.bind(path)
             ls.listen(8)
-            fd = ls.fileno()
-            wrapper = f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@" 3<&{fd} {fd}<&-'
+            # The listening socket goes in as stdin and the shell moves it to fd 3: dash
+            # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
+            # exec keeps the shell's pid, which is what LISTEN_PID must name.
+            wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
             self._proc = subprocess.Popen(["/bin/sh", "-c", wrapper, "sh", *argv],
-                                          pass_fds=(fd,), close_fds=True)
+                                          stdin=ls.fileno(), close_fds=True)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
         finally:
             ls.close()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -249,22 +300,48 @@ class AsyncClient:
             shutil.rmtree(d, ignore_errors=True)
         return sock
 
-    def _abandon(self) -> None:
+    def _close_stream(self) -> None:
         if self.stream is not None:
             self.stream.close()
         elif self._owner is not None:
             self._owner.close()
-        self._reap()
 
-    def _reap(self) -> None:
-        p = self._proc
+    def _abandon(self) -> None:
+        """Synchronous clean-up after a cancelled connect: close, kill the server at once."""
+        self._close_stream()
+        p, self._proc = self._proc, None
         if p is not None:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+    async def _aabandon(self) -> None:
+        self._close_stream()
+        await self._reap()
+
+    async def _reap(self) -> None:
+        """Wait for a server we started: a grace period to exit by itself (a socket-pair
+        server sees EOF), then SIGTERM, then SIGKILL. No thread: the exit is polled."""
+        p = self._proc
+        if p is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def wait(seconds: float) -> bool:
+            deadline = loop.time() + seconds
+            delay = 0.001
+            while p.poll() is None and loop.time() < deadline:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+            return p.poll() is not None
+
+        try:
+            if not await wait(self._proc_grace):
+                p.terminate()
+                await wait(PROC_TERM_WAIT)
+        finally:
             self._proc = None
             if p.poll() is None:
-                p.terminate()
-            try:
-                p.wait(timeout=5)
-            except Exception:  # noqa: BLE001
                 p.kill()
                 p.wait()
 
@@ -507,40 +584,57 @@ class AsyncClient:
 
     # ==================================================================================
     # commands
+    def _strict_mask(self) -> int:
+        st = self.strict
+        if st is True:
+            return STRICT_ALL
+        if st is False or st is None:
+            return 0
+        return int(st)
+
     def _strict_check(self, cmd: int, offset: int, length: int, flags: int) -> None:
         if self.closed or self.failure is not None:
             raise ConnectionError("the connection is closed") from self.failure
         if not self.connected:
             raise LocalProtocolError("not connected: finish negotiation with opt_go()")
-        if not self.strict:
+        if not 0 <= flags <= 0xFFFF:
+            raise CommandError(E.EINVAL, "invalid command flags")
+        if not 0 <= offset < 1 << 64 or not 0 <= length < 1 << (64 if self.extended else 32):
+            raise CommandError(E.EINVAL, "offset or count out of range")
+        st = self._strict_mask()
+        if not st:
             return
-        if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
-            raise CommandError(E.EPERM, "server does not support write operations")
-        if cmd == Cmd.FLUSH and not self.can_flush():
-            raise CommandError(E.EINVAL, "server does not support flush operations")
-        if cmd == Cmd.TRIM and not self.can_trim():
-            raise CommandError(E.EINVAL, "server does not support trim operations")
-        if cmd == Cmd.WRITE_ZEROES and not self.can_zero():
-            raise CommandError(E.EINVAL, "server does not support zero operations")
-        if cmd == Cmd.CACHE and not self.can_cache():
-            raise CommandError(E.EINVAL, "server does not support cache operations")
-        if flags & CmdFlag.FUA and not self.can_fua():
-            raise CommandError(E.EINVAL, "server does not support the FUA flag")
-        if flags & CmdFlag.DF and not self.can_df():
-            raise CommandError(E.EINVAL, "server does not support the DF flag")
-        if flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
-            raise CommandError(E.EINVAL, "server does not support the fast zero flag")
-        if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
-            raise CommandError(E.ENOTSUP, "did not negotiate any metadata contexts")
+        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0):
+            raise CommandError(E.EINVAL, "invalid flag for this command")
+        if st & STRICT_COMMANDS:
+            if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
+                raise CommandError(E.ENOTSUP, "did not negotiate any metadata contexts")
+            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
+                raise CommandError(E.EPERM, "server does not support write operations")
+            if cmd == Cmd.FLUSH and not self.can_flush():
+                raise CommandError(E.EINVAL, "server does not support flush operations")
+            if cmd == Cmd.TRIM and not self.can_trim():
+                raise CommandError(E.EINVAL, "server does not support trim operations")
+            if cmd == Cmd.WRITE_ZEROES and not self.can_zero():
+                raise CommandError(E.EINVAL, "server does not support zero operations")
+            if cmd == Cmd.CACHE and not self.can_cache():
+                raise CommandError(E.EINVAL, "server does not support cache operations")
+            if flags & CmdFlag.FUA and not self.can_fua():
+                raise CommandError(E.EINVAL, "server does not support the FUA flag")
+            if flags & CmdFlag.DF and not self.can_df():
+                raise CommandError(E.EINVAL, "server does not support the DF flag")
+            if flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
+                raise CommandError(E.EINVAL, "server does not support the fast zero flag")
         if cmd != Cmd.FLUSH:
-            if length == 0:
+            if st & STRICT_ZERO_SIZE and length == 0:
                 raise CommandError(E.EINVAL, "count cannot be 0")
-            if offset < 0 or offset + length > self.export.size:
+            if st & STRICT_BOUNDS and offset + length > self.export.size:
                 raise CommandError(E.EINVAL, "request out of bounds")
             mn = self.block_size()[0]
-            if mn > 1 and (offset % mn or length % mn):
+            if st & STRICT_ALIGN and mn > 1 and (offset % mn or length % mn):
                 raise CommandError(E.EINVAL, "request is unaligned")
-        if cmd in (Cmd.READ, Cmd.WRITE) and length > self.block_size()[2]:
+        if (st & STRICT_PAYLOAD and cmd in (Cmd.READ, Cmd.WRITE)
+                and length > min(self.block_size()[2], MAX_REQUEST_PAYLOAD)):
             raise CommandError(E.ERANGE, "request too large for the maximum payload")
 
     async def _submit(self, cmd: int, offset: int, length: int, flags: int = 0,
@@ -551,11 +645,15 @@ class AsyncClient:
         if len(self._pending) >= self.max_in_flight or (
                 self._bytes_in_flight + nbytes > self.max_bytes_in_flight and self._pending):
             await self._wait_slot(nbytes)
+            if self.closed or self.failure is not None:
+                # woken by a failure or close(): never queue onto a dead connection
+                raise ConnectionError("the connection is closed") from self.failure
         assert self.loop is not None
         cookie = self._next_cookie
         self._next_cookie += 1
         fut = self.loop.create_future()
-        p = _Pending(cookie, cmd, offset, length, fut, dest, chunk_cb, nbytes=nbytes)
+        p = _Pending(cookie, cmd, offset, length, fut, dest, chunk_cb, nbytes=nbytes,
+                     flags=flags)
         self._pending[cookie] = p
         self._bytes_in_flight += nbytes
         if self.extended:
@@ -571,7 +669,20 @@ class AsyncClient:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-        return await fut
+        t = self.request_timeout
+        if t is None:
+            return await fut
+        timer = self.loop.call_later(t, self._on_timeout, p, t)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _on_timeout(self, p: _Pending, t: float) -> None:
+        if not p.fut.done() and self._pending.get(p.cookie) is p:
+            self._fail(TimeoutError(
+                f"NBD command {p.cmd} (cookie {p.cookie:#x}) got no reply within {t} s; "
+                "the connection was closed"))
 
     async def _wait_slot(self, nbytes: int) -> None:
         assert self.loop is not None
@@ -581,7 +692,20 @@ class AsyncClient:
                 raise ConnectionError("the connection is closed") from self.failure
             w = self.loop.create_future()
             self._waiters.append(w)
-            await w
+            try:
+                await w
+            except BaseException:
+                # cancelled: hand a wake-up we may have been given on to the next waiter
+                if w.done() and not w.cancelled():
+                    self._wake_one()
+                raise
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            w = self._waiters.pop(0)
+            if not w.done():
+                w.set_result(None)
+                return
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -625,23 +749,39 @@ class AsyncClient:
         return res  # type: ignore[no-any-return]
 
     async def close(self) -> None:
-        """Wait for in-flight commands, send NBD_CMD_DISC, close the connection."""
-        if self.closed:
+        """Wait for in-flight commands, send NBD_CMD_DISC (NBD_OPT_ABORT while negotiating),
+        close the connection and reap a server started by ``command=``/``socket_activation=``.
+        Safe to call again, and after a failure."""
+        if not self.closed:
+            try:
+                await self._goodbye()
+            finally:
+                self._shutdown(ConnectionError("the connection was closed"))
+        await self._reap()
+
+    async def _goodbye(self) -> None:
+        stream = self.stream
+        if stream is None or self.failure is not None:
             return
-        if self.connected and self.failure is None and self.stream is not None:
+        if self.connected:
             pending = [p.fut for p in self._pending.values()]
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-            if self.extended:
-                hdr = EXT_REQUEST.pack(EXT_REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
-            else:
-                hdr = REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
+            if self.closed or self.failure is not None:
+                return
             self._flush()
-            self.stream.write([hdr])
-            await self.stream.drain()
-        self._shutdown(ConnectionError("the connection was closed"))
-        if self._proc is not None and self.loop is not None:
-            await self.loop.run_in_executor(None, self._reap)
+            stream.write([REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
+                          if not self.extended else
+                          EXT_REQUEST.pack(EXT_REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie,
+                                           0, 0)])
+        elif self.hs.state is CState.OPTIONS and self.hs.fixed_newstyle:
+            stream.write([self.hs.option(Opt.ABORT)])  # the reply need not be read
+        else:
+            return
+        try:
+            await asyncio.wait_for(stream.drain(), CLOSE_DRAIN_TIMEOUT)
+        except TimeoutError:
+            pass
 
     def _shutdown(self, exc: BaseException) -> None:
         self.closed = True
@@ -673,7 +813,8 @@ class AsyncClient:
             if self._sink is not None:
                 n = self.stream.readinto(self._sink[self._sink_got:])  # type: ignore[union-attr]
                 if n == 0:
-                    return self._fail(ConnectionError("server closed the connection"))
+                    return self._fail(ConnectionError(
+                    "server closed the connection in the middle of a reply"))
                 self._sink_got += n
                 if self._sink_got < len(self._sink):
                     return
@@ -687,8 +828,9 @@ class AsyncClient:
                     self._compact()
                 n = self.stream.readinto(self._view[self._end:])  # type: ignore[union-attr]
                 if n == 0:
-                    if self._pending or self._end > self._pos:
-                        return self._fail(ConnectionError("server closed the connection"))
+                    if self._end > self._pos:
+                        return self._fail(ConnectionError(
+                            "server closed the connection in the middle of a reply"))
                     return self._fail(ConnectionError("server closed the connection"))
                 self._end += n
             self._process()
@@ -698,6 +840,10 @@ class AsyncClient:
             self._fail(e)
         except OSError as e:
             self._fail(ConnectionError(f"read from the server failed: {e}"))
+        except Exception as e:  # noqa: BLE001 - never leave the reader dead and callers hanging
+            err = RemoteProtocolError(f"unexpected error handling a reply: {e!r}")
+            err.__cause__ = e
+            self._fail(err)
 
     def _compact(self) -> None:
         rest = self._end - self._pos
@@ -743,6 +889,9 @@ class AsyncClient:
             if self._end - self._pos < 4:
                 if self._pos == self._end:
                     self._pos = self._end = 0
+                    if len(self._buf) > _RECV_BUF:  # grown for one huge chunk: give it back
+                        self._buf = bytearray(_RECV_BUF)
+                        self._view = memoryview(self._buf)
                 return
             magic = _U32.unpack_from(self._buf, self._pos)[0]
             if magic == SIMPLE_REPLY_MAGIC and not self.extended:
@@ -756,6 +905,8 @@ class AsyncClient:
                 if p.cmd == Cmd.READ and self.structured:
                     if error == 0:
                         raise RemoteProtocolError("simple reply to a structured READ")
+                if p.cmd == Cmd.BLOCK_STATUS and error == 0:
+                    raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
                 if p.cmd == Cmd.READ and error == 0:
                     assert p.dest is not None
                     if not self._into(p.dest, lambda p=p: self._finish_simple_read(p)):
@@ -781,10 +932,10 @@ class AsyncClient:
             if p is None:
                 raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
             if rtype == ReplyType.OFFSET_DATA:
-                if not self._need(hsize + 8):
-                    return
                 if p.cmd != Cmd.READ or length < 9:
                     raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
+                if not self._need(hsize + 8):
+                    return
                 (doff,) = _U64.unpack_from(self._buf, self._pos + hsize)
                 n = length - 8
                 start = doff - p.offset
@@ -895,33 +1046,45 @@ class AsyncClient:
             raise RemoteProtocolError("two block status chunks for one context")
         if any(n == 0 for n, _ in ents):
             raise RemoteProtocolError("zero-length extent in block status")
+        if p.flags & CmdFlag.REQ_ONE and len(ents) != 1:
+            raise RemoteProtocolError("more than one extent in a REQ_ONE block status reply")
         p.extents[ctx] = [(int(n), int(f)) for n, f in ents]
 
     def _finish(self, p: _Pending) -> None:
         self._pending.pop(p.cookie, None)
         self._bytes_in_flight -= p.nbytes
         if self._waiters:
-            w = self._waiters.pop(0)
-            if not w.done():
-                w.set_result(None)
+            self._wake_one()
         if p.fut.done():
             return
         if p.error:
             errno = nbd_to_errno(p.error)
             p.fut.set_exception(CommandError(errno, p.message or os.strerror(errno)))
             return
+        bad = None
         if p.cmd == Cmd.READ and (self.structured or self.extended):
             # the chunks must cover the request exactly once
             pos = 0
             for start, n in sorted(p.covered):
                 if start != pos:
-                    self._fail(RemoteProtocolError(
-                        "read reply chunks overlap or leave a gap"))
-                    return
+                    bad = "read reply chunks overlap or leave a gap"
+                    break
                 pos = start + n
-            if pos != p.length:
-                self._fail(RemoteProtocolError("read reply does not cover the request"))
-                return
+            else:
+                if pos != p.length:
+                    bad = "read reply does not cover the request"
+        elif p.cmd == Cmd.BLOCK_STATUS:
+            missing = set(self.meta_contexts) - set(p.extents)
+            if missing:
+                names = ", ".join(self.meta_contexts[c] for c in sorted(missing))
+                bad = f"block status reply without extents for {names}"
+        if bad is not None:
+            # a hard disconnect (spec); this command fails with the same error, never
+            # with a half-filled buffer reported as success
+            err = RemoteProtocolError(bad)
+            p.fut.set_exception(err)
+            self._fail(err)
+            return
         if p.cmd == Cmd.BLOCK_STATUS:
             res = {self.meta_contexts[c]: e for c, e in p.extents.items()}
             p.fut.set_result(res)

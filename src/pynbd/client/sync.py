@@ -69,6 +69,13 @@ class Client:
     def engine(self) -> AsyncClient:
         return self._c
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # c.request_timeout = 5, c.strict = False ... set the engine's attribute
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._c, name, value)
+
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._c, name)
         if asyncio.iscoroutinefunction(attr):

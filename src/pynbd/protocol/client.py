@@ -139,6 +139,8 @@ class ClientHandshake:
                 self._go("oldstyle")
                 self.trailing_data = bytes(buf)
                 buf.clear()
+                if not flags & TxFlag.HAS_FLAGS:
+                    raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
                 return OldstyleGreeting(size, flags & 0xFFFF)
             if second != IHAVEOPT:
                 raise RemoteProtocolError(f"bad server magic {second:#x}")
