@@ -65,14 +65,14 @@ STRICT_PAYLOAD = 32
 STRICT_ALL = 63
 
 #: Command flags each command takes (libnbd's STRICT_FLAGS table).
-_CMD_FLAGS = {
-    Cmd.READ: CmdFlag.DF,
-    Cmd.WRITE: CmdFlag.FUA,
+_CMD_FLAGS: dict[int, int] = {  # plain ints: ~ of an IntFlag stays inside the known bits
+    Cmd.READ: int(CmdFlag.DF),
+    Cmd.WRITE: int(CmdFlag.FUA),
     Cmd.FLUSH: 0,
-    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.TRIM: int(CmdFlag.FUA),
     Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
-    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
+    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
 }
 
 #: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
@@ -604,7 +604,7 @@ class AsyncClient:
         st = self._strict_mask()
         if not st:
             return
-        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0):
+        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0) & 0xFFFF:
             raise CommandError(E.EINVAL, "invalid flag for this command")
         if st & STRICT_COMMANDS:
             if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
