@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import logging.handlers
 import os
 import re
 import shlex
@@ -116,6 +117,7 @@ class Options:
     tls: str = "off"
     user: str | None = None
     keepalive: bool = False
+    log: str | None = None
     group: str | None = None
     debug_flags: list[str] = field(default_factory=list)
 
@@ -217,6 +219,7 @@ def parse_args(argv: list[str]) -> Options:
         elif key == "log":
             if val not in ("stderr", "syslog", "null"):
                 raise UsageError(f"--log must be stderr, syslog or null, not {val!r}")
+            o.log = val
         elif key == "mask-handshake":
             try:
                 o.mask_handshake = int(val, 0)
@@ -569,18 +572,72 @@ def _wants_traceback(args: list[str]) -> bool:
     return bool(os.environ.get("PYNBD_DEBUG"))
 
 
-def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("pynbd: %(levelname)s: %(message)s"))
+class _Formatter(logging.Formatter):
+    """nbdkit's message shape: ``pynbd: error: MESSAGE`` (log scrapers match it)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
+class _SysLog(logging.handlers.SysLogHandler):
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass  # syslog went away: losing a message beats a traceback on every error
+
+
+def _syslog_available() -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect("/dev/log")
+        except OSError:
+            return False
+    return True
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def _setup_logging(verbose: bool, log: str | None = None, background: bool = False) -> None:
+    """--log: where errors go (stderr; syslog, the default once in the background; null).
+
+    Debug messages (-v) always go to stderr, as nbdkit's.
+    """
     root = logging.getLogger("pynbd")
-    root.handlers[:] = [handler]
+    dest = log or ("syslog" if background else "stderr")
+    handlers: list[logging.Handler] = []
+    errors: logging.Handler | None = None
+    if dest == "syslog":
+        if _syslog_available():
+            errors = _SysLog(address="/dev/log",
+                             facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            errors.setFormatter(_Formatter(f"pynbd[{os.getpid()}]: %(level)s: %(message)s"))
+        else:
+            dest = "stderr"  # no syslog daemon here: stderr is better than nothing
+    if dest == "stderr":
+        errors = logging.StreamHandler(sys.stderr)
+        errors.setFormatter(_Formatter("pynbd: %(level)s: %(message)s"))
+        if verbose:
+            errors.setLevel(logging.DEBUG)
+    if errors is not None:
+        if dest != "stderr" or not verbose:
+            errors.setLevel(logging.WARNING)
+        handlers.append(errors)
+    if verbose and dest != "stderr":
+        debug = logging.StreamHandler(sys.stderr)
+        debug.setFormatter(_Formatter("pynbd: %(level)s: %(message)s"))
+        debug.addFilter(_BelowWarning())
+        handlers.append(debug)
+    # No handler at all would make logging fall back to its "last resort" stderr handler.
+    root.handlers[:] = handlers or [logging.NullHandler()]
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     root.propagate = False
 
 
 def _main(argv: list[str]) -> int:
     o = parse_args(argv)
-    _setup_logging(o.verbose)
+    _setup_logging(o.verbose, o.log)
     if o.version and not o.plugin:
         print(f"pynbd {__version__}")
         return 0
@@ -720,6 +777,7 @@ def _serve(o: Options, chain: Chain) -> int:
                 # Found out now, while the error can still reach the user's terminal.
                 raise ConfigError(f"-P {o.pidfile}: the directory does not exist")
             _daemonize(o.verbose)
+            _setup_logging(o.verbose, o.log, background=True)
         _write_pidfile(o)
         chain.plugin.after_fork()
         if runner is None:
