@@ -1195,3 +1195,32 @@ def test_keepalive(pynbd_server) -> None:
             time.sleep(0.05)
         assert ("keepalive" in out) is want, out
         c.close()
+
+
+def _idle_client(sock: str) -> None:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock)
+    _recv(s, 18)
+    assert s.recv(1) == b""  # dropped by --timeout: an error is logged
+    s.close()
+
+
+@pytest.mark.parametrize("log", [None, "stderr", "null", "syslog"])
+def test_log_destination(pynbd_server, log: str | None) -> None:
+    """Errors look like nbdkit's (`pynbd: error: ...`) on stderr; --log=null drops them;
+    --log=syslog sends them to syslog (or stderr when there is no /dev/log)."""
+    opts = [f"--log={log}"] if log else []
+    srv = pynbd_server(*opts, "--timeout=200ms", "memory", "1M")
+    _idle_client(srv.sock)
+    deadline = time.monotonic() + 5
+    want = "pynbd: error: client 1: handshake timed out"
+    while log != "null" and want not in srv.stderr and time.monotonic() < deadline:
+        time.sleep(0.05)
+    srv.stop()
+    if log == "null":
+        assert srv.stderr == ""
+    elif log == "syslog" and os.path.exists("/dev/log"):
+        assert "Traceback" not in srv.stderr
+    else:
+        assert want in srv.stderr.splitlines()
