@@ -186,14 +186,14 @@ STATE_HOLE = 1
 STATE_ZERO = 2
 
 #: The libnbd release whose API and behaviour this module reproduces.
-LIBNBD_VERSION = "1.14.2"
+_LIBNBD_VERSION = "1.14.2"
 
-#: libnbd refuses reads and writes larger than this (MAX_REQUEST_SIZE in lib/internal.h).
-MAX_REQUEST_SIZE = 64 * 1024 * 1024
+#: libnbd refuses reads and writes larger than this (_MAX_REQUEST_SIZE in lib/internal.h).
+_MAX_REQUEST_SIZE = 64 * 1024 * 1024
 #: Every mask set_strict_mode accepts (1.14's bits plus 1.16's STRICT_PAYLOAD).
 _STRICT_ACCEPTED = STRICT_MASK | STRICT_PAYLOAD
 #: How long close() waits for a polite NBD_CMD_DISC before it just hangs up.
-CLOSE_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 10.0
 #: While poll() waits with nothing in flight it checks this often whether the server hung up.
 _IDLE_CHECK = 0.05
 
@@ -1575,7 +1575,7 @@ class NBD:
         self._need_info("export flags")
         bs = self._info.block_size
         if t == SIZE_PAYLOAD:
-            return min(bs[2], MAX_REQUEST_SIZE) if bs else MAX_REQUEST_SIZE
+            return min(bs[2], _MAX_REQUEST_SIZE) if bs else _MAX_REQUEST_SIZE
         return int(bs[t]) if bs else 0
 
     @_api(_ST_INFO)
@@ -1639,7 +1639,7 @@ class NBD:
 
     @_api()
     def get_version(self) -> str:
-        return LIBNBD_VERSION
+        return _LIBNBD_VERSION
 
     @_api()
     def supports_tls(self) -> bool:
@@ -1725,14 +1725,14 @@ class NBD:
                 raise self._err("request is unaligned", _errno.EINVAL)
         if name == "write" and strict & STRICT_PAYLOAD:
             bs = self._info.block_size if self._info is not None else None
-            cap = min(bs[2], MAX_REQUEST_SIZE) if bs else MAX_REQUEST_SIZE
+            cap = min(bs[2], _MAX_REQUEST_SIZE) if bs else _MAX_REQUEST_SIZE
             if count > cap:
                 raise self._err(f"request too large: maximum payload size is {cap}",
                                 _errno.ERANGE)
         if name in ("read", "write"):
-            if count > MAX_REQUEST_SIZE:
+            if count > _MAX_REQUEST_SIZE:
                 raise self._err(f"request too large: maximum request size is "
-                                f"{MAX_REQUEST_SIZE}", _errno.ERANGE)
+                                f"{_MAX_REQUEST_SIZE}", _errno.ERANGE)
         elif count > _U32:
             raise self._err(f"request too large: maximum request size is {_U32}", _errno.ERANGE)
         return flags
@@ -2135,7 +2135,7 @@ class NBD:
 
         async def bye() -> None:
             try:
-                await asyncio.wait_for(eng.close(), CLOSE_TIMEOUT)
+                await asyncio.wait_for(eng.close(), _CLOSE_TIMEOUT)
             except BaseException:  # noqa: BLE001 - closing must not fail
                 if eng.stream is not None:
                     with contextlib.suppress(Exception):
