@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _error(str(e))
         return 1
+    except _Terminated:
+        return 0  # SIGTERM/SIGQUIT before serving: a clean, if early, shutdown
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -635,8 +637,21 @@ def _setup_logging(verbose: bool, log: str | None = None, background: bool = Fal
     root.propagate = False
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGQUIT arrived before the event loop took signals over."""
+
+
+def _early_signal(signum: int, frame: Any) -> None:
+    raise _Terminated(signum)
+
+
 def _main(argv: list[str]) -> int:
     o = parse_args(argv)
+    # Until the loop installs its handlers, SIGTERM unwinds through the finally blocks
+    # (listeners closed, the -U - directory removed, plugin cleanup) instead of killing
+    # the process where it stands: a supervisor may signal a server that is still loading.
+    for sig in (signal.SIGTERM, signal.SIGQUIT):
+        signal.signal(sig, _early_signal)
     _setup_logging(o.verbose, o.log)
     if o.version and not o.plugin:
         print(f"pynbd {__version__}")
