@@ -1224,3 +1224,61 @@ def test_log_destination(pynbd_server, log: str | None) -> None:
         assert "Traceback" not in srv.stderr
     else:
         assert want in srv.stderr.splitlines()
+
+
+SLOW_START_PLUGIN = '''
+import time
+from pynbd.plugin import Plugin
+
+class SlowStart(Plugin):
+    """NAME
+    slowstart - sleeps in after_fork; writes a marker in cleanup
+    """
+
+    name = "slowstart"
+    nonblocking = True
+
+    def config(self, key, value):
+        if key == "marker":
+            self.marker = value
+        else:
+            super().config(key, value)
+
+    def after_fork(self):
+        print("READY", flush=True)  # stdout is /dev/null by now: the test watches stderr
+        import sys
+        print("READY", file=sys.stderr, flush=True)
+        time.sleep(30)
+
+    def cleanup(self):
+        open(self.marker, "w").close()
+
+    def get_size(self, h):
+        return 512
+
+    def pread(self, h, count, offset, flags):
+        return bytes(count)
+'''
+
+
+def test_sigterm_before_serving_cleans_up(tmp_path: Path) -> None:
+    """SIGTERM while the server is still starting (bound, not yet serving): exit 0, the
+    private socket directory removed, the plugin's cleanup run."""
+    plugin = tmp_path / "slowstart.py"
+    plugin.write_text(SLOW_START_PLUGIN)
+    marker = tmp_path / "cleaned"
+    proc = _popen_serve("-f", "--print-uri", "-U", "-", plugin, f"marker={marker}")
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        uri = proc.stdout.readline().strip()
+        sockdir = os.path.dirname(uri.split("socket=", 1)[1])
+        assert os.path.isdir(sockdir)
+        assert proc.stderr.readline().strip() == "READY"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not os.path.exists(sockdir)
+    assert marker.exists()
