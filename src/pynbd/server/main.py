@@ -904,7 +904,13 @@ def _run_loop(server: Server, main_coro: Any) -> int:
         await main_coro
 
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    finally:
+        # Closing the loop put SIGTERM back to its default: a repeated SIGTERM while the
+        # listeners, the -U - directory and the plugin are cleaned up must not cut that short.
+        for sig in (signal.SIGTERM, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_IGN)
     return 0
 
 
