@@ -118,6 +118,7 @@ class Options:
     user: str | None = None
     keepalive: bool = False
     log: str | None = None
+    no_mc: bool = False
     group: str | None = None
     debug_flags: list[str] = field(default_factory=list)
 
@@ -232,7 +233,7 @@ def parse_args(argv: list[str]) -> Options:
         elif key == "no-sr":
             o.no_sr = True
         elif key == "no-mc":
-            pass
+            o.no_mc = True
         elif key == "pid-file":
             o.pidfile = os.path.abspath(val)
         elif key == "port":
@@ -695,7 +696,7 @@ def _serve(o: Options, chain: Chain) -> int:
     config = ServerConfig(
         readonly=o.readonly, threads=o.threads, no_sr=o.no_sr, oldstyle=o.oldstyle,
         handshake_flags=(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) & o.mask_handshake,
-        export_name=o.export, keepalive=o.keepalive,
+        export_name=o.export, keepalive=o.keepalive, no_mc=o.no_mc,
     )
     if o.timeout:
         import pynbd.server.connection as _c

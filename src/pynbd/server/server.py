@@ -49,6 +49,8 @@ class ServerConfig:
     max_connections: int = MAX_CONNECTIONS
     #: SO_KEEPALIVE on TCP connections (--keepalive): dead peers are found eventually.
     keepalive: bool = False
+    #: Offer no meta contexts (--no-mc, nbdkit >= 1.38); structured replies stay on.
+    no_mc: bool = False
 
 
 class Server:
@@ -58,7 +60,7 @@ class Server:
         self.thread_model = chain.thread_model
         if self.config.threads <= 1 and self.thread_model == ThreadModel.PARALLEL:
             self.thread_model = ThreadModel.SERIALIZE_REQUESTS
-        self.contexts = ContextRegistry()
+        self.contexts = _NoContexts() if self.config.no_mc else ContextRegistry()
         self.all_requests_lock = threading.Lock()
         self._conn_lock: asyncio.Lock | None = None
         self.closing = False
@@ -187,6 +189,13 @@ class Server:
                 loop.add_reader(ls.fileno(), self._accept, ls, tg)
 
         loop.call_later(ACCEPT_BACKOFF, resume)
+
+
+class _NoContexts(ContextRegistry):
+    """--no-mc: LIST_META_CONTEXT lists nothing and SET_META_CONTEXT selects nothing."""
+
+    def match(self, queries: list[str], listing: bool) -> list[str]:
+        return []
 
 
 async def _guarded(conn: Connection) -> None:
