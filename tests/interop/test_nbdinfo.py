@@ -359,3 +359,16 @@ def test_file_map_same_as_nbdkit(pynbd_server, nbdkit_server, libnbd, tmp_path: 
         maps.append(merged)
     if maps[0] != maps[1]:
         pytest.fail(f"pynbd map {maps[0]}\nnbdkit map {maps[1]}")
+
+
+def test_no_meta_contexts(pynbd_server, tmp_path: Path) -> None:
+    """--no-mc (nbdkit >= 1.38): structured replies, but no base:allocation."""
+    srv = pynbd_server("--no-mc", "memory", "1M")
+    info = nbdinfo_json(srv.uri)
+    assert info["structured"] is True
+    assert not info["exports"][0].get("contexts")
+    cp = run_peer("nbdinfo", "--map", srv.uri, check=False)
+    assert cp.returncode == 1
+    assert b'does not support metadata context "base:allocation"' in cp.stderr
+    run_peer("nbdcopy", srv.uri, tmp_path / "copy.img")  # copies as all data
+    assert (tmp_path / "copy.img").stat().st_size == 1 << 20
