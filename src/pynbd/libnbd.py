@@ -298,10 +298,13 @@ class Buffer:
             offset = operator.index(offset)
             size = operator.index(size)
             if offset < 0 or offset > n:
-                raise IndexError("start out of range")
+                raise IndexError("offset out of range")
             if size == -1:
                 size = n - offset
-            if size < 0 or size > n - offset:
+            elif size < 0:
+                raise IndexError("size cannot be negative, except -1 to mean to the end of "
+                                 "the buffer")
+            if size > n - offset:
                 raise IndexError("size out of range")
             if size == 0 or not hasattr(self, "_init"):
                 return True
@@ -313,7 +316,10 @@ def _pin(buf: Any, writable: bool) -> tuple[memoryview, Buffer | None]:
     """The contiguous byte view an aio call holds until the command is retired."""
     nbuf = buf if isinstance(buf, Buffer) else None
     obj = buf._o if nbuf is not None else buf
-    mv = memoryview(obj)
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise TypeError("aio_buffer: expecting buffer or nbd.Buffer instance") from None
     if writable and mv.readonly:
         mv.release()
         raise BufferError("underlying buffer is not writable")
@@ -1187,6 +1193,9 @@ class NBD:
             elif isinstance(exc, OSError) and exc.errno and \
                     not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
                 if host:
+                    # libnbd tries each address in turn and, when all fail, goes back to
+                    # START: the handle can connect again.
+                    self._state = _CREATED
                     msg = f"connect: {host}: could not connect to remote host"
                 elif isinstance(exc, FileNotFoundError) and exc.filename:
                     msg = f"{exc.filename}"
