@@ -27,13 +27,30 @@ from pynbd.client import AsyncClient
 from pynbd.errors import CommandError, ProtocolError, RemoteProtocolError
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
-    EXPORT_NAME_REPLY, IHAVEOPT, NBDMAGIC, OLDSTYLE_GREETING, OLDSTYLE_MAGIC, REQUEST,
-    SIMPLE_REPLY_MAGIC, Cmd, CmdFlag, HandshakeFlag, Opt, Rep, ReplyFlag, ReplyType, TxFlag,
+    IHAVEOPT,
+    NBDMAGIC,
+    OLDSTYLE_GREETING,
+    OLDSTYLE_MAGIC,
+    REQUEST,
+    Cmd,
+    CmdFlag,
+    HandshakeFlag,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TxFlag,
 )
 from pynbd.protocol.handshake import NEED_DATA, ClientFlags, OptionRequest, ServerHandshake
 from pynbd.protocol.transmission import (
-    Request, block_status_chunk, chunk_header, error_chunk, none_chunk, offset_data_header,
-    offset_hole_chunk, simple_reply,
+    Request,
+    block_status_chunk,
+    chunk_header,
+    error_chunk,
+    none_chunk,
+    offset_data_header,
+    offset_hole_chunk,
+    simple_reply,
 )
 
 T = TypeVar("T")

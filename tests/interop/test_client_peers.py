@@ -477,3 +477,24 @@ def test_sync_client_command(tmp_path: Path) -> None:
         assert c.pread(512, 0) == b"sync" * 128
         assert c.size == 1 << 20 and c.can_trim()
     assert proc is not None and proc.returncode == 0
+
+
+def test_tcp_connect(nbdkit_server) -> None:
+    """nbd://host:port: TCP_NODELAY set, data flows, nothing left open after close."""
+    import socket
+
+    srv = nbdkit_server("memory", "1M", tcp=True)
+
+    async def go() -> None:
+        before = set(os.listdir("/proc/self/fd"))
+        c = await AsyncClient.connect(srv.uri)
+        try:
+            assert c._owner.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            await _many_in_flight(c, n=64)
+        finally:
+            await c.close()
+        c = await AsyncClient.connect(host="127.0.0.1", port=srv.port)
+        await c.close()
+        assert set(os.listdir("/proc/self/fd")) == before
+
+    run(go())

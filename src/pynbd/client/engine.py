@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno as E
+import functools
 import os
 import socket
 import struct
@@ -120,7 +121,7 @@ class AsyncClient:
         self.export = ExportInfo()
         self.meta_contexts: dict[int, str] = {}
         self._meta_requested: list[str] = []
-        self.strict = True
+        self.strict: bool | int = True
         self.handshake_flags = 3
         self.request_structured = True
         self.request_extended = False
@@ -256,7 +257,8 @@ class AsyncClient:
 
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, close_fds=True)
+            self._proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                          close_fds=True)
         except BaseException:
             mine.close()
             raise
@@ -435,7 +437,7 @@ class AsyncClient:
         return out
 
     async def _info_or_go(self, opt: int, name: str) -> ExportInfo:
-        infos = [Info.NAME, Info.DESCRIPTION] if self.full_info else []
+        infos: list[int] = [Info.NAME, Info.DESCRIPTION] if self.full_info else []
         if self.request_block_size:
             infos.append(Info.BLOCK_SIZE)
         replies = await self._option(opt, O.build_info_request(name, infos))
@@ -902,14 +904,13 @@ class AsyncClient:
                 if p is None:
                     raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
                 self._pos += 16
-                if p.cmd == Cmd.READ and self.structured:
-                    if error == 0:
-                        raise RemoteProtocolError("simple reply to a structured READ")
+                if p.cmd == Cmd.READ and self.structured and error == 0:
+                    raise RemoteProtocolError("simple reply to a structured READ")
                 if p.cmd == Cmd.BLOCK_STATUS and error == 0:
                     raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
                 if p.cmd == Cmd.READ and error == 0:
                     assert p.dest is not None
-                    if not self._into(p.dest, lambda p=p: self._finish_simple_read(p)):
+                    if not self._into(p.dest, functools.partial(self._finish_simple_read, p)):
                         return
                     self._finish_simple_read(p)
                 else:
