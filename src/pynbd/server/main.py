@@ -119,6 +119,7 @@ class Options:
     keepalive: bool = False
     log: str | None = None
     no_mc: bool = False
+    swap: bool = False
     group: str | None = None
     debug_flags: list[str] = field(default_factory=list)
 
@@ -282,8 +283,11 @@ def parse_args(argv: list[str]) -> Options:
                 raise UsageError(str(e)) from None
         elif key in ("tls-certificates", "tls-psk", "tls-verify-peer"):
             raise UsageError(f"--{key}: TLS is not supported by this version of pynbd")
-        elif key in ("selinux-label", "swap", "new-style"):
-            pass
+        elif key == "selinux-label":
+            # As nbdkit built without SELinux: refusing beats an unlabelled socket.
+            raise UsageError("--selinux-label: this pynbd has no SELinux support")
+        elif key == "swap":
+            o.swap = True
         elif key == "long-options":
             print("\n".join("--" + x.rstrip("=") for x in LONG))
             raise SystemExit(0)
@@ -713,7 +717,7 @@ def _serve(o: Options, chain: Chain) -> int:
         _detach_stdio()
         _change_user(o)
         _write_pidfile(o)
-        chain.plugin.after_fork()
+        _after_fork(o, chain)
         return _run_loop(server, server.serve(activated))
 
     if o.single:
@@ -724,7 +728,7 @@ def _serve(o: Options, chain: Chain) -> int:
         os.close(devnull)
         _change_user(o)
         _write_pidfile(o)
-        chain.plugin.after_fork()
+        _after_fork(o, chain)
 
         async def one() -> None:
             owner = None
@@ -795,7 +799,7 @@ def _serve(o: Options, chain: Chain) -> int:
             _daemonize(o.verbose)
             _setup_logging(o.verbose, o.log, background=True)
         _write_pidfile(o)
-        chain.plugin.after_fork()
+        _after_fork(o, chain)
         if runner is None:
             return _run_loop(server, server.serve(listeners))
         return _run_captive(server, listeners, runner)
@@ -860,6 +864,22 @@ def _change_user(o: Options, tmpdir: str | None = None) -> None:
             os.setuid(uid)
         except OSError as e:
             raise ConfigError(f"-u {o.user}: cannot change user: {e.strerror}") from None
+
+
+def _after_fork(o: Options, chain: Chain) -> None:
+    """In the process that will serve (the daemon, once forked): --swap, then after_fork."""
+    if o.swap:
+        _lock_memory()
+    chain.plugin.after_fork()
+
+
+def _lock_memory() -> None:
+    """--swap: mlockall, so serving swap to our own host cannot deadlock on paging us in."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    MCL_CURRENT, MCL_FUTURE = 1, 2
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        err = ctypes.get_errno()
+        raise ConfigError(f"--swap: mlockall: {os.strerror(err)}")
 
 
 def _detach_stdio() -> None:
