@@ -309,6 +309,7 @@ class MyPlugin(Plugin):
         (["--tls=maybe", "memory", "1M"], ["maybe"]),
         (["--mask-handshake=x", "memory", "1M"], ["mask-handshake"]),
         (["--log=elsewhere", "memory", "1M"], ["elsewhere"]),
+        (["--selinux-label=system_u:object_r:svirt_t:s0", "memory", "1M"], ["selinux"]),
         (["memory"], ["size"]),
         (["zero", "a", "b"], []),
         (["file"], ["file"]),
@@ -1282,3 +1283,36 @@ def test_sigterm_before_serving_cleans_up(tmp_path: Path) -> None:
             proc.wait()
     assert not os.path.exists(sockdir)
     assert marker.exists()
+
+
+def test_swap_locks_memory(sockdir: Path) -> None:
+    """--swap: mlockall in the serving process (the daemon after forking), or a clean error
+    where locking is not allowed."""
+    pidfile = sockdir / "swap.pid"
+    sock = sockdir / "swap.sock"
+    cp = run_serve("--swap", "-P", pidfile, "-U", sock, "memory", "1M")
+    if cp.returncode != 0:
+        assert_clean_error(cp, "mlockall")
+        return
+    deadline = time.monotonic() + 20
+    while not pidfile.exists():
+        assert time.monotonic() < deadline, "no pid file"
+        time.sleep(0.02)
+    pid = int(pidfile.read_text())
+    try:
+        wait_listening(sock=sock)
+        try:
+            c = RawClient.unix(str(sock))  # served: the daemon is past mlockall
+        except (ConnectionError, OSError):
+            # The daemon could not lock (RLIMIT_MEMLOCK): it logged that and exited.
+            assert _wait_gone(pid)
+            return
+        assert c.size == 1 << 20
+        c.close()
+        with open(f"/proc/{pid}/status") as f:
+            locked = next(int(x.split()[1]) for x in f if x.startswith("VmLck:"))
+        assert locked > 0
+    finally:
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            assert _wait_gone(pid)
