@@ -33,7 +33,10 @@ from pynbd.protocol.constants import (
 )
 from pynbd.server.stream import FdStream
 
-__all__ = ["AsyncClient", "ExportInfo", "ChunkCallback"]
+__all__ = [
+    "AsyncClient", "ExportInfo", "ChunkCallback", "STRICT_COMMANDS", "STRICT_FLAGS",
+    "STRICT_BOUNDS", "STRICT_ZERO_SIZE", "STRICT_ALIGN", "STRICT_PAYLOAD", "STRICT_ALL",
+]
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
