@@ -1757,7 +1757,8 @@ class NBD:
         return eng
 
     def _aio_read(self, method: str, buf: Any, offset: Any, chunk: Any, completion: Any,
-                  flags: Any) -> _Cmd:
+                  flags: Any, fresh: bool = False) -> _Cmd:
+        """``fresh``: ``buf`` is a new zeroed bytearray (pread), no need to zero it again."""
         offset = _u64(offset)
         mv, nbuf = _pin(buf, writable=True)
         try:
@@ -1767,8 +1768,8 @@ class NBD:
             raise
         cmd = self._new_cmd("read", offset, mv.nbytes)
         cmd.view, cmd.nbuf, cmd.chunk, cmd.completion = mv, nbuf, chunk, completion
-        if self._pread_init and nbuf is None and mv.nbytes:
-            mv[:] = bytes(mv.nbytes)
+        if self._pread_init and nbuf is None and not fresh and mv.nbytes:
+            _zero(mv)  # libnbd zeroes the caller's buffer first (set_pread_initialize)
         records: list[tuple[int, int, int, int, int]] = []
         cmd.records = records
 
@@ -1831,7 +1832,7 @@ class NBD:
         if n < 0:
             raise SystemError("Negative size passed to PyByteArray_FromStringAndSize")
         buf = bytearray(n)
-        self._sync(self._aio_read("pread", buf, offset, None, None, flags))
+        self._sync(self._aio_read("pread", buf, offset, None, None, flags, fresh=True))
         return buf
 
     @_api(_ST_CONN)
@@ -1843,7 +1844,8 @@ class NBD:
         if n < 0:
             raise SystemError("Negative size passed to PyByteArray_FromStringAndSize")
         buf = bytearray(n)
-        self._sync(self._aio_read("pread_structured", buf, offset, chunk, None, flags))
+        self._sync(self._aio_read("pread_structured", buf, offset, chunk, None, flags,
+                                  fresh=True))
         return buf
 
     @_api(_ST_CONN)
@@ -2166,6 +2168,13 @@ class NBD:
 
 def _now() -> float:
     return time.monotonic()
+
+
+def _zero(mv: memoryview) -> None:
+    """memset the (writable, contiguous) buffer to zeroes without a temporary copy."""
+    c = ctypes.c_char.from_buffer(mv)
+    ctypes.memset(ctypes.addressof(c), 0, mv.nbytes)
+    del c
 
 
 def _is_buffer(obj: Any) -> bool:
