@@ -280,3 +280,26 @@ def test_sync_client_leaves_no_thread(pynbd_server) -> None:
         assert c.pread(1, 0) == b"\0"
     assert threading.active_count() == baseline and proc.returncode == 0
     assert open_fds() == before
+
+
+def test_extended_headers(pynbd_server) -> None:
+    """No peer here speaks extended headers: our client against our server."""
+    srv = pynbd_server("memory", "4M")
+
+    async def go() -> None:
+        async with await AsyncClient.connect(srv.uri, extended=True) as c:
+            assert c.extended and c.structured
+            data = blocks(256, 4096)
+            await asyncio.gather(*(c.pwrite(b, i * 4096) for i, b in enumerate(data)))
+            got = await asyncio.gather(*(c.pread(4096, i * 4096) for i in range(256)))
+            assert b"".join(got) == b"".join(data)
+            bs = await c.block_status(4 << 20, 0)
+            assert bs["base:allocation"][0] == (1 << 20, 0)
+            one = await c.block_status(4 << 20, 0, CmdFlag.REQ_ONE)
+            assert len(one["base:allocation"]) == 1
+            await c.zero(4096, 0, CmdFlag.NO_HOLE)
+            await c.trim(4096, 4096)
+            await c.flush()
+            assert await c.pread(4096, 0) == bytes(4096)
+
+    run(go())
