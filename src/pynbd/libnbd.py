@@ -80,7 +80,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, OptionError, ProtocolError
@@ -458,7 +458,7 @@ class _Engine(AsyncClient):
     async def _handshake(self, *a: Any, **kw: Any) -> Any:
         if self.stream is not None and not isinstance(self.stream, _CountingStream):
             self.stream = _CountingStream(self.stream, self.lib_stats)  # type: ignore[assignment]
-        return await super()._handshake(*a, **kw)  # type: ignore[misc]
+        return await super()._handshake(*a, **kw)
 
     async def _recv_event(self) -> Any:
         ev = await super()._recv_event()
@@ -499,7 +499,7 @@ _ST_INFLIGHT = frozenset({_READY, _CLOSED, _DEAD})
 _ST_URI = frozenset({_CONNECTING, _NEGOTIATING, _READY, _CLOSED, _DEAD})
 
 #: NBD_REP_ERR_* -> errno, as libnbd's option state machines map them.
-_REP_ERRNO = {
+_REP_ERRNO: dict[int, int] = {
     Rep.ERR_POLICY: _errno.ENOTSUP, Rep.ERR_PLATFORM: _errno.ENOTSUP,
     Rep.ERR_INVALID: _errno.EINVAL, Rep.ERR_TOO_BIG: _errno.EINVAL,
     Rep.ERR_TLS_REQD: _errno.ENOTSUP, Rep.ERR_UNKNOWN: _errno.ENOENT,
@@ -635,11 +635,14 @@ _live: weakref.WeakSet[NBD] = weakref.WeakSet()
 _names = itertools.count(1)
 
 
-def _api(states: frozenset[str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _api(states: frozenset[str] | None = None) -> Callable[[_F], _F]:
     """Wrap an NBD method: closed-handle check, the handle lock, the permitted-state check,
     error context ``nbd_<method>`` and the debug trace."""
 
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def deco(fn: _F) -> _F:
         ctx = "nbd_" + fn.__name__
 
         @functools.wraps(fn)
@@ -669,7 +672,7 @@ def _api(states: frozenset[str] | None = None) -> Callable[[Callable[..., Any]],
                 finally:
                     self._ctx = outer
 
-        return wrapper
+        return wrapper  # type: ignore[return-value]
 
     return deco
 

@@ -15,7 +15,7 @@ import inspect
 import os
 import select
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -363,7 +363,7 @@ def test_wrong_state_before_connecting_is_enotconn(call, want) -> None:
 def test_string_lists_must_be_lists() -> None:
     h = nbd.NBD()
     with pytest.raises(TypeError, match="expecting a list parameter"):
-        h.connect_command(("nbdkit", "-s"))
+        h.connect_command(("nbdkit", "-s"))  # type: ignore[arg-type]
     assert h.aio_is_created()
 
 
@@ -689,8 +689,13 @@ def test_opt_mode(memsock: str) -> None:
                                "connect to the server first: Invalid argument")
     h.opt_info()
     assert h.get_size() == 1 << 20 and h.aio_is_negotiating()
-    seen = []
-    h.aio_opt_go(lambda err: seen.append(err.value) or 0)
+    seen: list[int] = []
+
+    def completion(err: ctypes.c_int) -> int:
+        seen.append(err.value)
+        return 0
+
+    h.aio_opt_go(completion)
     while h.aio_is_connecting():
         h.poll(-1)
     assert seen == [0] and h.aio_is_ready()
@@ -711,9 +716,16 @@ def test_opt_abort(memsock: str) -> None:
 
 def test_shutdown_runs_pending_completions(memsock: str) -> None:
     h = _connect(memsock)
-    seen = []
+    seen: list[int] = []
+
+    def retire(i: int) -> Callable[[ctypes.c_int], int]:
+        def completion(err: ctypes.c_int) -> int:
+            seen.append(i)
+            return 1
+        return completion
+
     for i in range(8):
-        h.aio_pwrite(b"z" * 4096, i * 4096, lambda err, i=i: seen.append(i) or 1)
+        h.aio_pwrite(b"z" * 4096, i * 4096, retire(i))
     h.shutdown()
     assert sorted(seen) == list(range(8))
     assert h.aio_is_closed()
