@@ -385,6 +385,38 @@ def test_short_offset_data_chunk() -> None:
         chunk_header(ReplyFlag.DONE, ReplyType.OFFSET_DATA, r.cookie, 4), b"abcd"))
 
 
+def test_error_offset_outside_request() -> None:
+    fatal_read_case(lambda conn, r: conn.send(
+        error_chunk(r.cookie, 5, "bad", offset=r.offset + r.length)))
+
+
+def test_error_offset_inside_request_is_a_command_error() -> None:
+    """ERROR_OFFSET inside the request: the READ fails with EIO, the chunk callback hears of
+    the offset, the connection lives."""
+
+    def scenario(conn: Conn) -> None:
+        r = conn.request()[0]
+        conn.send(offset_data_header(r.cookie, 0, 512, done=False), b"a" * 512,
+                  offset_hole_chunk(r.cookie, 512, 512, done=False),
+                  error_chunk(r.cookie, 5, "bad sector", offset=700))
+        r = conn.request()[0]
+        conn.send(none_chunk(r.cookie))
+
+    async def go() -> None:
+        async with await AsyncClient.connect(unix=h.sock) as c:
+            seen: list[tuple[int, int, int]] = []
+            buf = bytearray(1024)
+            with pytest.raises(CommandError) as ei:
+                await asyncio.wait_for(c.pread_into(
+                    buf, 0, chunk_cb=lambda b, o, s, e: seen.append((o, s, e))), DEADLINE)
+            assert ei.value.errno == E.EIO and "bad sector" in str(ei.value)
+            assert (700, 3, E.EIO) in seen
+            await asyncio.wait_for(c.flush(), DEADLINE)
+
+    with hostile(scenario) as h:
+        run(go())
+
+
 def test_status_chunk_for_a_read() -> None:
     fatal_read_case(lambda conn, r: conn.send(block_status_chunk(r.cookie, 1, [(512, 0)], True)))
 

@@ -1014,14 +1014,16 @@ class AsyncClient:
                 raise RemoteProtocolError("error chunk length does not match its message")
             if 6 + mlen > len(payload):
                 raise RemoteProtocolError("error chunk message overruns the chunk")
+            if extra:
+                (eoff,) = _U64.unpack_from(payload, 6 + mlen)
+                start = eoff - p.offset
+                if not 0 <= start < max(p.length, 1):
+                    raise RemoteProtocolError("ERROR_OFFSET chunk outside the request")
             if not p.error:
                 p.error = err or 22
                 p.message = payload[6:6 + mlen].decode("utf-8", "replace")
             if extra and p.chunk_cb is not None and p.dest is not None:
-                (eoff,) = _U64.unpack_from(payload, 6 + mlen)
-                start = eoff - p.offset
-                if 0 <= start < p.length:
-                    self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
+                self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
         else:
             raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
         if flags & ReplyFlag.DONE:
