@@ -781,15 +781,19 @@ class NBD:
         self._debug_msg("enter: " + " ".join(parts) if parts else "enter:")
 
     def _refresh(self) -> str:
-        """The state, noticing a connection the server (or a failure) ended."""
-        st = self._state
-        eng = self._eng
-        if st in (_READY, _NEGOTIATING) and eng is not None and self._pending_opt is None:
-            if eng.failure is not None:
-                self._state = _DEAD
-            elif eng.closed and not self._disconnecting:
-                self._state = _DEAD if st == _READY else _CLOSED
+        """The state as libnbd knows it. Like libnbd, a handle learns that the server hung up
+        only when it next reads: in poll() (:meth:`_notice_hangup`) or from the failure of a
+        command it sends - not behind the caller's back."""
         return self._state
+
+    def _notice_hangup(self) -> bool:
+        """poll() with nothing in flight: did the connection end (libnbd would read EOF)?"""
+        eng = self._eng
+        if self._state == _READY and eng is not None and not self._disconnecting and \
+                (eng.failure is not None or eng.closed):
+            self._state = _DEAD
+            return True
+        return False
 
     def _check_state(self, allowed: frozenset[str]) -> None:
         st = self._refresh()
@@ -894,6 +898,8 @@ class NBD:
                 err = exc.errno or _errno.EIO
             else:
                 err = _errno.ENOTCONN
+                if self._state == _READY and not self._disconnecting:
+                    self._state = _DEAD
         if cmd.chunk is not None and cmd.records is not None and cmd.view is not None:
             for start, n, off, status, e in cmd.records:
                 sub = cmd.view[start:start + n].toreadonly()
@@ -936,11 +942,6 @@ class NBD:
         self._done.pop(cmd.cookie, None)
         cmd.unpin()
         if cmd.error:
-            eng = self._eng
-            if cmd.exc is not None and not isinstance(cmd.exc, CommandError) and \
-                    eng is not None and eng.failure is not None and cmd.error == _errno.ENOTCONN:
-                msg, _ = _failure(eng.failure)
-                raise self._err(msg, cmd.error)
             raise self._err(f"{cmd.name}: command failed", cmd.error)
 
     # ==================================================================================
@@ -1979,7 +1980,7 @@ class NBD:
                 step = _IDLE_CHECK if remaining is None else min(remaining, _IDLE_CHECK)
             if self._wait(step):
                 continue
-            if idle and self._refresh() not in (_CONNECTING, _READY):
+            if idle and self._notice_hangup():
                 return 1  # the server hung up
             if remaining is not None and _now() >= deadline:  # type: ignore[operator]
                 return 0

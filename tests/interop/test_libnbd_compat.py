@@ -661,3 +661,75 @@ print(all(data[k * 4096:(k + 1) * 4096] == bytes([k]) * 4096 for k in range(80))
 for h in handles:
     h.shutdown()
 ''', fresh=lambda: nbdkit_server("memory", "1M"))
+
+
+# ------------------------------------------------------------------------------ protocol variants
+
+VARIANT = r"""
+for opt in OPT_MODES:
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.set_opt_mode(opt)
+    tr("connect", lambda: h.connect_uri(sys.argv[1]))
+    print(" ", h.connection_state())
+    for name in ("get_protocol", "get_handshake_flags", "get_structured_replies_negotiated",
+                 "get_size", "can_df", "is_read_only", "aio_in_flight"):
+        tr("  " + name, getattr(h, name))
+    tr("  meta", lambda: h.can_meta_context("base:allocation"))
+    tr("  opt_list", lambda: h.opt_list(lambda *a: 0))
+    tr("  opt_info", lambda: h.opt_info())
+    tr("  opt_go", lambda: h.opt_go())
+    tr("  pread", lambda: h.pread(4, 0))
+    tr("  pread_structured df", lambda: h.pread_structured(4, 0, lambda *a: 0, nbd.CMD_FLAG_DF))
+    tr("  block_status", lambda: h.block_status(4, 0, lambda *a: 0))
+    h.set_strict_mode(0)
+    tr("  block_status unchecked", lambda: h.block_status(4, 0, lambda *a: 0))
+    print(" ", h.connection_state())
+"""
+
+
+@pytest.mark.parametrize("option, opt_modes", [
+    ("--oldstyle", "(False, True)"),
+    ("--no-sr", "(False, True)"),
+    # pynbd.libnbd differs here in option mode: the engine sends NBD_OPT_EXPORT_NAME at
+    # once to a server that is not fixed-newstyle, where libnbd waits for opt_go().
+    ("--mask-handshake=0", "(False,)"),
+])
+def test_protocol_variants(nbdkit_server, option, opt_modes) -> None:
+    differential(VARIANT.replace("OPT_MODES", opt_modes),
+                 fresh=lambda: nbdkit_server(option, "memory", "1M"))
+
+
+def test_server_goes_away(nbdkit_server) -> None:
+    """libnbd notices a dead server only when it next talks to it; so does pynbd.libnbd."""
+    require("nbdkit")
+    differential(r"""
+import subprocess, time, os
+sock = sys.argv[1] + ".%d" % os.getpid()
+p = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", "1M"])
+while not os.path.exists(sock):
+    time.sleep(0.01)
+h = nbd.NBD()
+for i in range(500):
+    try:
+        h.connect_unix(sock)
+        break
+    except nbd.Error:
+        h = nbd.NBD()
+        time.sleep(0.01)
+c = h.aio_pread(nbd.Buffer(10), 0, lambda e: print("completion", e.value) or 0)
+while h.aio_in_flight():
+    h.poll(-1)
+p.kill()
+p.wait()
+time.sleep(0.2)
+print(h.connection_state())
+tr("pread", lambda: h.pread(10, 0))
+print(h.connection_state())
+tr("pread again", lambda: h.pread(10, 0))
+tr("in flight", lambda: h.aio_in_flight())
+tr("completed", lambda: h.aio_command_completed(c))
+tr("poll", lambda: h.poll(0))
+tr("shutdown", lambda: h.shutdown())
+tr("size", lambda: h.get_size())
+""", str(nbdkit_server.sockdir / "gone"))  # type: ignore[attr-defined]
