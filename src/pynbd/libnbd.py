@@ -55,8 +55,18 @@ Differences from libnbd (and why)
   structured reply.
 - ``nbd.Buffer(n)`` is zero-filled, not uninitialised (Python cannot allocate otherwise); the
   ``_o``/``_init`` bookkeeping is libnbd's.
-- ``close()`` sends NBD_CMD_DISC when nothing is in flight (libnbd just hangs up); commands
-  still in flight are abandoned as libnbd does.
+- ``close()`` (and garbage collection, and exit) is polite: commands still in flight may
+  finish (for up to 10 s, their callbacks are not called) and NBD_CMD_DISC is sent; libnbd
+  just hangs up.
+- Option mode against a server that is not fixed-newstyle: the engine sends
+  NBD_OPT_EXPORT_NAME while connecting, so the handle is READY at once (libnbd stops in
+  NEGOTIATING and sends it at ``opt_go()``).
+- ``connect_command`` of a program that does not exist fails with ENOENT naming it (libnbd:
+  "recv: server disconnected unexpectedly", errno 0, after the child's message).
+- An aio option or connect makes progress in the background but its completion is processed
+  by ``poll()``: until then ``connection_state()`` reads CONNECT.START (libnbd may finish it
+  inside the aio call when the server answers quickly).
+- The type of a raised error is ``pynbd.libnbd.Error`` (libnbd: ``nbd.Error``).
 """
 
 from __future__ import annotations
