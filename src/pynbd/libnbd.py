@@ -74,7 +74,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import concurrent.futures
 import contextlib
 import contextvars
 import ctypes
@@ -355,7 +354,7 @@ class _Runtime:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._main, name="pynbd-libnbd", daemon=True)
         self._lock = threading.Lock()
-        self._queue: list[tuple[Any, Callable[[asyncio.Task[Any]], None] | None]] = []
+        self._queue: list[Any] = []  # coroutines to start, in call order
         self._scheduled = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.thread.start()
@@ -367,7 +366,7 @@ class _Runtime:
     def spawn(self, coro: Any) -> None:
         """Start ``coro`` as a task on the loop; calls keep their order; one wake-up per batch."""
         with self._lock:
-            self._queue.append((coro, None))
+            self._queue.append(coro)
             wake = not self._scheduled
             self._scheduled = True
         if wake:
@@ -377,7 +376,7 @@ class _Runtime:
         with self._lock:
             queue, self._queue = self._queue, []
             self._scheduled = False
-        for coro, _ in queue:
+        for coro in queue:
             t = self.loop.create_task(coro)
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
@@ -385,9 +384,6 @@ class _Runtime:
     def run(self, coro: Any) -> Any:
         """Run ``coro`` on the loop and wait for its result (from another thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def future(self, coro: Any) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def in_loop_thread(self) -> bool:
         return threading.current_thread() is self.thread
