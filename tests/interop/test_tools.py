@@ -212,6 +212,7 @@ def test_fio_verify(pynbd_server) -> None:
         "--size=64M",
         "--io_size=16M",
         "--verify=crc32c",
+        "--verify_state_save=0",  # no *-verify.state file left in the cwd
         "--do_verify=1",
         "--runtime=30",
         "--output-format=json",
@@ -239,6 +240,7 @@ def test_fio_mixed_block_sizes(pynbd_server) -> None:
         "--io_size=32M",
         "--runtime=20",
         "--verify=crc32c",
+        "--verify_state_save=0",  # no *-verify.state file left in the cwd
         "--output-format=json",
         timeout=120,
     )
