@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +34,7 @@ from pynbd import __version__
 from pynbd.errors import ConfigError
 from pynbd.plugin import Filter, Plugin, ThreadModel, parse_bool
 from pynbd.protocol.constants import HandshakeFlag
+from pynbd.protocol.uri import NBDURI, format_uri
 from pynbd.server.backend import Chain
 from pynbd.server.server import Server, ServerConfig, bind_tcp, bind_unix, bind_vsock
 from pynbd.server.stream import FdStream
@@ -429,17 +429,17 @@ def manual(cls: type) -> str:
 
 
 def make_uri(o: Options, unix_path: str | None, port: int | None, vsock_port: int | None) -> str:
-    exp = urllib.parse.quote(o.export, safe="/")
-    path = "/" + exp if exp else ""
+    """The URI clients use, as nbdkit's ``$uri`` spells it (the port always written)."""
     if unix_path is not None:
-        return f"nbd+unix://{path or '/'}?socket={urllib.parse.quote(unix_path, safe='/')}"
-    if vsock_port is not None:
-        return f"nbd+vsock://1:{vsock_port}{path}"
-    host = o.ip_addr or "localhost"
-    if ":" in host:
-        host = f"[{host}]"
-    # nbdkit always spells the port out, 10809 included (nbd://localhost:10809).
-    return f"nbd://{host}:{port}{path}"
+        u = NBDURI(transport="unix", socket=unix_path, export=o.export)
+    elif vsock_port is not None:
+        u = NBDURI(transport="vsock", host="1", port=vsock_port, export=o.export)
+    else:
+        u = NBDURI(transport="tcp", host=o.ip_addr or "localhost", port=port or 10809,
+                   export=o.export)
+    uri = format_uri(u, always_port=True)
+    # nbdkit writes no "/" after the authority when the export name is empty
+    return uri[:-1] if u.transport != "unix" and not o.export else uri
 
 
 def _run_command(cmd: str, uri: str, o: Options, unix_path: str | None,
