@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Any
 
@@ -60,6 +61,52 @@ class _Run:
         self.intact = True
 
 
+#: Pages per slab: one anonymous mapping of 8 MiB (a run never spans two slabs).
+_SLAB_PAGES = _MAX_RUN
+
+
+class _Allocator:
+    """Pages carved out of anonymous memory maps ("slabs").
+
+    Fresh anonymous memory is zero and costs nothing until touched, so allocating a page
+    writes nothing: a 4 KiB write into a new 32 KiB page faults in one 4 KiB frame, not
+    eight (a zero-filled bytearray would touch them all). A freed page is given back to the
+    kernel with madvise(MADV_DONTNEED), which also makes it read as zeroes again, and reused.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._maps: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+        self._next = _SLAB_PAGES  # next never-used page index in the newest slab
+        self._free: list[tuple[int, int]] = []  # (slab number, page index) given back
+
+    def alloc(self, k: int = 1) -> tuple[memoryview, int, int]:
+        """k contiguous zero pages (k <= _SLAB_PAGES): (writable view, slab, first index)."""
+        with self._lock:
+            if k == 1 and self._free:
+                sn, i = self._free.pop()
+            else:
+                if self._next + k > _SLAB_PAGES:
+                    # the rest of the newest slab goes to single-page allocations
+                    last = len(self._maps) - 1
+                    self._free.extend((last, j) for j in range(self._next, _SLAB_PAGES))
+                    # private: MADV_DONTNEED then gives zero pages (shared maps keep data)
+                    mm = mmap.mmap(-1, _SLAB_PAGES << _SHIFT, flags=mmap.MAP_PRIVATE)
+                    self._maps.append(mm)
+                    self._views.append(memoryview(mm))
+                    self._next = 0
+                sn, i = len(self._maps) - 1, self._next
+                self._next += k
+            return self._views[sn][i << _SHIFT:(i + k) << _SHIFT], sn, i
+
+    def release(self, sn: int, i: int) -> None:
+        """Give page i of slab sn back to the kernel; it reads as zeroes when reused."""
+        with self._lock:
+            self._maps[sn].madvise(mmap.MADV_DONTNEED, i << _SHIFT, _PAGE)
+            self._free.append((sn, i))
+
+
 class MemoryPlugin(Plugin):
     """NAME
         memory - pynbd virtual memory plugin (a sparse RAM disk)
@@ -79,8 +126,9 @@ class MemoryPlugin(Plugin):
         ("the giant disk"): only what clients write takes memory.
 
         All clients share the same disk: what one connection writes, every other connection
-        reads. Requests are answered on the server's event loop without any copy for reads
-        within one page. Flush and FUA do nothing (there is nothing to make durable), and the
+        reads. Requests are answered on the server's event loop. Page memory comes from
+        anonymous memory maps, so a new page costs nothing until written and a freed page is
+        given back to the kernel at once. Flush and FUA do nothing (there is nothing to make durable), and the
         plugin advertises multi-conn, trim, fast zero, cache and block status (extents: holes
         for pages never written or given back, data for the rest).
 
@@ -132,8 +180,11 @@ class MemoryPlugin(Plugin):
         # Writers run without a lock. Trim/zero, which may free a page that still holds a
         # writer's bytes, run under _lock and bump _seq (odd while in progress: a seqlock).
         # A writer that sees _seq change under it redoes its write under the lock.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: a redone write may allocate pages
         self._seq = 0
+        self._alloc = _Allocator()
+        #: page number -> (slab number, page index) of its memory, to give it back
+        self._loc: dict[int, tuple[int, int]] = {}
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -179,12 +230,13 @@ class MemoryPlugin(Plugin):
         a = offset & _MASK
         b = a + count
         if b <= _PAGE:
-            # Within one page: a view of the page itself (read-only: whoever gets it cannot
-            # write into the disk by mistake), or of the shared zeroes.
+            # Within one page: a copy of its bytes (a page given back by trim or zero may be
+            # reused for another offset while a reply still waits to be sent, so no views of
+            # pages leave the plugin), or a view of the shared zeroes.
             page = self._pages.get(offset >> _SHIFT)
             if page is None:
                 return _ZERO[a:b]
-            return page[a:b].toreadonly()
+            return page[a:b].tobytes()
         return self._pread_span(count, offset)
 
     def _pread_span(self, count: int, offset: int) -> Any:
@@ -192,9 +244,9 @@ class MemoryPlugin(Plugin):
         last = (offset + count - 1) >> _SHIFT
         run = self._runs.get(pn)
         if run is not None and run.intact and last < run.end:
-            # All in one run: a slice of its buffer, no copy.
+            # All in one run: one copy of one slice of its memory.
             start = offset - (run.start << _SHIFT)
-            return run.view[start:start + count]
+            return run.view[start:start + count].tobytes()
         get = self._pages.get
         a = offset & _MASK
         parts = []
@@ -225,7 +277,7 @@ class MemoryPlugin(Plugin):
             pn = offset >> _SHIFT
             page = pages.get(pn)
             if page is None:
-                page = pages.setdefault(pn, memoryview(bytearray(_PAGE)))
+                page = self._new_page(pn)
             page[a:a + count] = buf
         else:
             self._write_span(buf, offset)
@@ -263,25 +315,39 @@ class MemoryPlugin(Plugin):
                     pos += k * _PAGE
                     pn += k
                     continue
-                page = pages.setdefault(pn, memoryview(bytearray(_PAGE)))
+                page = self._new_page(pn)
             page[a:a + n] = src[pos:pos + n]
             pos += n
             pn += 1
             a = 0
 
+    def _new_page(self, pn: int) -> memoryview:
+        """Page pn, allocated (zero) if absent."""
+        with self._lock:
+            page = self._pages.get(pn)
+            if page is None:
+                page, sn, i = self._alloc.alloc(1)
+                self._pages[pn] = page
+                self._loc[pn] = (sn, i)
+            return page
+
     def _new_run(self, pn: int, k: int, data: memoryview) -> None:
-        view = memoryview(bytearray(data))
-        run = _Run(pn, pn + k, view)
-        pages = self._pages
-        runs = self._runs
-        for i in range(k):
-            mine = view[i << _SHIFT:(i + 1) << _SHIFT]
-            page = pages.setdefault(pn + i, mine)
-            if page is mine:
-                runs[pn + i] = run
-            else:  # allocated meanwhile by an overlapping write: write there too
-                page[:] = mine
-                run.intact = False
+        with self._lock:
+            view, sn, first = self._alloc.alloc(k)
+            view[:] = data
+            run = _Run(pn, pn + k, view)
+            pages = self._pages
+            runs = self._runs
+            for i in range(k):
+                mine = view[i << _SHIFT:(i + 1) << _SHIFT]
+                page = pages.setdefault(pn + i, mine)
+                if page is mine:
+                    runs[pn + i] = run
+                    self._loc[pn + i] = (sn, first + i)
+                else:  # allocated meanwhile by an overlapping write: write there too
+                    page[:] = mine
+                    run.intact = False
+                    self._alloc.release(sn, first + i)
 
     def flush(self, h: Any, flags: int) -> None:
         pass
@@ -323,7 +389,10 @@ class MemoryPlugin(Plugin):
         run = self._runs.pop(pn, None)
         if run is not None:
             run.intact = False
-        self._pages.pop(pn, None)
+        if self._pages.pop(pn, None) is not None:
+            loc = self._loc.pop(pn, None)
+            if loc is not None:
+                self._alloc.release(*loc)
 
     def _zero_partial(self, pn: int, a: int, n: int) -> None:
         """Zero n bytes at a in page pn, freeing the page if it is then all zero (locked)."""
