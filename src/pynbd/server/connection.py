@@ -11,9 +11,11 @@ locks, so a slow request never stops the reading of the next ones.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import errno as E
 import logging
+import queue
 import struct
 import threading
 import traceback
@@ -160,6 +162,71 @@ def validate(ex: Export, cmd: int, flags: int, offset: int, length: int) -> int:
     return 0
 
 
+class _Workers:
+    """Worker threads for one connection's blocking requests.
+
+    Cheaper than an executor per request: jobs go through a SimpleQueue, results come back
+    through a deque, and the event loop is woken once per batch of results (one self-pipe
+    write), not once per request.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nthreads: int, name: str,
+                 run: Any, on_results: Any) -> None:
+        self.loop = loop
+        self.max = nthreads
+        self.name = name
+        self.run = run  # run(fn, args) in a worker: the thread model's locks, then fn
+        self.on_results = on_results  # on the loop: called with a list of (job, ok, value)
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.results: collections.deque[Any] = collections.deque()
+        self.threads: list[threading.Thread] = []
+        self.woken = False
+
+    def submit(self, job: Any, fn: Any, args: tuple[Any, ...]) -> None:
+        if not self.threads:  # all at once on first use: -t N requests in flight
+            for i in range(self.max):
+                t = threading.Thread(target=self._work, name=f"{self.name}-{i}", daemon=True)
+                self.threads.append(t)
+                t.start()
+        self.jobs.put((job, fn, args))
+
+    def _work(self) -> None:
+        get = self.jobs.get
+        results = self.results
+        run = self.run
+        while True:
+            item = get()
+            if item is None:
+                return
+            job, fn, args = item
+            try:
+                results.append((job, True, run(fn, args)))
+            except BaseException as e:  # noqa: BLE001
+                results.append((job, False, e))
+            if not self.woken:
+                self.woken = True
+                try:
+                    self.loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:  # the loop is closed: nobody waits for the result
+                    return
+
+    def _drain(self) -> None:
+        self.woken = False
+        results = self.results
+        batch = []
+        while results:
+            batch.append(results.popleft())
+        if batch:
+            self.on_results(batch)
+
+    def stop(self) -> None:
+        """Stop the threads once queued jobs are done (blocking: call it off the loop)."""
+        for _ in self.threads:
+            self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+
+
 class _Direct:
     """Bound plugin methods for the fast path: a plugin with no filters whose methods run on
     the loop, or (``nowait``) a blocking plugin's ``pread_nowait`` tried on the loop first."""
@@ -217,6 +284,7 @@ class Connection:
         self._stopping = False
         self._done: asyncio.Future[None] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._workers: _Workers | None = None
         self._conn_lock = threading.Lock()
         self._error: str | None = None
         self._direct: _Direct | None = None
@@ -261,6 +329,9 @@ class Connection:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await self.loop.run_in_executor(None, pool.shutdown, True)
+        if self._workers is not None:
+            workers, self._workers = self._workers, None
+            await self.loop.run_in_executor(None, workers.stop)
         self.stream.close()
 
     async def _call_blocking(self, fn: Any, *args: Any) -> Any:
@@ -846,22 +917,27 @@ class Connection:
         self._inflight += 1
         if cmd == _READ or cmd == _WRITE:
             self._inflight_bytes += length
-        fut = self.loop.run_in_executor(self._get_pool(), self._locked, fn, args)
-        fut.add_done_callback(
-            lambda f: self._complete(f, ex, cmd, flags, cookie, offset, length))
+        workers = self._workers
+        if workers is None:
+            workers = self._workers = _Workers(self.loop, self.server.config.threads,
+                                               f"pynbd-conn{self.id}", self._locked,
+                                               self._completed)
+        workers.submit((ex, cmd, flags, cookie, offset, length), fn, args)
 
-    def _complete(self, fut: asyncio.Future[Any], ex: Export, cmd: int, flags: int, cookie: int,
-                  offset: int, length: int) -> None:
-        self._inflight -= 1
-        if cmd == _READ or cmd == _WRITE:
-            self._inflight_bytes -= length
-        if not self.stream.closed and self.stream.write_error is None:
-            exc = fut.exception()
-            if exc is not None:
-                self._reply_exc(ex, cmd, flags, cookie, offset, exc)
-            else:
-                self._reply_result(ex, cmd, flags, cookie, offset, length, fut.result())
-            self._schedule_flush()
+    def _completed(self, batch: list[tuple[Any, bool, Any]]) -> None:
+        """Results of blocking requests, in a batch: one reply write for all of them."""
+        live = not self.stream.closed and self.stream.write_error is None
+        for (ex, cmd, flags, cookie, offset, length), ok, value in batch:
+            self._inflight -= 1
+            if cmd == _READ or cmd == _WRITE:
+                self._inflight_bytes -= length
+            if live:
+                if ok:
+                    self._reply_result(ex, cmd, flags, cookie, offset, length, value)
+                else:
+                    self._reply_exc(ex, cmd, flags, cookie, offset, value)
+        if live:
+            self._flush()
         if self._stopping:
             self._maybe_done()
         elif self._inflight < MAX_REQUESTS_IN_FLIGHT // 2 and \
