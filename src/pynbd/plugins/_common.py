@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from pynbd.limits import MAX_PAYLOAD_ACCEPTED
+from typing import Any
 
-__all__ = ["ZEROES", "zeroes"]
+from pynbd.errors import ConfigError
+from pynbd.limits import MAX_PAYLOAD_ACCEPTED
+from pynbd.plugin import parse_size
+
+__all__ = ["ZEROES", "SizeParameter", "zeroes"]
 
 #: Shared zeroes, as large as the largest read the server accepts. ``bytes(n)`` is calloc'ed,
 #: so this costs no memory until written (never) and reading it maps the kernel's zero page.
@@ -16,3 +20,18 @@ def zeroes(count: int) -> memoryview | bytes:
     if count <= len(ZEROES):
         return ZEROES[:count]
     return bytes(count)
+
+
+class SizeParameter:
+    """Mixin for plugins whose only parameter is ``[size=]SIZE`` (default 0)."""
+
+    name: str
+    _size: int = 0
+
+    def config(self, key: str, value: str) -> None:
+        if key != "size":
+            raise ConfigError(f"{self.name}: unknown parameter '{key}'")
+        self._size = parse_size(value, "size")
+
+    def get_size(self, h: Any) -> int:
+        return self._size

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pynbd.errors import ConfigError
 from pynbd.plugin import (
     EXTENT_HOLE,
     EXTENT_ZERO,
@@ -14,14 +13,13 @@ from pynbd.plugin import (
     FuaMode,
     Plugin,
     ThreadModel,
-    parse_size,
 )
-from pynbd.plugins._common import zeroes
+from pynbd.plugins._common import SizeParameter, zeroes
 
 __all__ = ["NullPlugin"]
 
 
-class NullPlugin(Plugin):
+class NullPlugin(SizeParameter, Plugin):
     """NAME
         null - pynbd bitbucket plugin
 
@@ -61,18 +59,6 @@ class NullPlugin(Plugin):
     thread_model = ThreadModel.PARALLEL
     nonblocking = True
     config_help = "[size=]<SIZE>         Size of the backing disk (default 0)"
-
-    def __init__(self) -> None:
-        self._size = 0
-
-    def config(self, key: str, value: str) -> None:
-        if key == "size":
-            self._size = parse_size(value, "size")
-        else:
-            raise ConfigError(f"null: unknown parameter '{key}'")
-
-    def get_size(self, h: Any) -> int:
-        return self._size
 
     def can_multi_conn(self, h: Any) -> bool:
         return True

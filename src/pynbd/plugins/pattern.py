@@ -7,8 +7,8 @@ import sys
 from array import array
 from typing import Any
 
-from pynbd.errors import ConfigError
-from pynbd.plugin import CacheMode, Extent, Plugin, ThreadModel, parse_size
+from pynbd.plugin import CacheMode, Extent, Plugin, ThreadModel
+from pynbd.plugins._common import SizeParameter
 
 __all__ = ["PatternPlugin"]
 
@@ -79,7 +79,7 @@ def pattern_bytes(count: int, offset: int) -> bytes | bytearray | memoryview:
     return memoryview(buf)[skip:skip + count]
 
 
-class PatternPlugin(Plugin):
+class PatternPlugin(SizeParameter, Plugin):
     """NAME
         pattern - pynbd plugin to serve a fixed pattern of data for testing
 
@@ -122,18 +122,6 @@ class PatternPlugin(Plugin):
     thread_model = ThreadModel.PARALLEL
     nonblocking = True
     config_help = "[size=]<SIZE>         Size of the virtual disk (default 0)"
-
-    def __init__(self) -> None:
-        self._size = 0
-
-    def config(self, key: str, value: str) -> None:
-        if key == "size":
-            self._size = parse_size(value, "size")
-        else:
-            raise ConfigError(f"pattern: unknown parameter '{key}'")
-
-    def get_size(self, h: Any) -> int:
-        return self._size
 
     def can_multi_conn(self, h: Any) -> bool:
         return True
