@@ -4,13 +4,26 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pynbd.errors import (  # noqa: E402
-    CommandError, ConfigError, LocalProtocolError, NBDError, OptionError, ProtocolError,
+from pynbd.errors import (
+    CommandError,
+    ConfigError,
+    LocalProtocolError,
+    NBDError,
+    OptionError,
+    ProtocolError,
     RemoteProtocolError,
 )
-from pynbd.plugin import Filter, Plugin  # noqa: E402
+from pynbd.plugin import Filter, Plugin
 
 __all__ = [
-    "__version__", "NBDError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError",
-    "OptionError", "CommandError", "ConfigError", "Plugin", "Filter",
+    "CommandError",
+    "ConfigError",
+    "Filter",
+    "LocalProtocolError",
+    "NBDError",
+    "OptionError",
+    "Plugin",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "__version__",
 ]

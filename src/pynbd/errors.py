@@ -13,8 +13,13 @@ import errno as _errno
 import os
 
 __all__ = [
-    "NBDError", "ProtocolError", "LocalProtocolError", "RemoteProtocolError", "OptionError",
-    "CommandError", "ConfigError",
+    "CommandError",
+    "ConfigError",
+    "LocalProtocolError",
+    "NBDError",
+    "OptionError",
+    "ProtocolError",
+    "RemoteProtocolError",
 ]
 
 

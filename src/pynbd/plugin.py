@@ -29,8 +29,17 @@ if TYPE_CHECKING:
     from collections.abc import Buffer  # noqa: F401
 
 __all__ = [
-    "Plugin", "Filter", "ThreadModel", "FuaMode", "CacheMode", "Flag", "Extent",
-    "EXTENT_HOLE", "EXTENT_ZERO", "parse_size", "parse_bool",
+    "EXTENT_HOLE",
+    "EXTENT_ZERO",
+    "CacheMode",
+    "Extent",
+    "Filter",
+    "Flag",
+    "FuaMode",
+    "Plugin",
+    "ThreadModel",
+    "parse_bool",
+    "parse_size",
 ]
 
 

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from rawclient import RawClient
-
 from helpers import PYNBD, short_tmpdir, start_server
+from rawclient import RawClient
 
 PLUGIN = str(Path(__file__).parent / "plugins" / "nowaitplug.py")
 

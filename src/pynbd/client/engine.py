@@ -19,23 +19,58 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynbd.errors import (
-    CommandError, LocalProtocolError, NBDError, OptionError, ProtocolError, RemoteProtocolError,
+    CommandError,
+    LocalProtocolError,
+    NBDError,
+    OptionError,
+    ProtocolError,
+    RemoteProtocolError,
 )
 from pynbd.protocol import options as O
 from pynbd.protocol.client import (
-    NEED_DATA, ClientHandshake, CState, ExportReply, Greeting, OldstyleGreeting, OptionReply,
+    NEED_DATA,
+    ClientHandshake,
+    CState,
+    ExportReply,
+    Greeting,
+    OldstyleGreeting,
+    OptionReply,
 )
 from pynbd.protocol.constants import (
-    CONTEXT_BASE_ALLOCATION, EXT_REPLY, EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC,
-    REQUEST, REQUEST_MAGIC, SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY,
-    STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag, Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag,
+    CONTEXT_BASE_ALLOCATION,
+    EXT_REPLY,
+    EXT_REPLY_MAGIC,
+    EXT_REQUEST,
+    EXT_REQUEST_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TxFlag,
     nbd_to_errno,
 )
 from pynbd.server.stream import FdStream
 
 __all__ = [
-    "AsyncClient", "ExportInfo", "ChunkCallback", "STRICT_COMMANDS", "STRICT_FLAGS",
-    "STRICT_BOUNDS", "STRICT_ZERO_SIZE", "STRICT_ALIGN", "STRICT_PAYLOAD", "STRICT_ALL",
+    "STRICT_ALIGN",
+    "STRICT_ALL",
+    "STRICT_BOUNDS",
+    "STRICT_COMMANDS",
+    "STRICT_FLAGS",
+    "STRICT_PAYLOAD",
+    "STRICT_ZERO_SIZE",
+    "AsyncClient",
+    "ChunkCallback",
+    "ExportInfo",
 ]
 
 _U64 = struct.Struct(">Q")

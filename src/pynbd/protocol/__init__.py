@@ -3,7 +3,7 @@
 Nothing here imports socket, asyncio, ssl, threading or selectors: bytes in, events out.
 """
 
-from pynbd.protocol.constants import *  # noqa: F403
+from pynbd.protocol.constants import *
 from pynbd.protocol.constants import __all__ as _constants_all
 
 __all__ = list(_constants_all)

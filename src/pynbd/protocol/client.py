@@ -12,14 +12,31 @@ from dataclasses import dataclass
 
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
 from pynbd.protocol.constants import (
-    EXPORT_NAME_REPLY, GREETING, IHAVEOPT, NBDMAGIC, OLDSTYLE_GREETING, OLDSTYLE_MAGIC,
-    OPT_HEADER, OPT_REPLY_HEADER, REPLY_MAGIC_OPT, ClientFlag, HandshakeFlag, Opt, TxFlag,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OLDSTYLE_GREETING,
+    OLDSTYLE_MAGIC,
+    OPT_HEADER,
+    OPT_REPLY_HEADER,
+    REPLY_MAGIC_OPT,
+    ClientFlag,
+    HandshakeFlag,
+    Opt,
+    TxFlag,
 )
 from pynbd.protocol.handshake import NEED_DATA
 
 __all__ = [
-    "CState", "ClientHandshake", "Greeting", "OldstyleGreeting", "OptionReply", "ExportReply",
-    "CLIENT_TRANSITIONS", "NEED_DATA",
+    "CLIENT_TRANSITIONS",
+    "NEED_DATA",
+    "CState",
+    "ClientHandshake",
+    "ExportReply",
+    "Greeting",
+    "OldstyleGreeting",
+    "OptionReply",
 ]
 
 #: Largest option reply payload accepted from a server (a LIST of many exports fits).

@@ -17,12 +17,28 @@ from dataclasses import dataclass
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
 from pynbd.limits import MAX_OPTION_LENGTH
 from pynbd.protocol.constants import (
-    EXPORT_NAME_REPLY, GREETING, IHAVEOPT, NBDMAGIC, OLDSTYLE_GREETING, OLDSTYLE_MAGIC,
-    OPT_HEADER, OPT_REPLY_HEADER, REPLY_MAGIC_OPT, ClientFlag, HandshakeFlag, Opt, Rep,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OLDSTYLE_GREETING,
+    OLDSTYLE_MAGIC,
+    OPT_HEADER,
+    OPT_REPLY_HEADER,
+    REPLY_MAGIC_OPT,
+    ClientFlag,
+    HandshakeFlag,
+    Opt,
+    Rep,
 )
 
 __all__ = [
-    "HState", "NEED_DATA", "ClientFlags", "OptionRequest", "ServerHandshake", "TRANSITIONS",
+    "NEED_DATA",
+    "TRANSITIONS",
+    "ClientFlags",
+    "HState",
+    "OptionRequest",
+    "ServerHandshake",
 ]
 
 

@@ -14,10 +14,21 @@ from pynbd.limits import MAX_META_QUERIES, MAX_STRING
 from pynbd.protocol.constants import Info, Rep
 
 __all__ = [
-    "decode_string", "build_info_request", "parse_info_request", "build_meta_request",
-    "parse_meta_request", "build_rep_server", "parse_rep_server", "build_info_export",
-    "build_info_name", "build_info_description", "build_info_block_size", "parse_info_reply",
-    "build_rep_meta_context", "parse_rep_meta_context", "InfoReply",
+    "InfoReply",
+    "build_info_block_size",
+    "build_info_description",
+    "build_info_export",
+    "build_info_name",
+    "build_info_request",
+    "build_meta_request",
+    "build_rep_meta_context",
+    "build_rep_server",
+    "decode_string",
+    "parse_info_reply",
+    "parse_info_request",
+    "parse_meta_request",
+    "parse_rep_meta_context",
+    "parse_rep_server",
 ]
 
 _U32 = struct.Struct(">I")

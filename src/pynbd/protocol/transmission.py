@@ -12,15 +12,36 @@ from dataclasses import dataclass, field
 
 from pynbd.errors import RemoteProtocolError
 from pynbd.protocol.constants import (
-    EXT_REPLY, EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC, REQUEST, REQUEST_MAGIC,
-    SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY, STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag,
-    ReplyFlag, ReplyType,
+    EXT_REPLY,
+    EXT_REPLY_MAGIC,
+    EXT_REQUEST,
+    EXT_REQUEST_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    ReplyFlag,
+    ReplyType,
 )
 
 __all__ = [
-    "Request", "build_request", "request_has_payload", "simple_reply", "chunk_header",
-    "offset_data_header", "offset_hole_chunk", "error_chunk", "block_status_chunk",
-    "none_chunk", "ReplyParser", "Chunk", "SimpleReply",
+    "Chunk",
+    "ReplyParser",
+    "Request",
+    "SimpleReply",
+    "block_status_chunk",
+    "build_request",
+    "chunk_header",
+    "error_chunk",
+    "none_chunk",
+    "offset_data_header",
+    "offset_hole_chunk",
+    "request_has_payload",
+    "simple_reply",
 ]
 
 _U64 = struct.Struct(">Q")

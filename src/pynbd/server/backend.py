@@ -22,10 +22,18 @@ from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.plugin import (
-    EXTENT_HOLE, EXTENT_ZERO, CacheMode, Filter, Flag, FuaMode, Plugin, ThreadModel, _overrides,
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    CacheMode,
+    Filter,
+    Flag,
+    FuaMode,
+    Plugin,
+    ThreadModel,
+    _overrides,
 )
 
-__all__ = ["Chain", "Context", "Layer", "PluginLayer", "FilterLayer"]
+__all__ = ["Chain", "Context", "FilterLayer", "Layer", "PluginLayer"]
 
 _DATA_METHODS = ("pread", "pread_into", "pwrite", "flush", "trim", "zero", "extents", "cache")
 _ZERO_CHUNK = bytes(1 << 20)

@@ -23,16 +23,36 @@ from typing import TYPE_CHECKING, Any
 
 from pynbd.errors import CommandError, OptionError, ProtocolError
 from pynbd.limits import (
-    HANDSHAKE_TIMEOUT, MAX_BYTES_IN_FLIGHT, MAX_EXTENTS_PER_REPLY, MAX_OPTION_ROUNDS,
-    MAX_OPTION_ROUNDS_PER_EXPORT, MAX_PAYLOAD_ACCEPTED, MAX_PAYLOAD_ADVERTISED,
+    HANDSHAKE_TIMEOUT,
+    MAX_BYTES_IN_FLIGHT,
+    MAX_EXTENTS_PER_REPLY,
+    MAX_OPTION_ROUNDS,
+    MAX_OPTION_ROUNDS_PER_EXPORT,
+    MAX_PAYLOAD_ACCEPTED,
+    MAX_PAYLOAD_ADVERTISED,
     MAX_REQUESTS_IN_FLIGHT,
 )
 from pynbd.plugin import CacheMode, Flag, FuaMode, ThreadModel
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
-    EXT_REPLY_MAGIC, EXT_REQUEST, EXT_REQUEST_MAGIC, REQUEST, REQUEST_MAGIC,
-    SIMPLE_REPLY, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, Cmd, CmdFlag,
-    Info, Opt, Rep, ReplyFlag, ReplyType, TxFlag, errno_to_nbd, name_of,
+    EXT_REPLY_MAGIC,
+    EXT_REQUEST,
+    EXT_REQUEST_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    CmdFlag,
+    Info,
+    Opt,
+    Rep,
+    ReplyFlag,
+    ReplyType,
+    TxFlag,
+    errno_to_nbd,
+    name_of,
 )
 from pynbd.protocol.handshake import NEED_DATA, ClientFlags, OptionRequest, ServerHandshake
 from pynbd.protocol.transmission import block_status_chunk, error_chunk, none_chunk
@@ -44,7 +64,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pynbd.server")
 
-__all__ = ["Connection", "validate", "Export"]
+__all__ = ["Connection", "Export", "validate"]
 
 _U64 = struct.Struct(">Q")
 _OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured header + data offset
@@ -79,8 +99,18 @@ _CMD_FLAGS = {
 class Export:
     """What negotiation settled for the transmission phase."""
 
-    __slots__ = ("ctx", "name", "size", "eflags", "minimum", "structured", "extended",
-                 "contexts", "readonly", "rules")
+    __slots__ = (
+        "contexts",
+        "ctx",
+        "eflags",
+        "extended",
+        "minimum",
+        "name",
+        "readonly",
+        "rules",
+        "size",
+        "structured",
+    )
 
     def __init__(self, ctx: Context, name: str, size: int, eflags: int, minimum: int,
                  structured: bool, extended: bool, contexts: dict[int, str]) -> None:
@@ -231,7 +261,7 @@ class _Direct:
     """Bound plugin methods for the fast path: a plugin with no filters whose methods run on
     the loop, or (``nowait``) a blocking plugin's ``pread_nowait`` tried on the loop first."""
 
-    __slots__ = ("pread", "pwrite", "handle", "nowait")
+    __slots__ = ("handle", "nowait", "pread", "pwrite")
 
     def __init__(self, ctx: Context, nowait: bool = False) -> None:
         from pynbd.plugin import Plugin
@@ -298,7 +328,7 @@ class Connection:
         try:
             try:
                 ok = await asyncio.wait_for(self._negotiate(), HANDSHAKE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("client %d: handshake timed out", self.id)
                 return
             except ProtocolError as e:
@@ -308,7 +338,7 @@ class Connection:
                 await self._transmission()
         except (ConnectionError, BrokenPipeError) as e:
             log.debug("client %d: connection lost: %s", self.id, e)
-        except Exception:  # noqa: BLE001 - one connection's failure must never end the server
+        except Exception:
             log.exception("client %d: internal error", self.id)
         finally:
             self.server.unregister_transmission(self)
@@ -734,7 +764,7 @@ class Connection:
             log.error("client %d: %s", self.id, e)
             self._flush()
             return self._fatal()
-        except Exception:  # noqa: BLE001 - our bug: drop this client, keep the server
+        except Exception:
             log.exception("client %d: internal error", self.id)
             self._flush()
             return self._fatal()

@@ -14,7 +14,7 @@ from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION
 if TYPE_CHECKING:
     from pynbd.server.backend import Context
 
-__all__ = ["ContextRegistry", "base_allocation", "Provider"]
+__all__ = ["ContextRegistry", "Provider", "base_allocation"]
 
 Provider = Callable[["Context", int, int, bool], list[tuple[int, int]]]
 
