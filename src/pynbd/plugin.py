@@ -21,12 +21,9 @@ gets the matching NBD error (anything else becomes EIO). During configuration ra
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from pynbd.errors import ConfigError
-
-if TYPE_CHECKING:
-    from collections.abc import Buffer  # noqa: F401
 
 __all__ = [
     "EXTENT_HOLE",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pynbd.errors import ConfigError
 from pynbd.limits import MAX_PAYLOAD_ACCEPTED
@@ -25,7 +25,7 @@ def zeroes(count: int) -> memoryview | bytes:
 class SizeParameter:
     """Mixin for plugins whose only parameter is ``[size=]SIZE`` (default 0)."""
 
-    name: str
+    name: ClassVar[str]
     _size: int = 0
 
     def config(self, key: str, value: str) -> None:

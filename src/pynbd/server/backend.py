@@ -70,6 +70,38 @@ class Layer:
         return r
 
 
+    # The interface every layer offers; ``h`` is the layer's own handle.
+    def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
+        raise NotImplementedError
+
+    def close(self, h: Any) -> None:
+        raise NotImplementedError
+
+    def query(self, h: Any, what: str) -> Any:
+        raise NotImplementedError
+
+    def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        raise NotImplementedError
+
+    def pwrite(self, h: Any, buf: Any, offset: int, flags: int) -> None:
+        raise NotImplementedError
+
+    def flush(self, h: Any, flags: int) -> None:
+        raise NotImplementedError
+
+    def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
+        raise NotImplementedError
+
+    def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
+        raise NotImplementedError
+
+    def extents(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        raise NotImplementedError
+
+    def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
+        raise NotImplementedError
+
+
 class PluginLayer(Layer):
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
