@@ -748,6 +748,10 @@ class Connection:
                 self._handle(*req, memoryview(payload), True)
                 self._process()
             else:
+                if self._end == len(self._buf):  # never read into an empty view (that is EOF)
+                    rest = self._end - self._pos
+                    self._view[:rest] = self._view[self._pos:self._end]
+                    self._pos, self._end = 0, rest
                 n = self.stream.readinto(self._view[self._end:])
                 if n == 0:
                     return self._eof()
@@ -872,7 +876,10 @@ class Connection:
             self._handle(flags, cmd, cookie, offset, length, None, False)
         if pos >= end:
             self._pos = self._end = 0
-        elif pos and (len(buf) - end < hsize or pos > len(buf) // 2):
+        elif pos and (len(buf) - end < hsize or (pos > len(buf) // 2 and end - pos <= 4096)):
+            # move the unparsed rest to the front when there is no room for a header, or
+            # when it is small; a large partial WRITE is moved only if its payload would not
+            # fit (above), so megabytes are not shuffled on every read
             rest = end - pos
             self._view[:rest] = self._view[pos:end]  # memmove, no temporary copy
             self._pos, self._end = 0, rest
