@@ -133,19 +133,9 @@ def peer_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_peer(
-    tool: str,
-    *args: str | os.PathLike[str],
-    timeout: float = 60,
-    check: bool = True,
-    input: bytes | None = None,
-    env: Mapping[str, str] | None = None,
-) -> subprocess.CompletedProcess[bytes]:
-    """Run peer `tool` (after `require`) with `peer_env()`; output is captured as bytes.
-
-    With `check` (the default) a non-zero exit fails the test showing stderr.
-    """
-    argv = [require(tool), *_strs(args)]
+def _run_captured(argv: list[str], timeout: float, check: bool, input: bytes | None,
+                  env: Mapping[str, str] | None) -> subprocess.CompletedProcess[bytes]:
+    """Run argv with peer_env(), output captured; with check, a non-zero exit fails the test."""
     cp = subprocess.run(
         argv,
         check=False,
@@ -163,6 +153,22 @@ def run_peer(
             pytrace=False,
         )
     return cp
+
+
+def run_peer(
+    tool: str,
+    *args: str | os.PathLike[str],
+    timeout: float = 60,
+    check: bool = True,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run peer `tool` (after `require`) with `peer_env()`; output is captured as bytes.
+
+    With `check` (the default) a non-zero exit fails the test showing stderr.
+    """
+    argv = [require(tool), *_strs(args)]
+    return _run_captured(argv, timeout, check, input, env)
 
 
 # --------------------------------------------------------------------------- libnbd's Python API
@@ -664,20 +670,4 @@ def run_pynbd(
     With `check` (the default) a non-zero exit fails the test showing stderr.
     """
     argv = [*PYNBD, *_strs(args)]
-    cp = subprocess.run(
-        argv,
-        check=False,
-        input=input,
-        stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=True,
-        timeout=timeout,
-        env=peer_env(env),
-    )
-    if check and cp.returncode != 0:
-        pytest.fail(
-            f"{shlex.join(argv)} exited {cp.returncode}\n"
-            f"stdout:\n{cp.stdout.decode(errors='replace')}\n"
-            f"stderr:\n{cp.stderr.decode(errors='replace')}",
-            pytrace=False,
-        )
-    return cp
+    return _run_captured(argv, timeout, check, input, env)
