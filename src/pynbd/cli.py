@@ -13,9 +13,17 @@ usage: pynbd COMMAND [ARGS...]
 
 commands:
   serve    serve an NBD export from a plugin (nbdkit's command line)
+  info     show what an NBD server exports (nbdinfo)
+  copy     copy to or from an NBD server, a file or a pipe (nbdcopy)
+  sh       a Python shell with a libnbd-API handle (nbdsh)
+  dump     hexdump an NBD export (nbddump)
+  fuse     show an NBD export as a regular file (nbdfuse)
 
 `pynbd COMMAND --help` describes each command.
 """
+
+
+TOOLS = ("info", "copy", "sh", "dump", "fuse")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,5 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         from pynbd.server.main import main as serve_main
 
         return serve_main(rest)
+    if cmd in TOOLS:
+        import importlib
+
+        # Each tool is a module pynbd.tools.<name> with main(argv) -> exit status.
+        module = importlib.import_module(f"pynbd.tools.{cmd}")
+        return int(module.main(rest))
     print(f"pynbd: unknown command '{cmd}'. Try 'pynbd --help'.", file=sys.stderr)
     return 1
