@@ -1,0 +1,127 @@
+"""GNU ``getopt_long`` as glibc runs it, for tools that must accept libnbd's command lines.
+
+libnbd's tools parse their arguments with glibc's ``getopt_long``; scripts rely on what it
+accepts: options after operands (argument permutation), ``--`` ending the options, unique
+abbreviations of long options (``--js`` is ``--json``), ``--opt=value`` and ``--opt value`` for
+required arguments, ``--opt=value`` only for optional ones, and bundled short options
+(``-LV``). :mod:`getopt` in the standard library has no optional arguments and other messages,
+so this is the same algorithm written out, with glibc's messages (without the program name).
+
+``POSIXLY_CORRECT`` in the environment (or a short-option string starting with ``+``) stops at
+the first operand, as in glibc.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["GetoptError", "LongOption", "getopt_long"]
+
+NO_ARGUMENT = 0
+REQUIRED_ARGUMENT = 1
+OPTIONAL_ARGUMENT = 2
+
+
+@dataclass(frozen=True)
+class LongOption:
+    """One entry of a ``struct option`` table: the name, its argument kind and its key.
+
+    Options with the same `key` are aliases: an abbreviation matching only aliases of one
+    option is not ambiguous (glibc compares ``has_arg``, ``flag`` and ``val``).
+    """
+
+    name: str
+    has_arg: int
+    key: str
+
+
+class GetoptError(Exception):
+    """A command-line error, worded as glibc's getopt words it (without the program name)."""
+
+
+def getopt_long(
+    args: list[str], short: str, longopts: list[LongOption]
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Parse `args` (without the program name).
+
+    Returns ``(options, operands)``: options in command-line order as ``(key, value)`` where
+    `key` is the long option's key or the short option letter, and `value` its argument or
+    None. Raises :class:`GetoptError` at the first error, as getopt returns ``'?'``.
+    """
+    posix = short.startswith("+") or "POSIXLY_CORRECT" in os.environ
+    short = short.lstrip("+-")
+    opts: list[tuple[str, str | None]] = []
+    operands: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            operands.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            i = _long(arg, args, i, longopts, opts)
+        elif arg.startswith("-") and arg != "-":
+            i = _short(arg, args, i, short, opts)
+        else:
+            operands.append(arg)
+            if posix:
+                operands.extend(args[i:])
+                break
+    return opts, operands
+
+
+def _long(arg: str, args: list[str], i: int, longopts: list[LongOption],
+          opts: list[tuple[str, str | None]]) -> int:
+    body = arg[2:]
+    name, eq, value = body.partition("=")
+    found = next((o for o in longopts if o.name == name), None)
+    if found is None:
+        matches = [o for o in longopts if o.name.startswith(name)]
+        if not matches:
+            raise GetoptError(f"unrecognized option '--{name}'")
+        found = matches[0]
+        # glibc lists the first match and every later one that differs from it.
+        others = [o for o in matches[1:] if (o.has_arg, o.key) != (found.has_arg, found.key)]
+        if others:
+            names = " ".join(f"'--{o.name}'" for o in [found, *others])
+            raise GetoptError(f"option '--{name}' is ambiguous; possibilities: {names}")
+    if eq:
+        if found.has_arg == NO_ARGUMENT:
+            raise GetoptError(f"option '--{found.name}' doesn't allow an argument")
+        opts.append((found.key, value))
+    elif found.has_arg == REQUIRED_ARGUMENT:
+        if i >= len(args):
+            raise GetoptError(f"option '--{found.name}' requires an argument")
+        opts.append((found.key, args[i]))
+        i += 1
+    else:
+        opts.append((found.key, None))
+    return i
+
+
+def _short(arg: str, args: list[str], i: int, short: str,
+           opts: list[tuple[str, str | None]]) -> int:
+    j = 1
+    while j < len(arg):
+        c = arg[j]
+        j += 1
+        pos = short.find(c)
+        if pos < 0 or c == ":":
+            raise GetoptError(f"invalid option -- '{c}'")
+        spec = short[pos + 1:pos + 3]
+        if spec.startswith("::"):  # optional: only attached
+            opts.append((c, arg[j:] or None))
+            return i
+        if spec.startswith(":"):  # required: attached or the next word
+            if j < len(arg):
+                opts.append((c, arg[j:]))
+            elif i < len(args):
+                opts.append((c, args[i]))
+                i += 1
+            else:
+                raise GetoptError(f"option requires an argument -- '{c}'")
+            return i
+        opts.append((c, None))
+    return i
