@@ -1,0 +1,424 @@
+"""The copying loops of ``pynbd copy`` (nbdcopy's multi-thread-copying.c and synch-copying.c).
+
+Multi-connection copy: the source is cut into 128 MiB work ranges handed out in order to one
+worker per connection. A worker asks the source for the range's extents (only the ZERO bit
+is trusted, as nbdcopy does), turns zero extents into one zero request each on the
+destination and cuts data extents into request-size pieces. Each worker runs ``lanes``
+coroutines, each owning one preallocated buffer: read a piece into it, look for zero blocks
+of ``--sparse`` size, write the data runs from the same buffer and zero the zero runs, then
+take the next piece. Nothing is copied in Python; every completion is checked, and the first
+failure ends the copy with nbdcopy's message.
+
+Synchronous copy (``--synchronous``, and always when either end is a stream): in order, one
+request-size chunk after another, with several reads in flight when the source is NBD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from pynbd.tools._copy_ends import CopyError, End, OpError
+
+__all__ = ["Options", "Progress", "copy_multi", "copy_sync", "zero_runs"]
+
+#: Work range a worker takes at a time (nbdcopy's THREAD_WORK_SIZE).
+THREAD_WORK_SIZE = 128 * 1024 * 1024
+#: How often the terminal bar is redrawn between nbdcopy's own updates (seconds).
+BAR_INTERVAL = 0.2
+
+
+@dataclass
+class Options:
+    allocated: bool = False
+    destination_is_zero: bool = False
+    extents: bool = True
+    request_size: int = 1 << 18
+    requests: int = 64
+    queue_size: int = 16 << 20
+    sparse_size: int = 4096
+    connections: int = 1
+
+
+class Progress:
+    """nbdcopy's progress bar: on the terminal, or ``N/100`` lines on a descriptor."""
+
+    SPINNER = ("▝", "▐", "▗", "▃", "▖", "▍", "▘", "▀")
+
+    def __init__(self, enabled: bool, fd: int = -1) -> None:
+        self.enabled = enabled
+        self.fd = fd
+        self.tty = -2  # not opened yet
+        self.spin = 0
+        self.last = 0.0
+
+    def __call__(self, pos: int, size: int) -> None:
+        if not self.enabled or size == 0:
+            return
+        frac = min(max(pos / size, 0.0), 1.0)
+        if self.fd >= 0:
+            msg = "100/100\n" if frac == 1 else f"{int(100 * frac)}/100\n"
+            self._write(self.fd, msg)
+            return
+        if self.tty == -2:
+            try:
+                self.tty = os.open("/dev/tty", os.O_WRONLY | os.O_NOCTTY | os.O_CLOEXEC)
+            except OSError:
+                self.tty = -1
+        if self.tty < 0:
+            return
+        self.last = time.monotonic()
+        if frac == 1:
+            msg = "█ 100% [****************************************]\n"
+            self.enabled = False
+        else:
+            stars = 0
+            while stars < 40 and stars < 40 * frac:
+                stars += 1
+            msg = (f"{self.SPINNER[self.spin]} {int(100 * frac):3d}% "
+                   f"[{'*' * stars}{'-' * (40 - stars)}]\r")
+            self.spin = (self.spin + 1) % len(self.SPINNER)
+        self._write(self.tty, msg)
+
+    def tick(self, pos: int, size: int) -> None:
+        """An extra redraw of the terminal bar between work ranges, at most every
+        BAR_INTERVAL (the lines written to a descriptor stay exactly nbdcopy's)."""
+        if self.enabled and self.fd < 0 and self.tty != -1 and \
+                time.monotonic() - self.last >= BAR_INTERVAL:
+            self(pos, size)
+
+    @staticmethod
+    def _write(fd: int, msg: str) -> None:
+        try:
+            os.write(fd, msg.encode())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.tty >= 0:
+            os.close(self.tty)
+            self.tty = -1
+
+
+# ----------------------------------------------------------------------------- zero blocks
+
+_zero_cache: dict[int, bytes] = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _zero_cache.get(n)
+    if z is None:
+        z = _zero_cache[n] = bytes(n)
+    return z
+
+
+def zero_runs(buf: bytearray, length: int, offset: int,
+              sparse: int) -> list[tuple[int, int, bool]] | None:
+    """Split buf[:length] (which holds the disk from ``offset``) into runs of data and of
+    whole all-zero ``sparse``-sized blocks aligned on the disk, as nbdcopy does.
+
+    Returns None when there is no zero block (the common case, found with one strided
+    probe of each block's last byte), else [(start, length, is_zero), ...] relative to buf.
+    """
+    first = -offset % sparse
+    if first >= length:
+        return None
+    nblocks = (length - first) // sparse
+    if nblocks == 0:
+        return None
+    # A block whose last byte is not zero is data: look closer only at the others.
+    probe = memoryview(buf)[first + sparse - 1:first + nblocks * sparse:sparse].tobytes()
+    k = probe.find(0)
+    if k < 0:
+        return None
+    zero = _zeros(sparse)
+    if k == 0 and probe.count(0) == nblocks and \
+            buf.startswith(_zeros(nblocks * sparse), first):
+        flags = [True] * nblocks
+    else:
+        flags = [False] * nblocks
+        startswith = buf.startswith
+        while k >= 0:
+            if startswith(zero, first + k * sparse):
+                flags[k] = True
+            k = probe.find(0, k + 1)
+        if True not in flags:
+            return None
+    runs: list[tuple[int, int, bool]] = []
+    if first:
+        runs.append((0, first, False))
+    pos = first
+    for z in flags:
+        if runs and runs[-1][2] == z and runs[-1][0] + runs[-1][1] == pos:
+            s, n, _ = runs[-1]
+            runs[-1] = (s, n + sparse, z)
+        else:
+            runs.append((pos, sparse, z))
+        pos += sparse
+    if pos < length:
+        if runs[-1][2] is False:
+            s, n, _ = runs[-1]
+            runs[-1] = (s, n + length - pos, False)
+        else:
+            runs.append((pos, length - pos, False))
+    return runs
+
+
+# ----------------------------------------------------------------------------- the copy
+
+
+class _Failed(Exception):
+    """The copy failed; the message is already recorded."""
+
+
+class _Copy:
+    def __init__(self, src: End, dst: End, opts: Options, progress: Progress) -> None:
+        self.src = src
+        self.dst = dst
+        self.o = opts
+        self.progress = progress
+        self.next_offset = 0
+        self.error: str | None = None
+        self.zero_buf = _zeros(opts.request_size)
+
+    def fail(self, msg: str) -> _Failed:
+        if self.error is None:
+            self.error = msg
+        return _Failed(msg)
+
+    # -- zero ranges on the destination (fill_dst_range_with_zeroes) --------------------
+    async def fill_zero(self, index: int, offset: int, count: int) -> None:
+        if self.o.destination_is_zero:
+            return
+        dst = self.dst
+        try:
+            if await dst.zero(index, offset, count, self.o.allocated):
+                return
+            # The destination cannot zero: write zeroes.
+            zb = memoryview(self.zero_buf)
+            rs = len(zb)
+            while count > 0:
+                n = min(count, rs)
+                await dst.write(index, zb[:n], offset)
+                offset += n
+                count -= n
+        except OpError as e:
+            raise self.fail(f"nbdcopy: write at offset {offset} failed: "
+                            f"{os.strerror(e.errno)}") from None
+
+    # -- multi-connection ---------------------------------------------------------------
+    def take_range(self) -> tuple[int, int] | None:
+        size = self.src.size
+        off = self.next_offset
+        if off >= size:
+            return None
+        count = min(THREAD_WORK_SIZE, size - off)
+        self.next_offset = off + THREAD_WORK_SIZE
+        self.progress(off, size)
+        return off, count
+
+    async def worker(self, index: int) -> None:
+        o = self.o
+        src, dst = self.src, self.dst
+        rs = o.request_size
+        pieces: deque[tuple[int, int, bool]] = deque()
+        lock = asyncio.Lock()
+        done = False
+        use_extents = o.extents
+        size = src.size
+        progress = self.progress
+
+        async def refill() -> bool:
+            nonlocal done
+            async with lock:
+                while not pieces and not done:
+                    r = self.take_range()
+                    if r is None:
+                        done = True
+                        break
+                    off, count = r
+                    if use_extents:
+                        try:
+                            exts = await src.extents(index, off, count)
+                        except OpError as e:
+                            raise self.fail(f"{src.name}: {e.detail}") from None
+                        except CopyError as e:
+                            raise self.fail(str(e)) from None
+                    else:
+                        exts = [(off, count, False)]
+                    for eoff, elen, ezero in exts:
+                        if ezero:
+                            pieces.append((eoff, elen, True))
+                            continue
+                        while elen > 0:
+                            n = min(elen, rs)
+                            pieces.append((eoff, n, False))
+                            eoff += n
+                            elen -= n
+            return bool(pieces)
+
+        sparse = 0 if (o.allocated or dst.discards) else o.sparse_size
+
+        async def lane() -> None:
+            buf = bytearray(rs)
+            mv = memoryview(buf)
+            read_into, write = src.read_into, dst.write
+            popleft = pieces.popleft
+            while True:
+                if not pieces and not await refill():
+                    return
+                if not pieces:
+                    continue
+                off, n, is_zero = popleft()
+                progress.tick(off, size)
+                if is_zero:
+                    await self.fill_zero(index, off, n)
+                    continue
+                v = mv if n == rs else mv[:n]
+                try:
+                    await read_into(index, v, off)
+                except OpError as e:
+                    raise self.fail(f"nbdcopy: read at offset {off} failed: "
+                                    f"{os.strerror(e.errno)}") from None
+                runs = zero_runs(buf, n, off, sparse) if sparse else None
+                if runs is None:
+                    try:
+                        await write(index, v, off)
+                    except OpError as e:
+                        raise self.fail(f"nbdcopy: write at offset {off} failed: "
+                                        f"{os.strerror(e.errno)}") from None
+                    continue
+                for start, length, z in runs:
+                    if z:
+                        await self.fill_zero(index, off + start, length)
+                        continue
+                    try:
+                        await write(index, mv[start:start + length], off + start)
+                    except OpError as e:
+                        raise self.fail(f"nbdcopy: write at offset {off + start} failed: "
+                                        f"{os.strerror(e.errno)}") from None
+
+        nlanes = max(1, min(o.requests, o.queue_size // rs))
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(nlanes):
+                tg.create_task(lane())
+
+    async def run_multi(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i in range(self.o.connections):
+                    tg.create_task(self.worker(i))
+        except BaseExceptionGroup as eg:
+            self._reraise(eg)
+
+    def _reraise(self, eg: BaseExceptionGroup) -> None:
+        if self.error is not None:
+            raise CopyError(self.error) from None
+        for e in _leaves(eg):
+            if isinstance(e, CopyError):
+                raise e from None
+        raise eg
+
+    # -- synchronous ----------------------------------------------------------------------
+    async def run_sync(self) -> None:
+        src, o = self.src, self.o
+        rs = o.request_size
+        progress = self.progress
+        if src.size < 0:
+            buf = bytearray(rs)
+            mv = memoryview(buf)
+            offset = 0
+            while True:
+                try:
+                    n = await src.read_stream(mv)
+                except OpError as e:
+                    raise CopyError(f"{src.name}: {e.detail}") from None
+                if n == 0:
+                    break
+                await self._sync_write(mv[:n], offset)
+                offset += n
+                progress(offset, src.size)
+                if n < rs:
+                    break
+            return
+        # Known size: request-size chunks in order; several reads in flight when the
+        # source can take them (an NBD server), written out in order.
+        depth = max(1, min(o.requests, o.queue_size // rs)) if not src.stream else 1
+        bufs = [bytearray(rs) for _ in range(depth)]
+        size = src.size
+        offset = 0
+        while offset < size:
+            count = min(rs * depth, size - offset)
+            if o.extents:
+                try:
+                    exts = await src.extents(0, offset, count)
+                except OpError as e:
+                    raise CopyError(f"{src.name}: {e.detail}") from None
+            else:
+                exts = [(offset, count, False)]
+            for eoff, elen, ezero in exts:
+                if ezero:
+                    await self._sync_zero(eoff, elen)
+                    offset = eoff + elen
+                    continue
+                pieces = []
+                while elen > 0:
+                    n = min(elen, rs)
+                    pieces.append((eoff, n))
+                    eoff += n
+                    elen -= n
+                views = [memoryview(bufs[i])[:n] for i, (_, n) in enumerate(pieces)]
+                reads = [src.read_into(0, v, off) for v, (off, _) in zip(views, pieces)]
+                results = await asyncio.gather(*reads, return_exceptions=True)
+                for (off, n), v, r in zip(pieces, views, results):
+                    if isinstance(r, OpError):
+                        raise CopyError(f"{src.name}: {r.detail}")
+                    if isinstance(r, BaseException):
+                        raise r
+                    await self._sync_write(v, off)
+                    offset = off + n
+                    progress(offset, size)
+
+    async def _sync_write(self, v: memoryview, offset: int) -> None:
+        try:
+            await self.dst.write(0, v, offset)
+        except OpError as e:
+            raise CopyError(f"{self.dst.name}: {e.detail}") from None
+
+    async def _sync_zero(self, offset: int, count: int) -> None:
+        dst = self.dst
+        if self.o.destination_is_zero and not dst.stream:
+            return
+        try:
+            if not dst.stream and await dst.zero(0, offset, count, self.o.allocated):
+                return
+        except OpError as e:
+            raise CopyError(f"{dst.name}: {e.detail}") from None
+        zb = memoryview(self.zero_buf)
+        while count > 0:
+            n = min(count, len(zb))
+            await self._sync_write(zb[:n], offset)
+            offset += n
+            count -= n
+
+
+def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            out += _leaves(e)
+        else:
+            out.append(e)
+    return out
+
+
+async def copy_multi(src: End, dst: End, opts: Options, progress: Progress) -> None:
+    await _Copy(src, dst, opts, progress).run_multi()
+
+
+async def copy_sync(src: End, dst: End, opts: Options, progress: Progress) -> None:
+    await _Copy(src, dst, opts, progress).run_sync()
+

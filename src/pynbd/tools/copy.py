@@ -1,0 +1,463 @@
+"""``pynbd copy``: nbdcopy 1.14's command line on pynbd's asyncio client.
+
+    pynbd copy [--allocated] [-C N|--connections=N]
+               [--destination-is-zero|--target-is-zero] [--flush]
+               [--no-extents] [-p|--progress|--progress=FD]
+               [--queue-size=N] [--request-size=N] [-R N|--requests=N]
+               [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
+               [-v|--verbose]
+               SOURCE DESTINATION
+
+SOURCE and DESTINATION are each ``-`` (standard input/output), a file, a block device, an
+NBD URI or ``[ CMD ARGS ... ]`` (a server started with systemd socket activation); the
+destination may also be ``null:``. Options, messages and exit statuses are nbdcopy's; the
+user guide is docs/copy.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from pynbd.tools._copy_ends import (
+    CopyError,
+    End,
+    NbdEnd,
+    NullEnd,
+    OpError,
+    human_size,
+    open_local,
+)
+from pynbd.tools._copy_run import Options, Progress, copy_multi, copy_sync
+
+__all__ = ["main"]
+
+PROG = "nbdcopy"
+#: The libnbd release whose nbdcopy this command follows (--version prints it).
+LIBNBD_VERSION = "1.14.2"
+MIN_REQUEST_SIZE = 4096
+MAX_REQUEST_SIZE = 32 * 1024 * 1024
+
+USAGE = """
+Copy to and from an NBD server:
+
+    nbdcopy [--allocated] [-C N|--connections=N]
+            [--destination-is-zero|--target-is-zero] [--flush]
+            [--no-extents] [-p|--progress|--progress=FD]
+            [--queue-size=N] [--request-size=N] [-R N|--requests=N]
+            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N] 
+            [-v|--verbose]
+            SOURCE DESTINATION
+
+    SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
+    DESTINATION += null:
+
+Other options:
+
+    nbdcopy --help
+    nbdcopy -V|--version
+
+Examples:
+
+    nbdcopy nbd://example.com local.img
+    nbdcopy local.img nbd://example.com
+    nbdcopy nbd://example.com - | file -
+    cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
+
+Please read the nbdcopy(1) manual page for full usage.
+
+"""
+
+SHORT_OPTIONS = "C:pR:S:T:vV"
+#: (name, argument: 0 none / 1 required / 2 optional, key) in nbdcopy's order.
+LONG_OPTIONS: list[tuple[str, int, str]] = [
+    ("help", 0, "help"),
+    ("long-options", 0, "long-options"),
+    ("allocated", 0, "allocated"),
+    ("connections", 1, "C"),
+    ("destination-is-zero", 0, "destination-is-zero"),
+    ("flush", 0, "flush"),
+    ("no-extents", 0, "no-extents"),
+    ("progress", 2, "p"),
+    ("queue-size", 1, "queue-size"),
+    ("request-size", 1, "request-size"),
+    ("requests", 1, "R"),
+    ("short-options", 0, "short-options"),
+    ("sparse", 1, "S"),
+    ("synchronous", 0, "synchronous"),
+    ("target-is-zero", 0, "destination-is-zero"),
+    ("threads", 1, "T"),
+    ("verbose", 0, "v"),
+    ("version", 0, "V"),
+]
+
+NBD_URI_PREFIXES = ("nbd:", "nbds:", "nbd+unix:", "nbds+unix:", "nbd+vsock:", "nbds+vsock:")
+
+
+class UsageError(Exception):
+    """A bad command line: the message is the one line printed."""
+
+
+class _Exit(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def getopt_long(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """glibc getopt_long() with argument permutation, abbreviated long options and its
+    exact error texts. Returns ([(key, value)], operands)."""
+    opts: list[tuple[str, str | None]] = []
+    operands: list[str] = []
+    takes = {c: SHORT_OPTIONS[i + 1:i + 2] == ":" for i, c in enumerate(SHORT_OPTIONS)
+             if c != ":"}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if a == "--":
+            operands += argv[i:]
+            break
+        if a.startswith("--"):
+            body = a[2:]
+            name, eq, value = body.partition("=")
+            exact = [o for o in LONG_OPTIONS if o[0] == name]
+            matches = exact or [o for o in LONG_OPTIONS if o[0].startswith(name)]
+            if not matches:
+                raise UsageError(f"{PROG}: unrecognized option '--{name}'")
+            if len({(o[1], o[2]) for o in matches}) > 1:
+                poss = " ".join(f"'--{o[0]}'" for o in matches)
+                raise UsageError(f"{PROG}: option '--{name}' is ambiguous; "
+                                 f"possibilities: {poss}")
+            full, has_arg, key = matches[0]
+            if has_arg == 0:
+                if eq:
+                    raise UsageError(f"{PROG}: option '--{full}' doesn't allow an argument")
+                opts.append((key, None))
+            elif has_arg == 1:
+                if not eq:
+                    if i >= len(argv):
+                        raise UsageError(f"{PROG}: option '--{full}' requires an argument")
+                    value = argv[i]
+                    i += 1
+                opts.append((key, value))
+            else:
+                opts.append((key, value if eq else None))
+            continue
+        if a.startswith("-") and a != "-":
+            j = 1
+            while j < len(a):
+                c = a[j]
+                j += 1
+                if c not in takes:
+                    raise UsageError(f"{PROG}: invalid option -- '{c}'")
+                if takes[c]:
+                    if j < len(a):
+                        value = a[j:]
+                    elif i < len(argv):
+                        value = argv[i]
+                        i += 1
+                    else:
+                        raise UsageError(f"{PROG}: option requires an argument -- '{c}'")
+                    opts.append((c, value))
+                    break
+                opts.append((c, None))
+            continue
+        operands.append(a)
+    return opts, operands
+
+
+_NUM = re.compile(r"\s*([+-]?)(\d+)")
+
+
+def _scan_unsigned(s: str) -> int | None:
+    """sscanf("%u"): leading digits (trailing text ignored); a minus sign wraps."""
+    m = _NUM.match(s)
+    if not m:
+        return None
+    v = int(m.group(2))
+    if v > 0xFFFFFFFFFFFFFFFF:
+        return 0xFFFFFFFF
+    if m.group(1) == "-":
+        v = -v
+    return v & 0xFFFFFFFF
+
+
+def _scan_int(s: str) -> int | None:
+    """sscanf("%d")."""
+    m = _NUM.match(s)
+    if not m:
+        return None
+    v = int(m.group(2))
+    v = -v if m.group(1) == "-" else v
+    return max(min(v, 0x7FFFFFFF), -0x80000000)
+
+
+@dataclass
+class Settings:
+    allocated: bool = False
+    connections: int = 4
+    destination_is_zero: bool = False
+    extents: bool = True
+    flush: bool = False
+    requests: int = 64
+    progress: bool = False
+    progress_fd: int = -1
+    queue_size: int = 16 << 20
+    request_size: int = 1 << 18
+    sparse_size: int = 4096
+    synchronous: bool = False
+    threads: int = 0
+    verbose: bool = False
+    operands: list[str] = field(default_factory=list)
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def parse(argv: list[str]) -> Settings:
+    """Parse nbdcopy's options. Raises UsageError (one line) or _Exit (help, version)."""
+    opts, operands = getopt_long(argv)
+    s = Settings(operands=operands)
+    for key, val in opts:
+        if key == "help":
+            sys.stdout.write(USAGE)
+            raise _Exit(0)
+        if key == "long-options":
+            for name, _, _ in LONG_OPTIONS:
+                if name not in ("long-options", "short-options"):
+                    print(f"--{name}")
+            raise _Exit(0)
+        if key == "short-options":
+            for c in SHORT_OPTIONS:
+                if c != ":":
+                    print(f"-{c}")
+            raise _Exit(0)
+        if key == "V":
+            print(f"nbdcopy {LIBNBD_VERSION}\nlibnbd {LIBNBD_VERSION}")
+            raise _Exit(0)
+        if key == "allocated":
+            s.allocated = True
+        elif key == "destination-is-zero":
+            s.destination_is_zero = True
+        elif key == "flush":
+            s.flush = True
+        elif key == "no-extents":
+            s.extents = False
+        elif key == "synchronous":
+            s.synchronous = True
+        elif key == "v":
+            s.verbose = True
+        elif key == "C":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None or n == 0:
+                raise UsageError(f"{PROG}: --connections: could not parse: {val}")
+            s.connections = n
+        elif key == "p":
+            s.progress = True
+            if val is not None:
+                fd = _scan_int(val)
+                if fd is None or fd < 0:
+                    raise UsageError(f"{PROG}: --progress: could not parse: {val}")
+                s.progress_fd = fd
+        elif key == "queue-size":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None:
+                raise UsageError(f"{PROG}: --queue-size: could not parse: {val}")
+            s.queue_size = n
+        elif key == "request-size":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None:
+                raise UsageError(f"{PROG}: --request-size: could not parse: {val}")
+            if not MIN_REQUEST_SIZE <= n <= MAX_REQUEST_SIZE or not _is_pow2(n):
+                raise UsageError(f"{PROG}: --request-size: must be a power of 2 within "
+                                 f"{MIN_REQUEST_SIZE}-{MAX_REQUEST_SIZE}")
+            s.request_size = n
+        elif key == "R":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None or n == 0:
+                raise UsageError(f"{PROG}: --requests: could not parse: {val}")
+            s.requests = n
+        elif key == "S":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None:
+                raise UsageError(f"{PROG}: --sparse: could not parse: {val}")
+            if n != 0 and (n < 512 or not _is_pow2(n)):
+                raise UsageError(f"{PROG}: --sparse: must be a power of 2 and >= 512")
+            s.sparse_size = n
+        elif key == "T":
+            assert val is not None
+            n = _scan_unsigned(val)
+            if n is None:
+                raise UsageError(f"{PROG}: --threads: could not parse: {val}")
+            s.threads = n
+    return s
+
+
+@dataclass
+class _Spec:
+    kind: str  # "nbd", "cmd", "null", "local"
+    text: str
+    argv: list[str] = field(default_factory=list)
+
+
+def _split_operands(ops: list[str]) -> tuple[_Spec, _Spec]:
+    """SOURCE DESTINATION, either of which may be ``[ CMD ARGS ... ]``."""
+    specs: list[_Spec] = []
+    i = 0
+    for which in ("SOURCE", "DESTINATION"):
+        if i >= len(ops):
+            missing = "SOURCE and DESTINATION" if which == "SOURCE" else "DESTINATION"
+            raise UsageError(f"{PROG}: missing {missing}; try '{PROG} --help'")
+        a = ops[i]
+        if a == "[":
+            try:
+                j = ops.index("]", i + 1)
+            except ValueError:
+                raise UsageError(f"{PROG}: {which} '[' has no matching ']'") from None
+            argv = ops[i + 1:j]
+            if not argv:
+                raise UsageError(f"{PROG}: {which} '[ ]' has no command")
+            specs.append(_Spec("cmd", argv[0], argv))
+            i = j + 1
+        else:
+            if which == "DESTINATION" and a == "null:":
+                specs.append(_Spec("null", a))
+            elif a.startswith(NBD_URI_PREFIXES):
+                specs.append(_Spec("nbd", a))
+            else:
+                specs.append(_Spec("local", a))
+            i += 1
+    if i != len(ops):
+        raise UsageError(f"{PROG}: unexpected extra argument '{ops[i]}'; "
+                         f"try '{PROG} --help'")
+    return specs[0], specs[1]
+
+
+async def _open(spec: _Spec, reading: bool, s: Settings) -> tuple[End, bool]:
+    if spec.kind == "null":
+        return NullEnd(spec.text), False
+    if spec.kind in ("nbd", "cmd"):
+        end = NbdEnd(spec.text, uri=spec.text if spec.kind == "nbd" else None,
+                     argv=spec.argv if spec.kind == "cmd" else None,
+                     reading=reading, extents=s.extents)
+        await end.open()
+        return end, False
+    return open_local(spec.text, writing=not reading)
+
+
+def _print_rw(end: End, prefix: str) -> None:
+    print(f"{prefix}: {end.ops_name} \"{end.name}\"", file=sys.stderr)
+    print(f"{prefix}: size={end.size} ({human_size(end.size)}), "
+          f"preferred block size={end.preferred}", file=sys.stderr)
+
+
+async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
+    ends: list[End] = []
+    progress = Progress(s.progress, s.progress_fd)
+    ok = False
+    try:
+        connections = s.connections
+        synchronous = s.synchronous
+        if src_spec.kind == "cmd" or dst_spec.kind == "cmd":
+            connections = 1  # multi-conn not supported with socket activation
+        src, sync1 = await _open(src_spec, True, s)
+        ends.append(src)
+        dst, sync2 = await _open(dst_spec, False, s)
+        ends.append(dst)
+        synchronous = synchronous or sync1 or sync2
+
+        if dst.is_read_only():
+            raise CopyError(f"{PROG}: {dst.name}: "
+                            "the destination is read-only, cannot write to it")
+        if not src.can_multi_conn() or not dst.can_multi_conn():
+            connections = 1
+        threads = s.threads or (os.cpu_count() or 1)
+        if synchronous:
+            connections = 1
+        threads = min(threads, connections)
+        connections = threads
+
+        request_size = max(s.request_size, src.preferred, dst.preferred)
+        queue_size = max(s.queue_size, request_size)
+        sparse_size = s.sparse_size
+        if 0 < sparse_size < dst.preferred:
+            sparse_size = dst.preferred
+
+        dst.truncate(src.size)
+        if src.size >= 0 and dst.size >= 0 and src.size > dst.size:
+            raise CopyError(f"{PROG}: error: destination size is smaller than source size")
+
+        if s.verbose:
+            _print_rw(src, "nbdcopy: src")
+            _print_rw(dst, "nbdcopy: dst")
+            print(f"nbdcopy: connections={connections} requests={s.requests} "
+                  f"threads={threads} synchronous={'true' if synchronous else 'false'}",
+                  file=sys.stderr)
+
+        if connections > 1:
+            await src.start_multi_conn(connections)
+            await dst.start_multi_conn(connections)
+
+        opts = Options(allocated=s.allocated, destination_is_zero=s.destination_is_zero,
+                       extents=s.extents and src.can_extents(), request_size=request_size,
+                       requests=s.requests, queue_size=queue_size, sparse_size=sparse_size,
+                       connections=connections)
+        progress(0, 1)
+        if synchronous:
+            await copy_sync(src, dst, opts, progress)
+        else:
+            await copy_multi(src, dst, opts, progress)
+        progress(1, 1)
+
+        ends.remove(src)
+        await src.close()
+        if s.flush:
+            try:
+                await dst.flush()
+            except OpError as e:
+                raise CopyError(f"{dst.name}: {e.detail}") from None
+        ends.remove(dst)
+        await dst.close()
+        ok = True
+    finally:
+        progress.close()
+        if not ok:
+            for end in ends:
+                end.abandon()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        s = parse(args)
+        src_spec, dst_spec = _split_operands(s.operands)
+    except _Exit as e:
+        return e.status
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(_run(s, src_spec, dst_spec))
+    except CopyError as e:
+        sys.stdout.flush()
+        print(str(e), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"{PROG}: {e or type(e).__name__}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
