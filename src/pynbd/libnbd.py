@@ -442,6 +442,11 @@ class _CountingStream:
         self._stats.bytes_received += n
         return n  # type: ignore[no-any-return]
 
+    def readinto2(self, first: memoryview, then: memoryview) -> int:
+        n = self._inner.readinto2(first, then)
+        self._stats.bytes_received += n
+        return n  # type: ignore[no-any-return]
+
     async def read_some(self, *a: Any, **kw: Any) -> bytes:
         data: bytes = await self._inner.read_some(*a, **kw)
         self._stats.bytes_received += len(data)

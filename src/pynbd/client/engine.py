@@ -75,6 +75,7 @@ __all__ = [
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
+_FLUSH = int(Cmd.FLUSH)
 _ERRH = struct.Struct(">IH")
 _HOLE = struct.Struct(">QI")
 
@@ -85,6 +86,12 @@ DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: Largest non-data reply chunk accepted (a block-status chunk of 2^20 extents fits).
 MAX_CHUNK = 64 * 1024 * 1024
 _RECV_BUF = 1024 * 1024
+#: With a payload being received into its destination, at most this much more is read into
+#: the receive buffer in the same system call: the next reply headers, and small replies,
+#: without copying much of the next large payload twice.
+_SCATTER_TAIL = 4096
+#: Requests in flight averaging more than this many bytes count as large reads.
+_BIG_READS = 32 * 1024
 #: Largest READ/WRITE payload sent in strict mode whatever the server advertises (libnbd's cap).
 MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024
 #: Seconds a command= server may take to exit after we hang up before it gets SIGTERM.
@@ -160,6 +167,7 @@ class AsyncClient:
         self.meta_contexts: dict[int, str] = {}
         self._meta_requested: list[str] = []
         self.strict: bool | int = True
+        self._strict_rules: dict[tuple[int, int, int], Any] = {}
         self.handshake_flags = 3
         self.request_structured = True
         self.request_extended = False
@@ -570,6 +578,7 @@ class AsyncClient:
         if trailing:
             raise RemoteProtocolError("server sent data before the first request")
         self.connected = True
+        self._strict_rules.clear()
         self.stream.on_write_error = self._on_write_error
         self.stream.set_reader(self._on_readable)
 
@@ -644,38 +653,58 @@ class AsyncClient:
         st = self._strict_mask()
         if not st:
             return
-        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0) & 0xFFFF:
-            raise CommandError(E.EINVAL, "invalid flag for this command")
-        if st & STRICT_COMMANDS:
-            if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
-                raise CommandError(E.ENOTSUP, "did not negotiate any metadata contexts")
-            if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
-                raise CommandError(E.EPERM, "server does not support write operations")
-            if cmd == Cmd.FLUSH and not self.can_flush():
-                raise CommandError(E.EINVAL, "server does not support flush operations")
-            if cmd == Cmd.TRIM and not self.can_trim():
-                raise CommandError(E.EINVAL, "server does not support trim operations")
-            if cmd == Cmd.WRITE_ZEROES and not self.can_zero():
-                raise CommandError(E.EINVAL, "server does not support zero operations")
-            if cmd == Cmd.CACHE and not self.can_cache():
-                raise CommandError(E.EINVAL, "server does not support cache operations")
-            if flags & CmdFlag.FUA and not self.can_fua():
-                raise CommandError(E.EINVAL, "server does not support the FUA flag")
-            if flags & CmdFlag.DF and not self.can_df():
-                raise CommandError(E.EINVAL, "server does not support the DF flag")
-            if flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
-                raise CommandError(E.EINVAL, "server does not support the fast zero flag")
-        if cmd != Cmd.FLUSH:
-            if st & STRICT_ZERO_SIZE and length == 0:
+        # What depends only on the command, its flags, the mode and the export is decided
+        # once per combination (the export's flags and limits do not change once connected).
+        key = (cmd, flags, st)
+        rule = self._strict_rules.get(key)
+        if rule is None:
+            rule = self._strict_rules[key] = self._strict_rule(cmd, flags, st)
+        err, zero_ok, max_len, align, limit = rule
+        if err is not None:
+            raise CommandError(*err)
+        if cmd != _FLUSH:
+            if length == 0 and not zero_ok:
                 raise CommandError(E.EINVAL, "count cannot be 0")
-            if st & STRICT_BOUNDS and offset + length > self.export.size:
+            if offset + length > limit:
                 raise CommandError(E.EINVAL, "request out of bounds")
-            mn = self.block_size()[0]
-            if st & STRICT_ALIGN and mn > 1 and (offset % mn or length % mn):
+            if align > 1 and (offset % align or length % align):
                 raise CommandError(E.EINVAL, "request is unaligned")
-        if (st & STRICT_PAYLOAD and cmd in (Cmd.READ, Cmd.WRITE)
-                and length > min(self.block_size()[2], MAX_REQUEST_PAYLOAD)):
+        if length > max_len:
             raise CommandError(E.ERANGE, "request too large for the maximum payload")
+
+    def _strict_rule(self, cmd: int, flags: int,
+                     st: int) -> tuple[tuple[int, str] | None, bool, int, int, int]:
+        """(error or None, zero length allowed, largest length, alignment, end of the export)."""
+        err: tuple[int, str] | None = None
+        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0) & 0xFFFF:
+            err = (E.EINVAL, "invalid flag for this command")
+        elif st & STRICT_COMMANDS:
+            if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
+                err = (E.ENOTSUP, "did not negotiate any metadata contexts")
+            elif cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
+                err = (E.EPERM, "server does not support write operations")
+            elif cmd == Cmd.FLUSH and not self.can_flush():
+                err = (E.EINVAL, "server does not support flush operations")
+            elif cmd == Cmd.TRIM and not self.can_trim():
+                err = (E.EINVAL, "server does not support trim operations")
+            elif cmd == Cmd.WRITE_ZEROES and not self.can_zero():
+                err = (E.EINVAL, "server does not support zero operations")
+            elif cmd == Cmd.CACHE and not self.can_cache():
+                err = (E.EINVAL, "server does not support cache operations")
+            elif flags & CmdFlag.FUA and not self.can_fua():
+                err = (E.EINVAL, "server does not support the FUA flag")
+            elif flags & CmdFlag.DF and not self.can_df():
+                err = (E.EINVAL, "server does not support the DF flag")
+            elif flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
+                err = (E.EINVAL, "server does not support the fast zero flag")
+        zero_ok = not st & STRICT_ZERO_SIZE
+        mn = self.block_size()[0]
+        align = mn if st & STRICT_ALIGN else 1
+        max_len = 1 << 64
+        if st & STRICT_PAYLOAD and cmd in (Cmd.READ, Cmd.WRITE):
+            max_len = min(self.block_size()[2], MAX_REQUEST_PAYLOAD)
+        limit = self.export.size if st & STRICT_BOUNDS else 1 << 64
+        return err, zero_ok, max_len, align, limit
 
     async def _submit(self, cmd: int, offset: int, length: int, flags: int = 0,
                       payload: Any = None, dest: memoryview | None = None,
@@ -850,14 +879,21 @@ class AsyncClient:
     # the reader
     def _on_readable(self) -> None:
         try:
-            if self._sink is not None:
-                n = self.stream.readinto(self._sink[self._sink_got:])  # type: ignore[union-attr]
+            sink = self._sink
+            if sink is not None:
+                # The rest of a payload straight into its destination, and what follows (the
+                # next reply headers) into the receive buffer, which is empty in this state.
+                want = len(sink) - self._sink_got
+                n = self.stream.readinto2(  # type: ignore[union-attr]
+                    sink[self._sink_got:], self._view[:_SCATTER_TAIL])
                 if n == 0:
                     return self._fail(ConnectionError(
                     "server closed the connection in the middle of a reply"))
-                self._sink_got += n
-                if self._sink_got < len(self._sink):
+                if n < want:
+                    self._sink_got += n
                     return
+                self._end = n - want
+                self._sink_got = len(sink)
                 done = self._sink_done
                 self._sink = None
                 self._sink_done = None
@@ -866,7 +902,12 @@ class AsyncClient:
             else:
                 if self._end == len(self._buf):
                     self._compact()
-                n = self.stream.readinto(self._view[self._end:])  # type: ignore[union-attr]
+                end = len(self._buf)
+                if self._bytes_in_flight > _BIG_READS * len(self._pending):
+                    # Mostly large reads in flight: take little more than the next header,
+                    # so that their payloads land in their destinations (see _into), not here.
+                    end = min(end, self._end + _SCATTER_TAIL)
+                n = self.stream.readinto(self._view[self._end:end])  # type: ignore[union-attr]
                 if n == 0:
                     if self._end > self._pos:
                         return self._fail(ConnectionError(

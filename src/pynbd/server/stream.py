@@ -69,6 +69,10 @@ class FdStream:
         """Read what is available into ``view``; 0 at EOF; BlockingIOError when none."""
         return os.readv(self.rfd, [view])
 
+    def readinto2(self, first: memoryview, then: memoryview) -> int:
+        """Scatter read: fill ``first``, then ``then`` (one system call)."""
+        return os.readv(self.rfd, [first, then])
+
     async def read_some(self, n: int = 65536) -> bytes:
         """Await some bytes (b"" at EOF, or after :meth:`interrupt_read`). Used during
         negotiation only."""
