@@ -17,6 +17,7 @@ what nbdinfo itself prints reaches stdout. See docs/info.md for the differences.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -368,11 +369,7 @@ class _Info:
         h = self.h
         assert h is not None and self.can is not None
         name = self.can.lower()
-        getters: dict[str, Callable[[], Any]] = {}
-        for names, getter in _CAN_TABLE:
-            for n in names:
-                getters[n] = getter
-        getter = getters.get(name)
+        getter = _CAN_GETTERS.get(name)
         if getter is None:
             _fail(f"unknown --can or --is option: {self.can}")
         try:
@@ -393,6 +390,11 @@ class _Info:
         try:
             h.opt_list(collect)
         except nbd.Error as e:
+            if not h.aio_is_negotiating() and _try(h.get_protocol, "") == "newstyle":
+                # pynbd.libnbd finishes a plain-newstyle handshake at connect time, so the
+                # handle is not negotiating any more; libnbd reports the real reason.
+                _fail("nbd_opt_list: server is not using fixed newstyle protocol: "
+                      "Operation not supported")
             _nbd_fail(e)
         if self.probe_content:
             # Leave the server alone while we connect once per export (it may serialize
@@ -420,7 +422,7 @@ class _Info:
                     if not self.show_one_export(h2, desc, i == 0, i + 1 == len(self.exports)):
                         list_okay = False
                 finally:
-                    _try(lambda: h2.shutdown(0), None)
+                    _try(functools.partial(h2.shutdown, 0), None)
                     _try(h2.close, None)
             else:
                 try:
@@ -593,8 +595,9 @@ class _Info:
             # nbdinfo runs "file -b TEMPFILE" through popen(3), so through /bin/sh: a
             # missing file(1) gets the shell's own message on stderr.
             try:
-                proc = subprocess.run(f"file -b {path}", shell=True, stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, check=False)
+                proc = subprocess.run(["sh", "-c", f"file -b {path}"], executable="/bin/sh",
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      check=False)
             except OSError:
                 return None
             if not proc.stdout:
@@ -774,6 +777,8 @@ _CAN_TABLE: list[tuple[tuple[str, ...], Callable[[nbd.NBD], Any]]] = [
     (("trim",), lambda h: h.can_trim()),
     (("zero",), lambda h: h.can_zero()),
 ]
+
+_CAN_GETTERS = {name: getter for names, getter in _CAN_TABLE for name in names}
 
 
 def _write_stdout(text: str) -> None:
