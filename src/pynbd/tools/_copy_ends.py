@@ -94,6 +94,8 @@ class End:
     name = ""
     size = -1
     preferred = DEFAULT_PREFERRED
+    #: Largest read or write this end takes in one request.
+    max_request = 32 * 1024 * 1024
     #: Needs the in-order (synchronous) copy: a stream.
     stream = False
     #: Writes and zeroes are discarded (null:): no need to look for zero blocks.
@@ -191,6 +193,11 @@ class NbdEnd(End):
         self._can_zero = c.can_zero()
         pref = c.block_size()[1] if c.export.block_size else 0
         self.preferred = pref if pref > 0 and pref & (pref - 1) == 0 else DEFAULT_PREFERRED
+        if c.export.block_size:
+            mx = c.block_size()[2]
+            while mx & (mx - 1):  # the largest power of two within the maximum
+                mx &= mx - 1
+            self.max_request = max(mx, 4096)
 
     def is_read_only(self) -> bool:
         return bool(self.clients) and self.clients[0].is_read_only()

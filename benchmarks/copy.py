@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Benchmark `pynbd copy` against nbdcopy, in ONE run.
+
+Cases (SIZE defaults to 1 GiB):
+
+  mem-null:  nbdkit memory SIZE            -> null:
+  mem-mem:   nbdkit memory SIZE            -> nbdkit memory SIZE
+  file-mem:  a local file of SIZE          -> nbdkit memory SIZE
+
+The source disk is filled with data first: a file of SIZE bytes from os.urandom (no zero
+block, nothing compresses or is skipped) is written to a temporary directory, and copied
+once into the source `nbdkit memory` server with nbdcopy. (An empty memory disk is all holes:
+both tools would copy nothing.) The destination servers are fresh for every run, so each
+run writes into an empty disk. Each tool runs REPEAT times per case, alternating which goes
+first; the medians are compared. The ratio is nbdcopy time / pynbd time (higher is better
+for pynbd; the bar is >= 1.0). Times are wall-clock times of the whole command, start-up
+included, as a user sees them.
+
+    python benchmarks/copy.py [--repeat 3] [--size 1G] [--cases mem-null,mem-mem] [--markdown]
+
+`pynbd copy` runs as `.venv/bin/pynbd copy` (or --pynbd CMD) with its bytecode cached in a
+temporary PYTHONPYCACHEPREFIX after one warm-up, as an installed package would have it.
+Needs nbdkit and nbdcopy (Debian: nbdkit, libnbd-bin). Exit status 0 when every ratio
+reaches the bar, 1 when one does not, 2 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = ("mem-null", "mem-mem", "file-mem")
+BAR = 1.0
+#: How long a server may take from exec to listening.
+START_TIMEOUT = 15.0
+
+
+def parse_size(s: str) -> int:
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = s.strip().upper()
+    if s and s[-1] in mult:
+        return int(s[:-1]) * mult[s[-1]]
+    return int(s)
+
+
+class Nbdkit:
+    """`nbdkit -f -U SOCK memory SIZE` in a private directory."""
+
+    def __init__(self, d: str, name: str, size: int) -> None:
+        self.sock = os.path.join(d, f"{name}.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(["nbdkit", "-f", "-U", self.sock, "memory", str(size)],
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nbdkit did not start (rc {self.proc.poll()})")
+            time.sleep(0.02)
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    cp = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                        timeout=600)
+    dt = time.perf_counter() - t
+    if cp.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited {cp.returncode}:\n"
+                           f"{cp.stderr.decode(errors='replace')}")
+    return dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and case (median)")
+    ap.add_argument("--size", default="1G", help="disk size (default 1G)")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument("--pynbd", default=str(ROOT / ".venv" / "bin" / "pynbd"),
+                    help="the pynbd command (default: this checkout's .venv/bin/pynbd)")
+    ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    args = ap.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    bad = [c for c in cases if c not in CASES]
+    if bad or args.repeat < 1:
+        print(f"copy.py: unknown case {bad[0]!r}" if bad else "copy.py: --repeat must be >= 1",
+              file=sys.stderr)
+        return 2
+    for tool in ("nbdkit", "nbdcopy"):
+        if shutil.which(tool) is None:
+            print(f"copy.py: needs {tool}", file=sys.stderr)
+            return 2
+    size = parse_size(args.size)
+    d = tempfile.mkdtemp(prefix="pynbd-copybench-")
+    env_n = dict(os.environ)
+    env_p = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(d, "pycache"))
+    env_p.pop("PYTHONDONTWRITEBYTECODE", None)
+    pynbd = shlex.split(args.pynbd) + ["copy"]
+    servers: list[Nbdkit] = []
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        data = os.path.join(d, "data.img")
+        with open(data, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 16 << 20)
+                f.write(os.urandom(n))
+                left -= n
+        src = Nbdkit(d, "src", size)
+        servers.append(src)
+        subprocess.run(["nbdcopy", data, src.uri], check=True)
+        subprocess.run([*pynbd, "--version"], env=env_p, check=True, capture_output=True)
+        tools = ("nbdcopy", "pynbd")
+        for case in cases:
+            for r in range(args.repeat):
+                for tool in (tools if r % 2 == 0 else tools[::-1]):
+                    cmd = ["nbdcopy"] if tool == "nbdcopy" else pynbd
+                    env = env_n if tool == "nbdcopy" else env_p
+                    dst = None
+                    if case == "mem-null":
+                        argv_ = [*cmd, src.uri, "null:"]
+                    else:
+                        dst = Nbdkit(d, "dst", size)
+                        servers.append(dst)
+                        argv_ = [*cmd, src.uri if case == "mem-mem" else data, dst.uri]
+                    try:
+                        dt = timed(argv_, env)
+                    finally:
+                        if dst is not None:
+                            dst.stop()
+                            servers.remove(dst)
+                    times.setdefault((case, tool), []).append(dt)
+                    print(f"[{case}] {tool:8} {dt:7.3f} s", file=sys.stderr)
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        print(f"copy.py: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for s in servers:
+            s.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+    rows = []
+    ok = True
+    for case in cases:
+        tn = statistics.median(times[(case, "nbdcopy")])
+        tp = statistics.median(times[(case, "pynbd")])
+        ratio = tn / tp
+        verdict = "PASS" if ratio >= BAR else "FAIL"
+        ok = ok and ratio >= BAR
+        rows.append((case, tn, tp, ratio, verdict))
+    print(f"{'case':9} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar")
+    for case, tn, tp, ratio, verdict in rows:
+        print(f"{case:9} {tn:10.3f} {tp:10.3f} {ratio:14.2f}  >= {BAR} {verdict}")
+    if args.markdown:
+        load = os.getloadavg()
+        print()
+        print(f"Measured {datetime.date.today()} on {platform.machine()} Linux "
+              f"{platform.release()}, {os.cpu_count()} CPUs (load average {load[0]:.2f} at the "
+              f"end), Python {platform.python_version()}; {args.size} disk of random data; "
+              f"median of {args.repeat} run(s) per tool, alternating.")
+        print()
+        print("| case | nbdcopy (s) | pynbd copy (s) | nbdcopy/pynbd | bar | |")
+        print("|---|---:|---:|---:|---:|---|")
+        for case, tn, tp, ratio, verdict in rows:
+            print(f"| {case} | {tn:.3f} | {tp:.3f} | {ratio:.2f} | >= {BAR} | {verdict} |")
+        print()
+        print("Produced by:")
+        print()
+        print("```")
+        print(shlex.join(["python", "benchmarks/copy.py", *(argv if argv is not None
+                                                             else sys.argv[1:])]))
+        print("```")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
