@@ -8,16 +8,15 @@ tests/interop/test_tool_info.py.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from helpers import run_pynbd
+from info_helpers import pynbd_info
 
 import pynbd.libnbd as nbd
 from pynbd.tools import info as info_mod
@@ -28,13 +27,8 @@ FILE = shutil.which("file")
 
 def info(*args: str) -> tuple[int, str, str]:
     """Run ``pynbd info ARGS`` in this process: (exit status, stdout, stderr)."""
-    raw = io.BytesIO()
-    out = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
-    err = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = info_mod.main(list(args))
-    out.flush()
-    return rc, raw.getvalue().decode("utf-8", "surrogateescape"), err.getvalue()
+    r = pynbd_info(*args)
+    return r.rc, r.out, r.err
 
 
 def write(uri: str, data: bytes, offset: int) -> None:
