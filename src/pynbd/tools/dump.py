@@ -539,6 +539,14 @@ def _restore_on_signal(dumper_box: list[Dumper], colour: bool) -> None:
         signal.signal(sig, handler)
 
 
+def _isatty(f: BinaryIO) -> bool:
+    """nbddump's default for colours: is standard output a terminal?"""
+    try:
+        return os.isatty(f.fileno())
+    except (OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is both)
+        return False
+
+
 def _die_of_sigpipe() -> NoReturn:
     """The reader went away: end as the C tool does, killed by SIGPIPE (shells see 141)."""
     with_default = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -606,7 +614,7 @@ def _main(argv: list[str]) -> int:
     out = sys.stdout.buffer
     colour = opts["colour"]
     if colour is None:
-        colour = os.isatty(out.fileno()) if hasattr(out, "fileno") else False
+        colour = _isatty(out)
 
     h = nbd.NBD()
     try:
