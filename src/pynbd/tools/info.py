@@ -583,13 +583,19 @@ class _Info:
             except nbd.Error as e:
                 _nbd_fail(e)
         n = min(size, CONTENT_PROBE_BYTES)
-        fd, path = tempfile.mkstemp(dir="/tmp" if os.path.isdir("/tmp") else None)
+        try:
+            fd, path = tempfile.mkstemp(dir="/tmp" if os.path.isdir("/tmp") else None)
+        except OSError as e:
+            _fail(f"mkstemp: {e.strerror or e}")
         try:
             try:
                 data = bytes(h.pread(n, 0)) if n else b""
             except nbd.Error:
                 return None
-            os.write(fd, data)
+            try:
+                os.write(fd, data)
+            except OSError as e:
+                _fail(f"write: {e.strerror or e}")
             os.close(fd)
             fd = -1
             # nbdinfo runs "file -b TEMPFILE" through popen(3), so through /bin/sh: a
@@ -806,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.message:
             print(e.message, file=sys.stderr)
         return e.status
+    except nbd.Error as e:  # a library call nbdinfo does not expect to fail
+        info.close()
+        print(f"{PROG}: {e.string}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         info.close()
         return 130
