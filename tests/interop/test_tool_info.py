@@ -255,3 +255,16 @@ def test_command_runs_as_a_process(pynbd_server) -> None:
     fill(srv.uri)
     cp = run_peer(sys.executable, "-m", "pynbd", "info", "--map", srv.uri)
     assert cp.stdout.decode() == nbdinfo("--map", srv.uri).out
+
+
+def test_nbd_server(nbd_server, tmp_path: Path) -> None:
+    """Debian's nbd-server: no structured replies, an export list, a read-only export."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\xeb\x3c\x90mkfs.fat" + bytes(1 << 20))
+    srv = nbd_server(image, export="disk", readonly=True)
+    for mode in MODES:
+        same(*mode, srv.uri)
+    same_json(srv.uri)
+    same_json("-L", srv.uri)
+    for name in ("write", "read-only", "trim", "flush", "sr", "multi-conn"):
+        same("--can", name, srv.uri)
