@@ -113,11 +113,20 @@ class End:
     def can_zero(self) -> bool:
         return False
 
-    async def start_multi_conn(self, connections: int) -> None:
-        return None
+    async def open_conn(self, index: int) -> None:
+        """Open connection ``index`` in the running event loop (multi-conn; one loop per
+        worker thread)."""
 
-    def truncate(self, size: int) -> None:
-        return None
+    async def close_conn(self, index: int, flush: bool) -> None:
+        """Flush (with ``flush``) and close connection ``index``, in its own loop."""
+
+    def abandon_conn(self, index: int) -> None:
+        """Drop connection ``index`` at once after a failure."""
+
+    def truncate(self, size: int) -> bool:
+        """Make a destination regular file the source's size; True if it now reads as
+        zeroes throughout (so zero ranges need no writing)."""
+        return False
 
     async def extents(self, index: int, offset: int,
                       count: int) -> list[tuple[int, int, bool]]:
@@ -162,7 +171,8 @@ class NbdEnd(End):
         self.argv = list(argv) if argv is not None else None
         self.reading = reading
         self.want_extents = extents and reading
-        self.clients: list[AsyncClient] = []
+        #: connection index -> client; each client belongs to the event loop that opened it
+        self.clients: dict[int, AsyncClient] = {}
         self._can_zero = False
 
     async def _open_one(self) -> AsyncClient:
@@ -188,7 +198,7 @@ class NbdEnd(End):
 
     async def open(self) -> None:
         c = await self._open_one()
-        self.clients.append(c)
+        self.clients[0] = c
         self.size = c.size
         self._can_zero = c.can_zero()
         pref = c.block_size()[1] if c.export.block_size else 0
@@ -211,13 +221,26 @@ class NbdEnd(End):
     def can_zero(self) -> bool:
         return self._can_zero
 
-    async def start_multi_conn(self, connections: int) -> None:
-        while len(self.clients) < connections:
-            self.clients.append(await self._open_one())
+    async def open_conn(self, index: int) -> None:
+        if index not in self.clients:
+            self.clients[index] = await self._open_one()
+
+    async def close_conn(self, index: int, flush: bool) -> None:
+        c = self.clients.get(index)
+        if c is None:
+            return
+        if flush:
+            await self._flush_one(c)
+        del self.clients[index]
+        await c.close()
+
+    def abandon_conn(self, index: int) -> None:
+        c = self.clients.pop(index, None)
+        if c is not None:
+            c._abandon()
 
     def _c(self, index: int) -> AsyncClient:
-        cs = self.clients
-        return cs[index] if index < len(cs) else cs[index % len(cs)]
+        return self.clients[index]
 
     async def extents(self, index: int, offset: int,
                       count: int) -> list[tuple[int, int, bool]]:
@@ -277,24 +300,28 @@ class NbdEnd(End):
             raise OpError(errno, f"nbd_zero: write_zeroes: command failed: {msg}") from None
         return True
 
+    @staticmethod
+    async def _flush_one(c: AsyncClient) -> None:
+        try:
+            await c.flush()
+        except (NBDError, OSError) as e:
+            errno, msg = _strerror(e)
+            if isinstance(e, CommandError) and not c.can_flush():
+                msg = f"{e.message}: {os.strerror(errno)}"
+            raise OpError(errno, f"nbd_flush: {msg}") from None
+
     async def flush(self) -> None:
-        for c in self.clients:
-            try:
-                await c.flush()
-            except (NBDError, OSError) as e:
-                errno, msg = _strerror(e)
-                if isinstance(e, CommandError) and not c.can_flush():
-                    msg = f"{e.message}: {os.strerror(errno)}"
-                raise OpError(errno, f"nbd_flush: {msg}") from None
+        for c in list(self.clients.values()):
+            await self._flush_one(c)
 
     async def close(self) -> None:
-        clients, self.clients = self.clients, []
-        for c in clients:
+        clients, self.clients = self.clients, {}
+        for c in clients.values():
             await c.close()
 
     def abandon(self) -> None:
-        clients, self.clients = self.clients, []
-        for c in clients:
+        clients, self.clients = self.clients, {}
+        for c in clients.values():
             c._abandon()
 
 
@@ -343,14 +370,19 @@ class FileEnd(End):
     def can_zero(self) -> bool:
         return True
 
-    def truncate(self, size: int) -> None:
-        if self.is_block or size < 0 or size == self.size:
-            return
+    def truncate(self, size: int) -> bool:
+        # nbdcopy empties a regular-file destination first (its old content is discarded),
+        # then sets the source's size: the file is all holes. A stream source has no size:
+        # the file is then written from the start as is.
+        if self.is_block or size < 0:
+            return False
         try:
+            os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise CopyError(f"{self.name}: truncate: {os.strerror(e.errno or E.EIO)}") from None
         self.size = size
+        return True
 
     async def extents(self, index: int, offset: int,
                       count: int) -> list[tuple[int, int, bool]]:

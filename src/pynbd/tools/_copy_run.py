@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Options:
     queue_size: int = 16 << 20
     sparse_size: int = 4096
     connections: int = 1
+    flush: bool = False
 
 
 class Progress:
@@ -54,10 +56,15 @@ class Progress:
         self.tty = -2  # not opened yet
         self.spin = 0
         self.last = 0.0
+        self.lock = threading.Lock()  # workers in several threads draw it
 
     def __call__(self, pos: int, size: int) -> None:
         if not self.enabled or size == 0:
             return
+        with self.lock:
+            self._draw(pos, size)
+
+    def _draw(self, pos: int, size: int) -> None:
         frac = min(max(pos / size, 0.0), 1.0)
         if self.fd >= 0:
             msg = "100/100\n" if frac == 1 else f"{int(100 * frac)}/100\n"
@@ -183,10 +190,15 @@ class _Copy:
         self.next_offset = 0
         self.error: str | None = None
         self.zero_buf = _zeros(opts.request_size)
+        #: Set on the first failure: every worker stops taking work.
+        self.stop = False
+        self.lock = threading.Lock()
 
     def fail(self, msg: str) -> _Failed:
-        if self.error is None:
-            self.error = msg
+        with self.lock:
+            if self.error is None:
+                self.error = msg
+            self.stop = True
         return _Failed(msg)
 
     # -- zero ranges on the destination (fill_dst_range_with_zeroes) --------------------
@@ -212,12 +224,13 @@ class _Copy:
     # -- multi-connection ---------------------------------------------------------------
     def take_range(self) -> tuple[int, int] | None:
         size = self.src.size
-        off = self.next_offset
-        if off >= size:
-            return None
-        count = min(THREAD_WORK_SIZE, size - off)
-        self.next_offset = off + THREAD_WORK_SIZE
-        self.progress(off, size)
+        with self.lock:
+            off = self.next_offset
+            if off >= size or self.stop:
+                return None
+            count = min(THREAD_WORK_SIZE, size - off)
+            self.next_offset = off + THREAD_WORK_SIZE
+            self.progress(off, size)
         return off, count
 
     async def worker(self, index: int) -> None:
@@ -272,6 +285,8 @@ class _Copy:
                     return
                 if not pieces:
                     continue
+                if self.stop:
+                    return
                 off, n, is_zero = popleft()
                 progress.tick(off, size)
                 if is_zero:
@@ -307,20 +322,67 @@ class _Copy:
                 tg.create_task(lane())
 
     async def run_multi(self) -> None:
+        """Worker 0 runs in this event loop on connection 0; workers 1.. each run in a
+        thread of their own with their own event loop and connections (one per side, as
+        nbdcopy pairs thread i with connection i). Python runs one thread at a time, but
+        the kernel copies (socket and file reads and writes) run in parallel."""
+        threads = [threading.Thread(target=self._thread_main, args=(i,),
+                                    name=f"pynbd-copy-{i}", daemon=True)
+                   for i in range(1, self.o.connections)]
+        for t in threads:
+            t.start()
+        try:
+            try:
+                await self._worker_group(0)
+            finally:
+                for t in threads:
+                    while t.is_alive():
+                        await asyncio.to_thread(t.join, 0.5)
+        except _Failed:
+            pass
+        if self.error is not None:
+            raise CopyError(self.error)
+
+    async def _worker_group(self, index: int) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
-                for i in range(self.o.connections):
-                    tg.create_task(self.worker(i))
+                tg.create_task(self.worker(index))
         except BaseExceptionGroup as eg:
-            self._reraise(eg)
+            for e in _leaves(eg):
+                if isinstance(e, CopyError):
+                    self.fail(str(e))
+                elif not isinstance(e, _Failed):
+                    self.fail(f"nbdcopy: {e or type(e).__name__}")
+            raise _Failed(self.error or "") from None
 
-    def _reraise(self, eg: BaseExceptionGroup) -> None:
-        if self.error is not None:
-            raise CopyError(self.error) from None
-        for e in _leaves(eg):
-            if isinstance(e, CopyError):
-                raise e from None
-        raise eg
+    def _thread_main(self, index: int) -> None:
+        try:
+            asyncio.run(self._thread_worker(index))
+        except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
+            if not isinstance(e, _Failed):
+                self.fail(str(e) if isinstance(e, CopyError)
+                          else f"nbdcopy: {e or type(e).__name__}")
+
+    async def _thread_worker(self, index: int) -> None:
+        src, dst = self.src, self.dst
+        ok = False
+        try:
+            try:
+                await src.open_conn(index)
+                await dst.open_conn(index)
+            except CopyError as e:
+                raise self.fail(str(e)) from None
+            await self._worker_group(index)
+            await src.close_conn(index, False)
+            try:
+                await dst.close_conn(index, self.o.flush)
+            except OpError as e:
+                raise self.fail(f"{dst.name}: {e.detail}") from None
+            ok = True
+        finally:
+            if not ok:
+                src.abandon_conn(index)
+                dst.abandon_conn(index)
 
     # -- synchronous ----------------------------------------------------------------------
     async def run_sync(self) -> None:

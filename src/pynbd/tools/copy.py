@@ -400,7 +400,9 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
         if 0 < sparse_size < dst.preferred:
             sparse_size = dst.preferred
 
-        dst.truncate(src.size)
+        destination_is_zero = s.destination_is_zero
+        if dst.truncate(src.size):
+            destination_is_zero = True
         if src.size >= 0 and dst.size >= 0 and src.size > dst.size:
             raise CopyError(f"{PROG}: error: destination size is smaller than source size")
 
@@ -411,14 +413,10 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
                   f"threads={threads} synchronous={'true' if synchronous else 'false'}",
                   file=sys.stderr)
 
-        if connections > 1:
-            await src.start_multi_conn(connections)
-            await dst.start_multi_conn(connections)
-
-        opts = Options(allocated=s.allocated, destination_is_zero=s.destination_is_zero,
+        opts = Options(allocated=s.allocated, destination_is_zero=destination_is_zero,
                        extents=s.extents and src.can_extents(), request_size=request_size,
                        requests=s.requests, queue_size=queue_size, sparse_size=sparse_size,
-                       connections=connections)
+                       connections=connections, flush=s.flush)
         progress(0, 1)
         if synchronous:
             await copy_sync(src, dst, opts, progress)
