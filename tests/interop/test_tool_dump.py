@@ -1,0 +1,137 @@
+"""``pynbd dump`` compared byte for byte with libnbd's nbddump 1.14 on the same servers."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from helpers import PYNBD, require, run_peer, run_pynbd
+
+from pynbd import libnbd as nbd
+
+pytestmark = pytest.mark.interop
+
+
+def run_peer_path() -> str:
+    return require("nbddump")
+
+
+def both(*args: str) -> tuple[subprocess.CompletedProcess[bytes],
+                              subprocess.CompletedProcess[bytes]]:
+    """(nbddump ARGS, pynbd dump ARGS), neither checked."""
+    return (run_peer("nbddump", *args, check=False),
+            run_pynbd("dump", *args, check=False))
+
+
+def assert_same(*args: str) -> bytes:
+    real, ours = both(*args)
+    assert real.returncode == 0, real.stderr
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == real.stdout
+    assert ours.stderr == real.stderr == b""
+    return real.stdout
+
+
+# A disk with text, repeated lines, unaligned data, zero runs longer and shorter than the
+# zero-skipping threshold, and a size that is not a multiple of 16 (nbdkit's data plugin).
+DATA_EXPR = (
+    '"hello, world!" @0x1000 1 @0x1010 1 @0x1020 1 @0x2000 "abc"*100 @0x500000 0xff*40000 '
+    "@0x600001 ( 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 )*3000 @0x7ffff0 ( 0x7f 0x80 0x20 0x41 )*8"
+    ' @0xfffffd "end"'
+)
+DATA_SIZE = str(0x1000000 + 3)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--color"], ["-n", "20"], ["--color", "-n", "37"], ["-n", "1000"], ["-n", "999"]],
+    ids=["plain", "colour", "n20", "colour-n37", "n1000", "n999"],
+)
+def test_pattern_plugin(nbdkit_server, args: list[str]) -> None:
+    srv = nbdkit_server("pattern", "1000")
+    assert_same(*args, srv.uri)
+
+
+def test_pattern_plugin_larger_than_a_read(nbdkit_server) -> None:
+    """5 MiB + 7: several 4 MiB reads for pynbd, a 16 MiB one for nbddump; a partial end."""
+    srv = nbdkit_server("pattern", str(5 * 1024 * 1024 + 7))
+    out = assert_same(srv.uri)
+    assert out.count(b"\n") == (5 * 1024 * 1024 + 7 + 15) // 16
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--color"], ["-n", "99999"], ["--length=4198405"], ["--colour", "--limit=8200"],
+     ["-n", "16777219"], ["-n", "16777218"]],
+    ids=["plain", "colour", "n99999", "length", "colour-limit", "n-size", "n-size-1"],
+)
+@pytest.mark.parametrize("extents", [True, False], ids=["extents", "noextents"])
+def test_data_disk(nbdkit_server, args: list[str], extents: bool) -> None:
+    filters = [] if extents else ["--filter=noextents"]
+    srv = nbdkit_server(*filters, "data", DATA_EXPR, f"size={DATA_SIZE}")
+    assert_same(*args, srv.uri)
+
+
+def test_pynbd_memory_disk(pynbd_server) -> None:
+    """Both tools against pynbd serve: a memory disk with written data and zero runs."""
+    srv = pynbd_server("memory", "3000011")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri)
+    h.pwrite(b"\x01" + bytes(15) + b"\x01", 0)
+    h.pwrite(b"The quick brown fox " * 100, 0x12345)
+    h.pwrite(bytes(range(256)) * 1024, 0x100000)
+    h.pwrite(b"\xff" * 16, 3000011 - 16)
+    h.shutdown()
+    h.close()
+    assert_same(srv.uri)
+    assert_same("--color", srv.uri)
+    assert_same("-n", "1048577", srv.uri)
+
+
+def test_bracket_form(nbdkit_server) -> None:
+    """``[ CMD ARGS ... ]``: both tools start nbdkit with socket activation."""
+    assert_same("--", "[", "nbdkit", "pattern", "1001", "]")
+    out = assert_same("--no-color", "--", "[", *PYNBD, "serve", "pattern", "4099", "]")
+    assert out.endswith(b"0000001000: 00 00 00                                         "
+                        b"|...             |\n")
+
+
+@pytest.mark.parametrize("length", ["1M", " 20", "+5", "-0", "0x10", "18446744073709551621"])
+def test_length_is_parsed_like_nbddump(nbdkit_server, length: str) -> None:
+    srv = nbdkit_server("pattern", "1000")
+    assert_same("-n", length, srv.uri)
+
+
+def test_version_help_and_completion_lists() -> None:
+    for args in (["-V"], ["--version"], ["--help"], ["--short-options"], ["--long-options"]):
+        real, ours = both(*args)
+        assert (ours.returncode, ours.stdout) == (real.returncode, real.stdout), args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--foo", "nbd://x"], ["--foo=3", "nbd://x"], ["-x", "nbd://x"], ["-n"], ["--length"],
+     ["--l", "nbd://x"], ["--help=1"], ["--colour=1", "nbd://x"], ["-n", "abc", "nbd://x"],
+     ["--length=", "nbd://x"], ["notauri"], ["nbd+unix:///?socket=/nonexistent/sock"]],
+)
+def test_bad_command_lines_match(args: list[str]) -> None:
+    """Same exit status; pynbd's one line is nbddump's first line (nbddump then adds its
+    usage text for getopt errors)."""
+    real, ours = both(*args)
+    assert ours.returncode == real.returncode == 1
+    assert ours.stdout == real.stdout == b""
+    mine = ours.stderr.decode().splitlines()
+    assert len(mine) == 1
+    # nbddump names itself by argv[0], the absolute path run_peer runs.
+    theirs = real.stderr.decode().splitlines()[0].replace(run_peer_path(), "nbddump", 1)
+    assert mine[0] == theirs
+
+
+@pytest.mark.parametrize("args", [[], ["nbd://a", "nbd://b"], ["[", "]"]])
+def test_missing_or_extra_endpoints(args: list[str]) -> None:
+    """nbddump prints only its usage text here; pynbd says what is wrong, in one line."""
+    real, ours = both(*args)
+    assert ours.returncode == real.returncode == 1
+    assert b"nbddump NBD-URI | [ CMD ARGS ... ]" in real.stderr
+    assert len(ours.stderr.splitlines()) == 1
+    assert ours.stderr.startswith(b"nbddump: ")
