@@ -9,6 +9,7 @@ status, stdout byte for byte and stderr (with nbdinfo's ``nbdinfo:`` prefix read
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,9 +19,24 @@ from info_helpers import Result, nbdinfo, pynbd_info
 
 import pynbd.libnbd as nbd
 
+#: Without file(1), nbdinfo 1.14.2 prints an uninitialised buffer as the content (see
+#: docs/info.md): then the comparisons run with content probing off.
+FILE = shutil.which("file")
 
-def same(*args: str) -> Result:
+
+def _args(args: tuple[str, ...]) -> tuple[str, ...]:
+    if FILE is not None:
+        return args
+    if any(a in ("--map", "--size", "--can", "--is", "--long-options", "--short-options")
+           or a.startswith("--map=") for a in args):
+        return args
+    return ("--no-content", *(a for a in args if a != "--content"))
+
+
+def same(*args: str, raw: bool = False) -> Result:
     """Run both; assert identical results; return pynbd info's."""
+    if not raw:
+        args = _args(args)
     want = nbdinfo(*args)
     got = pynbd_info(*args)
     assert got.rc == want.rc, f"exit status for {args}: {got} != {want}"
@@ -31,6 +47,7 @@ def same(*args: str) -> Result:
 
 def same_json(*args: str) -> object:
     """Both print JSON; compare parsed, key by key (the order too), then the text."""
+    args = _args(args)
     want = nbdinfo("--json", *args)
     got = pynbd_info("--json", *args)
     assert (got.rc, got.err) == (want.rc, want.err)
@@ -218,7 +235,7 @@ def test_connection_errors(tmp_path: Path) -> None:
     ["--totals", "nbd://x"],
 ])
 def test_option_conflicts(args: list[str]) -> None:
-    same(*args)
+    same(*args, raw=True)
 
 
 @pytest.mark.parametrize("args", [
