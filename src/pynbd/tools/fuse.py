@@ -1,0 +1,715 @@
+"""``pynbd fuse``: show an NBD export as a regular file (libnbd's nbdfuse).
+
+    pynbd fuse [-C N] [-d] [-o FUSE-OPTION] [-P PIDFILE] [-r] [-s] [-v] [-f|--background]
+               MOUNTPOINT[/FILENAME] URI
+    pynbd fuse MOUNTPOINT[/FILENAME] [ CMD [ARGS ...] ]
+    pynbd fuse MOUNTPOINT[/FILENAME] --command CMD [ARGS ...]
+    pynbd fuse MOUNTPOINT[/FILENAME] --socket-activation CMD [ARGS ...]
+    pynbd fuse MOUNTPOINT[/FILENAME] --fd N | --tcp HOST PORT | --unix SOCKET | --vsock CID PORT
+
+Each FUSE request becomes one NBD request on :class:`pynbd.client.AsyncClient` (a multi-conn
+pool when the server allows it), all on one event loop, as many in flight as the kernel sends.
+The kernel side is :mod:`pynbd.tools._fuse_kernel`. The user guide is docs/fuse.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import getopt
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from pynbd import __version__
+from pynbd.tools import _fuse_kernel as fk
+
+__all__ = ["main"]
+
+PROG = "pynbd fuse"
+
+USAGE = """\
+
+Mount NBD server as a virtual file:
+
+    pynbd fuse [-C N|--connections N] [-d] [-o FUSE-OPTION] [-P PIDFILE]
+               [-r] [-s] [-v] [-f|--foreground|--background]
+               MOUNTPOINT[/FILENAME] URI
+
+Other modes:
+
+    pynbd fuse MOUNTPOINT[/FILENAME] [ CMD [ARGS ...] ]
+    pynbd fuse MOUNTPOINT[/FILENAME] --command CMD [ARGS ...]
+    pynbd fuse MOUNTPOINT[/FILENAME] --socket-activation CMD [ARGS ...]
+    pynbd fuse MOUNTPOINT[/FILENAME] --fd N
+    pynbd fuse MOUNTPOINT[/FILENAME] --tcp HOST PORT
+    pynbd fuse MOUNTPOINT[/FILENAME] --unix SOCKET
+    pynbd fuse MOUNTPOINT[/FILENAME] --vsock CID PORT
+
+To unmount:
+
+    fusermount3 -u MOUNTPOINT
+
+Other options:
+
+    pynbd fuse --help
+    pynbd fuse --fuse-help
+    pynbd fuse -V|--version
+
+Please read docs/fuse.md for full usage.
+
+"""
+
+FUSE_HELP = """\
+FUSE options (-o OPT[,OPT...]):
+    -o allow_other          allow other users to use the file (needs user_allow_other
+                            in /etc/fuse.conf when not root)
+    -o default_permissions  let the kernel check the file's permission bits
+    -o kernel_cache         keep the kernel's page cache across opens
+    -o direct_io            bypass the page cache: each read/write goes straight to the server
+    -o max_read=N           largest read the kernel sends (bytes)
+    -o max_readahead=N      largest readahead the kernel does (bytes)
+    -o uid=N, -o gid=N      owner shown for the file
+    -o ro                   mount read-only (as -r)
+    -o rw                   (the default)
+    -o fsname=NAME          the name shown as the mount's source
+    -o subtype=NAME         the name after "fuse." in the mount type
+"""
+
+#: Seconds the file's size and the directory entry may be cached by the kernel (they never
+#: change while mounted; libfuse's default timeout is 1 s).
+ATTR_VALID = 1.0
+#: Seconds to let requests still in flight finish at shutdown (nbdfuse's RELEASE_TIMEOUT).
+RELEASE_TIMEOUT = 5.0
+#: Largest single NBD request; bigger FUSE requests cannot happen (the kernel's max is 1 MiB)
+#: but fallocate ranges can be any size and are split at this.
+MAX_REQUEST_SIZE = 32 * 1024 * 1024
+#: nbdfuse's default number of connections when the server allows multi-conn.
+DEFAULT_CONNECTIONS = 4
+
+ROOT_INO = 1
+FILE_INO = 2  # in directory mode; in file ("naked") mode the root is the file
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Eager:
+    """Runs a request's coroutine now, up to its first wait, then on from the done-callbacks
+    of the futures it waits for: a FUSE request reaches the server in the callback that read
+    it, with no task and no extra loop iteration. The coroutines run here await only futures
+    (the client's replies, its flow-control slots and the -s lock), never a timer or a task."""
+
+    __slots__ = ("_waiting", "coro", "done", "owner")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], owner: set[Any]) -> None:
+        self.coro = coro
+        self.owner = owner
+        self.done = asyncio.get_running_loop().create_future()
+        self._waiting: asyncio.Future[Any] | None = None
+        self._step(None)
+
+    def _step(self, _fut: Any, exc: BaseException | None = None) -> None:
+        self._waiting = None
+        try:
+            y = self.coro.send(None) if exc is None else self.coro.throw(exc)
+        except BaseException as e:  # noqa: BLE001
+            self.owner.discard(self)
+            if not self.done.done():
+                self.done.set_result(None)
+            if not isinstance(e, (StopIteration, asyncio.CancelledError)):
+                print(f"{PROG}: internal error: {e!r}", file=sys.stderr)
+            return
+        if y is None:  # a bare yield (asyncio.sleep(0))
+            asyncio.get_running_loop().call_soon(self._step, None)
+        else:
+            y._asyncio_future_blocking = False
+            self._waiting = y
+            y.add_done_callback(self._step)
+
+    def cancel(self) -> None:
+        w = self._waiting
+        if w is not None:
+            w.remove_done_callback(self._step)
+            self._step(None, asyncio.CancelledError())
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+@dataclass
+class Options:
+    connections: int = DEFAULT_CONNECTIONS
+    verbose: bool = False
+    readonly: bool = False
+    single: bool = False
+    background: bool = False
+    pidfile: str | None = None
+    mountpoint: str = ""
+    filename: str = "nbd"
+    file_mode: bool = False
+    # FUSE options
+    mount_options: list[str] = field(default_factory=list)
+    kernel_cache: bool = False
+    direct_io: bool = False
+    max_readahead: int | None = None
+    uid: int = field(default_factory=os.geteuid)
+    gid: int = field(default_factory=os.getegid)
+    fsname: str = "pynbd"
+    subtype: str = "pynbd"
+    # the server
+    mode: str = "uri"
+    args: list[str] = field(default_factory=list)
+
+
+def _int_arg(what: str, s: str, lo: int = 0) -> int:
+    try:
+        v = int(s, 0)
+    except ValueError:
+        raise UsageError(f"could not parse {what}: {s}") from None
+    if v < lo:
+        raise UsageError(f"{what} out of range: {s}")
+    return v
+
+
+def _fuse_option(o: Options, opt: str) -> None:
+    name, eq, value = opt.partition("=")
+    if not name:
+        return
+    if name in ("allow_other", "default_permissions", "allow_root") and not eq:
+        if name == "allow_root":  # libfuse turns allow_root into allow_other + a check
+            name = "allow_other"
+        o.mount_options.append(name)
+    elif name == "max_read" and eq:
+        o.mount_options.append(f"max_read={_int_arg('max_read', value, 1)}")
+    elif name == "max_readahead" and eq:
+        o.max_readahead = _int_arg("max_readahead", value)
+    elif name == "kernel_cache" and not eq:
+        o.kernel_cache = True
+    elif name == "direct_io" and not eq:
+        o.direct_io = True
+    elif name == "uid" and eq:
+        o.uid = _int_arg("uid", value)
+    elif name == "gid" and eq:
+        o.gid = _int_arg("gid", value)
+    elif name == "ro" and not eq:
+        o.readonly = True
+    elif name == "rw" and not eq:
+        pass
+    elif name in ("fsname", "subtype") and eq and value and "," not in value:
+        setattr(o, name, value)
+    else:
+        raise UsageError(f"unknown FUSE option: -o {opt} (see --fuse-help)")
+
+
+def parse_args(argv: list[str]) -> Options | int:
+    """Parse the command line; an int is an exit status (after --help etc.)."""
+    o = Options()
+    try:
+        # POSIX getopt stops at the first non-option (the mountpoint), as nbdfuse's "+".
+        opts, rest = getopt.getopt(argv, "C:dfo:P:rsvV", [
+            "connections=", "foreground", "background", "fuse-help", "help", "pidfile=",
+            "pid-file=", "readonly", "read-only", "verbose", "version"])
+    except getopt.GetoptError as e:
+        raise UsageError(str(e)) from None
+    for k, v in opts:
+        if k == "--help":
+            sys.stdout.write(USAGE)
+            return 0
+        if k == "--fuse-help":
+            sys.stdout.write(FUSE_HELP)
+            return 0
+        if k in ("-V", "--version"):
+            print(f"pynbd fuse {__version__}")
+            return 0
+        if k in ("-C", "--connections"):
+            o.connections = _int_arg("number of connections", v, 1)
+        elif k in ("-d", "-v", "--verbose"):
+            o.verbose = True
+        elif k in ("-f", "--foreground"):
+            o.background = False
+        elif k == "--background":
+            o.background = True
+        elif k == "-o":
+            for part in v.split(","):
+                _fuse_option(o, part)
+        elif k in ("-P", "--pidfile", "--pid-file"):
+            o.pidfile = v
+        elif k in ("-r", "--readonly", "--read-only"):
+            o.readonly = True
+        elif k == "-s":
+            o.single = True
+    if len(rest) < 2:
+        raise UsageError("needs a MOUNTPOINT and a URI or a mode (see --help)"
+                         if not rest else "needs a URI or a mode after the mountpoint "
+                         "(see --help)")
+    _mountpoint(o, rest[0])
+    _mode(o, rest[1:])
+    return o
+
+
+def _mountpoint(o: Options, s: str) -> None:
+    """MOUNTPOINT (a regular file: mounted over), MOUNTPOINT (a directory: holds "nbd") or
+    MOUNTPOINT/FILENAME, as nbdfuse decides."""
+    if os.path.isfile(s):
+        o.file_mode = True
+        o.mountpoint = s
+        o.filename = os.path.basename(s)
+        return
+    if os.path.isdir(s):
+        o.mountpoint = s
+        o.filename = "nbd"
+        return
+    head, sep, tail = s.rpartition("/")
+    if not sep or not tail or not os.path.isdir(head or "/"):
+        raise UsageError(f'{s}: mountpoint must be "directory" or "directory/filename"')
+    o.mountpoint = head or "/"
+    o.filename = tail
+
+
+def _mode(o: Options, a: list[str]) -> None:
+    first = a[0]
+    modes = {"--command": "command", "--cmd": "command", "[": "bracket",
+             "--socket-activation": "socket-activation",
+             "--systemd-socket-activation": "socket-activation",
+             "--fd": "fd", "--tcp": "tcp", "--unix": "unix", "--vsock": "vsock",
+             "--uri": "uri"}
+    if first in modes:
+        o.mode = modes[first]
+        a = a[1:]
+    elif first.startswith("-"):
+        raise UsageError(f"unknown mode: {first} (see --help)")
+    else:
+        o.mode = "uri"
+    need = {"uri": "a URI", "fd": "a file descriptor number", "unix": "a socket path",
+            "tcp": "HOST PORT", "vsock": "CID PORT"}
+    if o.mode in ("uri", "fd", "unix"):
+        if len(a) != 1:
+            raise UsageError(f"{first if o.mode != 'uri' or first == '--uri' else 'URI mode'}"
+                             f": needs exactly {need[o.mode]}")
+    elif o.mode in ("tcp", "vsock"):
+        if len(a) != 2:
+            raise UsageError(f"{first}: needs {need[o.mode]}")
+    elif o.mode == "bracket":
+        if len(a) < 2 or a[-1] != "]":
+            raise UsageError("[ CMD ... ]: needs a command and a closing ] (a separate word)")
+        a = a[:-1]
+    elif not a:
+        raise UsageError(f"{first}: needs a command to run")
+    if o.mode == "fd":
+        _int_arg("file descriptor", a[0])
+    elif o.mode == "vsock":
+        _int_arg("vsock cid", a[0])
+        _int_arg("vsock port", a[1])
+    elif o.mode == "tcp":
+        _int_arg("port", a[1])
+    o.args = a
+
+
+# ----------------------------------------------------------------------------------------
+# connecting
+def _errmsg(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return str(e) or type(e).__name__
+
+
+async def connect(o: Options) -> Any:
+    from pynbd.client.pool import connect as pool_connect
+
+    kw: dict[str, Any] = {}
+    uri: str | None = None
+    single = False
+    if o.mode == "uri":
+        uri = o.args[0]
+    elif o.mode == "command":
+        kw["command"] = o.args
+        single = True
+    elif o.mode in ("bracket", "socket-activation"):
+        kw["socket_activation"] = o.args
+        single = True
+    elif o.mode == "fd":
+        kw["sock"] = socket.socket(fileno=int(o.args[0], 0))
+        single = True
+    elif o.mode == "tcp":
+        kw["host"], kw["port"] = o.args[0], int(o.args[1], 0)
+    elif o.mode == "unix":
+        kw["unix"] = o.args[0]
+    elif o.mode == "vsock":
+        kw["vsock"] = (int(o.args[0], 0), int(o.args[1], 0))
+    return await pool_connect(uri, connections=1 if single else o.connections, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# the file
+class NbdFile:
+    """Answers FUSE requests for one file backed by an NBD export."""
+
+    def __init__(self, o: Options, nbd: Any) -> None:
+        self.o = o
+        self.nbd = nbd
+        self.size: int = nbd.size
+        self.readonly = o.readonly
+        self.can_flush: bool = nbd.can_flush()
+        self.can_trim: bool = nbd.can_trim()
+        self.can_zero: bool = nbd.can_zero()
+        self.file_ino = ROOT_INO if o.file_mode else FILE_INO
+        self.name = os.fsencode(o.filename)
+        t = time.time_ns()
+        self.start = (t // 1_000_000_000, t % 1_000_000_000)
+        self.ch: fk.FuseChannel | None = None
+        self.tasks: set[_Eager] = set()
+        self.lock = asyncio.Lock() if o.single else None
+        self._last_error = ""
+        self.open_flags = 0
+        if o.direct_io:
+            self.open_flags |= fk.FOPEN_DIRECT_IO | fk.FOPEN_PARALLEL_DIRECT_WRITES
+        if o.kernel_cache:
+            self.open_flags |= fk.FOPEN_KEEP_CACHE
+
+    # -- attributes
+    def file_attr(self) -> tuple[int, ...]:
+        mode = stat.S_IFREG | (0o444 if self.readonly else 0o666)
+        return fk.FuseChannel.attr(self.file_ino, mode, self.size, 1, self.o.uid, self.o.gid,
+                                   self.start)
+
+    def root_attr(self) -> tuple[int, ...]:
+        return fk.FuseChannel.attr(ROOT_INO, stat.S_IFDIR | 0o755, 0, 2, self.o.uid,
+                                   self.o.gid, self.start)
+
+    def debug(self, what: str) -> None:
+        if self.o.verbose:
+            print(f"{PROG}: {what}", file=sys.stderr)
+
+    # -- dispatch (runs in the channel's read callback; body valid only now)
+    def handle(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> None:
+        ch = self.ch
+        assert ch is not None
+        if opcode == fk.READ:
+            _, offset, size, _, _, _, _ = fk.READ_IN.unpack_from(body, 0)
+            if self.o.verbose:
+                self.debug(f"read: count={size}, offset={offset}")
+            self._spawn(self._read(unique, offset, size))
+        elif opcode == fk.WRITE:
+            _, offset, size, _, _, _, _ = fk.WRITE_IN.unpack_from(body, 0)
+            if self.o.verbose:
+                self.debug(f"write: count={size}, offset={offset}")
+            if self.readonly:
+                ch.reply_error(unique, errno.EACCES)
+                return
+            data = bytes(body[fk.WRITE_IN.size:fk.WRITE_IN.size + size])
+            self._spawn(self._write(unique, offset, data))
+        elif opcode in (fk.FSYNC, fk.FSYNCDIR):
+            self.debug("fsync")
+            self._spawn(self._fsync(unique))
+        elif opcode == fk.FALLOCATE:
+            _, offset, length, mode, _ = fk.FALLOCATE_IN.unpack_from(body, 0)
+            self.debug(f"fallocate: mode={mode}, offset={offset}, len={length}")
+            self._spawn(self._fallocate(unique, mode, offset, length))
+        elif opcode == fk.GETATTR:
+            if nodeid == self.file_ino:
+                ch.reply_attr(unique, self.file_attr(), ATTR_VALID)
+            elif nodeid == ROOT_INO:
+                ch.reply_attr(unique, self.root_attr(), ATTR_VALID)
+            else:
+                ch.reply_error(unique, errno.ENOENT)
+        elif opcode == fk.LOOKUP:
+            name = bytes(body).split(b"\0", 1)[0]
+            self.debug(f"lookup: {os.fsdecode(name)}")
+            if not self.o.file_mode and nodeid == ROOT_INO and name == self.name:
+                ch.reply_entry(unique, FILE_INO, self.file_attr(), ATTR_VALID)
+            else:
+                ch.reply_error(unique, errno.ENOENT)
+        elif opcode == fk.OPEN:
+            (flags,) = fk.struct.unpack_from("=I", body, 0)
+            self.debug(f"open: flags={flags:#o}")
+            if nodeid != self.file_ino:
+                ch.reply_error(unique, errno.EISDIR)
+            elif self.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
+                ch.reply_error(unique, errno.EACCES)
+            else:
+                ch.reply_open(unique, self.open_flags)
+        elif opcode == fk.SETATTR:
+            valid, _, _, size = fk.SETATTR_VALID.unpack_from(body, 0)
+            if (valid & fk.FATTR_SIZE and size != self.size and nodeid == self.file_ino) or \
+                    valid & (fk.FATTR_MODE | fk.FATTR_UID | fk.FATTR_GID):
+                ch.reply_error(unique, errno.EPERM)  # the size and owner are the export's
+            else:  # times (touch): nothing to keep, not an error
+                ch.reply_attr(unique, self.file_attr() if nodeid == self.file_ino
+                              else self.root_attr(), ATTR_VALID)
+        elif opcode in (fk.RELEASE, fk.RELEASEDIR):
+            ch.reply(unique)
+        elif opcode == fk.OPENDIR:
+            if nodeid == ROOT_INO and not self.o.file_mode:
+                ch.reply_open(unique, 0)
+            else:
+                ch.reply_error(unique, errno.ENOTDIR)
+        elif opcode == fk.READDIR:
+            _, offset, size, _, _, _, _ = fk.READ_IN.unpack_from(body, 0)
+            entries = [(ROOT_INO, ".", fk.DT_DIR), (ROOT_INO, "..", fk.DT_DIR),
+                       (FILE_INO, self.o.filename, fk.DT_REG)]
+            ch.reply_dirents(unique, entries, offset, size)
+        elif opcode == fk.STATFS:
+            ch.reply_statfs(unique)
+        else:
+            # FLUSH (close needs no server round trip), xattrs, ACCESS, ...: ENOSYS, which
+            # the kernel remembers, so it does not ask again.
+            ch.reply_error(unique, errno.ENOSYS)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.tasks.add(_Eager(coro, self.tasks))
+
+    def flush_requests(self) -> None:
+        """Send the NBD requests queued while reading a batch of FUSE requests now, in one
+        write per connection, rather than one loop iteration later."""
+        for c in getattr(self.nbd, "clients", (self.nbd,)):
+            if c._out and c._flush_scheduled:
+                c._flush()
+
+    def _error(self, unique: int, e: BaseException) -> None:
+        err = getattr(e, "errno", None)
+        if not isinstance(err, int) or err <= 0 or isinstance(e, ConnectionError):
+            err = errno.EIO
+        msg = f"{PROG}: {_errmsg(e)}"
+        if msg != self._last_error or self.o.verbose:  # a dead server: say it once
+            print(msg, file=sys.stderr)
+            self._last_error = msg
+        assert self.ch is not None
+        self.ch.reply_error(unique, err)
+
+    async def _locked(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        if self.lock is None:
+            return await coro
+        async with self.lock:
+            return await coro
+
+    # -- data
+    async def _read(self, unique: int, offset: int, count: int) -> None:
+        assert self.ch is not None
+        if offset >= self.size:
+            self.ch.reply(unique)
+            return
+        count = min(count, self.size - offset, MAX_REQUEST_SIZE)
+        try:
+            data = await self._locked(self.nbd.pread(count, offset))
+        except Exception as e:  # noqa: BLE001
+            self._error(unique, e)
+            return
+        self.ch.reply(unique, data)
+
+    async def _write(self, unique: int, offset: int, data: bytes) -> None:
+        assert self.ch is not None
+        if offset >= self.size:  # the export cannot grow: as writing past a disk's end
+            self.ch.reply_error(unique, errno.ENOSPC if data else 0)
+            return
+        if offset + len(data) > self.size:
+            data = data[:self.size - offset]
+        try:
+            await self._locked(self.nbd.pwrite(data, offset))
+        except Exception as e:  # noqa: BLE001
+            self._error(unique, e)
+            return
+        self.ch.reply(unique, fk.WRITE_OUT.pack(len(data), 0))
+
+    async def _fsync(self, unique: int) -> None:
+        assert self.ch is not None
+        if not self.readonly and self.can_flush:
+            try:
+                await self._locked(self.nbd.flush())
+            except Exception as e:  # noqa: BLE001
+                self._error(unique, e)
+                return
+        self.ch.reply(unique)
+
+    async def _fallocate(self, unique: int, mode: int, offset: int, length: int) -> None:
+        ch = self.ch
+        assert ch is not None
+        if self.readonly:
+            ch.reply_error(unique, errno.EACCES)
+            return
+        if mode & fk.FALLOC_FL_PUNCH_HOLE:
+            if not self.can_trim:
+                ch.reply_error(unique, errno.EOPNOTSUPP)
+                return
+            op = "trim"
+        elif mode & fk.FALLOC_FL_ZERO_RANGE:
+            op = "zero" if self.can_zero else "write"
+        else:  # plain allocation: nothing to do on a block device, and not promised
+            ch.reply_error(unique, errno.EOPNOTSUPP)
+            return
+        end = min(offset + length, self.size)
+        try:
+            pos = offset
+            while pos < end:
+                n = min(end - pos, MAX_REQUEST_SIZE if op != "write" else 1 << 20)
+                if op == "trim":
+                    await self._locked(self.nbd.trim(n, pos))
+                elif op == "zero":
+                    await self._locked(self.nbd.zero(n, pos))
+                else:
+                    await self._locked(self.nbd.pwrite(bytes(n), pos))
+                pos += n
+        except Exception as e:  # noqa: BLE001
+            self._error(unique, e)
+            return
+        ch.reply(unique)
+
+    async def drain(self) -> None:
+        """Let requests in flight finish (bounded), then flush the server's cache."""
+        if self.tasks:
+            waits = {t.done for t in self.tasks}
+            await asyncio.wait(waits, timeout=RELEASE_TIMEOUT)
+            for t in list(self.tasks):
+                t.cancel()
+        if not self.readonly and self.can_flush and not getattr(self.nbd, "failure", None):
+            try:
+                await self.nbd.flush()
+            except Exception as e:  # noqa: BLE001
+                print(f"{PROG}: flush at unmount: {_errmsg(e)}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------
+# running
+async def serve(o: Options, ready: Any = None) -> int:
+    """Connect, mount, answer requests until unmounted or signalled, clean up."""
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def on_signal(signame: str) -> None:
+        if not stop.done():
+            stop.set_result(signame)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(s, on_signal, s.name)
+
+    try:
+        nbd = await _until(connect(o), stop)
+    except Exception as e:  # noqa: BLE001
+        print(f"{PROG}: {_errmsg(e)}", file=sys.stderr)
+        return 1
+    if nbd is None:
+        return 1
+    try:
+        if nbd.is_read_only():
+            o.readonly = True
+        f = NbdFile(o, nbd)
+        root_mode = stat.S_IFREG if o.file_mode else stat.S_IFDIR
+        try:
+            fd = fk.mount(o.mountpoint, root_mode=root_mode, fsname=o.fsname,
+                          subtype=o.subtype, options=o.mount_options, read_only=o.readonly)
+        except fk.MountError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"{PROG}: {_errmsg(e)}", file=sys.stderr)
+            return 1
+        ch = fk.FuseChannel(fd, f.handle, max_readahead=o.max_readahead,
+                            after_batch=f.flush_requests)
+        f.ch = ch
+        try:
+            ch.start()
+            if o.pidfile:
+                try:
+                    with open(o.pidfile, "w") as fp:  # noqa: ASYNC230 (a few bytes, once)
+                        fp.write(str(os.getpid()))
+                except OSError as e:
+                    print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
+            if ready is not None:
+                ready()
+            f.debug(f"mounted {o.mountpoint} ({o.filename}, {f.size} bytes"
+                    f"{', read-only' if o.readonly else ''}, "
+                    f"{len(getattr(nbd, 'clients', [nbd]))} connection(s))")
+            await asyncio.wait([ch.closed, stop],
+                               return_when=asyncio.FIRST_COMPLETED)
+            why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
+            f.debug(f"stopping: {why}")
+            ch.stop(why)
+            await f.drain()
+        finally:
+            if not (ch.closed.done() and ch.closed.result() == "unmounted"):
+                try:
+                    fk.unmount(o.mountpoint)
+                except fk.MountError as e:
+                    print(f"{PROG}: {e}", file=sys.stderr)
+            ch.close()
+        return 0
+    finally:
+        try:
+            await nbd.close()
+        except Exception as e:  # noqa: BLE001
+            f_msg = _errmsg(e)
+            if "closed" not in f_msg:
+                print(f"{PROG}: close: {f_msg}", file=sys.stderr)
+
+
+async def _until(coro: Coroutine[Any, Any, Any], stop: asyncio.Future[Any]) -> Any:
+    """Run ``coro`` unless a signal comes first (then cancel it and return None)."""
+    task = asyncio.ensure_future(coro)
+    await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return None
+
+
+def _run(o: Options, ready: Any = None) -> int:
+    try:
+        return asyncio.run(serve(o, ready))
+    except KeyboardInterrupt:
+        return 1
+
+
+def _background(o: Options) -> int:
+    """Fork; the parent exits when the child has mounted (0) or failed (1)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as fp:
+            ok = fp.read(1)
+        if ok == b"1":
+            return 0
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    # child
+    os.close(r)
+    os.setsid()
+
+    def ready() -> None:
+        os.write(w, b"1")
+        os.close(w)
+        if not o.verbose:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+
+    code = _run(o, ready)
+    os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        parsed = parse_args(argv)
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    if isinstance(parsed, int):
+        return parsed
+    o = parsed
+    if not os.path.exists("/dev/fuse"):
+        print(f"{PROG}: /dev/fuse does not exist: the fuse kernel module is not loaded",
+              file=sys.stderr)
+        return 1
+    if o.background:
+        return _background(o)
+    return _run(o)
