@@ -209,6 +209,8 @@ def test_is_and_can_read_only(pynbd_server) -> None:
 def test_can_unknown_name(mem) -> None:
     assert info("--can", "teleport", mem.uri) == (
         1, "", "pynbd info: unknown --can or --is option: teleport\n")
+    # An empty name is still a --can (as nbdinfo's non-NULL empty string).
+    assert info("--can=", mem.uri) == (1, "", "pynbd info: unknown --can or --is option: \n")
 
 
 # --------------------------------------------------------------------------- --map

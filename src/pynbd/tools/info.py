@@ -260,7 +260,7 @@ class _Info:
             _fail(f"expected one NBD-URI or [ CMD ARGS ... ], got {len(operands)} "
                   f"arguments: {' '.join(operands)}. Try '{PROG} --help'.")
 
-        if (self.list_all + bool(self.can) + (self.map is not None) + self.size_only) > 1:
+        if (self.list_all + (self.can is not None) + (self.map is not None) + self.size_only) > 1:
             _fail("you cannot use --list, --map and --size together.")
         if content_flag and no_content_flag:
             _fail("you cannot use --content and --no-content together.")
@@ -272,7 +272,7 @@ class _Info:
             self.probe_content = True
         if no_content_flag:
             self.probe_content = False
-        if self.can or self.map is not None:
+        if self.can is not None or self.map is not None:
             self.probe_content = False
         return None
 
@@ -289,7 +289,7 @@ class _Info:
     def run(self) -> int:
         h = self.h = nbd.NBD()
         h.set_uri_allow_local_file(True)  # allow ?tls-psk-file
-        if not self.can and self.map is None and not self.size_only:
+        if self.can is None and self.map is None and not self.size_only:
             h.set_opt_mode(True)
             h.set_full_info(True)
         if self.map is not None:
@@ -306,7 +306,7 @@ class _Info:
         list_okay = True
         if self.size_only:
             self.do_size()
-        elif self.can:
+        elif self.can is not None:
             self.do_can()
         elif self.map is not None:
             self.do_map()
@@ -346,7 +346,7 @@ class _Info:
         self.close()
 
         _write_stdout("".join(self.out))
-        if self.can:
+        if self.can is not None:
             return self.can_exit_code
         return 0 if list_okay else 1
 
