@@ -126,8 +126,8 @@ BAD = [
     (["-x", "a", "b"], "nbdcopy: invalid option -- 'x'"),
     (["-C"], "nbdcopy: option requires an argument -- 'C'"),
     (["--connections"], "nbdcopy: option '--connections' requires an argument"),
-    (["--s", "a", "b"], "nbdcopy: option '--s' is ambiguous; possibilities: "
-                        "'--short-options' '--sparse' '--synchronous'"),
+    (["--s", "a", "b"], ("nbdcopy: option '--s' is ambiguous; possibilities: "
+                         "'--short-options' '--sparse' '--synchronous'")),
     (["--flush=1", "a", "b"], "nbdcopy: option '--flush' doesn't allow an argument"),
     (["-p=3", "a", "b"], "nbdcopy: invalid option -- '='"),
     (["-C", "0", "a", "b"], "nbdcopy: --connections: could not parse: 0"),
@@ -301,8 +301,8 @@ def test_verbose(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         f'nbdcopy: src: file_ops "{src}"',
         "nbdcopy: src: size=1048576 (1M), preferred block size=4096",
         'nbdcopy: dst: null_ops "null:"',
-        "nbdcopy: dst: size=9223372036854775807 (9223372036854775807), "
-        "preferred block size=4096",
+        ("nbdcopy: dst: size=9223372036854775807 (9223372036854775807), "
+         "preferred block size=4096"),
         "nbdcopy: connections=1 requests=64 threads=1 synchronous=false",
     ]
 
@@ -311,7 +311,7 @@ def test_progress_fd(tmp_path: Path) -> None:
     src = make_dense(tmp_path / "s.img", 3 * MiB)
     r, w = os.pipe()
     try:
-        cp = subprocess.run([*PYNBD, "copy", "--progress=%d" % w, src, "null:"],
+        cp = subprocess.run([*PYNBD, "copy", f"--progress={w}", src, "null:"],
                             pass_fds=(w,), capture_output=True, timeout=60, check=False)
         os.close(w)
         w = -1
