@@ -321,6 +321,11 @@ class Buffer:
             return not any(view) if size < 64 else view == bytes(size)
 
 
+# Plain ints for what every command checks (enum operators are Python functions).
+_TX_DF, _TX_FAST_ZERO = int(TxFlag.SEND_DF), int(TxFlag.SEND_FAST_ZERO)
+_TX_WRITE_ZEROES = int(TxFlag.SEND_WRITE_ZEROES)
+
+
 def _pin(buf: Any, writable: bool) -> tuple[memoryview, Buffer | None]:
     """The contiguous byte view an aio call holds until the command is retired."""
     nbuf = buf if isinstance(buf, Buffer) else None
@@ -1579,10 +1584,10 @@ class NBD:
         self._need_info("export flags")
         fl = int(self._info.eflags)
         eng = self._eng
-        if fl & TxFlag.SEND_DF and not (eng is not None and eng.structured):
-            fl &= ~TxFlag.SEND_DF
-        if fl & TxFlag.SEND_FAST_ZERO and not fl & TxFlag.SEND_WRITE_ZEROES:
-            fl &= ~TxFlag.SEND_FAST_ZERO
+        if fl & _TX_DF and not (eng is not None and eng.structured):
+            fl &= ~_TX_DF
+        if fl & _TX_FAST_ZERO and not fl & _TX_WRITE_ZEROES:
+            fl &= ~_TX_FAST_ZERO
         return fl
 
     @_api(_ST_INFO)

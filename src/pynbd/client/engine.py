@@ -75,7 +75,11 @@ __all__ = [
 
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-_FLUSH = int(Cmd.FLUSH)
+# Plain ints on the hot path (enum operators are Python functions).
+_FLUSH, _READ, _WRITE = int(Cmd.FLUSH), int(Cmd.READ), int(Cmd.WRITE)
+_BS = int(Cmd.BLOCK_STATUS)
+_DONE, _REQ_ONE = int(ReplyFlag.DONE), int(CmdFlag.REQ_ONE)
+_OFFSET_DATA, _OFFSET_HOLE = int(ReplyType.OFFSET_DATA), int(ReplyType.OFFSET_HOLE)
 _ERRH = struct.Struct(">IH")
 _HOLE = struct.Struct(">QI")
 
@@ -710,7 +714,7 @@ class AsyncClient:
                       payload: Any = None, dest: memoryview | None = None,
                       chunk_cb: ChunkCallback | None = None) -> Any:
         self._strict_check(cmd, offset, length, flags)
-        nbytes = length if cmd in (Cmd.READ, Cmd.WRITE) else 0
+        nbytes = length if cmd == _READ or cmd == _WRITE else 0
         if len(self._pending) >= self.max_in_flight or (
                 self._bytes_in_flight + nbytes > self.max_bytes_in_flight and self._pending):
             await self._wait_slot(nbytes)
@@ -983,11 +987,11 @@ class AsyncClient:
                 if p is None:
                     raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
                 self._pos += 16
-                if p.cmd == Cmd.READ and self.structured and error == 0:
+                if p.cmd == _READ and self.structured and error == 0:
                     raise RemoteProtocolError("simple reply to a structured READ")
-                if p.cmd == Cmd.BLOCK_STATUS and error == 0:
+                if p.cmd == _BS and error == 0:
                     raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
-                if p.cmd == Cmd.READ and error == 0:
+                if p.cmd == _READ and error == 0:
                     assert p.dest is not None
                     if not self._into(p.dest, functools.partial(self._finish_simple_read, p)):
                         return
@@ -1011,8 +1015,8 @@ class AsyncClient:
             p = self._pending.get(cookie)
             if p is None:
                 raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
-            if rtype == ReplyType.OFFSET_DATA:
-                if p.cmd != Cmd.READ or length < 9:
+            if rtype == _OFFSET_DATA:
+                if p.cmd != _READ or length < 9:
                     raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
                 if not self._need(hsize + 8):
                     return
@@ -1047,7 +1051,7 @@ class AsyncClient:
     def _data_chunk_done(self, p: _Pending, start: int, n: int, flags: int) -> None:
         if p.chunk_cb is not None and p.dest is not None:
             self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, 1, 0)
-        if flags & ReplyFlag.DONE:
+        if flags & _DONE:
             self._finish(p)
 
     def _call_chunk_cb(self, p: _Pending, data: memoryview, offset: int, status: int,
@@ -1064,10 +1068,10 @@ class AsyncClient:
 
     def _chunk(self, p: _Pending, flags: int, rtype: int, payload: bytes) -> None:
         if rtype == ReplyType.NONE:
-            if payload or not flags & ReplyFlag.DONE:
+            if payload or not flags & _DONE:
                 raise RemoteProtocolError("malformed NONE chunk")
-        elif rtype == ReplyType.OFFSET_HOLE:
-            if p.cmd != Cmd.READ or len(payload) != 12:
+        elif rtype == _OFFSET_HOLE:
+            if p.cmd != _READ or len(payload) != 12:
                 raise RemoteProtocolError("unexpected or malformed OFFSET_HOLE chunk")
             hoff, hlen = _HOLE.unpack(payload)
             start = hoff - p.offset
@@ -1102,11 +1106,11 @@ class AsyncClient:
                 self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
         else:
             raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
-        if flags & ReplyFlag.DONE:
+        if flags & _DONE:
             self._finish(p)
 
     def _status_chunk(self, p: _Pending, rtype: int, payload: bytes) -> None:
-        if p.cmd != Cmd.BLOCK_STATUS:
+        if p.cmd != _BS:
             raise RemoteProtocolError("block status chunk for another command")
         if rtype == ReplyType.BLOCK_STATUS:
             if self.extended or len(payload) < 12 or (len(payload) - 4) % 8:
@@ -1128,7 +1132,7 @@ class AsyncClient:
             raise RemoteProtocolError("two block status chunks for one context")
         if any(n == 0 for n, _ in ents):
             raise RemoteProtocolError("zero-length extent in block status")
-        if p.flags & CmdFlag.REQ_ONE and len(ents) != 1:
+        if p.flags & _REQ_ONE and len(ents) != 1:
             raise RemoteProtocolError("more than one extent in a REQ_ONE block status reply")
         p.extents[ctx] = [(int(n), int(f)) for n, f in ents]
 
@@ -1144,7 +1148,7 @@ class AsyncClient:
             p.fut.set_exception(CommandError(errno, p.message or os.strerror(errno)))
             return
         bad = None
-        if p.cmd == Cmd.READ and (self.structured or self.extended):
+        if p.cmd == _READ and (self.structured or self.extended):
             # the chunks must cover the request exactly once
             pos = 0
             for start, n in sorted(p.covered):
@@ -1155,7 +1159,7 @@ class AsyncClient:
             else:
                 if pos != p.length:
                     bad = "read reply does not cover the request"
-        elif p.cmd == Cmd.BLOCK_STATUS:
+        elif p.cmd == _BS:
             missing = set(self.meta_contexts) - set(p.extents)
             if missing:
                 names = ", ".join(self.meta_contexts[c] for c in sorted(missing))
@@ -1167,7 +1171,7 @@ class AsyncClient:
             p.fut.set_exception(err)
             self._fail(err)
             return
-        if p.cmd == Cmd.BLOCK_STATUS:
+        if p.cmd == _BS:
             res = {self.meta_contexts[c]: e for c, e in p.extents.items()}
             p.fut.set_result(res)
             return
