@@ -32,12 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 LIBNBD_PROGRAM = r'''
-import sys, time, random
+import os, sys, time, random
 import nbd
 uri, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 h = nbd.NBD()
 h.connect_uri(uri)
 size = h.get_size()
+c = os.times()
 t = time.perf_counter()
 if mode == "bulk":
     bs, depth = 256 * 1024, 16
@@ -68,17 +69,19 @@ else:
             issued += 1
         h.poll(-1)
     total = n * bs
-print(time.perf_counter() - t, total)
+el, c2 = time.perf_counter() - t, os.times()
+print(el, total, c2.user - c.user, c2.system - c.system)
 h.shutdown()
 '''
 
 ASYNC_PROGRAM = r'''
-import asyncio, sys, time, random
+import asyncio, os, sys, time, random
 from pynbd.client import AsyncClient
 uri, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 async def main():
     c = await AsyncClient.connect(uri)
     size = c.size
+    c0 = os.times()
     t = time.perf_counter()
     if mode == "bulk":
         bs, depth = 256 * 1024, 16
@@ -99,16 +102,28 @@ async def main():
                 await c.pread_into(buf, off)
         await asyncio.gather(*(worker() for _ in range(depth)))
         total = n * bs
-    print(time.perf_counter() - t, total)
+    el, c2 = time.perf_counter() - t, os.times()
+    print(el, total, c2.user - c0.user, c2.system - c0.system)
     await c.close()
 asyncio.run(main())
 '''
 
 
-def run(argv: list[str], env: dict[str, str] | None = None) -> float:
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(argv: list[str], env: dict[str, str] | None, srv_pid: int) -> tuple[float, float, float]:
+    """(seconds, client CPU seconds in the timed part, server CPU seconds during the run)."""
+    s0 = server_cpu(srv_pid)
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env,
                          timeout=600).stdout
-    return float(out.split()[0])
+    s1 = server_cpu(srv_pid)
+    el, _total, usr, sys_ = out.split()[:4]
+    return float(el), float(usr) + float(sys_), s1 - s0
 
 
 def main() -> int:
@@ -149,19 +164,31 @@ def main() -> int:
             "pynbd.libnbd": ([sys.executable, str(d_prog / "libnbd_prog.py")], env_c),
         }
         results: dict[tuple[str, str], float] = {}
+        cpus: dict[tuple[str, str], tuple[float, float]] = {}
         for mode in ("bulk", "rand"):
             times: dict[str, list[float]] = {k: [] for k in clients}
+            ccpu: dict[str, list[float]] = {k: [] for k in clients}
+            scpu: dict[str, list[float]] = {k: [] for k in clients}
             for r in range(args.repeat):
                 order = list(clients) if r % 2 == 0 else list(reversed(clients))
                 for name in order:
                     argv, env = clients[name]
                     try:
-                        times[name].append(run([*argv, uri, mode, str(args.rand_count)], env))
+                        el, cc, sc = run([*argv, uri, mode, str(args.rand_count)], env, srv.pid)
                     except subprocess.CalledProcessError as e:
                         print(f"{name} {mode} failed:\n{e.stderr}", file=sys.stderr)
+                        continue
+                    times[name].append(el)
+                    ccpu[name].append(cc)
+                    scpu[name].append(sc)
+                    if not args.markdown:
+                        print(f"  {mode:5} {name:20} {el:7.3f} s  client CPU {cc:6.3f} s  "
+                              f"server CPU {sc:6.3f} s", flush=True)
             for name, ts in times.items():
                 if ts:
                     results[(name, mode)] = statistics.median(ts)
+                    cpus[(name, mode)] = (statistics.median(ccpu[name]),
+                                          statistics.median(scpu[name]))
     finally:
         srv.terminate()
         srv.wait()
@@ -178,15 +205,19 @@ def main() -> int:
         verdict = "" if bar is None else ("PASS" if ratio >= bar else "FAIL")
         if verdict == "FAIL":
             ok = False
-        rows.append((mode, name, t, ratio, f">= {bar}" if bar else "", verdict))
+        cc, sc = cpus[(name, mode)]
+        rows.append((mode, name, t, cc, sc, ratio, f">= {bar}" if bar else "", verdict))
     if args.markdown:
-        print("| job | client | seconds (median) | libnbd/this | bar | |")
-        print("|---|---|---|---|---|---|")
-        for mode, name, t, ratio, bar, v in rows:
-            print(f"| {mode} | {name} | {t:.3f} | {ratio:.2f} | {bar} | {v} |")
+        print("| job | client | seconds (median) | client CPU s | server CPU s | libnbd/this "
+              "| bar | |")
+        print("|---|---|---:|---:|---:|---:|---|---|")
+        for mode, name, t, cc, sc, ratio, bar, v in rows:
+            print(f"| {mode} | {name} | {t:.3f} | {cc:.3f} | {sc:.3f} | {ratio:.2f} | {bar} "
+                  f"| {v} |")
     else:
-        for mode, name, t, ratio, bar, v in rows:
-            print(f"{mode:5} {name:20} {t:8.3f}s  x{ratio:5.2f} {bar:8} {v}")
+        for mode, name, t, cc, sc, ratio, bar, v in rows:
+            print(f"{mode:5} {name:20} {t:8.3f}s  client CPU {cc:6.3f}s  server CPU "
+                  f"{sc:6.3f}s  x{ratio:5.2f} {bar:8} {v}")
     return 0 if ok else 1
 
 
