@@ -149,6 +149,7 @@ class Options:
     connections: int = DEFAULT_CONNECTIONS
     verbose: bool = False
     readonly: bool = False
+    mount_ro: bool = False  # -o ro: a read-only mount (EROFS); -r alone gives EACCES
     single: bool = False
     background: bool = False
     pidfile: str | None = None
@@ -200,7 +201,7 @@ def _fuse_option(o: Options, opt: str) -> None:
     elif name == "gid" and eq:
         o.gid = _int_arg("gid", value)
     elif name == "ro" and not eq:
-        o.readonly = True
+        o.readonly = o.mount_ro = True
     elif name == "rw" and not eq:
         pass
     elif name in ("fsname", "subtype") and eq and value and "," not in value:
@@ -603,7 +604,7 @@ async def serve(o: Options, ready: Any = None) -> int:
         root_mode = stat.S_IFREG if o.file_mode else stat.S_IFDIR
         try:
             fd = fk.mount(o.mountpoint, root_mode=root_mode, fsname=o.fsname,
-                          subtype=o.subtype, options=o.mount_options, read_only=o.readonly)
+                          subtype=o.subtype, options=o.mount_options, read_only=o.mount_ro)
         except fk.MountError as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
