@@ -13,6 +13,9 @@ gives IOPS and bandwidth; the table shows both servers and pynbd/nbdkit.
     python benchmarks/fio_server.py --jobs mem-randread-4k --repeat 3
     python benchmarks/fio_server.py --pynbd-cmd nbdkit   # A/A run: how noisy is this machine?
 
+The two null-* jobs have no bar: against the null plugin the server does almost nothing, so
+they show how many requests fio itself can send on this machine (its CPU is in "fio CPU").
+
 Needs fio with the nbd engine (Debian's fio has it: `fio --enghelp=nbd`) and
 nbdkit (Debian: nbdkit). Exit status: 0 when every bar that was measured
 passes, 1 when one fails, 2 on an error (a server or fio failed).
@@ -70,6 +73,9 @@ JOBS: tuple[Job, ...] = (
     Job("mem-read-256k", "memory", "read", "256k", 16, "bw", 1.2),
     Job("mem-write-256k", "memory", "write", "256k", 16, "bw", 1.2),
     Job("file-randread-4k", "file", "randread", "4k", 64, "iops", 1.0),
+    # No bar: the null plugin does nothing, so these show how far fio itself can go here.
+    Job("null-randwrite-4k", "null", "randwrite", "4k", 64, "iops", 0.0),
+    Job("null-write-256k", "null", "write", "256k", 16, "bw", 0.0),
 )
 
 
@@ -79,6 +85,7 @@ class Measurement:
     bw: float  # bytes/s
     lat_us: float  # mean completion latency
     server_cpu: float  # server CPU seconds / wall seconds during fio (1.0 = one core)
+    fio_cpu: float  # fio's own CPU use (1.0 = one core), as fio reports it
     other_cpu: float  # CPUs busy with anything but this server and fio (noise)
 
 
@@ -106,6 +113,8 @@ class Result:
         r = self.ratio()
         if r is None:
             return "n/a"
+        if not self.job.bar:
+            return "info"
         return "PASS" if r >= self.job.bar else "FAIL"
 
 
@@ -252,6 +261,7 @@ def run_fio(
         bw=float(side["bw_bytes"]),
         lat_us=float(side["clat_ns"]["mean"]) / 1000,
         server_cpu=server_cpu,
+        fio_cpu=fio_cpu,
         other_cpu=max(0.0, (busy1 - busy0) / wall - server_cpu - fio_cpu),
     )
 
@@ -347,9 +357,11 @@ def table_rows(results: list[Result]) -> list[list[str]]:
                 _fmt_iops(r.median("nbdkit", "iops")),
                 _fmt_bw(r.median("nbdkit", "bw")),
                 _fmt_cpu(r.median("nbdkit", "server_cpu")),
+                _fmt_cpu(r.median("pynbd", "fio_cpu")),
                 "-" if ratio is None else f"{ratio:.2f}",
                 _fmt_cpu(max((m.other_cpu for ms in r.runs.values() for m in ms), default=None)),
-                f">= {r.job.bar:g} ({'IOPS' if r.job.metric == 'iops' else 'MB/s'})",
+                f">= {r.job.bar:g} ({'IOPS' if r.job.metric == 'iops' else 'MB/s'})"
+                if r.job.bar else "-",
                 r.verdict(),
             ]
         )
@@ -364,6 +376,7 @@ HEADERS = [
     "nbdkit IOPS",
     "nbdkit MiB/s",
     "nbdkit CPU",
+    "fio CPU (pynbd runs)",
     "pynbd/nbdkit",
     "others CPU",
     "bar",
@@ -511,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         step = 0
         for i, result in enumerate(results):
             job = result.job
-            plugin = ["memory", args.size] if job.target == "memory" else ["file", str(image)]
+            plugin = (["file", str(image)] if job.target == "file"
+                      else [job.target, args.size])
             for rep in range(args.repeat):
                 order = list(servers)
                 if (i + rep) % 2:
@@ -531,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"[{step}/{total}] {job.name:17} {name:6} "
                             f"{m.iops:>10.0f} IOPS {m.bw / (1 << 20):>8.1f} MiB/s "
                             f"lat {m.lat_us:>7.1f} us  server CPU {_fmt_cpu(m.server_cpu)}"
-                            f"  others {_fmt_cpu(m.other_cpu)}",
+                            f"  fio CPU {_fmt_cpu(m.fio_cpu)}  others {_fmt_cpu(m.other_cpu)}",
                             flush=True,
                         )
                         if m.other_cpu > NOISE_CPU:
