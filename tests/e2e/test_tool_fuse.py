@@ -16,7 +16,6 @@ import stat
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -128,7 +127,7 @@ def test_read_only(pynbd_server, fuse_mount) -> None:  # noqa: F811
     r = fuse_mount(w.uri, options=["-r"])
     assert stat.S_IMODE(os.stat(r.file).st_mode) == 0o444
     with pytest.raises(PermissionError):
-        open(r.file, "r+b")
+        os.open(r.file, os.O_WRONLY)
     fa = subprocess.run(["fallocate", "-p", "-o", "0", "-l", "4096", str(r.file)],
                         capture_output=True, text=True, check=False)
     assert fa.returncode != 0 and "Permission denied" in fa.stderr
