@@ -1,0 +1,223 @@
+"""`pynbd fuse` against the real peers: nbdkit (with its log and delay filters), nbdcopy,
+qemu-nbd (qcow2 by socket activation) and nbdfuse itself.
+
+Every mount goes through the `fuse_mount` fixture, which unmounts and reaps it even when the
+test fails.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fuse_helpers import fuse_mount, is_mounted, require_fuse  # noqa: F401 (fixture)
+from tests.helpers import require, run_peer
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
+
+MiB = 1 << 20
+
+
+def pattern(n: int, seed: int = 0) -> bytes:
+    block = hashlib.sha256(str(seed).encode()).digest()
+    return (block * (n // len(block) + 1))[:n]
+
+
+def log_ops(log: Path, op: str) -> list[str]:
+    return [line for line in log.read_text().splitlines() if f" {op} id=" in line]
+
+
+def test_round_trip_with_nbdcopy(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """Write a pattern through the FUSE file; nbdcopy reads the same bytes from the server."""
+    require("nbdcopy")
+    srv = nbdkit_server("memory", "8M")
+    m = fuse_mount(srv.uri)
+    data = pattern(8 * MiB, 3)
+    with open(m.file, "r+b") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    out = tmp_path / "copy.raw"
+    run_peer("nbdcopy", srv.uri, out)
+    assert out.read_bytes() == data
+    assert m.unmount() == 0
+
+
+def test_commands_reach_the_server(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """write -> NBD_CMD_WRITE, fsync -> FLUSH, punch hole -> TRIM, zero range -> WRITE_ZEROES;
+    multi-conn opens -C connections when nbdkit allows it; unmount flushes."""
+    log = tmp_path / "nbdkit.log"
+    srv = nbdkit_server("--filter=log", "memory", "1M", f"logfile={log}")
+    m = fuse_mount(srv.uri, options=["-C", "2"])
+    with open(m.file, "r+b", buffering=0) as f:
+        f.write(b"\xaa" * 65536)
+        n_flush = len(log_ops(log, "Flush"))
+        os.fsync(f.fileno())
+        assert len(log_ops(log, "Flush")) > n_flush
+    subprocess.run(["fallocate", "-p", "-o", "0", "-l", "4096", str(m.file)], check=True)
+    subprocess.run(["fallocate", "-z", "-o", "8192", "-l", "4096", str(m.file)], check=True)
+    with open(m.file, "r+b", buffering=0) as f:
+        f.write(b"last write")
+    before_unmount = len(log_ops(log, "Flush"))
+    assert m.unmount() == 0
+    text = log.read_text()
+    assert log_ops(log, "Write")
+    assert any("offset=0x0 count=0x1000" in line for line in log_ops(log, "Trim"))
+    assert any("offset=0x2000 count=0x1000" in line for line in log_ops(log, "Zero"))
+    assert len(log_ops(log, "Flush")) > before_unmount  # outstanding writes flushed
+    connects = [line for line in text.splitlines() if " Connect " in line]
+    assert len(connects) == 2, text
+    assert text.count("Disconnect") == 2  # each connection closed cleanly
+
+
+def test_requests_in_flight(nbdkit_server, fuse_mount) -> None:  # noqa: F811
+    """Eight readers against a server that takes 0.5 s per read: done in about 0.5 s, not 4 s,
+    on ONE connection: FUSE requests in flight are NBD requests in flight."""
+    srv = nbdkit_server("--filter=delay", "memory", "8M", "rdelay=500ms")
+    m = fuse_mount(srv.uri, options=["-C", "1"])
+    errors: list[BaseException] = []
+
+    def read(i: int) -> None:
+        try:
+            fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)
+                assert os.preadv(fd, [buf], i * MiB) == 4096
+            finally:
+                os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    t = time.monotonic()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    elapsed = time.monotonic() - t
+    assert not errors, errors
+    assert elapsed < 2.0, f"8 reads of 0.5 s took {elapsed:.2f} s: not in parallel"
+    assert m.unmount() == 0
+
+
+def test_server_killed_mid_read(nbdkit_server, fuse_mount) -> None:  # noqa: F811
+    """A read waiting on a server that dies gets EIO (not a hang); later ones too; the mount
+    still unmounts cleanly."""
+    srv = nbdkit_server("--filter=delay", "memory", "8M", "rdelay=3")
+    m = fuse_mount(srv.uri, options=["-C", "1"])
+    result: list[BaseException | int] = []
+
+    def read() -> None:
+        fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+        try:
+            result.append(os.preadv(fd, [mmap.mmap(-1, 4096)], 0))
+        except OSError as e:
+            result.append(e)
+        finally:
+            os.close(fd)
+
+    th = threading.Thread(target=read)
+    t = time.monotonic()
+    th.start()
+    time.sleep(0.5)
+    srv.proc.kill()  # SIGKILL: the reply never comes, the socket closes
+    th.join(10)
+    assert not th.is_alive(), "the reader hung"
+    assert time.monotonic() - t < 3.0
+    assert isinstance(result[0], OSError) and result[0].errno == errno.EIO, result
+    fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as e:
+            os.preadv(fd, [mmap.mmap(-1, 4096)], 8192)
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert m.unmount() == 0
+    srv.stop(check=False)
+
+
+def test_qcow2_by_socket_activation(fuse_mount, tmp_path) -> None:  # noqa: F811
+    """`pynbd fuse dir/file.raw --socket-activation qemu-nbd -f qcow2 file.qcow2`: the qcow2
+    image as a raw file; what is written lands in the qcow2; qemu-nbd is gone afterwards."""
+    require("qemu-nbd")
+    require("qemu-img")
+    img = tmp_path / "file.qcow2"
+    run_peer("qemu-img", "create", "-q", "-f", "qcow2", img, "16M")
+    m = fuse_mount("--socket-activation", "qemu-nbd", "-f", "qcow2", str(img),
+                   name="file.raw")
+    assert os.stat(m.file).st_size == 16 * MiB
+    data = pattern(2 * MiB, 9)
+    with open(m.file, "r+b") as f:
+        f.seek(5 * MiB)
+        f.write(data)
+    kids = m.children()
+    assert kids
+    assert m.unmount() == 0
+    for pid in kids:
+        assert not os.path.exists(f"/proc/{pid}"), "qemu-nbd was left running"
+    raw = tmp_path / "out.raw"
+    run_peer("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, raw)
+    got = raw.read_bytes()
+    assert got[5 * MiB:7 * MiB] == data
+    assert got[:5 * MiB] == bytes(5 * MiB)
+    # the bracket form is the same mode
+    n = fuse_mount("[", "qemu-nbd", "-f", "qcow2", str(img), "]")
+    with open(n.file, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(2 * MiB) == data
+    assert n.unmount() == 0
+
+
+def test_command_nbdkit_single(fuse_mount) -> None:  # noqa: F811
+    require("nbdkit")
+    m = fuse_mount("--command", "nbdkit", "-s", "--exit-with-parent", "pattern", "1M")
+    got = m.file.read_bytes()
+    assert len(got) == MiB
+    assert got[8:16] == (8).to_bytes(8, "big")  # nbdkit pattern: each 8 bytes its offset
+    assert m.unmount() == 0
+
+
+def test_same_view_as_nbdfuse(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """nbdfuse and pynbd fuse show the same file for the same export (read-write and
+    read-only): name, size, type, mode and bytes."""
+    require("nbdfuse")
+    rw = nbdkit_server("pattern", "3M")
+    ro = nbdkit_server("-r", "pattern", "1M")
+    for srv in (rw, ro):
+        ours = fuse_mount(srv.uri)
+        theirs_dir = tmp_path / f"nbdfuse{srv.pid}"
+        theirs_dir.mkdir()
+        p = subprocess.Popen(["nbdfuse", str(theirs_dir), srv.uri], stdin=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not is_mounted(theirs_dir) and time.monotonic() < deadline:
+                assert p.poll() is None, p.stderr.read() if p.stderr else ""
+                time.sleep(0.02)
+            a, b = os.stat(ours.file), os.stat(theirs_dir / "nbd")
+            assert os.listdir(ours.mountpoint) == os.listdir(theirs_dir) == ["nbd"]
+            assert (a.st_size, a.st_mode) == (b.st_size, b.st_mode)
+            assert stat.S_ISREG(a.st_mode)
+            assert ours.file.read_bytes() == (theirs_dir / "nbd").read_bytes()
+        finally:
+            subprocess.run(["fusermount3", "-u", str(theirs_dir)], check=False)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+            if is_mounted(theirs_dir):
+                subprocess.run(["umount", "-l", str(theirs_dir)], check=False)
+            if p.stderr:
+                p.stderr.close()
+        assert ours.unmount() == 0
