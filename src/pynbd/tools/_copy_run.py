@@ -406,8 +406,8 @@ class _Copy:
                 if n < rs:
                     break
             return
-        # Known size: request-size chunks in order; several reads in flight when the
-        # source can take them (an NBD server), written out in order.
+        # Known size: request-size chunks in order (the progress lines are nbdcopy's: one
+        # per chunk of data); several reads in flight, written out in order.
         depth = max(1, min(o.requests, o.queue_size // rs)) if not src.stream else 1
         bufs = [bytearray(rs) for _ in range(depth)]
         size = src.size
@@ -428,7 +428,8 @@ class _Copy:
                     continue
                 pieces = []
                 while elen > 0:
-                    n = min(elen, rs)
+                    # cut at request-size boundaries of the disk, as nbdcopy's loop does
+                    n = min(elen, rs - eoff % rs)
                     pieces.append((eoff, n))
                     eoff += n
                     elen -= n

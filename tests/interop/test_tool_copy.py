@@ -1,0 +1,249 @@
+"""`pynbd copy` side by side with nbdcopy 1.14 against nbdkit, qemu-nbd and `pynbd serve`.
+
+Both tools get the same command line; the tests compare exit statuses, messages, the bytes
+copied and the holes left in the destination. Errors are injected with nbdkit's error filter.
+`pynbd copy` runs in this process (`pynbd.tools.copy.main`) unless it needs its own stdout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import PYNBD, peer_env, require, run_peer, run_pynbd
+
+from pynbd.tools import copy as copy_tool
+
+MiB = 1 << 20
+PYNBD_SERVE = [sys.executable, "-m", "pynbd", "serve"]
+#: nbdkit's own log lines (`nbdkit: PLUGIN.N: error: ...`) mixed into the copy's stderr.
+NBDKIT_LOG = re.compile(r"^nbdkit: (\w+\.\d+: |error: |connections\.c)")
+
+
+def ours(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> tuple[int, str]:
+    rc = copy_tool.main([os.fspath(a) for a in args])
+    out, err = capsys.readouterr()
+    assert out == ""
+    return rc, err
+
+
+def theirs(*args: str | os.PathLike[str]) -> tuple[int, str]:
+    """nbdcopy with argv[0] "nbdcopy" (getopt names argv[0] in its messages)."""
+    cp = subprocess.run(["nbdcopy", *map(os.fspath, args)], executable=require("nbdcopy"),
+                        env=peer_env(), capture_output=True, stdin=subprocess.DEVNULL,
+                        timeout=60, check=False)
+    assert cp.stdout == b""
+    return cp.returncode, cp.stderr.decode()
+
+
+def messages(err: str) -> list[str]:
+    """The tool's own lines (nbdkit's log lines left out)."""
+    return [line for line in err.splitlines() if line and not NBDKIT_LOG.match(line)]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def data_map(path: Path) -> list[tuple[int, int]]:
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                d = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            h = os.lseek(fd, d, os.SEEK_HOLE)
+            out.append((d, h - d))
+            pos = h
+    finally:
+        os.close(fd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 MiB: random data, written zero blocks and runs, holes, an unaligned end."""
+    path = tmp_path_factory.mktemp("copy") / "mixed.img"
+    with open(path, "wb") as f:
+        f.truncate(6 * MiB + 512)
+        blob = bytearray(os.urandom(2 * MiB))
+        for i in range(0, len(blob), 128 * 1024):
+            blob[i + 4096:i + 12288] = bytes(8192)
+        f.write(blob)
+        f.seek(3 * MiB + 4096)
+        f.write(os.urandom(MiB))
+        f.seek(6 * MiB)
+        f.write(os.urandom(512))
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+SAME_LINE = [
+    ["--bogus", "a", "b"], ["-x", "a", "b"], ["-C"], ["--connections"], ["--s", "a", "b"],
+    ["--flush=1", "a", "b"], ["-p=3", "a", "b"], ["-C", "0", "a", "b"], ["-C", "x", "a", "b"],
+    ["-R", "0", "a", "b"], ["-T", "x", "a", "b"], ["--queue-size=x", "a", "b"],
+    ["--request-size=1000", "a", "b"], ["-S", "100", "a", "b"], ["-S", "x", "a", "b"],
+    ["--progress=-1", "a", "b"], ["--progress=x", "a", "b"], ["/nonexistent/x", "null:"],
+    ["nbd+unix:///?socket=/nonexistent.sock", "null:"],
+]
+
+
+@pytest.mark.parametrize("args", SAME_LINE, ids=" ".join)
+def test_errors_match_nbdcopy(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """Same status; our one line is nbdcopy's first line (nbdcopy adds its usage text)."""
+    rc, err = ours(capsys, *args)
+    trc, terr = theirs(*args)
+    assert rc == trc == 1
+    assert err == terr.splitlines()[0] + "\n"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-V"], ["--version"], ["--long-options"],
+                                  ["--short-options"]], ids=" ".join)
+def test_informational_output_matches(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    rc = copy_tool.main(args)
+    out, err = capsys.readouterr()
+    cp = run_peer("nbdcopy", *args)
+    assert (rc, out, err) == (cp.returncode, cp.stdout.decode(), cp.stderr.decode())
+
+
+# ----------------------------------------------------------------------------- copies
+
+def test_copies_match_nbdcopy(capsys: pytest.CaptureFixture[str], mixed: Path, tmp_path: Path,
+                              nbdkit_server, pynbd_server) -> None:
+    """file -> nbdkit -> file, nbdkit -> pynbd serve, [ nbdkit ] -> file: same bytes and
+    the same holes as nbdcopy leaves."""
+    size = str(mixed.stat().st_size)
+    a, b = nbdkit_server("memory", size), pynbd_server("memory", size)
+    assert ours(capsys, mixed, a.uri) == (0, "")
+    assert ours(capsys, a.uri, b.uri) == (0, "")
+    mine, nbdcopys = tmp_path / "mine.img", tmp_path / "theirs.img"
+    assert ours(capsys, b.uri, mine) == (0, "")
+    assert theirs(b.uri, nbdcopys) == (0, "")
+    assert sha(mine) == sha(nbdcopys) == sha(mixed)
+    assert data_map(mine) == data_map(nbdcopys)
+    # local file to local file
+    m2, t2 = tmp_path / "m2.img", tmp_path / "t2.img"
+    assert ours(capsys, mixed, m2) == (0, "")
+    assert theirs(mixed, t2) == (0, "")
+    assert sha(m2) == sha(mixed) and data_map(m2) == data_map(t2)
+    # socket activation of nbdkit
+    m3, t3 = tmp_path / "m3.img", tmp_path / "t3.img"
+    assert ours(capsys, "--", "[", "nbdkit", "pattern", "3M", "]", m3) == (0, "")
+    assert theirs("--", "[", "nbdkit", "pattern", "3M", "]", t3) == (0, "")
+    assert sha(m3) == sha(t3)
+
+
+def test_qemu_nbd_both_ways(capsys: pytest.CaptureFixture[str], mixed: Path, tmp_path: Path,
+                            qemu_nbd_server) -> None:
+    image = tmp_path / "q.img"
+    with open(image, "wb") as f:
+        f.truncate(mixed.stat().st_size)
+    dst = qemu_nbd_server(image, "-f", "raw", "-t", "--discard=unmap")
+    assert ours(capsys, "--flush", mixed, dst.uri) == (0, "")
+    assert sha(image) == sha(mixed)
+    out = tmp_path / "back.img"
+    assert ours(capsys, dst.uri, out) == (0, "")
+    assert sha(out) == sha(mixed)
+    ref = tmp_path / "ref.img"
+    assert theirs(dst.uri, ref) == (0, "")
+    assert data_map(out) == data_map(ref)
+
+
+def test_pipe_output_matches(mixed: Path, nbdkit_server) -> None:
+    srv = nbdkit_server("memory", str(mixed.stat().st_size))
+    run_peer("nbdcopy", mixed, srv.uri)
+    mine = run_pynbd("copy", srv.uri, "-").stdout
+    assert mine == run_peer("nbdcopy", srv.uri, "-").stdout == mixed.read_bytes()
+
+
+def test_zero_fallback_when_the_server_cannot_zero(capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path, nbdkit_server) -> None:
+    """nbdkit's nozero filter hides WRITE_ZEROES: zero ranges are written as zero bytes."""
+    srv = nbdkit_server("--filter=nozero", "memory", "2M")
+    run_peer("nbdcopy", "--", "[", "nbdkit", "pattern", "2M", "]", srv.uri)
+    holes = tmp_path / "holes.img"
+    with open(holes, "wb") as f:
+        f.truncate(2 * MiB)
+        f.write(b"x" * 5000)
+    assert ours(capsys, holes, srv.uri) == (0, "")
+    assert run_peer("nbdcopy", srv.uri, "-").stdout == holes.read_bytes()
+
+
+def test_progress_lines_match(mixed: Path) -> None:
+    # the same request size: the synchronous copy reports after each request
+    for extra in (["--request-size=262144"], ["--synchronous", "--request-size=262144"]):
+        lines = []
+        for cmd in (["nbdcopy"], [*PYNBD, "copy"]):
+            r, w = os.pipe()
+            cp = subprocess.run([*cmd, f"--progress={w}", *extra, mixed, "null:"],
+                                pass_fds=(w,), capture_output=True, timeout=60, check=False,
+                                env=peer_env())
+            os.close(w)
+            lines.append(os.read(r, 1 << 16).decode())
+            os.close(r)
+            assert cp.returncode == 0, cp.stderr
+        assert lines[0] == lines[1], extra
+        assert lines[0].endswith("100/100\n")
+
+
+def test_verbose_matches(capsys: pytest.CaptureFixture[str], mixed: Path) -> None:
+    for args in (["-T", "2"], ["--synchronous"]):
+        rc, err = ours(capsys, "-v", *args, mixed, "null:")
+        trc, terr = theirs("-v", *args, mixed, "null:")
+        assert rc == trc == 0
+        assert err.splitlines() == [x for x in terr.splitlines() if not x.startswith("libnbd:")]
+
+
+# ----------------------------------------------------------------------------- failures
+
+ERRORS = {
+    "pread": (["[", "nbdkit", "--filter=error", "pattern", "4M", "error-pread-rate=1", "]",
+               "null:"]),
+    "pread-sync": (["[", "nbdkit", "--filter=error", "pattern", "4M",
+                    "error-pread-rate=1", "]", "null:"]),
+    "pwrite": (["[", "nbdkit", "pattern", "4M", "]", "[", "nbdkit", "--filter=error", "memory",
+                "4M", "error-pwrite-rate=1", "]"]),
+    "zero": (["[", "nbdkit", "memory", "4M", "]", "[", "nbdkit", "--filter=error", "memory",
+              "4M", "error-zero-rate=1", "]"]),
+    "extents": (["[", "nbdkit", "--filter=error", "memory", "4M", "error-extents-rate=1", "]",
+                 "null:"]),
+    "size": (["[", "nbdkit", "memory", "2M", "]", "[", "nbdkit", "memory", "1M", "]"]),
+    "read-only": (["[", "nbdkit", "memory", "1M", "]", "[", "nbdkit", "-r", "memory", "1M", "]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_failures_match_nbdcopy(capsys: pytest.CaptureFixture[str], case: str) -> None:
+    """Every failed read, write, zero or block status fails the copy with nbdcopy's
+    message and status; never a silent success (CVE-2022-0485)."""
+    require("nbdkit")
+    args = ["--synchronous"] if case.endswith("-sync") else []
+    args += ["--", *ERRORS[case]]
+    rc, err = ours(capsys, *args)
+    trc, terr = theirs(*args)
+    assert rc == trc == 1
+    # requests complete in any order: the failing offset may differ
+    def norm(lines: list[str]) -> list[str]:
+        return [re.sub(r"at offset \d+", "at offset N", x) for x in lines]
+
+    assert norm(messages(err)) == norm(messages(terr))[:1]
+
+
+def test_partial_read_errors_fail(capsys: pytest.CaptureFixture[str], mixed: Path) -> None:
+    """One read in ten fails: the copy fails, whatever the order of completions. (A server
+    started for this copy only: nbdkit 1.32 can abort when a client hangs up with replies
+    still to send, after nbdcopy's failures too.)"""
+    rc, err = ours(capsys, "-S", "0", "--request-size=65536", "--", "[", "nbdkit",
+                   "--filter=error", "file", mixed, "error-pread-rate=0.1", "error-pread=EIO",
+                   "]", "null:")
+    assert rc == 1
+    assert re.fullmatch(r"nbdcopy: read at offset \d+ failed: Input/output error\n", err)
