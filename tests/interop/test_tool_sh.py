@@ -8,11 +8,22 @@ import shlex
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import PYNBD, missing, peer_env, require, run_peer, run_pynbd
+from helpers import (
+    PYNBD,
+    missing,
+    peer_env,
+    require,
+    run_peer,
+    run_pynbd,
+    short_tmpdir,
+    start_server,
+)
+
+from pynbd.tools import sh
 
 pytestmark = pytest.mark.interop
 
@@ -31,21 +42,43 @@ def assert_same(*args: str, input: bytes | None = None) -> bytes:
     return real.stdout
 
 
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, str]]:
+    """A 1 MiB + 5 pattern disk served by pynbd and by nbdkit, for the whole module: URIs."""
+    d = short_tmpdir()
+    started = {}
+    try:
+        for name, cmd in (("pynbd", [*PYNBD, "serve"]), ("nbdkit", [require("nbdkit")])):
+            sock = d / f"{name}.sock"
+            started[name] = start_server([*cmd, "-f", "-U", sock, "pattern", "1048581"],
+                                         logdir=d / f"{name}.log", sock=sock)
+        yield {k: v.uri for k, v in started.items()}
+    finally:
+        for srv in started.values():
+            srv.stop()
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(params=["pynbd", "nbdkit"])
-def uri(request: pytest.FixtureRequest, pynbd_server, nbdkit_server) -> str:
-    """A 1 MiB + 5 pattern disk, served by pynbd and by nbdkit."""
-    factory = pynbd_server if request.param == "pynbd" else nbdkit_server
-    return factory("pattern", str(1024 * 1024 + 5)).uri
+def uri(request: pytest.FixtureRequest, servers: dict[str, str]) -> str:
+    """Each of the two servers in turn."""
+    return servers[request.param]
+
+
+@pytest.fixture
+def puri(servers: dict[str, str]) -> str:
+    """The pynbd server only (for comparisons where the server does not matter)."""
+    return servers["pynbd"]
 
 
 def test_size(uri: str) -> None:
     assert assert_same("-u", uri, "-c", "print(h.get_size())") == b"1048581\n"
 
 
-def test_base_allocation(uri: str) -> None:
+def test_base_allocation(puri: str) -> None:
     code = "print(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))"
-    assert assert_same("--base-allocation", "-u", uri, "-c", code) == b"True\n"
-    assert assert_same("-u", uri, "-c", code) == b"False\n"
+    assert assert_same("--base-allocation", "-u", puri, "-c", code) == b"True\n"
+    assert assert_same("-u", puri, "-c", code) == b"False\n"
 
 
 def test_opt_mode_order(uri: str) -> None:
@@ -60,9 +93,9 @@ def test_data_and_flags(uri: str) -> None:
                 " h.can_zero(), h.get_handle_name(), h.connection_state())")
 
 
-def test_stdin_program(uri: str) -> None:
+def test_stdin_program(puri: str) -> None:
     program = b"x = h.pread(16, 8)\nprint(x.hex())\nprint(__name__)\n"
-    assert assert_same("-u", uri, "-c", "-", input=program) == (
+    assert assert_same("-u", puri, "-c", "-", input=program) == (
         b"00000000000000080000000000000010\nnbdsh\n")
 
 
@@ -70,8 +103,8 @@ def test_stdin_program(uri: str) -> None:
     "code",
     ["h.pread(10, 1048580)", "h.pwrite(b'x', 2000000)", "h.opt_go()", "h.set_opt_mode(True)"],
 )
-def test_nbd_errors_match(uri: str, code: str) -> None:
-    real, ours = both("-u", uri, "-c", code)
+def test_nbd_errors_match(puri: str, code: str) -> None:
+    real, ours = both("-u", puri, "-c", code)
     assert (ours.returncode, ours.stdout, ours.stderr) == (1, b"", real.stderr)
     assert real.returncode == 1
     assert real.stderr.startswith(b"nbdsh: command line script failed: nbd_")
@@ -99,27 +132,29 @@ def test_python_errors_and_exit_status_match(code: str, status: int) -> None:
 
 
 @pytest.mark.parametrize("args", [["--no-such"], ["-u"], ["--co", "x"], ["-c"], ["x.py"]])
-def test_bad_options_match(args: list[str], tmp_path: Path) -> None:
+def test_bad_options_match(args: list[str], tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
     if args == ["x.py"]:
         # nbdsh has no script argument; pynbd's is an extension: a missing file is status 2.
         real, ours = both(str(tmp_path / "x.py"))
         assert ours.returncode == real.returncode == 2
         assert len(ours.stderr.splitlines()) == 1
         return
-    real, ours = both(*args)
-    assert ours.returncode == real.returncode == 2
-    assert ours.stdout == real.stdout == b""
+    real = run_peer("nbdsh", *args, check=False)
+    assert sh.main(args) == real.returncode == 2
+    out, err = capsys.readouterr()
+    assert out == "" and real.stdout == b""
     # nbdsh prints argparse's usage lines first; the error line is the same.
-    assert ours.stderr.splitlines() == real.stderr.splitlines()[-1:]
+    assert err.splitlines() == real.stderr.decode().splitlines()[-1:]
 
 
 @pytest.mark.parametrize("args", [["-n", "-u", "nbd://x"], ["-n", "--opt-mode"],
                                   ["--base-allocation", "-n"]])
-def test_no_handle_conflicts_match(args: list[str]) -> None:
-    real, ours = both(*args)
-    assert ours.returncode == real.returncode == 1
+def test_no_handle_conflicts_match(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    real = run_peer("nbdsh", *args, check=False)
+    assert sh.main(args) == real.returncode == 1
     # Same text; pynbd's line carries the tool name first, as every error line does.
-    assert ours.stderr == b"nbdsh: " + real.stderr
+    assert capsys.readouterr().err == "nbdsh: " + real.stderr.decode()
 
 
 def test_version_and_completion_lists() -> None:
@@ -127,17 +162,17 @@ def test_version_and_completion_lists() -> None:
         assert_same(*args)
 
 
-def test_interactive_banner_and_prompt_from_a_pipe(uri: str) -> None:
+def test_interactive_banner_and_prompt_from_a_pipe(puri: str) -> None:
     # Input that does not use h: nbdsh 1.14.2's shell has no h (pynbd's has).
     assert_same("-n", input=b"print(6 * 7)\n")
-    assert_same("-u", uri, input=b"print(nbd.STATE_ZERO)\n")
-    assert_same("--opt-mode", "-u", uri, input=b"x = 1\n")
+    assert_same("-u", puri, input=b"print(nbd.STATE_ZERO)\n")
+    assert_same("--opt-mode", "-u", puri, input=b"x = 1\n")
     assert_same(input=b"")
 
 
-def test_h_in_the_interactive_shell(uri: str) -> None:
+def test_h_in_the_interactive_shell(puri: str) -> None:
     """nbdsh 1.14.2 loses ``h`` in its interactive shell (NameError); pynbd sh has it."""
-    real, ours = both("-u", uri, input=b"print(h.get_size())\n")
+    real, ours = both("-u", puri, input=b"print(h.get_size())\n")
     assert b"NameError: name 'h' is not defined" in real.stderr
     assert ours.stdout == b"nbd> 1048581\nnbd> "
 
