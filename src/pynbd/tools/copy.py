@@ -43,6 +43,10 @@ MAX_REQUEST_SIZE = 32 * 1024 * 1024
 #: Request size without --request-size. nbdcopy uses 256 KiB, the best size for its C loop;
 #: in Python each request costs more than the bytes it moves, and 1 MiB halves the time.
 DEFAULT_REQUEST_SIZE = 1024 * 1024
+#: Bytes in flight per worker without --queue-size (nbdcopy: 16 MiB): at least four
+#: requests, and 4 MiB, so what is read is still in the CPU cache when it is written
+#: (measured: a file to nbdkit 0.46 s against 0.66 s with 16 MiB in flight).
+DEFAULT_QUEUE_SIZE = 4 * 1024 * 1024
 
 USAGE = """
 Copy to and from an NBD server:
@@ -208,7 +212,7 @@ class Settings:
     requests: int = 64
     progress: bool = False
     progress_fd: int = -1
-    queue_size: int = 16 << 20
+    queue_size: int | None = None
     request_size: int | None = None
     sparse_size: int = 4096
     synchronous: bool = False
@@ -395,7 +399,10 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
         else:
             request_size = s.request_size
         request_size = max(request_size, src.preferred, dst.preferred)
-        queue_size = max(s.queue_size, request_size)
+        if s.queue_size is None:
+            queue_size = max(DEFAULT_QUEUE_SIZE, 4 * request_size)
+        else:
+            queue_size = max(s.queue_size, request_size)
         sparse_size = s.sparse_size
         if 0 < sparse_size < dst.preferred:
             sparse_size = dst.preferred
