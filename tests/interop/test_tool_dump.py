@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers import PYNBD, require, run_peer, run_pynbd, short_tmpdir, start_server
@@ -91,6 +92,45 @@ def data_disks() -> Iterator[dict[bool, str]]:
 )
 def test_data_disk(data_disks: dict[bool, str], args: list[str], extents: bool) -> None:
     assert_same(*args, data_disks[extents])
+
+
+SHORT_EXTENTS_PLUGIN = """
+import nbdkit
+API_VERSION = 2
+SIZE = 12 * 1024 * 1024 + 3
+DATA_AT = 10 * 1024 * 1024 + 5
+
+def open(readonly):
+    return 1
+
+def get_size(h):
+    return SIZE
+
+def can_extents(h):
+    return True
+
+def pread(h, buf, offset, flags):
+    start = max(offset, DATA_AT)
+    buf[:] = bytes(len(buf))
+    if start < offset + len(buf):
+        buf[start - offset:] = bytes((i * 7 + i // 4096) % 256
+                                     for i in range(start, offset + len(buf)))
+
+def extents(h, count, offset, flags):
+    # Less than asked for, and not on line boundaries: the client must ask again.
+    if offset < DATA_AT:
+        n = min(count, 5 * 1024 * 1024 + 3, DATA_AT - offset)
+        return [(offset, n, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)]
+    return [(offset, min(count, 1000003), 0)]
+"""
+
+
+def test_server_describing_less_than_asked(nbdkit_server, tmp_path: Path) -> None:
+    """Block status answers that cover only part of the range (long and short ones)."""
+    plugin = tmp_path / "short_extents.py"
+    plugin.write_text(SHORT_EXTENTS_PLUGIN)
+    srv = nbdkit_server("python", plugin)
+    assert_same(srv.uri)
 
 
 def test_pynbd_memory_disk(pynbd_server) -> None:

@@ -492,8 +492,14 @@ def _plan(h: nbd.NBD, offset: int, end: int, can_meta: bool) -> list[tuple[bool,
                 continue
         pieces.append((False, a, b))
     if pos < stop:
-        pieces.append((False, pos, stop))
-    # Merge neighbouring data pieces; cut data at line boundaries for the reader.
+        # The server described less than was asked (it may): plan up to the last whole line
+        # it described and ask again from there - unless that is too little to be worth a
+        # request of its own, then read one request's worth as data, as nbddump would.
+        cut = pos if pos == end else pos & ~15
+        if cut - offset < READ_SIZE:
+            return [(False, offset, min(end, offset + READ_SIZE))]
+        pieces = [(z, a, min(b, cut)) for z, a, b in pieces if a < cut]
+    # Merge neighbouring data pieces (each piece starts on a line boundary).
     merged: list[tuple[bool, int, int]] = []
     for p in pieces:
         if merged and not p[0] and not merged[-1][0]:
