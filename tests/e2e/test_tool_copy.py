@@ -7,14 +7,15 @@ threads; pipes and stdout run as real `pynbd copy` processes.
 
 from __future__ import annotations
 
-import hashlib
 import os
+import re
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from copy_helpers import data_map, run_on_terminal, sha
 from helpers import PYNBD, run_pynbd
 
 import pynbd.tools._copy_run as copy_run
@@ -36,30 +37,6 @@ def run_copy(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) 
     rc = copy_tool.main([os.fspath(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    """The file's data extents [(offset, length)] from SEEK_DATA/SEEK_HOLE."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-    finally:
-        os.close(fd)
-    return out
 
 
 def allocated(path: Path) -> int:
@@ -322,6 +299,21 @@ def test_progress_fd(tmp_path: Path) -> None:
             os.close(w)
     assert cp.returncode == 0, cp.stderr
     assert lines == "0/100\n0/100\n100/100\n"   # nbdcopy: start, first work range, end
+
+
+def test_progress_bar_on_a_terminal(pynbd_server, tmp_path: Path) -> None:
+    """nbdcopy's bar, then the rate and the time left once the copy has run for a while,
+    and nbdcopy's final line."""
+    srv = pynbd_server(E2E_PLUGIN, "16M", "sleep=0.08")
+    rc, screen = run_on_terminal([sys.executable, "-m", "pynbd", "copy", "-p", "-C", "1",
+                                  "--no-extents", "--queue-size=1", srv.uri, "null:"])
+    assert rc == 0, screen
+    frames = screen.split("\r")
+    assert frames[0] == "▝   0% [----------------------------------------]"
+    bars = [f for f in frames if re.fullmatch(r"\S +\d+% \[\**-*\].*", f)]
+    rated = [f for f in bars if re.search(r"\] \d+\.\d (B|KiB|MiB|GiB)/s, \d+:\d\d left", f)]
+    assert rated, screen
+    assert re.fullmatch(r"█ 100% \[\*{40}\] *", frames[-2]) and frames[-1] == "\n", screen
 
 
 def test_progress_bar_needs_no_terminal(tmp_path: Path) -> None:

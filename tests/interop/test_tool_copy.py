@@ -7,7 +7,6 @@ copied and the holes left in the destination. Errors are injected with nbdkit's 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from copy_helpers import data_map, run_on_terminal, sha
 from helpers import PYNBD, peer_env, require, run_peer, run_pynbd
 
 from pynbd.tools import copy as copy_tool
@@ -44,28 +44,6 @@ def theirs(*args: str | os.PathLike[str]) -> tuple[int, str]:
 def messages(err: str) -> list[str]:
     """The tool's own lines (nbdkit's log lines left out)."""
     return [line for line in err.splitlines() if line and not NBDKIT_LOG.match(line)]
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def data_map(path: Path) -> list[tuple[int, int]]:
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                d = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            h = os.lseek(fd, d, os.SEEK_HOLE)
-            out.append((d, h - d))
-            pos = h
-    finally:
-        os.close(fd)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +171,19 @@ def test_progress_lines_match(mixed: Path) -> None:
             assert cp.returncode == 0, cp.stderr
         assert lines[0] == lines[1], extra
         assert lines[0].endswith("100/100\n")
+
+
+def test_terminal_bar_matches(mixed: Path) -> None:
+    """A short copy draws what nbdcopy draws on the terminal: the bar at 0% twice (start,
+    first work range), then the final line."""
+    screens = []
+    for argv in ([require("nbdcopy")], [sys.executable, "-m", "pynbd", "copy"]):
+        rc, screen = run_on_terminal([*argv, "-p", str(mixed), "null:"])
+        assert rc == 0, screen
+        frames = screen.split("\r")
+        screens.append(frames[:2] + frames[-2:])
+    assert screens[0] == screens[1]
+    assert screens[0][0] == "▝   0% [----------------------------------------]"
 
 
 def test_verbose_matches(capsys: pytest.CaptureFixture[str], mixed: Path) -> None:

@@ -45,10 +45,30 @@ class Options:
     flush: bool = False
 
 
+def _rate(bps: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if bps < 1024 or unit == "GiB":
+            return f"{bps:.1f} {unit}/s"
+        bps /= 1024
+    return ""  # not reached
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
 class Progress:
-    """nbdcopy's progress bar: on the terminal, or ``N/100`` lines on a descriptor."""
+    """nbdcopy's progress bar on the terminal (``/dev/tty``), with the rate and the time
+    left after it once they can be estimated; or nbdcopy's ``N/100`` lines on a
+    descriptor (``--progress=FD``), exactly as nbdcopy writes them."""
 
     SPINNER = ("▝", "▐", "▗", "▃", "▖", "▍", "▘", "▀")
+    #: Width of the rate and time-left field (padded, so a shorter one leaves nothing).
+    EXTRA_WIDTH = 30
+    #: Seconds of copying before a rate is shown.
+    RATE_AFTER = 0.5
 
     def __init__(self, enabled: bool, fd: int = -1) -> None:
         self.enabled = enabled
@@ -56,6 +76,9 @@ class Progress:
         self.tty = -2  # not opened yet
         self.spin = 0
         self.last = 0.0
+        self.start = time.monotonic()
+        self.high = 0  # furthest position drawn between nbdcopy's own updates
+        self.rated = False  # a rate was drawn: later lines are padded to wipe it
         self.lock = threading.Lock()  # workers in several threads draw it
 
     def __call__(self, pos: int, size: int) -> None:
@@ -79,14 +102,25 @@ class Progress:
             return
         self.last = time.monotonic()
         if frac == 1:
-            msg = "█ 100% [****************************************]\n"
+            msg = "█ 100% [****************************************]"
+            if self.rated:
+                msg += " " * self.EXTRA_WIDTH
+            msg += "\n"
             self.enabled = False
         else:
             stars = 0
             while stars < 40 and stars < 40 * frac:
                 stars += 1
+            extra = ""
+            elapsed = self.last - self.start
+            if size > 1 and pos > 0 and elapsed >= self.RATE_AFTER:
+                rate = pos / elapsed
+                extra = f" {_rate(rate)}, {_clock((size - pos) / rate)} left"
+                self.rated = True
+            if self.rated:
+                extra = f"{extra:<{self.EXTRA_WIDTH}}"
             msg = (f"{self.SPINNER[self.spin]} {int(100 * frac):3d}% "
-                   f"[{'*' * stars}{'-' * (40 - stars)}]\r")
+                   f"[{'*' * stars}{'-' * (40 - stars)}]{extra}\r")
             self.spin = (self.spin + 1) % len(self.SPINNER)
         self._write(self.tty, msg)
 
@@ -95,7 +129,9 @@ class Progress:
         BAR_INTERVAL (the lines written to a descriptor stay exactly nbdcopy's)."""
         if self.enabled and self.fd < 0 and self.tty != -1 and \
                 time.monotonic() - self.last >= BAR_INTERVAL:
-            self(pos, size)
+            with self.lock:
+                self.high = max(self.high, pos)
+                self._draw(self.high, size)
 
     @staticmethod
     def _write(fd: int, msg: str) -> None:
