@@ -316,6 +316,13 @@ def test_progress_bar_on_a_terminal(pynbd_server, tmp_path: Path) -> None:
     assert re.fullmatch(r"█ 100% \[\*{40}\] *", frames[-2]) and frames[-1] == "\n", screen
 
 
+def test_refuses_to_write_to_a_terminal(tmp_path: Path) -> None:
+    src = make_dense(tmp_path / "s.img", 4096)
+    rc, screen = run_on_terminal([sys.executable, "-m", "pynbd", "copy", str(src), "-"])
+    assert rc == 1
+    assert screen == "nbdcopy: refusing to write to tty\r\n"
+
+
 def test_progress_bar_needs_no_terminal(tmp_path: Path) -> None:
     """-p draws on /dev/tty; without a terminal it draws nothing and the copy works."""
     src = make_dense(tmp_path / "s.img", MiB)
