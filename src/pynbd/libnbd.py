@@ -82,6 +82,7 @@ import functools
 import itertools
 import operator
 import os
+import re
 import socket
 import sys
 import threading
@@ -91,8 +92,9 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Self, TypeVar
 
+from pynbd.client.engine import PROC_EXIT_GRACE as _PROC_EXIT_GRACE
 from pynbd.client.engine import AsyncClient
-from pynbd.errors import CommandError, OptionError, ProtocolError
+from pynbd.errors import CommandError, OptionError, ProtocolError, RemoteProtocolError
 from pynbd.protocol.constants import Rep, TxFlag
 
 __all__ = [
@@ -208,6 +210,13 @@ _IDLE_CHECK = 0.05
 
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
+
+#: NBD URI scheme -> (transport, TLS), as lib/uri.c compares them (case-sensitively).
+_URI_SCHEMES = {"nbd": ("tcp", False), "nbds": ("tcp", True), "nbd+unix": ("unix", False),
+                "nbds+unix": ("unix", True), "nbd+vsock": ("vsock", False),
+                "nbds+vsock": ("vsock", True)}
+_TRANSPORT_BIT = {"tcp": ALLOW_TRANSPORT_TCP, "unix": ALLOW_TRANSPORT_UNIX,
+                  "vsock": ALLOW_TRANSPORT_VSOCK}
 
 
 # ==========================================================================================
@@ -452,29 +461,140 @@ class _CountingStream:
         self._stats.bytes_received += n
         return n  # type: ignore[no-any-return]
 
-    async def read_some(self, *a: Any, **kw: Any) -> bytes:
-        data: bytes = await self._inner.read_some(*a, **kw)
+    async def read_some(self, n: int = 65536) -> bytes:
+        """Negotiation reads. Unlike the stream's own read_some, a reset connection raises
+        (libnbd: "recv: Connection reset by peer") and EOF raises :class:`_HangUp`."""
+        inner = self._inner
+        rfd = getattr(inner, "rfd", None)
+        if rfd is None:
+            data: bytes = await inner.read_some(n)
+        else:
+            loop = asyncio.get_running_loop()
+            while True:
+                if inner.closed:
+                    data = b""
+                    break
+                try:
+                    data = os.read(rfd, n)
+                    break
+                except BlockingIOError:
+                    pass
+                fut: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(rfd, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    if not inner.closed:
+                        loop.remove_reader(rfd)
+        if not data:
+            raise _HangUp("server closed the connection during the handshake")
         self._stats.bytes_received += len(data)
         return data
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _HangUp(RemoteProtocolError):
+    """The server closed the connection while negotiating (libnbd: "recv: server
+    disconnected unexpectedly")."""
 
 
 _SETTINGS: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("pynbd_libnbd_settings")
 
 
 class _Engine(AsyncClient):
-    """The engine with a handle's pre-connect settings applied and byte counting."""
+    """The engine with a handle's pre-connect settings applied, byte counting, and libnbd's
+    ways of starting a subprocess server and of option mode on a plain newstyle server."""
 
     def __init__(self) -> None:
         super().__init__()
         settings = dict(_SETTINGS.get({}))
         self.lib_stats: _Stats = settings.pop("lib_stats", None) or _Stats()
+        #: ["connect"] until the socket is connected, then ["handshake"].
+        self.lib_phase: list[str] = settings.pop("lib_phase", None) or ["connect"]
+        self.lib_in_handshake = False
         for k, v in settings.items():
             setattr(self, k, v)
 
     async def _handshake(self, *a: Any, **kw: Any) -> Any:
+        self.lib_phase[0] = "handshake"
         if self.stream is not None and not isinstance(self.stream, _CountingStream):
             self.stream = _CountingStream(self.stream, self.lib_stats)  # type: ignore[assignment]
-        return await super()._handshake(*a, **kw)
+        self.lib_in_handshake = True
+        try:
+            return await super()._handshake(*a, **kw)
+        finally:
+            self.lib_in_handshake = False
+
+    async def _export_name(self, name: str) -> None:
+        # libnbd in option mode stays in negotiation with a plain newstyle server too, and
+        # sends NBD_OPT_EXPORT_NAME at opt_go().
+        if self.opt_mode and self.lib_in_handshake:
+            return
+        await super()._export_name(name)
+
+    async def lib_export_name(self, name: str) -> None:
+        """opt_go() on a plain newstyle server: NBD_OPT_EXPORT_NAME, then transmission."""
+        await super()._export_name(name)
+
+    def _start_command(self, argv: list[str]) -> socket.socket:
+        """connect_command: a program that cannot be run gets libnbd's child's message on
+        stderr, and the handle then sees the server hang up, as in libnbd."""
+        import subprocess
+
+        mine, theirs = socket.socketpair()
+        try:
+            self._proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                          close_fds=True)
+        except OSError as e:
+            _child_perror(argv[0], e)
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        self._proc_grace = _PROC_EXIT_GRACE
+        return mine
+
+    async def _start_activation(self, argv: list[str]) -> socket.socket:
+        """connect_systemd_socket_activation as libnbd does it: the listening socket is fd 3
+        of the server (LISTEN_PID, LISTEN_FDS=1) and the handle connects at once. This end
+        keeps the listener open until connected, so a server that cannot start or exits
+        early resets the connection ("recv: Connection reset by peer"), as in libnbd."""
+        import shutil
+        import subprocess
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="libnbd", dir="/tmp" if os.path.isdir("/tmp") else None)
+        path = os.path.join(d, "sock")
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ls.bind(path)
+            ls.listen(socket.SOMAXCONN)
+            failed = _exec_error(argv[0])
+            if failed is not None:
+                _child_perror(argv[0], failed)
+            else:
+                # The listening socket goes in as stdin and the shell moves it to fd 3; exec
+                # keeps the shell's pid, which is what LISTEN_PID must name.
+                wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
+                self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                    ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                assert self.loop is not None
+                await self.loop.sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
+        finally:
+            ls.close()
+            shutil.rmtree(d, ignore_errors=True)
+        return sock
 
     async def _recv_event(self) -> Any:
         ev = await super()._recv_event()
@@ -484,7 +604,98 @@ class _Engine(AsyncClient):
 
 async def _connect_engine(settings: dict[str, Any], kw: dict[str, Any]) -> _Engine:
     _SETTINGS.set(settings)
+    pending = kw.pop("pending", None)
+    if pending is not None:
+        sock, rest = pending
+        try:
+            await _finish_connect(sock)
+        except OSError:
+            sock.close()
+            if not rest:
+                raise
+            sock = await _tcp_connect(rest)
+        except BaseException:
+            sock.close()
+            raise
+        _nodelay(sock)
+        kw["sock"] = sock
     return await _Engine.connect(**kw)  # type: ignore[return-value]
+
+
+async def _finish_connect(sock: socket.socket) -> None:
+    """Wait for a non-blocking connect(2) in progress; raise its failure."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+def _nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def _tcp_connect(addrs: list[Any]) -> socket.socket:
+    """Try each getaddrinfo() address in turn, as libnbd; raise the last failure."""
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError(_errno.ECONNREFUSED, os.strerror(_errno.ECONNREFUSED))
+    for family, kind, proto, _canon, addr in addrs:
+        try:
+            s = socket.socket(family, kind, proto)
+        except OSError as e:
+            last = e
+            continue
+        s.setblocking(False)
+        try:
+            await loop.sock_connect(s, addr)
+        except OSError as e:
+            s.close()
+            last = e
+            continue
+        except BaseException:
+            s.close()
+            raise
+        return s
+    raise last
+
+
+def _exec_error(prog: str) -> OSError | None:
+    """What execvp(prog) would fail with before running anything (None: it would run)."""
+    def check(path: str) -> OSError | None:
+        if not os.path.exists(path):
+            return FileNotFoundError(_errno.ENOENT, os.strerror(_errno.ENOENT))
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            return PermissionError(_errno.EACCES, os.strerror(_errno.EACCES))
+        return None
+
+    if not prog:
+        return FileNotFoundError(_errno.ENOENT, os.strerror(_errno.ENOENT))
+    if "/" in prog:
+        return check(prog)
+    seen: OSError | None = None
+    for d in os.environ.get("PATH", "/bin:/usr/bin").split(os.pathsep):
+        err = check(os.path.join(d or ".", prog))
+        if err is None:
+            return None
+        if isinstance(err, PermissionError):
+            seen = err
+    return seen or FileNotFoundError(_errno.ENOENT, os.strerror(_errno.ENOENT))
+
+
+def _child_perror(prog: str, err: OSError) -> None:
+    """The line libnbd's child writes on stderr when it cannot run the server."""
+    text = f"{prog}: {os.strerror(err.errno or _errno.ENOENT)}\n"
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+        os.write(2, text.encode("utf-8", "surrogateescape"))
 
 
 # ==========================================================================================
@@ -545,10 +756,12 @@ def _failure(exc: BaseException, *, connecting: bool = False) -> tuple[str, int]
     """(message, errno) for an exception out of the engine that ended the connection."""
     if isinstance(exc, CommandError):
         return exc.message, exc.errno
+    if isinstance(exc, _HangUp):
+        return "recv: server disconnected unexpectedly", 0
     if isinstance(exc, ProtocolError):
         return (f"handshake: {exc}" if connecting else f"protocol error: {exc}"), _errno.EPROTO
     if isinstance(exc, OSError) and exc.errno:
-        return f"recv: {os.strerror(exc.errno)}", exc.errno
+        return "recv", exc.errno
     if isinstance(exc, (ConnectionError, EOFError)):
         return "recv: server disconnected unexpectedly", 0
     return str(exc) or type(exc).__name__, 0
@@ -590,6 +803,203 @@ def _check_list(value: Any, what: str = "list") -> list[str]:
     if not isinstance(value, list):
         raise TypeError(f"expecting a {what} parameter")
     return [os.fsdecode(v) if isinstance(v, bytes) else str(v) for v in value]
+
+
+# ==========================================================================================
+# NBD URIs as libnbd 1.14 reads them: libxml2's RFC 3986 parser (xmlParseURI), then
+# lib/uri.c's checks. pynbd.protocol.uri is stricter and words its errors differently.
+
+_URI_ALPHA = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_URI_DIGIT = frozenset("0123456789")
+_URI_HEX = frozenset("0123456789abcdefABCDEF")
+_URI_UNRESERVED = _URI_ALPHA | _URI_DIGIT | frozenset("-._~")
+_URI_SUB_DELIMS = frozenset("!$&'()*+,;=")
+_URI_SCHEME = _URI_ALPHA | _URI_DIGIT | frozenset("+-.")
+_URI_HOST = _URI_UNRESERVED | _URI_SUB_DELIMS
+_URI_USER = _URI_HOST | frozenset(":")
+_URI_PCHAR = _URI_HOST | frozenset(":@")
+_URI_QUERY = _URI_PCHAR | frozenset("/?")
+_URI_FRAGMENT = _URI_QUERY | frozenset("[]")
+_INT_MAX = (1 << 31) - 1
+
+
+class _XmlURI:
+    """The fields of libxml2's xmlURI that libnbd reads (``None`` where libxml2 has NULL)."""
+
+    __slots__ = ("path", "port", "query_raw", "scheme", "server", "user")
+
+    def __init__(self) -> None:
+        self.scheme: str | None = None
+        self.server: str | None = None
+        self.user: str | None = None
+        self.port = 0
+        self.path: str | None = None
+        self.query_raw: str | None = None
+
+
+def _xml_unescape(s: str) -> str:
+    """xmlURIUnescapeString: %XX decoded (as bytes, read back as UTF-8), cut at a NUL."""
+    if "%" in s:
+        raw = bytearray()
+        i = 0
+        while i < len(s):
+            if s[i] == "%" and i + 2 < len(s) and s[i + 1] in _URI_HEX and \
+                    s[i + 2] in _URI_HEX:
+                raw.append(int(s[i + 1:i + 3], 16))
+                i += 3
+            else:
+                raw += s[i].encode()
+                i += 1
+        s = raw.decode("utf-8", "surrogateescape")
+    return s.split("\0", 1)[0]
+
+
+def _xml_scan(s: str, i: int, allowed: frozenset[str], stop: str = "") -> int:
+    """Skip characters of ``allowed`` and %XX escapes from ``i`` (not those in ``stop``)."""
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c == "%":
+            if i + 2 < n and s[i + 1] in _URI_HEX and s[i + 2] in _URI_HEX:
+                i += 3
+                continue
+            return i
+        if c not in allowed or c in stop:
+            return i
+        i += 1
+    return i
+
+
+def _xml_authority(s: str, i: int, u: _XmlURI) -> int:
+    """``[userinfo "@"] host [":" port]``; -1 on a parse error."""
+    j = _xml_scan(s, i, _URI_USER)
+    if j < len(s) and s[j] == "@":
+        u.user = _xml_unescape(s[i:j])
+        i = j + 1
+    start = i
+    if i < len(s) and s[i] == "[":
+        end = s.find("]", i + 1)
+        if end < 0:
+            return -1
+        i = end + 1
+    else:
+        i = _xml_scan(s, i, _URI_HOST)
+    u.server = _xml_unescape(s[start:i]) if i > start else None
+    if i < len(s) and s[i] == ":":
+        i += 1
+        j = i
+        port = 0
+        while j < len(s) and s[j] in _URI_DIGIT:
+            port = port * 10 + int(s[j])
+            if port > _INT_MAX:
+                return -1
+            j += 1
+        if j == i:
+            return -1
+        u.port = port
+        i = j
+    return i
+
+
+def _xml_path(s: str, i: int, u: _XmlURI, first: str) -> int:
+    """A path: ``first`` is "abempty", "absolute", "rootless" or "noscheme"; -1 on error."""
+    start = i
+    n = len(s)
+    if first in ("rootless", "noscheme"):
+        j = _xml_scan(s, i, _URI_PCHAR, ":" if first == "noscheme" else "")
+        if j == i:
+            return -1
+        i = j
+    elif first == "absolute":
+        i += 1
+        i = _xml_scan(s, i, _URI_PCHAR)
+    while i < n and s[i] == "/":
+        i = _xml_scan(s, i + 1, _URI_PCHAR)
+    u.path = _xml_unescape(s[start:i]) if i > start else None
+    return i
+
+
+def _xml_tail(s: str, i: int, u: _XmlURI) -> bool:
+    """``["?" query] ["#" fragment]`` and then the end of the string."""
+    if i < len(s) and s[i] == "?":
+        j = _xml_scan(s, i + 1, _URI_QUERY)
+        u.query_raw = s[i + 1:j]
+        i = j
+    if i < len(s) and s[i] == "#":
+        i = _xml_scan(s, i + 1, _URI_FRAGMENT)
+    return i == len(s)
+
+
+def _xml_parse_uri(s: str) -> _XmlURI | None:
+    """libxml2 2.9's xmlParseURI: an absolute URI, else a relative reference; None if
+    neither parses."""
+    u = _XmlURI()
+    # scheme ":" hier-part
+    i = 0
+    if s and s[0] in _URI_ALPHA:
+        while i < len(s) and s[i] in _URI_SCHEME:
+            i += 1
+        if i < len(s) and s[i] == ":":
+            u.scheme = s[:i]
+            i += 1
+            if s.startswith("//", i):
+                i = _xml_authority(s, i + 2, u)
+                if i >= 0:
+                    if u.server is None:
+                        u.port = -1
+                    i = _xml_path(s, i, u, "abempty")
+            elif s.startswith("/", i):
+                i = _xml_path(s, i, u, "absolute")
+            elif i < len(s) and _xml_scan(s, i, _URI_PCHAR) > i:
+                i = _xml_path(s, i, u, "rootless")
+            if i >= 0 and _xml_tail(s, i, u):
+                return u
+    # relative-ref
+    u = _XmlURI()
+    i = 0
+    if s.startswith("//"):
+        i = _xml_authority(s, 2, u)
+        if i >= 0:
+            i = _xml_path(s, i, u, "abempty")
+    elif s.startswith("/"):
+        i = _xml_path(s, 0, u, "absolute")
+    elif _xml_scan(s, 0, _URI_PCHAR) > 0:
+        i = _xml_path(s, 0, u, "noscheme")
+    if i >= 0 and _xml_tail(s, i, u):
+        return u
+    return None
+
+
+def _uri_queries(query_raw: str | None) -> list[tuple[str, str]]:
+    """libnbd's parse_uri_queries: ``&`` (or, failing that, ``;``) separated, decoded."""
+    out: list[tuple[str, str]] = []
+    q = query_raw or ""
+    while q:
+        end = q.find("&")
+        if end < 0:
+            end = q.find(";")
+        if end < 0:
+            end = len(q)
+        eq = q.find("=", 0, end)
+        if end == 0 or eq == 0:
+            pass  # an empty section, or "=value": ignored
+        elif eq < 0:
+            out.append((_xml_unescape(q[:end]), ""))
+        else:
+            out.append((_xml_unescape(q[:eq]), _xml_unescape(q[eq + 1:end])))
+        q = q[end + 1:]
+    return out
+
+
+def _scan_u32(text: str) -> int | None:
+    """sscanf(text, "%" SCNu32): leading space, a sign, digits; None if no number."""
+    m = re.match(r"\s*([+-]?)([0-9]+)", text)
+    if m is None:
+        return None
+    v = min(int(m.group(2)), _U64)
+    if m.group(1) == "-":
+        v = -v & _U64
+    return v & _U32
 
 
 # ==========================================================================================
@@ -761,6 +1171,7 @@ class NBD:
         self._pipe: tuple[int, int] | None = None
         self._signalled = False
         self._pending_opt: Any = None            # an aio option or connect in progress
+        self._phase = ["connect"]                # "handshake" once the socket is connected
         _live.add(self)
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -1056,7 +1467,7 @@ class NBD:
         """TLS_DISABLE, TLS_ALLOW (plain NBD here: no TLS support yet) or TLS_REQUIRE (ENOTSUP)."""
         v = self._check_enum(tls, TLS_REQUIRE, "tls")
         if v == TLS_REQUIRE:
-            raise self._err("pynbd.libnbd was built without TLS support", _errno.ENOTSUP)
+            raise self._err("libnbd was compiled without TLS support", _errno.ENOTSUP)
         self._tls = v
 
     @_api()
@@ -1191,15 +1602,69 @@ class NBD:
     # connecting
     def _settings(self) -> dict[str, Any]:
         return {"handshake_flags": self._hflags, "full_info": self._full_info,
-                "request_block_size": self._request_bs, "lib_stats": self._stats}
+                "request_block_size": self._request_bs, "lib_stats": self._stats,
+                "lib_phase": self._phase}
 
     def _connect_kw(self, **where: Any) -> dict[str, Any]:
         return dict(where, export_name=self._export_name, opt_mode=self._opt_mode,
                     meta_contexts=() if self._opt_mode else list(self._meta),
                     structured=self._request_sr, strict=0)
 
+    def _connect_now(self, where: dict[str, Any], host: str) -> dict[str, Any]:
+        """connect(2) in the call, as libnbd: a non-blocking socket whose failure is known at
+        once fails the call (TCP: after every address was tried); a connect still in
+        progress is finished by the event loop."""
+        family: int
+        if "unix" in where:
+            family, addrs = int(socket.AF_UNIX), [where["unix"]]
+        elif "vsock" in where:
+            family, addrs = int(getattr(socket, "AF_VSOCK", -2)), [where["vsock"]]
+        elif "tcp_addrs" in where:
+            family, addrs = -1, where["tcp_addrs"]
+        else:
+            return where
+        last = 0
+        for i, a in enumerate(addrs):
+            try:
+                if family == -1:
+                    s = socket.socket(a[0], a[1], a[2])
+                    addr = a[4]
+                else:
+                    s = socket.socket(family, socket.SOCK_STREAM)
+                    addr = a
+            except OSError as e:
+                last = e.errno or _errno.EAFNOSUPPORT
+                continue
+            if family == socket.AF_UNIX and addr == "":
+                # libnbd passes the whole (zeroed) sockaddr_un: an abstract name of NULs.
+                addr = "\0" * 108
+            s.setblocking(False)
+            try:
+                s.connect(addr)
+            except BlockingIOError:
+                # libnbd reads SO_ERROR at once: a refusal over loopback is already known.
+                err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err and err != _errno.EINPROGRESS:
+                    s.close()
+                    last = err
+                    continue
+                return {"pending": (s, addrs[i + 1:])}
+            except OSError as e:
+                s.close()
+                last = e.errno or _errno.EINVAL
+                continue
+            return {"pending": (s, [])}
+        if host:
+            # libnbd goes back to START when every address failed: it can connect again.
+            self._state = _CREATED
+            raise self._err(f"connect: {host}: could not connect to remote host", last)
+        self._state = _DEAD
+        raise self._err("connect", last)
+
     def _start_connect(self, where: dict[str, Any], host: str = "") -> None:
+        where = self._connect_now(where, host)
         self._state = _CONNECTING
+        self._phase = ["connect"]
         coro = _connect_engine(self._settings(), self._connect_kw(**where))
         self._pending_opt = "connect"
         self._spawn_other(coro, functools.partial(self._connected, host))
@@ -1210,15 +1675,13 @@ class NBD:
             self._state = _DEAD
             if isinstance(exc, OptionError):
                 msg, num = _go_failure_text(exc.reply, self._export_name)
-            elif isinstance(exc, OSError) and exc.errno and \
-                    not isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+            elif isinstance(exc, OSError) and exc.errno and self._phase[0] == "connect":
+                # connect(2) failed: no NBD byte was exchanged.
                 if host:
                     # libnbd tries each address in turn and, when all fail, goes back to
                     # START: the handle can connect again.
                     self._state = _CREATED
                     msg = f"connect: {host}: could not connect to remote host"
-                elif isinstance(exc, FileNotFoundError) and exc.filename:
-                    msg = f"{exc.filename}"
                 else:
                     msg = "connect"
                 num = exc.errno
@@ -1227,7 +1690,8 @@ class NBD:
             raise self._err(msg, num)
         assert eng is not None
         self._eng = eng
-        if self._opt_mode and eng.protocol == "newstyle-fixed" and not eng.connected:
+        if self._opt_mode and not eng.connected:
+            # Option mode stops in negotiation, with a plain newstyle server too.
             self._state = _NEGOTIATING
         else:
             self._became_ready()
@@ -1254,37 +1718,79 @@ class NBD:
         self._start_connect(*self._uri_target(uri))
 
     def _uri_target(self, uri: str) -> tuple[dict[str, Any], str]:
-        from pynbd.protocol.uri import URIError, parse_uri
-
-        try:
-            u = parse_uri(str(uri))
-        except URIError as e:
-            raise self._err(str(e), _errno.EINVAL) from None
-        bit = {"tcp": ALLOW_TRANSPORT_TCP, "unix": ALLOW_TRANSPORT_UNIX,
-               "vsock": ALLOW_TRANSPORT_VSOCK}[u.transport]
-        if not self._allow_transports & bit:
-            raise self._err(f"URI transport {u.scheme} is not permitted", _errno.EPERM)
-        if u.tls and self._allow_tls == TLS_DISABLE:
-            raise self._err("TLS URI (nbds) is not permitted", _errno.EPERM)
-        if not u.tls and self._allow_tls == TLS_REQUIRE:
-            raise self._err("non-TLS URI is not permitted", _errno.EPERM)
-        for key in ("tls-certificates", "tls-psk-file"):
-            if key in u.query and not self._allow_local_file:
-                raise self._err(f"local file access ({key}) is not allowed, call "
-                                "nbd_set_uri_allow_local_file to enable this", _errno.EPERM)
-        if u.tls:
-            raise self._err("pynbd.libnbd was built without TLS support", _errno.ENOTSUP)
+        """lib/uri.c (1.14) over libxml2's parser: the same checks, order and messages. As in
+        a libnbd built without TLS, an nbds URI fails at the TLS step with ENOTSUP."""
+        raw = str(uri)
+        u = _xml_parse_uri(raw)
+        if u is None:
+            raise self._err(f"unable to parse URI: {raw}", _errno.EINVAL)
+        scheme = u.scheme
+        if scheme is None:
+            hint = ""
+            if raw.startswith("/") and self._allow_transports & ALLOW_TRANSPORT_UNIX:
+                hint = ': to open a local socket use "nbd+unix://?socket=PATH"'
+            elif raw[:9].lower() == "localhost" and self._allow_transports & ALLOW_TRANSPORT_TCP:
+                hint = ': to open a local port use "nbd://localhost" or "nbd://localhost:PORT"'
+            raise self._err("NBD URI does not have a scheme: valid NBD URIs should start with "
+                            "a scheme like nbd://, nbds:// or nbd+unix://" + hint,
+                            _errno.EINVAL)
+        spec = _URI_SCHEMES.get(scheme)
+        if spec is None:
+            raise self._err(f"unknown NBD URI scheme: {scheme}", _errno.EINVAL)
+        transport, tls = spec
+        if not raw.startswith("://", len(scheme)):
+            raise self._err(f"URI must begin with '{scheme}://'", _errno.EINVAL)
+        if not self._allow_transports & _TRANSPORT_BIT[transport]:
+            raise self._err(f"URI transport {scheme} is not permitted", _errno.EPERM)
+        if (tls and self._allow_tls == TLS_DISABLE) or \
+                (not tls and self._allow_tls == TLS_REQUIRE):
+            raise self._err(f"URI TLS setting {scheme} is not permitted", _errno.EPERM)
+        queries = _uri_queries(u.query_raw)
+        unixsocket = None
+        for name, value in queries:
+            if name == "socket":
+                unixsocket = value
+        if transport == "unix" and unixsocket is None:
+            raise self._err("cannot parse socket parameter from NBD URI (did you mean to use "
+                            f'"{scheme}:///?socket=..."?)', _errno.EINVAL)
+        if transport != "unix" and unixsocket is not None:
+            plain = "nbds" if tls else "nbd"
+            raise self._err(f'socket parameter is incompatible with "{scheme}:" (did you mean '
+                            f'to use "{plain}+unix:///?socket=..."?)', _errno.EINVAL)
+        if tls:
+            raise self._err("libnbd was compiled without TLS support", _errno.ENOTSUP)
+        for name, value in queries:
+            if name in ("tls-certificates", "tls-psk-file"):
+                if not self._allow_local_file:
+                    raise self._err(f"local file access ({name}) is not allowed, call "
+                                    "nbd_set_uri_allow_local_file to enable this",
+                                    _errno.EPERM)
+                if name == "tls-certificates":
+                    self._tls_certs = value
+                else:
+                    self._tls_psk = value
         if u.user is not None:
             self._tls_username = u.user
-        self._export_name = u.export
-        self._uri = {"transport": u.transport, "host": u.host, "port": u.port,
-                     "socket": u.socket}
-        if u.transport == "unix":
-            return {"unix": u.socket}, ""
-        if u.transport == "vsock":
-            return {"vsock": (u.vsock_cid, u.port)}, ""
-        host = u.host or "localhost"
-        return {"host": host, "port": u.port}, f"{host}:{u.port}"
+        self._export_name = u.path[1:] if u.path else ""
+        if transport == "unix":
+            assert unixsocket is not None
+            self._uri = {"transport": "unix", "socket": unixsocket}
+            return {"unix": unixsocket}, ""
+        port = u.port if u.port > 0 else 10809
+        if transport == "vsock":
+            cid = 2
+            if u.server:
+                c = _scan_u32(u.server)
+                if c is None:
+                    raise self._err(f"cannot parse vsock CID from NBD URI: {u.server}",
+                                    _errno.EINVAL)
+                cid = c
+            self._uri = {"transport": "vsock", "host": str(cid), "port": port}
+            return {"vsock": (cid, port)}, ""
+        server = u.server or "localhost"
+        if len(server) >= 2 and server[0] == "[" and server[-1] == "]":
+            server = server[1:-1]
+        return self._tcp_target(server, str(port))
 
     @_api(_ST_CREATED)
     def connect_unix(self, unixsocket: str) -> None:
@@ -1308,20 +1814,21 @@ class NBD:
         self._start_connect({"unix": addr})
 
     def _tcp_target(self, hostname: str, port: Any) -> tuple[dict[str, Any], str]:
+        """getaddrinfo() in the call, as libnbd (its failure leaves the handle in START);
+        the addresses are then tried in turn."""
         host = str(hostname)
         p = str(port)
-        if p.isdigit():
-            num = int(p)
-        else:
-            try:
-                num = socket.getservbyname(p, "tcp")
-            except OSError:
-                if p != "nbd":
-                    raise self._err(f"getaddrinfo: {host}:{p}: Servname not supported for "
-                                    "ai_socktype", _errno.EINVAL) from None
-                num = 10809
+        try:
+            addrs = socket.getaddrinfo(host, p, socket.AF_UNSPEC, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise self._err(f'getaddrinfo: hostname "{host}" port "{p}": {e.strerror}',
+                            0) from None
+        except UnicodeError:
+            raise self._err(f'getaddrinfo: hostname "{host}" port "{p}": '
+                            "Name or service not known", 0) from None
+        num = int(p) if p.isdigit() else (addrs[0][4][1] if addrs else 10809)
         self._uri = {"transport": "tcp", "host": host, "port": num}
-        return {"host": host, "port": num}, f"{host}:{p}"
+        return {"tcp_addrs": addrs}, f"{host}:{p}"
 
     @_api(_ST_CREATED)
     def connect_tcp(self, hostname: str, port: str) -> None:
@@ -1363,29 +1870,35 @@ class NBD:
     def aio_connect_socket(self, sock: int) -> None:
         self._start_connect(self._socket_target(sock))
 
+    def _argv(self, argv: Any) -> list[str]:
+        args = _check_list(argv)
+        if not args:
+            raise self._err("missing command name in argv list", _errno.EINVAL)
+        return args
+
     @_api(_ST_CREATED)
     def connect_command(self, argv: list[str]) -> None:
         """Run a server subprocess talking NBD on its stdin/stdout."""
-        args = _check_list(argv)
+        args = self._argv(argv)
         self._uri = None
         self._connect_blocking({"command": args})
 
     @_api(_ST_CREATED)
     def aio_connect_command(self, argv: list[str]) -> None:
-        args = _check_list(argv)
+        args = self._argv(argv)
         self._uri = None
         self._start_connect({"command": args})
 
     @_api(_ST_CREATED)
     def connect_systemd_socket_activation(self, argv: list[str]) -> None:
         """Run a server subprocess with a listening socket passed as fd 3."""
-        args = _check_list(argv)
+        args = self._argv(argv)
         self._uri = None
         self._connect_blocking({"socket_activation": args})
 
     @_api(_ST_CREATED)
     def aio_connect_systemd_socket_activation(self, argv: list[str]) -> None:
-        args = _check_list(argv)
+        args = self._argv(argv)
         self._uri = None
         self._start_connect({"socket_activation": args})
 
@@ -1407,7 +1920,10 @@ class NBD:
             except OptionError:
                 eng.meta_contexts = {}
         if go:
-            await eng.opt_go(name)
+            if eng.protocol == "newstyle":
+                await eng.lib_export_name(name)
+            else:
+                await eng.opt_go(name)
             return None
         return await eng.opt_info(name)
 
@@ -1498,11 +2014,25 @@ class NBD:
         self._state = _CLOSED
         self._info = None
 
+    def _abort_plain(self) -> bool:
+        """A plain newstyle server has no NBD_OPT_ABORT: libnbd just drops the connection
+        (DEAD) and the call succeeds."""
+        eng = self._eng
+        assert eng is not None
+        if eng.protocol == "newstyle-fixed":
+            return False
+        self._state = _DEAD
+        self._info = None
+        self._spawn_other(eng.close(), lambda result, exc: None)
+        return True
+
     @_api(_ST_NEG)
     def opt_abort(self) -> None:
         """NBD_OPT_ABORT; the handle is closed afterwards."""
         eng = self._eng
         assert eng is not None
+        if self._abort_plain():
+            return
         self._disconnecting = True
         self._opt_blocking("abort", eng.opt_abort(), self._abort_done, "opt_abort")
 
@@ -1510,6 +2040,8 @@ class NBD:
     def aio_opt_abort(self) -> None:
         eng = self._eng
         assert eng is not None
+        if self._abort_plain():
+            return
         self._disconnecting = True
         self._start_opt("abort", eng.opt_abort(), self._abort_done, None)
 

@@ -390,11 +390,6 @@ class _Info:
         try:
             h.opt_list(collect)
         except nbd.Error as e:
-            if not h.aio_is_negotiating() and _try(h.get_protocol, "") == "newstyle":
-                # pynbd.libnbd finishes a plain-newstyle handshake at connect time, so the
-                # handle is not negotiating any more; libnbd reports the real reason.
-                _fail("nbd_opt_list: server is not using fixed newstyle protocol: "
-                      "Operation not supported")
             _nbd_fail(e)
         if self.probe_content:
             # Leave the server alone while we connect once per export (it may serialize

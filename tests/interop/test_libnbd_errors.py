@@ -1,0 +1,324 @@
+"""Differential tests of failures: the same program under Debian's python3-libnbd 1.14.2 and
+under pynbd.libnbd must print the same ``nbd.Error`` strings and errnos, handle states and
+results.
+
+Covered: NBD URIs that libxml2 or lib/uri.c reject (unknown or wrongly cased schemes,
+malformed hosts, ports, percent-escapes, socket= mistakes, transports and TLS settings that
+are not allowed, local files), URIs that parse but do not connect (closed TCP ports, missing
+Unix sockets, vsock with nothing listening, unknown service names), subprocess servers that
+cannot be run or exit at once (``connect_command`` and
+``connect_systemd_socket_activation``, including the child's line on stderr), and option
+mode against a plain (not fixed) newstyle server. ``nbds://`` is compared with what libnbd
+says when it is built without TLS (lib/crypto.c), since pynbd.libnbd has no TLS.
+
+Each program runs under both interpreters (``helpers.run_libnbd`` for the real bindings,
+this interpreter with ``pynbd.libnbd`` installed as ``nbd`` for ours) and the outputs are
+compared line by line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import Server, run_libnbd
+
+pytestmark = pytest.mark.interop
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
+
+#: Makes ``import nbd`` in the program load pynbd.libnbd.
+PRELUDE = "import sys, pynbd.libnbd; sys.modules['nbd'] = pynbd.libnbd\n"
+
+#: ``tr(label, fn)`` prints fn()'s result, or its error: string, errno name, number.
+HEADER = r'''
+import nbd, sys, errno
+def tr(label, f):
+    try:
+        r = f()
+    except nbd.Error as e:
+        print(label, "ERR", repr(e.string), e.errno, e.errnum)
+    except Exception as e:
+        print(label, "EXC", type(e).__name__, e)
+    else:
+        print(label, "OK", repr(r))
+def state(h):
+    return h.connection_state().split(":")[0]
+'''
+
+
+def run_ours(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("LIBNBD_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", PRELUDE + script, *args], capture_output=True,
+                          check=False, text=True, timeout=60, env=env,
+                          stdin=subprocess.DEVNULL)
+
+
+def differential(script: str, *args: str, stderr: bool = False,
+                 fresh: Callable[[], Server] | None = None,
+                 normalize: Callable[[str], str] | None = None) -> str:
+    """Run ``script`` under both bindings; stdout (and with ``stderr``, stderr) must be
+    identical. With ``fresh`` each run gets its own server, its URI as ``sys.argv[1]``;
+    ``normalize`` rewrites the real run's stdout first."""
+    script = HEADER + script
+    a1 = a2 = args
+    if fresh is not None:
+        a1, a2 = (fresh().uri, *args), (fresh().uri, *args)
+    real = run_libnbd(script, *a1, check=False)
+    ours = run_ours(script, *a2)
+    assert real.returncode == 0, real.stderr
+    assert ours.returncode == 0, ours.stderr
+    real_out = normalize(real.stdout) if normalize else real.stdout
+    for what, r, o in [("stdout", real_out, ours.stdout),
+                       *([("stderr", real.stderr, ours.stderr)] if stderr else [])]:
+        if r != o:
+            diff = "\n".join(difflib.unified_diff(r.splitlines(), o.splitlines(), "libnbd",
+                                                  "pynbd.libnbd", lineterm=""))
+            pytest.fail(f"{what} differs\n--- script:\n{script}\n--- diff:\n{diff}",
+                        pytrace=False)
+    assert real.stdout.strip(), "the program printed nothing"
+    return real.stdout
+
+
+# ------------------------------------------------------------------------------ URIs
+
+#: URIs that fail before anything is connected (libxml2's parser or lib/uri.c's checks).
+BAD_URIS = [
+    # schemes: unknown, wrongly cased (libnbd compares them as written), missing
+    "http://localhost/", "foo://x/", "NBD://localhost/", "Nbd://x/", "nbd+UNIX:///?socket=/x",
+    "localhost:10809", "nbd:localhost", "nbd:/x", "nbd:", "nbd", "", "localhost", "LOCALHOSTX",
+    "/tmp/sock", "//localhost/",
+    # malformed hosts, ports and escapes
+    "nbd://[::1/", "nbd://[::1]x/", "nbd://a b/", "nbd://host:port/", "nbd://localhost:/",
+    "nbd://localhost:1:2/", "nbd://a@b@localhost/", "nbd://%zz/", "nbd://%/", "nbd://a%2/",
+    "nbd://a\\b/", "nbd://a|b/", "nbd://{a}/", "nbd://\u00e9/", "nbd://localhost/\u00e9",
+    "nbd://localhost/a b", "nbd://localhost/%zz", "nbd://localhost/?a=%zz", "nbd://localhost/?a b",
+    "nbd://localhost:2147483648/", "nbd://localhost:4294967297/",
+    "nbd+vsock://1:99999999999", "nbd+vsock://abc", "nbd+vsock://abc:1",
+    # socket= in the wrong place, or missing
+    "nbd://localhost/?socket=/x", "nbd://localhost/?a=b;socket=/x", "nbds://localhost/?socket=/x",
+    "nbd+vsock://2/?socket=/x", "nbd+unix:///", "nbd+unix:///?sock=x", "nbds+unix:///",
+    "nbds+vsock:///?socket=/x",
+    # local files need set_uri_allow_local_file
+    "nbd://localhost/?tls-psk-file=/x", "nbd+unix:///?socket=/x&tls-certificates=/y",
+]
+
+
+def test_bad_uris() -> None:
+    differential(r"""
+for u in sys.argv[1:]:
+    for call in ("connect_uri", "aio_connect_uri"):
+        h = nbd.NBD()
+        tr(f"{call}({u!r})", lambda: getattr(h, call)(u))
+        print("   ", state(h), repr(h.get_export_name()))
+""", *BAD_URIS)
+
+
+def test_uri_allow_lists() -> None:
+    differential(r"""
+for tls, u in [(nbd.TLS_DISABLE, "nbds://localhost/"), (nbd.TLS_REQUIRE, "nbd://localhost/"),
+               (nbd.TLS_REQUIRE, "nbd+unix:///?socket=/x")]:
+    h = nbd.NBD(); h.set_uri_allow_tls(tls)
+    tr(f"tls={tls} {u}", lambda: h.connect_uri(u))
+for mask, u in [(nbd.ALLOW_TRANSPORT_TCP, "nbd+unix:///?socket=/x"),
+                (nbd.ALLOW_TRANSPORT_UNIX, "nbd://localhost/"),
+                (nbd.ALLOW_TRANSPORT_TCP, "nbd+vsock://2"),
+                (nbd.ALLOW_TRANSPORT_TCP, "/tmp/sock"),
+                (nbd.ALLOW_TRANSPORT_UNIX, "localhost")]:
+    h = nbd.NBD(); h.set_uri_allow_transports(mask)
+    tr(f"transports={mask} {u}", lambda: h.connect_uri(u))
+""")
+
+
+def test_uris_that_do_not_connect(tmp_path: Path) -> None:
+    """The URI parses; the connection fails: the message names the connect() failure, the
+    handle goes back to START (TCP) or is DEAD (Unix, vsock); parsed parts are kept. As in
+    libnbd, an aio call fails at once when connect(2) does (a vsock connect is still in
+    progress when the call returns)."""
+    missing = str(tmp_path / "missing.sock")
+    uris = [
+        "nbd://localhost:1/export", "nbd://127.0.0.1:1", "nbd://[::1]:1/", "nbd://u@localhost:1/",
+        "nbd://loc%61lhost:1/%41", "nbd://localhost:1#fragment", "nbd://localhost:1//a//b",
+        "nbd://localhost:99999/", "nbd://localhost:65536/",
+        f"nbd+unix:///e?socket={missing}", f"nbd+unix://host/?socket={missing}",
+        f"nbd+unix:///?socket={missing}&socket={missing}2", f"nbd+unix:///?&socket={missing}&",
+        f"nbd+unix:///?=x&socket={missing.replace('/', '%2F')}", f"nbd+unix://:5/?socket={missing}",
+        "nbd+unix:///?socket=", "nbd+unix:///?socket",
+        "nbd+vsock://2:10809", "nbd+vsock://", "nbd+vsock://3:1",
+    ]
+    differential(r"""
+for u in sys.argv[1:]:
+    for call in ("connect_uri", "aio_connect_uri"):
+        h = nbd.NBD()
+        tr(f"{call}({u!r})", lambda: getattr(h, call)(u))
+        if call == "connect_uri" or not u.startswith("nbd+vsock"):
+            print("   ", state(h), repr(h.get_export_name()))
+""", *uris)
+
+
+def test_tcp_service_names() -> None:
+    """connect_tcp resolves the port string in the call (getaddrinfo errors have no errno and
+    leave the handle in START); every address is tried before "could not connect"."""
+    differential(r"""
+for port in ["1", "nosuchservice", "-1", "99999"]:
+    for call in ("connect_tcp", "aio_connect_tcp"):
+        h = nbd.NBD()
+        tr(f"{call} {port}", lambda: getattr(h, call)("localhost", port))
+        if call == "connect_tcp":
+            print("   ", state(h))
+""")
+
+
+def test_tls_urls_without_tls_support() -> None:
+    """libnbd built without TLS (lib/crypto.c) fails nbds URIs at the TLS step with ENOTSUP,
+    after the checks that come before it; pynbd.libnbd has no TLS and does the same."""
+    ours = run_ours(HEADER + r"""
+for u in ["nbds://localhost/", "nbds+unix:///?socket=/x", "nbds+vsock://2",
+          "nbds://localhost/?tls-certificates=/x"]:
+    h = nbd.NBD()
+    tr(u, lambda: h.connect_uri(u))
+    print("   ", state(h))
+h = nbd.NBD()
+tr("set_tls(REQUIRE)", lambda: h.set_tls(nbd.TLS_REQUIRE))
+print(h.supports_tls())
+""")
+    assert ours.returncode == 0, ours.stderr
+    lines = ours.stdout.splitlines()
+    tls_err = "'nbd_connect_uri: libnbd was compiled without TLS support: Operation not " \
+              "supported' ENOTSUP 95"
+    assert lines[0:8] == [
+        f"nbds://localhost/ ERR {tls_err}", "    START",
+        f"nbds+unix:///?socket=/x ERR {tls_err}", "    START",
+        f"nbds+vsock://2 ERR {tls_err}", "    START",
+        f"nbds://localhost/?tls-certificates=/x ERR {tls_err}", "    START",
+    ]
+    assert lines[8:] == [
+        "set_tls(REQUIRE) ERR 'nbd_set_tls: libnbd was compiled without TLS support: "
+        "Operation not supported' ENOTSUP 95",
+        "False",
+    ]
+
+
+# ------------------------------------------------------------------------------ subprocesses
+
+#: Programs that cannot serve: missing (by path and by name), not executable, a directory,
+#: exiting early with and without an error, and an empty argv.
+BAD_PROGRAMS = r"""
+progs = [["/nonexistent/prog", "arg"], ["no-such-program-pynbd-test"], ["/etc/passwd"],
+         ["/tmp"], ["sh", "-c", "sleep 0.1"], ["sh", "-c", "sleep 0.1; exit 3"], []]
+"""
+
+
+def libnbd_sa_race(out: str) -> str:
+    """libnbd closes its copy of the listening socket before it connects: when the server
+    is gone by then (rarely, e.g. exec failed at once on a busy machine) it reports
+    "connect: Connection refused" instead of the usual reset. pynbd.libnbd keeps the
+    listener open until connected, so it always sees the reset; read libnbd's rare form as
+    its usual one."""
+    return re.sub(r"nbd_(aio_)?connect_systemd_socket_activation: connect: Connection "
+                  r"refused' ECONNREFUSED 111",
+                  lambda m: ("nbd_poll" if m.group(1) else
+                             "nbd_connect_systemd_socket_activation") +
+                  ": recv: Connection reset by peer' ECONNRESET 104", out)
+
+
+def test_socket_activation_that_fails() -> None:
+    """libnbd connects before the server runs: a server that cannot start or exits early
+    resets the connection; a program that cannot be run also gets the child's line on
+    stderr."""
+    differential(BAD_PROGRAMS + r"""
+for call in ("connect_systemd_socket_activation", "aio_connect_systemd_socket_activation"):
+    for argv in progs:
+        h = nbd.NBD()
+        if call.startswith("aio"):
+            def go():
+                h.aio_connect_systemd_socket_activation(argv)
+                while not (h.aio_is_dead() or h.aio_is_ready()):
+                    h.poll(-1)
+        else:
+            go = lambda: h.connect_systemd_socket_activation(argv)
+        tr(f"{call} {argv}", go)
+        sys.stdout.flush()
+        print("   ", state(h))
+        sys.stdout.flush()
+""", stderr=True, normalize=libnbd_sa_race)
+
+
+def test_connect_command_that_fails() -> None:
+    differential(BAD_PROGRAMS + r"""
+for argv in progs:
+    h = nbd.NBD()
+    tr(f"connect_command {argv}", lambda: h.connect_command(argv))
+    print("   ", state(h))
+    sys.stdout.flush()
+""", stderr=True)
+
+
+# ------------------------------------------------------------------------------ plain newstyle
+
+PLAIN_NEWSTYLE = r"""
+uri = sys.argv[1]
+def handle():
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    tr("connect", lambda: h.connect_uri(uri))
+    return h
+def step(h, label, f):
+    tr(label, f)
+    print("   ", state(h))
+
+h = handle()
+print("   ", state(h))
+step(h, "protocol", h.get_protocol)
+step(h, "handshake flags", h.get_handshake_flags)
+step(h, "structured", h.get_structured_replies_negotiated)
+step(h, "size", h.get_size)
+step(h, "opt_list", lambda: h.opt_list(lambda n, d: print("  export", n, d)))
+step(h, "aio_opt_list", lambda: h.aio_opt_list(lambda n, d: 0))
+step(h, "opt_info", h.opt_info)
+step(h, "aio_opt_info", h.aio_opt_info)
+step(h, "opt_list_meta_context", lambda: h.opt_list_meta_context(lambda n: 0))
+step(h, "set_export_name", lambda: h.set_export_name(""))
+step(h, "add_meta_context", lambda: h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+step(h, "opt_go", h.opt_go)
+step(h, "size", h.get_size)
+step(h, "can_meta_context", lambda: h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+step(h, "pread", lambda: bytes(h.pread(4, 0)))
+step(h, "shutdown", h.shutdown)
+
+h = handle()
+step(h, "opt_abort", h.opt_abort)
+step(h, "size", h.get_size)
+
+h = handle()
+step(h, "aio_opt_abort", h.aio_opt_abort)
+
+h = handle()
+done = []
+tr("aio_opt_go", lambda: h.aio_opt_go(lambda e: done.append(e.value) or 0))
+while not done:
+    h.poll(-1)
+print("completion", done, state(h))
+step(h, "size", h.get_size)
+"""
+
+
+def test_opt_mode_plain_newstyle_nbdkit(nbdkit_server) -> None:
+    """Option mode stays in negotiation with a server that is not fixed newstyle: opt_list,
+    opt_info and opt_list_meta_context fail with ENOTSUP, opt_go sends NBD_OPT_EXPORT_NAME,
+    opt_abort just drops the connection."""
+    differential(PLAIN_NEWSTYLE,
+                 fresh=lambda: nbdkit_server("--mask-handshake=0", "memory", "1M"))
+
+
+def test_opt_mode_plain_newstyle_pynbd(pynbd_server) -> None:
+    differential(PLAIN_NEWSTYLE,
+                 fresh=lambda: pynbd_server("--mask-handshake=0", "pattern", "1M"))
