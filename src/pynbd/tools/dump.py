@@ -555,8 +555,7 @@ def _isatty(f: BinaryIO) -> bool:
 
 def _die_of_sigpipe() -> NoReturn:
     """The reader went away: end as the C tool does, killed by SIGPIPE (shells see 141)."""
-    with_default = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    del with_default
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGPIPE)
     os._exit(141)  # not reached
 
@@ -566,6 +565,12 @@ def main(argv: list[str]) -> int:
         return _main(argv)
     except _Exit as e:
         return e.status
+    except KeyboardInterrupt:
+        # Ctrl-C before the dump started (while connecting): end as nbddump does, killed by
+        # SIGINT, not with a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130  # not reached
 
 
 def _main(argv: list[str]) -> int:
