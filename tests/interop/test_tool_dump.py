@@ -133,6 +133,20 @@ def test_server_describing_less_than_asked(nbdkit_server, tmp_path: Path) -> Non
     assert_same(srv.uri)
 
 
+def test_server_block_size_constraints(nbdkit_server) -> None:
+    """A server that refuses requests over 64 KiB or not in 4 KiB units: pynbd dump sizes and
+    aligns its requests (nbddump's 16 MiB reads fail there) and shows the same content as
+    nbddump shows from an unconstrained server."""
+    size = str(1220 * 4096)
+    strict = nbdkit_server("--filter=blocksize-policy", "pattern", size,
+                           "blocksize-minimum=4096", "blocksize-maximum=65536",
+                           "blocksize-error-policy=error")
+    plain = nbdkit_server("pattern", size)
+    for args in ([], ["-n", "4099"], ["-n", "1000"]):
+        expected = run_peer("nbddump", *args, plain.uri).stdout
+        assert run_pynbd("dump", *args, strict.uri).stdout == expected
+
+
 def test_pynbd_memory_disk(pynbd_server) -> None:
     """Both tools against pynbd serve: a memory disk with written data and zero runs."""
     srv = pynbd_server("memory", "3000011")

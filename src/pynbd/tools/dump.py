@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from math import gcd as _gcd
 from typing import Any, BinaryIO, NoReturn
 
 from pynbd import libnbd as nbd
@@ -451,82 +452,109 @@ def _die(msg: str) -> NoReturn:
     raise _Exit(1)
 
 
-def _plan(h: nbd.NBD, offset: int, end: int, can_meta: bool) -> list[tuple[bool, int, int]]:
-    """Split [offset, end) into (is_zero, start, stop) pieces on 16-byte line boundaries,
-    using one block status request for up to STATUS_RANGE bytes."""
-    if not can_meta:
-        return [(False, offset, end)]
-    want = min(end - offset, STATUS_RANGE)
-    entries: list[int] = []
+class _Reader:
+    """Reads [0, count) of the export for a Dumper: zero areas found by block status are
+    skipped, data is read in large requests.
 
-    def extent(metacontext: str, off: int, e: list[int], err: Any) -> int:
-        if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
-            entries.extend(e)
-        return 0
+    Every request respects what the server advertised: lengths at most its maximum block
+    size, offsets and lengths multiples of its minimum block size (a request may reach past
+    `count`, never past the end of the export; the extra bytes are not shown).
+    """
 
-    try:
-        h.block_status(want, offset, extent)
-    except nbd.Error as e:
-        _die(e.string)
-    pieces: list[tuple[bool, int, int]] = []
-    pos = offset
-    stop = offset + want
-    for i in range(0, len(entries) - 1, 2):
-        length, flags = entries[i], entries[i + 1]
-        if length <= 0 or pos >= stop:
-            break
-        a, b = pos, min(pos + length, stop)
-        pos = b
-        zero = bool(flags & nbd.STATE_ZERO)
-        if zero:
-            # Only whole lines inside the extent are known zero (the last partial line of
-            # the dump counts as whole: it is padded with zeroes anyway).
-            za = (a + 15) & ~15
-            zb = b if b == end else b & ~15
-            if zb - za >= MIN_SKIP:
-                if za > a:
-                    pieces.append((False, a, za))
-                pieces.append((True, za, zb))
-                if b > zb:
-                    pieces.append((False, zb, b))
-                continue
-        pieces.append((False, a, b))
-    if pos < stop:
-        # The server described less than was asked (it may): plan up to the last whole line
-        # it described and ask again from there - unless that is too little to be worth a
-        # request of its own, then read one request's worth as data, as nbddump would.
-        cut = pos if pos == end else pos & ~15
-        if cut - offset < READ_SIZE:
-            return [(False, offset, min(end, offset + READ_SIZE))]
-        pieces = [(z, a, min(b, cut)) for z, a, b in pieces if a < cut]
-    # Merge neighbouring data pieces (each piece starts on a line boundary).
-    merged: list[tuple[bool, int, int]] = []
-    for p in pieces:
-        if merged and not p[0] and not merged[-1][0]:
-            merged[-1] = (False, merged[-1][1], p[2])
-        else:
-            merged.append(p)
-    return merged
+    def __init__(self, h: nbd.NBD, size: int, count: int, can_meta: bool) -> None:
+        self.h = h
+        self.size = size
+        self.count = count
+        self.can_meta = can_meta
+        minimum = h.get_block_size(nbd.SIZE_MINIMUM)
+        maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
+        # Piece boundaries fall on lines and on the server's minimum block size.
+        self.align = 16 * minimum // _gcd(16, minimum) if minimum > 0 else 16
+        self.read_size = READ_SIZE
+        if maximum > 0:
+            self.read_size = max(self.align, min(READ_SIZE, maximum // self.align * self.align))
+        self.read_size = max(self.align, self.read_size // self.align * self.align)
 
+    def _request_length(self, offset: int, length: int) -> int:
+        """`length` rounded up to the alignment, but not past the end of the export."""
+        return min(-(-length // self.align) * self.align, self.size - offset)
 
-def _dump(h: nbd.NBD, dumper: Dumper, count: int, can_meta: bool) -> None:
-    offset = 0
-    while offset < count:
-        pieces = _plan(h, offset, count, can_meta)
-        for is_zero, a, b in pieces:
-            if is_zero:
-                dumper.zeroes(b - a)
-                continue
-            pos = a
-            while pos < b:
-                n = min(READ_SIZE, b - pos)
-                try:
-                    buf = h.pread(n, pos)
-                except nbd.Error as e:
-                    _die(e.string)
-                dumper.data(buf)
-                pos += n
-        offset = pieces[-1][2]
+    def plan(self, offset: int) -> list[tuple[bool, int, int]]:
+        """Split [offset, count) - or a first part of it - into (is_zero, start, stop) pieces
+        on aligned boundaries, with one block status request of up to STATUS_RANGE bytes."""
+        end = self.count
+        if not self.can_meta:
+            return [(False, offset, end)]
+        want = min(end - offset, STATUS_RANGE)
+        entries: list[int] = []
+
+        def extent(metacontext: str, off: int, e: list[int], err: Any) -> int:
+            if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
+                entries.extend(e)
+            return 0
+
+        try:
+            self.h.block_status(self._request_length(offset, want), offset, extent)
+        except nbd.Error as e:
+            _die(e.string)
+        align = self.align
+        pieces: list[tuple[bool, int, int]] = []
+        pos = offset
+        stop = offset + want
+        for i in range(0, len(entries) - 1, 2):
+            length, flags = entries[i], entries[i + 1]
+            if length <= 0 or pos >= stop:
+                break
+            a, b = pos, min(pos + length, stop)
+            pos = b
+            if flags & nbd.STATE_ZERO:
+                # Only whole aligned blocks inside the extent count as zero (the end of the
+                # dump counts as aligned: a last partial line is padded with zeroes anyway).
+                za = -(-a // align) * align
+                zb = b if b == end else b // align * align
+                if zb - za >= MIN_SKIP:
+                    if za > a:
+                        pieces.append((False, a, za))
+                    pieces.append((True, za, zb))
+                    if b > zb:
+                        pieces.append((False, zb, b))
+                    continue
+            pieces.append((False, a, b))
+        if pos < stop:
+            # The server described less than was asked (it may): plan up to the last aligned
+            # boundary it described and ask again from there - unless that is too little to
+            # be worth a request of its own: then read one request's worth as data.
+            cut = pos if pos == end else pos // align * align
+            if cut - offset < self.read_size:
+                return [(False, offset, min(end, offset + self.read_size))]
+            pieces = [(z, a, min(b, cut)) for z, a, b in pieces if a < cut]
+        # Merge neighbouring data pieces (each piece starts on an aligned boundary).
+        merged: list[tuple[bool, int, int]] = []
+        for p in pieces:
+            if merged and not p[0] and not merged[-1][0]:
+                merged[-1] = (False, merged[-1][1], p[2])
+            else:
+                merged.append(p)
+        return merged
+
+    def run(self, dumper: Dumper) -> None:
+        offset = 0
+        while offset < self.count:
+            pieces = self.plan(offset)
+            for is_zero, a, b in pieces:
+                if is_zero:
+                    dumper.zeroes(b - a)
+                    continue
+                pos = a
+                while pos < b:
+                    n = min(self.read_size, b - pos)
+                    try:
+                        buf = self.h.pread(self._request_length(pos, n), pos)
+                    except nbd.Error as e:
+                        _die(e.string)
+                    dumper.data(memoryview(buf)[:n] if len(buf) > n else buf)
+                    pos += n
+            offset = pieces[-1][2]
 
 
 def _restore_on_signal(dumper_box: list[Dumper], colour: bool) -> None:
@@ -644,7 +672,7 @@ def _main(argv: list[str]) -> int:
         dumper = Dumper(out, size, colour)
         _restore_on_signal([dumper], colour)
         try:
-            _dump(h, dumper, min(size, opts["limit"]), can_meta)
+            _Reader(h, size, min(size, opts["limit"]), can_meta).run(dumper)
             dumper.flush()
         except BrokenPipeError:
             _die_of_sigpipe()
