@@ -3,7 +3,12 @@
 ``import pynbd.libnbd as nbd`` and programs written for libnbd's Python bindings (Debian's
 python3-libnbd 1.14.2) run unchanged: the same ``nbd.NBD`` methods with the same signatures,
 constants, ``nbd.Buffer``, ``nbd.Error`` (``"nbd_pread: request out of bounds: Invalid
-argument (EINVAL)"``), cookies, ``poll`` and completion-callback rules. The calls libnbd 1.16
+argument (EINVAL)"``), cookies, ``poll`` and completion-callback rules. Failures read as
+libnbd's: NBD URIs are parsed as libnbd does (libxml2's RFC 3986 parser, then lib/uri.c's
+checks, in its order and words), connections that fail name getaddrinfo() or connect(2)
+as libnbd does, a subprocess server that cannot be run prints the child's line on stderr,
+and option mode stays in negotiation with a plain newstyle server (``opt_go()`` sends
+NBD_OPT_EXPORT_NAME; ``opt_list``/``opt_info`` fail with ENOTSUP). The calls libnbd 1.16
 added that need no new protocol work are here too: ``close()``, ``nbd.ClosedHandle``,
 ``nbd.nbd()``, ``stats_*``, ``SIZE_PAYLOAD``, ``STRICT_PAYLOAD``, ``supports_vsock()``.
 
@@ -40,8 +45,10 @@ threads on one handle run one at a time; callbacks run with the lock held.
 
 Differences from libnbd (and why)
 ---------------------------------
-- No TLS yet (the engine has none): ``supports_tls()`` is False, ``set_tls(TLS_REQUIRE)`` and
-  ``nbds://`` URIs fail with ENOTSUP; ``TLS_ALLOW`` is accepted and means plain NBD.
+- No TLS yet (the engine has none): ``supports_tls()`` is False, and ``set_tls(TLS_REQUIRE)``
+  and ``nbds://`` URIs fail as in a libnbd built without GnuTLS ("libnbd was compiled
+  without TLS support", ENOTSUP; for a URI after the checks lib/uri.c makes first).
+  ``TLS_ALLOW`` is accepted and means plain NBD (such a libnbd refuses it too).
 - Strict mode defaults to 1.14's ``STRICT_MASK`` (0x1f); ``STRICT_PAYLOAD`` (1.16) is
   accepted by ``set_strict_mode`` but off by default.
 - ``connection_state()`` reports the public states only (START, CONNECT.START, NEGOTIATING,
@@ -58,14 +65,15 @@ Differences from libnbd (and why)
 - ``close()`` (and garbage collection, and exit) is polite: commands still in flight may
   finish (for up to 10 s, their callbacks are not called) and NBD_CMD_DISC is sent; libnbd
   just hangs up.
-- Option mode against a server that is not fixed-newstyle: the engine sends
-  NBD_OPT_EXPORT_NAME while connecting, so the handle is READY at once (libnbd stops in
-  NEGOTIATING and sends it at ``opt_go()``).
-- ``connect_command`` of a program that does not exist fails with ENOENT naming it (libnbd:
-  "recv: server disconnected unexpectedly", errno 0, after the child's message).
-- An aio option or connect makes progress in the background but its completion is processed
-  by ``poll()``: until then ``connection_state()`` reads CONNECT.START (libnbd may finish it
-  inside the aio call when the server answers quickly).
+- ``connect_systemd_socket_activation`` keeps its end of the listening socket open until it
+  is connected, so a server that cannot be run or exits at once always resets the
+  connection ("recv: Connection reset by peer"); libnbd closes it first and, when the
+  server is already gone, rarely reports "connect: Connection refused" instead. The server
+  is started through ``/bin/sh -c 'exec ...'`` (LISTEN_PID is still the server's pid).
+- An aio connect runs getaddrinfo() and connect(2) in the call, as libnbd (their failures
+  fail the call); the rest of an aio connect or option makes progress in the background and
+  its completion is processed by ``poll()``: until then ``connection_state()`` reads
+  CONNECT.START (libnbd may finish it inside the aio call when the server answers quickly).
 - The type of a raised error is ``pynbd.libnbd.Error`` (libnbd: ``nbd.Error``).
 """
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Server, run_libnbd
+from helpers import Server, require, run_libnbd, run_peer, run_pynbd
 
 pytestmark = pytest.mark.interop
 
@@ -201,8 +201,8 @@ print(h.supports_tls())
         f"nbds://localhost/?tls-certificates=/x ERR {tls_err}", "    START",
     ]
     assert lines[8:] == [
-        "set_tls(REQUIRE) ERR 'nbd_set_tls: libnbd was compiled without TLS support: "
-        "Operation not supported' ENOTSUP 95",
+        ("set_tls(REQUIRE) ERR 'nbd_set_tls: libnbd was compiled without TLS support: "
+         "Operation not supported' ENOTSUP 95"),
         "False",
     ]
 
@@ -322,3 +322,23 @@ def test_opt_mode_plain_newstyle_nbdkit(nbdkit_server) -> None:
 def test_opt_mode_plain_newstyle_pynbd(pynbd_server) -> None:
     differential(PLAIN_NEWSTYLE,
                  fresh=lambda: pynbd_server("--mask-handshake=0", "pattern", "1M"))
+
+
+# ------------------------------------------------------------------------------ pynbd info
+
+@pytest.mark.parametrize("args", [
+    ["http://localhost/"], ["nbd://[::1/"], ["nbd://a b/"], ["NBD://localhost/"], ["localhost"],
+    ["nbd+vsock://2"], ["--", "[", "/nonexistent/prog", "]"],
+    ["--", "[", "sh", "-c", "sleep 0.1", "]"],
+])
+def test_pynbd_info_failures_read_as_nbdinfos(args) -> None:
+    """pynbd info prints what pynbd.libnbd raises, so its failures are nbdinfo's lines."""
+    real = run_peer("nbdinfo", *args, check=False)
+    ours = run_pynbd("info", *args, check=False)
+    assert (ours.returncode, ours.stdout) == (real.returncode, real.stdout) == (1, b"")
+    # nbdinfo names itself by its argv[0], the full path here.
+    prog = require("nbdinfo").encode() + b": "
+    real_err = real.stderr.replace(  # libnbd's rare race (see libnbd_sa_race)
+        b"activation: connect: Connection refused", b"activation: recv: Connection reset by peer")
+    assert ours.stderr.replace(b"pynbd info: ", b"") == real_err.replace(prog, b"")
+    assert ours.stderr.count(b"pynbd info: ") == real.stderr.count(prog) == 1
