@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--pynbd", default=str(ROOT / ".venv" / "bin" / "pynbd"),
                     help="the pynbd command (default: this checkout's .venv/bin/pynbd)")
+    ap.add_argument("--pynbd-args", default="",
+                    help="extra options for pynbd copy (e.g. '--request-size=262144')")
+    ap.add_argument("--nbdcopy-args", default="", help="extra options for nbdcopy")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     args = ap.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for r in range(args.repeat):
                 for tool in (tools if r % 2 == 0 else tools[::-1]):
-                    cmd = ["nbdcopy"] if tool == "nbdcopy" else pynbd
+                    cmd = (["nbdcopy", *shlex.split(args.nbdcopy_args)] if tool == "nbdcopy"
+                           else [*pynbd, *shlex.split(args.pynbd_args)])
                     env = env_n if tool == "nbdcopy" else env_p
                     dst = None
                     if case == "mem-null":
