@@ -31,6 +31,8 @@ __all__ = ["Options", "Progress", "copy_multi", "copy_sync", "zero_runs"]
 THREAD_WORK_SIZE = 128 * 1024 * 1024
 #: Interpreter switch interval while worker threads run (Python's default is 5 ms).
 SWITCH_INTERVAL = 0.0005
+#: Seconds the other workers get to finish their requests after a failure.
+STOP_WAIT = 5.0
 #: How often the terminal bar is redrawn between nbdcopy's own updates (seconds).
 BAR_INTERVAL = 0.2
 
@@ -382,9 +384,17 @@ class _Copy:
             try:
                 await self._worker_group(0)
             finally:
+                # After a failure the other workers stop at their next piece; a server that
+                # no longer answers cannot hold the exit up for more than STOP_WAIT.
+                deadline = None
                 for t in threads:
                     while t.is_alive():
-                        await asyncio.to_thread(t.join, 0.5)
+                        if self.stop:
+                            now = time.monotonic()
+                            deadline = deadline or now + STOP_WAIT
+                            if now >= deadline:
+                                break
+                        await asyncio.to_thread(t.join, 0.2)
         except _Failed:
             pass
         finally:
