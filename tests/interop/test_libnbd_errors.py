@@ -27,7 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Server, require, run_libnbd, run_peer, run_pynbd
+from helpers import (
+    Server,
+    free_tcp_port,
+    require,
+    run_libnbd,
+    run_peer,
+    run_pynbd,
+    start_server,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -205,6 +213,33 @@ print(h.supports_tls())
          "Operation not supported' ENOTSUP 95"),
         "False",
     ]
+
+
+def test_tcp_connections_that_work(tmp_path: Path) -> None:
+    """The other side of the connect(2) path: every way of naming a TCP server connects
+    (sync and aio), with the URI libnbd gives back."""
+    port = free_tcp_port()
+    srv = start_server([require("nbdkit"), "-f", "-i", "127.0.0.1", "-p", str(port),
+                        "memory", "1M"], logdir=tmp_path / "nbdkit", port=port)
+    try:
+        differential(r"""
+port = sys.argv[1]
+for how in ["uri", "uri4", "tcp", "aio_uri", "aio_tcp"]:
+    h = nbd.NBD()
+    if how == "uri": h.connect_uri(f"nbd://localhost:{port}/x")
+    elif how == "uri4": h.connect_uri(f"nbd://127.0.0.1:{port}")
+    elif how == "tcp": h.connect_tcp("localhost", port)
+    elif how == "aio_uri":
+        h.aio_connect_uri(f"nbd://localhost:{port}/")
+        while not h.aio_is_ready(): h.poll(-1)
+    else:
+        h.aio_connect_tcp("127.0.0.1", port)
+        while not h.aio_is_ready(): h.poll(-1)
+    print(how, h.get_size(), h.get_uri().replace(port, "PORT"), state(h))
+    h.shutdown()
+""", str(port))
+    finally:
+        srv.stop(check=False)
 
 
 # ------------------------------------------------------------------------------ subprocesses
