@@ -42,8 +42,16 @@ def theirs(*args: str | os.PathLike[str]) -> tuple[int, str]:
 
 
 def messages(err: str) -> list[str]:
-    """The tool's own lines (nbdkit's log lines left out)."""
-    return [line for line in err.splitlines() if line and not NBDKIT_LOG.match(line)]
+    """The tool's own lines (nbdkit's log lines left out). nbdkit writes to the same stderr,
+    so a line of the tool's may start in the middle of one of nbdkit's."""
+    out = []
+    for line in err.splitlines():
+        i = line.find("nbdcopy: ")
+        if i > 0:
+            line = line[i:]
+        if line and not NBDKIT_LOG.match(line):
+            out.append(line)
+    return out
 
 
 @pytest.fixture(scope="module")
