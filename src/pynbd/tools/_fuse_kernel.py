@@ -211,6 +211,30 @@ def unmount(mountpoint: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
+def set_readahead(real: str, nbytes: int) -> str | None:
+    """Set the mount's readahead (its backing device's ``read_ahead_kb``), which the FUSE
+    INIT reply can only lower below the kernel's 128 KiB. Needs root. Returns None on
+    success, else why not. ``real`` is the mountpoint's real path, resolved BEFORE mounting:
+    resolving it now would ask this very filesystem and deadlock."""
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4].replace("\\040", " ") == real and ".pynbd" in line:
+                    dev = fields[2]  # the last such line is the top mount
+    except OSError as e:
+        return str(e)
+    if dev is None:
+        return "mount not found in /proc/self/mountinfo"
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(max(nbytes // 1024, 0)))
+    except OSError as e:
+        return f"/sys/class/bdi/{dev}/read_ahead_kb: {e.strerror}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------
 # the channel
 

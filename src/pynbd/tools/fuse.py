@@ -91,6 +91,11 @@ RELEASE_TIMEOUT = 5.0
 #: Largest single NBD request; bigger FUSE requests cannot happen (the kernel's max is 1 MiB)
 #: but fallocate ranges can be any size and are split at this.
 MAX_REQUEST_SIZE = 32 * 1024 * 1024
+#: The kernel's readahead for a FUSE mount (-o max_readahead above it needs root).
+KERNEL_READAHEAD = 128 * 1024
+#: Read buffers kept per size for reuse (the kernel has at most max_background + a few
+#: synchronous reads outstanding).
+BUFFER_POOL = 64
 #: nbdfuse's default number of connections when the server allows multi-conn.
 DEFAULT_CONNECTIONS = 4
 
@@ -369,6 +374,7 @@ class NbdFile:
         self.tasks: set[_Eager] = set()
         self.lock = asyncio.Lock() if o.single else None
         self._last_error = ""
+        self._buffers: dict[int, list[bytearray]] = {}
         self.open_flags = 0
         if o.direct_io:
             self.open_flags |= fk.FOPEN_DIRECT_IO | fk.FOPEN_PARALLEL_DIRECT_WRITES
@@ -498,12 +504,19 @@ class NbdFile:
             self.ch.reply(unique)
             return
         count = min(count, self.size - offset, MAX_REQUEST_SIZE)
+        # A buffer from the pool: the reply lands in it and the kernel copies it out in
+        # writev, after which it is free again (no allocation, no page faults per read).
+        free = self._buffers.get(count)
+        buf = free.pop() if free else bytearray(count)
         try:
-            data = await self._locked(self.nbd.pread(count, offset))
+            await self._locked(self.nbd.pread_into(buf, offset))
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
             return
-        self.ch.reply(unique, data)
+        self.ch.reply(unique, buf)
+        free = self._buffers.setdefault(count, [])
+        if len(free) < BUFFER_POOL:
+            free.append(buf)
 
     async def _write(self, unique: int, offset: int, data: bytes) -> None:
         assert self.ch is not None
@@ -602,6 +615,9 @@ async def serve(o: Options, ready: Any = None) -> int:
             o.readonly = True
         f = NbdFile(o, nbd)
         root_mode = stat.S_IFREG if o.file_mode else stat.S_IFDIR
+        # Nothing may look at the mountpoint's path once mounted: a lookup would be a FUSE
+        # request to this very loop and deadlock.
+        real_mountpoint = os.path.realpath(o.mountpoint)
         try:
             fd = fk.mount(o.mountpoint, root_mode=root_mode, fsname=o.fsname,
                           subtype=o.subtype, options=o.mount_options, read_only=o.mount_ro)
@@ -622,6 +638,11 @@ async def serve(o: Options, ready: Any = None) -> int:
                         fp.write(str(os.getpid()))
                 except OSError as e:
                     print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
+            if o.max_readahead is not None and o.max_readahead > KERNEL_READAHEAD:
+                await ch.initialized
+                why_not = fk.set_readahead(real_mountpoint, o.max_readahead)
+                if why_not:
+                    print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
             if ready is not None:
                 ready()
             f.debug(f"mounted {o.mountpoint} ({o.filename}, {f.size} bytes"
@@ -634,12 +655,15 @@ async def serve(o: Options, ready: Any = None) -> int:
             ch.stop(why)
             await f.drain()
         finally:
-            if not (ch.closed.done() and ch.closed.result() == "unmounted"):
+            # As libfuse: close the device first (the kernel aborts the connection, so the
+            # unmount cannot recurse into this filesystem), then detach the mount.
+            unmounted = ch.closed.done() and ch.closed.result() == "unmounted"
+            ch.close()
+            if not unmounted:
                 try:
-                    fk.unmount(o.mountpoint)
+                    fk.unmount(real_mountpoint)
                 except fk.MountError as e:
                     print(f"{PROG}: {e}", file=sys.stderr)
-            ch.close()
         return 0
     finally:
         try:
