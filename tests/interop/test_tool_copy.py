@@ -74,7 +74,8 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ----------------------------------------------------------------------------- command line
 
 SAME_LINE = [
-    ["--bogus", "a", "b"], ["-x", "a", "b"], ["-C"], ["--connections"], ["--s", "a", "b"],
+    ["--bogus", "a", "b"], ["--no-zero", "a", "b"], ["-x", "a", "b"], ["-C"], ["--connections"],
+    ["--s", "a", "b"],
     ["--flush=1", "a", "b"], ["-p=3", "a", "b"], ["-C", "0", "a", "b"], ["-C", "x", "a", "b"],
     ["-R", "0", "a", "b"], ["-T", "x", "a", "b"], ["--queue-size=x", "a", "b"],
     ["--request-size=1000", "a", "b"], ["-S", "100", "a", "b"], ["-S", "x", "a", "b"],
