@@ -93,6 +93,13 @@ RELEASE_TIMEOUT = 5.0
 MAX_REQUEST_SIZE = 32 * 1024 * 1024
 #: The kernel's readahead for a FUSE mount (-o max_readahead above it needs root).
 KERNEL_READAHEAD = 128 * 1024
+#: The readahead set for the mount when root and no -o max_readahead is given: sequential
+#: readers through the page cache then get up to 1 MiB requests, several in flight, instead
+#: of one 128 KiB request at a time. Random reads are not affected (the kernel reads only
+#: what a random reader asks for).
+DEFAULT_READAHEAD = 4 << 20
+#: Requests in flight on one connection before the next connection is used (multi-conn).
+SPILL = 16
 #: Read buffers kept per size for reuse (the kernel has at most max_background + a few
 #: synchronous reads outstanding).
 BUFFER_POOL = 64
@@ -361,6 +368,7 @@ class NbdFile:
     def __init__(self, o: Options, nbd: Any) -> None:
         self.o = o
         self.nbd = nbd
+        self.clients: list[Any] = list(getattr(nbd, "clients", [nbd]))
         self.size: int = nbd.size
         self.readonly = o.readonly
         self.can_flush: bool = nbd.can_flush()
@@ -473,10 +481,19 @@ class NbdFile:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.tasks.add(_Eager(coro, self.tasks))
 
+    def _pick(self) -> Any:
+        """The connection for the next request: the first one with fewer than SPILL requests
+        in flight. Few requests share one connection, so a batch goes out in one write and
+        its replies come back in one read; more spill over to the other connections."""
+        for c in self.clients:
+            if len(c._pending) < SPILL:
+                return c
+        return min(self.clients, key=lambda c: len(c._pending))
+
     def flush_requests(self) -> None:
         """Send the NBD requests queued while reading a batch of FUSE requests now, in one
         write per connection, rather than one loop iteration later."""
-        for c in getattr(self.nbd, "clients", (self.nbd,)):
+        for c in self.clients:
             if c._out and c._flush_scheduled:
                 c._flush()
 
@@ -509,7 +526,7 @@ class NbdFile:
         free = self._buffers.get(count)
         buf = free.pop() if free else bytearray(count)
         try:
-            await self._locked(self.nbd.pread_into(buf, offset))
+            await self._locked(self._pick().pread_into(buf, offset))
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
             return
@@ -526,7 +543,7 @@ class NbdFile:
         if offset + len(data) > self.size:
             data = data[:self.size - offset]
         try:
-            await self._locked(self.nbd.pwrite(data, offset))
+            await self._locked(self._pick().pwrite(data, offset))
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
             return
@@ -564,11 +581,11 @@ class NbdFile:
             while pos < end:
                 n = min(end - pos, MAX_REQUEST_SIZE if op != "write" else 1 << 20)
                 if op == "trim":
-                    await self._locked(self.nbd.trim(n, pos))
+                    await self._locked(self._pick().trim(n, pos))
                 elif op == "zero":
-                    await self._locked(self.nbd.zero(n, pos))
+                    await self._locked(self._pick().zero(n, pos))
                 else:
-                    await self._locked(self.nbd.pwrite(bytes(n), pos))
+                    await self._locked(self._pick().pwrite(bytes(n), pos))
                 pos += n
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
@@ -638,10 +655,13 @@ async def serve(o: Options, ready: Any = None) -> int:
                         fp.write(str(os.getpid()))
                 except OSError as e:
                     print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
-            if o.max_readahead is not None and o.max_readahead > KERNEL_READAHEAD:
+            ra = o.max_readahead
+            if ra is None and os.geteuid() == 0:
+                ra = DEFAULT_READAHEAD
+            if ra is not None and ra > KERNEL_READAHEAD:
                 await ch.initialized
-                why_not = fk.set_readahead(real_mountpoint, o.max_readahead)
-                if why_not:
+                why_not = fk.set_readahead(real_mountpoint, ra)
+                if why_not and o.max_readahead is not None:  # asked for: say why not
                     print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
             if ready is not None:
                 ready()
