@@ -10,7 +10,6 @@ Buffers are the caller's: reads land in the caller's memoryview (``pread_into``,
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno as E
 import fcntl
 import os
@@ -18,6 +17,7 @@ import stat
 import struct
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, NBDError
@@ -328,11 +328,13 @@ class NbdEnd(End):
 # ------------------------------------------------------------------------------- local
 
 
-_libc: ctypes.CDLL | None = None
+_libc: Any = None
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2) with a mode (os has only posix_fallocate); OSError on failure."""
+    import ctypes  # only when a file is zeroed
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
