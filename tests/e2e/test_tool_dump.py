@@ -25,10 +25,15 @@ _GREEN, _GREY, _BLUE = "\033[22;32m", "\033[22;90m", "\033[1;34m"
 _RED, _MAGENTA, _RESTORE = "\033[1;31m", "\033[1;35m", "\033[0m"
 
 
-def reference_dump(disk: bytes, limit: int | None = None, colour: bool = False) -> bytes:
-    """nbddump's output for a disk holding `disk`, line by line and byte by byte as in C."""
+def reference_dump(disk: bytes, limit: int | None = None, colour: bool = False, *,
+                   base: int = 0, disk_size: int | None = None) -> bytes:
+    """nbddump's output for a disk holding `disk`, line by line and byte by byte as in C.
+
+    With `base`, `disk` is the part of a `disk_size`-byte disk starting there, and the line
+    before it is taken as different from its first line."""
     size = len(disk)
     count = size if limit is None else min(size, limit)
+    disk_size = size + base if disk_size is None else disk_size
     splat, pipe, dot = ("☆", "│", "·") if colour else ("*", "|", ".")
 
     def c(code: str) -> str:
@@ -40,14 +45,14 @@ def reference_dump(disk: bytes, limit: int | None = None, colour: bool = False) 
     for i in range(0, count, 16):
         n = min(16, count - i)
         line = disk[i : i + n] + bytes(16 - n)  # C pads the buffer with zeroes
-        if i > 0 and i + 16 < size and line == last:
+        if base + i > 0 and base + i + 16 < disk_size and line == last:
             if not printed_splat:
                 out.append(splat + "\n")
                 printed_splat = True
             continue
         printed_splat = False
         last = line
-        out.append(c(_GREEN) + f"{i:010x}" + c(_GREY) + ": ")
+        out.append(c(_GREEN) + f"{base + i:010x}" + c(_GREY) + ": ")
         for j in range(n):
             out.append((c(_BLUE) if line[j] else c(_GREY)) + f"{line[j]:02x} ")
             if j == 7:
@@ -123,6 +128,26 @@ def test_bulk_formatting_matches_reference(colour: bool) -> None:
         _feed(d, disk, count, rng)
         d.flush()
         assert buf.getvalue() == reference_dump(disk, limit, colour), (trial, size, limit)
+
+
+@pytest.mark.parametrize("colour", [False, True])
+@pytest.mark.parametrize("base", [4090 * 16, 2**40 - 100 * 16, 2**40, 2**44 + 4096 * 16])
+def test_offsets_across_4096_lines_and_past_1_tib(base: int, colour: bool) -> None:
+    """Offset digits come from tables in blocks of 4096 lines; past 1 TiB they are wider than
+    the usual 10 digits ("%010x" is a minimum)."""
+    rng = random.Random(base)
+    data = b"".join(rng.choice([rng.randbytes(16), b"x" * 16]) for _ in range(5000)) + b"tail"
+    buf = io.BytesIO()
+    d = dump.Dumper(buf, base + len(data) + 32, colour)
+    d.offset = base  # as after a zero run that ended with a different line
+    d.data(data[:16 * 4100])
+    d.data(data[16 * 4100 :])
+    d.flush()
+    out = buf.getvalue()
+    assert out == reference_dump(data, colour=colour, base=base,
+                                 disk_size=base + len(data) + 32)
+    if base >= 2**40 and not colour:
+        assert f"{base:x}:".encode() in out and len(f"{base:x}") > 10
 
 
 def test_squashing_rules() -> None:

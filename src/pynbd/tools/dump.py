@@ -196,6 +196,10 @@ _BLOCK_LINES = 4096
 LINE_LEN = 80  # "%010x: " + 49 columns of hex + "|" + 16 + "|\n"
 _TEMPLATE = b"0000000000: " + b" " * 49 + b"|" + b"." * 16 + b"|\n"
 assert len(_TEMPLATE) == LINE_LEN
+#: Offsets below this print in exactly 10 hex digits ("%010x"); the bulk builder relies on it.
+_MAX_FIXED_OFFSET = 1 << 40
+# Digit d of "%03x" % i, for i in 0..4095: the low three digits of line numbers.
+_LOW_DIGITS = [bytes(ord(f"{i:03x}"[d]) for i in range(4096)) for d in range(3)]
 # Where byte j of a line puts its two hex digits and its character.
 _HEX_POS = [12 + 3 * j + (1 if j >= 8 else 0) for j in range(16)]
 _ASCII_POS = 62
@@ -230,20 +234,35 @@ def format_lines_plain(data: bytes | bytearray | memoryview, offset: int) -> byt
     m = len(data) // 16
     if m == 0:
         return b""
-    if m < 8:
+    if m < 8 or offset + 16 * m > _MAX_FIXED_OFFSET or offset % 16:
+        # Few lines, or offsets of more than 10 digits (past 1 TiB): line by line.
         return b"".join(_plain_line(data[16 * k : 16 * k + 16], offset + 16 * k)
                         for k in range(m))
     out = bytearray(_TEMPLATE * m)
-    hi = bytes(data).translate(_HI)
-    lo = bytes(data).translate(_LO)
-    asc = bytes(data).translate(_ASCII)
+    b = bytes(data)
+    hi = b.translate(_HI)
+    lo = b.translate(_LO)
+    asc = b.translate(_ASCII)
     for j, pos in enumerate(_HEX_POS):
         out[pos::LINE_LEN] = hi[j::16]
         out[pos + 1 :: LINE_LEN] = lo[j::16]
         out[_ASCII_POS + j :: LINE_LEN] = asc[j::16]
-    offs = b"".join(map(b"%010x".__mod__, range(offset, offset + 16 * m, 16)))
-    for d in range(10):
-        out[d::LINE_LEN] = offs[d::10]
+    # The offset is the line number in 9 hex digits and a '0' (already in the template).
+    # Within a run of 4096 lines the top 6 digits stay the same and the next 3 count up,
+    # so the digits come from a table instead of formatting every line.
+    k = 0
+    line = offset // 16
+    while k < m:
+        low = line & 0xFFF
+        seg = min(m - k, 4096 - low)
+        a, z = LINE_LEN * k, LINE_LEN * (k + seg)
+        for d, ch in enumerate(b"%06x" % (line >> 12)):
+            if ch != 0x30:  # '0' is in the template
+                out[a + d : z : LINE_LEN] = bytes((ch,)) * seg
+        for d in range(3):
+            out[a + 6 + d : z : LINE_LEN] = _LOW_DIGITS[d][low : low + seg]
+        k += seg
+        line += seg
     return bytes(out)
 
 
