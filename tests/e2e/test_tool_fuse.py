@@ -16,6 +16,7 @@ import stat
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,11 +241,51 @@ def test_socket_activation_pynbd_serve(fuse_mount) -> None:  # noqa: F811
         assert not os.path.exists(f"/proc/{pid}")
 
 
-def test_fd_and_unix_modes(pynbd_server, fuse_mount) -> None:  # noqa: F811
+def test_unix_fd_and_tcp_modes(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    import socket
+
     srv = pynbd_server("pattern", "1M")
+    expect = read_back(srv.uri, MiB)
     m = fuse_mount("--unix", srv.sock)
-    assert m.file.read_bytes() == read_back(srv.uri, MiB)
+    assert m.file.read_bytes() == expect
     assert m.unmount() == 0
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(srv.sock)
+        f = fuse_mount("--fd", str(s.fileno()), pass_fds=[s.fileno()])
+    finally:
+        s.close()  # pynbd fuse has its own copy
+    assert f.file.read_bytes() == expect
+    assert f.unmount() == 0
+    tcp = pynbd_server("pattern", "1M", tcp=True)
+    t = fuse_mount("--tcp", "127.0.0.1", str(tcp.port))
+    assert t.file.read_bytes() == expect
+    assert t.unmount() == 0
+
+
+def test_fuse_options(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    srv = pynbd_server("memory", "2M")
+    data = pattern(2 * MiB, 5)
+    d = fuse_mount(srv.uri, options=["-o", "direct_io,allow_other", "-o", "uid=1234,gid=4321",
+                                     "-o", "max_readahead=1048576"])
+    st = os.stat(d.file)
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+    with open(d.file, "r+b") as f:
+        f.write(data)
+    assert d.file.read_bytes() == data
+    with open("/proc/self/mountinfo") as mi:
+        line = next(ln for ln in mi if f" {d.mountpoint} " in ln)
+    assert "allow_other" in line and "fuse.pynbd" in line
+    if os.geteuid() == 0:
+        dev = line.split()[2]
+        assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "1024"
+    assert d.unmount() == 0
+    k = fuse_mount(srv.uri, options=["-o", "kernel_cache,ro"])
+    assert k.file.read_bytes() == data == k.file.read_bytes()
+    with pytest.raises(OSError) as e:
+        os.open(k.file, os.O_RDWR)
+    assert e.value.errno == errno.EROFS  # -o ro: a read-only mount
+    assert k.unmount() == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

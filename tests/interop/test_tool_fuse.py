@@ -7,6 +7,7 @@ test fails.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import mmap
@@ -144,6 +145,41 @@ def test_server_killed_mid_read(nbdkit_server, fuse_mount) -> None:  # noqa: F81
         os.close(fd)
     assert m.unmount() == 0
     srv.stop(check=False)
+
+
+def test_signal_with_a_hung_server(nbdkit_server, fuse_mount) -> None:  # noqa: F811
+    """SIGTERM while a read waits on a server that will not answer for a minute: pynbd fuse
+    gives up on it after its 5 s limit, unmounts and exits; the reader gets an error."""
+    srv = nbdkit_server("--filter=delay", "memory", "1M", "rdelay=60")
+    m = fuse_mount(srv.uri, options=["-C", "1"])
+    result: list[BaseException | int] = []
+
+    def read() -> None:
+        try:
+            fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+        except OSError as e:
+            result.append(e)
+            return
+        try:
+            result.append(os.preadv(fd, [mmap.mmap(-1, 4096)], 0))
+        except OSError as e:
+            result.append(e)
+        finally:
+            with contextlib.suppress(OSError):  # ENOTCONN once the connection is aborted
+                os.close(fd)
+
+    th = threading.Thread(target=read)
+    th.start()
+    time.sleep(0.5)
+    t = time.monotonic()
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait_exit() == 0, m.stderr
+    assert time.monotonic() - t < 9
+    th.join(5)
+    assert not th.is_alive(), "the reader hung"
+    assert isinstance(result[0], OSError), result
+    assert not is_mounted(m.mountpoint)
+    assert "giving up" in m.stderr
 
 
 def test_qcow2_by_socket_activation(fuse_mount, tmp_path) -> None:  # noqa: F811

@@ -592,18 +592,28 @@ class NbdFile:
             return
         ch.reply(unique)
 
-    async def drain(self) -> None:
-        """Let requests in flight finish (bounded), then flush the server's cache."""
+    async def drain(self) -> bool:
+        """Let requests in flight finish (at most RELEASE_TIMEOUT), then flush the server's
+        cache. False when the server did not answer in time (nothing more is asked of it)."""
         if self.tasks:
             waits = {t.done for t in self.tasks}
             await asyncio.wait(waits, timeout=RELEASE_TIMEOUT)
+            stuck = bool(self.tasks)
             for t in list(self.tasks):
                 t.cancel()
+            if stuck:
+                print(f"{PROG}: requests still in flight after {RELEASE_TIMEOUT:g} s; "
+                      "giving up on them", file=sys.stderr)
+                return False
         if not self.readonly and self.can_flush and not getattr(self.nbd, "failure", None):
             try:
-                await self.nbd.flush()
+                await asyncio.wait_for(self.nbd.flush(), RELEASE_TIMEOUT)
+            except TimeoutError:
+                print(f"{PROG}: flush at unmount: timed out", file=sys.stderr)
+                return False
             except Exception as e:  # noqa: BLE001
                 print(f"{PROG}: flush at unmount: {_errmsg(e)}", file=sys.stderr)
+        return True
 
 
 # ----------------------------------------------------------------------------------------
@@ -627,6 +637,7 @@ async def serve(o: Options, ready: Any = None) -> int:
         return 1
     if nbd is None:
         return 1
+    responsive = True
     try:
         if nbd.is_read_only():
             o.readonly = True
@@ -673,7 +684,7 @@ async def serve(o: Options, ready: Any = None) -> int:
             why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
             f.debug(f"stopping: {why}")
             ch.stop(why)
-            await f.drain()
+            responsive = await f.drain()
         finally:
             # As libfuse: close the device first (the kernel aborts the connection, so the
             # unmount cannot recurse into this filesystem), then detach the mount.
@@ -686,12 +697,27 @@ async def serve(o: Options, ready: Any = None) -> int:
                     print(f"{PROG}: {e}", file=sys.stderr)
         return 0
     finally:
+        await _close(nbd, responsive)
+
+
+async def _close(nbd: Any, responsive: bool) -> None:
+    """Disconnect and stop a server we started; a server that does not answer any more is
+    cut off rather than waited for."""
+    if responsive:
         try:
-            await nbd.close()
+            await asyncio.wait_for(nbd.close(), RELEASE_TIMEOUT)
+            return
+        except TimeoutError:
+            print(f"{PROG}: the server did not answer; closing the connection",
+                  file=sys.stderr)
         except Exception as e:  # noqa: BLE001
-            f_msg = _errmsg(e)
-            if "closed" not in f_msg:
-                print(f"{PROG}: close: {f_msg}", file=sys.stderr)
+            msg = _errmsg(e)
+            if "closed" not in msg:
+                print(f"{PROG}: close: {msg}", file=sys.stderr)
+    clients = list(getattr(nbd, "clients", [nbd]))
+    for c in clients:
+        c._fail(ConnectionError("the connection was closed"))
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 async def _until(coro: Coroutine[Any, Any, Any], stop: asyncio.Future[Any]) -> Any:
