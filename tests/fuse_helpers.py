@@ -46,7 +46,8 @@ class FuseMount:
     """A running ``pynbd fuse ... TARGET MODE...`` whose file is at :attr:`file`."""
 
     def __init__(self, target: Path, file: Path, args: Sequence[str], logdir: Path,
-                 wait: bool = True, pass_fds: Sequence[int] = ()) -> None:
+                 wait: bool = True, pass_fds: Sequence[int] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.target = target
         self.file = file
         self.mountpoint = target if target.is_file() else file.parent
@@ -56,7 +57,7 @@ class FuseMount:
         with open(self.errpath, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err,
-                                         env=peer_env(), start_new_session=True,
+                                         env=peer_env(env), start_new_session=True,
                                          pass_fds=tuple(pass_fds))
         if wait:
             self.wait_mounted()
@@ -134,7 +135,7 @@ class FuseFactory:
 
     def __call__(self, *mode: str, name: str | None = None, options: Sequence[str] = (),
                  file_mode: bool = False, wait: bool = True,
-                 pass_fds: Sequence[int] = ()) -> FuseMount:
+                 pass_fds: Sequence[int] = (), env: dict[str, str] | None = None) -> FuseMount:
         """Mount ``mode`` (a URI, or ``--command ...`` etc.) at a fresh directory (holding
         ``name`` or the default ``nbd``), or over a fresh regular file with ``file_mode``."""
         self.n += 1
@@ -147,7 +148,7 @@ class FuseFactory:
             target = mp / name if name else mp
             file = mp / (name or "nbd")
         m = FuseMount(target, file, [*options, str(target), *mode], self.dir, wait=wait,
-                      pass_fds=pass_fds)
+                      pass_fds=pass_fds, env=env)
         self.mounts.append(m)
         return m
 

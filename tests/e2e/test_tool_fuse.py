@@ -104,6 +104,20 @@ def test_round_trip_and_stat(pynbd_server, fuse_mount) -> None:  # noqa: F811
     assert m.unmount() == 0
 
 
+def test_mount_through_fusermount3(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    """The non-root path (fusermount3 mounts and passes the FUSE device back), forced for
+    root by PYNBD_FUSE_FUSERMOUNT=1; SIGTERM unmounts through fusermount3 -u too."""
+    srv = pynbd_server("memory", "1M")
+    m = fuse_mount(srv.uri, env={"PYNBD_FUSE_FUSERMOUNT": "1"})
+    with open(m.file, "r+b") as f:
+        f.write(b"via fusermount3")
+    assert m.file.read_bytes()[:15] == b"via fusermount3"
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait_exit() == 0, m.stderr
+    assert not is_mounted(m.mountpoint)
+    assert read_back(srv.uri, 15) == b"via fusermount3"
+
+
 def test_named_file_and_naked_mount(pynbd_server, fuse_mount) -> None:  # noqa: F811
     srv = pynbd_server("pattern", "1M")
     m = fuse_mount(srv.uri, name="disk.raw")

@@ -135,6 +135,12 @@ def _get_libc() -> Any:
     return _libc
 
 
+def _direct() -> bool:
+    """mount(2)/umount2(2) ourselves (root), or go through fusermount3 (anyone; also root
+    with PYNBD_FUSE_FUSERMOUNT=1, which the tests use to cover that path)."""
+    return os.geteuid() == 0 and os.environ.get("PYNBD_FUSE_FUSERMOUNT") != "1"
+
+
 def mount(mountpoint: str, *, root_mode: int, fsname: str, subtype: str,
           options: list[str], read_only: bool) -> int:
     """Mount a FUSE filesystem at ``mountpoint`` and return the FUSE device descriptor
@@ -145,7 +151,7 @@ def mount(mountpoint: str, *, root_mode: int, fsname: str, subtype: str,
     order)."""
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse does not exist: the fuse kernel module is not loaded")
-    if os.geteuid() == 0:
+    if _direct():
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         data = ",".join([f"fd={fd}", f"rootmode={root_mode:o}", f"user_id={os.getuid()}",
                          f"group_id={os.getgid()}", *options])
@@ -197,7 +203,7 @@ def _fusermount(mountpoint: str, fsname: str, subtype: str, options: list[str],
 def unmount(mountpoint: str) -> None:
     """Detach the mount (lazily, as libfuse does: files still open see errors, not a hang).
     A mount that is already gone is not an error."""
-    if os.geteuid() == 0:
+    if _direct():
         r = _get_libc().umount2(os.fsencode(mountpoint), MNT_DETACH)
         if r != 0:
             e = ctypes.get_errno()
