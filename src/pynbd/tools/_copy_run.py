@@ -383,6 +383,9 @@ class _Copy:
         try:
             try:
                 await self._worker_group(0)
+            except BaseException:
+                self.stop = True  # a failure, or Ctrl-C: the other workers stop too
+                raise
             finally:
                 # After a failure the other workers stop at their next piece; a server that
                 # no longer answers cannot hold the exit up for more than STOP_WAIT.
