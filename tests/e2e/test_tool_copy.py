@@ -359,6 +359,27 @@ def test_pipes(pynbd_server, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- failures
 
+def test_interrupt_stops_the_copy(pynbd_server) -> None:
+    """Ctrl-C (SIGINT) ends a copy at once with status 130, both workers included."""
+    import signal
+    import time
+
+    srv = pynbd_server(E2E_PLUGIN, "64M", "sleep=0.05")
+    p = subprocess.Popen([*PYNBD, "copy", "--no-extents", srv.uri, "null:"],
+                         stderr=subprocess.PIPE)
+    try:
+        time.sleep(1.0)
+        assert p.poll() is None   # 64 reads of 50 ms over two connections: still copying
+        p.send_signal(signal.SIGINT)
+        assert p.wait(10) == 130
+        assert b"Traceback" not in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+
+
 def test_size_mismatch_and_read_only(capsys: pytest.CaptureFixture[str], pynbd_server) -> None:
     big, small = pynbd_server("memory", "2M"), pynbd_server("memory", "1M")
     assert run_copy(capsys, big.uri, small.uri) == (
