@@ -349,8 +349,9 @@ class FuseChannel:
             return
         self.proto_minor = min(minor, KERNEL_MINOR)
         want = flags & (ASYNC_READ | BIG_WRITES | ASYNC_DIO | MAX_PAGES)
-        ra = max_readahead if self.max_readahead is None else min(self.max_readahead,
-                                                                 max_readahead)
+        # The kernel takes the smaller of this and the mount's readahead setting (which
+        # set_readahead may have raised before this INIT was read).
+        ra = max_readahead if self.max_readahead is None else self.max_readahead
         out = INIT_OUT.pack(KERNEL_MAJOR, self.proto_minor, ra, want, MAX_BACKGROUND,
                             CONGESTION_THRESHOLD, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0)
         self.reply(unique, out)

@@ -655,8 +655,17 @@ async def serve(o: Options, ready: Any = None) -> int:
         except OSError as e:
             print(f"{PROG}: {_errmsg(e)}", file=sys.stderr)
             return 1
-        ch = fk.FuseChannel(fd, f.handle, max_readahead=o.max_readahead,
-                            after_batch=f.flush_requests)
+        ra = o.max_readahead
+        if ra is None and os.geteuid() == 0:
+            ra = DEFAULT_READAHEAD
+        if ra is not None and ra > KERNEL_READAHEAD:
+            # before INIT is answered: the kernel takes the smaller of the two
+            why_not = fk.set_readahead(real_mountpoint, ra)
+            if why_not:
+                if o.max_readahead is not None:  # asked for: say why not
+                    print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
+                ra = None
+        ch = fk.FuseChannel(fd, f.handle, max_readahead=ra, after_batch=f.flush_requests)
         f.ch = ch
         try:
             ch.start()
@@ -666,19 +675,10 @@ async def serve(o: Options, ready: Any = None) -> int:
                         fp.write(str(os.getpid()))
                 except OSError as e:
                     print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
-            ra = o.max_readahead
-            if ra is None and os.geteuid() == 0:
-                ra = DEFAULT_READAHEAD
-            if ra is not None and ra > KERNEL_READAHEAD:
-                await ch.initialized
-                why_not = fk.set_readahead(real_mountpoint, ra)
-                if why_not and o.max_readahead is not None:  # asked for: say why not
-                    print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
             if ready is not None:
                 ready()
             f.debug(f"mounted {o.mountpoint} ({o.filename}, {f.size} bytes"
-                    f"{', read-only' if o.readonly else ''}, "
-                    f"{len(getattr(nbd, 'clients', [nbd]))} connection(s))")
+                    f"{', read-only' if o.readonly else ''}, {len(f.clients)} connection(s))")
             await asyncio.wait([ch.closed, stop],
                                return_when=asyncio.FIRST_COMPLETED)
             why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
