@@ -120,13 +120,13 @@ class _Eager:
     it, with no task and no extra loop iteration. The coroutines run here await only futures
     (the client's replies, its flow-control slots and the -s lock), never a timer or a task."""
 
-    __slots__ = ("_waiting", "coro", "done", "owner")
+    __slots__ = ("_waiting", "coro", "owner")
 
     def __init__(self, coro: Coroutine[Any, Any, None], owner: set[Any]) -> None:
         self.coro = coro
         self.owner = owner
-        self.done = asyncio.get_running_loop().create_future()
         self._waiting: asyncio.Future[Any] | None = None
+        owner.add(self)  # before the first step: it may also be the last
         self._step(None)
 
     def _step(self, _fut: Any, exc: BaseException | None = None) -> None:
@@ -135,8 +135,6 @@ class _Eager:
             y = self.coro.send(None) if exc is None else self.coro.throw(exc)
         except BaseException as e:  # noqa: BLE001
             self.owner.discard(self)
-            if not self.done.done():
-                self.done.set_result(None)
             if not isinstance(e, (StopIteration, asyncio.CancelledError)):
                 print(f"{PROG}: internal error: {e!r}", file=sys.stderr)
             return
@@ -479,7 +477,7 @@ class NbdFile:
             ch.reply_error(unique, errno.ENOSYS)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.tasks.add(_Eager(coro, self.tasks))
+        _Eager(coro, self.tasks)
 
     def _pick(self) -> Any:
         """The connection for the next request: the first one with fewer than SPILL requests
@@ -526,7 +524,10 @@ class NbdFile:
         free = self._buffers.get(count)
         buf = free.pop() if free else bytearray(count)
         try:
-            await self._locked(self._pick().pread_into(buf, offset))
+            if self.lock is None:
+                await self._pick().pread_into(buf, offset)
+            else:
+                await self._locked(self._pick().pread_into(buf, offset))
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
             return
@@ -543,7 +544,10 @@ class NbdFile:
         if offset + len(data) > self.size:
             data = data[:self.size - offset]
         try:
-            await self._locked(self._pick().pwrite(data, offset))
+            if self.lock is None:
+                await self._pick().pwrite(data, offset)
+            else:
+                await self._locked(self._pick().pwrite(data, offset))
         except Exception as e:  # noqa: BLE001
             self._error(unique, e)
             return
@@ -596,8 +600,9 @@ class NbdFile:
         """Let requests in flight finish (at most RELEASE_TIMEOUT), then flush the server's
         cache. False when the server did not answer in time (nothing more is asked of it)."""
         if self.tasks:
-            waits = {t.done for t in self.tasks}
-            await asyncio.wait(waits, timeout=RELEASE_TIMEOUT)
+            deadline = time.monotonic() + RELEASE_TIMEOUT
+            while self.tasks and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
             stuck = bool(self.tasks)
             for t in list(self.tasks):
                 t.cancel()
