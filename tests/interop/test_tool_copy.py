@@ -54,10 +54,8 @@ def messages(err: str) -> list[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _write_mixed(path: Path) -> Path:
     """6 MiB: random data, written zero blocks and runs, holes, an unaligned end."""
-    path = tmp_path_factory.mktemp("copy") / "mixed.img"
     with open(path, "wb") as f:
         f.truncate(6 * MiB + 512)
         blob = bytearray(os.urandom(2 * MiB))
@@ -69,6 +67,36 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f.seek(6 * MiB)
         f.write(os.urandom(512))
     return path
+
+
+def _write_dense(path: Path) -> Path:
+    path.write_bytes(os.urandom(4 * MiB))
+    return path
+
+
+def _write_sparse(path: Path) -> Path:
+    """8 MiB of holes with 5 bytes at 1,000,000 and 256 KiB of data at 3 MiB."""
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(1_000_000)
+        f.write(b"hello")
+        f.seek(3 * MiB)
+        f.write(os.urandom(256 * 1024))
+    return path
+
+
+_IMAGES = {"dense": _write_dense, "sparse": _write_sparse, "mixed": _write_mixed}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_mixed(tmp_path_factory.mktemp("copy") / "mixed.img")
+
+
+@pytest.fixture(scope="module", params=sorted(_IMAGES))
+def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each of dense, sparse and mixed."""
+    return _IMAGES[request.param](tmp_path_factory.mktemp("copy") / f"{request.param}.img")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -104,24 +132,24 @@ def test_informational_output_matches(capsys: pytest.CaptureFixture[str], args: 
 
 # ----------------------------------------------------------------------------- copies
 
-def test_copies_match_nbdcopy(capsys: pytest.CaptureFixture[str], mixed: Path, tmp_path: Path,
+def test_copies_match_nbdcopy(capsys: pytest.CaptureFixture[str], image: Path, tmp_path: Path,
                               nbdkit_server, pynbd_server) -> None:
     """file -> nbdkit -> file, nbdkit -> pynbd serve, [ nbdkit ] -> file: same bytes and
     the same holes as nbdcopy leaves."""
-    size = str(mixed.stat().st_size)
+    size = str(image.stat().st_size)
     a, b = nbdkit_server("memory", size), pynbd_server("memory", size)
-    assert ours(capsys, mixed, a.uri) == (0, "")
+    assert ours(capsys, image, a.uri) == (0, "")
     assert ours(capsys, a.uri, b.uri) == (0, "")
     mine, nbdcopys = tmp_path / "mine.img", tmp_path / "theirs.img"
     assert ours(capsys, b.uri, mine) == (0, "")
     assert theirs(b.uri, nbdcopys) == (0, "")
-    assert sha(mine) == sha(nbdcopys) == sha(mixed)
+    assert sha(mine) == sha(nbdcopys) == sha(image)
     assert data_map(mine) == data_map(nbdcopys)
     # local file to local file
     m2, t2 = tmp_path / "m2.img", tmp_path / "t2.img"
-    assert ours(capsys, mixed, m2) == (0, "")
-    assert theirs(mixed, t2) == (0, "")
-    assert sha(m2) == sha(mixed) and data_map(m2) == data_map(t2)
+    assert ours(capsys, image, m2) == (0, "")
+    assert theirs(image, t2) == (0, "")
+    assert sha(m2) == sha(image) and data_map(m2) == data_map(t2)
     # socket activation of nbdkit
     m3, t3 = tmp_path / "m3.img", tmp_path / "t3.img"
     assert ours(capsys, "--", "[", "nbdkit", "pattern", "3M", "]", m3) == (0, "")
@@ -129,27 +157,27 @@ def test_copies_match_nbdcopy(capsys: pytest.CaptureFixture[str], mixed: Path, t
     assert sha(m3) == sha(t3)
 
 
-def test_qemu_nbd_both_ways(capsys: pytest.CaptureFixture[str], mixed: Path, tmp_path: Path,
+def test_qemu_nbd_both_ways(capsys: pytest.CaptureFixture[str], image: Path, tmp_path: Path,
                             qemu_nbd_server) -> None:
-    image = tmp_path / "q.img"
-    with open(image, "wb") as f:
-        f.truncate(mixed.stat().st_size)
-    dst = qemu_nbd_server(image, "-f", "raw", "-t", "--discard=unmap")
-    assert ours(capsys, "--flush", mixed, dst.uri) == (0, "")
-    assert sha(image) == sha(mixed)
+    qimg = tmp_path / "q.img"
+    with open(qimg, "wb") as f:
+        f.truncate(image.stat().st_size)
+    dst = qemu_nbd_server(qimg, "-f", "raw", "-t", "--discard=unmap")
+    assert ours(capsys, "--flush", image, dst.uri) == (0, "")
+    assert sha(qimg) == sha(image)
     out = tmp_path / "back.img"
     assert ours(capsys, dst.uri, out) == (0, "")
-    assert sha(out) == sha(mixed)
+    assert sha(out) == sha(image)
     ref = tmp_path / "ref.img"
     assert theirs(dst.uri, ref) == (0, "")
     assert data_map(out) == data_map(ref)
 
 
-def test_pipe_output_matches(mixed: Path, nbdkit_server) -> None:
-    srv = nbdkit_server("memory", str(mixed.stat().st_size))
-    run_peer("nbdcopy", mixed, srv.uri)
+def test_pipe_output_matches(image: Path, nbdkit_server) -> None:
+    srv = nbdkit_server("memory", str(image.stat().st_size))
+    run_peer("nbdcopy", image, srv.uri)
     mine = run_pynbd("copy", srv.uri, "-").stdout
-    assert mine == run_peer("nbdcopy", srv.uri, "-").stdout == mixed.read_bytes()
+    assert mine == run_peer("nbdcopy", srv.uri, "-").stdout == image.read_bytes()
 
 
 def test_zero_fallback_when_the_server_cannot_zero(capsys: pytest.CaptureFixture[str],
