@@ -159,8 +159,14 @@ def test_writes_at_the_end(pynbd_server, fuse_mount) -> None:  # noqa: F811
         assert e.value.errno == errno.ENOSPC  # a disk cannot grow
         assert os.pread(fd, 100, 65536 - 10) == b"z" * 10
         assert os.pread(fd, 100, 65536) == b""
-        with pytest.raises(OSError):
-            os.truncate(m.file, 0)  # the size is the export's
+        os.truncate(m.file, 0)  # accepted and ignored, as on a block device
+        assert os.stat(m.file).st_size == 65536
+        with open(m.file, "wb") as f:  # O_TRUNC too: `cp disk.raw MOUNT/nbd` works
+            f.write(b"new start")
+        assert os.stat(m.file).st_size == 65536
+        assert os.pread(fd, 10, 65536 - 10) == b"z" * 10  # the rest is untouched
+        with pytest.raises(PermissionError):
+            os.chmod(m.file, 0o600)
     finally:
         os.close(fd)
     assert read_back(srv.uri, 10, 65536 - 10) == b"z" * 10

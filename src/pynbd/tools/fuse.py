@@ -450,11 +450,15 @@ class NbdFile:
             else:
                 ch.reply_open(unique, self.open_flags)
         elif opcode == fk.SETATTR:
-            valid, _, _, size = fk.SETATTR_VALID.unpack_from(body, 0)
-            if (valid & fk.FATTR_SIZE and size != self.size and nodeid == self.file_ino) or \
-                    valid & (fk.FATTR_MODE | fk.FATTR_UID | fk.FATTR_GID):
-                ch.reply_error(unique, errno.EPERM)  # the size and owner are the export's
-            else:  # times (touch): nothing to keep, not an error
+            (valid,) = fk.SETATTR_VALID.unpack_from(body, 0)[:1]
+            if valid & (fk.FATTR_MODE | fk.FATTR_UID | fk.FATTR_GID):
+                ch.reply_error(unique, errno.EPERM)  # the mode and owner are fixed
+            elif valid & fk.FATTR_SIZE and self.readonly:
+                ch.reply_error(unique, errno.EACCES)
+            else:
+                # A size change (O_TRUNC, ftruncate) is accepted and changes nothing, as on a
+                # block device: the size is the export's (`cp disk.raw MOUNT/nbd` works).
+                # Times (touch) have nowhere to go either.
                 ch.reply_attr(unique, self.file_attr() if nodeid == self.file_ino
                               else self.root_attr(), ATTR_VALID)
         elif opcode in (fk.RELEASE, fk.RELEASEDIR):
