@@ -1179,6 +1179,7 @@ class NBD:
         self._pipe: tuple[int, int] | None = None
         self._signalled = False
         self._pending_opt: Any = None            # an aio option or connect in progress
+        self._connecting: list[asyncio.Task[Any]] = []  # the connect task, while it runs
         self._phase = ["connect"]                # "handshake" once the socket is connected
         _live.add(self)
 
@@ -1675,10 +1676,31 @@ class NBD:
         self._phase = ["connect"]
         coro = _connect_engine(self._settings(), self._connect_kw(**where))
         self._pending_opt = "connect"
-        self._spawn_other(coro, functools.partial(self._connected, host))
+        then = functools.partial(self._connected, host)
+        holder: list[asyncio.Task[Any]] = []
+        self._connecting = holder
+
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            holder.append(task)
+            try:
+                eng = await coro
+            except BaseException as e:  # noqa: BLE001 - reported to the caller's thread
+                if not self._gone:
+                    self._post(functools.partial(then, None, e))
+                return
+            if self._gone:  # closed while connecting: nobody will use this connection
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(eng.close(), _CLOSE_TIMEOUT)
+                return
+            self._post(functools.partial(then, eng, None))
+
+        _runtime().spawn(run())
 
     def _connected(self, host: str, eng: _Engine | None, exc: BaseException | None) -> None:
         self._pending_opt = None
+        self._connecting = []
         if exc is not None:
             self._state = _DEAD
             if isinstance(exc, OptionError):
@@ -2695,9 +2717,24 @@ class NBD:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._pipe = None
+        rt = _rt
+        holder, self._connecting = self._connecting, []
+        if self._pending_opt == "connect" and rt is not None and rt.pid == os.getpid() and rt.thread.is_alive():
+            # A connect in progress is cancelled, which stops a server it started.
+            async def cancel() -> None:
+                # Spawned after the connect: its task has started and is in holder.
+                t = holder[0] if holder else None
+                if t is not None and not t.done():
+                    t.cancel()
+                    await asyncio.wait({t}, timeout=_CLOSE_TIMEOUT)
+
+            if wait and not rt.in_loop_thread():
+                with contextlib.suppress(Exception):
+                    rt.run(cancel())
+            else:
+                rt.spawn(cancel())
         if eng is None:
             return
-        rt = _rt
         if rt is None or rt.pid != os.getpid() or not rt.thread.is_alive():
             with contextlib.suppress(Exception):
                 if eng.stream is not None:

@@ -303,3 +303,40 @@ def test_extended_headers(pynbd_server) -> None:
             assert await c.pread(4096, 0) == bytes(4096)
 
     run(go())
+
+
+@pytest.mark.parametrize("kind", ["socket_activation", "command"])
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_libnbd_close_while_connecting_stops_the_server(tmp_path: Path, kind: str,
+                                                        delay: float) -> None:
+    """Closing a pynbd.libnbd handle whose aio connect is still waiting for a server that
+    never answers leaves no server process behind."""
+    import pynbd.libnbd as nbd
+
+    pidfile = tmp_path / "pid"
+    # a "server" that records its pid and never speaks NBD
+    argv = ["/bin/sh", "-c", f'echo $$ > {pidfile}; exec sleep 60']
+    h = nbd.NBD()
+    if kind == "command":
+        h.aio_connect_command(argv)
+    else:
+        h.aio_connect_systemd_socket_activation(argv)
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()):
+        assert time.monotonic() < deadline, "the server never started"
+        time.sleep(0.01)
+    time.sleep(delay)
+    assert h.aio_is_connecting()
+    pid = int(pidfile.read_text())
+    h.close()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            break
+        if zombie:
+            break
+        assert time.monotonic() < deadline, f"server {pid} still running after close()"
+        time.sleep(0.02)

@@ -124,6 +124,9 @@ def test_bad_uris() -> None:
     differential(r"""
 for u in sys.argv[1:]:
     for call in ("connect_uri", "aio_connect_uri"):
+        if call == "aio_connect_uri" and u == "nbd+vsock://":
+            # whether the reset arrives before the aio call returns is a race, in both
+            continue
         h = nbd.NBD()
         tr(f"{call}({u!r})", lambda: getattr(h, call)(u))
         print("   ", state(h), repr(h.get_export_name()))
@@ -165,6 +168,9 @@ def test_uris_that_do_not_connect(tmp_path: Path) -> None:
     differential(r"""
 for u in sys.argv[1:]:
     for call in ("connect_uri", "aio_connect_uri"):
+        if call == "aio_connect_uri" and u == "nbd+vsock://":
+            # whether the reset arrives before the aio call returns is a race, in both
+            continue
         h = nbd.NBD()
         tr(f"{call}({u!r})", lambda: getattr(h, call)(u))
         if call == "connect_uri" or not u.startswith("nbd+vsock"):
