@@ -13,7 +13,18 @@ from pynbd.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
-from pynbd.plugin import Filter, Plugin
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pynbd.plugin import Filter, Plugin
+
+
+def __getattr__(name: str) -> object:
+    # The plugin API is loaded when first used, so the client and tools start faster.
+    if name in ("Filter", "Plugin"):
+        from pynbd import plugin
+
+        return getattr(plugin, name)
+    raise AttributeError(f"module 'pynbd' has no attribute {name!r}")
 
 __all__ = [
     "CommandError",

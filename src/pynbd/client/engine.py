@@ -58,7 +58,7 @@ from pynbd.protocol.constants import (
     TxFlag,
     nbd_to_errno,
 )
-from pynbd.server.stream import FdStream
+from pynbd.stream import FdStream
 
 __all__ = [
     "STRICT_ALIGN",
@@ -357,6 +357,14 @@ class AsyncClient:
             self.stream.close()
         elif self._owner is not None:
             self._owner.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without NBD_CMD_DISC: every pending command fails and
+        a server started by ``command=``/``socket_activation=`` is killed. For giving up after
+        a failure; :meth:`close` is the orderly way. Call it in the event loop's thread."""
+        if not self.closed:
+            self._shutdown(ConnectionError("the connection was aborted"))
+        self._abandon()
 
     def _abandon(self) -> None:
         """Synchronous clean-up after a cancelled connect: close, kill the server at once."""

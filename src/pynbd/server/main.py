@@ -821,7 +821,7 @@ def _serve(o: Options, chain: Chain) -> int:
 #: privileges: the new user may not be able to read the Python installation (a pyenv
 #: under /root), and a failed lazy import then would break a running server.
 _PRELOAD = ("concurrent.futures.thread", "traceback", "linecache", "encodings.idna",
-            "pynbd.server.connection", "pynbd.server.stream")
+            "pynbd.server.connection", "pynbd.server.stream", "pynbd.stream")
 
 
 def _change_user(o: Options, tmpdir: str | None = None) -> None:

@@ -237,7 +237,7 @@ class NbdEnd(End):
     def abandon_conn(self, index: int) -> None:
         c = self.clients.pop(index, None)
         if c is not None:
-            c._abandon()
+            c.abort()
 
     def _c(self, index: int) -> AsyncClient:
         return self.clients[index]
@@ -322,7 +322,7 @@ class NbdEnd(End):
     def abandon(self) -> None:
         clients, self.clients = self.clients, {}
         for c in clients.values():
-            c._abandon()
+            c.abort()
 
 
 # ------------------------------------------------------------------------------- local
