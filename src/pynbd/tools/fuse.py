@@ -327,9 +327,23 @@ def _mode(o: Options, a: list[str]) -> None:
 # ----------------------------------------------------------------------------------------
 # connecting
 def _errmsg(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, OSError) and (e.errno or e.strerror):
+        text = os.strerror(e.errno) if e.errno else str(e.strerror)
+        return text + (f": {e.filename}" if e.filename else "")
     return str(e) or type(e).__name__
+
+
+def _describe(o: Options) -> str:
+    """The server, as the user gave it, for error messages."""
+    if o.mode in ("uri", "unix"):
+        return o.args[0]
+    if o.mode == "tcp":
+        return f"{o.args[0]}:{o.args[1]}"
+    if o.mode == "vsock":
+        return f"vsock {o.args[0]}:{o.args[1]}"
+    if o.mode == "fd":
+        return f"fd {o.args[0]}"
+    return o.args[0]  # the command
 
 
 async def connect(o: Options) -> Any:
@@ -642,7 +656,7 @@ async def serve(o: Options, ready: Any = None) -> int:
     try:
         nbd = await _until(connect(o), stop)
     except Exception as e:  # noqa: BLE001
-        print(f"{PROG}: {_errmsg(e)}", file=sys.stderr)
+        print(f"{PROG}: {_describe(o)}: {_errmsg(e)}", file=sys.stderr)
         return 1
     if nbd is None:
         return 1
