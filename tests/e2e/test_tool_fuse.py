@@ -438,3 +438,16 @@ def test_loop_mount_ext4_story(pynbd_server, fuse_mount, tmp_path) -> None:  # n
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
     assert m2.unmount() == 0
+
+
+def test_kernel_struct_sizes() -> None:
+    """The layouts of include/uapi/linux/fuse.h (protocol 7.31) the channel packs."""
+    from pynbd.tools import _fuse_kernel as fk
+
+    assert (fk.IN_HEADER.size, fk.OUT_HEADER.size) == (40, 16)
+    assert fk.ATTR.size == 88
+    assert (fk.ENTRY_OUT.size, fk.ATTR_OUT.size, fk.OPEN_OUT.size) == (128, 104, 16)
+    assert (fk.INIT_OUT.size, fk.STATFS_OUT.size) == (64, 80)
+    assert (fk.READ_IN.size, fk.WRITE_IN.size, fk.WRITE_OUT.size) == (40, 40, 8)
+    assert (fk.FALLOCATE_IN.size, fk.DIRENT.size) == (32, 24)
+    assert fk.READ_BUFFER >= fk.HDR + fk.WRITE_IN.size + fk.MAX_WRITE  # the kernel's minimum
