@@ -242,6 +242,78 @@ def test_multi_conn_and_verbose(pynbd_server, fuse_mount) -> None:  # noqa: F811
 
 
 # ------------------------------------------------------------------------- modes and lifetime
+def _python_children(m) -> list[int]:
+    out = []
+    for pid in m.children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"pynbd" in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _wait_for(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_worker_process_serves_and_goes(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    """With multi-conn, a second process serves the same mount on its own connection; it
+    answers requests, and it is gone after the unmount."""
+    srv = pynbd_server("memory", "4M")
+    m = fuse_mount(srv.uri, options=["-v", "-C", "2"], env={"PYNBD_FUSE_WORKERS": "1"})
+    assert _wait_for(lambda: len(_python_children(m)) == 1)
+    workers = _python_children(m)
+    data = pattern(4 * MiB, 11)
+    errors: list[BaseException] = []
+
+    def rw(i: int) -> None:
+        try:
+            fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
+            try:
+                import mmap
+
+                buf = mmap.mmap(-1, 65536)
+                for k in range(16):
+                    off = (i * 16 + k) * 65536
+                    buf[:] = data[off:off + 65536]
+                    os.pwritev(fd, [buf], off)
+            finally:
+                os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rw, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert m.file.read_bytes() == data
+    assert m.unmount() == 0
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), "a worker process was left running"
+    assert read_back(srv.uri, 4 * MiB) == data
+    assert m.stderr.count("write: count=") == 64  # each write answered once, by one process
+    assert "2 connection(s), 2 process(es)" in m.stderr
+
+
+def test_a_dead_worker_stops_the_mount(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    srv = pynbd_server("memory", "1M")
+    m = fuse_mount(srv.uri, options=["-C", "2"], env={"PYNBD_FUSE_WORKERS": "1"})
+    assert _wait_for(lambda: len(_python_children(m)) == 1)
+    os.kill(_python_children(m)[0], signal.SIGKILL)
+    assert m.wait_exit() == 1
+    assert "a worker process exited" in m.stderr
+    assert not is_mounted(m.mountpoint)
+
+
 def test_command_mode_server_stopped(fuse_mount) -> None:  # noqa: F811
     m = fuse_mount("--command", *PYNBD, "serve", "-s", "memory", "2M")
     kids = m.children()

@@ -77,8 +77,9 @@ def test_commands_reach_the_server(nbdkit_server, fuse_mount, tmp_path) -> None:
     assert any("offset=0x2000 count=0x1000" in line for line in log_ops(log, "Zero"))
     assert len(log_ops(log, "Flush")) > before_unmount  # outstanding writes flushed
     connects = [line for line in text.splitlines() if " Connect " in line]
-    assert len(connects) == 2, text
-    assert text.count("Disconnect") == 2  # each connection closed cleanly
+    # -C 2: at most two connections (a worker process may not have connected yet)
+    assert 1 <= len(connects) <= 2, text
+    assert text.count("Disconnect") == len(connects)  # each connection closed cleanly
 
 
 def test_requests_in_flight(nbdkit_server, fuse_mount) -> None:  # noqa: F811

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import select
 import shutil
 import socket
 import struct
@@ -255,8 +256,16 @@ class FuseChannel:
 
     def __init__(self, fd: int, handler: Callable[[int, int, int, memoryview], None],
                  *, max_readahead: int | None = None,
-                 after_batch: Callable[[], None] | None = None) -> None:
+                 after_batch: Callable[[], None] | None = None,
+                 exclusive: bool = False) -> None:
         self.fd = fd
+        # With several processes reading one device, each watches it through an epoll of
+        # its own registered EPOLLEXCLUSIVE, so a request wakes one process, not all.
+        self._ep: select.epoll | None = None
+        if exclusive:
+            self._ep = select.epoll()
+            self._ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self._watch = self._ep.fileno() if self._ep is not None else fd
         self.handler = handler
         self.after_batch = after_batch
         self.proto_minor = 0
@@ -269,30 +278,33 @@ class FuseChannel:
         self._paused = False
 
     def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        asyncio.get_running_loop().add_reader(self._watch, self._on_readable)
         self._reading = True
 
     def pause(self) -> None:
         """Stop taking requests (they wait in the kernel) until :meth:`resume`."""
         if self._reading and not self._paused:
-            asyncio.get_running_loop().remove_reader(self.fd)
+            asyncio.get_running_loop().remove_reader(self._watch)
             self._paused = True
 
     def resume(self) -> None:
         if self._reading and self._paused and not self.closed.done():
             self._paused = False
-            asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+            asyncio.get_running_loop().add_reader(self._watch, self._on_readable)
 
     def stop(self, why: str = "stopped") -> None:
         if self._reading:
             if not self._paused:
-                asyncio.get_running_loop().remove_reader(self.fd)
+                asyncio.get_running_loop().remove_reader(self._watch)
             self._reading = False
         if not self.closed.done():
             self.closed.set_result(why)
 
     def close(self) -> None:
         self.stop()
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

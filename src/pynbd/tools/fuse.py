@@ -22,6 +22,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Coroutine
@@ -346,7 +347,7 @@ def _describe(o: Options) -> str:
     return o.args[0]  # the command
 
 
-async def connect(o: Options) -> Any:
+async def connect(o: Options, connections: int | None = None) -> Any:
     from pynbd.client.pool import connect as pool_connect
 
     kw: dict[str, Any] = {}
@@ -369,7 +370,8 @@ async def connect(o: Options) -> Any:
         kw["unix"] = o.args[0]
     elif o.mode == "vsock":
         kw["vsock"] = (int(o.args[0], 0), int(o.args[1], 0))
-    return await pool_connect(uri, connections=1 if single else o.connections, **kw)
+    n = o.connections if connections is None else connections
+    return await pool_connect(uri, connections=1 if single else n, **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -654,7 +656,7 @@ async def serve(o: Options, ready: Any = None) -> int:
         loop.add_signal_handler(s, on_signal, s.name)
 
     try:
-        nbd = await _until(connect(o), stop)
+        nbd = await _until(connect(o, max(1, o.connections - _extra_workers(o))), stop)
     except Exception as e:  # noqa: BLE001
         print(f"{PROG}: {_describe(o)}: {_errmsg(e)}", file=sys.stderr)
         return 1
@@ -688,8 +690,11 @@ async def serve(o: Options, ready: Any = None) -> int:
                 if o.max_readahead is not None:  # asked for: say why not
                     print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
                 ra = None
-        ch = fk.FuseChannel(fd, f.handle, max_readahead=ra, after_batch=f.flush_requests)
+        ch = fk.FuseChannel(fd, f.handle, max_readahead=ra, after_batch=f.flush_requests,
+                            exclusive=_extra_workers(o) > 0)
         f.ch = ch
+        workers: list[subprocess.Popen[bytes]] = []
+        status = 0
         try:
             ch.start()
             if o.pidfile:
@@ -700,15 +705,29 @@ async def serve(o: Options, ready: Any = None) -> int:
                     print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
             if ready is not None:
                 ready()
+            n_workers = _extra_workers(o) if nbd.can_multi_conn() else 0
+            if n_workers:
+                workers = _spawn_workers(o, fd, ra, n_workers)
             f.debug(f"mounted {o.mountpoint} ({o.filename}, {f.size} bytes"
-                    f"{', read-only' if o.readonly else ''}, {len(f.clients)} connection(s))")
-            await asyncio.wait([ch.closed, stop],
-                               return_when=asyncio.FIRST_COMPLETED)
-            why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
+                    f"{', read-only' if o.readonly else ''}, "
+                    f"{len(f.clients) + len(workers)} connection(s), "
+                    f"{1 + len(workers)} process(es))")
+            lost = asyncio.ensure_future(_watch_workers(workers))
+            await asyncio.wait([ch.closed, stop, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lost.done():
+                why = lost.result()
+                print(f"{PROG}: {why}", file=sys.stderr)
+                status = 1
+            else:
+                lost.cancel()
+                why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
             f.debug(f"stopping: {why}")
             ch.stop(why)
+            for w in workers:
+                _signal(w, signal.SIGTERM)
             responsive = await f.drain()
         finally:
+            await _reap_workers(workers)
             # As libfuse: close the device first (the kernel aborts the connection, so the
             # unmount cannot recurse into this filesystem), then detach the mount.
             unmounted = ch.closed.done() and ch.closed.result() == "unmounted"
@@ -718,9 +737,126 @@ async def serve(o: Options, ready: Any = None) -> int:
                     fk.unmount(real_mountpoint)
                 except fk.MountError as e:
                     print(f"{PROG}: {e}", file=sys.stderr)
-        return 0
+        return status
     finally:
         await _close(nbd, responsive)
+
+
+# ----------------------------------------------------------------------------------------
+# worker processes
+#
+# One Python process answers FUSE requests at the speed of one core. With a server that
+# allows multi-conn (and only then: the processes' connections must share one cache), more
+# processes serve the same FUSE device, each with its own connection: the kernel gives each
+# request to the process that reads it first, and wakes only one of them per request
+# (EPOLLEXCLUSIVE). Each is a fresh `python -m pynbd fuse` handed the device and the parsed
+# options (never a fork of a running event loop).
+WORKER_ENV = "PYNBD_FUSE_WORKER"
+#: How many extra processes (PYNBD_FUSE_WORKERS=N overrides; 0 turns them off).
+WORKERS_ENV = "PYNBD_FUSE_WORKERS"
+#: A worker's exit status when it could not connect and so never read a request.
+WORKER_DID_NOT_START = 75
+
+
+def _extra_workers(o: Options) -> int:
+    if o.single or o.mode not in ("uri", "tcp", "unix", "vsock") or o.connections < 2:
+        return 0
+    env = os.environ.get(WORKERS_ENV)
+    if env is not None:
+        try:
+            return max(0, min(int(env), o.connections - 1))
+        except ValueError:
+            return 0
+    return max(0, min(os.cpu_count() or 1, o.connections) - 1)
+
+
+def _spawn_workers(o: Options, fd: int, ra: int | None, n: int) -> list[
+        subprocess.Popen[bytes]]:
+    import dataclasses
+    import json
+
+    spec = json.dumps({"options": dataclasses.asdict(o), "fd": fd, "readahead": ra})
+    workers = []
+    for _ in range(n):
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "pynbd", "fuse"], pass_fds=[fd],
+                                 stdin=subprocess.DEVNULL,
+                                 env=dict(os.environ, **{WORKER_ENV: spec}))
+        except OSError as e:
+            print(f"{PROG}: cannot start a worker process: {_errmsg(e)}", file=sys.stderr)
+            break
+        workers.append(p)
+    return workers
+
+
+def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(sig)
+
+
+async def _watch_workers(workers: list[subprocess.Popen[bytes]]) -> str:
+    """Resolves if a worker dies while the mount is live: the requests it had taken would
+    never be answered, so the whole mount stops (callers get an error, not a hang)."""
+    while True:
+        for p in list(workers):
+            rc = p.poll()
+            if rc is None:
+                continue
+            if rc in (0, WORKER_DID_NOT_START):  # unmounted, or never took a request
+                workers.remove(p)
+                continue
+            return f"a worker process exited ({rc}); stopping"
+        await asyncio.sleep(0.2)
+
+
+async def _reap_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 3 * RELEASE_TIMEOUT
+    for p in workers:
+        _signal(p, signal.SIGTERM)
+    for p in workers:
+        while p.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+async def serve_worker(spec: dict[str, Any]) -> int:
+    """A worker process: serve the FUSE device it was handed until the mount goes away or
+    it is told to stop (SIGTERM from the main process), then finish, flush and disconnect."""
+    o = Options(**spec["options"])
+    fd = int(spec["fd"])
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+
+    def on_signal() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(s, on_signal)
+    try:
+        nbd = await _until(connect(o, 1), stop)
+    except Exception as e:  # noqa: BLE001
+        print(f"{PROG}: extra connection: {_errmsg(e)}", file=sys.stderr)
+        os.close(fd)
+        return WORKER_DID_NOT_START
+    if nbd is None:
+        os.close(fd)
+        return WORKER_DID_NOT_START
+    f = NbdFile(o, nbd)
+    ch = fk.FuseChannel(fd, f.handle, max_readahead=spec.get("readahead"),
+                        after_batch=f.flush_requests, exclusive=True)
+    f.ch = ch
+    ch.start()
+    waits: list[asyncio.Future[Any]] = [ch.closed, stop]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    ch.stop()
+    responsive = await f.drain()
+    ch.close()  # this process's copy of the device: the main process owns the mount
+    await _close(nbd, responsive)
+    return 0
 
 
 async def _close(nbd: Any, responsive: bool) -> None:
@@ -792,6 +928,14 @@ def _background(o: Options) -> int:
 
 
 def main(argv: list[str]) -> int:
+    worker = os.environ.pop(WORKER_ENV, None)
+    if worker is not None:
+        import json
+
+        try:
+            return asyncio.run(serve_worker(json.loads(worker)))
+        except KeyboardInterrupt:
+            return 1
     try:
         parsed = parse_args(argv)
     except UsageError as e:
