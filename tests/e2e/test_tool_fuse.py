@@ -314,6 +314,21 @@ def test_a_dead_worker_stops_the_mount(pynbd_server, fuse_mount) -> None:  # noq
     assert not is_mounted(m.mountpoint)
 
 
+def test_worker_dies_with_the_main_process(pynbd_server, fuse_mount) -> None:  # noqa: F811
+    """SIGKILL of the main process: its worker goes too, so nothing serves a mount nobody
+    manages; the file then fails (ENOTCONN) rather than hangs. The fixture unmounts."""
+    srv = pynbd_server("memory", "1M")
+    m = fuse_mount(srv.uri, options=["-C", "2"], env={"PYNBD_FUSE_WORKERS": "1"})
+    assert _wait_for(lambda: len(_python_children(m)) == 1)
+    worker = _python_children(m)[0]
+    m.proc.kill()
+    m.proc.wait()
+    assert _wait_for(lambda: not os.path.exists(f"/proc/{worker}")), "the worker outlived it"
+    with pytest.raises(OSError) as e:
+        m.file.read_bytes()
+    assert e.value.errno == errno.ENOTCONN
+
+
 def test_command_mode_server_stopped(fuse_mount) -> None:  # noqa: F811
     m = fuse_mount("--command", *PYNBD, "serve", "-s", "memory", "2M")
     kids = m.children()

@@ -775,7 +775,8 @@ def _spawn_workers(o: Options, fd: int, ra: int | None, n: int) -> list[
     import dataclasses
     import json
 
-    spec = json.dumps({"options": dataclasses.asdict(o), "fd": fd, "readahead": ra})
+    spec = json.dumps({"options": dataclasses.asdict(o), "fd": fd, "readahead": ra,
+                       "parent": os.getpid()})
     workers = []
     for _ in range(n):
         try:
@@ -822,11 +823,25 @@ async def _reap_workers(workers: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM this worker when the main process dies (even by SIGKILL): its copy of the
+    device must not keep a mount alive that nobody manages."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def serve_worker(spec: dict[str, Any]) -> int:
     """A worker process: serve the FUSE device it was handed until the mount goes away or
     it is told to stop (SIGTERM from the main process), then finish, flush and disconnect."""
     o = Options(**spec["options"])
     fd = int(spec["fd"])
+    _die_with_parent(int(spec["parent"]))
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
 
