@@ -270,32 +270,18 @@ class FuseChannel:
         self.after_batch = after_batch
         self.proto_minor = 0
         self.max_readahead = max_readahead
-        self.initialized = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._buf = bytearray(READ_BUFFER)
         self._view = memoryview(self._buf)
         self._reading = False
-        self._paused = False
 
     def start(self) -> None:
         asyncio.get_running_loop().add_reader(self._watch, self._on_readable)
         self._reading = True
 
-    def pause(self) -> None:
-        """Stop taking requests (they wait in the kernel) until :meth:`resume`."""
-        if self._reading and not self._paused:
-            asyncio.get_running_loop().remove_reader(self._watch)
-            self._paused = True
-
-    def resume(self) -> None:
-        if self._reading and self._paused and not self.closed.done():
-            self._paused = False
-            asyncio.get_running_loop().add_reader(self._watch, self._on_readable)
-
     def stop(self, why: str = "stopped") -> None:
         if self._reading:
-            if not self._paused:
-                asyncio.get_running_loop().remove_reader(self._watch)
+            asyncio.get_running_loop().remove_reader(self._watch)
             self._reading = False
         if not self.closed.done():
             self.closed.set_result(why)
@@ -321,7 +307,7 @@ class FuseChannel:
         view = self._view
         fd = self.fd
         for _ in range(64):  # bounded: let replies and other callbacks run between batches
-            if not self._reading or self._paused:
+            if not self._reading:
                 return
             try:
                 n = os.readv(fd, [self._buf])
@@ -367,8 +353,6 @@ class FuseChannel:
         out = INIT_OUT.pack(KERNEL_MAJOR, self.proto_minor, ra, want, MAX_BACKGROUND,
                             CONGESTION_THRESHOLD, MAX_WRITE, 1, MAX_WRITE // 4096, 0, 0)
         self.reply(unique, out)
-        if not self.initialized.done():
-            self.initialized.set_result(None)
 
     # -- replying
     def reply(self, unique: int, payload: bytes | bytearray | memoryview = b"") -> None:
