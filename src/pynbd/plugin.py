@@ -34,7 +34,6 @@ __all__ = [
     "Flag",
     "FuaMode",
     "Plugin",
-    "Staged",
     "ThreadModel",
     "parse_bool",
     "parse_size",
@@ -116,24 +115,6 @@ def parse_bool(text: str, what: str = "value") -> bool:
     if t in _FALSE:
         return False
     raise ConfigError(f"could not decode boolean {what}: {text!r}")
-
-
-class Staged:
-    """A write being received straight into a plugin's memory (:meth:`Plugin.pwrite_stage`).
-
-    ``buffers`` are writable memoryviews, ``count`` bytes in all, filled in order. Once the
-    whole payload is in them the server calls :meth:`commit`, which makes it the disk's
-    content (and may raise as ``pwrite`` does); if the client goes away first it calls
-    :meth:`abort`, after which nothing about the disk may have changed.
-    """
-
-    buffers: list[memoryview]
-
-    def commit(self) -> None:
-        raise NotImplementedError
-
-    def abort(self) -> None:
-        raise NotImplementedError
 
 
 class Plugin:
@@ -258,16 +239,6 @@ class Plugin:
 
     def pwrite(self, h: Any, buf: memoryview, offset: int, flags: int) -> None:
         raise NotImplementedError
-
-    def pwrite_stage(self, h: Any, count: int, offset: int) -> Staged | None:
-        """Optional zero-copy receive of a large write, called on the event loop.
-
-        Used only for plugins whose calls run on the loop (``nonblocking``), with no filters,
-        for a valid WRITE without flags whose payload has not all arrived yet. Return None
-        to have the payload collected and passed to :meth:`pwrite` as usual, or a
-        :class:`Staged` whose buffers the server receives the payload into.
-        """
-        return None
 
     def flush(self, h: Any, flags: int) -> None:
         raise NotImplementedError

@@ -69,10 +69,6 @@ class FdStream:
         """Read what is available into ``view``; 0 at EOF; BlockingIOError when none."""
         return os.readv(self.rfd, [view])
 
-    def readv(self, bufs: list[memoryview]) -> int:
-        """Scatter read into ``bufs`` in order (one system call)."""
-        return os.readv(self.rfd, bufs)
-
     def readinto2(self, first: memoryview, then: memoryview) -> int:
         """Scatter read: fill ``first``, then ``then`` (one system call)."""
         return os.readv(self.rfd, [first, then])

@@ -143,12 +143,12 @@ def test_memory_cache_and_fast_zero(giant):
         assert c.pread(base, 65536) == bytes(65536)
 
 
-# ---- large writes received straight into pages (MemoryPlugin.pwrite_stage) ----------------
+# ---- large writes whose payload arrives after the header -----------------------------------
 
 
 def _split_write(c: RawClient, offset: int, data: bytes, first: int = 1000) -> int:
     """Send a WRITE as its header with ``first`` payload bytes, then the rest a moment later,
-    so the server sees the header before the payload (and receives the payload in place)."""
+    so the server sees the header before the payload."""
     import time
 
     cookie, req = c.request(Cmd.WRITE, offset, len(data), payload=data, send=False)
@@ -159,7 +159,7 @@ def _split_write(c: RawClient, offset: int, data: bytes, first: int = 1000) -> i
     return cookie
 
 
-def test_memory_large_writes_in_place(pynbd_server):
+def test_memory_large_writes_arriving_late(pynbd_server):
     srv = pynbd_server("memory", "16M")
     rng = random.Random(11)
     a, b, c_, d = (rng.randbytes(256 * KiB) for _ in range(4))
@@ -180,7 +180,7 @@ def test_memory_large_writes_in_place(pynbd_server):
         _split_write(c, 5 * MiB + 100, d)
         assert c.read_reply().error == 0
         assert c.pread(5 * MiB + 100, 256 * KiB) == d
-        # a trim inside a run received in place
+        # a trim inside a run
         assert c.cmd(Cmd.TRIM, base + 32 * KiB, 64 * KiB).error == 0
         assert c.pread(base, 384 * KiB) == (b[:32 * KiB] + bytes(64 * KiB) + b[96 * KiB:128 * KiB]
                                            + c_)
@@ -209,7 +209,7 @@ def test_memory_vanishing_during_large_write_changes_nothing(pynbd_server):
             time.sleep(0.02)
             v.close()
             assert c.pread(2 * MiB, 256 * KiB) == old
-        # the memory the vanished writes were received into is reused correctly
+        # and a whole write after them lands
         new = random.Random(4).randbytes(256 * KiB)
         _split_write(c, 2 * MiB, new)
         assert c.read_reply().error == 0

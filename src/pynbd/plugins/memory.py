@@ -15,7 +15,6 @@ from pynbd.plugin import (
     Flag,
     FuaMode,
     Plugin,
-    Staged,
     ThreadModel,
     parse_size,
 )
@@ -108,33 +107,6 @@ class _Allocator:
             self._free.append((sn, i))
 
 
-#: Pages kept for staged writes after a write replaced them (not given back to the kernel,
-#: so receiving into them again costs no page faults): 64 MiB.
-_HOT_PAGES = 2048
-
-
-class _Staged(Staged):
-    """k whole pages at page pn being received into ``view`` (see MemoryPlugin.pwrite_stage)."""
-
-    __slots__ = ("buffers", "first", "k", "plugin", "pn", "sn", "view")
-
-    def __init__(self, plugin: MemoryPlugin, pn: int, k: int, view: memoryview, sn: int,
-                 first: int) -> None:
-        self.plugin = plugin
-        self.pn = pn
-        self.k = k
-        self.view = view
-        self.sn = sn
-        self.first = first
-        self.buffers = [view]
-
-    def commit(self) -> None:
-        self.plugin._install(self)
-
-    def abort(self) -> None:
-        self.plugin._keep_hot(self.view, self.sn, self.first, self.k)
-
-
 class MemoryPlugin(Plugin):
     """NAME
         memory - pynbd virtual memory plugin (a sparse RAM disk)
@@ -213,9 +185,6 @@ class MemoryPlugin(Plugin):
         self._alloc = _Allocator()
         #: page number -> (slab number, page index) of its memory, to give it back
         self._loc: dict[int, tuple[int, int]] = {}
-        #: k -> runs of k pages, contents undefined, kept for staged writes
-        self._hot: dict[int, list[tuple[memoryview, int, int]]] = {}
-        self._hot_pages = 0
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -379,57 +348,6 @@ class MemoryPlugin(Plugin):
                     page[:] = mine
                     run.intact = False
                     self._alloc.release(sn, first + i)
-
-    def pwrite_stage(self, h: Any, count: int, offset: int) -> Staged | None:
-        """A large page-aligned write is received straight into fresh pages, which replace
-        the old ones when all of it has arrived (no copy from a receive buffer); the pages
-        it replaces are kept, without giving them back to the kernel, for the next one."""
-        if (offset | count) & _MASK or not 2 * _PAGE <= count <= _MAX_RUN * _PAGE:
-            return None
-        k = count >> _SHIFT
-        with self._lock:
-            hot = self._hot.get(k)
-            if hot:
-                self._hot_pages -= k
-                view, sn, first = hot.pop()
-            else:
-                view, sn, first = self._alloc.alloc(k)
-        return _Staged(self, offset >> _SHIFT, k, view, sn, first)
-
-    def _keep_hot(self, view: memoryview, sn: int, first: int, k: int) -> None:
-        with self._lock:
-            if self._hot_pages + k <= _HOT_PAGES:
-                self._hot.setdefault(k, []).append((view, sn, first))
-                self._hot_pages += k
-            else:
-                for i in range(k):
-                    self._alloc.release(sn, first + i)
-
-    def _install(self, st: _Staged) -> None:
-        pn, k = st.pn, st.k
-        pages, runs, loc = self._pages, self._runs, self._loc
-        with self._lock:
-            self._seq += 1  # odd: a lock-free writer finishing now must redo under the lock
-            try:
-                old = runs.get(pn)
-                if old is not None and old.intact and old.start == pn and old.end == pn + k:
-                    # The write replaces one whole run: keep its memory for the next one.
-                    old.intact = False
-                    osn, ofirst = loc[pn]
-                    for i in range(pn, pn + k):
-                        del runs[i], pages[i], loc[i]
-                    self._keep_hot(old.wview, osn, ofirst, k)
-                else:
-                    self._free_pages(pn, pn + k)
-                view = st.view
-                run = _Run(pn, pn + k, view)
-                sn, first = st.sn, st.first
-                for i in range(k):
-                    pages[pn + i] = view[i << _SHIFT:(i + 1) << _SHIFT]
-                    runs[pn + i] = run
-                    loc[pn + i] = (sn, first + i)
-            finally:
-                self._seq += 1
 
     def flush(self, h: Any, flags: int) -> None:
         pass

@@ -71,14 +71,6 @@ _OFFSET_DATA = struct.Struct(">IHHQIQ")  # structured header + data offset
 _EXT_OFFSET_DATA = struct.Struct(">IHHQQQQ")  # extended header + data offset
 _BUF_SIZE = 2 * 1024 * 1024  # receive buffer per connection
 _INLINE_PAYLOAD = 1024 * 1024  # larger WRITE payloads get a buffer of their own
-#: WRITEs of at least this many bytes may be received straight into the plugin's memory
-#: (Plugin.pwrite_stage) when their payload has not all arrived with the header.
-_STAGE_MIN = 64 * 1024
-#: While large writes are being staged, reads into the receive buffer take at most this much
-#: (the next header, or small requests) so that payloads are not received there first.
-_STAGE_TAIL = 4096
-#: Requests after the last staged write for which reads stay that short.
-_STAGE_HOLD = 4
 
 _EINVAL, _EPERM, _ENOSPC = 22, 1, 28
 
@@ -269,7 +261,7 @@ class _Direct:
     """Bound plugin methods for the fast path: a plugin with no filters whose methods run on
     the loop, or (``nowait``) a blocking plugin's ``pread_nowait`` tried on the loop first."""
 
-    __slots__ = ("handle", "nowait", "pread", "pwrite", "stage")
+    __slots__ = ("handle", "nowait", "pread", "pwrite")
 
     def __init__(self, ctx: Context, nowait: bool = False) -> None:
         from pynbd.plugin import Plugin
@@ -278,7 +270,6 @@ class _Direct:
         layer = ctx.layer
         self.pread: Any = None
         self.pwrite: Any = None
-        self.stage: Any = None
         self.handle = ctx.handle
         self.nowait = nowait
         if not isinstance(layer, PluginLayer) or layer.has_async:
@@ -291,9 +282,6 @@ class _Direct:
         else:
             self.pread = plugin.pread
             self.pwrite = plugin.pwrite if ctx.can_write() else None
-            if self.pwrite is not None and \
-                    type(plugin).pwrite_stage is not Plugin.pwrite_stage:
-                self.stage = plugin.pwrite_stage
 
 
 class Connection:
@@ -318,10 +306,6 @@ class Connection:
         self._payload_view: memoryview | None = None
         self._payload_got = 0
         self._payload_req: tuple[int, int, int, int, int] | None = None
-        self._staged: Any = None  # a Staged write being received
-        self._staged_bufs: list[memoryview] = []
-        self._staged_left = 0
-        self._stage_hold = 0
         self._out: list[Any] = []
         self._flush_scheduled = False
         self._inflight = 0
@@ -362,9 +346,6 @@ class Connection:
 
     async def _cleanup(self) -> None:
         self.stream.set_reader(None)
-        if self._staged is not None:
-            st, self._staged, self._staged_bufs = self._staged, None, []
-            st.abort()
         ex = self.export
         self.export = None
         if ex is not None:
@@ -754,10 +735,7 @@ class Connection:
 
     def _on_readable(self) -> None:
         try:
-            if self._staged is not None:
-                if self._staged_read():
-                    self._process()
-            elif self._payload is not None:
+            if self._payload is not None:
                 n = self.stream.readinto(self._payload_view[self._payload_got:])  # type: ignore[index]
                 if n == 0:
                     return self._eof()
@@ -774,11 +752,7 @@ class Connection:
                     rest = self._end - self._pos
                     self._view[:rest] = self._view[self._pos:self._end]
                     self._pos, self._end = 0, rest
-                if self._stage_hold:
-                    self._stage_hold -= 1
-                    n = self.stream.readinto(self._view[self._end:self._end + _STAGE_TAIL])
-                else:
-                    n = self.stream.readinto(self._view[self._end:])
+                n = self.stream.readinto(self._view[self._end:])
                 if n == 0:
                     return self._eof()
                 self._end += n
@@ -800,72 +774,7 @@ class Connection:
             return self._fatal()
         self._flush()
 
-    def _staged_read(self) -> bool:
-        """Receive into a staged write's buffers (and the next headers into the empty receive
-        buffer, in the same call). True once the write was committed and answered."""
-        left = self._staged_left
-        bufs = self._staged_bufs
-        n = self.stream.readv([*bufs, self._view[:_STAGE_TAIL]])
-        if n == 0:
-            self._eof()
-            return False
-        if n < left:
-            self._staged_left = left - n
-            while n:
-                b = bufs[0]
-                if n >= len(b):
-                    n -= len(b)
-                    del bufs[0]
-                else:
-                    bufs[0] = b[n:]
-                    n = 0
-            return False
-        self._end = n - left
-        st, self._staged, self._staged_bufs = self._staged, None, []
-        self._staged_left = 0
-        req = self._payload_req
-        assert req is not None and self.export is not None
-        _flags, cmd, cookie, offset, _length = req
-        try:
-            st.commit()
-        except BaseException as e:  # noqa: BLE001
-            self._reply_exc(self.export, cmd, 0, cookie, offset, e)
-        else:
-            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
-        return True
-
-    def _stage(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
-               have: memoryview) -> bool:
-        """Start receiving a large WRITE straight into the plugin's memory; ``have`` is the
-        part of its payload already in the receive buffer. False if the plugin declines."""
-        direct = self._direct
-        assert direct is not None
-        st = direct.stage(direct.handle, length, offset)
-        if st is None:
-            return False
-        bufs = list(st.buffers)
-        pos = 0
-        while pos < len(have):
-            b = bufs[0]
-            n = min(len(b), len(have) - pos)
-            b[:n] = have[pos:pos + n]
-            pos += n
-            if n == len(b):
-                del bufs[0]
-            else:
-                bufs[0] = b[n:]
-        self._staged = st
-        self._staged_bufs = bufs
-        self._staged_left = length - len(have)
-        self._payload_req = (flags, cmd, cookie, offset, length)
-        self._stage_hold = _STAGE_HOLD
-        return True
-
     def _eof(self) -> None:
-        if self._staged is not None:
-            st, self._staged, self._staged_bufs = self._staged, None, []
-            st.abort()
-            log.debug("client %d: disconnected in the middle of a request", self.id)
         if self._payload is not None or self._end > self._pos:
             log.debug("client %d: disconnected in the middle of a request", self.id)
             self._payload = None
@@ -895,7 +804,6 @@ class Connection:
         if fast:
             assert direct is not None
             dpread, dpwrite, dh = direct.pread, direct.pwrite, direct.handle
-            dstage = direct.stage
             out = self._out
             spack = SIMPLE_REPLY.pack
             dpack = _OFFSET_DATA.pack
@@ -924,11 +832,6 @@ class Connection:
                         continue
                     self._handle(flags, cmd, cookie, offset, length, view[start:pos], False)
                     continue
-                if fast and not flags and length >= _STAGE_MIN and dstage is not None \
-                        and not validate(ex, cmd, 0, offset, length) and \
-                        self._stage(0, cmd, cookie, offset, length, view[start:end]):
-                    pos = end
-                    break
                 if hsize + length <= _INLINE_PAYLOAD:
                     # wait for the rest in the receive buffer (make room at its end)
                     if pos + hsize + length > len(buf):
