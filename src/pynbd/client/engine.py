@@ -896,8 +896,13 @@ class AsyncClient:
                 # The rest of a payload straight into its destination, and what follows (the
                 # next reply headers) into the receive buffer, which is empty in this state.
                 want = len(sink) - self._sink_got
+                # With mostly large reads in flight, take little more than the next header
+                # (their payloads should land in their destinations too); with small ones,
+                # as many replies as are there.
+                tail = self._view[:_SCATTER_TAIL] \
+                    if self._bytes_in_flight > _BIG_READS * len(self._pending) else self._view
                 n = self.stream.readinto2(  # type: ignore[union-attr]
-                    sink[self._sink_got:], self._view[:_SCATTER_TAIL])
+                    sink[self._sink_got:], tail)
                 if n == 0:
                     return self._fail(ConnectionError(
                     "server closed the connection in the middle of a reply"))
