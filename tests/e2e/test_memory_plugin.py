@@ -17,7 +17,7 @@ from pynbd.protocol.transmission import build_request
 
 try:
     from pynbd.plugins import memory as _memory  # noqa: F401
-except ImportError:  # being written by another engineer
+except ImportError:  # a build without the memory plugin
     pytest.skip("the memory plugin is not available yet", allow_module_level=True)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
