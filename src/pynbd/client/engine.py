@@ -358,6 +358,18 @@ class AsyncClient:
         elif self._owner is not None:
             self._owner.close()
 
+    @property
+    def in_flight(self) -> int:
+        """Commands sent (or queued to be sent) whose replies have not all arrived."""
+        return len(self._pending)
+
+    def send_now(self) -> None:
+        """Write the requests queued so far now, rather than at the end of this event-loop
+        iteration (where they go out together in one write). For callers that queue a batch
+        and want it on the wire before they wait for anything."""
+        if self._out and self._flush_scheduled:
+            self._flush()
+
     def abort(self) -> None:
         """Drop the connection at once, without NBD_CMD_DISC: every pending command fails and
         a server started by ``command=``/``socket_activation=`` is killed. For giving up after

@@ -504,16 +504,15 @@ class NbdFile:
         in flight. Few requests share one connection, so a batch goes out in one write and
         its replies come back in one read; more spill over to the other connections."""
         for c in self.clients:
-            if len(c._pending) < SPILL:
+            if c.in_flight < SPILL:
                 return c
-        return min(self.clients, key=lambda c: len(c._pending))
+        return min(self.clients, key=lambda c: c.in_flight)
 
     def flush_requests(self) -> None:
         """Send the NBD requests queued while reading a batch of FUSE requests now, in one
         write per connection, rather than one loop iteration later."""
         for c in self.clients:
-            if c._out and c._flush_scheduled:
-                c._flush()
+            c.send_now()
 
     def _error(self, unique: int, e: BaseException) -> None:
         err = getattr(e, "errno", None)
@@ -890,7 +889,7 @@ async def _close(nbd: Any, responsive: bool) -> None:
                 print(f"{PROG}: close: {msg}", file=sys.stderr)
     clients = list(getattr(nbd, "clients", [nbd]))
     for c in clients:
-        c._fail(ConnectionError("the connection was closed"))
+        c.abort()
     await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
