@@ -18,6 +18,7 @@ import pytest
 from copy_helpers import data_map, run_on_terminal, sha
 from helpers import PYNBD, run_pynbd
 
+import pynbd
 import pynbd.tools._copy_run as copy_run
 from pynbd.tools import copy as copy_tool
 from pynbd.tools._copy_run import zero_runs
@@ -96,35 +97,35 @@ def pattern(size: int) -> bytes:
 # ------------------------------------------------------------------------------- the command line
 
 BAD = [
-    ([], "nbdcopy: missing SOURCE and DESTINATION; try 'nbdcopy --help'"),
-    (["a"], "nbdcopy: missing DESTINATION; try 'nbdcopy --help'"),
-    (["a", "b", "c"], "nbdcopy: unexpected extra argument 'c'; try 'nbdcopy --help'"),
-    (["--bogus", "a", "b"], "nbdcopy: unrecognized option '--bogus'"),
-    (["-x", "a", "b"], "nbdcopy: invalid option -- 'x'"),
-    (["-C"], "nbdcopy: option requires an argument -- 'C'"),
-    (["--connections"], "nbdcopy: option '--connections' requires an argument"),
-    (["--s", "a", "b"], ("nbdcopy: option '--s' is ambiguous; possibilities: "
+    ([], "pynbd copy: missing SOURCE and DESTINATION; try 'pynbd copy --help'"),
+    (["a"], "pynbd copy: missing DESTINATION; try 'pynbd copy --help'"),
+    (["a", "b", "c"], "pynbd copy: unexpected extra argument 'c'; try 'pynbd copy --help'"),
+    (["--bogus", "a", "b"], "pynbd copy: unrecognized option '--bogus'"),
+    (["-x", "a", "b"], "pynbd copy: invalid option -- 'x'"),
+    (["-C"], "pynbd copy: option requires an argument -- 'C'"),
+    (["--connections"], "pynbd copy: option '--connections' requires an argument"),
+    (["--s", "a", "b"], ("pynbd copy: option '--s' is ambiguous; possibilities: "
                          "'--short-options' '--sparse' '--synchronous'")),
-    (["--flush=1", "a", "b"], "nbdcopy: option '--flush' doesn't allow an argument"),
-    (["-p=3", "a", "b"], "nbdcopy: invalid option -- '='"),
-    (["-C", "0", "a", "b"], "nbdcopy: --connections: could not parse: 0"),
-    (["-C", "x", "a", "b"], "nbdcopy: --connections: could not parse: x"),
-    (["-R", "0", "a", "b"], "nbdcopy: --requests: could not parse: 0"),
-    (["-T", "x", "a", "b"], "nbdcopy: --threads: could not parse: x"),
-    (["--queue-size=x", "a", "b"], "nbdcopy: --queue-size: could not parse: x"),
-    (["--request-size=x", "a", "b"], "nbdcopy: --request-size: could not parse: x"),
+    (["--flush=1", "a", "b"], "pynbd copy: option '--flush' doesn't allow an argument"),
+    (["-p=3", "a", "b"], "pynbd copy: invalid option -- '='"),
+    (["-C", "0", "a", "b"], "pynbd copy: --connections: could not parse: 0"),
+    (["-C", "x", "a", "b"], "pynbd copy: --connections: could not parse: x"),
+    (["-R", "0", "a", "b"], "pynbd copy: --requests: could not parse: 0"),
+    (["-T", "x", "a", "b"], "pynbd copy: --threads: could not parse: x"),
+    (["--queue-size=x", "a", "b"], "pynbd copy: --queue-size: could not parse: x"),
+    (["--request-size=x", "a", "b"], "pynbd copy: --request-size: could not parse: x"),
     (["--request-size=1000", "a", "b"],
-     "nbdcopy: --request-size: must be a power of 2 within 4096-33554432"),
+     "pynbd copy: --request-size: must be a power of 2 within 4096-33554432"),
     (["--request-size=67108864", "a", "b"],
-     "nbdcopy: --request-size: must be a power of 2 within 4096-33554432"),
-    (["-S", "100", "a", "b"], "nbdcopy: --sparse: must be a power of 2 and >= 512"),
-    (["-S", "1000", "a", "b"], "nbdcopy: --sparse: must be a power of 2 and >= 512"),
-    (["-S", "x", "a", "b"], "nbdcopy: --sparse: could not parse: x"),
-    (["--progress=-1", "a", "b"], "nbdcopy: --progress: could not parse: -1"),
-    (["--progress=x", "a", "b"], "nbdcopy: --progress: could not parse: x"),
-    (["--", "[", "nbdkit", "null:"], "nbdcopy: SOURCE '[' has no matching ']'"),
-    (["--", "[", "]", "null:"], "nbdcopy: SOURCE '[ ]' has no command"),
-    (["--", "a", "[", "x"], "nbdcopy: DESTINATION '[' has no matching ']'"),
+     "pynbd copy: --request-size: must be a power of 2 within 4096-33554432"),
+    (["-S", "100", "a", "b"], "pynbd copy: --sparse: must be a power of 2 and >= 512"),
+    (["-S", "1000", "a", "b"], "pynbd copy: --sparse: must be a power of 2 and >= 512"),
+    (["-S", "x", "a", "b"], "pynbd copy: --sparse: could not parse: x"),
+    (["--progress=-1", "a", "b"], "pynbd copy: --progress: could not parse: -1"),
+    (["--progress=x", "a", "b"], "pynbd copy: --progress: could not parse: x"),
+    (["--", "[", "nbdkit", "null:"], "pynbd copy: SOURCE '[' has no matching ']'"),
+    (["--", "[", "]", "null:"], "pynbd copy: SOURCE '[ ]' has no command"),
+    (["--", "a", "[", "x"], "pynbd copy: DESTINATION '[' has no matching ']'"),
 ]
 
 
@@ -140,7 +141,7 @@ def test_bad_command_line_process_prints_one_line() -> None:
     """Through the real `pynbd copy` entry: one line, status 1, no traceback."""
     cp = run_pynbd("copy", "--sparse=3", "a", "b", check=False)
     assert cp.returncode == 1
-    assert cp.stderr == b"nbdcopy: --sparse: must be a power of 2 and >= 512\n"
+    assert cp.stderr == b"pynbd copy: --sparse: must be a power of 2 and >= 512\n"
 
 
 def test_help_version_and_option_lists(capsys: pytest.CaptureFixture[str]) -> None:
@@ -148,7 +149,13 @@ def test_help_version_and_option_lists(capsys: pytest.CaptureFixture[str]) -> No
     assert (rc, err) == (0, "")
     assert out == copy_tool.USAGE
     assert "SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]" in out
-    assert run_copy(capsys, "-V") == (0, "nbdcopy 1.14.2\nlibnbd 1.14.2\n", "")
+    # The synopsis and examples name the command the user runs; one sentence names nbdcopy.
+    assert "\n    pynbd copy [--allocated] [-C N|--connections=N]\n" in out
+    assert "\n    pynbd copy -V|--version\n" in out
+    assert "\n    pynbd copy nbd://example.com local.img\n" in out
+    assert "nbdcopy [" not in out and "    nbdcopy " not in out
+    assert "follows libnbd's nbdcopy" in out
+    assert run_copy(capsys, "-V") == (0, f"pynbd copy {pynbd.__version__}\nlibnbd 1.14.2\n", "")
     rc, out, _ = run_copy(capsys, "--long-options")
     assert rc == 0 and out.split() == [
         "--help", "--allocated", "--connections", "--destination-is-zero", "--flush",
@@ -275,12 +282,12 @@ def test_verbose(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     rc, out, err = run_copy(capsys, "-v", "-T", "1", src, "null:")
     assert (rc, out) == (0, "")
     assert err.splitlines() == [
-        f'nbdcopy: src: file_ops "{src}"',
-        "nbdcopy: src: size=1048576 (1M), preferred block size=4096",
-        'nbdcopy: dst: null_ops "null:"',
-        ("nbdcopy: dst: size=9223372036854775807 (9223372036854775807), "
+        f'pynbd copy: src: file_ops "{src}"',
+        "pynbd copy: src: size=1048576 (1M), preferred block size=4096",
+        'pynbd copy: dst: null_ops "null:"',
+        ("pynbd copy: dst: size=9223372036854775807 (9223372036854775807), "
          "preferred block size=4096"),
-        "nbdcopy: connections=1 requests=64 threads=1 synchronous=false",
+        "pynbd copy: connections=1 requests=64 threads=1 synchronous=false",
     ]
 
 
@@ -320,7 +327,7 @@ def test_refuses_to_write_to_a_terminal(tmp_path: Path) -> None:
     src = make_dense(tmp_path / "s.img", 4096)
     rc, screen = run_on_terminal([sys.executable, "-m", "pynbd", "copy", str(src), "-"])
     assert rc == 1
-    assert screen == "nbdcopy: refusing to write to tty\r\n"
+    assert screen == "pynbd copy: refusing to write to tty\r\n"
 
 
 def test_progress_bar_needs_no_terminal(tmp_path: Path) -> None:
@@ -388,10 +395,10 @@ def test_interrupt_stops_the_copy(pynbd_server) -> None:
 def test_size_mismatch_and_read_only(capsys: pytest.CaptureFixture[str], pynbd_server) -> None:
     big, small = pynbd_server("memory", "2M"), pynbd_server("memory", "1M")
     assert run_copy(capsys, big.uri, small.uri) == (
-        1, "", "nbdcopy: error: destination size is smaller than source size\n")
+        1, "", "pynbd copy: error: destination size is smaller than source size\n")
     ro = pynbd_server("-r", "memory", "2M")
     assert run_copy(capsys, big.uri, ro.uri) == (
-        1, "", f"nbdcopy: {ro.uri}: the destination is read-only, cannot write to it\n")
+        1, "", f"pynbd copy: {ro.uri}: the destination is read-only, cannot write to it\n")
     # smaller into larger is fine
     assert run_copy(capsys, small.uri, big.uri)[0] == 0
 
@@ -404,7 +411,7 @@ def test_read_error_fails_the_copy(capsys: pytest.CaptureFixture[str], pynbd_ser
     out = tmp_path / "o.img"
     rc, _, err = run_copy(capsys, srv.uri, out)
     assert rc == 1
-    assert err == f"nbdcopy: read at offset {2 * MiB} failed: Input/output error\n"
+    assert err == f"pynbd copy: read at offset {2 * MiB} failed: Input/output error\n"
     rc, _, err = run_copy(capsys, "--synchronous", srv.uri, "null:")
     assert rc == 1
     assert err == f"{srv.uri}: nbd_pread: read: command failed: Input/output error\n"
@@ -416,21 +423,21 @@ def test_write_error_fails_the_copy(capsys: pytest.CaptureFixture[str], pynbd_se
     src = make_dense(tmp_path / "s.img", 2 * MiB)
     rc, _, err = run_copy(capsys, src, full.uri)
     assert rc == 1
-    assert err.startswith("nbdcopy: write at offset ") and \
+    assert err.startswith("pynbd copy: write at offset ") and \
         err.endswith(" failed: No space left on device\n")
 
 
 def test_cannot_open(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert run_copy(capsys, tmp_path / "nope", "null:") == (
-        1, "", f"nbdcopy: {tmp_path / 'nope'}: No such file or directory\n")
+        1, "", f"pynbd copy: {tmp_path / 'nope'}: No such file or directory\n")
     sock = tmp_path / "nothing.sock"
     uri = f"nbd+unix:///?socket={sock}"
     assert run_copy(capsys, uri, "null:") == (
-        1, "", f"nbdcopy: {uri}: nbd_connect_uri: connect: No such file or directory\n")
+        1, "", f"pynbd copy: {uri}: nbd_connect_uri: connect: No such file or directory\n")
     (tmp_path / "dir").mkdir()
     src = make_dense(tmp_path / "s.img", 4096)
     assert run_copy(capsys, src, tmp_path / "dir") == (
-        1, "", f"nbdcopy: {tmp_path / 'dir'}: File exists\n")
+        1, "", f"pynbd copy: {tmp_path / 'dir'}: File exists\n")
 
 
 # ------------------------------------------------------------------------------- zero detection

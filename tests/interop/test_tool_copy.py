@@ -1,7 +1,9 @@
 """`pynbd copy` side by side with nbdcopy 1.14 against nbdkit, qemu-nbd and `pynbd serve`.
 
 Both tools get the same command line; the tests compare exit statuses, messages, the bytes
-copied and the holes left in the destination. Errors are injected with nbdkit's error filter.
+copied and the holes left in the destination. `pynbd copy`'s messages name `pynbd copy` where
+nbdcopy names itself, so nbdcopy's stderr is read through `as_pynbd_copy` (that name changed,
+every other byte compared). Errors are injected with nbdkit's error filter.
 `pynbd copy` runs in this process (`pynbd.tools.copy.main`) unless it needs its own stdout.
 """
 
@@ -17,6 +19,7 @@ import pytest
 from copy_helpers import data_map, run_on_terminal, sha
 from helpers import PYNBD, peer_env, require, run_peer, run_pynbd
 
+import pynbd
 from pynbd.tools import copy as copy_tool
 
 MiB = 1 << 20
@@ -32,13 +35,38 @@ def ours(capsys: pytest.CaptureFixture[str], *args: str | os.PathLike[str]) -> t
     return rc, err
 
 
+def as_pynbd_copy(text: str) -> str:
+    """nbdcopy's messages as `pynbd copy` words them: the tool is named `pynbd copy` (the
+    line prefix, also where a line starts in the middle of one of nbdkit's, and the hint
+    "Try nbdcopy --no-extents"); nothing else changes."""
+    return text.replace("nbdcopy: ", "pynbd copy: ").replace("Try nbdcopy ", "Try pynbd copy ")
+
+
 def theirs(*args: str | os.PathLike[str]) -> tuple[int, str]:
-    """nbdcopy with argv[0] "nbdcopy" (getopt names argv[0] in its messages)."""
+    """nbdcopy with argv[0] "nbdcopy" (getopt names argv[0] in its messages); its stderr
+    through `as_pynbd_copy`."""
     cp = subprocess.run(["nbdcopy", *map(os.fspath, args)], executable=require("nbdcopy"),
                         env=peer_env(), capture_output=True, stdin=subprocess.DEVNULL,
                         timeout=60, check=False)
     assert cp.stdout == b""
-    return cp.returncode, cp.stderr.decode()
+    return cp.returncode, as_pynbd_copy(cp.stderr.decode())
+
+
+def as_pynbd_copy_help(usage: str) -> str:
+    """nbdcopy's --help as `pynbd copy`'s: the synopsis and examples run `pynbd copy` (the
+    synopsis's continuation lines move right with it, without trailing blanks) and the last
+    paragraph points at docs/copy.md; every other line is nbdcopy's."""
+    lines = []
+    for line in usage.split("\n"):
+        if line.startswith("    nbdcopy "):
+            line = "    pynbd copy " + line[len("    nbdcopy "):]
+        elif line.startswith(" " * 12) and line[12] != " ":  # the synopsis continued
+            line = "   " + line
+        elif line == "Please read the nbdcopy(1) manual page for full usage.":
+            line = ("pynbd copy follows libnbd's nbdcopy: its options, output and exit "
+                    "statuses.\nPlease read docs/copy.md (or nbdcopy(1)) for full usage.")
+        lines.append(line.rstrip(" ").replace("| nbdcopy ", "| pynbd copy "))
+    return "\n".join(lines)
 
 
 def messages(err: str) -> list[str]:
@@ -46,7 +74,7 @@ def messages(err: str) -> list[str]:
     so a line of the tool's may start in the middle of one of nbdkit's."""
     out = []
     for line in err.splitlines():
-        i = line.find("nbdcopy: ")
+        i = line.find("pynbd copy: ")
         if i > 0:
             line = line[i:]
         if line and not NBDKIT_LOG.match(line):
@@ -124,10 +152,18 @@ def test_errors_match_nbdcopy(capsys: pytest.CaptureFixture[str], args: list[str
 @pytest.mark.parametrize("args", [["--help"], ["-V"], ["--version"], ["--long-options"],
                                   ["--short-options"]], ids=" ".join)
 def test_informational_output_matches(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    """Option lists as nbdcopy's; --help as nbdcopy's but for the command's name; -V names
+    `pynbd copy` and its version, then the libnbd API level, as nbdcopy's second line."""
     rc = copy_tool.main(args)
     out, err = capsys.readouterr()
     cp = run_peer("nbdcopy", *args)
-    assert (rc, out, err) == (cp.returncode, cp.stdout.decode(), cp.stderr.decode())
+    expected = cp.stdout.decode()
+    if args == ["--help"]:
+        expected = as_pynbd_copy_help(expected)
+    elif args[0] in ("-V", "--version"):
+        assert expected.startswith("nbdcopy 1.14.2\n")
+        expected = f"pynbd copy {pynbd.__version__}\n" + expected.split("\n", 1)[1]
+    assert (rc, out, err) == (cp.returncode, expected, cp.stderr.decode())
 
 
 # ----------------------------------------------------------------------------- copies
@@ -275,4 +311,4 @@ def test_partial_read_errors_fail(capsys: pytest.CaptureFixture[str], mixed: Pat
                    "--filter=error", "file", mixed, "error-pread-rate=0.1", "error-pread=EIO",
                    "]", "null:")
     assert rc == 1
-    assert re.fullmatch(r"nbdcopy: read at offset \d+ failed: Input/output error\n", err)
+    assert re.fullmatch(r"pynbd copy: read at offset \d+ failed: Input/output error\n", err)

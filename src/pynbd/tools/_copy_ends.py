@@ -24,6 +24,7 @@ from pynbd.errors import CommandError, NBDError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
 
 __all__ = [
+    "PROG",
     "CopyError",
     "End",
     "FileEnd",
@@ -35,6 +36,8 @@ __all__ = [
     "open_local",
 ]
 
+#: The program name that starts every message (nbdcopy's messages, named for this command).
+PROG = "pynbd copy"
 #: nbdcopy's size of ``null:`` (INT64_MAX: "infinite").
 NULL_SIZE = (1 << 63) - 1
 #: Preferred block size when an end says nothing usable (nbdcopy's default).
@@ -54,7 +57,8 @@ MAX_EXTENTS_REQUEST = 1 << 30
 
 
 class CopyError(Exception):
-    """A fatal error: ``str()`` is the whole line nbdcopy prints (without the newline)."""
+    """A fatal error: ``str()`` is the whole line printed (without the newline): nbdcopy's
+    message, with ``pynbd copy`` where nbdcopy names itself."""
 
 
 class OpError(Exception):
@@ -189,7 +193,7 @@ class NbdEnd(End):
                 what = f"connect: {os.strerror(e.errno)}"
             else:
                 what = str(e) or type(e).__name__
-            raise CopyError(f"nbdcopy: {self.name}: {call}: {what}") from None
+            raise CopyError(f"{PROG}: {self.name}: {call}: {what}") from None
         # A pending command may wait forever on a server that stopped answering; nbdcopy
         # waits too (no timeout), so none is set here.
         c.max_bytes_in_flight = 1 << 62  # the copy bounds bytes in flight itself
@@ -269,7 +273,7 @@ class NbdEnd(End):
                 offset += length
             if offset == old:
                 raise CopyError(f"{self.name}: NBD server is broken: it is not returning "
-                                "extent information.\nTry nbdcopy --no-extents as a "
+                                f"extent information.\nTry {PROG} --no-extents as a "
                                 "workaround.")
         return out
 
@@ -586,26 +590,26 @@ def open_local(filename: str, writing: bool) -> tuple[End, bool]:
         forced_sync, own = True, False
         fd = sys.stdout.fileno() if writing else sys.stdin.fileno()
         if writing and os.isatty(fd):
-            raise CopyError("nbdcopy: refusing to write to tty")
+            raise CopyError(f"{PROG}: refusing to write to tty")
     else:
         flags = (os.O_WRONLY if writing else os.O_RDONLY) | os.O_CLOEXEC
         try:
             fd = os.open(filename, flags)
         except OSError as e:
             if not writing:
-                raise CopyError(f"nbdcopy: {filename}: {os.strerror(e.errno or E.EIO)}") \
+                raise CopyError(f"{PROG}: {filename}: {os.strerror(e.errno or E.EIO)}") \
                     from None
             try:
                 fd = os.open(filename, flags | os.O_TRUNC | os.O_CREAT | os.O_EXCL, 0o644)
             except OSError as e2:
-                raise CopyError(f"nbdcopy: {filename}: {os.strerror(e2.errno or E.EIO)}") \
+                raise CopyError(f"{PROG}: {filename}: {os.strerror(e2.errno or E.EIO)}") \
                     from None
     try:
         st = os.fstat(fd)
     except OSError as e:
         if own:
             os.close(fd)
-        raise CopyError(f"nbdcopy: {filename}: {os.strerror(e.errno or E.EIO)}") from None
+        raise CopyError(f"{PROG}: {filename}: {os.strerror(e.errno or E.EIO)}") from None
     if stat.S_ISREG(st.st_mode):
         pref = st.st_blksize if st.st_blksize > 0 and st.st_blksize & (st.st_blksize - 1) == 0 \
             else DEFAULT_PREFERRED

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from pynbd.tools._copy_ends import CopyError, End, OpError
+from pynbd.tools._copy_ends import PROG, CopyError, End, OpError
 
 __all__ = ["Options", "Progress", "copy_multi", "copy_sync", "zero_runs"]
 
@@ -259,7 +259,7 @@ class _Copy:
                 offset += n
                 count -= n
         except OpError as e:
-            raise self.fail(f"nbdcopy: write at offset {offset} failed: "
+            raise self.fail(f"{PROG}: write at offset {offset} failed: "
                             f"{os.strerror(e.errno)}") from None
 
     # -- multi-connection ---------------------------------------------------------------
@@ -337,14 +337,14 @@ class _Copy:
                 try:
                     await read_into(index, v, off)
                 except OpError as e:
-                    raise self.fail(f"nbdcopy: read at offset {off} failed: "
+                    raise self.fail(f"{PROG}: read at offset {off} failed: "
                                     f"{os.strerror(e.errno)}") from None
                 runs = zero_runs(buf, n, off, sparse) if sparse else None
                 if runs is None:
                     try:
                         await write(index, v, off)
                     except OpError as e:
-                        raise self.fail(f"nbdcopy: write at offset {off} failed: "
+                        raise self.fail(f"{PROG}: write at offset {off} failed: "
                                         f"{os.strerror(e.errno)}") from None
                     continue
                 for start, length, z in runs:
@@ -354,7 +354,7 @@ class _Copy:
                     try:
                         await write(index, mv[start:start + length], off + start)
                     except OpError as e:
-                        raise self.fail(f"nbdcopy: write at offset {off + start} failed: "
+                        raise self.fail(f"{PROG}: write at offset {off + start} failed: "
                                         f"{os.strerror(e.errno)}") from None
 
         # null: never looks at what it is given: every lane reads into one buffer, which
@@ -414,7 +414,7 @@ class _Copy:
                 if isinstance(e, CopyError):
                     self.fail(str(e))
                 elif not isinstance(e, _Failed):
-                    self.fail(f"nbdcopy: {e or type(e).__name__}")
+                    self.fail(f"{PROG}: {e or type(e).__name__}")
             raise _Failed(self.error or "") from None
 
     def _thread_main(self, index: int) -> None:
@@ -423,7 +423,7 @@ class _Copy:
         except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
             if not isinstance(e, _Failed):
                 self.fail(str(e) if isinstance(e, CopyError)
-                          else f"nbdcopy: {e or type(e).__name__}")
+                          else f"{PROG}: {e or type(e).__name__}")
 
     async def _thread_worker(self, index: int) -> None:
         src, dst = self.src, self.dst

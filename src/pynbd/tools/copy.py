@@ -10,8 +10,9 @@
 
 SOURCE and DESTINATION are each ``-`` (standard input/output), a file, a block device, an
 NBD URI or ``[ CMD ARGS ... ]`` (a server started with systemd socket activation); the
-destination may also be ``null:``. Options, messages and exit statuses are nbdcopy's; the
-user guide is docs/copy.md.
+destination may also be ``null:``. Options, messages and exit statuses are nbdcopy's, but
+the messages name ``pynbd copy`` (and ``-V`` prints pynbd's version, then libnbd's API level);
+the ``--progress=FD`` lines are exactly nbdcopy's. The user guide is docs/copy.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from pynbd import __version__
 from pynbd.tools._copy_ends import (
+    PROG,
     CopyError,
     End,
     NbdEnd,
@@ -35,9 +38,6 @@ from pynbd.tools._copy_run import Options, Progress, copy_multi, copy_sync
 
 __all__ = ["main"]
 
-PROG = "nbdcopy"
-#: The libnbd release whose nbdcopy this command follows (--version prints it).
-LIBNBD_VERSION = "1.14.2"
 MIN_REQUEST_SIZE = 4096
 MAX_REQUEST_SIZE = 32 * 1024 * 1024
 #: Request size without --request-size. nbdcopy uses 256 KiB, the best size for its C loop;
@@ -51,30 +51,31 @@ DEFAULT_QUEUE_SIZE = 4 * 1024 * 1024
 USAGE = """
 Copy to and from an NBD server:
 
-    nbdcopy [--allocated] [-C N|--connections=N]
-            [--destination-is-zero|--target-is-zero] [--flush]
-            [--no-extents] [-p|--progress|--progress=FD]
-            [--queue-size=N] [--request-size=N] [-R N|--requests=N]
-            [-S N|--sparse=N] [--synchronous] [-T N|--threads=N] 
-            [-v|--verbose]
-            SOURCE DESTINATION
+    pynbd copy [--allocated] [-C N|--connections=N]
+               [--destination-is-zero|--target-is-zero] [--flush]
+               [--no-extents] [-p|--progress|--progress=FD]
+               [--queue-size=N] [--request-size=N] [-R N|--requests=N]
+               [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
+               [-v|--verbose]
+               SOURCE DESTINATION
 
     SOURCE, DESTINATION := - | FILE | DEVICE | NBD-URI | [ CMD ARGS ... ]
     DESTINATION += null:
 
 Other options:
 
-    nbdcopy --help
-    nbdcopy -V|--version
+    pynbd copy --help
+    pynbd copy -V|--version
 
 Examples:
 
-    nbdcopy nbd://example.com local.img
-    nbdcopy local.img nbd://example.com
-    nbdcopy nbd://example.com - | file -
-    cat disk1 disk2 | nbdcopy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
+    pynbd copy nbd://example.com local.img
+    pynbd copy local.img nbd://example.com
+    pynbd copy nbd://example.com - | file -
+    cat disk1 disk2 | pynbd copy -- - [ qemu-nbd -f qcow2 output.qcow2 ]
 
-Please read the nbdcopy(1) manual page for full usage.
+pynbd copy follows libnbd's nbdcopy: its options, output and exit statuses.
+Please read docs/copy.md (or nbdcopy(1)) for full usage.
 
 """
 
@@ -244,7 +245,9 @@ def parse(argv: list[str]) -> Settings:
                     print(f"-{c}")
             raise _Exit(0)
         if key == "V":
-            print(f"nbdcopy {LIBNBD_VERSION}\nlibnbd {LIBNBD_VERSION}")
+            from pynbd import libnbd as nbd  # only here: it takes a while to import
+
+            print(f"{PROG} {__version__}\n{nbd.package_name} {nbd.__version__}")
             raise _Exit(0)
         if key == "allocated":
             s.allocated = True
@@ -414,9 +417,9 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
             raise CopyError(f"{PROG}: error: destination size is smaller than source size")
 
         if s.verbose:
-            _print_rw(src, "nbdcopy: src")
-            _print_rw(dst, "nbdcopy: dst")
-            print(f"nbdcopy: connections={connections} requests={s.requests} "
+            _print_rw(src, f"{PROG}: src")
+            _print_rw(dst, f"{PROG}: dst")
+            print(f"{PROG}: connections={connections} requests={s.requests} "
                   f"threads={threads} synchronous={'true' if synchronous else 'false'}",
                   file=sys.stderr)
 
