@@ -16,6 +16,7 @@ import time
 import pytest
 from helpers import PYNBD, peer_env, run_pynbd
 
+from pynbd import __version__
 from pynbd import libnbd as nbd
 from pynbd.tools import dump
 
@@ -330,11 +331,15 @@ def test_interrupt_restores_the_terminal_colour(pynbd_server) -> None:
 
 
 def test_version_help_and_completion_lists(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_pynbd("dump", "-V").stdout == b"nbddump 1.14.2\nlibnbd 1.14.2\n"
+    version = f"pynbd dump {__version__}\nlibnbd 1.14.2\n"
+    assert run_pynbd("dump", "-V").stdout == version.encode()
     assert dump.main(["--version"]) == 0
-    assert capsys.readouterr().out == "nbddump 1.14.2\nlibnbd 1.14.2\n"
+    assert capsys.readouterr().out == version
     assert dump.main(["--help"]) == 0
-    assert "nbddump NBD-URI | [ CMD ARGS ... ]" in capsys.readouterr().out
+    usage = capsys.readouterr().out
+    assert "\n    pynbd dump NBD-URI | [ CMD ARGS ... ]\n" in usage
+    assert "\n    pynbd dump -- [ qemu-nbd -r -f qcow2 file.qcow2 ]\n" in usage
+    assert "    nbddump " not in usage and "follows libnbd's nbddump" in usage
     assert dump.main(["--short-options"]) == 0
     assert capsys.readouterr().out == "-n\n-V\n"
     assert dump.main(["--long-options"]) == 0
@@ -344,28 +349,28 @@ def test_version_help_and_completion_lists(capsys: pytest.CaptureFixture[str]) -
 
 
 BAD = [
-    (["--foo", "nbd://x"], "nbddump: unrecognized option '--foo'"),
-    (["--foo=3", "nbd://x"], "nbddump: unrecognized option '--foo=3'"),
-    (["-x", "nbd://x"], "nbddump: invalid option -- 'x'"),
-    (["-n"], "nbddump: option requires an argument -- 'n'"),
-    (["--length"], "nbddump: option '--length' requires an argument"),
-    (["--l=3", "nbd://x"], ("nbddump: option '--l=3' is ambiguous; possibilities:"
+    (["--foo", "nbd://x"], "pynbd dump: unrecognized option '--foo'"),
+    (["--foo=3", "nbd://x"], "pynbd dump: unrecognized option '--foo=3'"),
+    (["-x", "nbd://x"], "pynbd dump: invalid option -- 'x'"),
+    (["-n"], "pynbd dump: option requires an argument -- 'n'"),
+    (["--length"], "pynbd dump: option '--length' requires an argument"),
+    (["--l=3", "nbd://x"], ("pynbd dump: option '--l=3' is ambiguous; possibilities:"
      " '--long-options' '--length' '--limit'")),
-    (["--help=1"], "nbddump: option '--help' doesn't allow an argument"),
-    (["--colour=yes", "nbd://x"], "nbddump: option '--colour' doesn't allow an argument"),
-    (["-n", "abc", "nbd://x"], "nbddump: could not parse --length option: abc"),
-    (["--length=", "nbd://x"], "nbddump: could not parse --length option: "),
-    ([], "nbddump: no NBD-URI or [ CMD ARGS ... ] given (see nbddump --help)"),
-    (["nbd://a", "nbd://b"], ("nbddump: expected one NBD-URI or [ CMD ARGS ... ], got 2"
-     " arguments (see nbddump --help)")),
-    (["[", "]"], ("nbddump: expected [ CMD ARGS ... ]: a command between separate '[' and ']'"
-     " arguments (see nbddump --help)")),
-    (["--", "nbd://a", "--"], ("nbddump: expected one NBD-URI or [ CMD ARGS ... ], got 2"
-     " arguments (see nbddump --help)")),
-    (["notauri"], ("nbddump: nbd_connect_uri: NBD URI does not have a scheme: valid NBD URIs"
+    (["--help=1"], "pynbd dump: option '--help' doesn't allow an argument"),
+    (["--colour=yes", "nbd://x"], "pynbd dump: option '--colour' doesn't allow an argument"),
+    (["-n", "abc", "nbd://x"], "pynbd dump: could not parse --length option: abc"),
+    (["--length=", "nbd://x"], "pynbd dump: could not parse --length option: "),
+    ([], "pynbd dump: no NBD-URI or [ CMD ARGS ... ] given (see pynbd dump --help)"),
+    (["nbd://a", "nbd://b"], ("pynbd dump: expected one NBD-URI or [ CMD ARGS ... ], got 2"
+     " arguments (see pynbd dump --help)")),
+    (["[", "]"], ("pynbd dump: expected [ CMD ARGS ... ]: a command between separate '[' and ']'"
+     " arguments (see pynbd dump --help)")),
+    (["--", "nbd://a", "--"], ("pynbd dump: expected one NBD-URI or [ CMD ARGS ... ], got 2"
+     " arguments (see pynbd dump --help)")),
+    (["notauri"], ("pynbd dump: nbd_connect_uri: NBD URI does not have a scheme: valid NBD URIs"
      " should start with a scheme like nbd://, nbds:// or nbd+unix://: Invalid argument")),
     (["nbd+unix:///?socket=/nonexistent/sock"],
-     "nbddump: nbd_connect_uri: connect: No such file or directory"),
+     "pynbd dump: nbd_connect_uri: connect: No such file or directory"),
 ]
 
 
@@ -382,9 +387,9 @@ def test_bad_command_line_through_the_cli() -> None:
     cp = run_pynbd("dump", "--no-such-option", "nbd://x", check=False)
     assert cp.returncode == 1
     assert cp.stdout == b""
-    assert cp.stderr == b"nbddump: unrecognized option '--no-such-option'\n"
+    assert cp.stderr == b"pynbd dump: unrecognized option '--no-such-option'\n"
     cp = run_pynbd("dump", "--", "[", sys.executable, "-c", "pass", "]", check=False)
     assert cp.returncode == 1
     lines = cp.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        "nbddump: nbd_connect_systemd_socket_activation: ")
+        "pynbd dump: nbd_connect_systemd_socket_activation: ")

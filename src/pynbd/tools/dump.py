@@ -12,7 +12,8 @@ never squashed), and with ``--color`` (the default on a terminal) nbddump's ANSI
 the glyphs ``│``, ``·`` and ``☆``. ``-n``/``--length`` is parsed as nbddump parses it (C
 ``sscanf("%lu")``: leading digits, no size suffixes). The command line is parsed as GNU
 ``getopt_long`` parses nbddump's (options may follow the URI, unique prefixes of long
-options are accepted), and errors carry getopt's wording on one line.
+options are accepted), and errors carry getopt's wording on one line. Messages name
+``pynbd dump`` where nbddump names itself, and ``-V`` prints pynbd's version, then libnbd's.
 
 How it is fast: block status is asked for large ranges and runs of zero lines are
 accounted for arithmetically, without being read; data is read in large requests and each
@@ -31,29 +32,32 @@ from collections.abc import Callable
 from math import gcd as _gcd
 from typing import Any, BinaryIO, NoReturn
 
+from pynbd import __version__
 from pynbd import libnbd as nbd
 
 __all__ = ["main", "parse_length"]
 
-PROG = "nbddump"
+#: The program name that starts every message (nbddump's messages, named for this command).
+PROG = "pynbd dump"
 
 USAGE = """\
 
 Hexdump the content of a disk over NBD:
 
-    nbddump NBD-URI | [ CMD ARGS ... ]
+    pynbd dump NBD-URI | [ CMD ARGS ... ]
 
 Other options:
 
-    nbddump --help
-    nbddump --version
+    pynbd dump --help
+    pynbd dump --version
 
 Examples:
 
-    nbddump nbd://localhost
-    nbddump -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
+    pynbd dump nbd://localhost
+    pynbd dump -- [ qemu-nbd -r -f qcow2 file.qcow2 ]
 
-Please read the nbddump(1) manual page for full usage.
+pynbd dump follows libnbd's nbddump: its options and output.
+Please read docs/dump.md (or nbddump(1)) for full usage.
 
 """
 
@@ -638,7 +642,7 @@ def _main(argv: list[str]) -> int:
                     print(f"-{ch}")
             raise _Exit(0)
         if opt == "V":
-            print(f"{PROG} {nbd.__version__}\n{nbd.package_name} {nbd.__version__}")
+            print(f"{PROG} {__version__}\n{nbd.package_name} {nbd.__version__}")
             raise _Exit(0)
         if opt == "colour":
             opts["colour"] = True
@@ -661,13 +665,13 @@ def _main(argv: list[str]) -> int:
     elif len(rest) == 1:
         command, uri = None, rest[0]
     elif not rest:
-        _die("no NBD-URI or [ CMD ARGS ... ] given (see nbddump --help)")
+        _die(f"no NBD-URI or [ CMD ARGS ... ] given (see {PROG} --help)")
     elif rest[0] == "[":
         _die("expected [ CMD ARGS ... ]: a command between separate '[' and ']' arguments"
-             " (see nbddump --help)")
+             f" (see {PROG} --help)")
     else:
         _die(f"expected one NBD-URI or [ CMD ARGS ... ], got {len(rest)} arguments"
-             " (see nbddump --help)")
+             f" (see {PROG} --help)")
 
     out = sys.stdout.buffer
     colour = opts["colour"]
