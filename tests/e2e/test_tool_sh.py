@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import PYNBD, missing, peer_env, run_pynbd
 
+from pynbd import __version__
 from pynbd import libnbd as nbd
 from pynbd.tools import sh
 
@@ -69,7 +70,7 @@ def test_options_replay_in_command_line_order(server: str) -> None:
     assert pysh("-u", server, "-c", code).stdout == b"False\n"
     late = pysh("-u", server, "-c", "h.add_meta_context('base:allocation')", check=False)
     assert late.returncode == 1
-    assert late.stderr.startswith(b"nbdsh: command line script failed: nbd_add_meta_context: ")
+    assert late.stderr.startswith(b"pynbd sh: command line script failed: nbd_add_meta_context: ")
     # -u accepts its hidden synonym --connect and the long --uri.
     assert pysh("--connect", server, "-c", "print(h.get_size())").stdout == b"1048576\n"
     assert pysh("--uri=" + server, "-c", "print(h.get_size())").stdout == b"1048576\n"
@@ -90,7 +91,7 @@ def test_nbd_error_is_one_line_exit_1(server: str) -> None:
     cp = pysh("-u", server, "-c", "h.pread(10, 1048570)", check=False)
     assert cp.returncode == 1
     assert cp.stdout == b""
-    assert cp.stderr == (b"nbdsh: command line script failed: nbd_pread: request out of bounds:"
+    assert cp.stderr == (b"pynbd sh: command line script failed: nbd_pread: request out of bounds:"
                          b" Invalid argument\n")
 
 
@@ -109,7 +110,7 @@ def test_nbd_error_with_debug_is_a_traceback(server: str) -> None:
 def test_bad_connect_uri_fails_like_nbdsh() -> None:
     cp = pysh("-u", "nbd+unix:///?socket=/nonexistent/sock", check=False)
     assert cp.returncode == 1
-    assert cp.stderr == (b"nbdsh: command line script failed: nbd_connect_uri: connect:"
+    assert cp.stderr == (b"pynbd sh: command line script failed: nbd_connect_uri: connect:"
                          b" No such file or directory\n")
 
 
@@ -158,7 +159,7 @@ def test_script_errors(server: str, tmp_path: Path) -> None:
     script.write_text("print('before')\nh.pread(1, 2 ** 20)\n")
     cp = pysh("-u", server, str(script), check=False)
     assert (cp.returncode, cp.stdout) == (1, b"before\n")
-    assert cp.stderr == (b"nbdsh: command line script failed: nbd_pread: request out of bounds:"
+    assert cp.stderr == (b"pynbd sh: command line script failed: nbd_pread: request out of bounds:"
                          b" Invalid argument\n")
     script.write_text("def f():\n    raise ValueError('no')\nf()\n")
     cp = pysh(str(script), check=False)
@@ -166,25 +167,25 @@ def test_script_errors(server: str, tmp_path: Path) -> None:
     assert f'File "{script}", line 2, in f' in cp.stderr.decode()
     cp = pysh(str(tmp_path / "missing.py"), check=False)
     assert cp.returncode == 2
-    assert cp.stderr == (f"nbdsh: can't open file '{tmp_path / 'missing.py'}': [Errno 2] No such"
+    assert cp.stderr == (f"pynbd sh: can't open file '{tmp_path / 'missing.py'}': [Errno 2] No such"
                          " file or directory\n").encode()
 
 
 # ----------------------------------------------------------------------------- command line
 
 BAD = [
-    (["--foo"], 2, "nbdsh: error: unrecognized arguments: --foo"),
-    (["-u"], 2, "nbdsh: error: argument -u/--uri: expected one argument"),
-    (["-c"], 2, "nbdsh: error: argument -c/--command: expected one argument"),
-    (["--co", "x"], 2, "nbdsh: error: ambiguous option: --co could match --command, --connect"),
+    (["--foo"], 2, "pynbd sh: error: unrecognized arguments: --foo"),
+    (["-u"], 2, "pynbd sh: error: argument -u/--uri: expected one argument"),
+    (["-c"], 2, "pynbd sh: error: argument -c/--command: expected one argument"),
+    (["--co", "x"], 2, "pynbd sh: error: ambiguous option: --co could match --command, --connect"),
     (["--base-allocation=1"], 2,
-     "nbdsh: error: argument --base-allocation: ignored explicit argument '1'"),
+     "pynbd sh: error: argument --base-allocation: ignored explicit argument '1'"),
     (["-n", "-u", "nbd://x"], 1,
-     "nbdsh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
+     "pynbd sh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
     (["-n", "--opt-mode"], 1,
-     "nbdsh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
+     "pynbd sh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
     (["--base-allocation", "-n"], 1,
-     "nbdsh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
+     "pynbd sh: error: -n option cannot be used with --base-allocation, --opt-mode or --uri"),
 ]
 
 
@@ -201,12 +202,13 @@ def test_bad_command_line(argv: list[str], status: int, message: str,
 def test_bad_command_line_through_the_cli() -> None:
     cp = pysh("--no-such", check=False)
     assert (cp.returncode, cp.stdout) == (2, b"")
-    assert cp.stderr == b"nbdsh: error: unrecognized arguments: --no-such\n"
+    assert cp.stderr == b"pynbd sh: error: unrecognized arguments: --no-such\n"
 
 
 def test_version_help_and_completion_lists(capsys: pytest.CaptureFixture[str]) -> None:
     assert sh.main(["-V"]) == 0
-    assert capsys.readouterr().out == "nbdsh 1.14.2\nlibnbd 1.14.2\n"
+    version = f"pynbd sh {__version__}\nlibnbd 1.14.2\n"
+    assert capsys.readouterr().out == version
     assert sh.main(["--short-options"]) == 0
     assert capsys.readouterr().out == "-V\n-c\n-n\n-u\n-v\n"
     assert sh.main(["--long-options"]) == 0
@@ -214,9 +216,10 @@ def test_version_help_and_completion_lists(capsys: pytest.CaptureFixture[str]) -
         "--base-allocation", "--command", "--opt-mode", "--uri", "--verbose", "--version"]
     assert sh.main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("usage: nbdsh ")
+    assert text.startswith("usage: pynbd sh ")
+    assert "follows libnbd's nbdsh" in text
     assert "--base-allocation" in text and "--connect" not in text
-    assert pysh("--version").stdout == b"nbdsh 1.14.2\nlibnbd 1.14.2\n"
+    assert pysh("--version").stdout == version.encode()
 
 
 # ----------------------------------------------------------------------------- interactive

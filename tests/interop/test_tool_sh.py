@@ -1,9 +1,14 @@
 """``pynbd sh`` compared with libnbd's nbdsh 1.14 on the same servers: output, errors, exit
-status, banner, and the shell in a real terminal."""
+status, banner, and the shell in a real terminal.
+
+Messages and -V name ``pynbd sh`` where nbdsh names itself: nbdsh's stderr is read through
+`as_pynbd_sh` (that name changed, every other byte compared). What user code prints, the
+banner and the handle's name are nbdsh's."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,9 +28,16 @@ from helpers import (
     start_server,
 )
 
+from pynbd import __version__
 from pynbd.tools import sh
 
 pytestmark = pytest.mark.interop
+
+
+def as_pynbd_sh(err: bytes) -> bytes:
+    """nbdsh's messages as `pynbd sh` words them: a line's ``nbdsh: `` prefix names
+    `pynbd sh`."""
+    return re.sub(rb"(?m)^nbdsh: ", b"pynbd sh: ", err)
 
 
 def both(*args: str, input: bytes | None = None) -> tuple[subprocess.CompletedProcess[bytes],
@@ -105,7 +117,7 @@ def test_stdin_program(puri: str) -> None:
 )
 def test_nbd_errors_match(puri: str, code: str) -> None:
     real, ours = both("-u", puri, "-c", code)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (1, b"", real.stderr)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (1, b"", as_pynbd_sh(real.stderr))
     assert real.returncode == 1
     assert real.stderr.startswith(b"nbdsh: command line script failed: nbd_")
 
@@ -113,7 +125,9 @@ def test_nbd_errors_match(puri: str, code: str) -> None:
 @pytest.mark.parametrize("uri_arg", ["notauri", "nbd+unix:///?socket=/nonexistent/sock"])
 def test_connect_errors_match(uri_arg: str) -> None:
     real, ours = both("-u", uri_arg)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (1, real.stdout, real.stderr)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (1, real.stdout,
+                                                           as_pynbd_sh(real.stderr))
+    assert real.stderr.startswith(b"nbdsh: ")
 
 
 @pytest.mark.parametrize(
@@ -143,7 +157,8 @@ def test_bad_options_match(args: list[str], tmp_path: Path,
     out, err = capsys.readouterr()
     assert out == "" and real.stdout == b""
     # nbdsh prints argparse's usage lines first; the error line is the same.
-    assert err.splitlines() == real.stderr.decode().splitlines()[-1:]
+    assert err.splitlines() == as_pynbd_sh(real.stderr).decode().splitlines()[-1:]
+    assert err.startswith("pynbd sh: error: ")
 
 
 @pytest.mark.parametrize("args", [["-n", "-u", "nbd://x"], ["-n", "--opt-mode"],
@@ -152,12 +167,18 @@ def test_no_handle_conflicts_match(args: list[str], capsys: pytest.CaptureFixtur
     real = run_peer("nbdsh", *args, check=False)
     assert sh.main(args) == real.returncode == 1
     # Same text; pynbd's line carries the tool name first, as every error line does.
-    assert capsys.readouterr().err == "nbdsh: " + real.stderr.decode()
+    assert capsys.readouterr().err == "pynbd sh: " + real.stderr.decode()
 
 
 def test_version_and_completion_lists() -> None:
-    for args in (["-V"], ["--version"], ["--short-options"], ["--long-options"]):
+    for args in (["--short-options"], ["--long-options"]):
         assert_same(*args)
+    for args in (["-V"], ["--version"]):
+        # `pynbd sh` and its version, then the libnbd API level, as nbdsh's second line.
+        real, ours = both(*args)
+        assert real.returncode == 0 and real.stdout.startswith(b"nbdsh 1.14.2\n")
+        expected = f"pynbd sh {__version__}\n".encode() + real.stdout.split(b"\n", 1)[1]
+        assert (ours.returncode, ours.stdout, ours.stderr) == (0, expected, real.stderr)
 
 
 def test_interactive_banner_and_prompt_from_a_pipe(puri: str) -> None:

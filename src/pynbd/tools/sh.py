@@ -10,13 +10,15 @@ The module ``pynbd.libnbd`` is loaded under the name ``nbd`` and, unless ``-n``,
 and ``-c`` run in command-line order, exactly as nbdsh's (``--opt-mode -u URI -c
 'h.opt_go()'`` works); without ``-c`` (and without a script) an interactive shell starts
 with the ``nbd>`` prompt, nbdsh's banner, readline line editing, history and tab
-completion. An ``nbd.Error`` from the command line prints ``nbdsh: command line script
+completion. An ``nbd.Error`` from the command line prints ``pynbd sh: command line script
 failed: MESSAGE`` and exits 1 (with ``-v`` or ``LIBNBD_DEBUG=1``, the traceback); any other
 exception prints its traceback and exits 1; ``sys.exit(N)`` exits N.
 
 Beyond nbdsh: a SCRIPT file argument (or ``-`` for standard input) runs after the options'
 snippets as ``__main__``, with ``sys.argv = [SCRIPT, ARGS...]``; and ``h`` exists in the
 interactive shell (nbdsh 1.14.2 starts its shell without it, a bug fixed upstream later).
+Messages name ``pynbd sh`` where nbdsh names itself, and ``-V`` prints pynbd's version, then
+libnbd's.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from pynbd import __version__
 from pynbd import libnbd as nbd
 
 __all__ = ["HISTORY_ENV", "main", "make_banner"]
 
-PROG = "nbdsh"
+#: The program name that starts every message (nbdsh's messages, named for this command).
+PROG = "pynbd sh"
 
 #: Environment variable naming the interactive history file ("" turns the file off).
 HISTORY_ENV = "PYNBD_SH_HISTORY"
@@ -50,7 +54,7 @@ class _Exit(BaseException):  # not an Exception: user code cannot swallow it
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with nbdsh's options; a usage error is one line (``nbdsh: error: ...``)."""
+    """argparse with nbdsh's options; a usage error is one line (``pynbd sh: error: ...``)."""
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -85,7 +89,8 @@ def _parser() -> tuple[_Parser, list[str], list[str]]:
     parser = _Parser(
         prog=PROG,
         description="Network Block Device (NBD) shell",
-        epilog="Please read the nbdsh(1) manual page for full usage. SCRIPT and ARGS are"
+        epilog="pynbd sh follows libnbd's nbdsh: its options, handle and messages. Please read"
+        " docs/sh.md (or nbdsh(1)) for full usage. SCRIPT and ARGS are"
         " a pynbd extension: run SCRIPT (- for standard input) after the options, as"
         " __main__, with sys.argv = [SCRIPT, ARGS...].",
     )
@@ -253,7 +258,7 @@ def _main(argv: list[str]) -> int:
               " or --uri", file=sys.stderr)
         return 1
     if args.version:
-        print(f"{PROG} {nbd.__version__}\n{nbd.package_name} {nbd.__version__}")
+        print(f"{PROG} {__version__}\n{nbd.package_name} {nbd.__version__}")
         return 0
     if args.short_options:
         print("\n".join(sorted(short_options)))
