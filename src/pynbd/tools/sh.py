@@ -89,8 +89,8 @@ def _parser() -> tuple[_Parser, list[str], list[str]]:
     parser = _Parser(
         prog=PROG,
         description="Network Block Device (NBD) shell",
-        epilog="pynbd sh follows libnbd's nbdsh: its options, handle and messages. Please read"
-        " docs/sh.md (or nbdsh(1)) for full usage. SCRIPT and ARGS are"
+        epilog="pynbd sh follows libnbd's nbdsh: its options, the handle h and its"
+        " namespace. Please read docs/sh.md (or nbdsh(1)) for full usage. SCRIPT and ARGS are"
         " a pynbd extension: run SCRIPT (- for standard input) after the options, as"
         " __main__, with sys.argv = [SCRIPT, ARGS...].",
     )
