@@ -20,7 +20,7 @@ from info_helpers import pynbd_info
 
 import pynbd.libnbd as nbd
 from pynbd.tools import info as info_mod
-from pynbd.tools._info_getopt import GetoptError, getopt_long
+from pynbd.tools._getopt import GetoptError, getopt_long
 
 FILE = shutil.which("file")
 
@@ -397,7 +397,7 @@ def test_options_after_uri_and_abbreviations(mem) -> None:
 
 
 def test_getopt_posix_and_bundling(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pynbd.tools._info_getopt import LongOption
+    from pynbd.tools._getopt import LongOption
 
     longs = [LongOption("map", 2, "map"), LongOption("can", 1, "can")]
     assert getopt_long(["-LV", "u", "--map", "--can=x", "--", "-L"], "LV", longs) == (

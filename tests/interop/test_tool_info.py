@@ -241,7 +241,7 @@ def test_option_conflicts(args: list[str]) -> None:
 @pytest.mark.parametrize("args", [
     ["--bogus", "nbd://x"], ["-x", "nbd://x"], ["--can"], ["--json=1", "nbd://x"],
     ["--co", "nbd://x"], ["--no-c", "nbd://x"], ["--l", "nbd://x"], ["--map", "--to=1", "u"],
-    [], ["a", "b"], ["[", "]"],
+    [], ["a", "b"], ["[", "]"], ["--bogus=x", "nbd://x"], ["--s=x", "nbd://x"],
 ])
 def test_usage_errors(args: list[str]) -> None:
     """nbdinfo prints getopt's line and then its whole usage text; pynbd info prints one line:

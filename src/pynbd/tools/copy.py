@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 
 from pynbd import __version__
+from pynbd.tools import _getopt
 from pynbd.tools._copy_ends import (
     PROG,
     CopyError,
@@ -102,6 +103,8 @@ LONG_OPTIONS: list[tuple[str, int, str]] = [
     ("version", 0, "V"),
 ]
 
+_LONGOPTS = [_getopt.LongOption(name, has_arg, key) for name, has_arg, key in LONG_OPTIONS]
+
 NBD_URI_PREFIXES = ("nbd:", "nbds:", "nbd+unix:", "nbds+unix:", "nbd+vsock:", "nbds+vsock:")
 
 
@@ -115,66 +118,11 @@ class _Exit(Exception):
 
 
 def getopt_long(argv: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """glibc getopt_long() with argument permutation, abbreviated long options and its
-    exact error texts. Returns ([(key, value)], operands)."""
-    opts: list[tuple[str, str | None]] = []
-    operands: list[str] = []
-    takes = {c: SHORT_OPTIONS[i + 1:i + 2] == ":" for i, c in enumerate(SHORT_OPTIONS)
-             if c != ":"}
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        i += 1
-        if a == "--":
-            operands += argv[i:]
-            break
-        if a.startswith("--"):
-            body = a[2:]
-            name, eq, value = body.partition("=")
-            exact = [o for o in LONG_OPTIONS if o[0] == name]
-            matches = exact or [o for o in LONG_OPTIONS if o[0].startswith(name)]
-            if not matches:
-                raise UsageError(f"{PROG}: unrecognized option '--{name}'")
-            if len({(o[1], o[2]) for o in matches}) > 1:
-                poss = " ".join(f"'--{o[0]}'" for o in matches)
-                raise UsageError(f"{PROG}: option '--{name}' is ambiguous; "
-                                 f"possibilities: {poss}")
-            full, has_arg, key = matches[0]
-            if has_arg == 0:
-                if eq:
-                    raise UsageError(f"{PROG}: option '--{full}' doesn't allow an argument")
-                opts.append((key, None))
-            elif has_arg == 1:
-                if not eq:
-                    if i >= len(argv):
-                        raise UsageError(f"{PROG}: option '--{full}' requires an argument")
-                    value = argv[i]
-                    i += 1
-                opts.append((key, value))
-            else:
-                opts.append((key, value if eq else None))
-            continue
-        if a.startswith("-") and a != "-":
-            j = 1
-            while j < len(a):
-                c = a[j]
-                j += 1
-                if c not in takes:
-                    raise UsageError(f"{PROG}: invalid option -- '{c}'")
-                if takes[c]:
-                    if j < len(a):
-                        value = a[j:]
-                    elif i < len(argv):
-                        value = argv[i]
-                        i += 1
-                    else:
-                        raise UsageError(f"{PROG}: option requires an argument -- '{c}'")
-                    opts.append((c, value))
-                    break
-                opts.append((c, None))
-            continue
-        operands.append(a)
-    return opts, operands
+    """nbdcopy's options through glibc's getopt_long rules: ([(key, value)], operands)."""
+    try:
+        return _getopt.getopt_long(argv, SHORT_OPTIONS, _LONGOPTS)
+    except _getopt.GetoptError as e:
+        raise UsageError(f"{PROG}: {e}") from None
 
 
 _NUM = re.compile(r"\s*([+-]?)(\d+)")

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, NoReturn
 
 from pynbd import __version__
 from pynbd import libnbd as nbd
+from pynbd.tools import _getopt
 
 __all__ = ["main", "parse_length"]
 
@@ -117,68 +118,19 @@ def parse_length(text: str) -> int | None:
     return value
 
 
-def _getopt(argv: list[str], handle: Callable[[str, str | None], None]) -> list[str]:
+_LONGOPTS = [_getopt.LongOption(name, int(takes), key) for name, takes, key in _LONG_OPTS]
+
+
+def _parse_args(argv: list[str], handle: Callable[[str, str | None], None]) -> list[str]:
     """GNU getopt_long over nbddump's options, with argument permutation.
 
     Each option is passed to `handle(value, optarg)` as it is met (so ``-V --bad`` prints the
     version and ``--bad -V`` fails, as nbddump); returns the non-option arguments in order.
     """
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg.startswith("--"):
-            body = arg[2:]
-            name, eq, value = body.partition("=")
-            exact = [o for o in _LONG_OPTS if o[0] == name]
-            matches = exact or [o for o in _LONG_OPTS if o[0].startswith(name)]
-            if not matches:
-                raise _Usage(f"unrecognized option '{arg}'")
-            found = matches[0]
-            ambiguous = [found] + [o for o in matches[1:] if o[1:] != found[1:]]
-            if len(ambiguous) > 1:
-                names = " ".join(f"'--{o[0]}'" for o in ambiguous)
-                raise _Usage(f"option '{arg}' is ambiguous; possibilities: {names}")
-            lname, takes_arg, val = found
-            optarg: str | None = None
-            if takes_arg:
-                if eq:
-                    optarg = value
-                elif i < len(argv):
-                    optarg = argv[i]
-                    i += 1
-                else:
-                    raise _Usage(f"option '--{lname}' requires an argument")
-            elif eq:
-                raise _Usage(f"option '--{lname}' doesn't allow an argument")
-            handle(val, optarg)
-            continue
-        if arg.startswith("-") and arg != "-":
-            j = 1
-            while j < len(arg):
-                ch = arg[j]
-                j += 1
-                k = _SHORT_OPTS.find(ch)
-                if ch == ":" or k < 0:
-                    raise _Usage(f"invalid option -- '{ch}'")
-                if _SHORT_OPTS[k + 1 : k + 2] == ":":
-                    if j < len(arg):
-                        optarg = arg[j:]
-                    elif i < len(argv):
-                        optarg = argv[i]
-                        i += 1
-                    else:
-                        raise _Usage(f"option requires an argument -- '{ch}'")
-                    handle(ch, optarg)
-                    break
-                handle(ch, None)
-            continue
-        rest.append(arg)
-    return rest
+    try:
+        return _getopt.getopt_long(argv, _SHORT_OPTS, _LONGOPTS, on_option=handle)[1]
+    except _getopt.GetoptError as e:
+        raise _Usage(str(e)) from None
 
 
 class _Exit(Exception):
@@ -656,7 +608,7 @@ def _main(argv: list[str]) -> int:
             opts["limit"] = value
 
     try:
-        rest = _getopt(argv, handle)
+        rest = _parse_args(argv, handle)
     except _Usage as e:
         _die(str(e))
     if len(rest) >= 3 and rest[0] == "[" and rest[-1] == "]":

@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 
 from pynbd import __version__
 from pynbd import libnbd as nbd
-from pynbd.tools._info_getopt import (
+from pynbd.tools._getopt import (
     NO_ARGUMENT,
     OPTIONAL_ARGUMENT,
     REQUIRED_ARGUMENT,

@@ -14,6 +14,7 @@ the first operand, as in glibc.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["GetoptError", "LongOption", "getopt_long"]
@@ -41,13 +42,16 @@ class GetoptError(Exception):
 
 
 def getopt_long(
-    args: list[str], short: str, longopts: list[LongOption]
+    args: list[str], short: str, longopts: Sequence[LongOption],
+    on_option: Callable[[str, str | None], None] | None = None,
 ) -> tuple[list[tuple[str, str | None]], list[str]]:
     """Parse `args` (without the program name).
 
     Returns ``(options, operands)``: options in command-line order as ``(key, value)`` where
     `key` is the long option's key or the short option letter, and `value` its argument or
     None. Raises :class:`GetoptError` at the first error, as getopt returns ``'?'``.
+    ``on_option(key, value)``, if given, is called for each option as it is met, before the
+    rest is parsed (a tool that acts on ``--help`` at once then never sees a later error).
     """
     posix = short.startswith("+") or "POSIXLY_CORRECT" in os.environ
     short = short.lstrip("+-")
@@ -60,19 +64,23 @@ def getopt_long(
         if arg == "--":
             operands.extend(args[i:])
             break
+        n = len(opts)
         if arg.startswith("--"):
             i = _long(arg, args, i, longopts, opts)
         elif arg.startswith("-") and arg != "-":
-            i = _short(arg, args, i, short, opts)
+            i = _short(arg, args, i, short, opts, on_option)
         else:
             operands.append(arg)
             if posix:
                 operands.extend(args[i:])
                 break
+        if on_option is not None and arg.startswith("--"):
+            for key, value in opts[n:]:
+                on_option(key, value)
     return opts, operands
 
 
-def _long(arg: str, args: list[str], i: int, longopts: list[LongOption],
+def _long(arg: str, args: list[str], i: int, longopts: Sequence[LongOption],
           opts: list[tuple[str, str | None]]) -> int:
     body = arg[2:]
     name, eq, value = body.partition("=")
@@ -80,13 +88,14 @@ def _long(arg: str, args: list[str], i: int, longopts: list[LongOption],
     if found is None:
         matches = [o for o in longopts if o.name.startswith(name)]
         if not matches:
-            raise GetoptError(f"unrecognized option '--{name}'")
+            # glibc names what was written, "=value" included
+            raise GetoptError(f"unrecognized option '{arg}'")
         found = matches[0]
         # glibc lists the first match and every later one that differs from it.
         others = [o for o in matches[1:] if (o.has_arg, o.key) != (found.has_arg, found.key)]
         if others:
             names = " ".join(f"'--{o.name}'" for o in [found, *others])
-            raise GetoptError(f"option '--{name}' is ambiguous; possibilities: {names}")
+            raise GetoptError(f"option '{arg}' is ambiguous; possibilities: {names}")
     if eq:
         if found.has_arg == NO_ARGUMENT:
             raise GetoptError(f"option '--{found.name}' doesn't allow an argument")
@@ -102,7 +111,8 @@ def _long(arg: str, args: list[str], i: int, longopts: list[LongOption],
 
 
 def _short(arg: str, args: list[str], i: int, short: str,
-           opts: list[tuple[str, str | None]]) -> int:
+           opts: list[tuple[str, str | None]],
+           on_option: Callable[[str, str | None], None] | None) -> int:
     j = 1
     while j < len(arg):
         c = arg[j]
@@ -113,8 +123,7 @@ def _short(arg: str, args: list[str], i: int, short: str,
         spec = short[pos + 1:pos + 3]
         if spec.startswith("::"):  # optional: only attached
             opts.append((c, arg[j:] or None))
-            return i
-        if spec.startswith(":"):  # required: attached or the next word
+        elif spec.startswith(":"):  # required: attached or the next word
             if j < len(arg):
                 opts.append((c, arg[j:]))
             elif i < len(args):
@@ -122,6 +131,12 @@ def _short(arg: str, args: list[str], i: int, short: str,
                 i += 1
             else:
                 raise GetoptError(f"option requires an argument -- '{c}'")
-            return i
-        opts.append((c, None))
+        else:
+            opts.append((c, None))
+            if on_option is not None:
+                on_option(c, None)
+            continue
+        if on_option is not None:
+            on_option(*opts[-1])
+        return i
     return i
