@@ -174,6 +174,15 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _number(val: str | None, option: str, zero_ok: bool = True) -> int:
+    """An unsigned option argument as nbdcopy reads it (sscanf "%u")."""
+    assert val is not None
+    n = _scan_unsigned(val)
+    if n is None or (n == 0 and not zero_ok):
+        raise UsageError(f"{PROG}: --{option}: could not parse: {val}")
+    return n
+
+
 def parse(argv: list[str]) -> Settings:
     """Parse nbdcopy's options. Raises UsageError (one line) or _Exit (help, version)."""
     opts, operands = getopt_long(argv)
@@ -210,11 +219,7 @@ def parse(argv: list[str]) -> Settings:
         elif key == "v":
             s.verbose = True
         elif key == "C":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None or n == 0:
-                raise UsageError(f"{PROG}: --connections: could not parse: {val}")
-            s.connections = n
+            s.connections = _number(val, "connections", zero_ok=False)
         elif key == "p":
             s.progress = True
             if val is not None:
@@ -223,40 +228,22 @@ def parse(argv: list[str]) -> Settings:
                     raise UsageError(f"{PROG}: --progress: could not parse: {val}")
                 s.progress_fd = fd
         elif key == "queue-size":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None:
-                raise UsageError(f"{PROG}: --queue-size: could not parse: {val}")
-            s.queue_size = n
+            s.queue_size = _number(val, "queue-size")
         elif key == "request-size":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None:
-                raise UsageError(f"{PROG}: --request-size: could not parse: {val}")
+            n = _number(val, "request-size")
             if not MIN_REQUEST_SIZE <= n <= MAX_REQUEST_SIZE or not _is_pow2(n):
                 raise UsageError(f"{PROG}: --request-size: must be a power of 2 within "
                                  f"{MIN_REQUEST_SIZE}-{MAX_REQUEST_SIZE}")
             s.request_size = n
         elif key == "R":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None or n == 0:
-                raise UsageError(f"{PROG}: --requests: could not parse: {val}")
-            s.requests = n
+            s.requests = _number(val, "requests", zero_ok=False)
         elif key == "S":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None:
-                raise UsageError(f"{PROG}: --sparse: could not parse: {val}")
+            n = _number(val, "sparse")
             if n != 0 and (n < 512 or not _is_pow2(n)):
                 raise UsageError(f"{PROG}: --sparse: must be a power of 2 and >= 512")
             s.sparse_size = n
         elif key == "T":
-            assert val is not None
-            n = _scan_unsigned(val)
-            if n is None:
-                raise UsageError(f"{PROG}: --threads: could not parse: {val}")
-            s.threads = n
+            s.threads = _number(val, "threads")
     return s
 
 
