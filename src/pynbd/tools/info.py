@@ -664,16 +664,7 @@ class _Info:
         for i, (length, typ) in enumerate(merged):
             descr, fg, bg = _extent_description(self.map or "", typ)
             if not self.json_output:
-                if fg:
-                    self.ansi_colour(fg)
-                if bg:
-                    self.ansi_colour(bg)
-                self.w(f"{offset:10d}  {length:10d}  {typ:3d}")
-                if descr is not None:
-                    self.w(f"  {descr}")
-                if fg or bg:
-                    self.ansi_restore()
-                self.w("\n")
+                self._map_line(f"{offset:10d}  {length:10d}  {typ:3d}", "  ", descr, fg, bg)
             else:
                 if i:
                     self.w(",\n")
@@ -684,6 +675,20 @@ class _Info:
             offset += length
         if self.json_output:
             self.w("\n]\n")
+
+    def _map_line(self, text: str, sep: str, descr: str | None, fg: str | None,
+                  bg: str | None) -> None:
+        """One line of the text map or totals, in the type's colours."""
+        if fg:
+            self.ansi_colour(fg)
+        if bg:
+            self.ansi_colour(bg)
+        self.w(text)
+        if descr is not None:
+            self.w(f"{sep}{descr}")
+        if fg or bg:
+            self.ansi_restore()
+        self.w("\n")
 
     def print_totals(self, pairs: list[tuple[int, int]], size: int) -> None:
         if size == 0:
@@ -703,16 +708,7 @@ class _Info:
             percent = 100.0 * c / size
             descr, fg, bg = _extent_description(self.map or "", typ)
             if not self.json_output:
-                if fg:
-                    self.ansi_colour(fg)
-                if bg:
-                    self.ansi_colour(bg)
-                self.w(f"{c:10d} {percent:5.1f}% {typ:3d}")
-                if descr is not None:
-                    self.w(f" {descr}")
-                if fg or bg:
-                    self.ansi_restore()
-                self.w("\n")
+                self._map_line(f"{c:10d} {percent:5.1f}% {typ:3d}", " ", descr, fg, bg)
             else:
                 if comma:
                     self.w(",\n")
