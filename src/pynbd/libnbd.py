@@ -567,42 +567,15 @@ class _Engine(AsyncClient):
         self._proc_grace = _PROC_EXIT_GRACE
         return mine
 
-    async def _start_activation(self, argv: list[str]) -> socket.socket:
-        """connect_systemd_socket_activation as libnbd does it: the listening socket is fd 3
-        of the server (LISTEN_PID, LISTEN_FDS=1) and the handle connects at once. This end
-        keeps the listener open until connected, so a server that cannot start or exits
-        early resets the connection ("recv: Connection reset by peer"), as in libnbd."""
-        import shutil
-        import subprocess
-        import tempfile
-
-        d = tempfile.mkdtemp(prefix="libnbd", dir="/tmp" if os.path.isdir("/tmp") else None)
-        path = os.path.join(d, "sock")
-        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            ls.bind(path)
-            ls.listen(socket.SOMAXCONN)
-            failed = _exec_error(argv[0])
-            if failed is not None:
-                _child_perror(argv[0], failed)
-            else:
-                # The listening socket goes in as stdin and the shell moves it to fd 3; exec
-                # keeps the shell's pid, which is what LISTEN_PID must name.
-                wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
-                self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-                    ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                assert self.loop is not None
-                await self.loop.sock_connect(sock, path)
-            except BaseException:
-                sock.close()
-                raise
-        finally:
-            ls.close()
-            shutil.rmtree(d, ignore_errors=True)
-        return sock
+    def _spawn_activated(self, argv: list[str], ls: socket.socket) -> None:
+        """connect_systemd_socket_activation as libnbd does it: a program that cannot be run
+        gets libnbd's child's message on stderr (and the handle then sees the connection
+        reset, "recv: Connection reset by peer", as in libnbd)."""
+        failed = _exec_error(argv[0])
+        if failed is not None:
+            _child_perror(argv[0], failed)
+        else:
+            super()._spawn_activated(argv, ls)
 
     async def _recv_event(self) -> Any:
         ev = await super()._recv_event()

@@ -319,8 +319,11 @@ class AsyncClient:
         return mine
 
     async def _start_activation(self, argv: list[str]) -> socket.socket:
+        """systemd socket activation: the server gets a listening Unix socket as fd 3
+        (LISTEN_PID, LISTEN_FDS=1) and the client connects to it at once. This end keeps the
+        listener open until connected, so a server that cannot start or exits early resets
+        the connection instead of leaving it to a race."""
         import shutil
-        import subprocess
         import tempfile
 
         d = tempfile.mkdtemp(prefix="pynbd-sa-")
@@ -328,29 +331,31 @@ class AsyncClient:
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             ls.bind(path)
-            ls.listen(8)
-            # The listening socket goes in as stdin and the shell moves it to fd 3: dash
-            # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
-            # exec keeps the shell's pid, which is what LISTEN_PID must name.
-            wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
-            self._proc = subprocess.Popen(["/bin/sh", "-c", wrapper, "sh", *argv],
-                                          stdin=ls.fileno(), close_fds=True)
-        except BaseException:
-            shutil.rmtree(d, ignore_errors=True)
-            raise
+            ls.listen(socket.SOMAXCONN)
+            self._spawn_activated(argv, ls)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                assert self.loop is not None
+                await self.loop.sock_connect(sock, path)
+            except BaseException:
+                sock.close()
+                raise
         finally:
             ls.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            assert self.loop is not None
-            await self.loop.sock_connect(sock, path)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
             shutil.rmtree(d, ignore_errors=True)
         return sock
+
+    def _spawn_activated(self, argv: list[str], ls: socket.socket) -> None:
+        """Start the server of :meth:`_start_activation` with ``ls`` as its fd 3."""
+        import subprocess
+
+        # The listening socket goes in as stdin and the shell moves it to fd 3: dash
+        # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
+        # exec keeps the shell's pid, which is what LISTEN_PID must name.
+        wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
+        self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+            ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
 
     def _close_stream(self) -> None:
         if self.stream is not None:
