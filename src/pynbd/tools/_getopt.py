@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["GetoptError", "LongOption", "getopt_long"]
+__all__ = ["GetoptError", "LongOption", "getopt_long", "long_option_list", "short_option_list"]
 
 NO_ARGUMENT = 0
 REQUIRED_ARGUMENT = 1
@@ -140,3 +140,15 @@ def _short(arg: str, args: list[str], i: int, short: str,
             on_option(*opts[-1])
         return i
     return i
+
+
+def long_option_list(longopts: Sequence[LongOption]) -> str:
+    """What libnbd's tools print for ``--long-options`` (shell completion): each long option
+    but the two listing ones, one per line."""
+    return "".join(f"--{o.name}\n" for o in longopts
+                   if o.name not in ("long-options", "short-options"))
+
+
+def short_option_list(short: str) -> str:
+    """What libnbd's tools print for ``--short-options``: each short option, one per line."""
+    return "".join(f"-{c}\n" for c in short.lstrip("+-") if c != ":")

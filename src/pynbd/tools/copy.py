@@ -192,14 +192,10 @@ def parse(argv: list[str]) -> Settings:
             sys.stdout.write(USAGE)
             raise _Exit(0)
         if key == "long-options":
-            for name, _, _ in LONG_OPTIONS:
-                if name not in ("long-options", "short-options"):
-                    print(f"--{name}")
+            sys.stdout.write(_getopt.long_option_list(_LONGOPTS))
             raise _Exit(0)
         if key == "short-options":
-            for c in SHORT_OPTIONS:
-                if c != ":":
-                    print(f"-{c}")
+            sys.stdout.write(_getopt.short_option_list(SHORT_OPTIONS))
             raise _Exit(0)
         if key == "V":
             from pynbd import libnbd as nbd  # only here: it takes a while to import

@@ -584,14 +584,10 @@ def _main(argv: list[str]) -> int:
             sys.stdout.write(USAGE)
             raise _Exit(0)
         if opt == "long-options":
-            for name, _, _ in _LONG_OPTS:
-                if name not in ("long-options", "short-options"):
-                    print(f"--{name}")
+            sys.stdout.write(_getopt.long_option_list(_LONGOPTS))
             raise _Exit(0)
         if opt == "short-options":
-            for ch in _SHORT_OPTS:
-                if ch not in ":+":
-                    print(f"-{ch}")
+            sys.stdout.write(_getopt.short_option_list(_SHORT_OPTS))
             raise _Exit(0)
         if opt == "V":
             print(f"{PROG} {__version__}\n{nbd.package_name} {nbd.__version__}")

@@ -34,6 +34,8 @@ from pynbd.tools._getopt import (
     GetoptError,
     LongOption,
     getopt_long,
+    long_option_list,
+    short_option_list,
 )
 
 __all__ = ["PROG", "human_size", "json_string", "main"]
@@ -213,13 +215,10 @@ class _Info:
                 sys.stdout.write(USAGE)
                 return 0
             if key == "long-options":
-                for o in LONG_OPTIONS:
-                    if o.name not in ("long-options", "short-options"):
-                        print(f"--{o.name}")
+                sys.stdout.write(long_option_list(LONG_OPTIONS))
                 return 0
             if key == "short-options":
-                for c in SHORT_OPTIONS:
-                    print(f"-{c}")
+                sys.stdout.write(short_option_list(SHORT_OPTIONS))
                 return 0
             if key == "V":
                 h = nbd.NBD()
