@@ -8,7 +8,10 @@ import select
 import time
 from pathlib import Path
 
-__all__ = ["data_map", "run_on_terminal", "sha"]
+__all__ = ["IMAGES", "data_map", "make_dense", "make_mixed", "make_sparse", "run_on_terminal",
+           "sha"]
+
+MiB = 1 << 20
 
 
 def sha(path: Path) -> str:
@@ -62,3 +65,39 @@ def run_on_terminal(argv: list[str], timeout: float = 30) -> tuple[int, str]:
         os.close(fd)
         _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), out.decode()
+
+
+# ------------------------------------------------------------------------------- images
+
+def make_dense(path: Path, size: int = 3 * MiB) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+def make_sparse(path: Path) -> Path:
+    """8 MiB: holes, 5 bytes at 1,000,000, 256 KiB of data at 3 MiB."""
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(1_000_000)
+        f.write(b"hello")
+        f.seek(3 * MiB)
+        f.write(os.urandom(256 * 1024))
+    return path
+
+
+def make_mixed(path: Path) -> Path:
+    """5 MiB + 3000 bytes (an unaligned tail): data with written 4 KiB zero blocks and
+    zero runs, a hole, data again."""
+    with open(path, "wb") as f:
+        f.truncate(5 * MiB + 3000)
+        blob = bytearray(os.urandom(2 * MiB))
+        for i in range(0, len(blob), 64 * 1024):
+            blob[i + 8192:i + 12288] = bytes(4096)        # a written zero block
+        blob[MiB:MiB + 300 * 1024] = bytes(300 * 1024)       # a longer written zero run
+        f.write(blob)
+        f.seek(4 * MiB)
+        f.write(os.urandom(MiB + 3000))
+    return path
+
+
+IMAGES = {"dense": make_dense, "sparse": make_sparse, "mixed": make_mixed}

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from copy_helpers import data_map, run_on_terminal, sha
+from copy_helpers import (
+    IMAGES,
+    data_map,
+    make_dense,
+    make_mixed,
+    make_sparse,
+    run_on_terminal,
+    sha,
+)
 from helpers import PYNBD, run_pynbd
 
 import pynbd
@@ -46,38 +54,6 @@ def allocated(path: Path) -> int:
 
 # ------------------------------------------------------------------------------- images
 
-def make_dense(path: Path, size: int = 3 * MiB) -> Path:
-    path.write_bytes(os.urandom(size))
-    return path
-
-
-def make_sparse(path: Path) -> Path:
-    """8 MiB: holes, 5 bytes at 1,000,000, 256 KiB of data at 3 MiB."""
-    with open(path, "wb") as f:
-        f.truncate(8 * MiB)
-        f.seek(1_000_000)
-        f.write(b"hello")
-        f.seek(3 * MiB)
-        f.write(os.urandom(256 * 1024))
-    return path
-
-
-def make_mixed(path: Path) -> Path:
-    """5 MiB + 3000 bytes (an unaligned tail): data with written 4 KiB zero blocks and
-    zero runs, a hole, data again."""
-    with open(path, "wb") as f:
-        f.truncate(5 * MiB + 3000)
-        blob = bytearray(os.urandom(2 * MiB))
-        for i in range(0, len(blob), 64 * 1024):
-            blob[i + 8192:i + 12288] = bytes(4096)        # a written zero block
-        blob[MiB:MiB + 300 * 1024] = bytes(300 * 1024)       # a longer written zero run
-        f.write(blob)
-        f.seek(4 * MiB)
-        f.write(os.urandom(MiB + 3000))
-    return path
-
-
-IMAGES = {"dense": make_dense, "sparse": make_sparse, "mixed": make_mixed}
 
 
 @pytest.fixture(params=sorted(IMAGES))

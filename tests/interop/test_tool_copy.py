@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from copy_helpers import data_map, run_on_terminal, sha
+from copy_helpers import data_map, make_dense, make_sparse, run_on_terminal, sha
 from helpers import PYNBD, peer_env, require, run_peer, run_pynbd
 
 import pynbd
@@ -83,7 +83,8 @@ def messages(err: str) -> list[str]:
 
 
 def _write_mixed(path: Path) -> Path:
-    """6 MiB: random data, written zero blocks and runs, holes, an unaligned end."""
+    """6 MiB: random data, written zero blocks and runs, holes, an unaligned end. Its size is
+    a whole number of 512-byte sectors: qemu-nbd rounds a raw file's size up to one."""
     with open(path, "wb") as f:
         f.truncate(6 * MiB + 512)
         blob = bytearray(os.urandom(2 * MiB))
@@ -98,22 +99,10 @@ def _write_mixed(path: Path) -> Path:
 
 
 def _write_dense(path: Path) -> Path:
-    path.write_bytes(os.urandom(4 * MiB))
-    return path
+    return make_dense(path, 4 * MiB)
 
 
-def _write_sparse(path: Path) -> Path:
-    """8 MiB of holes with 5 bytes at 1,000,000 and 256 KiB of data at 3 MiB."""
-    with open(path, "wb") as f:
-        f.truncate(8 * MiB)
-        f.seek(1_000_000)
-        f.write(b"hello")
-        f.seek(3 * MiB)
-        f.write(os.urandom(256 * 1024))
-    return path
-
-
-_IMAGES = {"dense": _write_dense, "sparse": _write_sparse, "mixed": _write_mixed}
+_IMAGES = {"dense": _write_dense, "sparse": make_sparse, "mixed": _write_mixed}
 
 
 @pytest.fixture(scope="module")
