@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from helpers import run_peer
 
+import pynbd.libnbd as nbd
 from pynbd.tools import info as info_mod
 
-__all__ = ["Result", "nbdinfo", "pynbd_info"]
+__all__ = ["Result", "nbdinfo", "pynbd_info", "write"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,12 @@ def nbdinfo(*args: str, timeout: float = 60) -> Result:
     # nbdinfo names itself by its argv[0] (here the absolute path run_peer runs).
     err = re.sub(r"^\S*nbdinfo: ", "pynbd info: ", err, flags=re.MULTILINE)
     return Result(cp.returncode, cp.stdout.decode("utf-8", "surrogateescape"), err)
+
+
+def write(uri: str, data: bytes, offset: int) -> None:
+    """Write data at offset on the export at uri (with pynbd.libnbd)."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    h.pwrite(data, offset)
+    h.shutdown()
+    h.close()

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 from helpers import run_pynbd
-from info_helpers import pynbd_info
+from info_helpers import pynbd_info, write
 
-import pynbd.libnbd as nbd
 from pynbd.tools import info as info_mod
 from pynbd.tools._getopt import GetoptError, getopt_long
 
@@ -29,14 +28,6 @@ def info(*args: str) -> tuple[int, str, str]:
     """Run ``pynbd info ARGS`` in this process: (exit status, stdout, stderr)."""
     r = pynbd_info(*args)
     return r.rc, r.out, r.err
-
-
-def write(uri: str, data: bytes, offset: int) -> None:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    h.pwrite(data, offset)
-    h.shutdown()
-    h.close()
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import PYNBD, free_tcp_port, require, run_peer
-from info_helpers import Result, nbdinfo, pynbd_info
-
-import pynbd.libnbd as nbd
+from info_helpers import Result, nbdinfo, pynbd_info, write
 
 #: Without file(1), nbdinfo 1.14.2 prints an uninitialised buffer as the content (see
 #: docs/info.md): then the comparisons run with content probing off.
@@ -70,14 +68,6 @@ def same_json(*args: str) -> object:
         assert b == a
     assert got.out == want.out
     return b
-
-
-def write(uri: str, data: bytes, offset: int) -> None:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    h.pwrite(data, offset)
-    h.shutdown()
-    h.close()
 
 
 def fill(uri: str) -> None:
