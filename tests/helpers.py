@@ -52,6 +52,8 @@ __all__ = [
 #: True when running in CI, where every peer must be present.
 IN_CI: bool = os.environ.get("CI") == "true"
 
+#: The checkout this test suite belongs to.
+ROOT = Path(__file__).resolve().parents[1]
 #: The command that runs this checkout's pynbd (never a `pynbd` found on PATH).
 PYNBD: list[str] = [sys.executable, "-m", "pynbd"]
 
@@ -242,6 +244,30 @@ def run_libnbd(
             f"libnbd script exited {cp.returncode}\n--- script:\n{script}\n"
             f"--- args: {_strs(args)}\n"
             f"--- stdout:\n{cp.stdout}\n--- stderr:\n{cp.stderr}",
+            pytrace=False,
+        )
+    return cp
+
+
+def run_pynbd_libnbd(
+    script: str,
+    *args: str | os.PathLike[str],
+    timeout: float = 60,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run the same kind of `script` as :func:`run_libnbd`, with ``import nbd`` loading
+    ``pynbd.libnbd`` (this checkout's, under this interpreter): for differential tests."""
+    prelude = "import sys, pynbd.libnbd; sys.modules['nbd'] = pynbd.libnbd\n"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("LIBNBD_DEBUG", None)
+    cp = subprocess.run([sys.executable, "-c", prelude + script, *_strs(args)],
+                        capture_output=True, check=False, text=True, timeout=timeout, env=env,
+                        stdin=subprocess.DEVNULL)
+    if check and cp.returncode != 0:
+        pytest.fail(
+            f"pynbd.libnbd run exited {cp.returncode}\n--- script:\n{script}\n"
+            f"--- args: {_strs(args)}\n--- stdout:\n{cp.stdout}\n--- stderr:\n{cp.stderr}",
             pytrace=False,
         )
     return cp

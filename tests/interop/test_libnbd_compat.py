@@ -16,19 +16,12 @@ callbacks that raise name different files).
 from __future__ import annotations
 
 import difflib
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Server, require, run_libnbd
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-#: Makes ``import nbd`` in the program load pynbd.libnbd (nothing else about it changes).
-PRELUDE = "import sys, pynbd.libnbd; sys.modules['nbd'] = pynbd.libnbd\n"
+from helpers import Server, require, run_libnbd, run_pynbd_libnbd
 
 #: Shared by every program: ``tr(label, fn)`` prints the result or the error of ``fn()``.
 HEADER = r'''
@@ -46,17 +39,7 @@ def tr(label, f):
 
 
 def run_ours(script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("LIBNBD_DEBUG", None)
-    cp = subprocess.run([sys.executable, "-c", PRELUDE + script, *args], capture_output=True,
-                        check=False,
-                        text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-    if cp.returncode != 0:
-        pytest.fail(f"pynbd.libnbd run exited {cp.returncode}\n--- script:\n{script}\n"
-                    f"--- args: {list(args)}\n--- stdout:\n{cp.stdout}\n--- stderr:\n{cp.stderr}",
-                    pytrace=False)
-    return cp
+    return run_pynbd_libnbd(script, *args, timeout=timeout)
 
 
 def differential(script: str, *args: str,

@@ -19,10 +19,8 @@ compared line by line.
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,15 +32,11 @@ from helpers import (
     run_libnbd,
     run_peer,
     run_pynbd,
+    run_pynbd_libnbd,
     start_server,
 )
 
 pytestmark = pytest.mark.interop
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-#: Makes ``import nbd`` in the program load pynbd.libnbd.
-PRELUDE = "import sys, pynbd.libnbd; sys.modules['nbd'] = pynbd.libnbd\n"
 
 #: ``tr(label, fn)`` prints fn()'s result, or its error: string, errno name, number.
 HEADER = r'''
@@ -62,12 +56,7 @@ def state(h):
 
 
 def run_ours(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("LIBNBD_DEBUG", None)
-    return subprocess.run([sys.executable, "-c", PRELUDE + script, *args], capture_output=True,
-                          check=False, text=True, timeout=60, env=env,
-                          stdin=subprocess.DEVNULL)
+    return run_pynbd_libnbd(script, *args, check=False)
 
 
 def differential(script: str, *args: str, stderr: bool = False,
