@@ -20,10 +20,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
@@ -271,6 +271,25 @@ def run_pynbd_libnbd(
             pytrace=False,
         )
     return cp
+
+
+_T = TypeVar("_T")
+
+
+def run_async(coro: Awaitable[_T], timeout: float = 30) -> _T:
+    """Run `coro` on a fresh event loop with a deadline; no task may be left behind (the
+    client's structured-concurrency promise)."""
+    import asyncio
+
+    async def main() -> _T:
+        try:
+            return await asyncio.wait_for(coro, timeout)
+        finally:
+            me = asyncio.current_task()
+            left = [t for t in asyncio.all_tasks() if t is not me]
+            assert not left, f"tasks left behind: {left}"
+
+    return asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- paths and ports

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
+from helpers import run_async
 
 from pynbd.client import AsyncClient
 from pynbd.errors import CommandError, ProtocolError, RemoteProtocolError
@@ -232,15 +233,7 @@ def hostile(scenario: Scenario, opts: Options | None = None) -> Iterator[Hostile
 
 
 def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        try:
-            return await asyncio.wait_for(coro, DEADLINE * 2)
-        finally:
-            me = asyncio.current_task()
-            left = [t for t in asyncio.all_tasks() if t is not me]
-            assert not left, f"tasks left behind: {left}"
-
-    return asyncio.run(main())
+    return run_async(coro, DEADLINE * 2)
 
 
 async def in_flight(c: AsyncClient, ops: list[Awaitable[Any]]) -> list[Any]:

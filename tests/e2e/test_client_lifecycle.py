@@ -12,31 +12,20 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from helpers import run_async
 
 from pynbd.client import AsyncClient, Client
 from pynbd.errors import CommandError
 from pynbd.protocol.constants import CmdFlag, State
 
-T = TypeVar("T")
-
 PYNBD_S = [sys.executable, "-m", "pynbd", "serve", "-s"]
 
 
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def main() -> T:
-        try:
-            return await asyncio.wait_for(coro, timeout)
-        finally:
-            me = asyncio.current_task()
-            left = [t for t in asyncio.all_tasks() if t is not me]
-            assert not left, f"tasks left behind: {left}"
-
-    return asyncio.run(main())
+run = run_async
 
 
 def open_fds() -> set[int]:

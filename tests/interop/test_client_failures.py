@@ -11,28 +11,17 @@ import asyncio
 import errno as E
 import time
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from helpers import run_async
 
 from pynbd.client import AsyncClient, Client
 from pynbd.client.engine import STRICT_ALL, STRICT_BOUNDS
 from pynbd.errors import CommandError
 from pynbd.protocol.constants import CmdFlag
 
-T = TypeVar("T")
-
-
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    async def main() -> T:
-        try:
-            return await asyncio.wait_for(coro, timeout)
-        finally:
-            me = asyncio.current_task()
-            left = [t for t in asyncio.all_tasks() if t is not me]
-            assert not left, f"tasks left behind: {left}"
-
-    return asyncio.run(main())
+run = run_async
 
 
 async def fails(aw: Awaitable[Any], errno: int) -> CommandError:

@@ -14,35 +14,22 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from helpers import require, run_peer
+from helpers import require, run_async, run_peer
 
 from pynbd.client import AsyncClient, Client
 from pynbd.errors import CommandError
 from pynbd.protocol.constants import CmdFlag, State
 
-T = TypeVar("T")
-
 FLAGS = ["is_rotational", "is_read_only", "can_cache", "can_df", "can_fast_zero", "can_flush",
          "can_fua", "can_multi_conn", "can_trim", "can_zero"]
 
 
-def run(coro: Awaitable[T], timeout: float = 30) -> T:
-    """Run `coro` on a fresh loop with a deadline; no task may be left behind."""
-
-    async def main() -> T:
-        try:
-            return await asyncio.wait_for(coro, timeout)
-        finally:
-            me = asyncio.current_task()
-            left = [t for t in asyncio.all_tasks() if t is not me]
-            assert not left, f"tasks left behind: {left}"
-
-    return asyncio.run(main())
+run = run_async
 
 
 def pattern(n: int, seed: int) -> bytes:
