@@ -913,13 +913,8 @@ class AsyncClient:
                 # The rest of a payload straight into its destination, and what follows (the
                 # next reply headers) into the receive buffer, which is empty in this state.
                 want = len(sink) - self._sink_got
-                # With mostly large reads in flight, take little more than the next header
-                # (their payloads should land in their destinations too); with small ones,
-                # as many replies as are there.
-                tail = self._view[:_SCATTER_TAIL] \
-                    if self._bytes_in_flight > _BIG_READS * len(self._pending) else self._view
                 n = self.stream.readinto2(  # type: ignore[union-attr]
-                    sink[self._sink_got:], tail)
+                    sink[self._sink_got:], self._view[:self._read_limit()])
                 if n == 0:
                     return self._fail(ConnectionError(
                     "server closed the connection in the middle of a reply"))
@@ -936,11 +931,7 @@ class AsyncClient:
             else:
                 if self._end == len(self._buf):
                     self._compact()
-                end = len(self._buf)
-                if self._bytes_in_flight > _BIG_READS * len(self._pending):
-                    # Mostly large reads in flight: take little more than the next header,
-                    # so that their payloads land in their destinations (see _into), not here.
-                    end = min(end, self._end + _SCATTER_TAIL)
+                end = min(len(self._buf), self._end + self._read_limit())
                 n = self.stream.readinto(self._view[self._end:end])  # type: ignore[union-attr]
                 if n == 0:
                     if self._end > self._pos:
@@ -959,6 +950,14 @@ class AsyncClient:
             err = RemoteProtocolError(f"unexpected error handling a reply: {e!r}")
             err.__cause__ = e
             self._fail(err)
+
+    def _read_limit(self) -> int:
+        """How much one read may put in the receive buffer. With mostly large reads in flight,
+        little more than the next reply header, so that their payloads land in their
+        destinations (see _into) rather than here first; otherwise all that is there."""
+        if self._bytes_in_flight > _BIG_READS * len(self._pending):
+            return _SCATTER_TAIL
+        return len(self._buf)
 
     def _compact(self) -> None:
         rest = self._end - self._pos
