@@ -179,9 +179,7 @@ class FdStream:
             await fut
 
     # ---- closing -----------------------------------------------------------------------
-    def close(self) -> None:
-        if self.closed:
-            return
+    def _unwatch(self) -> None:
         self.closed = True
         if self._reader is not None:
             self.loop.remove_reader(self.rfd)
@@ -190,6 +188,19 @@ class FdStream:
             self.loop.remove_writer(self.wfd)
             self._writer_on = False
         self._wake_drainers()
+
+    def detach(self) -> Any:
+        """Stop using the descriptors without closing them and return the owner (the socket
+        object, or None for a bare descriptor pair): the caller takes the connection over.
+        Bytes still queued are not written."""
+        self._unwatch()
+        owner, self.owner = self.owner, None
+        return owner
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._unwatch()
         if isinstance(self.owner, socket.socket):
             try:
                 self.owner.shutdown(socket.SHUT_RDWR)

@@ -363,6 +363,22 @@ class AsyncClient:
         elif self._owner is not None:
             self._owner.close()
 
+    def detach(self) -> socket.socket:
+        """Hand the negotiated connection over: return its socket (blocking) for the caller to
+        go on with the same NBD session itself (simple or structured replies as negotiated;
+        :attr:`export` and the ``can_*`` answers stay valid). Nothing may be in flight.
+        This client is closed afterwards, without NBD_CMD_DISC."""
+        st = self.stream
+        if (self.closed or not self.connected or st is None or self._pending or st.pending
+                or self._pos != self._end or not isinstance(st.owner, socket.socket)):
+            raise RuntimeError("only an idle connection over a socket can be detached")
+        sock: socket.socket = st.detach()
+        self.stream = None
+        self._owner = None
+        self.closed = True
+        sock.setblocking(True)
+        return sock
+
     @property
     def in_flight(self) -> int:
         """Commands sent (or queued to be sent) whose replies have not all arrived."""

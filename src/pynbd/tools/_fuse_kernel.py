@@ -17,7 +17,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import select
 import shutil
 import socket
 import struct
@@ -27,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "FuseChannel",
+    "FuseDevice",
     "MountError",
     "mount",
     "unmount",
@@ -245,100 +245,17 @@ def set_readahead(real: str, nbytes: int) -> str | None:
 # ----------------------------------------------------------------------------------------
 # the channel
 
-class FuseChannel:
-    """Reads requests from a FUSE device on the running loop and dispatches them.
+class FuseDevice:
+    """Replies on a FUSE device (``fd``): the ``reply_*`` methods, each one ``writev``, and the
+    answer to INIT. Used as it is by a process that reads requests in blocking calls
+    (:mod:`pynbd.tools._fuse_sync`); :class:`FuseChannel` adds reading on an event loop."""
 
-    ``handler(opcode, unique, nodeid, body)`` is called for each request except INIT (answered
-    here), FORGET/BATCH_FORGET and INTERRUPT (no reply is owed). ``body`` is a view of the
-    shared read buffer, valid only during the call. The handler must reply with exactly one
-    of the ``reply_*`` methods (now or later). :attr:`closed` resolves when the kernel
-    connection ends (unmounted or aborted) or :meth:`stop` is called."""
-
-    def __init__(self, fd: int, handler: Callable[[int, int, int, memoryview], None],
-                 *, max_readahead: int | None = None,
-                 after_batch: Callable[[], None] | None = None,
-                 exclusive: bool = False) -> None:
+    def __init__(self, fd: int, *, max_readahead: int | None = None) -> None:
         self.fd = fd
-        # With several processes reading one device, each watches it through an epoll of
-        # its own registered EPOLLEXCLUSIVE, so a request wakes one process, not all.
-        self._ep: select.epoll | None = None
-        if exclusive:
-            self._ep = select.epoll()
-            self._ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        self._watch = self._ep.fileno() if self._ep is not None else fd
-        self.handler = handler
-        self.after_batch = after_batch
         self.proto_minor = 0
         self.max_readahead = max_readahead
-        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._buf = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buf)
-        self._reading = False
 
-    def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self._watch, self._on_readable)
-        self._reading = True
-
-    def stop(self, why: str = "stopped") -> None:
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(self._watch)
-            self._reading = False
-        if not self.closed.done():
-            self.closed.set_result(why)
-
-    def close(self) -> None:
-        self.stop()
-        if self._ep is not None:
-            self._ep.close()
-            self._ep = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    # -- reading
-    def _on_readable(self) -> None:
-        try:
-            self._read_batch()
-        finally:
-            if self.after_batch is not None:
-                self.after_batch()
-
-    def _read_batch(self) -> None:
-        view = self._view
-        fd = self.fd
-        for _ in range(64):  # bounded: let replies and other callbacks run between batches
-            if not self._reading:
-                return
-            try:
-                n = os.readv(fd, [self._buf])
-            except BlockingIOError:
-                return
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOENT:  # the request was interrupted before we read it
-                    continue
-                # ENODEV: unmounted (fusermount3 -u, umount) or the connection was aborted
-                self.stop("unmounted" if e.errno == errno.ENODEV else f"read: {e.strerror}")
-                return
-            if n < HDR:
-                continue
-            _, opcode, unique, nodeid, _, _, _, _ = IN_HEADER.unpack_from(view, 0)
-            body = view[HDR:n]
-            if opcode == INIT:
-                self._init(unique, body)
-            elif opcode in (FORGET, BATCH_FORGET, INTERRUPT):
-                pass  # no reply; an interrupt is ignored (the request completes normally)
-            else:
-                try:
-                    self.handler(opcode, unique, nodeid, body)
-                except Exception as e:  # noqa: BLE001 (a bug must not take the mount down: EIO)
-                    import sys
-                    print(f"pynbd fuse: internal error handling opcode {opcode}: {e!r}",
-                          file=sys.stderr)
-                    self.reply_error(unique, errno.EIO)
-
-    def _init(self, unique: int, body: memoryview) -> None:
+    def answer_init(self, unique: int, body: memoryview) -> None:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(body, 0)
         if major != KERNEL_MAJOR:
             # An unknown major: answer with ours; the kernel gives up if it cannot speak it.
@@ -357,6 +274,10 @@ class FuseChannel:
     # -- replying
     def reply(self, unique: int, payload: bytes | bytearray | memoryview = b"") -> None:
         self._write([OUT_HEADER.pack(OUT_HEADER.size + len(payload), 0, unique), payload])
+
+    def reply_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """A whole reply, its header included, in one write."""
+        self._write([data])
 
     def reply_error(self, unique: int, err: int) -> None:
         self._write([OUT_HEADER.pack(OUT_HEADER.size, -err, unique)])
@@ -407,3 +328,84 @@ class FuseChannel:
 
     def reply_statfs(self, unique: int) -> None:
         self.reply(unique, STATFS_OUT.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0))
+
+
+class FuseChannel(FuseDevice):
+    """Reads requests from a FUSE device on the running loop and dispatches them.
+
+    ``handler(opcode, unique, nodeid, body)`` is called for each request except INIT (answered
+    here), FORGET/BATCH_FORGET and INTERRUPT (no reply is owed). ``body`` is a view of the
+    shared read buffer, valid only during the call. The handler must reply with exactly one
+    of the ``reply_*`` methods (now or later). :attr:`closed` resolves when the kernel
+    connection ends (unmounted or aborted) or :meth:`stop` is called."""
+
+    def __init__(self, fd: int, handler: Callable[[int, int, int, memoryview], None],
+                 *, max_readahead: int | None = None,
+                 after_batch: Callable[[], None] | None = None) -> None:
+        super().__init__(fd, max_readahead=max_readahead)
+        self.handler = handler
+        self.after_batch = after_batch
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._buf = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buf)
+        self._reading = False
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.fd, self._on_readable)
+        self._reading = True
+
+    def stop(self, why: str = "stopped") -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self.fd)
+            self._reading = False
+        if not self.closed.done():
+            self.closed.set_result(why)
+
+    def close(self) -> None:
+        self.stop()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- reading
+    def _on_readable(self) -> None:
+        try:
+            self._read_batch()
+        finally:
+            if self.after_batch is not None:
+                self.after_batch()
+
+    def _read_batch(self) -> None:
+        view = self._view
+        fd = self.fd
+        for _ in range(64):  # bounded: let replies and other callbacks run between batches
+            if not self._reading:
+                return
+            try:
+                n = os.readv(fd, [self._buf])
+            except BlockingIOError:
+                return
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # the request was interrupted before we read it
+                    continue
+                # ENODEV: unmounted (fusermount3 -u, umount) or the connection was aborted
+                self.stop("unmounted" if e.errno == errno.ENODEV else f"read: {e.strerror}")
+                return
+            if n < HDR:
+                continue
+            _, opcode, unique, nodeid, _, _, _, _ = IN_HEADER.unpack_from(view, 0)
+            body = view[HDR:n]
+            if opcode == INIT:
+                self.answer_init(unique, body)
+            elif opcode in (FORGET, BATCH_FORGET, INTERRUPT):
+                pass  # no reply; an interrupt is ignored (the request completes normally)
+            else:
+                try:
+                    self.handler(opcode, unique, nodeid, body)
+                except Exception as e:  # noqa: BLE001 (a bug must not take the mount down: EIO)
+                    import sys
+                    print(f"pynbd fuse: internal error handling opcode {opcode}: {e!r}",
+                          file=sys.stderr)
+                    self.reply_error(unique, errno.EIO)

@@ -347,10 +347,9 @@ def _describe(o: Options) -> str:
     return o.args[0]  # the command
 
 
-async def connect(o: Options, connections: int | None = None) -> Any:
+async def connect(o: Options, connections: int | None = None, **kw: Any) -> Any:
     from pynbd.client.pool import connect as pool_connect
 
-    kw: dict[str, Any] = {}
     uri: str | None = None
     single = False
     if o.mode == "uri":
@@ -392,7 +391,7 @@ class NbdFile:
         self.name = os.fsencode(o.filename)
         t = time.time_ns()
         self.start = (t // 1_000_000_000, t % 1_000_000_000)
-        self.ch: fk.FuseChannel | None = None
+        self.ch: fk.FuseDevice | None = None
         self.tasks: set[_Eager] = set()
         self.lock = asyncio.Lock() if o.single else None
         self._last_error = ""
@@ -442,7 +441,15 @@ class NbdFile:
             _, offset, length, mode, _ = fk.FALLOCATE_IN.unpack_from(body, 0)
             self.debug(f"fallocate: mode={mode}, offset={offset}, len={length}")
             self._spawn(self._fallocate(unique, mode, offset, length))
-        elif opcode == fk.GETATTR:
+        else:
+            self.handle_meta(opcode, unique, nodeid, body)
+
+    def handle_meta(self, opcode: int, unique: int, nodeid: int, body: memoryview) -> None:
+        """Every request but the four that go to the server (read, write, fsync,
+        fallocate): answered from what is known, at once."""
+        ch = self.ch
+        assert ch is not None
+        if opcode == fk.GETATTR:
             if nodeid == self.file_ino:
                 ch.reply_attr(unique, self.file_attr(), ATTR_VALID)
             elif nodeid == ROOT_INO:
@@ -514,7 +521,7 @@ class NbdFile:
         for c in self.clients:
             c.send_now()
 
-    def _error(self, unique: int, e: BaseException) -> None:
+    def reply_failure(self, unique: int, e: BaseException) -> None:
         err = getattr(e, "errno", None)
         if not isinstance(err, int) or err <= 0 or isinstance(e, ConnectionError):
             err = errno.EIO
@@ -548,27 +555,35 @@ class NbdFile:
             else:
                 await self._locked(self._pick().pread_into(buf, offset))
         except Exception as e:  # noqa: BLE001
-            self._error(unique, e)
+            self.reply_failure(unique, e)
             return
         self.ch.reply(unique, buf)
         free = self._buffers.setdefault(count, [])
         if len(free) < BUFFER_POOL:
             free.append(buf)
 
+    def write_length(self, offset: int, count: int) -> int:
+        """How much of a write at ``offset`` fits the export; -errno when none of it may be
+        written (the export cannot grow: as writing past a disk's end)."""
+        if offset >= self.size:
+            return -errno.ENOSPC if count else 0
+        return min(count, self.size - offset)
+
     async def _write(self, unique: int, offset: int, data: bytes) -> None:
         assert self.ch is not None
-        if offset >= self.size:  # the export cannot grow: as writing past a disk's end
-            self.ch.reply_error(unique, errno.ENOSPC if data else 0)
+        n = self.write_length(offset, len(data))
+        if n <= 0:
+            self.ch.reply_error(unique, -n)
             return
-        if offset + len(data) > self.size:
-            data = data[:self.size - offset]
+        if n < len(data):
+            data = data[:n]
         try:
             if self.lock is None:
                 await self._pick().pwrite(data, offset)
             else:
                 await self._locked(self._pick().pwrite(data, offset))
         except Exception as e:  # noqa: BLE001
-            self._error(unique, e)
+            self.reply_failure(unique, e)
             return
         self.ch.reply(unique, fk.WRITE_OUT.pack(len(data), 0))
 
@@ -578,40 +593,49 @@ class NbdFile:
             try:
                 await self._locked(self.nbd.flush())
             except Exception as e:  # noqa: BLE001
-                self._error(unique, e)
+                self.reply_failure(unique, e)
                 return
         self.ch.reply(unique)
 
-    async def _fallocate(self, unique: int, mode: int, offset: int, length: int) -> None:
-        ch = self.ch
-        assert ch is not None
+    def fallocate_plan(self, mode: int, offset: int, length: int) -> tuple[str, int] | int:
+        """What a fallocate asks of the server: ("trim" | "zero" | "write", end), or an
+        errno to answer at once."""
         if self.readonly:
-            ch.reply_error(unique, errno.EACCES)
-            return
+            return errno.EACCES
         if mode & fk.FALLOC_FL_PUNCH_HOLE:
             if not self.can_trim:
-                ch.reply_error(unique, errno.EOPNOTSUPP)
-                return
+                return errno.EOPNOTSUPP
             op = "trim"
         elif mode & fk.FALLOC_FL_ZERO_RANGE:
             op = "zero" if self.can_zero else "write"
         else:  # plain allocation: nothing to do on a block device, and not promised
-            ch.reply_error(unique, errno.EOPNOTSUPP)
+            return errno.EOPNOTSUPP
+        return op, min(offset + length, self.size)
+
+    @staticmethod
+    def fallocate_steps(op: str, offset: int, end: int) -> list[tuple[int, int]]:
+        """(offset, count) of each request a fallocate is split into."""
+        step = MAX_REQUEST_SIZE if op != "write" else 1 << 20
+        return [(pos, min(end - pos, step)) for pos in range(offset, end, step)]
+
+    async def _fallocate(self, unique: int, mode: int, offset: int, length: int) -> None:
+        ch = self.ch
+        assert ch is not None
+        plan = self.fallocate_plan(mode, offset, length)
+        if isinstance(plan, int):
+            ch.reply_error(unique, plan)
             return
-        end = min(offset + length, self.size)
+        op, end = plan
         try:
-            pos = offset
-            while pos < end:
-                n = min(end - pos, MAX_REQUEST_SIZE if op != "write" else 1 << 20)
+            for pos, n in self.fallocate_steps(op, offset, end):
                 if op == "trim":
                     await self._locked(self._pick().trim(n, pos))
                 elif op == "zero":
                     await self._locked(self._pick().zero(n, pos))
                 else:
                     await self._locked(self._pick().pwrite(bytes(n), pos))
-                pos += n
         except Exception as e:  # noqa: BLE001
-            self._error(unique, e)
+            self.reply_failure(unique, e)
             return
         ch.reply(unique)
 
@@ -655,7 +679,9 @@ async def serve(o: Options, ready: Any = None) -> int:
         loop.add_signal_handler(s, on_signal, s.name)
 
     try:
-        nbd = await _until(connect(o, max(1, o.connections - _extra_workers(o))), stop)
+        # With worker processes this connection only learns what the export is (and whether
+        # it allows multi-conn); otherwise it is the pool that serves.
+        nbd = await _until(connect(o, 1 if _workers(o) else o.connections), stop)
     except Exception as e:  # noqa: BLE001
         print(f"{PROG}: {_describe(o)}: {_errmsg(e)}", file=sys.stderr)
         return 1
@@ -689,13 +715,12 @@ async def serve(o: Options, ready: Any = None) -> int:
                 if o.max_readahead is not None:  # asked for: say why not
                     print(f"{PROG}: cannot raise readahead: {why_not}", file=sys.stderr)
                 ra = None
-        ch = fk.FuseChannel(fd, f.handle, max_readahead=ra, after_batch=f.flush_requests,
-                            exclusive=_extra_workers(o) > 0)
+        ch = fk.FuseChannel(fd, f.handle, max_readahead=ra, after_batch=f.flush_requests)
         f.ch = ch
         workers: list[subprocess.Popen[bytes]] = []
         status = 0
+        unmounted = False
         try:
-            ch.start()
             if o.pidfile:
                 try:
                     with open(o.pidfile, "w") as fp:  # noqa: ASYNC230 (a few bytes, once)
@@ -703,33 +728,40 @@ async def serve(o: Options, ready: Any = None) -> int:
                 except OSError as e:
                     print(f"{PROG}: pidfile: {_errmsg(e)}", file=sys.stderr)
             if ready is not None:
-                ready()
-            n_workers = _extra_workers(o) if nbd.can_multi_conn() else 0
+                ready()  # (in --background, stdout and stderr are /dev/null from here)
+            n_workers = _workers(o) if nbd.can_multi_conn() else 0
             if n_workers:
                 workers = _spawn_workers(o, fd, ra, n_workers)
+            if workers:
+                # They serve; this process only owns the mount and watches them.
+                await _close(nbd, True)
+            else:
+                ch.start()
             f.debug(f"mounted {o.mountpoint} ({o.filename}, {f.size} bytes"
                     f"{', read-only' if o.readonly else ''}, "
-                    f"{len(f.clients) + len(workers)} connection(s), "
+                    f"{len(workers) or len(f.clients)} connection(s), "
                     f"{1 + len(workers)} process(es))")
             lost = asyncio.ensure_future(_watch_workers(workers))
             await asyncio.wait([ch.closed, stop, lost], return_when=asyncio.FIRST_COMPLETED)
             if lost.done():
-                why = lost.result()
-                print(f"{PROG}: {why}", file=sys.stderr)
-                status = 1
+                why, status = lost.result()
+                unmounted = why == "unmounted"
+                if status:
+                    print(f"{PROG}: {why}", file=sys.stderr)
             else:
                 lost.cancel()
                 why = ch.closed.result() if ch.closed.done() else f"signal {stop.result()}"
+                unmounted = why == "unmounted"
             f.debug(f"stopping: {why}")
             ch.stop(why)
             for w in workers:
                 _signal(w, signal.SIGTERM)
-            responsive = await f.drain()
+            if not workers:
+                responsive = await f.drain()
         finally:
             await _reap_workers(workers)
             # As libfuse: close the device first (the kernel aborts the connection, so the
             # unmount cannot recurse into this filesystem), then detach the mount.
-            unmounted = ch.closed.done() and ch.closed.result() == "unmounted"
             ch.close()
             if not unmounted:
                 try:
@@ -744,29 +776,37 @@ async def serve(o: Options, ready: Any = None) -> int:
 # ----------------------------------------------------------------------------------------
 # worker processes
 #
-# One Python process answers FUSE requests at the speed of one core. With a server that
-# allows multi-conn (and only then: the processes' connections must share one cache), more
-# processes serve the same FUSE device, each with its own connection: the kernel gives each
-# request to the process that reads it first, and wakes only one of them per request
-# (EPOLLEXCLUSIVE). Each is a fresh `python -m pynbd fuse` handed the device and the parsed
-# options (never a fork of a running event loop).
+# With a server that allows multi-conn (and only then: the connections must share one
+# cache), worker processes serve the mount, each on its own connection and its own clone of
+# the FUSE device, one request at a time in blocking calls (pynbd.tools._fuse_sync): the
+# kernel wakes one waiting worker per request. The main process mounts, starts them, and
+# unmounts when they are done. Each is a fresh `python -m pynbd fuse` handed the device and
+# the parsed options (never a fork of a running event loop). Without multi-conn, or with one
+# connection, the main process serves alone on its event loop, many requests in flight.
 WORKER_ENV = "PYNBD_FUSE_WORKER"
-#: How many extra processes (PYNBD_FUSE_WORKERS=N overrides; 0 turns them off).
+#: How many worker processes (PYNBD_FUSE_WORKERS=N overrides, at most -C; 0 turns them off).
 WORKERS_ENV = "PYNBD_FUSE_WORKERS"
 #: A worker's exit status when it could not connect and so never read a request.
 WORKER_DID_NOT_START = 75
+#: A worker's exit status when the mount went away (it read ENODEV).
+WORKER_UNMOUNTED = 0
+#: ... and when it was told to stop.
+WORKER_STOPPED = 3
 
 
-def _extra_workers(o: Options) -> int:
+def _workers(o: Options) -> int:
+    """How many worker processes to start if the server allows multi-conn: one per
+    connection (-C, nbdfuse's default 4); none for a single connection, -s, or a server
+    reached through a command or a descriptor (one connection only)."""
     if o.single or o.mode not in ("uri", "tcp", "unix", "vsock") or o.connections < 2:
         return 0
     env = os.environ.get(WORKERS_ENV)
     if env is not None:
         try:
-            return max(0, min(int(env), o.connections - 1))
+            return max(0, min(int(env), o.connections))
         except ValueError:
             return 0
-    return max(0, min(os.cpu_count() or 1, o.connections) - 1)
+    return o.connections
 
 
 def _spawn_workers(o: Options, fd: int, ra: int | None, n: int) -> list[
@@ -795,19 +835,25 @@ def _signal(p: subprocess.Popen[bytes], sig: int) -> None:
             p.send_signal(sig)
 
 
-async def _watch_workers(workers: list[subprocess.Popen[bytes]]) -> str:
-    """Resolves if a worker dies while the mount is live: the requests it had taken would
-    never be answered, so the whole mount stops (callers get an error, not a hang)."""
+async def _watch_workers(workers: list[subprocess.Popen[bytes]]) -> tuple[str, int]:
+    """Resolves when a worker ends while the mount is live, with why and the exit status
+    for the tool: (unmounted, 0) when it saw the mount go away; an error when it died (the
+    requests it had taken were failed by the kernel) or when none could connect."""
+    started = len(workers)
     while True:
         for p in list(workers):
             rc = p.poll()
             if rc is None:
                 continue
-            if rc in (0, WORKER_DID_NOT_START):  # unmounted, or never took a request
+            if rc == WORKER_UNMOUNTED:
+                return "unmounted", 0
+            if rc == WORKER_DID_NOT_START:
                 workers.remove(p)
+                if not workers and started:
+                    return "no worker process could connect to the server; stopping", 1
                 continue
-            return f"a worker process exited ({rc}); stopping"
-        await asyncio.sleep(0.2)
+            return f"a worker process exited ({rc}); stopping", 1
+        await asyncio.sleep(0.05)
 
 
 async def _reap_workers(workers: list[subprocess.Popen[bytes]]) -> None:
@@ -835,42 +881,57 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def serve_worker(spec: dict[str, Any]) -> int:
-    """A worker process: serve the FUSE device it was handed until the mount goes away or
-    it is told to stop (SIGTERM from the main process), then finish, flush and disconnect."""
+def serve_worker(spec: dict[str, Any]) -> int:
+    """A worker process (:mod:`pynbd.tools._fuse_sync`): serve a clone of the FUSE device it
+    was handed until the mount goes away or it is told to stop (SIGTERM from the main
+    process), then flush and disconnect."""
+    from pynbd.tools import _fuse_sync as fs
+
     o = Options(**spec["options"])
     fd = int(spec["fd"])
     _die_with_parent(int(spec["parent"]))
-    loop = asyncio.get_running_loop()
-    stop = loop.create_future()
-
-    def on_signal() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(s, on_signal)
+    stopping = [False, False]  # stop asked for; waiting (where the signal may interrupt)
+    fs.install_stop_handler(stopping, RELEASE_TIMEOUT)
     try:
-        nbd = await _until(connect(o, 1), stop)
-    except Exception as e:  # noqa: BLE001
-        print(f"{PROG}: extra connection: {_errmsg(e)}", file=sys.stderr)
-        os.close(fd)
+        dev_fd = fs.clone_device(fd)
+    except OSError as e:
+        print(f"{PROG}: cannot clone the FUSE device: {_errmsg(e)}", file=sys.stderr)
         return WORKER_DID_NOT_START
-    if nbd is None:
+    finally:
         os.close(fd)
-        return WORKER_DID_NOT_START
-    f = NbdFile(o, nbd)
-    ch = fk.FuseChannel(fd, f.handle, max_readahead=spec.get("readahead"),
-                        after_batch=f.flush_requests, exclusive=True)
-    f.ch = ch
-    ch.start()
-    waits: list[asyncio.Future[Any]] = [ch.closed, stop]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    ch.stop()
-    responsive = await f.drain()
-    ch.close()  # this process's copy of the device: the main process owns the mount
-    await _close(nbd, responsive)
-    return 0
+    try:
+        try:
+            stopping[1] = True
+            nbd = asyncio.run(connect(o, 1, structured=False, meta_contexts=()))
+            stopping[1] = False
+            sock = nbd.detach()
+        except fs._Stop:
+            return WORKER_DID_NOT_START
+        except Exception as e:  # noqa: BLE001
+            print(f"{PROG}: extra connection: {_errmsg(e)}", file=sys.stderr)
+            return WORKER_DID_NOT_START
+        if stopping[0]:
+            sock.close()
+            return WORKER_DID_NOT_START
+        f = NbdFile(o, nbd)
+        dev = fk.FuseDevice(dev_fd, max_readahead=spec.get("readahead"))
+        f.ch = dev
+        conn = fs.Connection(sock, fk.MAX_WRITE)
+        why = fs.serve(f, dev, conn, stopping)
+        f.debug(f"worker {os.getpid()}: {why}")
+        if not f.readonly and f.can_flush and conn.failure is None:
+            fs.arm(RELEASE_TIMEOUT)
+            try:
+                err = conn.command(fs._FLUSH, 0, 0)
+                if err:
+                    print(f"{PROG}: flush at unmount: {os.strerror(err)}", file=sys.stderr)
+            except (OSError, fs.ServerGone) as e:
+                print(f"{PROG}: flush at unmount: {_errmsg(e)}", file=sys.stderr)
+        fs.disarm()
+        conn.disconnect()
+        return WORKER_UNMOUNTED if why == "unmounted" else WORKER_STOPPED
+    finally:
+        os.close(dev_fd)
 
 
 async def _close(nbd: Any, responsive: bool) -> None:
@@ -946,10 +1007,7 @@ def main(argv: list[str]) -> int:
     if worker is not None:
         import json
 
-        try:
-            return asyncio.run(serve_worker(json.loads(worker)))
-        except KeyboardInterrupt:
-            return 1
+        return serve_worker(json.loads(worker))
     try:
         parsed = parse_args(argv)
     except UsageError as e:
