@@ -7,9 +7,11 @@
     pynbd fuse MOUNTPOINT[/FILENAME] --socket-activation CMD [ARGS ...]
     pynbd fuse MOUNTPOINT[/FILENAME] --fd N | --tcp HOST PORT | --unix SOCKET | --vsock CID PORT
 
-Each FUSE request becomes one NBD request on :class:`pynbd.client.AsyncClient` (a multi-conn
-pool when the server allows it), all on one event loop, as many in flight as the kernel sends.
-The kernel side is :mod:`pynbd.tools._fuse_kernel`. The user guide is docs/fuse.md.
+Each FUSE request becomes one NBD request. With a multi-conn server, worker processes serve
+the mount, one connection each, one request at a time in blocking calls
+(:mod:`pynbd.tools._fuse_sync`); otherwise this process serves on one event loop with
+:class:`pynbd.client.AsyncClient`, as many requests in flight as the kernel sends. The kernel
+side is :mod:`pynbd.tools._fuse_kernel`. The user guide is docs/fuse.md.
 """
 
 from __future__ import annotations
