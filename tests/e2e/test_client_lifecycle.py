@@ -163,6 +163,41 @@ def test_close_leaves_nothing(pynbd_server) -> None:
     run(go())
 
 
+def test_detach_hands_the_connection_over(pynbd_server) -> None:
+    """detach(): the caller goes on with the same NBD session on the returned (blocking)
+    socket; the client is closed without NBD_CMD_DISC and refuses commands. A connection
+    with a command in flight cannot be detached."""
+    import struct
+
+    srv = pynbd_server("memory", "1M")
+
+    async def go() -> Any:
+        c = await AsyncClient.connect(srv.uri, structured=False, meta_contexts=())
+        await c.pwrite(b"\x5a" * 512, 4096)
+        busy = asyncio.ensure_future(c.pread(512, 0))
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="idle"):
+            c.detach()
+        await busy
+        sock = c.detach()
+        assert c.closed and c.export.size == 1 << 20
+        with pytest.raises(ConnectionError):
+            await c.pread(512, 0)
+        return sock
+
+    sock = run(go())
+    try:
+        assert sock.getblocking()
+        sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 4096, 512))  # READ
+        got = b""
+        while len(got) < 16 + 512:
+            got += sock.recv(16 + 512 - len(got))
+        assert struct.unpack(">IIQ", got[:16]) == (0x67446698, 0, 7)
+        assert got[16:] == b"\x5a" * 512
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("server", ["pynbd", "nbdkit"])
 def test_command_server_exits_on_close(server: str) -> None:
     if server == "nbdkit":
