@@ -370,8 +370,10 @@ class AsyncClient:
         This client is closed afterwards, without NBD_CMD_DISC."""
         st = self.stream
         if (self.closed or not self.connected or st is None or self._pending or st.pending
-                or self._pos != self._end or not isinstance(st.owner, socket.socket)):
-            raise RuntimeError("only an idle connection over a socket can be detached")
+                or self._pos != self._end or not isinstance(st.owner, socket.socket)
+                or self._proc is not None):
+            raise RuntimeError("only an idle connection over a socket, to a server this "
+                               "client did not start, can be detached")
         sock: socket.socket = st.detach()
         self.stream = None
         self._owner = None

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pynbd.client.blocking import BlockingConnection
 from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, NBDError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
@@ -104,6 +105,13 @@ class End:
     stream = False
     #: Writes and zeroes are discarded (null:): no need to look for zero blocks.
     discards = False
+    #: The operations run in blocking calls in the calling thread, with no event loop (the
+    #: blocking copy: :meth:`go_blocking`); their coroutines then never suspend.
+    blocking = False
+
+    def go_blocking(self) -> None:
+        """Switch to blocking operations for the blocking copy (every connection open)."""
+        self.blocking = True
 
     def is_read_only(self) -> bool:
         return False
@@ -177,7 +185,10 @@ class NbdEnd(End):
         self.want_extents = extents and reading
         #: connection index -> client; each client belongs to the event loop that opened it
         self.clients: dict[int, AsyncClient] = {}
+        #: connection index -> connection, once :meth:`go_blocking` took them over
+        self.conns: dict[int, BlockingConnection] = {}
         self._can_zero = False
+        self._can_flush = False
 
     async def _open_one(self) -> AsyncClient:
         metas = (CONTEXT_BASE_ALLOCATION,) if self.want_extents else ()
@@ -205,6 +216,7 @@ class NbdEnd(End):
         self.clients[0] = c
         self.size = c.size
         self._can_zero = c.can_zero()
+        self._can_flush = c.can_flush()
         pref = c.block_size()[1] if c.export.block_size else 0
         self.preferred = pref if pref > 0 and pref & (pref - 1) == 0 else DEFAULT_PREFERRED
         if c.export.block_size:
@@ -243,8 +255,19 @@ class NbdEnd(End):
         if c is not None:
             c.abort()
 
-    def _c(self, index: int) -> AsyncClient:
-        return self.clients[index]
+    def go_blocking(self) -> None:
+        for i, c in list(self.clients.items()):
+            self.conns[i] = BlockingConnection.take_over(c)
+            del self.clients[i]
+        self.blocking = True
+
+    def _c(self, index: int) -> Any:
+        """The connection: an AsyncClient (awaitable commands), or a BlockingConnection
+        when blocking (the same commands, returning at once)."""
+        return self.conns[index] if self.blocking else self.clients[index]
+
+    async def _call(self, r: Any) -> Any:
+        return r if self.blocking else await r
 
     async def extents(self, index: int, offset: int,
                       count: int) -> list[tuple[int, int, bool]]:
@@ -254,7 +277,7 @@ class NbdEnd(End):
         while offset < end:
             n = min(end - offset, MAX_EXTENTS_REQUEST)
             try:
-                res = await c.block_status(n, offset)
+                res = await self._call(c.block_status(n, offset))
             except (NBDError, OSError) as e:
                 errno, msg = _strerror(e)
                 raise OpError(errno, f"nbd_block_status: block-status: command failed: "
@@ -279,7 +302,7 @@ class NbdEnd(End):
 
     async def read_into(self, index: int, buf: memoryview, offset: int) -> None:
         try:
-            await self._c(index).pread_into(buf, offset)
+            await self._call(self._c(index).pread_into(buf, offset))
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
@@ -289,7 +312,7 @@ class NbdEnd(End):
             raise OpError(E.ENOSPC, "nbd_pwrite: request out of bounds: "
                                     + os.strerror(E.ENOSPC))
         try:
-            await self._c(index).pwrite(buf, offset)
+            await self._call(self._c(index).pwrite(buf, offset))
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}") from None
@@ -298,35 +321,41 @@ class NbdEnd(End):
         if not self._can_zero:
             return False
         try:
-            await self._c(index).zero(count, offset, CmdFlag.NO_HOLE if allocate else 0)
+            await self._call(self._c(index).zero(count, offset,
+                                                 CmdFlag.NO_HOLE if allocate else 0))
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_zero: write_zeroes: command failed: {msg}") from None
         return True
 
-    @staticmethod
-    async def _flush_one(c: AsyncClient) -> None:
+    async def _flush_one(self, c: Any) -> None:
         try:
-            await c.flush()
+            await self._call(c.flush())
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
-            if isinstance(e, CommandError) and not c.can_flush():
+            if isinstance(e, CommandError) and not self._can_flush:
                 msg = f"{e.message}: {os.strerror(errno)}"
             raise OpError(errno, f"nbd_flush: {msg}") from None
 
     async def flush(self) -> None:
-        for c in list(self.clients.values()):
+        for c in [*self.clients.values(), *self.conns.values()]:
             await self._flush_one(c)
 
     async def close(self) -> None:
         clients, self.clients = self.clients, {}
+        conns, self.conns = self.conns, {}
         for c in clients.values():
             await c.close()
+        for b in conns.values():
+            b.close()
 
     def abandon(self) -> None:
         clients, self.clients = self.clients, {}
+        conns, self.conns = self.conns, {}
         for c in clients.values():
             c.abort()
+        for b in conns.values():
+            b.abort()
 
 
 # ------------------------------------------------------------------------------- local
@@ -422,6 +451,13 @@ class FileEnd(End):
     async def read_into(self, index: int, buf: memoryview, offset: int) -> None:
         fd, want, got = self.fd, len(buf), 0
         try:
+            if self.blocking:
+                while got < want:
+                    n = os.preadv(fd, [buf[got:]], offset + got)
+                    if n == 0:
+                        raise OpError(E.EIO, "unexpected end of file")
+                    got += n
+                return
             if self._nowait:
                 # From the page cache without blocking the event loop; what is not cached
                 # is read on a worker thread.

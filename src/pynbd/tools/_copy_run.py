@@ -1,13 +1,20 @@
 """The copying loops of ``pynbd copy`` (nbdcopy's multi-thread-copying.c and synch-copying.c).
 
-Multi-connection copy: the source is cut into 128 MiB work ranges handed out in order to one
-worker per connection. A worker asks the source for the range's extents (only the ZERO bit
-is trusted, as nbdcopy does), turns zero extents into one zero request each on the
-destination and cuts data extents into request-size pieces. Each worker runs ``lanes``
-coroutines, each owning one preallocated buffer: read a piece into it, look for zero blocks
-of ``--sparse`` size, write the data runs from the same buffer and zero the zero runs, then
-take the next piece. Nothing is copied in Python; every completion is checked, and the first
-failure ends the copy with nbdcopy's message.
+The copy: the source is cut into 128 MiB work ranges handed out in order to one worker per
+connection. A worker asks the source for the range's extents (only the ZERO bit is trusted,
+as nbdcopy does), turns zero extents into one zero request each on the destination and cuts
+data extents into request-size pieces. A lane owns one preallocated buffer: read a piece into
+it, look for zero blocks of ``--sparse`` size, write the data runs from the same buffer and
+zero the zero runs, then take the next piece. Nothing is copied in Python; every completion
+is checked, and the first failure ends the copy with nbdcopy's message.
+
+With one connection the worker runs ``lanes`` coroutines on the event loop, many requests in
+flight. With several (multi-conn on both ends), each worker is a thread with one lane, one
+request at a time on its own connections in blocking calls (``End.go_blocking``;
+:mod:`pynbd.client.blocking` for NBD): the same coroutines, which then never suspend, driven
+to the end without an event loop. Measured on 2 cores, that is 10–35% faster than event
+loops in threads: a thread spends its time in system calls (where the others run) and no
+loop wakes up per request.
 
 Synchronous copy (``--synchronous``, and always when either end is a stream): in order, one
 request-size chunk after another, with several reads in flight when the source is NBD.
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 
 from pynbd.tools._copy_ends import PROG, CopyError, End, OpError
 
-__all__ = ["Options", "Progress", "copy_multi", "copy_sync", "zero_runs"]
+__all__ = ["Options", "Progress", "copy_blocking", "copy_multi", "copy_sync", "zero_runs"]
 
 #: Work range a worker takes at a time (nbdcopy's THREAD_WORK_SIZE).
 THREAD_WORK_SIZE = 128 * 1024 * 1024
@@ -360,50 +367,81 @@ class _Copy:
         # null: never looks at what it is given: every lane reads into one buffer, which
         # stays in the CPU cache (measured: 20-25% faster than a buffer per lane).
         shared = bytearray(rs) if dst.discards else None
+        if src.blocking:
+            await lane()  # one request at a time, in this thread (returns without waiting)
+            return
         nlanes = max(1, min(o.requests, o.queue_size // rs))
         async with asyncio.TaskGroup() as tg:
             for _ in range(nlanes):
                 tg.create_task(lane())
 
     async def run_multi(self) -> None:
-        """Worker 0 runs in this event loop on connection 0; workers 1.. each run in a
-        thread of their own with their own event loop and connections (one per side, as
-        nbdcopy pairs thread i with connection i). Python runs one thread at a time, but
-        the kernel copies (socket and file reads and writes) run in parallel."""
-        threads = [threading.Thread(target=self._thread_main, args=(i,),
-                                    name=f"pynbd-copy-{i}", daemon=True)
-                   for i in range(1, self.o.connections)]
-        old_interval = sys.getswitchinterval()
-        if threads:
-            # Each worker thread spends its time in system calls and wants the interpreter
-            # back as soon as one returns: hand it over sooner than every 5 ms.
-            sys.setswitchinterval(SWITCH_INTERVAL)
-        for t in threads:
-            t.start()
+        """One connection: its worker runs on this event loop, many requests in flight."""
         try:
-            try:
-                await self._worker_group(0)
-            except BaseException:
-                self.stop = True  # a failure, or Ctrl-C: the other workers stop too
-                raise
-            finally:
-                # After a failure the other workers stop at their next piece; a server that
-                # no longer answers cannot hold the exit up for more than STOP_WAIT.
-                deadline = None
-                for t in threads:
-                    while t.is_alive():
-                        if self.stop:
-                            now = time.monotonic()
-                            deadline = deadline or now + STOP_WAIT
-                            if now >= deadline:
-                                break
-                        await asyncio.to_thread(t.join, 0.2)
+            await self._worker_group(0)
         except _Failed:
             pass
+        if self.error is not None:
+            raise CopyError(self.error)
+
+    async def run_blocking(self) -> None:
+        """Every worker in a thread of its own, one request at a time on its own
+        connections, in blocking calls (each end switched with ``go_blocking``): the same
+        worker coroutines, driven to the end without an event loop, for they never wait
+        on one. Each thread spends its time in system calls, where it lets the others run;
+        nothing is queued between threads and no loop wakes up per request."""
+        src, dst = self.src, self.dst
+        try:
+            await asyncio.gather(*(end.open_conn(i) for i in range(1, self.o.connections)
+                                   for end in (src, dst)))
+        except CopyError as e:
+            raise CopyError(str(e)) from None
+        src.go_blocking()
+        dst.go_blocking()
+        threads = [threading.Thread(target=self._blocking_main, args=(i,),
+                                    name=f"pynbd-copy-{i}", daemon=True)
+                   for i in range(self.o.connections)]
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        try:
+            for t in threads:
+                t.start()
+            await asyncio.to_thread(self._join, threads)
         finally:
             sys.setswitchinterval(old_interval)
         if self.error is not None:
             raise CopyError(self.error)
+
+    def _join(self, threads: list[threading.Thread]) -> None:
+        """Wait for the threads; after a failure, give the others STOP_WAIT to finish the
+        request in hand, then cut the connections they may be blocked on."""
+        deadline = None
+        for t in threads:
+            while t.is_alive():
+                t.join(0.1)
+                if self.stop and t.is_alive():
+                    now = time.monotonic()
+                    deadline = deadline or now + STOP_WAIT
+                    if now >= deadline:
+                        self.src.abandon()
+                        self.dst.abandon()
+                        t.join(STOP_WAIT)
+                        break
+
+    def _blocking_main(self, index: int) -> None:
+        coro = self.worker(index)
+        try:
+            try:
+                coro.send(None)
+            except StopIteration:
+                return
+            coro.close()
+            raise RuntimeError("a blocking copy worker waited on an event loop")
+        except _Failed:
+            pass
+        except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
+            self.fail(str(e) if isinstance(e, CopyError)
+                      else f"{PROG}: {e or type(e).__name__}")
 
     async def _worker_group(self, index: int) -> None:
         try:
@@ -416,35 +454,6 @@ class _Copy:
                 elif not isinstance(e, _Failed):
                     self.fail(f"{PROG}: {e or type(e).__name__}")
             raise _Failed(self.error or "") from None
-
-    def _thread_main(self, index: int) -> None:
-        try:
-            asyncio.run(self._thread_worker(index))
-        except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
-            if not isinstance(e, _Failed):
-                self.fail(str(e) if isinstance(e, CopyError)
-                          else f"{PROG}: {e or type(e).__name__}")
-
-    async def _thread_worker(self, index: int) -> None:
-        src, dst = self.src, self.dst
-        ok = False
-        try:
-            try:
-                await src.open_conn(index)
-                await dst.open_conn(index)
-            except CopyError as e:
-                raise self.fail(str(e)) from None
-            await self._worker_group(index)
-            await src.close_conn(index, False)
-            try:
-                await dst.close_conn(index, self.o.flush)
-            except OpError as e:
-                raise self.fail(f"{dst.name}: {e.detail}") from None
-            ok = True
-        finally:
-            if not ok:
-                src.abandon_conn(index)
-                dst.abandon_conn(index)
 
     # -- synchronous ----------------------------------------------------------------------
     async def run_sync(self) -> None:
@@ -542,6 +551,10 @@ def _leaves(eg: BaseExceptionGroup) -> list[BaseException]:
 
 async def copy_multi(src: End, dst: End, opts: Options, progress: Progress) -> None:
     await _Copy(src, dst, opts, progress).run_multi()
+
+
+async def copy_blocking(src: End, dst: End, opts: Options, progress: Progress) -> None:
+    await _Copy(src, dst, opts, progress).run_blocking()
 
 
 async def copy_sync(src: End, dst: End, opts: Options, progress: Progress) -> None:

@@ -18,7 +18,6 @@ the ``--progress=FD`` lines are exactly nbdcopy's. The user guide is docs/copy.m
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pynbd.tools._copy_ends import (
     human_size,
     open_local,
 )
-from pynbd.tools._copy_run import Options, Progress, copy_multi, copy_sync
+from pynbd.tools._copy_run import Options, Progress, copy_blocking, copy_multi, copy_sync
 
 __all__ = ["main"]
 
@@ -321,10 +320,11 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
                             "the destination is read-only, cannot write to it")
         if not src.can_multi_conn() or not dst.can_multi_conn():
             connections = 1
-        threads = s.threads or (os.cpu_count() or 1)
         if synchronous:
             connections = 1
-        threads = min(threads, connections)
+        # Each thread is one request in flight on its own connections, in blocking calls
+        # (nbdcopy's default is a thread per CPU, each with many requests in flight).
+        threads = min(s.threads or connections, connections)
         connections = threads
 
         if s.request_size is None:
@@ -361,6 +361,8 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
         progress(0, 1)
         if synchronous:
             await copy_sync(src, dst, opts, progress)
+        elif connections > 1:
+            await copy_blocking(src, dst, opts, progress)
         else:
             await copy_multi(src, dst, opts, progress)
         progress(1, 1)
