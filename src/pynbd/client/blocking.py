@@ -195,6 +195,32 @@ class BlockingConnection:
         return int(_U64.unpack_from(self._hdr, 0)[0])
 
     # -- commands
+    def pread_simple(self, buf: memoryview, offset: int, count: int) -> None:
+        """Read ``count`` bytes at ``offset`` into ``buf[16:16 + count]``, in one receive
+        with the 16-byte simple reply header, which lands in ``buf[:16]`` (where a caller
+        can put a header of its own and send the whole). Simple replies only."""
+        if self.structured:
+            raise ValueError("pread_simple needs simple replies")
+        cookie = self.send(READ, offset, count)
+        end = _SIMPLE.size + count
+        try:
+            # Only this reply can arrive: ask for all of it; an error is the header alone.
+            got = self.sock.recv_into(buf[:end])
+        except OSError as e:
+            raise self._gone(f"recv: {e.strerror or e}") from None
+        if got == 0:
+            raise self._gone("the server closed the connection")
+        if got < _SIMPLE.size:
+            self.recv_into(buf[:_SIMPLE.size], got)
+            got = _SIMPLE.size
+        self._hdr[:_SIMPLE.size] = buf[:_SIMPLE.size]
+        err = self._simple(cookie)
+        if err:
+            if got > _SIMPLE.size:
+                raise self._gone("the server sent data with an error reply")
+            raise CommandError(err)
+        self.recv_into(buf[:end], got)
+
     def pread_into(self, data: memoryview, offset: int, flags: int = 0) -> None:
         self.reply(self.send(READ, offset, data.nbytes, flags), data, offset)
 

@@ -1,19 +1,19 @@
 """``pynbd fuse`` worker processes that answer one request at a time in blocking calls.
 
-With a server that allows multi-conn, ``pynbd fuse`` starts worker processes beside the main
-one, each with its own NBD connection. A worker here has no event loop: it reads a request
-from its own clone of the FUSE device (``FUSE_DEV_IOC_CLONE``) in a blocking ``read``, sends
-the NBD request, receives the reply and writes the FUSE reply — four system calls and a few
-lines of Python per request, as libfuse's threads do it in nbdfuse. The kernel wakes one
-blocked reader per request, so the workers share the requests without a thundering herd, and
-a request a worker took is failed by the kernel (never left hanging) if the worker dies.
+With a server that allows multi-conn, ``pynbd fuse`` starts worker processes, each with its
+own NBD connection (:class:`pynbd.client.blocking.BlockingConnection`). A worker has no event
+loop: it reads a request from its own clone of the FUSE device (``FUSE_DEV_IOC_CLONE``) in a
+blocking ``read``, sends the NBD request, receives the reply and writes the FUSE reply —
+four system calls and a few lines of Python per request, as libfuse's threads do it in
+nbdfuse. The kernel wakes one blocked reader per request, so the workers share the requests
+without a thundering herd, and a request a worker took is failed by the kernel (never left
+hanging) if the worker dies.
 
-Replies are simple NBD replies (the connection is negotiated without structured replies):
-a read's data follows its 16-byte header, which is exactly the size of the FUSE reply
-header, so the data is received once, into the buffer the FUSE reply is written from.
+The connection is negotiated without structured replies: a read's data follows its 16-byte
+simple reply header, which is exactly the size of the FUSE reply header, so header and data
+are received in one call into the buffer the FUSE reply is then written from.
 
-The main process keeps its event loop: it owns the mount, answers requests too (with many
-in flight on its connection: sequential reads with readahead), and stops the workers.
+The main process mounts, starts the workers, and unmounts when they are done.
 """
 
 from __future__ import annotations
@@ -22,34 +22,22 @@ import errno
 import fcntl
 import os
 import signal
-import socket
 import struct
 from typing import Any
 
-from pynbd.protocol.constants import nbd_to_errno
+from pynbd.client.blocking import BlockingConnection, ServerGone
+from pynbd.errors import CommandError
 from pynbd.tools import _fuse_kernel as fk
 
 __all__ = ["clone_device", "serve"]
 
 #: _IOR(229, 0, uint32_t): attach a new /dev/fuse descriptor to an existing connection.
 FUSE_DEV_IOC_CLONE = 0x8004E500
-
-_REQUEST = struct.Struct(">IHHQQI")  # magic flags type cookie offset length
-_REQUEST_MAGIC = 0x25609513
-_SIMPLE = struct.Struct(">IIQ")  # magic error cookie
-_SIMPLE_MAGIC = 0x67446698
-_OUT = fk.OUT_HEADER  # len error unique: also 16 bytes
-assert _SIMPLE.size == _OUT.size == 16
-
-_READ, _WRITE, _DISC, _FLUSH, _TRIM, _ZERO = 0, 1, 2, 3, 4, 6
+_OUT = fk.OUT_HEADER  # len error unique: 16 bytes, as a simple NBD reply's header
 
 
 class _Stop(Exception):
     """Raised by the signal handler while the worker waits for a request."""
-
-
-class ServerGone(ConnectionError):
-    pass
 
 
 class GaveUp(ServerGone):
@@ -68,81 +56,16 @@ def clone_device(fd: int) -> int:
     return new
 
 
-class Connection:
-    """One NBD connection, one command at a time, simple replies, blocking socket."""
-
-    def __init__(self, sock: socket.socket, max_count: int) -> None:
-        self.sock = sock
-        self.cookie = 0
-        #: A read's reply lands at [0:16] (header) and [16:16+count] (data).
-        self.buf = bytearray(_SIMPLE.size + max_count)
-        self.view = memoryview(self.buf)
-        self.failure: BaseException | None = None
-
-    def _send(self, cmd: int, offset: int, count: int, payload: Any = None) -> int:
-        self.cookie += 1
-        hdr = _REQUEST.pack(_REQUEST_MAGIC, 0, cmd, self.cookie, offset, count)
-        if payload is None:
-            self.sock.sendall(hdr)
-        else:
-            parts = [memoryview(hdr), memoryview(payload)]
-            while parts:
-                n = self.sock.sendmsg(parts)
-                while parts and n >= parts[0].nbytes:
-                    n -= parts[0].nbytes
-                    parts.pop(0)
-                if n:
-                    parts[0] = parts[0][n:]
-        return self.cookie
-
-    def _recv(self, want: int, got: int = 0) -> int:
-        """Receive into buf[got:want]; returns ``want``."""
-        view, sock = self.view, self.sock
-        while got < want:
-            n = sock.recv_into(view[got:want])
-            if n == 0:
-                raise ServerGone("the server closed the connection")
-            got += n
-        return got
-
-    def _check(self, cookie: int) -> int:
-        magic, error, c = _SIMPLE.unpack_from(self.buf, 0)
-        if magic != _SIMPLE_MAGIC or c != cookie:
-            raise ServerGone("the server sent a reply that does not match the request")
-        return nbd_to_errno(error) if error else 0
-
-    def read(self, offset: int, count: int) -> int:
-        """Read into buf[16:16+count]; 0 or an errno."""
-        cookie = self._send(_READ, offset, count)
-        # Only this reply can arrive: ask for all of it; an error reply is the header alone.
-        got = self.sock.recv_into(self.view, _SIMPLE.size + count)
-        if got == 0:
-            raise ServerGone("the server closed the connection")
-        got = self._recv(_SIMPLE.size, got)
-        err = self._check(cookie)
-        if err:
-            if got > _SIMPLE.size:
-                raise ServerGone("the server sent data with an error reply")
-            return err
-        self._recv(_SIMPLE.size + count, got)
-        return 0
-
-    def command(self, cmd: int, offset: int, count: int, payload: Any = None) -> int:
-        """Any other command: 0 or an errno."""
-        cookie = self._send(cmd, offset, count, payload)
-        self._recv(_SIMPLE.size)
-        return self._check(cookie)
-
-    def disconnect(self) -> None:
-        try:
-            self._send(_DISC, 0, 0)
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self.sock.close()
+def _errno(fn: Any, *args: Any) -> int:
+    """Run one command: 0, or the errno the server answered."""
+    try:
+        fn(*args)
+    except CommandError as e:
+        return e.errno
+    return 0
 
 
-def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) -> str:
+def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[bool]) -> str:
     """Answer requests on ``dev`` until the mount goes away (returns why) or a signal says
     stop (``_Stop`` from the handler while waiting, or ``stopping[0]`` set). ``f`` is the
     tool's NbdFile: its rules (size, read-only, what fallocate becomes) and its answers to
@@ -154,7 +77,7 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
     read_in = fk.READ_IN.unpack_from
     in_header = fk.IN_HEADER.unpack_from
     out_pack = _OUT.pack_into
-    rview = conn.view
+    rview = memoryview(bytearray(_OUT.size + fk.MAX_WRITE))
     size = f.size
     verbose = f.o.verbose
     waiting = stopping  # [stop requested, waiting for a request]
@@ -183,8 +106,8 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
                 if offset >= size:
                     dev.reply(unique)
                     continue
-                count = min(count, size - offset, len(buf) - _SIMPLE.size)
-                err = conn.read(offset, count) if conn.failure is None else errno.EIO
+                count = min(count, size - offset, fk.MAX_WRITE)
+                err = _errno(conn.pread_simple, rview, offset, count)
                 if err:
                     dev.reply_error(unique, err)
                     continue
@@ -202,7 +125,7 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
                     dev.reply_error(unique, -n_ok)
                     continue
                 start = hdr_size + fk.WRITE_IN.size
-                err = _command(conn, _WRITE, offset, n_ok, view[start:start + n_ok])
+                err = _errno(conn.pwrite, view[start:start + n_ok], offset)
                 if err:
                     dev.reply_error(unique, err)
                 else:
@@ -211,7 +134,7 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
                 f.debug("fsync")
                 err = 0
                 if not f.readonly and f.can_flush:
-                    err = _command(conn, _FLUSH, 0, 0)
+                    err = _errno(conn.flush)
                 dev.reply_error(unique, err) if err else dev.reply(unique)
             elif opcode == fk.FALLOCATE:
                 _, offset, length, mode, _ = fk.FALLOCATE_IN.unpack_from(view, hdr_size)
@@ -224,9 +147,9 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
                 err = 0
                 for pos, cnt in f.fallocate_steps(op, offset, end):
                     if op == "write":
-                        err = _command(conn, _WRITE, pos, cnt, bytes(cnt))
+                        err = _errno(conn.pwrite, bytes(cnt), pos)
                     else:
-                        err = _command(conn, _TRIM if op == "trim" else _ZERO, pos, cnt)
+                        err = _errno(conn.trim if op == "trim" else conn.zero, cnt, pos)
                     if err:
                         break
                 dev.reply_error(unique, err) if err else dev.reply(unique)
@@ -236,19 +159,13 @@ def serve(f: Any, dev: fk.FuseDevice, conn: Connection, stopping: list[bool]) ->
                 pass
             else:
                 f.handle_meta(opcode, unique, nodeid, view[hdr_size:n])
-        except (OSError, ServerGone) as e:
+        except OSError as e:  # ServerGone among them
             # The server went away (or broke the protocol): this and every later data
             # request is EIO; the mount stays answerable.
             if conn.failure is None:
-                conn.failure = e
+                conn.failure = ServerGone(str(e))
             f.reply_failure(unique, e)
     return "stopped"
-
-
-def _command(conn: Connection, cmd: int, offset: int, count: int, payload: Any = None) -> int:
-    if conn.failure is not None:
-        return errno.EIO
-    return conn.command(cmd, offset, count, payload)
 
 
 def install_stop_handler(stopping: list[bool], grace: float) -> None:

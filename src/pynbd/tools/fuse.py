@@ -887,6 +887,8 @@ def serve_worker(spec: dict[str, Any]) -> int:
     """A worker process (:mod:`pynbd.tools._fuse_sync`): serve a clone of the FUSE device it
     was handed until the mount goes away or it is told to stop (SIGTERM from the main
     process), then flush and disconnect."""
+    from pynbd.client.blocking import BlockingConnection
+    from pynbd.errors import CommandError
     from pynbd.tools import _fuse_sync as fs
 
     o = Options(**spec["options"])
@@ -906,31 +908,28 @@ def serve_worker(spec: dict[str, Any]) -> int:
             stopping[1] = True
             nbd = asyncio.run(connect(o, 1, structured=False, meta_contexts=()))
             stopping[1] = False
-            sock = nbd.detach()
+            conn = BlockingConnection.take_over(nbd)
         except fs._Stop:
             return WORKER_DID_NOT_START
         except Exception as e:  # noqa: BLE001
             print(f"{PROG}: extra connection: {_errmsg(e)}", file=sys.stderr)
             return WORKER_DID_NOT_START
         if stopping[0]:
-            sock.close()
+            conn.close()
             return WORKER_DID_NOT_START
         f = NbdFile(o, nbd)
         dev = fk.FuseDevice(dev_fd, max_readahead=spec.get("readahead"))
         f.ch = dev
-        conn = fs.Connection(sock, fk.MAX_WRITE)
         why = fs.serve(f, dev, conn, stopping)
         f.debug(f"worker {os.getpid()}: {why}")
         if not f.readonly and f.can_flush and conn.failure is None:
             fs.arm(RELEASE_TIMEOUT)
             try:
-                err = conn.command(fs._FLUSH, 0, 0)
-                if err:
-                    print(f"{PROG}: flush at unmount: {os.strerror(err)}", file=sys.stderr)
-            except (OSError, fs.ServerGone) as e:
+                conn.flush()
+            except (OSError, CommandError) as e:
                 print(f"{PROG}: flush at unmount: {_errmsg(e)}", file=sys.stderr)
         fs.disarm()
-        conn.disconnect()
+        conn.close()
         return WORKER_UNMOUNTED if why == "unmounted" else WORKER_STOPPED
     finally:
         os.close(dev_fd)
