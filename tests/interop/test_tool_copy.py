@@ -292,6 +292,59 @@ def test_failures_match_nbdcopy(capsys: pytest.CaptureFixture[str], case: str) -
     assert norm(messages(err)) == norm(messages(terr))[:1]
 
 
+URI_ERRORS = {
+    "pread": (("--filter=error", "pattern", "4M", "error-pread-rate=1"), None),
+    "pwrite": (("pattern", "4M"), ("--filter=error", "memory", "4M", "error-pwrite-rate=1")),
+    "zero": (("memory", "4M"), ("--filter=error", "memory", "4M", "error-zero-rate=1")),
+    "extents": (("--filter=error", "memory", "4M", "error-extents-rate=1"), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(URI_ERRORS))
+def test_failures_over_several_connections(capsys: pytest.CaptureFixture[str], nbdkit_server,
+                                           case: str) -> None:
+    """The same failures on servers that allow multi-conn, reached by URI: the copy runs
+    one thread per connection in blocking calls, and still fails with nbdcopy's message
+    and status. Each tool gets servers of its own."""
+    src_args, dst_args = URI_ERRORS[case]
+    results = []
+    for tool in (ours, theirs):
+        src = nbdkit_server(*src_args)
+        dst = nbdkit_server(*dst_args) if dst_args else None
+        args = ["-C", "4", "-T", "4", src.uri, dst.uri if dst else "null:"]
+        results.append(tool(capsys, *args) if tool is ours else tool(*args))
+        for s in (src, dst):
+            if s is not None:
+                s.stop(check=False)  # nbdkit 1.32 may abort when a client hangs up early
+    (rc, err), (trc, terr) = results
+    assert rc == trc == 1
+
+    def norm(lines: list[str]) -> list[str]:
+        return [re.sub(r"at offset \d+", "at offset N", re.sub(r"nbdkit\d+\.sock", "S", x))
+                for x in lines]
+
+    assert norm(messages(err)) == norm(messages(terr))[:1]
+
+
+def test_server_killed_mid_copy(nbdkit_server) -> None:
+    """The source dies while every thread waits on it: the copy fails at once with a
+    message, no thread left hanging."""
+    import threading
+    import time
+
+    src = nbdkit_server("--filter=delay", "pattern", "64M", "rdelay=2")
+    dst = nbdkit_server("memory", "64M")
+    threading.Timer(0.5, src.proc.kill).start()
+    t = time.monotonic()
+    cp = subprocess.run([*PYNBD, "copy", "-C", "4", "-T", "4", src.uri, dst.uri],
+                        capture_output=True, text=True, timeout=60, check=False)
+    assert time.monotonic() - t < 10
+    assert cp.returncode == 1, cp.stderr
+    assert re.fullmatch(r"pynbd copy: read at offset \d+ failed: Input/output error\n",
+                        cp.stderr), cp.stderr
+    src.stop(check=False)
+
+
 def test_partial_read_errors_fail(capsys: pytest.CaptureFixture[str], mixed: Path) -> None:
     """One read in ten fails: the copy fails, whatever the order of completions. (A server
     started for this copy only: nbdkit 1.32 can abort when a client hangs up with replies
