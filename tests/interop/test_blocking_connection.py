@@ -11,26 +11,31 @@ from helpers import run_async
 
 from pynbd.client import AsyncClient
 from pynbd.client.blocking import BlockingConnection, ServerGone
-from pynbd.errors import CommandError
+from pynbd.errors import CommandError, NBDError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION
 
 MiB = 1 << 20
 
 
-def blocking(uri: str, *, structured: bool = True) -> BlockingConnection:
+def blocking(uri: str, *, structured: bool = True, how: str = "connect") -> BlockingConnection:
+    metas = (CONTEXT_BASE_ALLOCATION,) if structured else ()
+    if how == "connect":
+        return BlockingConnection.connect(uri, structured=structured, meta_contexts=metas)
+
     async def go() -> AsyncClient:
-        return await AsyncClient.connect(
-            uri, structured=structured,
-            meta_contexts=(CONTEXT_BASE_ALLOCATION,) if structured else ())
+        return await AsyncClient.connect(uri, structured=structured, meta_contexts=metas)
 
     return BlockingConnection.take_over(run_async(go()))
 
 
+@pytest.mark.parametrize("how", ["connect", "take_over"])
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
-def test_every_command_on_nbdkit(nbdkit_server, structured: bool) -> None:
+def test_every_command_on_nbdkit(nbdkit_server, structured: bool, how: str) -> None:
     srv = nbdkit_server("memory", "4M")
-    c = blocking(srv.uri, structured=structured)
+    c = blocking(srv.uri, structured=structured, how=how)
     try:
+        assert c.size == 4 * MiB and c.can_zero() and c.can_multi_conn() and c.connected
+        assert c.structured == structured and c.protocol == "newstyle-fixed"
         data = bytes(range(256)) * 4096  # 1 MiB
         c.pwrite(data, MiB)
         buf = bytearray(MiB)
@@ -135,3 +140,29 @@ def test_abort_unblocks_a_waiting_thread(nbdkit_server) -> None:
     t.join(5)
     assert not t.is_alive()
     assert got and isinstance(got[0], ServerGone), got
+
+
+def test_connect_without_asyncio(nbdkit_server) -> None:
+    """Connecting and copying with blocking connections never loads asyncio (what keeps
+    `pynbd copy`'s start-up short)."""
+    import subprocess
+    import sys
+
+    srv = nbdkit_server("memory", "1M")
+    code = ("import sys\n"
+            "from pynbd.client.blocking import BlockingConnection\n"
+            f"c = BlockingConnection.connect({srv.uri!r})\n"
+            "c.pwrite(b'a' * 512, 0); b = bytearray(512); c.pread_into(memoryview(b), 0)\n"
+            "assert b == b'a' * 512; c.close()\n"
+            "print('asyncio' in sys.modules)\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=30, check=True)
+    assert cp.stdout == "False\n", cp.stderr
+
+
+def test_connect_failures_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        BlockingConnection.connect(f"nbd+unix:///?socket={tmp_path}/none.sock")
+    with pytest.raises(NBDError, match="TLS"):
+        BlockingConnection.connect("nbds://localhost/")
+

@@ -2,10 +2,11 @@
 
 For workers that each own a connection in a thread or process of their own (``pynbd fuse``'s
 worker processes, ``pynbd copy``'s threads): a command is one ``send`` and a reply received
-straight into the caller's buffer, with no event loop in between. The connection is made and
-negotiated by :class:`pynbd.client.AsyncClient` and handed over with
-:meth:`~pynbd.client.AsyncClient.detach`; simple and structured replies are understood
-(extended headers are not: do not negotiate them for a connection meant for this).
+straight into the caller's buffer, with no event loop in between. :meth:`BlockingConnection.
+connect` negotiates in blocking calls with the engine's own negotiation
+(:mod:`pynbd.client.negotiate`), without importing asyncio; a connection negotiated by
+:class:`pynbd.client.AsyncClient` can also be handed over (:meth:`~BlockingConnection.
+take_over`). Simple and structured replies are understood; extended headers are not.
 
 Failures: a command the server refuses raises :class:`pynbd.errors.CommandError` (with the
 errno); a broken connection or a protocol violation raises :class:`ServerGone`, and every
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
+from pynbd.client.negotiate import Negotiation, drive, uri_target
 from pynbd.errors import CommandError
 from pynbd.protocol.constants import (
+    CONTEXT_BASE_ALLOCATION,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
@@ -47,22 +51,75 @@ class ServerGone(ConnectionError):
     """The connection broke, or the server broke the protocol."""
 
 
-class BlockingConnection:
-    """One negotiated NBD connection on a blocking socket (see the module's documentation).
+class _SocketStream:
+    """What :class:`~pynbd.client.negotiate.Negotiation` reads and writes through, on a
+    blocking socket: ``read_some`` returns at once."""
 
-    ``structured``: whether structured replies were negotiated; ``contexts``: the
-    negotiated metadata contexts (id -> name), for :meth:`block_status`."""
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
 
-    def __init__(self, sock: socket.socket, *, structured: bool,
-                 contexts: dict[int, str] | None = None) -> None:
+    async def read_some(self, n: int = 65536) -> bytes:
+        try:
+            return self.sock.recv(n)
+        except (ConnectionResetError, BrokenPipeError):
+            return b""
+
+    def write(self, bufs: list[Any]) -> None:
+        self.sock.sendall(b"".join(bytes(b) for b in bufs))
+
+
+class BlockingConnection(Negotiation):
+    """One NBD connection on a blocking socket (see the module's documentation): made by
+    :meth:`connect`, or taken over from a negotiated AsyncClient (:meth:`take_over`). The
+    export's properties (``size``, ``can_zero()``, ``block_size()``...) are the engine's."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._init_negotiation()
         sock.setblocking(True)
         self.sock = sock
-        self.structured = structured
-        self.contexts = dict(contexts or {})
+        self.stream = _SocketStream(sock)
         self.cookie = 0
         self.failure: ServerGone | None = None
         self._hdr = bytearray(_CHUNK.size)
         self._hview = memoryview(self._hdr)
+
+    @classmethod
+    def connect(cls, uri: str | None = None, *, unix: str | None = None,
+                host: str | None = None, port: int = 10809,
+                vsock: tuple[int, int] | None = None, export_name: str = "",
+                meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
+                structured: bool = True) -> BlockingConnection:
+        """Connect and negotiate in blocking calls (as
+        :meth:`pynbd.client.AsyncClient.connect`, for a URI or a Unix, TCP or vsock
+        address; never extended headers)."""
+        if uri is not None:
+            t = uri_target(uri)
+            export_name = t["export_name"]
+            unix, vsock = t.get("unix"), t.get("vsock")
+            host, port = t.get("host"), t.get("port", port)
+        if unix is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: Any = unix
+        elif vsock is not None:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            target = vsock
+        elif host is not None:
+            sock = socket.create_connection((host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = None
+        else:
+            raise ValueError("nothing to connect to: give a URI, unix=, host= or vsock=")
+        try:
+            if target is not None:
+                sock.connect(target)
+            c = cls(sock)
+            c.request_structured = structured
+            c._meta_requested = list(meta_contexts)
+            drive(c._handshake(export_name))
+        except BaseException:
+            sock.close()
+            raise
+        return c
 
     @classmethod
     def take_over(cls, client: Any) -> BlockingConnection:
@@ -70,8 +127,13 @@ class BlockingConnection:
         connection here."""
         if client.extended:
             raise ValueError("a blocking connection does not speak extended headers")
+        hs, export, protocol = client.hs, client.export, client.protocol
         structured, contexts = client.structured, dict(client.meta_contexts)
-        return cls(client.detach(), structured=structured, contexts=contexts)
+        c = cls(client.detach())
+        c.hs, c.export, c.protocol = hs, export, protocol
+        c.structured, c.meta_contexts = structured, contexts
+        c.connected = True
+        return c
 
     # -- sending and receiving
     def send(self, cmd: int, offset: int, count: int, flags: int = 0,
@@ -169,7 +231,7 @@ class BlockingConnection:
                     (ctx,) = struct.unpack_from(">I", body, 0)
                     entries = [struct.unpack_from(">II", body, i)
                                for i in range(4, length - 7, 8)]
-                    name = self.contexts.get(ctx)
+                    name = self.meta_contexts.get(ctx)
                     if name is not None:
                         contexts[name] = entries
                 elif rtype & _ERROR_BIT:
@@ -243,8 +305,21 @@ class BlockingConnection:
         self.reply(self.send(BLOCK_STATUS, offset, count, flags), contexts=out)
         return out
 
+    def detach(self) -> socket.socket:
+        """Hand the connection over (nothing is in flight between commands): return the
+        socket; this object is closed, without NBD_CMD_DISC."""
+        if self.closed or self.failure is not None:
+            raise RuntimeError("only a working connection can be detached")
+        self.closed = True
+        self.connected = False
+        return self.sock
+
     def close(self) -> None:
         """Send NBD_CMD_DISC (if the connection still works) and close."""
+        if self.closed:
+            return
+        self.closed = True
+        self.connected = False
         if self.failure is None:
             try:
                 self.send(DISC, 0, 0)
@@ -256,6 +331,8 @@ class BlockingConnection:
     def abort(self) -> None:
         """Close at once: a thread blocked on this connection returns with an error."""
         self._gone("the connection was aborted")
+        self.closed = True
+        self.connected = False
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -18,23 +18,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
 from pynbd.errors import (
     CommandError,
     LocalProtocolError,
     NBDError,
-    OptionError,
     ProtocolError,
     RemoteProtocolError,
 )
-from pynbd.protocol import options as O
 from pynbd.protocol.client import (
-    NEED_DATA,
-    ClientHandshake,
     CState,
-    ExportReply,
-    Greeting,
-    OldstyleGreeting,
-    OptionReply,
 )
 from pynbd.protocol.constants import (
     CONTEXT_BASE_ALLOCATION,
@@ -50,12 +43,9 @@ from pynbd.protocol.constants import (
     STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
-    Info,
     Opt,
-    Rep,
     ReplyFlag,
     ReplyType,
-    TxFlag,
     nbd_to_errno,
 )
 from pynbd.stream import FdStream
@@ -130,16 +120,6 @@ ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 
 @dataclass
-class ExportInfo:
-    name: str = ""
-    size: int = 0
-    eflags: int = 0
-    description: str | None = None
-    canonical_name: str | None = None
-    block_size: tuple[int, int, int] | None = None
-
-
-@dataclass
 class _Pending:
     cookie: int
     cmd: int
@@ -156,7 +136,7 @@ class _Pending:
     flags: int = 0
 
 
-class AsyncClient:
+class AsyncClient(Negotiation):
     """An NBD client connection. Create with :meth:`connect` (or the connect_* helpers)."""
 
     def __init__(self) -> None:
@@ -164,24 +144,9 @@ class AsyncClient:
         self.stream: FdStream | None = None
         self._owner: Any = None
         self._proc: Any = None
-        self.hs = ClientHandshake()
-        self.structured = False
-        self.extended = False
-        self.export = ExportInfo()
-        self.meta_contexts: dict[int, str] = {}
-        self._meta_requested: list[str] = []
+        self._init_negotiation()
         self.strict: bool | int = True
         self._strict_rules: dict[tuple[int, int, int], Any] = {}
-        self.handshake_flags = 3
-        self.request_structured = True
-        self.request_extended = False
-        self.request_block_size = True
-        self.full_info = False
-        self.opt_mode = False
-        self.protocol = ""
-        self.tls_negotiated = False
-        self.connected = False
-        self.closed = False
         self.failure: BaseException | None = None
         #: Seconds a command may wait for its reply (None: forever). When one times out the
         #: connection is failed: every pending command gets a TimeoutError.
@@ -255,18 +220,10 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         self.loop = loop
         if uri is not None:
-            from pynbd.protocol.uri import parse_uri
-
-            u = parse_uri(uri)
-            if u.tls:
-                raise NBDError("TLS (nbds URIs) is not supported yet by this version of pynbd")
-            export_name = u.export
-            if u.transport == "unix":
-                unix = u.socket
-            elif u.transport == "vsock":
-                vsock = (u.vsock_cid, u.port)
-            else:
-                host, port = u.host or "localhost", u.port
+            t = uri_target(uri)
+            export_name = t["export_name"]
+            unix, vsock = t.get("unix"), t.get("vsock")
+            host, port = t.get("host"), t.get("port", port)
         if sock is None:
             if unix is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -354,7 +311,7 @@ class AsyncClient:
         # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
         # exec keeps the shell's pid, which is what LISTEN_PID must name.
         wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
-        self._proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+        self._proc = subprocess.Popen(
             ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
 
     def _close_stream(self) -> None:
@@ -362,6 +319,23 @@ class AsyncClient:
             self.stream.close()
         elif self._owner is not None:
             self._owner.close()
+
+    @classmethod
+    def adopt(cls, conn: Any) -> AsyncClient:
+        """Go on, on the running event loop, with a connection negotiated in blocking calls
+        (a :class:`pynbd.client.blocking.BlockingConnection`, which is closed afterwards
+        without NBD_CMD_DISC): the same NBD session, its export and options as negotiated."""
+        c = cls()
+        c.loop = asyncio.get_running_loop()
+        c.hs, c.export, c.protocol = conn.hs, conn.export, conn.protocol
+        c.structured, c.extended = conn.structured, conn.extended
+        c.meta_contexts = dict(conn.meta_contexts)
+        sock = conn.detach()
+        sock.setblocking(False)
+        c._owner = sock
+        c.stream = FdStream(c.loop, sock.fileno(), owner=sock)
+        c._enter_transmission()
+        return c
 
     def detach(self) -> socket.socket:
         """Hand the negotiated connection over: return its socket (blocking) for the caller to
@@ -441,158 +415,7 @@ class AsyncClient:
                 p.wait()
 
     # ==================================================================================
-    # negotiation
-    async def _recv_event(self) -> Any:
-        assert self.stream is not None
-        while True:
-            ev = self.hs.next_event()
-            if ev is not NEED_DATA:
-                return ev
-            data = await self.stream.read_some()
-            if not data:
-                raise RemoteProtocolError("server closed the connection during the handshake")
-            self.hs.receive_data(data)
-
-    async def _handshake(self, export_name: str) -> None:
-        assert self.stream is not None
-        self.hs = ClientHandshake(self.handshake_flags)
-        ev = await self._recv_event()
-        if isinstance(ev, OldstyleGreeting):
-            self.protocol = "oldstyle"
-            self.export = ExportInfo("", ev.size, ev.eflags)
-            self._enter_transmission()
-            return
-        assert isinstance(ev, Greeting)
-        self.stream.write([self.hs.client_flags()])
-        if not self.hs.fixed_newstyle:
-            self.protocol = "newstyle"
-            await self._export_name(export_name)
-            return
-        self.protocol = "newstyle-fixed"
-        if self.request_extended:
-            try:
-                await self.opt_extended_headers()
-            except OptionError:
-                pass
-        if self.request_structured and not self.extended:
-            try:
-                await self.opt_structured_reply()
-            except OptionError:
-                pass
-        if (self.structured or self.extended) and self._meta_requested:
-            try:
-                await self.opt_set_meta_context(self._meta_requested, export_name)
-            except OptionError:
-                self.meta_contexts = {}
-        self.export.name = export_name
-        if not self.opt_mode:
-            await self.opt_go(export_name)
-
-    async def _option(self, opt: int, data: bytes = b"") -> list[OptionReply]:
-        """Send one option and collect its replies up to the final one."""
-        assert self.stream is not None
-        if self.connected or self.closed:
-            raise LocalProtocolError("not negotiating")
-        self.stream.write([self.hs.option(opt, data)])
-        replies = []
-        while True:
-            ev = await self._recv_event()
-            assert isinstance(ev, OptionReply)
-            replies.append(ev)
-            if ev.type == Rep.ACK or ev.is_error:
-                return replies
-
-    @staticmethod
-    def _check(replies: list[OptionReply], what: str) -> list[OptionReply]:
-        last = replies[-1]
-        if last.is_error:
-            msg = last.data.decode("utf-8", "replace")
-            raise OptionError(last.type, f"{what}: {msg}" if msg else f"{what} failed")
-        return replies[:-1]
-
-    async def opt_structured_reply(self) -> None:
-        self._check(await self._option(Opt.STRUCTURED_REPLY), "structured replies")
-        self.structured = True
-
-    async def opt_extended_headers(self) -> None:
-        self._check(await self._option(Opt.EXTENDED_HEADERS), "extended headers")
-        self.extended = True
-        self.structured = True
-
-    async def opt_starttls(self) -> None:
-        raise NBDError("TLS is not supported yet by this version of pynbd")
-
-    async def opt_list(self) -> list[tuple[str, str]]:
-        out = []
-        for r in self._check(await self._option(Opt.LIST), "list exports"):
-            if r.type == Rep.SERVER:
-                out.append(O.parse_rep_server(r.data))
-        return out
-
-    async def _info_or_go(self, opt: int, name: str) -> ExportInfo:
-        infos: list[int] = [Info.NAME, Info.DESCRIPTION] if self.full_info else []
-        if self.request_block_size:
-            infos.append(Info.BLOCK_SIZE)
-        replies = await self._option(opt, O.build_info_request(name, infos))
-        last = replies[-1]
-        if last.type == Rep.ERR_UNSUP and opt == Opt.GO:
-            raise OptionError(last.type, "server does not support NBD_OPT_GO")
-        info = ExportInfo(name)
-        got_export = False
-        for r in self._check(replies, "export " + repr(name)):
-            if r.type != Rep.INFO:
-                continue
-            try:
-                ir = O.parse_info_reply(r.data)
-            except RemoteProtocolError:
-                if len(r.data) >= 2 and int.from_bytes(r.data[:2], "big") == Info.EXPORT:
-                    raise
-                continue  # malformed optional info: ignore
-            if ir.kind == Info.EXPORT:
-                assert ir.size is not None and ir.flags is not None
-                info.size, info.eflags = ir.size, ir.flags
-                got_export = True
-            elif ir.kind == Info.NAME:
-                info.canonical_name = ir.name
-            elif ir.kind == Info.DESCRIPTION:
-                info.description = ir.description
-            elif ir.kind == Info.BLOCK_SIZE and ir.block_size is not None:
-                mn, pref, mx = ir.block_size
-                if (mn & (mn - 1) == 0 and 1 <= mn <= 65536 and pref & (pref - 1) == 0
-                        and pref >= max(mn, 512) and mx >= pref):
-                    info.block_size = ir.block_size
-        if not got_export:
-            raise RemoteProtocolError("server did not send NBD_INFO_EXPORT")
-        if not info.eflags & TxFlag.HAS_FLAGS:
-            raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-        return info
-
-    async def opt_info(self, name: str = "") -> ExportInfo:
-        return await self._info_or_go(Opt.INFO, name)
-
-    async def opt_go(self, name: str | None = None) -> None:
-        if name is None:
-            name = self.export.name
-        try:
-            info = await self._info_or_go(Opt.GO, name)
-        except OptionError as e:
-            if e.reply == Rep.ERR_UNSUP:
-                await self._export_name(name)
-                return
-            raise
-        self.export = info
-        if not (self.structured or self.extended):
-            self.meta_contexts = {}
-        self._enter_transmission()
-
-    async def _export_name(self, name: str) -> None:
-        assert self.stream is not None
-        self.stream.write([self.hs.export_name(name)])
-        ev = await self._recv_event()
-        assert isinstance(ev, ExportReply)
-        self.export = ExportInfo(name, ev.size, ev.eflags)
-        self._enter_transmission()
-
+    # negotiation (pynbd.client.negotiate.Negotiation), and what only the engine does
     async def opt_abort(self) -> None:
         try:
             await self._option(Opt.ABORT)
@@ -600,83 +423,12 @@ class AsyncClient:
             pass
         await self.close()
 
-    async def _meta(self, opt: int, queries: Sequence[str], name: str | None) -> list[tuple[int, str]]:
-        data = O.build_meta_request(self.export.name if name is None else name, list(queries))
-        out = []
-        for r in self._check(await self._option(opt, data), "meta context"):
-            if r.type == Rep.META_CONTEXT:
-                out.append(O.parse_rep_meta_context(r.data))
-        return out
-
-    async def opt_list_meta_context(self, queries: Sequence[str] = (),
-                                    name: str | None = None) -> list[str]:
-        return [n for _, n in await self._meta(Opt.LIST_META_CONTEXT, queries, name)]
-
-    async def opt_set_meta_context(self, queries: Sequence[str],
-                                   name: str | None = None) -> list[str]:
-        self.meta_contexts = {}
-        got = await self._meta(Opt.SET_META_CONTEXT, queries, name)
-        self.meta_contexts = dict(got)
-        return [n for _, n in got]
-
     def _enter_transmission(self) -> None:
+        super()._enter_transmission()
         assert self.stream is not None
-        trailing = self.hs.trailing_data
-        if trailing:
-            raise RemoteProtocolError("server sent data before the first request")
-        self.connected = True
         self._strict_rules.clear()
         self.stream.on_write_error = self._on_write_error
         self.stream.set_reader(self._on_readable)
-
-    # ==================================================================================
-    # export properties
-    @property
-    def size(self) -> int:
-        return self.export.size
-
-    @property
-    def eflags(self) -> int:
-        return self.export.eflags
-
-    def _flag(self, f: int) -> bool:
-        return bool(self.export.eflags & f)
-
-    def is_read_only(self) -> bool:
-        return self._flag(TxFlag.READ_ONLY)
-
-    def can_flush(self) -> bool:
-        return self._flag(TxFlag.SEND_FLUSH)
-
-    def can_fua(self) -> bool:
-        return self._flag(TxFlag.SEND_FUA)
-
-    def is_rotational(self) -> bool:
-        return self._flag(TxFlag.ROTATIONAL)
-
-    def can_trim(self) -> bool:
-        return self._flag(TxFlag.SEND_TRIM)
-
-    def can_zero(self) -> bool:
-        return self._flag(TxFlag.SEND_WRITE_ZEROES)
-
-    def can_df(self) -> bool:
-        return self._flag(TxFlag.SEND_DF) and self.structured
-
-    def can_multi_conn(self) -> bool:
-        return self._flag(TxFlag.CAN_MULTI_CONN)
-
-    def can_cache(self) -> bool:
-        return self._flag(TxFlag.SEND_CACHE)
-
-    def can_fast_zero(self) -> bool:
-        return self._flag(TxFlag.SEND_FAST_ZERO) and self.can_zero()
-
-    def can_meta_context(self, name: str) -> bool:
-        return name in self.meta_contexts.values()
-
-    def block_size(self) -> tuple[int, int, int]:
-        return self.export.block_size or (1, 4096, 32 * 1024 * 1024)
 
     # ==================================================================================
     # commands

@@ -883,11 +883,24 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _connect_blocking(o: Options) -> Any:
+    """A worker's connection: blocking calls, simple replies (no event loop)."""
+    from pynbd.client.blocking import BlockingConnection
+
+    kw: dict[str, Any] = {"structured": False, "meta_contexts": ()}
+    if o.mode == "uri":
+        return BlockingConnection.connect(o.args[0], **kw)
+    if o.mode == "tcp":
+        return BlockingConnection.connect(host=o.args[0], port=int(o.args[1], 0), **kw)
+    if o.mode == "vsock":
+        return BlockingConnection.connect(vsock=(int(o.args[0], 0), int(o.args[1], 0)), **kw)
+    return BlockingConnection.connect(unix=o.args[0], **kw)
+
+
 def serve_worker(spec: dict[str, Any]) -> int:
     """A worker process (:mod:`pynbd.tools._fuse_sync`): serve a clone of the FUSE device it
     was handed until the mount goes away or it is told to stop (SIGTERM from the main
     process), then flush and disconnect."""
-    from pynbd.client.blocking import BlockingConnection
     from pynbd.errors import CommandError
     from pynbd.tools import _fuse_sync as fs
 
@@ -905,10 +918,9 @@ def serve_worker(spec: dict[str, Any]) -> int:
         os.close(fd)
     try:
         try:
-            stopping[1] = True
-            nbd = asyncio.run(connect(o, 1, structured=False, meta_contexts=()))
+            stopping[1] = True  # a signal now interrupts the connect
+            conn = _connect_blocking(o)
             stopping[1] = False
-            conn = BlockingConnection.take_over(nbd)
         except fs._Stop:
             return WORKER_DID_NOT_START
         except Exception as e:  # noqa: BLE001
@@ -917,7 +929,7 @@ def serve_worker(spec: dict[str, Any]) -> int:
         if stopping[0]:
             conn.close()
             return WORKER_DID_NOT_START
-        f = NbdFile(o, nbd)
+        f = NbdFile(o, conn)
         dev = fk.FuseDevice(dev_fd, max_readahead=spec.get("readahead"))
         f.ch = dev
         why = fs.serve(f, dev, conn, stopping)
