@@ -205,6 +205,24 @@ def test_pipe_output_matches(image: Path, nbdkit_server) -> None:
     assert mine == run_peer("nbdcopy", srv.uri, "-").stdout == image.read_bytes()
 
 
+def test_one_connection_after_all(capsys: pytest.CaptureFixture[str], image: Path,
+                                  tmp_path: Path, nbdkit_server) -> None:
+    """A source without multi-conn, found out after connecting: the copy goes on with that
+    one connection on an event loop (many requests in flight), prints what nbdcopy prints
+    with -v, and copies every byte."""
+    srv = nbdkit_server("--filter=multi-conn", "memory", str(image.stat().st_size),
+                        "multi-conn-mode=disable")
+    run_peer("nbdcopy", image, srv.uri)
+    out = tmp_path / "out.img"
+    out.write_bytes(b"")
+    rc, err = ours(capsys, "-v", srv.uri, out)
+    trc, terr = theirs("-v", srv.uri, out)
+    assert rc == trc == 0
+    assert "connections=1 " in err
+    assert err.splitlines() == [x for x in terr.splitlines() if not x.startswith("libnbd:")]
+    assert out.read_bytes() == image.read_bytes()
+
+
 def test_zero_fallback_when_the_server_cannot_zero(capsys: pytest.CaptureFixture[str],
                                                   tmp_path: Path, nbdkit_server) -> None:
     """nbdkit's nozero filter hides WRITE_ZEROES: zero ranges are written as zero bytes."""

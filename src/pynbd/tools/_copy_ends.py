@@ -9,7 +9,6 @@ Buffers are the caller's: reads land in the caller's memoryview (``pread_into``,
 
 from __future__ import annotations
 
-import asyncio
 import errno as E
 import fcntl
 import os
@@ -17,10 +16,12 @@ import stat
 import struct
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynbd.client.blocking import BlockingConnection
-from pynbd.client.engine import AsyncClient
+
+if TYPE_CHECKING:
+    from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, NBDError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
 
@@ -106,12 +107,13 @@ class End:
     #: Writes and zeroes are discarded (null:): no need to look for zero blocks.
     discards = False
     #: The operations run in blocking calls in the calling thread, with no event loop (the
-    #: blocking copy: :meth:`go_blocking`); their coroutines then never suspend.
+    #: blocking copy); their coroutines then never suspend. Set before :meth:`open`.
     blocking = False
 
-    def go_blocking(self) -> None:
-        """Switch to blocking operations for the blocking copy (every connection open)."""
-        self.blocking = True
+    def go_async(self) -> None:
+        """From blocking operations to ones on the running event loop (the copy turned out
+        to need one: a single connection, or a stream)."""
+        self.blocking = False
 
     def is_read_only(self) -> bool:
         return False
@@ -185,14 +187,19 @@ class NbdEnd(End):
         self.want_extents = extents and reading
         #: connection index -> client; each client belongs to the event loop that opened it
         self.clients: dict[int, AsyncClient] = {}
-        #: connection index -> connection, once :meth:`go_blocking` took them over
+        #: connection index -> connection, when blocking
         self.conns: dict[int, BlockingConnection] = {}
         self._can_zero = False
         self._can_flush = False
 
-    async def _open_one(self) -> AsyncClient:
+    async def _open_one(self) -> Any:
         metas = (CONTEXT_BASE_ALLOCATION,) if self.want_extents else ()
         try:
+            if self.blocking:
+                assert self.uri is not None
+                return BlockingConnection.connect(self.uri, meta_contexts=metas)
+            from pynbd.client.engine import AsyncClient
+
             if self.argv is not None:
                 c = await AsyncClient.connect(socket_activation=self.argv, meta_contexts=metas)
             else:
@@ -205,6 +212,26 @@ class NbdEnd(End):
             else:
                 what = str(e) or type(e).__name__
             raise CopyError(f"{PROG}: {self.name}: {call}: {what}") from None
+        return self._tune(c)
+
+    @property
+    def first(self) -> Any:
+        """Connection 0 (where the export's properties are read)."""
+        return self.conns[0] if self.blocking else self.clients[0]
+
+    def _open(self) -> bool:
+        return bool(self.conns if self.blocking else self.clients)
+
+    def go_async(self) -> None:
+        from pynbd.client.engine import AsyncClient
+
+        for i, b in list(self.conns.items()):
+            self.clients[i] = self._tune(AsyncClient.adopt(b))
+            del self.conns[i]
+        self.blocking = False
+
+    @staticmethod
+    def _tune(c: AsyncClient) -> AsyncClient:
         # A pending command may wait forever on a server that stopped answering; nbdcopy
         # waits too (no timeout), so none is set here.
         c.max_bytes_in_flight = 1 << 62  # the copy bounds bytes in flight itself
@@ -213,7 +240,10 @@ class NbdEnd(End):
 
     async def open(self) -> None:
         c = await self._open_one()
-        self.clients[0] = c
+        if self.blocking:
+            self.conns[0] = c
+        else:
+            self.clients[0] = c
         self.size = c.size
         self._can_zero = c.can_zero()
         self._can_flush = c.can_flush()
@@ -226,20 +256,21 @@ class NbdEnd(End):
             self.max_request = max(mx, 4096)
 
     def is_read_only(self) -> bool:
-        return bool(self.clients) and self.clients[0].is_read_only()
+        return self._open() and self.first.is_read_only()
 
     def can_multi_conn(self) -> bool:
-        return bool(self.clients) and self.clients[0].can_multi_conn()
+        return self._open() and self.first.can_multi_conn()
 
     def can_extents(self) -> bool:
-        return bool(self.clients) and self.clients[0].can_meta_context(CONTEXT_BASE_ALLOCATION)
+        return self._open() and self.first.can_meta_context(CONTEXT_BASE_ALLOCATION)
 
     def can_zero(self) -> bool:
         return self._can_zero
 
     async def open_conn(self, index: int) -> None:
-        if index not in self.clients:
-            self.clients[index] = await self._open_one()
+        conns: dict[int, Any] = self.conns if self.blocking else self.clients
+        if index not in conns:
+            conns[index] = await self._open_one()
 
     async def close_conn(self, index: int, flush: bool) -> None:
         c = self.clients.get(index)
@@ -254,12 +285,6 @@ class NbdEnd(End):
         c = self.clients.pop(index, None)
         if c is not None:
             c.abort()
-
-    def go_blocking(self) -> None:
-        for i, c in list(self.clients.items()):
-            self.conns[i] = BlockingConnection.take_over(c)
-            del self.clients[i]
-        self.blocking = True
 
     def _c(self, index: int) -> Any:
         """The connection: an AsyncClient (awaitable commands), or a BlockingConnection
@@ -471,6 +496,8 @@ class FileEnd(End):
                     self._nowait = False
                     got = 0
             while got < want:
+                import asyncio
+
                 loop = asyncio.get_running_loop()
                 n = await loop.run_in_executor(None, os.preadv, fd, [buf[got:]], offset + got)
                 if n == 0:

@@ -22,13 +22,13 @@ request-size chunk after another, with several reads in flight when the source i
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from pynbd.tools._copy_ends import PROG, CopyError, End, OpError
 
@@ -225,6 +225,28 @@ def zero_runs(buf: bytearray, length: int, offset: int,
 # ----------------------------------------------------------------------------- the copy
 
 
+class _NoLock:
+    """The refill lock of a worker with one lane (the blocking copy): never contended."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def asyncio_lock() -> Any:
+    return _asyncio().Lock()
+
+
+def _asyncio() -> Any:
+    """asyncio, imported when first needed: the blocking copy runs without it (a shorter
+    start-up)."""
+    import asyncio
+
+    return asyncio
+
+
 class _Failed(Exception):
     """The copy failed; the message is already recorded."""
 
@@ -286,7 +308,7 @@ class _Copy:
         src, dst = self.src, self.dst
         rs = o.request_size
         pieces: deque[tuple[int, int, bool]] = deque()
-        lock = asyncio.Lock()
+        lock: Any = _NoLock() if src.blocking else asyncio_lock()
         done = False
         use_extents = o.extents
         size = src.size
@@ -371,7 +393,7 @@ class _Copy:
             await lane()  # one request at a time, in this thread (returns without waiting)
             return
         nlanes = max(1, min(o.requests, o.queue_size // rs))
-        async with asyncio.TaskGroup() as tg:
+        async with _asyncio().TaskGroup() as tg:
             for _ in range(nlanes):
                 tg.create_task(lane())
 
@@ -386,18 +408,16 @@ class _Copy:
 
     async def run_blocking(self) -> None:
         """Every worker in a thread of its own, one request at a time on its own
-        connections, in blocking calls (each end switched with ``go_blocking``): the same
-        worker coroutines, driven to the end without an event loop, for they never wait
-        on one. Each thread spends its time in system calls, where it lets the others run;
-        nothing is queued between threads and no loop wakes up per request."""
+        connections, in blocking calls (both ends opened ``blocking``): the same worker
+        coroutines, driven to the end without an event loop, for they never wait on one.
+        Each thread spends its time in system calls, where it lets the others run; nothing
+        is queued between threads and no loop wakes up per request. This coroutine blocks
+        too: it is driven without an event loop (``negotiate.drive``)."""
         src, dst = self.src, self.dst
-        try:
-            await asyncio.gather(*(end.open_conn(i) for i in range(1, self.o.connections)
-                                   for end in (src, dst)))
-        except CopyError as e:
-            raise CopyError(str(e)) from None
-        src.go_blocking()
-        dst.go_blocking()
+        assert src.blocking and dst.blocking
+        for i in range(1, self.o.connections):
+            await src.open_conn(i)
+            await dst.open_conn(i)
         threads = [threading.Thread(target=self._blocking_main, args=(i,),
                                     name=f"pynbd-copy-{i}", daemon=True)
                    for i in range(self.o.connections)]
@@ -406,7 +426,7 @@ class _Copy:
         try:
             for t in threads:
                 t.start()
-            await asyncio.to_thread(self._join, threads)
+            self._join(threads)
         finally:
             sys.setswitchinterval(old_interval)
         if self.error is not None:
@@ -445,7 +465,7 @@ class _Copy:
 
     async def _worker_group(self, index: int) -> None:
         try:
-            async with asyncio.TaskGroup() as tg:
+            async with _asyncio().TaskGroup() as tg:
                 tg.create_task(self.worker(index))
         except BaseExceptionGroup as eg:
             for e in _leaves(eg):
@@ -506,7 +526,7 @@ class _Copy:
                     elen -= n
                 views = [memoryview(bufs[i])[:n] for i, (_, n) in enumerate(pieces)]
                 reads = [src.read_into(0, v, off) for v, (off, _) in zip(views, pieces)]
-                results = await asyncio.gather(*reads, return_exceptions=True)
+                results = await _asyncio().gather(*reads, return_exceptions=True)
                 for (off, n), v, r in zip(pieces, views, results):
                     if isinstance(r, OpError):
                         raise CopyError(f"{src.name}: {r.detail}")

@@ -17,12 +17,12 @@ the ``--progress=FD`` lines are exactly nbdcopy's. The user guide is docs/copy.m
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 from dataclasses import dataclass, field
 
 from pynbd import __version__
+from pynbd.client.negotiate import drive
 from pynbd.tools import _getopt
 from pynbd.tools._copy_ends import (
     PROG,
@@ -282,16 +282,29 @@ def _split_operands(ops: list[str]) -> tuple[_Spec, _Spec]:
     return specs[0], specs[1]
 
 
-async def _open(spec: _Spec, reading: bool, s: Settings) -> tuple[End, bool]:
+async def _open(spec: _Spec, reading: bool, s: Settings, blocking: bool) -> tuple[End, bool]:
     if spec.kind == "null":
-        return NullEnd(spec.text), False
+        null = NullEnd(spec.text)
+        null.blocking = blocking
+        return null, False
     if spec.kind in ("nbd", "cmd"):
-        end = NbdEnd(spec.text, uri=spec.text if spec.kind == "nbd" else None,
+        nbd = NbdEnd(spec.text, uri=spec.text if spec.kind == "nbd" else None,
                      argv=spec.argv if spec.kind == "cmd" else None,
                      reading=reading, extents=s.extents)
-        await end.open()
-        return end, False
-    return open_local(spec.text, writing=not reading)
+        nbd.blocking = blocking
+        await nbd.open()
+        return nbd, False
+    local, sync = open_local(spec.text, writing=not reading)
+    local.blocking = blocking
+    return local, sync
+
+
+def _may_block(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> bool:
+    """Whether the copy can start in blocking calls, with no event loop (asyncio is not even
+    imported): it may use several connections (then it is the blocking copy of
+    ``_copy_run``). It falls back to an event loop when it finds it has one connection."""
+    return (not s.synchronous and s.connections > 1 and s.threads != 1
+            and "cmd" not in (src_spec.kind, dst_spec.kind))
 
 
 def _print_rw(end: End, prefix: str) -> None:
@@ -300,7 +313,10 @@ def _print_rw(end: End, prefix: str) -> None:
           f"preferred block size={end.preferred}", file=sys.stderr)
 
 
-async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
+async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec, blocking: bool) -> None:
+    """The copy. With ``blocking`` it is driven without an event loop (``drive``): the ends
+    are opened in blocking calls, and if several connections are used the copy runs in
+    threads (copy_blocking); if not, the rest runs on an event loop after all."""
     ends: list[End] = []
     progress = Progress(s.progress, s.progress_fd)
     ok = False
@@ -309,9 +325,9 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
         synchronous = s.synchronous
         if src_spec.kind == "cmd" or dst_spec.kind == "cmd":
             connections = 1  # multi-conn not supported with socket activation
-        src, sync1 = await _open(src_spec, True, s)
+        src, sync1 = await _open(src_spec, True, s, blocking)
         ends.append(src)
-        dst, sync2 = await _open(dst_spec, False, s)
+        dst, sync2 = await _open(dst_spec, False, s, blocking)
         ends.append(dst)
         synchronous = synchronous or sync1 or sync2
 
@@ -359,6 +375,32 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
                        requests=s.requests, queue_size=queue_size, sparse_size=sparse_size,
                        connections=connections, flush=s.flush)
         progress(0, 1)
+        if blocking and (synchronous or connections == 1):
+            # One connection (or a stream): many requests in flight on an event loop.
+            import asyncio
+
+            ends.clear()  # _finish owns them from here
+            asyncio.run(_finish(s, src, dst, opts, progress, synchronous, connections,
+                                adopt=True))
+        else:
+            ends.clear()
+            await _finish(s, src, dst, opts, progress, synchronous, connections)
+        ok = True
+    finally:
+        progress.close()
+        if not ok:
+            for end in ends:
+                end.abandon()
+
+
+async def _finish(s: Settings, src: End, dst: End, opts: Options, progress: Progress,
+                  synchronous: bool, connections: int, adopt: bool = False) -> None:
+    """Copy, flush, close; on a failure, abandon both ends (in the loop they run in)."""
+    ends = [src, dst]
+    try:
+        if adopt:
+            for end in ends:
+                end.go_async()
         if synchronous:
             await copy_sync(src, dst, opts, progress)
         elif connections > 1:
@@ -376,12 +418,9 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> None:
                 raise CopyError(f"{dst.name}: {e.detail}") from None
         ends.remove(dst)
         await dst.close()
-        ok = True
     finally:
-        progress.close()
-        if not ok:
-            for end in ends:
-                end.abandon()
+        for end in ends:
+            end.abandon()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 1
     try:
-        asyncio.run(_run(s, src_spec, dst_spec))
+        if _may_block(s, src_spec, dst_spec):
+            drive(_run(s, src_spec, dst_spec, True))
+        else:
+            import asyncio
+
+            asyncio.run(_run(s, src_spec, dst_spec, False))
     except CopyError as e:
         sys.stdout.flush()
         print(str(e), file=sys.stderr)
