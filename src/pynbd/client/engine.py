@@ -22,7 +22,6 @@ from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
 from pynbd.errors import (
     CommandError,
     LocalProtocolError,
-    NBDError,
     ProtocolError,
     RemoteProtocolError,
 )
