@@ -344,6 +344,51 @@ def test_failures_over_several_connections(capsys: pytest.CaptureFixture[str], n
     assert norm(messages(err)) == norm(messages(terr))[:1]
 
 
+FAIL_WRITES_FROM_PLUGIN = """
+import errno
+import nbdkit
+
+API_VERSION = 2
+FAIL_FROM = 2 * 1024 * 1024
+disk = bytearray(4 * 1024 * 1024)
+
+def open(readonly):
+    return 1
+
+def get_size(h):
+    return len(disk)
+
+def can_multi_conn(h):
+    return True
+
+def pread(h, buf, offset, flags):
+    buf[:] = disk[offset:offset + len(buf)]
+
+def pwrite(h, buf, offset, flags):
+    if offset + len(buf) > FAIL_FROM:
+        nbdkit.set_error(errno.EIO)
+        raise OSError(errno.EIO, "this part of the disk fails")
+    disk[offset:offset + len(buf)] = buf
+"""
+
+
+def test_failed_write_reported_at_its_offset(capsys: pytest.CaptureFixture[str],
+                                            nbdkit_server, tmp_path: Path) -> None:
+    """With several connections a write's reply is collected while the next piece is read:
+    a failure is still reported at the offset of the write that failed."""
+    plugin = tmp_path / "fail_writes.py"
+    plugin.write_text(FAIL_WRITES_FROM_PLUGIN)
+    dst = nbdkit_server("python", plugin)
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(range(256)) * (16 * 1024))  # 4 MiB, no zero block
+    rc, err = ours(capsys, "-C", "2", "-T", "2", "-v", src, dst.uri)
+    assert rc == 1
+    assert "connections=2 " in err
+    assert messages(err)[-1] == ("pynbd copy: write at offset 2097152 failed: "
+                                 "Input/output error")
+    dst.stop(check=False)
+
+
 def test_server_killed_mid_copy(nbdkit_server) -> None:
     """The source dies while every thread waits on it: the copy fails at once with a
     message, no thread left hanging."""

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from pynbd.client.blocking import WRITE as BLOCKING_WRITE
 from pynbd.client.blocking import BlockingConnection
 
 if TYPE_CHECKING:
@@ -66,10 +67,13 @@ class CopyError(Exception):
 class OpError(Exception):
     """One read/write/zero/extents/flush failed."""
 
-    def __init__(self, errno: int, detail: str) -> None:
+    def __init__(self, errno: int, detail: str, offset: int | None = None) -> None:
         super().__init__(detail)
         self.errno = errno
         self.detail = detail
+        #: Where the failed request was, when it is not the request being made (a write
+        #: whose reply was collected later).
+        self.offset = offset
 
 
 def human_size(n: int) -> str:
@@ -160,6 +164,11 @@ class End:
         """Zero efficiently; False if this end cannot (the caller writes zeroes)."""
         return False
 
+    async def settle(self, index: int) -> None:
+        """Collect what is still owed on connection ``index`` (a write not waited for);
+        OpError, with the write's offset, if it failed."""
+        return
+
     async def flush(self) -> None:
         return None
 
@@ -189,6 +198,8 @@ class NbdEnd(End):
         self.clients: dict[int, AsyncClient] = {}
         #: connection index -> connection, when blocking
         self.conns: dict[int, BlockingConnection] = {}
+        #: connection index -> (cookie, offset) of a write sent and not yet waited for
+        self._behind: dict[int, tuple[int, int]] = {}
         self._can_zero = False
         self._can_flush = False
 
@@ -332,10 +343,38 @@ class NbdEnd(End):
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
 
+    def _settle(self, index: int) -> None:
+        behind = self._behind.pop(index, None)
+        if behind is None:
+            return
+        cookie, offset = behind
+        try:
+            self.conns[index].reply(cookie)
+        except (NBDError, OSError) as e:
+            errno, msg = _strerror(e)
+            raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}",
+                          offset) from None
+
+    async def settle(self, index: int) -> None:
+        if self.blocking:
+            self._settle(index)
+
     async def write(self, index: int, buf: memoryview, offset: int) -> None:
         if offset + len(buf) > self.size:
             raise OpError(E.ENOSPC, "nbd_pwrite: request out of bounds: "
                                     + os.strerror(E.ENOSPC))
+        if self.blocking:
+            # Write behind: once sent, the buffer is the kernel's copy and may be refilled;
+            # the reply is collected before the next command on this connection (the
+            # server works on this write while the next piece is read).
+            self._settle(index)
+            try:
+                cookie = self.conns[index].send(BLOCKING_WRITE, offset, len(buf), 0, buf)
+            except OSError as e:
+                errno, msg = _strerror(e)
+                raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}") from None
+            self._behind[index] = (cookie, offset)
+            return
         try:
             await self._call(self._c(index).pwrite(buf, offset))
         except (NBDError, OSError) as e:
@@ -345,6 +384,8 @@ class NbdEnd(End):
     async def zero(self, index: int, offset: int, count: int, allocate: bool) -> bool:
         if not self._can_zero:
             return False
+        if self.blocking:
+            self._settle(index)
         try:
             await self._call(self._c(index).zero(count, offset,
                                                  CmdFlag.NO_HOLE if allocate else 0))
@@ -363,10 +404,14 @@ class NbdEnd(End):
             raise OpError(errno, f"nbd_flush: {msg}") from None
 
     async def flush(self) -> None:
+        for i in list(self._behind):
+            self._settle(i)
         for c in [*self.clients.values(), *self.conns.values()]:
             await self._flush_one(c)
 
     async def close(self) -> None:
+        for i in list(self._behind):
+            self._settle(i)
         clients, self.clients = self.clients, {}
         conns, self.conns = self.conns, {}
         for c in clients.values():

@@ -288,8 +288,13 @@ class _Copy:
                 offset += n
                 count -= n
         except OpError as e:
-            raise self.fail(f"{PROG}: write at offset {offset} failed: "
-                            f"{os.strerror(e.errno)}") from None
+            raise self.write_failed(e, offset) from None
+
+    def write_failed(self, e: OpError, offset: int) -> _Failed:
+        """nbdcopy's message for a failed write (or zero): at the offset of the request
+        that failed, which for a write collected later is not the one in hand."""
+        at = e.offset if e.offset is not None else offset
+        return self.fail(f"{PROG}: write at offset {at} failed: {os.strerror(e.errno)}")
 
     # -- multi-connection ---------------------------------------------------------------
     def take_range(self) -> tuple[int, int] | None:
@@ -373,8 +378,7 @@ class _Copy:
                     try:
                         await write(index, v, off)
                     except OpError as e:
-                        raise self.fail(f"{PROG}: write at offset {off} failed: "
-                                        f"{os.strerror(e.errno)}") from None
+                        raise self.write_failed(e, off) from None
                     continue
                 for start, length, z in runs:
                     if z:
@@ -383,14 +387,17 @@ class _Copy:
                     try:
                         await write(index, mv[start:start + length], off + start)
                     except OpError as e:
-                        raise self.fail(f"{PROG}: write at offset {off + start} failed: "
-                                        f"{os.strerror(e.errno)}") from None
+                        raise self.write_failed(e, off + start) from None
 
         # null: never looks at what it is given: every lane reads into one buffer, which
         # stays in the CPU cache (measured: 20-25% faster than a buffer per lane).
         shared = bytearray(rs) if dst.discards else None
         if src.blocking:
             await lane()  # one request at a time, in this thread (returns without waiting)
+            try:
+                await dst.settle(index)
+            except OpError as e:
+                raise self.write_failed(e, 0) from None
             return
         nlanes = max(1, min(o.requests, o.queue_size // rs))
         async with _asyncio().TaskGroup() as tg:
