@@ -195,6 +195,32 @@ def test_signal_with_a_hung_server(nbdkit_server, fuse_mount, connections) -> No
     assert "giving up" in m.stderr
 
 
+def test_signal_while_workers_connect(nbdkit_server, fuse_mount) -> None:  # noqa: F811
+    """SIGTERM while the worker processes are still negotiating with a slow server: they
+    stop at once and the mount goes away (nothing waits for their handshakes)."""
+    srv = nbdkit_server("--filter=delay", "memory", "1M", "delay-open=3")
+    m = fuse_mount(srv.uri, options=["-C", "2"])  # (the main connection took 3 s)
+    assert _wait_for_children(m, 2)
+    time.sleep(0.5)  # the workers are in their handshakes now
+    t = time.monotonic()
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.wait_exit() == 0, m.stderr
+    assert time.monotonic() - t < 2.5, m.stderr
+    assert not is_mounted(m.mountpoint)
+    assert "Traceback" not in m.stderr
+
+
+def _wait_for_children(m, n: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        kids = subprocess.run(["pgrep", "-P", str(m.proc.pid)], capture_output=True,
+                              text=True, check=False).stdout.split()
+        if len(kids) >= n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_qcow2_by_socket_activation(fuse_mount, tmp_path) -> None:  # noqa: F811
     """`pynbd fuse dir/file.raw --socket-activation qemu-nbd -f qcow2 file.qcow2`: the qcow2
     image as a raw file; what is written lands in the qcow2; qemu-nbd is gone afterwards."""

@@ -349,9 +349,10 @@ def _describe(o: Options) -> str:
     return o.args[0]  # the command
 
 
-async def connect(o: Options, connections: int | None = None, **kw: Any) -> Any:
+async def connect(o: Options, connections: int | None = None) -> Any:
     from pynbd.client.pool import connect as pool_connect
 
+    kw: dict[str, Any] = {}
     uri: str | None = None
     single = False
     if o.mode == "uri":
