@@ -166,3 +166,29 @@ def test_connect_failures_are_clear(tmp_path: Path) -> None:
     with pytest.raises(NBDError, match="TLS"):
         BlockingConnection.connect("nbds://localhost/")
 
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_requests_outstanding_answered_in_any_order(nbdkit_server, structured: bool) -> None:
+    """Several requests at once: replies are taken in the order the server sends them (a
+    slow read after a quick write), each read's data lands in its own buffer."""
+    srv = nbdkit_server("--filter=delay", "memory", "4M", "rdelay=300ms")
+    c = blocking(srv.uri, structured=structured)
+    try:
+        for off in (0, 4088, 1 << 20):  # what nbdkit's pattern plugin would hold
+            c.pwrite(off.to_bytes(8, "big"), off)
+        a, b = bytearray(4096), bytearray(8192)
+        ra = c.send(0, 0, 4096, into=memoryview(a))  # READ
+        rb = c.send(0, 1 << 20, 8192, into=memoryview(b))
+        fl = c.send(3, 0, 0)  # FLUSH: not delayed, answered first
+        assert c.next_reply() == fl
+        c.outcome(fl)
+        done = {c.next_reply()}
+        c.outcome(next(iter(done)))
+        c.reply(({ra, rb} - done).pop())
+        assert a[:8] == (0).to_bytes(8, "big") and a[4088:] == (4088).to_bytes(8, "big")
+        assert b[:8] == (1 << 20).to_bytes(8, "big")
+        with pytest.raises(RuntimeError):
+            c.next_reply()  # nothing outstanding
+    finally:
+        c.close()

@@ -51,6 +51,21 @@ class ServerGone(ConnectionError):
     """The connection broke, or the server broke the protocol."""
 
 
+class _Reply:
+    """What is known of one request's reply while it comes in."""
+
+    __slots__ = ("cmd", "contexts", "count", "data", "error", "message", "offset")
+
+    def __init__(self, cmd: int, offset: int, count: int) -> None:
+        self.cmd = cmd
+        self.offset = offset
+        self.count = count
+        self.data: memoryview | None = None
+        self.contexts: dict[str, list[tuple[int, int]]] | None = None
+        self.error = 0
+        self.message = ""
+
+
 class _SocketStream:
     """What :class:`~pynbd.client.negotiate.Negotiation` reads and writes through, on a
     blocking socket: ``read_some`` returns at once."""
@@ -80,6 +95,9 @@ class BlockingConnection(Negotiation):
         self.stream = _SocketStream(sock)
         self.cookie = 0
         self.failure: ServerGone | None = None
+        #: cookie -> reply still coming; and replies complete but not yet collected
+        self._open: dict[int, _Reply] = {}
+        self._done: dict[int, _Reply] = {}
         self._hdr = bytearray(_CHUNK.size)
         self._hview = memoryview(self._hdr)
 
@@ -137,11 +155,16 @@ class BlockingConnection(Negotiation):
 
     # -- sending and receiving
     def send(self, cmd: int, offset: int, count: int, flags: int = 0,
-             payload: Any = None) -> int:
-        """Send one request (and its payload); returns its cookie."""
+             payload: Any = None, into: memoryview | None = None) -> int:
+        """Send one request (and its payload); returns its cookie. A read's data will be
+        received ``into`` the given buffer (``count`` bytes) when its reply comes. Several
+        requests may be outstanding; :meth:`reply` and :meth:`next_reply` collect them."""
         if self.failure is not None:
             raise self.failure
         self.cookie += 1
+        r = _Reply(cmd, offset, count)
+        r.data = into
+        self._open[self.cookie] = r
         hdr = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, self.cookie, offset, count)
         try:
             if payload is None:
@@ -188,69 +211,96 @@ class BlockingConnection(Negotiation):
 
     def reply(self, cookie: int, data: memoryview | None = None, offset: int = 0,
               contexts: dict[str, list[tuple[int, int]]] | None = None) -> None:
-        """Receive the whole reply to ``cookie``: read data into ``data`` (the request was
-        at ``offset``), block status into ``contexts``. Raises CommandError for an error."""
+        """Wait for the whole reply to ``cookie`` (other replies that complete meanwhile
+        are kept for later): read data into ``data`` (the request was at ``offset``), block
+        status into ``contexts``. Raises CommandError for an error."""
+        r = self._open.get(cookie)
+        if r is not None:
+            if data is not None:
+                r.data = data
+            if contexts is not None:
+                r.contexts = contexts
+        while cookie not in self._done:
+            self._step()
+        self._raise(self._done.pop(cookie))
+
+    def next_reply(self) -> int:
+        """Wait for any outstanding request to be answered and return its cookie; then
+        :meth:`outcome` tells how it went."""
+        while not self._done:
+            if not self._open:
+                raise RuntimeError("no request is outstanding")
+            self._step()
+        return next(iter(self._done))
+
+    def outcome(self, cookie: int) -> None:
+        """Collect a reply :meth:`next_reply` returned: CommandError if it failed."""
+        self._raise(self._done.pop(cookie))
+
+    @staticmethod
+    def _raise(r: _Reply) -> None:
+        if r.error:
+            raise CommandError(r.error, r.message)
+
+    def _step(self) -> None:
+        """Receive one simple reply, or one structured chunk, and file it."""
         hv = self._hview
         self.recv_into(hv[:_SIMPLE.size])  # a simple reply's header, or most of a chunk's
         (magic,) = struct.unpack_from(">I", self._hdr, 0)
         if magic == SIMPLE_REPLY_MAGIC:
-            err = self._simple(cookie)
-            if err:
-                raise CommandError(err)
-            if data is not None:
-                self.recv_into(data)
+            _, error, cookie = _SIMPLE.unpack_from(self._hdr, 0)
+            r = self._open.pop(cookie, None)
+            if r is None:
+                raise self._gone("the server sent a reply that does not match a request")
+            if error:
+                r.error = nbd_to_errno(error) or 5
+            elif r.cmd == READ:
+                if r.data is None:
+                    raise self._gone("a simple reply to a read with nowhere to put it")
+                self.recv_into(r.data[:r.count])
+            self._done[cookie] = r
             return
         if magic != STRUCTURED_REPLY_MAGIC or not self.structured:
             raise self._gone(f"the server sent a bad reply magic {magic:#x}")
-        error = 0
-        message = ""
-        got = _SIMPLE.size
-        while True:
-            self.recv_into(hv, got)
-            _, flags, rtype, c, length = _CHUNK.unpack_from(self._hdr, 0)
-            if c != cookie:
-                raise self._gone("the server sent a reply that does not match the request")
-            if rtype == _OFFSET_DATA and data is not None and length >= 8:
-                off = self._u64() - offset
-                n = length - 8
-                if off < 0 or off + n > data.nbytes:
-                    raise self._gone("the server sent data outside the request")
-                self.recv_into(data[off:off + n])
-            elif length > _MAX_META_CHUNK:
-                raise self._gone("the server sent a chunk that is too large")
-            else:
-                body = bytearray(length)
-                self.recv_into(memoryview(body))
-                if rtype == _OFFSET_HOLE and data is not None and length == 12:
-                    hoff, hlen = _HOLE.unpack_from(body, 0)
-                    off = hoff - offset
-                    if off < 0 or off + hlen > data.nbytes:
-                        raise self._gone("the server sent a hole outside the request")
-                    data[off:off + hlen] = bytes(hlen)
-                elif rtype == _BLOCK_STATUS and contexts is not None and length >= 4:
-                    (ctx,) = struct.unpack_from(">I", body, 0)
-                    entries = [struct.unpack_from(">II", body, i)
-                               for i in range(4, length - 7, 8)]
-                    name = self.meta_contexts.get(ctx)
-                    if name is not None:
-                        contexts[name] = entries
-                elif rtype & _ERROR_BIT:
-                    if length < 6:
-                        raise self._gone("the server sent a short error chunk")
-                    err, mlen = _ERR.unpack_from(body, 0)
-                    error = error or nbd_to_errno(err) or 5
-                    message = message or bytes(body[6:6 + mlen]).decode("utf-8", "replace")
-                elif rtype != _NONE:
-                    raise self._gone(f"the server sent an unexpected chunk type {rtype}")
-            if flags & _FLAG_DONE:
-                break
-            self.recv_into(hv)
-            got = hv.nbytes
-            (magic,) = struct.unpack_from(">I", self._hdr, 0)
-            if magic != STRUCTURED_REPLY_MAGIC:
-                raise self._gone(f"the server sent a bad reply magic {magic:#x}")
-        if error:
-            raise CommandError(error, message)
+        self.recv_into(hv, _SIMPLE.size)
+        _, flags, rtype, cookie, length = _CHUNK.unpack_from(self._hdr, 0)
+        r = self._open.get(cookie)
+        if r is None:
+            raise self._gone("the server sent a reply that does not match a request")
+        data = r.data
+        if rtype == _OFFSET_DATA and data is not None and length >= 8:
+            off = self._u64() - r.offset
+            n = length - 8
+            if off < 0 or off + n > data.nbytes:
+                raise self._gone("the server sent data outside the request")
+            self.recv_into(data[off:off + n])
+        elif length > _MAX_META_CHUNK:
+            raise self._gone("the server sent a chunk that is too large")
+        else:
+            body = bytearray(length)
+            self.recv_into(memoryview(body))
+            if rtype == _OFFSET_HOLE and data is not None and length == 12:
+                hoff, hlen = _HOLE.unpack_from(body, 0)
+                off = hoff - r.offset
+                if off < 0 or off + hlen > data.nbytes:
+                    raise self._gone("the server sent a hole outside the request")
+                data[off:off + hlen] = bytes(hlen)
+            elif rtype == _BLOCK_STATUS and r.contexts is not None and length >= 4:
+                (ctx,) = struct.unpack_from(">I", body, 0)
+                entries = [struct.unpack_from(">II", body, i) for i in range(4, length - 7, 8)]
+                name = self.meta_contexts.get(ctx)
+                if name is not None:
+                    r.contexts[name] = entries
+            elif rtype & _ERROR_BIT:
+                if length < 6:
+                    raise self._gone("the server sent a short error chunk")
+                err, mlen = _ERR.unpack_from(body, 0)
+                r.error = r.error or nbd_to_errno(err) or 5
+                r.message = r.message or bytes(body[6:6 + mlen]).decode("utf-8", "replace")
+            elif rtype != _NONE:
+                raise self._gone(f"the server sent an unexpected chunk type {rtype}")
+        if flags & _FLAG_DONE:
+            self._done[cookie] = self._open.pop(cookie)
 
     def _u64(self) -> int:
         self.recv_into(self._hview[:8])
@@ -263,7 +313,10 @@ class BlockingConnection(Negotiation):
         can put a header of its own and send the whole). Simple replies only."""
         if self.structured:
             raise ValueError("pread_simple needs simple replies")
+        if self._open or self._done:
+            raise RuntimeError("pread_simple needs no other request outstanding")
         cookie = self.send(READ, offset, count)
+        del self._open[cookie]  # its reply is received here
         end = _SIMPLE.size + count
         try:
             # Only this reply can arrive: ask for all of it; an error is the header alone.
@@ -284,7 +337,7 @@ class BlockingConnection(Negotiation):
         self.recv_into(buf[:end], got)
 
     def pread_into(self, data: memoryview, offset: int, flags: int = 0) -> None:
-        self.reply(self.send(READ, offset, data.nbytes, flags), data, offset)
+        self.reply(self.send(READ, offset, data.nbytes, flags, into=data))
 
     def pwrite(self, data: Any, offset: int, flags: int = 0) -> None:
         n = memoryview(data).nbytes
