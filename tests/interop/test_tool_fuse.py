@@ -210,6 +210,21 @@ def test_signal_while_workers_connect(nbdkit_server, fuse_mount) -> None:  # noq
     assert "Traceback" not in m.stderr
 
 
+def test_no_worker_can_connect(qemu_nbd_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """qemu-nbd (read-only, two clients, not persistent) advertises multi-conn but exits
+    when the first client hangs up: the workers cannot connect, so the mount stops with
+    a message instead of staying there unanswered."""
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(1 << 20))
+    srv = qemu_nbd_server(img, "-r", "-e", "2", "-f", "raw")
+    m = fuse_mount(srv.uri, options=["-C", "2"], wait=False)
+    assert m.wait_exit() == 1
+    assert "no worker process could start" in m.stderr, m.stderr
+    assert f"pynbd fuse: {srv.uri}: No such file or directory" in m.stderr
+    assert "Traceback" not in m.stderr
+    assert not is_mounted(m.mountpoint)
+
+
 def _wait_for_children(m, n: int) -> bool:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

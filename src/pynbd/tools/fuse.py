@@ -853,7 +853,7 @@ async def _watch_workers(workers: list[subprocess.Popen[bytes]]) -> tuple[str, i
             if rc == WORKER_DID_NOT_START:
                 workers.remove(p)
                 if not workers and started:
-                    return "no worker process could connect to the server; stopping", 1
+                    return "no worker process could start (see above); stopping", 1
                 continue
             return f"a worker process exited ({rc}); stopping", 1
         await asyncio.sleep(0.05)
@@ -925,7 +925,7 @@ def serve_worker(spec: dict[str, Any]) -> int:
         except fs._Stop:
             return WORKER_DID_NOT_START
         except Exception as e:  # noqa: BLE001
-            print(f"{PROG}: extra connection: {_errmsg(e)}", file=sys.stderr)
+            print(f"{PROG}: {_describe(o)}: {_errmsg(e)}", file=sys.stderr)
             return WORKER_DID_NOT_START
         if stopping[0]:
             conn.close()
