@@ -132,14 +132,8 @@ class End:
         return False
 
     async def open_conn(self, index: int) -> None:
-        """Open connection ``index`` in the running event loop (multi-conn; one loop per
-        worker thread)."""
-
-    async def close_conn(self, index: int, flush: bool) -> None:
-        """Flush (with ``flush``) and close connection ``index``, in its own loop."""
-
-    def abandon_conn(self, index: int) -> None:
-        """Drop connection ``index`` at once after a failure."""
+        """Open connection ``index`` (several connections: each worker thread opens its
+        own, in blocking calls)."""
 
     def truncate(self, size: int) -> bool:
         """Make a destination regular file the source's size; True if it now reads as
@@ -282,20 +276,6 @@ class NbdEnd(End):
         conns: dict[int, Any] = self.conns if self.blocking else self.clients
         if index not in conns:
             conns[index] = await self._open_one()
-
-    async def close_conn(self, index: int, flush: bool) -> None:
-        c = self.clients.get(index)
-        if c is None:
-            return
-        if flush:
-            await self._flush_one(c)
-        del self.clients[index]
-        await c.close()
-
-    def abandon_conn(self, index: int) -> None:
-        c = self.clients.pop(index, None)
-        if c is not None:
-            c.abort()
 
     def _c(self, index: int) -> Any:
         """The connection: an AsyncClient (awaitable commands), or a BlockingConnection

@@ -422,9 +422,6 @@ class _Copy:
         too: it is driven without an event loop (``negotiate.drive``)."""
         src, dst = self.src, self.dst
         assert src.blocking and dst.blocking
-        for i in range(1, self.o.connections):
-            await src.open_conn(i)
-            await dst.open_conn(i)
         threads = [threading.Thread(target=self._blocking_main, args=(i,),
                                     name=f"pynbd-copy-{i}", daemon=True)
                    for i in range(self.o.connections)]
@@ -456,7 +453,7 @@ class _Copy:
                         break
 
     def _blocking_main(self, index: int) -> None:
-        coro = self.worker(index)
+        coro = self._blocking_worker(index)
         try:
             try:
                 coro.send(None)
@@ -469,6 +466,12 @@ class _Copy:
         except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
             self.fail(str(e) if isinstance(e, CopyError)
                       else f"{PROG}: {e or type(e).__name__}")
+
+    async def _blocking_worker(self, index: int) -> None:
+        # Each thread connects its own connections (the handshakes run in parallel).
+        await self.src.open_conn(index)
+        await self.dst.open_conn(index)
+        await self.worker(index)
 
     async def _worker_group(self, index: int) -> None:
         try:
