@@ -380,11 +380,10 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec, blocking: bool) ->
             import asyncio
 
             ends.clear()  # _finish owns them from here
-            asyncio.run(_finish(s, src, dst, opts, progress, synchronous, connections,
-                                adopt=True))
+            asyncio.run(_finish(s, src, dst, opts, progress, synchronous, adopt=True))
         else:
             ends.clear()
-            await _finish(s, src, dst, opts, progress, synchronous, connections)
+            await _finish(s, src, dst, opts, progress, synchronous)
         ok = True
     finally:
         progress.close()
@@ -394,7 +393,7 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec, blocking: bool) ->
 
 
 async def _finish(s: Settings, src: End, dst: End, opts: Options, progress: Progress,
-                  synchronous: bool, connections: int, adopt: bool = False) -> None:
+                  synchronous: bool, adopt: bool = False) -> None:
     """Copy, flush, close; on a failure, abandon both ends (in the loop they run in)."""
     ends = [src, dst]
     try:
@@ -403,7 +402,7 @@ async def _finish(s: Settings, src: End, dst: End, opts: Options, progress: Prog
                 end.go_async()
         if synchronous:
             await copy_sync(src, dst, opts, progress)
-        elif connections > 1:
+        elif src.blocking:  # several connections, opened in blocking calls
             await copy_blocking(src, dst, opts, progress)
         else:
             await copy_multi(src, dst, opts, progress)
