@@ -13,6 +13,7 @@ from pynbd.errors import (
     ProtocolError,
     RemoteProtocolError,
 )
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pynbd.plugin import Filter, Plugin

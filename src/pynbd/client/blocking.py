@@ -155,16 +155,19 @@ class BlockingConnection(Negotiation):
 
     # -- sending and receiving
     def send(self, cmd: int, offset: int, count: int, flags: int = 0,
-             payload: Any = None, into: memoryview | None = None) -> int:
+             payload: Any = None, into: memoryview | None = None,
+             track: bool = True) -> int:
         """Send one request (and its payload); returns its cookie. A read's data will be
         received ``into`` the given buffer (``count`` bytes) when its reply comes. Several
-        requests may be outstanding; :meth:`reply` and :meth:`next_reply` collect them."""
+        requests may be outstanding; :meth:`reply` and :meth:`next_reply` collect them
+        (``track=False``: the caller receives the reply itself)."""
         if self.failure is not None:
             raise self.failure
         self.cookie += 1
-        r = _Reply(cmd, offset, count)
-        r.data = into
-        self._open[self.cookie] = r
+        if track:
+            r = _Reply(cmd, offset, count)
+            r.data = into
+            self._open[self.cookie] = r
         hdr = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, self.cookie, offset, count)
         try:
             if payload is None:
@@ -201,13 +204,6 @@ class BlockingConnection(Negotiation):
         if self.failure is None:
             self.failure = ServerGone(why)
         return self.failure
-
-    def _simple(self, cookie: int) -> int:
-        """After a 16-byte simple reply header landed in _hdr: its error as an errno."""
-        magic, error, c = _SIMPLE.unpack_from(self._hdr, 0)
-        if magic != SIMPLE_REPLY_MAGIC or c != cookie:
-            raise self._gone("the server sent a reply that does not match the request")
-        return nbd_to_errno(error) if error else 0
 
     def reply(self, cookie: int, data: memoryview | None = None, offset: int = 0,
               contexts: dict[str, list[tuple[int, int]]] | None = None) -> None:
@@ -315,8 +311,7 @@ class BlockingConnection(Negotiation):
             raise ValueError("pread_simple needs simple replies")
         if self._open or self._done:
             raise RuntimeError("pread_simple needs no other request outstanding")
-        cookie = self.send(READ, offset, count)
-        del self._open[cookie]  # its reply is received here
+        cookie = self.send(READ, offset, count, track=False)  # its reply is received here
         end = _SIMPLE.size + count
         try:
             # Only this reply can arrive: ask for all of it; an error is the header alone.
@@ -328,13 +323,15 @@ class BlockingConnection(Negotiation):
         if got < _SIMPLE.size:
             self.recv_into(buf[:_SIMPLE.size], got)
             got = _SIMPLE.size
-        self._hdr[:_SIMPLE.size] = buf[:_SIMPLE.size]
-        err = self._simple(cookie)
-        if err:
+        magic, error, c = _SIMPLE.unpack_from(buf, 0)
+        if magic != SIMPLE_REPLY_MAGIC or c != cookie:
+            raise self._gone("the server sent a reply that does not match the request")
+        if error:
             if got > _SIMPLE.size:
                 raise self._gone("the server sent data with an error reply")
-            raise CommandError(err)
-        self.recv_into(buf[:end], got)
+            raise CommandError(nbd_to_errno(error) or 5)
+        if got < end:
+            self.recv_into(buf[:end], got)
 
     def pread_into(self, data: memoryview, offset: int, flags: int = 0) -> None:
         self.reply(self.send(READ, offset, data.nbytes, flags, into=data))

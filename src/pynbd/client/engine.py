@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
 from pynbd.errors import (
@@ -245,7 +245,7 @@ class AsyncClient(Negotiation):
             elif socket_activation is not None:
                 sock = await self._start_activation(list(socket_activation))
             elif host is not None:
-                r, w = await asyncio.open_connection(host, port)
+                _r, w = await asyncio.open_connection(host, port)
                 s = w.get_extra_info("socket")
                 sock = socket.socket(fileno=os.dup(s.fileno()))
                 w.transport.abort()
@@ -976,7 +976,7 @@ class AsyncClient(Negotiation):
         p.fut.set_result(None)
 
     # ---- context manager -----------------------------------------------------------
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -11,7 +11,7 @@ always correct).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Self
 
 from pynbd.client.engine import AsyncClient
 
@@ -70,7 +70,7 @@ class AsyncPool:
             if isinstance(r, BaseException):
                 raise r
 
-    async def __aenter__(self) -> AsyncPool:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
