@@ -16,6 +16,7 @@ from pynbd.protocol.constants import (
     GREETING,
     IHAVEOPT,
     NBDMAGIC,
+    NEED_DATA,
     OLDSTYLE_GREETING,
     OLDSTYLE_MAGIC,
     OPT_HEADER,
@@ -26,7 +27,6 @@ from pynbd.protocol.constants import (
     Opt,
     TxFlag,
 )
-from pynbd.protocol.handshake import NEED_DATA
 
 __all__ = [
     "CLIENT_TRANSITIONS",

@@ -20,6 +20,7 @@ __all__ = [
     "GREETING",
     "IHAVEOPT",
     "NBDMAGIC",
+    "NEED_DATA",
     "OLDSTYLE_GREETING",
     "OLDSTYLE_MAGIC",
     "OPT_HEADER",
@@ -250,3 +251,13 @@ EXT_REQUEST = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, le
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
 STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, length
 EXT_REPLY = struct.Struct(">IHHQQQ")  # magic, flags, type, cookie, offset, length
+
+
+class NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: What the sans-IO handshakes (``protocol.handshake``, ``protocol.client``) return when
+#: they need more bytes before the next event.
+NEED_DATA = NeedData()

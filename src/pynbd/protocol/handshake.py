@@ -21,6 +21,7 @@ from pynbd.protocol.constants import (
     GREETING,
     IHAVEOPT,
     NBDMAGIC,
+    NEED_DATA,
     OLDSTYLE_GREETING,
     OLDSTYLE_MAGIC,
     OPT_HEADER,
@@ -28,6 +29,7 @@ from pynbd.protocol.constants import (
     REPLY_MAGIC_OPT,
     ClientFlag,
     HandshakeFlag,
+    NeedData,
     Opt,
     Rep,
 )
@@ -49,14 +51,6 @@ class HState(enum.Enum):
     TLS_HANDSHAKE = "tls-handshake"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
 
 
 @dataclass(frozen=True)
@@ -176,7 +170,7 @@ class ServerHandshake:
             raise LocalProtocolError("the handshake is over")
         self._buf += data
 
-    def next_event(self) -> ClientFlags | OptionRequest | _NeedData:
+    def next_event(self) -> ClientFlags | OptionRequest | NeedData:
         buf = self._buf
         if self.state is HState.AWAIT_CLIENT_FLAGS:
             if len(buf) < 4:

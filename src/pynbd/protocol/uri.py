@@ -23,7 +23,6 @@ Every problem raises :class:`URIError` (a :class:`ValueError` and a
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -257,6 +256,8 @@ def _check_host(scheme: str, transport: str, host: str | None) -> str | None:
         host = host[1:-1]
     if ":" in host:
         try:
+            import ipaddress  # (only for an IPv6 literal)
+
             ipaddress.IPv6Address(host)
         except ValueError:
             raise URIError(f"invalid IPv6 address [{host}] in URI") from None
@@ -407,6 +408,8 @@ def _split_hostport(hostport: str) -> tuple[str, str | None]:
         if literal.lower().startswith("v") or ":" not in addr:
             raise URIError(f"invalid IPv6 address [{literal}] in URI")
         try:
+            import ipaddress  # (only for an IPv6 literal)
+
             ipaddress.IPv6Address(addr)
         except ValueError:
             raise URIError(f"invalid IPv6 address [{literal}] in URI") from None
