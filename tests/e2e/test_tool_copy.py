@@ -172,6 +172,20 @@ def test_file_through_pynbd_server_and_back(capsys: pytest.CaptureFixture[str], 
         assert allocated(out) < size_of(image)   # holes and zero blocks stayed holes
 
 
+def test_over_tcp_with_several_connections(capsys: pytest.CaptureFixture[str], pynbd_server,
+                                           tmp_path: Path) -> None:
+    """nbd:// URIs: every worker thread connects over TCP (blocking calls) and the bytes
+    arrive intact, there and back."""
+    image = make_mixed(tmp_path / "m.img")
+    srv = pynbd_server("memory", str(size_of(image)), tcp=True)
+    assert srv.uri.startswith("nbd://")
+    rc, _, err = run_copy(capsys, "-C", "3", "-T", "3", "-v", image, srv.uri)
+    assert rc == 0 and "connections=3 " in err
+    out = tmp_path / "back.img"
+    assert run_copy(capsys, "-C", "3", srv.uri, out) == (0, "", "")
+    assert sha(out) == sha(image)
+
+
 def test_uri_to_uri_with_options(capsys: pytest.CaptureFixture[str], pynbd_server,
                                  tmp_path: Path) -> None:
     image = make_mixed(tmp_path / "m.img")
