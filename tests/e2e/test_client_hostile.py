@@ -25,6 +25,7 @@ import pytest
 from helpers import run_async
 
 from pynbd.client import AsyncClient
+from pynbd.client.blocking import BlockingConnection, ServerGone
 from pynbd.errors import CommandError, ProtocolError, RemoteProtocolError
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
@@ -277,6 +278,28 @@ def fatal_read_case(bad: Callable[[Conn, Request], None], opts: Options | None =
 
     with hostile(lambda conn: serve_reads(conn, bad), opts) as h:
         run(go())
+    blocking_fatal_read_case(bad, opts)
+
+
+def blocking_fatal_read_case(bad: Callable[[Conn, Request], None],
+                             opts: Options | None = None) -> None:
+    """The same misbehaviour against pynbd.client.blocking: the read fails with ServerGone
+    (not a timeout, not a half-filled success), and so does every later command."""
+    structured = (opts or Options()).sr
+    with hostile(lambda conn: serve_reads(conn, bad), opts) as h:
+        c = BlockingConnection.connect(unix=h.sock, structured=structured)
+        c.sock.settimeout(DEADLINE)
+        try:
+            spans = [(0, 1024), (4096, 512), (65536, 4096)]
+            cookies = [c.send(0, o, n, into=memoryview(bytearray(b"\xee" * n)))
+                       for o, n in spans]
+            with pytest.raises(ServerGone) as ei:
+                c.reply(cookies[0])
+            assert "timed out" not in str(ei.value)
+            with pytest.raises(ServerGone):
+                c.pread_into(memoryview(bytearray(512)), 0)
+        finally:
+            c.close()
 
 
 # --------------------------------------------------------------------------- fatal replies

@@ -43,6 +43,7 @@ _ERR = struct.Struct(">IH")
 _FLAG_DONE = 1
 _NONE, _OFFSET_DATA, _OFFSET_HOLE, _BLOCK_STATUS = 0, 1, 2, 5
 _ERROR_BIT = 1 << 15
+_ERROR_OFFSET = _ERROR_BIT | 2
 #: The largest structured chunk that is not data (error messages, block status).
 _MAX_META_CHUNK = 64 << 20
 
@@ -54,7 +55,7 @@ class ServerGone(ConnectionError):
 class _Reply:
     """What is known of one request's reply while it comes in."""
 
-    __slots__ = ("cmd", "contexts", "count", "data", "error", "message", "offset")
+    __slots__ = ("cmd", "contexts", "count", "covered", "data", "error", "message", "offset")
 
     def __init__(self, cmd: int, offset: int, count: int) -> None:
         self.cmd = cmd
@@ -64,6 +65,8 @@ class _Reply:
         self.contexts: dict[str, list[tuple[int, int]]] | None = None
         self.error = 0
         self.message = ""
+        #: (start, end) of what a structured read's chunks have answered, relative to offset
+        self.covered: list[tuple[int, int]] = []
 
 
 class _SocketStream:
@@ -251,6 +254,8 @@ class BlockingConnection(Negotiation):
             if error:
                 r.error = nbd_to_errno(error) or 5
             elif r.cmd == READ:
+                if self.structured:
+                    raise self._gone("the server sent a simple reply to a structured read")
                 if r.data is None:
                     raise self._gone("a simple reply to a read with nowhere to put it")
                 self.recv_into(r.data[:r.count])
@@ -264,23 +269,28 @@ class BlockingConnection(Negotiation):
         if r is None:
             raise self._gone("the server sent a reply that does not match a request")
         data = r.data
-        if rtype == _OFFSET_DATA and data is not None and length >= 8:
+        if rtype == _OFFSET_DATA and data is not None and length > 8:
             off = self._u64() - r.offset
             n = length - 8
             if off < 0 or off + n > data.nbytes:
                 raise self._gone("the server sent data outside the request")
             self.recv_into(data[off:off + n])
+            r.covered.append((off, off + n))
         elif length > _MAX_META_CHUNK:
             raise self._gone("the server sent a chunk that is too large")
         else:
             body = bytearray(length)
             self.recv_into(memoryview(body))
-            if rtype == _OFFSET_HOLE and data is not None and length == 12:
+            if rtype == _NONE:
+                if length or not flags & _FLAG_DONE:
+                    raise self._gone("the server sent a NONE chunk that is not a bare end")
+            elif rtype == _OFFSET_HOLE and data is not None and length == 12:
                 hoff, hlen = _HOLE.unpack_from(body, 0)
                 off = hoff - r.offset
-                if off < 0 or off + hlen > data.nbytes:
+                if hlen == 0 or off < 0 or off + hlen > data.nbytes:
                     raise self._gone("the server sent a hole outside the request")
                 data[off:off + hlen] = bytes(hlen)
+                r.covered.append((off, off + hlen))
             elif rtype == _BLOCK_STATUS and r.contexts is not None and length >= 4:
                 (ctx,) = struct.unpack_from(">I", body, 0)
                 entries = [struct.unpack_from(">II", body, i) for i in range(4, length - 7, 8)]
@@ -291,12 +301,30 @@ class BlockingConnection(Negotiation):
                 if length < 6:
                     raise self._gone("the server sent a short error chunk")
                 err, mlen = _ERR.unpack_from(body, 0)
+                if rtype == _ERROR_OFFSET:
+                    if length != 6 + mlen + 8:
+                        raise self._gone("the server sent a malformed error chunk")
+                    (eoff,) = _U64.unpack_from(body, 6 + mlen)
+                    if not r.offset <= eoff < r.offset + r.count:
+                        raise self._gone("the server sent an error outside the request")
                 r.error = r.error or nbd_to_errno(err) or 5
                 r.message = r.message or bytes(body[6:6 + mlen]).decode("utf-8", "replace")
-            elif rtype != _NONE:
+            else:
                 raise self._gone(f"the server sent an unexpected chunk type {rtype}")
         if flags & _FLAG_DONE:
+            if r.cmd == READ and not r.error:
+                self._check_covered(r)
             self._done[cookie] = self._open.pop(cookie)
+
+    def _check_covered(self, r: _Reply) -> None:
+        """A successful structured read: its chunks answer every byte once."""
+        pos = 0
+        for start, end in sorted(r.covered):
+            if start != pos:
+                raise self._gone("the server's reply to a read overlaps or leaves a gap")
+            pos = end
+        if pos != r.count:
+            raise self._gone("the server's reply to a read does not cover it")
 
     def _u64(self) -> int:
         self.recv_into(self._hview[:8])
