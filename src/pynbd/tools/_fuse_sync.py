@@ -72,6 +72,7 @@ def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[b
     everything that is not data."""
     fd = dev.fd
     buf = bytearray(fk.READ_BUFFER)
+    bufs = [buf]  # (nothing is allocated between raising the waiting flag and the read)
     view = memoryview(buf)
     hdr_size = fk.HDR
     read_in = fk.READ_IN.unpack_from
@@ -86,7 +87,7 @@ def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[b
         try:
             if waiting[0]:
                 break
-            n = os.readv(fd, [buf])
+            n = os.readv(fd, bufs)
         except _Stop:
             break
         except OSError as e:

@@ -822,8 +822,10 @@ def _spawn_workers(o: Options, fd: int, ra: int | None, n: int) -> list[
     workers = []
     for _ in range(n):
         try:
+            # A session of its own: a Ctrl-C on the terminal reaches the main process only,
+            # which stops the workers itself (SIGTERM), one request at a time.
             p = subprocess.Popen([sys.executable, "-m", "pynbd", "fuse"], pass_fds=[fd],
-                                 stdin=subprocess.DEVNULL,
+                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                  env=dict(os.environ, **{WORKER_ENV: spec}))
         except OSError as e:
             print(f"{PROG}: cannot start a worker process: {_errmsg(e)}", file=sys.stderr)
@@ -898,6 +900,36 @@ def _connect_blocking(o: Options) -> Any:
     return BlockingConnection.connect(unix=o.args[0], **kw)
 
 
+def _connect_until_stopped(o: Options, stopping: list[bool]) -> Any:
+    """Connect in a thread while this (main) thread watches for a stop: a signal handler
+    never has to interrupt a handshake (raising from it could land inside an import or a
+    finalizer, where the exception is lost). None if told to stop or if it failed (said)."""
+    import threading
+
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(_connect_blocking(o))
+        except Exception as e:  # noqa: BLE001 - reported below
+            result.append(e)
+
+    t = threading.Thread(target=run, name="pynbd-fuse-connect", daemon=True)
+    t.start()
+    while t.is_alive() and not stopping[0]:
+        t.join(0.05)
+    if not result:  # stopped while connecting: the daemon thread dies with the process
+        return None
+    r = result[0]
+    if isinstance(r, Exception):
+        print(f"{PROG}: {_describe(o)}: {_errmsg(r)}", file=sys.stderr)
+        return None
+    if stopping[0]:
+        r.close()
+        return None
+    return r
+
+
 def serve_worker(spec: dict[str, Any]) -> int:
     """A worker process (:mod:`pynbd.tools._fuse_sync`): serve a clone of the FUSE device it
     was handed until the mount goes away or it is told to stop (SIGTERM from the main
@@ -918,17 +950,8 @@ def serve_worker(spec: dict[str, Any]) -> int:
     finally:
         os.close(fd)
     try:
-        try:
-            stopping[1] = True  # a signal now interrupts the connect
-            conn = _connect_blocking(o)
-            stopping[1] = False
-        except fs._Stop:
-            return WORKER_DID_NOT_START
-        except Exception as e:  # noqa: BLE001
-            print(f"{PROG}: {_describe(o)}: {_errmsg(e)}", file=sys.stderr)
-            return WORKER_DID_NOT_START
-        if stopping[0]:
-            conn.close()
+        conn = _connect_until_stopped(o, stopping)
+        if conn is None:
             return WORKER_DID_NOT_START
         f = NbdFile(o, conn)
         dev = fk.FuseDevice(dev_fd, max_readahead=spec.get("readahead"))
