@@ -14,10 +14,18 @@ the first operand, as in glibc.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["GetoptError", "LongOption", "getopt_long", "long_option_list", "short_option_list"]
+__all__ = [
+    "GetoptError",
+    "LongOption",
+    "getopt_long",
+    "long_option_list",
+    "print_listing",
+    "short_option_list",
+]
 
 NO_ARGUMENT = 0
 REQUIRED_ARGUMENT = 1
@@ -152,3 +160,19 @@ def long_option_list(longopts: Sequence[LongOption]) -> str:
 def short_option_list(short: str) -> str:
     """What libnbd's tools print for ``--short-options``: each short option, one per line."""
     return "".join(f"-{c}\n" for c in short.lstrip("+-") if c != ":")
+
+
+def print_listing(key: str, usage: str, longopts: Sequence[LongOption], short: str) -> bool:
+    """Answer ``--help``, ``--long-options`` and ``--short-options`` (``key`` is the option's
+    key) as libnbd's tools do, on standard output; True if it was one of them (the tool
+    then exits 0)."""
+    if key == "help":
+        text = usage
+    elif key == "long-options":
+        text = long_option_list(longopts)
+    elif key == "short-options":
+        text = short_option_list(short)
+    else:
+        return False
+    sys.stdout.write(text)
+    return True

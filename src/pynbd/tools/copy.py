@@ -187,14 +187,7 @@ def parse(argv: list[str]) -> Settings:
     opts, operands = getopt_long(argv)
     s = Settings(operands=operands)
     for key, val in opts:
-        if key == "help":
-            sys.stdout.write(USAGE)
-            raise _Exit(0)
-        if key == "long-options":
-            sys.stdout.write(_getopt.long_option_list(_LONGOPTS))
-            raise _Exit(0)
-        if key == "short-options":
-            sys.stdout.write(_getopt.short_option_list(SHORT_OPTIONS))
+        if _getopt.print_listing(key, USAGE, _LONGOPTS, SHORT_OPTIONS):
             raise _Exit(0)
         if key == "V":
             from pynbd import libnbd as nbd  # only here: it takes a while to import

@@ -580,14 +580,7 @@ def _main(argv: list[str]) -> int:
     opts: dict[str, Any] = {"colour": None, "limit": UNLIMITED}
 
     def handle(opt: str, optarg: str | None) -> None:
-        if opt == "help":
-            sys.stdout.write(USAGE)
-            raise _Exit(0)
-        if opt == "long-options":
-            sys.stdout.write(_getopt.long_option_list(_LONGOPTS))
-            raise _Exit(0)
-        if opt == "short-options":
-            sys.stdout.write(_getopt.short_option_list(_SHORT_OPTS))
+        if _getopt.print_listing(opt, USAGE, _LONGOPTS, _SHORT_OPTS):
             raise _Exit(0)
         if opt == "V":
             print(f"{PROG} {__version__}\n{nbd.package_name} {nbd.__version__}")

@@ -34,8 +34,7 @@ from pynbd.tools._getopt import (
     GetoptError,
     LongOption,
     getopt_long,
-    long_option_list,
-    short_option_list,
+    print_listing,
 )
 
 __all__ = ["PROG", "human_size", "json_string", "main"]
@@ -211,14 +210,7 @@ class _Info:
             _fail(f"{e}. Try '{PROG} --help'.")
         content_flag = no_content_flag = False
         for key, value in opts:
-            if key == "help":
-                sys.stdout.write(USAGE)
-                return 0
-            if key == "long-options":
-                sys.stdout.write(long_option_list(LONG_OPTIONS))
-                return 0
-            if key == "short-options":
-                sys.stdout.write(short_option_list(SHORT_OPTIONS))
+            if print_listing(key, USAGE, LONG_OPTIONS, SHORT_OPTIONS):
                 return 0
             if key == "V":
                 h = nbd.NBD()
