@@ -35,6 +35,7 @@ __all__ = [
     "NullEnd",
     "OpError",
     "PipeEnd",
+    "add_run",
     "human_size",
     "open_local",
 ]
@@ -74,6 +75,17 @@ class OpError(Exception):
         #: Where the failed request was, when it is not the request being made (a write
         #: whose reply was collected later).
         self.offset = offset
+
+
+def add_run(runs: list[tuple[int, int, bool]], start: int, length: int, flag: bool) -> None:
+    """Append (start, length, flag) to runs, or lengthen the last run if it ends at start
+    with the same flag."""
+    if runs:
+        s, n, f = runs[-1]
+        if f == flag and s + n == start:
+            runs[-1] = (s, n + length, f)
+            return
+    runs.append((start, length, flag))
 
 
 def human_size(n: int) -> str:
@@ -303,12 +315,7 @@ class NbdEnd(End):
                 length = min(length, end - offset)
                 if length <= 0:
                     break
-                zero = bool(flags & STATE_ZERO)
-                if out and out[-1][2] == zero and out[-1][0] + out[-1][1] == offset:
-                    o, ln, z = out[-1]
-                    out[-1] = (o, ln + length, z)
-                else:
-                    out.append((offset, length, zero))
+                add_run(out, offset, length, bool(flags & STATE_ZERO))
                 offset += length
             if offset == old:
                 raise CopyError(f"{self.name}: NBD server is broken: it is not returning "
@@ -426,6 +433,18 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _try_fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2): True if done, False if the file system does not do ``mode``; OpError
+    for any other failure."""
+    try:
+        _fallocate(fd, mode, offset, length)
+    except OSError as e:
+        if e.errno in (E.EOPNOTSUPP, E.ENOSYS, E.EINVAL):
+            return False
+        raise OpError(e.errno or E.EIO, f"fallocate: {os.strerror(e.errno or E.EIO)}") from None
+    return True
 
 
 class FileEnd(End):
@@ -551,23 +570,13 @@ class FileEnd(End):
             except OSError:
                 return False
         if not allocate and self._punch:
-            try:
-                _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count)
+            if _try_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count):
                 return True
-            except OSError as e:
-                if e.errno not in (E.EOPNOTSUPP, E.ENOSYS, E.EINVAL):
-                    raise OpError(e.errno or E.EIO, f"fallocate: {os.strerror(e.errno or E.EIO)}") \
-                        from None
-                self._punch = False
+            self._punch = False
         if self._zero_range:
-            try:
-                _fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, count)
+            if _try_fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, count):
                 return True
-            except OSError as e:
-                if e.errno not in (E.EOPNOTSUPP, E.ENOSYS, E.EINVAL):
-                    raise OpError(e.errno or E.EIO, f"fallocate: {os.strerror(e.errno or E.EIO)}") \
-                        from None
-                self._zero_range = False
+            self._zero_range = False
         return False
 
     async def flush(self) -> None:

@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pynbd.tools._copy_ends import PROG, CopyError, End, OpError
+from pynbd.tools._copy_ends import PROG, CopyError, End, OpError, add_run
 
 __all__ = ["Options", "Progress", "copy_blocking", "copy_multi", "copy_sync", "zero_runs"]
 
@@ -208,18 +208,10 @@ def zero_runs(buf: bytearray, length: int, offset: int,
         runs.append((0, first, False))
     pos = first
     for z in flags:
-        if runs and runs[-1][2] == z and runs[-1][0] + runs[-1][1] == pos:
-            s, n, _ = runs[-1]
-            runs[-1] = (s, n + sparse, z)
-        else:
-            runs.append((pos, sparse, z))
+        add_run(runs, pos, sparse, z)
         pos += sparse
     if pos < length:
-        if runs[-1][2] is False:
-            s, n, _ = runs[-1]
-            runs[-1] = (s, n + length - pos, False)
-        else:
-            runs.append((pos, length - pos, False))
+        add_run(runs, pos, length - pos, False)
     return runs
 
 

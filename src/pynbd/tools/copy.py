@@ -276,20 +276,20 @@ def _split_operands(ops: list[str]) -> tuple[_Spec, _Spec]:
 
 
 async def _open(spec: _Spec, reading: bool, s: Settings, blocking: bool) -> tuple[End, bool]:
+    end: End
+    sync = False
     if spec.kind == "null":
-        null = NullEnd(spec.text)
-        null.blocking = blocking
-        return null, False
-    if spec.kind in ("nbd", "cmd"):
-        nbd = NbdEnd(spec.text, uri=spec.text if spec.kind == "nbd" else None,
+        end = NullEnd(spec.text)
+    elif spec.kind in ("nbd", "cmd"):
+        end = NbdEnd(spec.text, uri=spec.text if spec.kind == "nbd" else None,
                      argv=spec.argv if spec.kind == "cmd" else None,
                      reading=reading, extents=s.extents)
-        nbd.blocking = blocking
-        await nbd.open()
-        return nbd, False
-    local, sync = open_local(spec.text, writing=not reading)
-    local.blocking = blocking
-    return local, sync
+    else:
+        end, sync = open_local(spec.text, writing=not reading)
+    end.blocking = blocking  # before opening: how an NBD end connects
+    if isinstance(end, NbdEnd):
+        await end.open()
+    return end, sync
 
 
 def _may_block(s: Settings, src_spec: _Spec, dst_spec: _Spec) -> bool:

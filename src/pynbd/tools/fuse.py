@@ -349,31 +349,35 @@ def _describe(o: Options) -> str:
     return o.args[0]  # the command
 
 
+#: The modes that name an address (any number of connections can be opened to it).
+ADDRESS_MODES = ("uri", "tcp", "unix", "vsock")
+
+
+def _address(o: Options) -> dict[str, Any]:
+    """The connect keywords for an address mode (both clients take them)."""
+    if o.mode == "uri":
+        return {"uri": o.args[0]}
+    if o.mode == "tcp":
+        return {"host": o.args[0], "port": int(o.args[1], 0)}
+    if o.mode == "vsock":
+        return {"vsock": (int(o.args[0], 0), int(o.args[1], 0))}
+    return {"unix": o.args[0]}
+
+
 async def connect(o: Options, connections: int | None = None) -> Any:
     from pynbd.client.pool import connect as pool_connect
 
+    if o.mode in ADDRESS_MODES:
+        n = o.connections if connections is None else connections
+        return await pool_connect(connections=n, **_address(o))
     kw: dict[str, Any] = {}
-    uri: str | None = None
-    single = False
-    if o.mode == "uri":
-        uri = o.args[0]
-    elif o.mode == "command":
+    if o.mode == "command":
         kw["command"] = o.args
-        single = True
     elif o.mode in ("bracket", "socket-activation"):
         kw["socket_activation"] = o.args
-        single = True
-    elif o.mode == "fd":
+    else:  # fd
         kw["sock"] = socket.socket(fileno=int(o.args[0], 0))
-        single = True
-    elif o.mode == "tcp":
-        kw["host"], kw["port"] = o.args[0], int(o.args[1], 0)
-    elif o.mode == "unix":
-        kw["unix"] = o.args[0]
-    elif o.mode == "vsock":
-        kw["vsock"] = (int(o.args[0], 0), int(o.args[1], 0))
-    n = o.connections if connections is None else connections
-    return await pool_connect(uri, connections=1 if single else n, **kw)
+    return await pool_connect(connections=1, **kw)
 
 
 # ----------------------------------------------------------------------------------------
@@ -801,7 +805,7 @@ def _workers(o: Options) -> int:
     """How many worker processes to start if the server allows multi-conn: one per
     connection (-C, nbdfuse's default 4); none for a single connection, -s, or a server
     reached through a command or a descriptor (one connection only)."""
-    if o.single or o.mode not in ("uri", "tcp", "unix", "vsock") or o.connections < 2:
+    if o.single or o.mode not in ADDRESS_MODES or o.connections < 2:
         return 0
     env = os.environ.get(WORKERS_ENV)
     if env is not None:
@@ -890,14 +894,7 @@ def _connect_blocking(o: Options) -> Any:
     """A worker's connection: blocking calls, simple replies (no event loop)."""
     from pynbd.client.blocking import BlockingConnection
 
-    kw: dict[str, Any] = {"structured": False, "meta_contexts": ()}
-    if o.mode == "uri":
-        return BlockingConnection.connect(o.args[0], **kw)
-    if o.mode == "tcp":
-        return BlockingConnection.connect(host=o.args[0], port=int(o.args[1], 0), **kw)
-    if o.mode == "vsock":
-        return BlockingConnection.connect(vsock=(int(o.args[0], 0), int(o.args[1], 0)), **kw)
-    return BlockingConnection.connect(unix=o.args[0], **kw)
+    return BlockingConnection.connect(structured=False, meta_contexts=(), **_address(o))
 
 
 def _connect_until_stopped(o: Options, stopping: list[bool]) -> Any:
