@@ -32,6 +32,27 @@ def require_fuse() -> None:
         missing("fusermount3 not found (Debian package fuse3)")
 
 
+def in_threads(fn: Callable[[int], None], n: int) -> None:
+    """Run fn(0), ..., fn(n - 1) in n threads at once and wait for them all; none may fail
+    (the failures are the assertion's message)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            fn(i)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 def is_mounted(path: str | os.PathLike[str]) -> bool:
     p = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:

@@ -14,13 +14,12 @@ import shutil
 import signal
 import stat
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.fuse_helpers import fuse_mount, is_mounted  # noqa: F401 (fixture)
+from tests.fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
 from tests.helpers import PYNBD, missing, run_pynbd
 
 pytestmark = pytest.mark.timeout(60)
@@ -199,28 +198,19 @@ def test_parallel_requests(pynbd_server, fuse_mount) -> None:  # noqa: F811
     """Many readers and writers at once through one mount: each sees its own data."""
     srv = pynbd_server("memory", "8M")
     m = fuse_mount(srv.uri)
-    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
+        fd = os.open(m.file, os.O_RDWR)
         try:
-            fd = os.open(m.file, os.O_RDWR)
-            try:
-                blob = pattern(64 * 1024, i)
-                for k in range(8):
-                    off = (i * 8 + k) * 64 * 1024
-                    os.pwrite(fd, blob, off)
-                    assert os.pread(fd, len(blob), off) == blob
-            finally:
-                os.close(fd)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+            blob = pattern(64 * 1024, i)
+            for k in range(8):
+                off = (i * 8 + k) * 64 * 1024
+                os.pwrite(fd, blob, off)
+                assert os.pread(fd, len(blob), off) == blob
+        finally:
+            os.close(fd)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(worker, 16)
     got = read_back(srv.uri, 8 * MiB)
     for i in range(16):
         for k in range(8):
@@ -271,30 +261,21 @@ def test_worker_process_serves_and_goes(pynbd_server, fuse_mount) -> None:  # no
     assert _wait_for(lambda: len(_python_children(m)) == 2)
     workers = _python_children(m)
     data = pattern(4 * MiB, 11)
-    errors: list[BaseException] = []
 
     def rw(i: int) -> None:
+        fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
         try:
-            fd = os.open(m.file, os.O_RDWR | os.O_DIRECT)
-            try:
-                import mmap
+            import mmap
 
-                buf = mmap.mmap(-1, 65536)
-                for k in range(16):
-                    off = (i * 16 + k) * 65536
-                    buf[:] = data[off:off + 65536]
-                    os.pwritev(fd, [buf], off)
-            finally:
-                os.close(fd)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+            buf = mmap.mmap(-1, 65536)
+            for k in range(16):
+                off = (i * 16 + k) * 65536
+                buf[:] = data[off:off + 65536]
+                os.pwritev(fd, [buf], off)
+        finally:
+            os.close(fd)
 
-    threads = [threading.Thread(target=rw, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(rw, 4)
     assert m.file.read_bytes() == data
     assert m.unmount() == 0
     for pid in workers:
