@@ -7,9 +7,11 @@ blocking calls, no event loop) can be imported without asyncio."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
+    from typing import Any
+
     from pynbd.client.engine import AsyncClient, ExportInfo
     from pynbd.client.pool import AsyncPool, connect
     from pynbd.client.sync import Client

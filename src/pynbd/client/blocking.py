@@ -18,7 +18,6 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
 
 from pynbd.client.negotiate import Negotiation, drive, uri_target
 from pynbd.errors import CommandError
@@ -29,6 +28,10 @@ from pynbd.protocol.constants import (
     STRUCTURED_REPLY_MAGIC,
     nbd_to_errno,
 )
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["BlockingConnection", "ServerGone"]
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pynbd.errors import (
     LocalProtocolError,
@@ -30,6 +29,10 @@ from pynbd.protocol.client import (
     OptionReply,
 )
 from pynbd.protocol.constants import Info, Opt, Rep, TxFlag
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["ExportInfo", "Negotiation", "drive", "uri_target"]
 

@@ -27,9 +27,12 @@ import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from pynbd.errors import ConfigError
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "DEFAULT_PORT", "KNOWN_PARAMS", "NBDURI", "SCHEMES", "URIError", "format_uri", "make_uri",

@@ -16,15 +16,17 @@ import stat
 import struct
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 from pynbd.client.blocking import WRITE as BLOCKING_WRITE
 from pynbd.client.blocking import BlockingConnection
-
-if TYPE_CHECKING:
-    from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, NBDError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pynbd.client.engine import AsyncClient
 
 __all__ = [
     "PROG",

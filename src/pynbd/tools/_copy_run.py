@@ -29,9 +29,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 from pynbd.tools._copy_ends import PROG, CopyError, End, OpError, add_run
+
+TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["Options", "Progress", "copy_blocking", "copy_multi", "copy_sync", "zero_runs"]
 
