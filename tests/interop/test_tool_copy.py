@@ -205,6 +205,26 @@ def test_pipe_output_matches(image: Path, nbdkit_server) -> None:
     assert mine == run_peer("nbdcopy", srv.uri, "-").stdout == image.read_bytes()
 
 
+def test_start_up_leaves_out_the_heavy_modules(image: Path, tmp_path: Path,
+                                              nbdkit_server) -> None:
+    """A copy over several blocking connections loads neither asyncio nor dataclasses
+    (with inspect) nor typing: each costs milliseconds of every run's start-up. The copy
+    itself is checked byte for byte."""
+    srv = nbdkit_server("memory", str(image.stat().st_size))
+    run_peer("nbdcopy", image, srv.uri)
+    out = tmp_path / "out.img"
+    code = ("import sys\n"
+            "from pynbd.cli import main\n"
+            f"rc = main(['copy', '-v', {srv.uri!r}, {os.fspath(out)!r}])\n"
+            "heavy = ('asyncio', 'dataclasses', 'inspect', 'typing')\n"
+            "print(rc, [m for m in heavy if m in sys.modules])\n")
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=60, check=False)
+    assert cp.stdout == "0 []\n", cp.stderr
+    assert "connections=4 " in cp.stderr
+    assert out.read_bytes() == image.read_bytes()
+
+
 def test_one_connection_after_all(capsys: pytest.CaptureFixture[str], image: Path,
                                   tmp_path: Path, nbdkit_server) -> None:
     """A source without multi-conn, found out after connecting: the copy goes on with that

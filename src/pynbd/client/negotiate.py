@@ -11,8 +11,8 @@ module does not import asyncio.
 from __future__ import annotations
 
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
 
+from pynbd._record import Record
 from pynbd.errors import (
     LocalProtocolError,
     NBDError,
@@ -37,29 +37,37 @@ if TYPE_CHECKING:
 __all__ = ["ExportInfo", "Negotiation", "drive", "uri_target"]
 
 
-@dataclass
-class ExportInfo:
-    name: str = ""
-    size: int = 0
-    eflags: int = 0
-    description: str | None = None
-    canonical_name: str | None = None
-    block_size: tuple[int, int, int] | None = None
+class ExportInfo(Record):
+    """What negotiation learnt of the export: its name, size, transmission flags and, when
+    the server says, description, canonical name and block sizes (minimum, preferred,
+    maximum)."""
+
+    __slots__ = ("name", "size", "eflags", "description", "canonical_name", "block_size")  # noqa: RUF023 - repr order
+
+    def __init__(self, name: str = "", size: int = 0, eflags: int = 0,
+                 description: str | None = None, canonical_name: str | None = None,
+                 block_size: tuple[int, int, int] | None = None) -> None:
+        self.name = name
+        self.size = size
+        self.eflags = eflags
+        self.description = description
+        self.canonical_name = canonical_name
+        self.block_size = block_size
 
 
 def uri_target(uri: str) -> dict[str, Any]:
     """Where an NBD URI says to connect: ``unix``, ``vsock`` (cid, port) or ``host`` and
     ``port``, and ``export_name``. TLS URIs are refused (not supported yet)."""
-    from pynbd.protocol.uri import parse_uri
+    from pynbd.protocol._uriparse import checked, split
 
-    u = parse_uri(uri)
-    if u.tls:
+    u = checked(**split(uri))  # what parse_uri() holds, without building an NBDURI
+    if u["tls"]:
         raise NBDError("TLS (nbds URIs) is not supported yet by this version of pynbd")
-    if u.transport == "unix":
-        return {"unix": u.socket, "export_name": u.export}
-    if u.transport == "vsock":
-        return {"vsock": (u.vsock_cid, u.port), "export_name": u.export}
-    return {"host": u.host or "localhost", "port": u.port, "export_name": u.export}
+    if u["transport"] == "unix":
+        return {"unix": u["socket"], "export_name": u["export"]}
+    if u["transport"] == "vsock":
+        return {"vsock": (int(u["host"]), u["port"]), "export_name": u["export"]}
+    return {"host": u["host"] or "localhost", "port": u["port"], "export_name": u["export"]}
 
 
 def drive(coro: Coroutine[Any, Any, Any]) -> Any:

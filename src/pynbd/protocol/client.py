@@ -8,7 +8,6 @@ Feed bytes with :meth:`ClientHandshake.receive_data`, take events with
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
 from pynbd.protocol.constants import (
@@ -53,32 +52,42 @@ class CState(enum.Enum):
     CLOSED = "closed"
 
 
-@dataclass(frozen=True)
+# The events: plain classes (a tool that negotiates starts without importing dataclasses,
+# and inspect with it).
 class Greeting:
-    flags: int
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
 
 
-@dataclass(frozen=True)
 class OldstyleGreeting:
-    size: int
-    eflags: int
+    __slots__ = ("eflags", "size")
+
+    def __init__(self, size: int, eflags: int) -> None:
+        self.size = size
+        self.eflags = eflags
 
 
-@dataclass(frozen=True)
 class OptionReply:
-    opt: int
-    type: int
-    data: bytes
+    __slots__ = ("data", "opt", "type")
+
+    def __init__(self, opt: int, type: int, data: bytes) -> None:
+        self.opt = opt
+        self.type = type
+        self.data = data
 
     @property
     def is_error(self) -> bool:
         return self.type >= 1 << 31
 
 
-@dataclass(frozen=True)
 class ExportReply:
-    size: int
-    eflags: int
+    __slots__ = ("eflags", "size")
+
+    def __init__(self, size: int, eflags: int) -> None:
+        self.size = size
+        self.eflags = eflags
 
 
 CLIENT_TRANSITIONS: dict[tuple[CState, str], CState] = {

@@ -7,8 +7,8 @@ Parsers raise :class:`~pynbd.errors.OptionError` with the spec's reply type
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
+from pynbd._record import Record
 from pynbd.errors import OptionError, RemoteProtocolError
 from pynbd.limits import MAX_META_QUERIES, MAX_STRING
 from pynbd.protocol.constants import Info, Rep
@@ -156,17 +156,21 @@ def build_info_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
     return _INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, minimum, preferred, maximum)
 
 
-@dataclass
-class InfoReply:
+class InfoReply(Record):
     """One decoded REP_INFO. ``kind`` is the info type; unknown kinds keep ``raw``."""
 
-    kind: int
-    size: int | None = None
-    flags: int | None = None
-    name: str | None = None
-    description: str | None = None
-    block_size: tuple[int, int, int] | None = None
-    raw: bytes = b""
+    __slots__ = ("kind", "size", "flags", "name", "description", "block_size", "raw")  # noqa: RUF023 - repr order
+
+    def __init__(self, kind: int, size: int | None = None, flags: int | None = None,
+                 name: str | None = None, description: str | None = None,
+                 block_size: tuple[int, int, int] | None = None, raw: bytes = b"") -> None:
+        self.kind = kind
+        self.size = size
+        self.flags = flags
+        self.name = name
+        self.description = description
+        self.block_size = block_size
+        self.raw = raw
 
 
 def parse_info_reply(data: bytes) -> InfoReply:

@@ -23,12 +23,19 @@ Every problem raises :class:`URIError` (a :class:`ValueError` and a
 
 from __future__ import annotations
 
-import re
 import urllib.parse
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pynbd.errors import ConfigError
+from pynbd.protocol._uriparse import (
+    DEFAULT_PORT,
+    FIELDS,
+    KNOWN_PARAMS,
+    SCHEMES,
+    URIError,
+    checked,
+    param_value,
+    split,
+)
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
@@ -39,53 +46,10 @@ __all__ = [
     "parse_uri",
 ]
 
-DEFAULT_PORT = 10809
-MAX_PORT = 65535
-MAX_VSOCK = 0xFFFF_FFFF  # AF_VSOCK CIDs and ports are 32-bit
-
-#: scheme -> (tls, transport)
-SCHEMES: dict[str, tuple[bool, str]] = {
-    "nbd": (False, "tcp"),
-    "nbds": (True, "tcp"),
-    "nbd+unix": (False, "unix"),
-    "nbds+unix": (True, "unix"),
-    "nbd+vsock": (False, "vsock"),
-    "nbds+vsock": (True, "vsock"),
-}
-_SCHEME_OF = {v: k for k, v in SCHEMES.items()}
-
-#: query parameter -> NBDURI attribute, in the order format_uri emits them (libnbd's order
-#: for socket / tls-certificates / tls-psk-file).
-KNOWN_PARAMS: dict[str, str] = {
-    "socket": "socket",
-    "tls-certificates": "tls_certificates",
-    "tls-psk-file": "tls_psk_file",
-    "tls-hostname": "tls_hostname",
-    "tls-type": "tls_type",
-    "tls-verify-peer": "tls_verify_peer",
-}
-_TLS_TYPES = ("anon", "x509", "psk")
-_VERIFY_VALUES = {"0": False, "1": True, "false": False, "true": True}
-
-# RFC 3986 character classes (ASCII); any non-ASCII character is accepted and read as UTF-8.
-_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-_SUB_DELIMS = "!$&'()*+,;="
-_USERINFO_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":%")
-_REGNAME_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + "%")
-_PATH_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":@/%")
-_QUERY_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":@/?%")
-
 # What format_uri leaves unescaped: libxml2's xmlSaveUri sets (what nbd_get_uri produces).
 _PATH_SAFE = "/!*'();@&=+$,"
 _USER_SAFE = "!*'();:&=+$,"
 _HOST_SAFE = "!$&'()*+,;="
-
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
-_BAD_PCT_RE = re.compile(r"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL)
-
-
-class URIError(ConfigError, ValueError):
-    """A malformed or unsupported NBD URI; the message names the problem."""
 
 
 # ---- the value --------------------------------------------------------------------------
@@ -118,67 +82,9 @@ class NBDURI:
     warnings: tuple[str, ...] = field(init=False, default=(), compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        if not isinstance(self.tls, bool):
-            raise URIError(f"tls must be a bool, not {self.tls!r}")
-        scheme = _SCHEME_OF.get((self.tls, self.transport))
-        if scheme is None:
-            raise URIError(f"unknown NBD transport {self.transport!r} "
-                           "(expected 'tcp', 'unix' or 'vsock')")
-        set_(self, "scheme", scheme)
-        set_(self, "host", _check_host(scheme, self.transport, self.host))
-        _check_port(scheme, self.transport, self.port)
-        _check_text("export name", self.export, nul=False)
-        if self.user is not None:
-            _check_text("user name", self.user, empty=False)
-        _check_socket(scheme, self.transport, self.socket)
-        for attr in ("tls_certificates", "tls_psk_file", "tls_hostname"):
-            value = getattr(self, attr)
-            if value is not None:
-                _check_text(_param_name(attr) + "= parameter", value, empty=False,
-                            paths=attr != "tls_hostname")
-        if self.tls_verify_peer is not None and not isinstance(self.tls_verify_peer, bool):
-            raise URIError(f"tls_verify_peer must be a bool or None, not {self.tls_verify_peer!r}")
-        if self.tls_type is not None and self.tls_type not in _TLS_TYPES:
-            raise URIError(f"invalid tls-type value {self.tls_type!r} in URI "
-                           "(expected anon, x509 or psk)")
-        query, warnings = self._sync_query()
-        set_(self, "query", query)
-        set_(self, "warnings", warnings)
-
-    def _sync_query(self) -> tuple[dict[str, str], tuple[str, ...]]:
-        if not isinstance(self.query, Mapping):
-            raise URIError(f"query must be a mapping, not {type(self.query).__name__}")
-        given = dict(self.query)
-        out: dict[str, str] = {}
-        # Typed fields that the given query lacks come first, in KNOWN_PARAMS order.
-        for name, attr in KNOWN_PARAMS.items():
-            value = getattr(self, attr)
-            if value is not None and name not in given:
-                out[name] = _param_text(value)
-        warnings = []
-        for name, raw in given.items():
-            if not isinstance(name, str) or not isinstance(raw, str):
-                raise URIError(f"query parameters must be str: {name!r}={raw!r}")
-            if not name:
-                raise URIError("empty parameter name in URI query")
-            _check_text(f"query parameter name {name!r}", name)
-            if name in KNOWN_PARAMS:
-                value = getattr(self, KNOWN_PARAMS[name])
-                if value is None:
-                    continue  # the typed field wins: None removes the parameter
-                try:
-                    same = _param_value(name, raw) == value
-                except URIError:
-                    same = False
-                if not same:
-                    raw = _param_text(value)
-            else:
-                _check_text(f"{name}= parameter", raw, paths=True)
-                if not name.startswith("x-"):
-                    warnings.append(name)
-            out[name] = raw
-        return out, tuple(warnings)
+        f = checked(**{name: getattr(self, name) for name in (*FIELDS, "query")})
+        for name in ("scheme", "host", "query", "warnings"):
+            object.__setattr__(self, name, f[name])
 
     @property
     def vsock_cid(self) -> int:
@@ -197,232 +103,9 @@ class NBDURI:
         return format_uri(self)
 
 
-def _param_name(attr: str) -> str:
-    return attr.replace("_", "-")
-
-
-def _param_text(value: str | bool) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return value
-
-
-def _param_value(name: str, raw: str) -> str | bool:
-    """Interpret a known parameter's raw (decoded) value; URIError when it is invalid."""
-    if name == "tls-verify-peer":
-        v = _VERIFY_VALUES.get(raw.lower())
-        if v is None:
-            raise URIError(f"invalid tls-verify-peer value {raw!r} in URI "
-                           "(expected 0, 1, false or true)")
-        return v
-    if name == "tls-type":
-        t = raw.lower()
-        if t not in _TLS_TYPES:
-            raise URIError(f"invalid tls-type value {raw!r} in URI (expected anon, x509 or psk)")
-        return t
-    return raw
-
-
-def _check_text(what: str, value: Any, *, empty: bool = True, nul: bool = True,
-                paths: bool = False) -> None:
-    if not isinstance(value, str):
-        raise URIError(f"{what} must be a str, not {type(value).__name__}")
-    if not empty and not value:
-        raise URIError(f"empty {what} in URI")
-    if not nul and "\0" in value:
-        raise URIError(f"{what} in URI contains a NUL byte (%00)")
-    try:
-        value.encode("utf-8", "surrogateescape" if paths else "strict")
-    except UnicodeEncodeError:
-        raise URIError(f"{what} in URI is not valid Unicode: {value!r}") from None
-
-
-def _check_host(scheme: str, transport: str, host: str | None) -> str | None:
-    if transport == "unix":
-        if host:
-            raise URIError(f"{scheme} URI must not have a host ({host!r}): "
-                           f"give the socket as {scheme}:///?socket=PATH")
-        return None
-    if transport == "vsock":
-        if host is None or host == "":
-            return "2"  # libnbd: no CID means the host (VMADDR_CID_HOST)
-        if not isinstance(host, str) or not host.isascii() or not host.isdigit() \
-                or int(host) > MAX_VSOCK:
-            raise URIError(f"invalid vsock CID {host!r} in URI (must be a number "
-                           f"from 0 to {MAX_VSOCK})")
-        return str(int(host))
-    # TCP
-    if host is None or host == "":
-        return "localhost"
-    _check_text("host", host)
-    if len(host) >= 2 and host[0] == "[" and host[-1] == "]":
-        host = host[1:-1]
-    if ":" in host:
-        try:
-            import ipaddress  # (only for an IPv6 literal)
-
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise URIError(f"invalid IPv6 address [{host}] in URI") from None
-        return host
-    bad = [c for c in host if c in "/?#@[]\\" or c.isspace() or not c.isprintable()]
-    if bad:
-        raise URIError(f"invalid character {bad[0]!r} in URI host {host!r}")
-    return host
-
-
-def _check_port(scheme: str, transport: str, port: Any) -> None:
-    if not isinstance(port, int) or isinstance(port, bool):
-        raise URIError(f"invalid port {port!r} in URI")
-    if transport == "unix":
-        if port != DEFAULT_PORT:
-            raise URIError(f"{scheme} URI must not have a port")
-        return
-    top = MAX_VSOCK if transport == "vsock" else MAX_PORT
-    if not 1 <= port <= top:
-        raise URIError(f"invalid port '{port}' in URI")
-
-
-def _check_socket(scheme: str, transport: str, sock: str | None) -> None:
-    if transport != "unix":
-        if sock is not None:
-            plain = "nbds" if scheme.startswith("nbds") else "nbd"
-            raise URIError(f"socket= parameter is not allowed in an {scheme} URI "
-                           f"(did you mean {plain}+unix:///?socket=...?)")
-        return
-    if sock is None:
-        raise URIError(f"{scheme} URI needs a socket= parameter "
-                       f"(e.g. {scheme}:///?socket=/path/to/sock)")
-    _check_text("socket= parameter", sock, empty=False, paths=True)
-    if "\0" in sock[1:]:
-        raise URIError("socket= parameter contains a NUL byte "
-                       "(only an abstract socket may start with %00)")
-
-
-# ---- parsing ----------------------------------------------------------------------------
-
-
-def _decode(part: str, what: str, *, paths: bool = False) -> str:
-    m = _BAD_PCT_RE.search(part)
-    if m:
-        raise URIError(f"invalid percent-encoding {m.group()!r} in URI {what}")
-    try:
-        return urllib.parse.unquote(part, "utf-8", "surrogateescape" if paths else "strict")
-    except UnicodeDecodeError:
-        raise URIError(f"percent-encoded {what} in URI is not valid UTF-8") from None
-
-
-def _check_chars(part: str, allowed: frozenset[str], what: str) -> None:
-    for c in part:
-        if c not in allowed and (c.isascii() or not c.isprintable()):
-            hint = " (percent-encode it as %20)" if c == " " else ""
-            raise URIError(f"invalid character {c!r} in URI {what}{hint}")
-
-
-def _no_scheme_error(text: str, scheme: str | None = None) -> URIError:
-    if scheme is None:
-        msg = ("NBD URI does not have a scheme: valid NBD URIs should start with a scheme "
-               "like nbd://, nbds:// or nbd+unix://")
-    else:
-        msg = f"unknown NBD URI scheme {scheme!r}"
-    if text.startswith("/"):
-        msg += ': to open a local socket use "nbd+unix:///?socket=PATH"'
-    elif text[:9].lower() == "localhost":
-        msg += ': to open a local port use "nbd://localhost" or "nbd://localhost:PORT"'
-    return URIError(msg)
-
-
 def parse_uri(text: str) -> NBDURI:
     """Parse an NBD URI; raise :class:`URIError` naming the problem."""
-    if not isinstance(text, str):
-        raise URIError(f"NBD URI must be a str, not {type(text).__name__}")
-    m = _SCHEME_RE.match(text)
-    if not m:
-        raise _no_scheme_error(text)
-    scheme = m.group(1).lower()
-    if scheme not in SCHEMES:
-        raise _no_scheme_error(text, m.group(1))
-    rest = text[m.end():]
-    if not rest.startswith("//"):
-        hint = ""
-        if scheme == "nbd":
-            hint = " (qemu-style 'nbd:HOST:PORT' and 'nbd:unix:PATH' strings are not NBD URIs)"
-        raise URIError(f"URI must begin with '{scheme}://'{hint}")
-    tls, transport = SCHEMES[scheme]
-    rest = rest[2:]
-
-    if "#" in rest:
-        raise URIError("NBD URI must not have a fragment: percent-encode '#' as %23")
-    rest, _, query_raw = rest.partition("?")
-    slash = rest.find("/")
-    authority, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
-
-    # Authority: [userinfo@]host[:port]
-    userinfo, at, hostport = authority.rpartition("@")
-    user = None
-    if at:
-        _check_chars(userinfo, _USERINFO_CHARS, "user name")
-        user = _decode(userinfo, "user name") or None
-    host, port_raw = _split_hostport(hostport)  # NBDURI() checks it against the transport
-    port = DEFAULT_PORT
-    if port_raw is not None and port_raw != "":  # "h:" is an empty port: the default
-        if transport == "unix":
-            raise URIError(f"{scheme} URI must not have a port")
-        top = MAX_VSOCK if transport == "vsock" else MAX_PORT
-        if not (port_raw.isascii() and port_raw.isdigit()) or not 1 <= int(port_raw) <= top:
-            raise URIError(f"invalid port {port_raw!r} in URI")
-        port = int(port_raw)
-
-    # Path: the export name is everything after the first "/".
-    _check_chars(path, _PATH_CHARS, "path")
-    export = _decode(path[1:], "export name")
-
-    # Query.
-    _check_chars(query_raw, _QUERY_CHARS, "query")
-    query: dict[str, str] = {}
-    for param in query_raw.split("&") if query_raw else ():
-        if not param:
-            continue  # "a=1&&b=2", a trailing "&": empty sections are skipped (as libnbd)
-        raw_name, _, raw_value = param.partition("=")
-        if not raw_name:
-            raise URIError(f"empty parameter name in URI query ({param!r})")
-        name = _decode(raw_name, "query parameter name")
-        if name in query:
-            raise URIError(f"duplicate parameter {name!r} in URI")
-        query[name] = _decode(raw_value, f"{name}= parameter", paths=True)
-
-    typed: dict[str, Any] = {attr: _param_value(name, query[name])
-             for name, attr in KNOWN_PARAMS.items() if name in query}
-    return NBDURI(tls=tls, transport=transport, host=host, port=port, export=export,
-                  user=user, query=query, **typed)
-
-
-def _split_hostport(hostport: str) -> tuple[str, str | None]:
-    """Split ``host[:port]`` (host possibly ``[IPv6]``); decode and validate the host."""
-    if hostport.startswith("["):
-        end = hostport.find("]")
-        if end < 0:
-            raise URIError(f"unterminated '[' in URI host {hostport!r}")
-        literal, after = hostport[1:end], hostport[end + 1:]
-        if after and not after.startswith(":"):
-            raise URIError(f"unexpected {after!r} after IPv6 address in URI")
-        _check_chars(literal, frozenset(_UNRESERVED + ":%"), "IPv6 address")
-        addr = _decode(literal, "IPv6 address")  # fe80::1%25eth0 -> zone "eth0"
-        if literal.lower().startswith("v") or ":" not in addr:
-            raise URIError(f"invalid IPv6 address [{literal}] in URI")
-        try:
-            import ipaddress  # (only for an IPv6 literal)
-
-            ipaddress.IPv6Address(addr)
-        except ValueError:
-            raise URIError(f"invalid IPv6 address [{literal}] in URI") from None
-        return addr, (after[1:] if after else None)
-    host, colon, port = hostport.partition(":")
-    if colon and ":" in port:
-        raise URIError(f"IPv6 address in URI must be enclosed in [...]: {hostport!r}")
-    _check_chars(host, _REGNAME_CHARS, "host")
-    host = _decode(host, "host")
-    return host, (port if colon else None)
+    return NBDURI(**split(text))
 
 
 # ---- building ---------------------------------------------------------------------------
@@ -477,7 +160,7 @@ def make_uri(*, tls: bool = False, transport: str = "tcp", host: str | None = No
         name = key.replace("_", "-")
         if name in KNOWN_PARAMS:
             if isinstance(value, str) and name in ("tls-type", "tls-verify-peer"):
-                value = _param_value(name, value)
+                value = param_value(name, value)
             typed[KNOWN_PARAMS[name]] = value
         else:
             if not isinstance(value, str):

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from pynbd.tools._copy_ends import PROG, CopyError, End, OpError, add_run
 
@@ -48,17 +47,22 @@ STOP_WAIT = 5.0
 BAR_INTERVAL = 0.2
 
 
-@dataclass
 class Options:
-    allocated: bool = False
-    destination_is_zero: bool = False
-    extents: bool = True
-    request_size: int = 1 << 18
-    requests: int = 64
-    queue_size: int = 16 << 20
-    sparse_size: int = 4096
-    connections: int = 1
-    flush: bool = False
+    """What the copy loops need of the command line."""
+
+    def __init__(self, *, allocated: bool = False, destination_is_zero: bool = False,
+                 extents: bool = True, request_size: int = 1 << 18, requests: int = 64,
+                 queue_size: int = 16 << 20, sparse_size: int = 4096, connections: int = 1,
+                 flush: bool = False) -> None:
+        self.allocated = allocated
+        self.destination_is_zero = destination_is_zero
+        self.extents = extents
+        self.request_size = request_size
+        self.requests = requests
+        self.queue_size = queue_size
+        self.sparse_size = sparse_size
+        self.connections = connections
+        self.flush = flush
 
 
 def _rate(bps: float) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 __all__ = [
     "GetoptError",
@@ -32,7 +31,6 @@ REQUIRED_ARGUMENT = 1
 OPTIONAL_ARGUMENT = 2
 
 
-@dataclass(frozen=True)
 class LongOption:
     """One entry of a ``struct option`` table: the name, its argument kind and its key.
 
@@ -40,9 +38,15 @@ class LongOption:
     option is not ambiguous (glibc compares ``has_arg``, ``flag`` and ``val``).
     """
 
-    name: str
-    has_arg: int
-    key: str
+    __slots__ = ("has_arg", "key", "name")
+
+    def __init__(self, name: str, has_arg: int, key: str) -> None:
+        self.name = name
+        self.has_arg = has_arg
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"LongOption({self.name!r}, {self.has_arg}, {self.key!r})"
 
 
 class GetoptError(Exception):

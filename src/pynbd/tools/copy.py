@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
 
 from pynbd import __version__
 from pynbd.client.negotiate import drive
@@ -150,23 +149,25 @@ def _scan_int(s: str) -> int | None:
     return max(min(v, 0x7FFFFFFF), -0x80000000)
 
 
-@dataclass
 class Settings:
-    allocated: bool = False
-    connections: int = 4
-    destination_is_zero: bool = False
-    extents: bool = True
-    flush: bool = False
-    requests: int = 64
-    progress: bool = False
-    progress_fd: int = -1
-    queue_size: int | None = None
-    request_size: int | None = None
-    sparse_size: int = 4096
-    synchronous: bool = False
-    threads: int = 0
-    verbose: bool = False
-    operands: list[str] = field(default_factory=list)
+    """The command line, parsed; nbdcopy's defaults."""
+
+    def __init__(self, operands: list[str]) -> None:
+        self.allocated = False
+        self.connections = 4
+        self.destination_is_zero = False
+        self.extents = True
+        self.flush = False
+        self.requests = 64
+        self.progress = False
+        self.progress_fd = -1
+        self.queue_size: int | None = None
+        self.request_size: int | None = None
+        self.sparse_size = 4096
+        self.synchronous = False
+        self.threads = 0
+        self.verbose = False
+        self.operands = operands
 
 
 def _is_pow2(n: int) -> bool:
@@ -235,11 +236,13 @@ def parse(argv: list[str]) -> Settings:
     return s
 
 
-@dataclass
 class _Spec:
-    kind: str  # "nbd", "cmd", "null", "local"
-    text: str
-    argv: list[str] = field(default_factory=list)
+    """One operand: ``kind`` is "nbd", "cmd", "null" or "local"; ``argv`` a command's."""
+
+    def __init__(self, kind: str, text: str, argv: list[str] | None = None) -> None:
+        self.kind = kind
+        self.text = text
+        self.argv = argv if argv is not None else []
 
 
 def _split_operands(ops: list[str]) -> tuple[_Spec, _Spec]:
