@@ -60,7 +60,7 @@ def uri_target(uri: str) -> dict[str, Any]:
     ``port``, and ``export_name``. TLS URIs are refused (not supported yet)."""
     from pynbd.protocol._uriparse import checked, split
 
-    u = checked(**split(uri))  # what parse_uri() holds, without building an NBDURI
+    u = checked(split(uri))  # what parse_uri() holds, without building an NBDURI
     if u["tls"]:
         raise NBDError("TLS (nbds URIs) is not supported yet by this version of pynbd")
     if u["transport"] == "unix":

@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = [
-    "DEFAULT_PORT", "FIELDS", "KNOWN_PARAMS", "SCHEMES", "URIError", "checked", "param_value",
-    "split",
+    "DEFAULT_PORT", "KNOWN_PARAMS", "SCHEMES", "URIError", "checked", "param_value", "split",
 ]
 
 DEFAULT_PORT = 10809
@@ -66,19 +65,12 @@ class URIError(ConfigError, ValueError):
     """A malformed or unsupported NBD URI; the message names the problem."""
 
 
-#: NBDURI's fields (but ``query``) and their defaults.
-FIELDS: dict[str, Any] = {
-    "tls": False, "transport": "tcp", "host": None, "port": DEFAULT_PORT, "export": "",
-    "socket": None, "user": None, "tls_certificates": None, "tls_psk_file": None,
-    "tls_hostname": None, "tls_verify_peer": None, "tls_type": None,
-}
-
-
-def checked(**given: Any) -> dict[str, Any]:
-    """The fields of ``NBDURI(**given)``: checked (:class:`URIError` names a bad one) and
-    completed, with ``scheme`` derived from ``tls`` and ``transport``, the host normalised,
-    and ``query`` in step with the typed fields, with its ``warnings``."""
-    f = {**FIELDS, "query": {}, **given}
+def checked(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an NBDURI built from ``fields`` (each of its arguments, as
+    :func:`split` returns them): checked (:class:`URIError` names a bad one) and completed,
+    with ``scheme`` derived from ``tls`` and ``transport``, the host normalised, and
+    ``query`` in step with the typed fields, with its ``warnings``."""
+    f = dict(fields)
     tls, transport = f["tls"], f["transport"]
     if not isinstance(tls, bool):
         raise URIError(f"tls must be a bool, not {tls!r}")
@@ -279,8 +271,9 @@ def _no_scheme_error(text: str, scheme: str | None = None) -> URIError:
 
 
 def split(text: str) -> dict[str, Any]:
-    """Parse an NBD URI into the keyword arguments of :class:`~pynbd.protocol.uri.NBDURI`
-    (what :func:`checked` checks); raise :class:`URIError` naming a syntax problem."""
+    """Parse an NBD URI into the keyword arguments of :class:`~pynbd.protocol.uri.NBDURI`,
+    every one of them (what :func:`checked` checks); raise :class:`URIError` naming a syntax
+    problem."""
     if not isinstance(text, str):
         raise URIError(f"NBD URI must be a str, not {type(text).__name__}")
     m = _SCHEME_RE.match(text)
@@ -338,8 +331,8 @@ def split(text: str) -> dict[str, Any]:
             raise URIError(f"duplicate parameter {name!r} in URI")
         query[name] = _decode(raw_value, f"{name}= parameter", paths=True)
 
-    typed: dict[str, Any] = {attr: param_value(name, query[name])
-             for name, attr in KNOWN_PARAMS.items() if name in query}
+    typed = {attr: param_value(name, query[name]) if name in query else None
+             for name, attr in KNOWN_PARAMS.items()}
     return dict(tls=tls, transport=transport, host=host, port=port, export=export,
                 user=user, query=query, **typed)
 

@@ -24,11 +24,10 @@ Every problem raises :class:`URIError` (a :class:`ValueError` and a
 from __future__ import annotations
 
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pynbd.protocol._uriparse import (
     DEFAULT_PORT,
-    FIELDS,
     KNOWN_PARAMS,
     SCHEMES,
     URIError,
@@ -82,7 +81,7 @@ class NBDURI:
     warnings: tuple[str, ...] = field(init=False, default=(), compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        f = checked(**{name: getattr(self, name) for name in (*FIELDS, "query")})
+        f = checked({a.name: getattr(self, a.name) for a in fields(self) if a.init})
         for name in ("scheme", "host", "query", "warnings"):
             object.__setattr__(self, name, f[name])
 
