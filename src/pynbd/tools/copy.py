@@ -1,12 +1,5 @@
-"""``pynbd copy``: nbdcopy 1.14's command line on pynbd's asyncio client.
-
-    pynbd copy [--allocated] [-C N|--connections=N]
-               [--destination-is-zero|--target-is-zero] [--flush]
-               [--no-extents] [-p|--progress|--progress=FD]
-               [--queue-size=N] [--request-size=N] [-R N|--requests=N]
-               [-S N|--sparse=N] [--synchronous] [-T N|--threads=N]
-               [-v|--verbose]
-               SOURCE DESTINATION
+"""``pynbd copy``: nbdcopy 1.14's command line (``pynbd copy [OPTIONS] SOURCE DESTINATION``;
+USAGE below is what ``--help`` prints).
 
 SOURCE and DESTINATION are each ``-`` (standard input/output), a file, a block device, an
 NBD URI or ``[ CMD ARGS ... ]`` (a server started with systemd socket activation); the
