@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from pynbd.errors import CommandError, OptionError, ProtocolError
 from pynbd.limits import (
-    HANDSHAKE_TIMEOUT,
     MAX_BYTES_IN_FLIGHT,
     MAX_EXTENTS_PER_REPLY,
     MAX_OPTION_ROUNDS,
@@ -327,7 +326,8 @@ class Connection:
         self.server.register_transmission(self)
         try:
             try:
-                ok = await asyncio.wait_for(self._negotiate(), HANDSHAKE_TIMEOUT)
+                ok = await asyncio.wait_for(self._negotiate(),
+                                            self.server.config.handshake_timeout)
             except TimeoutError:
                 log.error("client %d: handshake timed out", self.id)
                 return

@@ -703,9 +703,7 @@ def _serve(o: Options, chain: Chain) -> int:
         export_name=o.export, keepalive=o.keepalive, no_mc=o.no_mc,
     )
     if o.timeout:
-        import pynbd.server.connection as _c
-
-        _c.HANDSHAKE_TIMEOUT = o.timeout
+        config.handshake_timeout = o.timeout
     server = Server(chain, config)
     if o.exit_with_parent:
         _set_pdeathsig()

@@ -15,7 +15,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from pynbd.limits import DEFAULT_THREADS, MAX_CONNECTIONS
+from pynbd.limits import DEFAULT_THREADS, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
 from pynbd.plugin import ThreadModel
 from pynbd.protocol.constants import HandshakeFlag
 from pynbd.server.backend import Chain
@@ -51,6 +51,8 @@ class ServerConfig:
     keepalive: bool = False
     #: Offer no meta contexts (--no-mc, nbdkit >= 1.38); structured replies stay on.
     no_mc: bool = False
+    #: Seconds a client may take to finish the handshake (--timeout).
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 class Server:
