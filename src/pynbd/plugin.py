@@ -13,30 +13,46 @@ Methods are plain ``def`` or ``async def``. Plain methods run in worker threads 
 class sets ``nonblocking = True`` (pure work on memory: they then run on the event loop, which
 is much faster for small requests). ``async def`` methods run on the event loop.
 
-Errors: raise :class:`~pynbd.errors.CommandError` (``errno``) or :class:`OSError`; the client
-gets the matching NBD error (anything else becomes EIO). During configuration raise
+Errors, from any callback: raise :class:`~pynbd.errors.CommandError` (``errno``, message) or
+:class:`OSError`; the client gets the matching NBD error (anything else becomes EIO, and the
+log one line naming the plugin and callback). During configuration raise
 :class:`~pynbd.errors.ConfigError` with a message for the user.
+
+Lifecycle (nbdkit's): ``config`` for each parameter, ``config_complete``, the thread model
+(:meth:`Plugin.get_thread_model`), ``get_ready``, [the server forks into the background],
+``after_fork``; then per connection ``preconnect``, ``list_exports`` / ``default_export`` when
+the client asks, ``open`` (and for filters ``prepare``), the export's properties (each asked
+once per connection), the data calls, (``finalize``) ``close``; at exit ``cleanup``.
+
+What the current connection is (export name, peer, TLS) is :func:`connection`, callable from
+any callback that runs for a connection.
 """
 
 from __future__ import annotations
 
 import enum
+import threading
+import weakref
 from typing import Any, ClassVar
 
 from pynbd.errors import ConfigError
 
 __all__ = [
+    "CALLBACKS",
     "EXTENT_HOLE",
     "EXTENT_ZERO",
     "CacheMode",
+    "ConnectionInfo",
     "Extent",
     "Filter",
     "Flag",
     "FuaMode",
     "Plugin",
     "ThreadModel",
+    "connection",
     "parse_bool",
     "parse_size",
+    "shutdown",
 ]
 
 
@@ -117,6 +133,85 @@ def parse_bool(text: str, what: str = "value") -> bool:
     raise ConfigError(f"could not decode boolean {what}: {text!r}")
 
 
+class ConnectionInfo:
+    """Facts about one client connection, for plugins and filters (:func:`connection`).
+
+    ``export_name`` is the name the client asked for (set once it asked), ``peer`` the
+    socket address as text (``""`` for stdin/stdout), ``peer_pid``/``peer_uid``/``peer_gid``
+    the Unix-socket peer's credentials (None on other transports), ``tls`` whether the
+    connection is encrypted, ``id`` the server's connection number (as in its log lines),
+    ``readonly`` whether the export is served read-only.
+    """
+
+    __slots__ = ("_conn", "export_name", "id", "peer", "peer_gid", "peer_pid", "peer_uid",
+                 "readonly", "server", "tls")
+
+    def __init__(self, id: int = 0, peer: str = "", peer_pid: int | None = None,
+                 peer_uid: int | None = None, peer_gid: int | None = None, tls: bool = False,
+                 readonly: bool = False, server: Any = None) -> None:
+        self.id = id
+        self.peer = peer
+        self.peer_pid = peer_pid
+        self.peer_uid = peer_uid
+        self.peer_gid = peer_gid
+        self.tls = tls
+        self.readonly = readonly
+        self.export_name: str | None = None
+        #: The server (for :meth:`shutdown`-like requests); None outside a server.
+        self.server = server
+        self._conn: Any = None  # the server's connection object (set by the server)
+
+    def __repr__(self) -> str:
+        return (f"ConnectionInfo(id={self.id}, peer={self.peer!r}, "
+                f"export_name={self.export_name!r}, tls={self.tls})")
+
+    def disconnect(self, force: bool = False) -> None:
+        """Drop this client (nbdkit_disconnect): with ``force`` at once, else once the
+        requests in flight are answered. Callable from any thread."""
+        conn = self._conn
+        if conn is not None:
+            conn.loop.call_soon_threadsafe(conn.disconnect, force)
+
+
+_current = threading.local()
+
+
+def connection() -> ConnectionInfo | None:
+    """The connection the calling callback serves, or None outside a connection
+    (configuration, ``get_ready``, ``cleanup``...). Works on the event loop and in worker
+    threads alike."""
+    return getattr(_current, "conn", None)
+
+
+def shutdown() -> None:
+    """Ask the server to shut down (nbdkit_shutdown): it stops accepting clients, finishes
+    what is in flight and exits. Asynchronous and callable from any callback or thread."""
+    for server in list(_servers):
+        loop = getattr(server, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(server.shutdown)
+
+
+#: Servers running in this process (each registers itself when it starts serving).
+_servers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _set_connection(info: ConnectionInfo | None) -> None:
+    """For the server: the connection whose callbacks run next on this thread."""
+    _current.conn = info
+
+
+#: nbdkit's callback names, in the order ``--dump-plugin`` lists its ``has_X=1`` lines.
+CALLBACKS = ("load", "unload", "dump_plugin", "config", "config_complete", "config_help",
+             "thread_model", "get_ready", "after_fork", "cleanup", "preconnect",
+             "list_exports", "default_export", "open", "close", "export_description",
+             "get_size", "block_size", "can_write", "can_flush", "is_rotational", "can_trim",
+             "can_zero", "can_fast_zero", "can_extents", "can_fua", "can_multi_conn",
+             "can_cache", "pread", "pwrite", "flush", "trim", "zero", "extents", "cache")
+# pynbd method names that stand for an nbdkit callback of another name
+_METHOD_OF = {"thread_model": "get_thread_model", "config_help": ""}
+
+
 class Plugin:
     """Base class of plugins. Override what the plugin does; the rest has nbdkit's defaults."""
 
@@ -134,6 +229,12 @@ class Plugin:
     config_help: ClassVar[str] = ""
 
     # Configuration ---------------------------------------------------------------------
+    def load(self) -> None:
+        """Called once, right after the plugin is created (before any ``config``)."""
+
+    def unload(self) -> None:
+        """Called once at exit, after ``cleanup`` (also when configuration failed)."""
+
     def config(self, key: str, value: str) -> None:
         raise ConfigError(f"{self.name}: unknown parameter '{key}'")
 
@@ -152,6 +253,31 @@ class Plugin:
     def dump_plugin(self) -> list[str]:
         """Extra ``key=value`` lines for ``--dump-plugin``."""
         return []
+
+    def get_thread_model(self) -> ThreadModel:
+        """The thread model, asked once after ``config_complete`` (nbdkit's ``thread_model``
+        callback): it may only be stricter than the class's :attr:`thread_model`."""
+        return self.thread_model
+
+    def callbacks(self) -> frozenset[str]:
+        """The nbdkit callbacks this plugin defines (``--dump-plugin``'s ``has_X=1`` lines).
+
+        By default: the methods this class overrides. A plugin that hosts another
+        (nbdkit's python or sh plugins) answers for what its script defines.
+        """
+        have: set[str] = set()
+        for cb in CALLBACKS:
+            method = _METHOD_OF.get(cb, cb)
+            if cb == "pread":
+                if _overrides(self, "pread", Plugin) or _overrides(self, "pread_into", Plugin):
+                    have.add(cb)
+            elif cb == "config_help":
+                if type(self).config_help:
+                    have.add(cb)
+            elif method and _overrides(self, method, Plugin):
+                have.add(cb)
+        have.update(("open", "get_size"))  # always answered (nbdkit requires them)
+        return frozenset(have)
 
     # Connection ------------------------------------------------------------------------
     def preconnect(self, readonly: bool) -> None:
@@ -261,16 +387,40 @@ class Plugin:
 class Filter:
     """Base class of filters: middleware over ``next``, the layer below.
 
-    Every data method receives ``next`` first, an object with the plugin's methods minus the
-    handle (``next.pread(count, offset, flags)``, ``next.get_size()``...). A method not
-    overridden passes straight through. The first ``--filter`` is the outermost.
+    The first ``--filter`` on the command line is the outermost (closest to the client).
+    Every per-connection method receives ``next`` first: the layer below opened for this
+    connection, with the plugin's methods minus the handle (``next.pread(count, offset,
+    flags)``, ``next.get_size()``, ``next.can_write()``...) and the server's emulation (zero
+    by writing, FUA by flush, extents as data). A method not overridden passes straight
+    through. Data methods have the plugin's signatures after ``next, h``::
+
+        def pread(self, next, h, count, offset, flags):   # return the data (any buffer)
+            return next.pread(count, offset + self.offset, flags)
+
+    Methods run in worker threads (with the thread model's locks) unless the class sets
+    ``nonblocking = True`` (pure work on memory, never waiting: then on the event loop) or
+    they are ``async def``. A filter that sleeps, does I/O or waits must not set it.
+
+    Pre-connection hooks take the next layer's function first: ``preconnect(next_preconnect,
+    readonly)``, ``list_exports(next_list_exports, readonly, is_tls)``,
+    ``default_export(next_default_export, readonly, is_tls)``, ``open(next_open, readonly,
+    export_name, is_tls)``. ``prepare(next, h, readonly)`` runs after every layer is open
+    (inner layers first); ``finalize(next, h)`` before any is closed (outer first).
     """
 
     name: ClassVar[str] = ""
     version: ClassVar[str] = ""
     thread_model: ClassVar[ThreadModel] = ThreadModel.PARALLEL
-    nonblocking: ClassVar[bool] = True
+    #: Plain methods never block: run them on the event loop (see the class docstring).
+    nonblocking: ClassVar[bool] = False
     config_help: ClassVar[str] = ""
+
+    # Configuration ---------------------------------------------------------------------
+    def load(self) -> None:
+        """Called once, right after the filter is created."""
+
+    def unload(self) -> None:
+        """Called once at exit, after ``cleanup``."""
 
     def config(self, next_config: Any, key: str, value: str) -> None:
         """Consume own keys; pass others down with ``next_config(key, value)``."""
@@ -279,16 +429,48 @@ class Filter:
     def config_complete(self) -> None:
         pass
 
+    def get_thread_model(self) -> ThreadModel:
+        """Asked once after ``config_complete``; the strictest model of all layers wins."""
+        return self.thread_model
+
     def get_ready(self) -> None:
+        pass
+
+    def after_fork(self) -> None:
         pass
 
     def cleanup(self) -> None:
         pass
 
+    def dump_plugin(self) -> list[str]:
+        """Extra ``key=value`` lines this filter adds to ``--dump-plugin``."""
+        return []
+
+    # Connection ------------------------------------------------------------------------
+    def preconnect(self, next_preconnect: Any, readonly: bool) -> None:
+        """Accept or refuse (raise) a client before it negotiates."""
+        next_preconnect(readonly)
+
+    def list_exports(self, next_list_exports: Any, readonly: bool,
+                     is_tls: bool) -> list[tuple[str, str]] | None:
+        """The exports to list; ``next_list_exports(readonly, is_tls)`` asks the layer below
+        (a list of (name, description), or None for just the default export)."""
+        return next_list_exports(readonly, is_tls)  # type: ignore[no-any-return]
+
+    def default_export(self, next_default_export: Any, readonly: bool,
+                       is_tls: bool) -> str | None:
+        return next_default_export(readonly, is_tls)  # type: ignore[no-any-return]
+
     def open(self, next_open: Any, readonly: bool, export_name: str, is_tls: bool) -> Any:
         """Open the layer below with ``next_open(readonly, export_name)``; return a handle."""
         next_open(readonly, export_name)
         return None
+
+    def prepare(self, next: Any, h: Any, readonly: bool) -> None:
+        pass
+
+    def finalize(self, next: Any, h: Any) -> None:
+        pass
 
     def close(self, h: Any) -> None:
         pass

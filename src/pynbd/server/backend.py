@@ -1,15 +1,17 @@
 """The backend chain: filters over a plugin, and the per-connection context with emulation.
 
-A :class:`Chain` is built once per server (filters outermost first, then the plugin). Each
-client connection opens a :class:`Context` on the outermost layer. A context caches the
-export's properties (each ``can_*`` is asked at most once per connection, as in nbdkit) and
-emulates what a layer lacks: WRITE_ZEROES by writing zeroes, FUA by flush, CACHE by reading,
-extents as one data extent. Filters call the layer below through a context too, so they get
-the same emulation.
+A :class:`Chain` is built once per server (filters outermost first, then the plugin) and
+configured; its thread model is known after ``config_complete``. Each client connection opens
+a :class:`Context` on the outermost layer (every layer opened outer to inner, then prepared
+inner to outer). A context caches the export's properties (each ``can_*`` is asked at most
+once per connection, as in nbdkit) and emulates what a layer lacks: WRITE_ZEROES by writing
+zeroes, FUA by flush, CACHE by reading, extents as one data extent. Filters call the layer
+below through a context too, so they get the same emulation.
 
 Plugin methods may be coroutines; a context running in a worker thread bridges them onto the
 event loop. Whether a chain runs on the loop or in worker threads is decided once
-(:attr:`Chain.on_loop`).
+(:attr:`Chain.on_loop`). With ``debug`` every call through every layer is logged as nbdkit's
+``-v`` logs it (``memory: pread count=512 offset=0``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,14 +35,18 @@ from pynbd.plugin import (
     ThreadModel,
     _overrides,
 )
+from pynbd.server._debuglayer import DebugLayer
 
 __all__ = ["Chain", "Context", "FilterLayer", "Layer", "PluginLayer"]
+
+log = logging.getLogger("pynbd.server")
 
 _DATA_METHODS = ("pread", "pread_into", "pwrite", "flush", "trim", "zero", "extents", "cache")
 _ZERO_CHUNK = bytes(1 << 20)
 _QUERIES = ("get_size", "export_description", "block_size", "can_write", "can_flush",
             "is_rotational", "can_trim", "can_zero", "can_fast_zero", "can_extents", "can_fua",
             "can_multi_conn", "can_cache")
+_HOOKS = ("open", "prepare", "finalize", "preconnect", "list_exports", "default_export")
 
 
 def _is_async(obj: object, name: str) -> bool:
@@ -51,7 +58,8 @@ class Layer:
 
     name: str
     nonblocking: bool
-    thread_model: ThreadModel
+    #: The strictest thread model of this layer and every layer below (after config).
+    thread_model: ThreadModel = ThreadModel.PARALLEL
     loop: asyncio.AbstractEventLoop | None = None
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -69,10 +77,25 @@ class Layer:
             return asyncio.run_coroutine_threadsafe(r, loop).result()  # type: ignore[arg-type]
         return r
 
+    # Before a connection has a handle.
+    def preconnect(self, readonly: bool) -> None:
+        raise NotImplementedError
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> Any:
+        raise NotImplementedError
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str | None:
+        raise NotImplementedError
 
     # The interface every layer offers; ``h`` is the layer's own handle.
     def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
         raise NotImplementedError
+
+    def prepare(self, h: Any, readonly: bool) -> None:
+        pass
+
+    def finalize(self, h: Any) -> None:
+        pass
 
     def close(self, h: Any) -> None:
         raise NotImplementedError
@@ -106,9 +129,18 @@ class PluginLayer(Layer):
     def __init__(self, plugin: Plugin) -> None:
         self.plugin = plugin
         self.name = plugin.name
-        self.has_async = any(_is_async(plugin, m) for m in _DATA_METHODS + _QUERIES + ("open",))
+        self.has_async = any(_is_async(plugin, m) for m in _DATA_METHODS + _QUERIES + _HOOKS)
         self.nonblocking = bool(plugin.nonblocking) and not self.has_async
         self.thread_model = ThreadModel(getattr(plugin, "thread_model", ThreadModel.PARALLEL))
+
+    def preconnect(self, readonly: bool) -> None:
+        self._call(self.plugin.preconnect, readonly)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> Any:
+        return self._call(self.plugin.list_exports, readonly, is_tls)
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str | None:
+        return self._call(self.plugin.default_export, readonly, is_tls)  # type: ignore[no-any-return]
 
     def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
         return self._call(self.plugin.open, readonly, export_name, is_tls)
@@ -149,20 +181,54 @@ class FilterLayer(Layer):
         self.below = below
         self.name = flt.name
         self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not any(
-            _is_async(flt, m) for m in _DATA_METHODS + _QUERIES + ("open",))
+            _is_async(flt, m) for m in _DATA_METHODS + _QUERIES + _HOOKS)
         self.thread_model = min(ThreadModel(flt.thread_model), below.thread_model)
         self._has = {m: _overrides(flt, m, Filter) for m in _DATA_METHODS + _QUERIES}
+        # Data calls a filter does not override go straight to the context below.
+        for m in _DATA_METHODS:
+            if not self._has[m] and m != "pread_into":
+                setattr(self, m, _passthrough(m))
+
+    def preconnect(self, readonly: bool) -> None:
+        self._call(self.filter.preconnect, self.below.preconnect, readonly)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> Any:
+        return self._call(self.filter.list_exports, self.below.list_exports, readonly, is_tls)
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str | None:
+        return self._call(  # type: ignore[no-any-return]
+            self.filter.default_export, self.below.default_export, readonly, is_tls)
 
     def open(self, readonly: bool, export_name: str, is_tls: bool) -> Any:
         below: list[Context] = []
 
-        def next_open(ro: bool, name: str) -> None:
-            below.append(Context(self.below, self.below.open(ro, name, is_tls), ro))
+        def next_open(ro: bool, name: str | None = None) -> None:
+            name = export_name if name is None else name
+            if below:
+                raise CommandError(errno.EINVAL, f"{self.name}: next_open called twice")
+            below.append(Context.opened(self.below, ro, name, is_tls))
 
-        fh = self._call(self.filter.open, next_open, readonly, export_name, is_tls)
+        try:
+            fh = self._call(self.filter.open, next_open, readonly, export_name, is_tls)
+        except BaseException:
+            for ctx in below:
+                ctx.close()
+            raise
         if not below:
             raise CommandError(errno.EIO, f"{self.name}: open did not open the layer below")
         return (fh, below[0])
+
+    def prepare(self, h: Any, readonly: bool) -> None:
+        fh, nxt = h
+        nxt.prepare()
+        self._call(self.filter.prepare, nxt, fh, readonly)
+
+    def finalize(self, h: Any) -> None:
+        fh, nxt = h
+        try:
+            self._call(self.filter.finalize, nxt, fh)
+        finally:
+            nxt.finalize()
 
     def close(self, h: Any) -> None:
         fh, nxt = h
@@ -179,9 +245,7 @@ class FilterLayer(Layer):
 
     def _data(self, what: str, h: Any, *args: Any) -> Any:
         fh, nxt = h
-        if self._has[what]:
-            return self._call(getattr(self.filter, what), nxt, fh, *args)
-        return getattr(nxt, what)(*args)
+        return self._call(getattr(self.filter, what), nxt, fh, *args)
 
     def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
         return self._data("pread", h, count, offset, flags)
@@ -205,6 +269,16 @@ class FilterLayer(Layer):
         self._data("cache", h, count, offset, flags)
 
 
+def _passthrough(method: str) -> Callable[..., Any]:
+    """A filter layer's data method that hands the call to the context below (which
+    emulates what its layer lacks, as nbdkit's plugin layer does)."""
+    def call(h: Any, *args: Any) -> Any:
+        return getattr(h[1], method)(*args)
+
+    call.__name__ = method
+    return call
+
+
 def _truth(v: Any) -> bool:
     return bool(v)
 
@@ -215,12 +289,55 @@ class Context:
     This is also the ``next`` object filters receive: ``next.pread(count, offset, flags)``.
     """
 
-    def __init__(self, layer: Layer, handle: Any, readonly: bool) -> None:
+    def __init__(self, layer: Layer, handle: Any, readonly: bool, export_name: str = "",
+                 is_tls: bool = False) -> None:
         self.layer = layer
         self.handle = handle
         self.readonly = readonly
+        self.export_name = export_name
+        self.is_tls = is_tls
         self._cache: dict[str, Any] = {}
         self._closed = False
+        self._prepared = False
+        self._finalized = False
+
+    @classmethod
+    def opened(cls, layer: Layer, readonly: bool, export_name: str, is_tls: bool) -> Context:
+        return cls(layer, layer.open(readonly, export_name, is_tls), readonly, export_name,
+                   is_tls)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def prepare(self) -> None:
+        """After every layer is open: prepare this one (and those below it first)."""
+        if not self._prepared:
+            self._prepared = True
+            self.layer.prepare(self.handle, self.readonly)
+
+    def finalize(self) -> None:
+        """Before any layer is closed: finalize this one, then those below."""
+        if self._prepared and not self._finalized:
+            self._finalized = True
+            self.layer.finalize(self.handle)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.finalize()
+            finally:
+                self.layer.close(self.handle)
+
+    def reopen(self) -> None:
+        """Close this layer and open it again with the same arguments (the retry filter's
+        way to start over with a fresh plugin connection); cached properties are forgotten."""
+        try:
+            self.close()
+        except Exception as e:  # noqa: BLE001 - the old handle is being thrown away
+            log.debug("%s: close before reopen: %s", self.layer.name, e)
+        self._cache.clear()
+        self._closed = self._prepared = self._finalized = False
+        self.handle = self.layer.open(self.readonly, self.export_name, self.is_tls)
+        self.prepare()
 
     # ---- properties --------------------------------------------------------------------
     def _q(self, what: str) -> Any:
@@ -238,11 +355,11 @@ class Context:
         return size
 
     def export_description(self) -> str | None:
-        return self._q("export_description")
+        return self._q("export_description")  # type: ignore[no-any-return]
 
     def block_size(self) -> tuple[int, int, int] | None:
         bs = self._q("block_size")
-        if not bs or bs == (0, 0, 0):
+        if not bs or tuple(bs) == (0, 0, 0):
             return None
         mn, pref, mx = (int(x) for x in bs)
         if not (1 <= mn <= 65536 and mn & (mn - 1) == 0 and pref >= max(mn, 512)
@@ -357,11 +474,6 @@ class Context:
                 self.layer.pread(self.handle, n, pos, 0)
                 pos += n
 
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.layer.close(self.handle)
-
 
 def _normalise_extents(raw: Any, offset: int, count: int,
                        who: str) -> list[tuple[int, int, int]]:
@@ -395,58 +507,137 @@ def _normalise_extents(raw: Any, offset: int, count: int,
     return out
 
 
-class Chain:
-    """The configured stack: filters (outermost first) over a plugin."""
+def _exports(res: Any) -> list[tuple[str, str]] | None:
+    """A list_exports result as (name, description) pairs; None means the default export."""
+    if res is None:
+        return None
+    out = []
+    for item in res:
+        if isinstance(item, str):
+            out.append((item, ""))
+        else:
+            out.append((str(item[0]), str(item[1] or "") if len(item) > 1 else ""))
+    return out
 
-    def __init__(self, plugin: Plugin, filters: list[Filter] | None = None) -> None:
+
+class Chain:
+    """The configured stack: filters (outermost first) over a plugin.
+
+    With ``debug`` (``pynbd serve -v``) every call through every layer is logged.
+    """
+
+    def __init__(self, plugin: Plugin, filters: list[Filter] | None = None,
+                 debug: bool = False) -> None:
         self.plugin = plugin
         self.filters = list(filters or [])
-        self.top: Layer = PluginLayer(plugin)
-        self.layers: list[Layer] = [self.top]
+        self.debug = debug
+        bottom: Layer = PluginLayer(plugin)
+        self.plugin_layer = bottom
+        if debug:
+            bottom = DebugLayer(bottom)
+        self.top: Layer = bottom
+        self.layers: list[Layer] = [bottom]
         for f in reversed(self.filters):
-            self.top = FilterLayer(f, self.top)
-            self.layers.append(self.top)
+            layer: Layer = FilterLayer(f, self.top)
+            if debug:
+                layer = DebugLayer(layer)
+            self.top = layer
+            self.layers.append(layer)
+        self._thread_model: ThreadModel | None = None
+        for obj in (plugin, *self.filters):
+            obj.load()
+
+    def _debug(self, who: str, what: str) -> None:
+        if self.debug:
+            log.debug("%s: %s", who, what)
 
     # configuration, outermost first: each filter consumes its keys and passes the rest down
     def config(self, key: str, value: str) -> None:
         def at(i: int, k: str, v: str) -> None:
             if i < len(self.filters):
+                self._debug(self.filters[i].name, f"config key={k}, value={v}")
                 self.filters[i].config(lambda k2, v2: at(i + 1, k2, v2), k, v)
             else:
+                self._debug(self.plugin.name, f"config key={k}, value={v}")
                 self.plugin.config(k, v)
 
         at(0, key, value)
 
     def config_complete(self) -> None:
-        for f in self.filters:
-            f.config_complete()
-        self.plugin.config_complete()
+        for obj in (*self.filters, self.plugin):
+            self._debug(obj.name, "config_complete")
+            obj.config_complete()
+        self._thread_model = None
+
+    @property
+    def thread_model(self) -> ThreadModel:
+        """The strictest of every layer's model (asked once, after configuration)."""
+        if self._thread_model is None:
+            tm = min(ThreadModel(self.plugin.thread_model),
+                     ThreadModel(self.plugin.get_thread_model()))
+            for f in self.filters:
+                tm = min(tm, ThreadModel(f.thread_model), ThreadModel(f.get_thread_model()))
+            self._thread_model = tm
+            self._debug("pynbd", f"using thread model: {tm.name.lower()}")
+        return self._thread_model
 
     def get_ready(self) -> None:
-        self.plugin.get_ready()
-        for f in reversed(self.filters):
-            f.get_ready()
+        for obj in (self.plugin, *reversed(self.filters)):
+            self._debug(obj.name, "get_ready")
+            obj.get_ready()
+
+    def after_fork(self) -> None:
+        for obj in (self.plugin, *reversed(self.filters)):
+            self._debug(obj.name, "after_fork")
+            obj.after_fork()
 
     def cleanup(self) -> None:
-        for f in self.filters:
-            f.cleanup()
-        self.plugin.cleanup()
+        """cleanup then unload on every layer, outer first; every layer runs even if one
+        fails (the first failure is raised once all ran)."""
+        first: BaseException | None = None
+        for method in ("cleanup", "unload"):
+            for obj in (*self.filters, self.plugin):
+                try:
+                    self._debug(obj.name, method)
+                    getattr(obj, method)()
+                except Exception as e:  # noqa: BLE001
+                    first = first or e
+        if first is not None:
+            raise first
 
     def set_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         for layer in self.layers:
             layer.loop = loop
+            inner = getattr(layer, "inner", None)
+            if inner is not None:
+                inner.loop = loop
 
     @property
     def on_loop(self) -> bool:
         """True when every callback is a plain method that never blocks."""
         return self.top.nonblocking
 
-    @property
-    def thread_model(self) -> ThreadModel:
-        return self.top.thread_model
+    # ---- per connection, through every filter --------------------------------------------
+    def preconnect(self, readonly: bool) -> None:
+        self.top.preconnect(readonly)
+
+    def list_exports(self, readonly: bool, is_tls: bool) -> list[tuple[str, str]] | None:
+        """The exports to list, as (name, description); None for just the default one."""
+        return _exports(self.top.list_exports(readonly, is_tls))
+
+    def default_export(self, readonly: bool, is_tls: bool) -> str | None:
+        return self.top.default_export(readonly, is_tls)
 
     def open(self, readonly: bool, export_name: str, is_tls: bool) -> Context:
-        return Context(self.top, self.top.open(readonly, export_name, is_tls), readonly)
+        """Open every layer for a connection (outer to inner), then prepare them (inner to
+        outer). The context returned is closed with :meth:`Context.close`."""
+        ctx = Context.opened(self.top, readonly, export_name, is_tls)
+        try:
+            ctx.prepare()
+        except BaseException:
+            ctx.close()
+            raise
+        return ctx
 
     def check_config(self) -> None:
         if not isinstance(self.plugin, Plugin):

@@ -31,7 +31,7 @@ from pynbd.limits import (
     MAX_PAYLOAD_ADVERTISED,
     MAX_REQUESTS_IN_FLIGHT,
 )
-from pynbd.plugin import CacheMode, Flag, FuaMode, ThreadModel
+from pynbd.plugin import CacheMode, ConnectionInfo, Flag, FuaMode, ThreadModel, _set_connection
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
     EXT_REPLY_MAGIC,
@@ -318,6 +318,8 @@ class Connection:
         self._error: str | None = None
         self._direct: _Direct | None = None
         self._on_loop = False
+        self.info = _connection_info(server, stream, conn_id)
+        self.info._conn = self
 
     # ==================================================================================
     # lifecycle
@@ -325,6 +327,14 @@ class Connection:
         # Registered from the start, so a server shutdown also ends a negotiating client.
         self.server.register_transmission(self)
         try:
+            _set_connection(self.info)
+            try:
+                await self._call_blocking(self.server.chain.preconnect,
+                                          self.server.config.readonly)
+            except Exception as e:  # noqa: BLE001 - a refused client: one line, then hang up
+                log.error("client %d: refused by preconnect: %s", self.id,
+                          getattr(e, "message", None) or e)
+                return
             try:
                 ok = await asyncio.wait_for(self._negotiate(),
                                             self.server.config.handshake_timeout)
@@ -367,6 +377,7 @@ class Connection:
     async def _call_blocking(self, fn: Any, *args: Any) -> Any:
         """Run a control-path callback: on the loop for nonblocking chains, else a thread."""
         if self.server.chain.on_loop:
+            _set_connection(self.info)
             return fn(*args)
         return await self.loop.run_in_executor(self._get_pool(), self._locked, fn, args)
 
@@ -378,6 +389,7 @@ class Connection:
         return self._pool
 
     def _locked(self, fn: Any, args: tuple[Any, ...]) -> Any:
+        _set_connection(self.info)
         tm = self.server.thread_model
         if tm <= ThreadModel.SERIALIZE_ALL_REQUESTS:
             with self.server.all_requests_lock:
@@ -570,25 +582,21 @@ class Connection:
 
     async def _list_exports(self) -> list[tuple[str, str]]:
         cfg = self.server.config
-        plugin = self.server.chain.plugin
-        res = await self._call_blocking(plugin.list_exports, cfg.readonly, False)
+        chain = self.server.chain
+        res = await self._call_blocking(chain.list_exports, cfg.readonly, self.info.tls)
         if res is None:
-            default = await self._call_blocking(plugin.default_export, cfg.readonly, False)
+            default = await self._call_blocking(chain.default_export, cfg.readonly,
+                                                self.info.tls)
             return [(default or "", "")]
-        out = []
-        for item in res:
-            if isinstance(item, str):
-                out.append((item, ""))
-            else:
-                out.append((str(item[0]), str(item[1] or "")))
-        return out
+        return res
 
     async def _open_export(self, name: str, go: bool) -> Export:
         server = self.server
         cfg = server.config
         chain = server.chain
+        self.info.export_name = name
         if name == "":
-            canon = await self._call_blocking(chain.plugin.default_export, cfg.readonly, False)
+            canon = await self._call_blocking(chain.default_export, cfg.readonly, self.info.tls)
             if canon is None:
                 raise CommandError(E.ENOENT, "no default export")
         else:
@@ -597,8 +605,7 @@ class Connection:
             await server.acquire_connection_lock()
             self._ctx_lock_held = True
         try:
-            await self._call_blocking(chain.plugin.preconnect, cfg.readonly)
-            ctx = await self._call_blocking(chain.open, cfg.readonly, canon, False)
+            ctx = await self._call_blocking(chain.open, cfg.readonly, canon, self.info.tls)
             try:
                 ex = await self._call_blocking(self._describe, ctx, canon)
             except BaseException:
@@ -701,6 +708,16 @@ class Connection:
         self._pause()
         self._maybe_done()
 
+    def disconnect(self, force: bool) -> None:
+        """A plugin asked to drop this client: at once (force), or after the requests in
+        flight are answered."""
+        log.debug("client %d: disconnect requested by the plugin (force=%s)", self.id, force)
+        if force:
+            self._fatal()
+            self.stream.close()
+        else:
+            self.stop()
+
     def _on_write_error(self, e: OSError) -> None:
         self._error = f"write failed: {e}"
         self._fatal()
@@ -734,6 +751,7 @@ class Connection:
             self._resume()
 
     def _on_readable(self) -> None:
+        _set_connection(self.info)
         try:
             if self._payload is not None:
                 n = self.stream.readinto(self._payload_view[self._payload_got:])  # type: ignore[index]
@@ -963,6 +981,7 @@ class Connection:
 
     def _completed(self, batch: list[tuple[Any, bool, Any]]) -> None:
         """Results of blocking requests, in a batch: one reply write for all of them."""
+        _set_connection(self.info)
         live = not self.stream.closed and self.stream.write_error is None
         for (ex, cmd, flags, cookie, offset, length), ok, value in batch:
             self._inflight -= 1
@@ -1084,3 +1103,19 @@ class Connection:
             if self.stream.pending >= MAX_BYTES_IN_FLIGHT:
                 self._pause()
 
+
+
+def _connection_info(server: Server, stream: FdStream, conn_id: int) -> ConnectionInfo:
+    """Who is on the other end: the peer's address, and its credentials on a Unix socket."""
+    import socket
+
+    info = ConnectionInfo(id=conn_id, peer=stream.peer, readonly=server.config.readonly,
+                          server=server)
+    sock = stream.owner
+    if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            info.peer_pid, info.peer_uid, info.peer_gid = struct.unpack("3i", cred)
+        except OSError:
+            pass
+    return info

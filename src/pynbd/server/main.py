@@ -868,7 +868,7 @@ def _after_fork(o: Options, chain: Chain) -> None:
     """In the process that will serve (the daemon, once forked): --swap, then after_fork."""
     if o.swap:
         _lock_memory()
-    chain.plugin.after_fork()
+    chain.after_fork()
 
 
 def _lock_memory() -> None:

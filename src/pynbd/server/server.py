@@ -90,8 +90,11 @@ class Server:
 
     # ---- serving -----------------------------------------------------------------------
     def _setup(self) -> asyncio.AbstractEventLoop:
+        from pynbd.plugin import _servers
+
         loop = asyncio.get_running_loop()
         self.loop = loop
+        _servers.add(self)
         self.chain.set_loop(loop)
         self._stop = asyncio.Event()
         return loop
