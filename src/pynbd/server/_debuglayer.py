@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.server.backend import Layer
 
 __all__ = ["DebugLayer"]
 
@@ -28,7 +29,7 @@ def _b(flags: int, bit: int) -> int:
     return 1 if flags & bit else 0
 
 
-class DebugLayer:
+class DebugLayer(Layer):
     """Wraps a :class:`~pynbd.server.backend.Layer`; same interface, every call logged."""
 
     def __init__(self, inner: Any) -> None:
@@ -36,7 +37,6 @@ class DebugLayer:
         self.name = inner.name
         self.nonblocking = inner.nonblocking
         self.thread_model = inner.thread_model
-        self.loop = None
 
     def __getattr__(self, name: str) -> Any:  # plugin, filter, below, has_async...
         return getattr(self.inner, name)

@@ -35,7 +35,6 @@ from pynbd.plugin import (
     ThreadModel,
     _overrides,
 )
-from pynbd.server._debuglayer import DebugLayer
 
 __all__ = ["Chain", "Context", "FilterLayer", "Layer", "PluginLayer"]
 
@@ -534,6 +533,7 @@ class Chain:
         bottom: Layer = PluginLayer(plugin)
         self.plugin_layer = bottom
         if debug:
+            from pynbd.server._debuglayer import DebugLayer
             bottom = DebugLayer(bottom)
         self.top: Layer = bottom
         self.layers: list[Layer] = [bottom]
@@ -544,7 +544,8 @@ class Chain:
             self.top = layer
             self.layers.append(layer)
         self._thread_model: ThreadModel | None = None
-        for obj in (plugin, *self.filters):
+        self._all: tuple[Plugin | Filter, ...] = (plugin, *self.filters)
+        for obj in self._all:
             obj.load()
 
     def _debug(self, who: str, what: str) -> None:
@@ -564,7 +565,7 @@ class Chain:
         at(0, key, value)
 
     def config_complete(self) -> None:
-        for obj in (*self.filters, self.plugin):
+        for obj in self._outer_first():
             self._debug(obj.name, "config_complete")
             obj.config_complete()
         self._thread_model = None
@@ -581,13 +582,19 @@ class Chain:
             self._debug("pynbd", f"using thread model: {tm.name.lower()}")
         return self._thread_model
 
+    def _inner_first(self) -> tuple[Plugin | Filter, ...]:
+        return (self.plugin, *reversed(self.filters))
+
+    def _outer_first(self) -> tuple[Plugin | Filter, ...]:
+        return (*self.filters, self.plugin)
+
     def get_ready(self) -> None:
-        for obj in (self.plugin, *reversed(self.filters)):
+        for obj in self._inner_first():
             self._debug(obj.name, "get_ready")
             obj.get_ready()
 
     def after_fork(self) -> None:
-        for obj in (self.plugin, *reversed(self.filters)):
+        for obj in self._inner_first():
             self._debug(obj.name, "after_fork")
             obj.after_fork()
 
@@ -596,7 +603,7 @@ class Chain:
         fails (the first failure is raised once all ran)."""
         first: BaseException | None = None
         for method in ("cleanup", "unload"):
-            for obj in (*self.filters, self.plugin):
+            for obj in self._outer_first():
                 try:
                     self._debug(obj.name, method)
                     getattr(obj, method)()
