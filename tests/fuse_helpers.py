@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import PYNBD, missing, peer_env, short_tmpdir
+from helpers import PYNBD, missing, peer_env, short_tmpdir
 
 #: How long a mount may take to appear (python start + connect + mount).
 MOUNT_TIMEOUT = 20.0

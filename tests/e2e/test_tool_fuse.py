@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
-from tests.helpers import PYNBD, missing, run_pynbd
+from fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
+from helpers import PYNBD, missing, run_pynbd
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -396,7 +395,7 @@ def test_signal_unmounts_and_flushes(pynbd_server, fuse_mount, sig) -> None:  # 
 
 
 def test_background_and_pidfile(pynbd_server, tmp_path) -> None:
-    from tests.fuse_helpers import require_fuse
+    from fuse_helpers import require_fuse
 
     require_fuse()
     srv = pynbd_server("memory", "1M")

@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.fuse_helpers import (  # noqa: F401 (fixture)
+from fuse_helpers import (  # noqa: F401 (fixture)
     fuse_mount,
     in_threads,
     is_mounted,
     require_fuse,
 )
-from tests.helpers import require, run_peer
+from helpers import require, run_peer
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
