@@ -123,3 +123,35 @@ def test_in_ci_a_module_level_skip_is_a_collection_error(tmp_path: Path) -> None
     out = _run(tmp_path, "true", MODULE_SKIP)
     assert _counts(out) == {"error": 1}, out
     assert "module skipped: no backend" in out, out
+
+
+def _ci_run_normalises(value: str | None) -> tuple[int, str]:
+    """Run the block of .ci/run that reads CI (the real text, cut out of the script)."""
+    script = (TESTS.parent / ".ci" / "run").read_text()
+    start = script.index('ci_value="${CI:-true}"')
+    block = script[start:script.index("\nesac\n", start) + 6]
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    if value is not None:
+        env["CI"] = value
+    cp = subprocess.run(["bash", "-c", f"set -eu\n{block}\necho \"CI=$CI\""], check=False,
+                        capture_output=True, text=True, env=env, timeout=30)
+    return cp.returncode, cp.stdout.strip()
+
+
+@pytest.mark.parametrize("value", [None, "", "true", "TRUE", "1", "yes", "On"])
+def test_ci_run_passes_truthy_values_on_as_true(value: str | None) -> None:
+    rc, out = _ci_run_normalises(value)
+    assert (rc, out) == (0, "CI=true")
+    assert helpers.ci_enabled(out.removeprefix("CI="))
+
+
+@pytest.mark.parametrize("value", ["false", "0", "No", "OFF"])
+def test_ci_run_keeps_an_explicit_false(value: str) -> None:
+    rc, out = _ci_run_normalises(value)
+    assert (rc, out) == (0, "CI=false")
+    assert not helpers.ci_enabled(out.removeprefix("CI="))
+
+
+def test_ci_run_refuses_a_value_it_cannot_read() -> None:
+    rc, out = _ci_run_normalises("sometimes")
+    assert rc == 2 and out == ""
