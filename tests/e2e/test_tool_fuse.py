@@ -21,6 +21,8 @@ import pytest
 from fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
 from helpers import PYNBD, missing, run_pynbd
 
+from pynbd.tools.fuse import RELEASE_TIMEOUT
+
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1 << 20
@@ -168,12 +170,13 @@ def test_writes_at_the_end(pynbd_server, fuse_mount) -> None:  # noqa: F811
     finally:
         os.close(fd)
     assert read_back(srv.uri, 10, 65536 - 10) == b"z" * 10
-    # requests answered at once (past the end) leave nothing behind for the shutdown
+    # requests answered at once (past the end) leave nothing behind for the shutdown: it
+    # does not wait out RELEASE_TIMEOUT for them
     t = time.monotonic()
     m.proc.send_signal(signal.SIGTERM)
     assert m.wait_exit() == 0
-    assert time.monotonic() - t < 3
     assert "giving up" not in m.stderr
+    assert time.monotonic() - t < RELEASE_TIMEOUT
 
 
 def test_fallocate_trim_and_zero(pynbd_server, fuse_mount) -> None:  # noqa: F811
@@ -433,7 +436,7 @@ def test_server_dies_reader_gets_eio(pynbd_server, fuse_mount) -> None:  # noqa:
         with pytest.raises(OSError) as e:
             os.preadv(fd, [buf], 8192)
         assert e.value.errno == errno.EIO
-        assert time.monotonic() - t < 5
+        assert time.monotonic() - t < 10  # at once (the socket is closed), not a hang
     finally:
         os.close(fd)
     assert m.unmount() == 0
