@@ -13,7 +13,8 @@ the test):
 
 Arguments after the listener options are nbdkit's: options, PLUGIN, params.
 Helpers (`require`, `run_libnbd`, `run_peer`, `run_pynbd`, ...) are in
-tests/helpers.py: ``from helpers import require``.
+tests/helpers.py: ``from helpers import require``. Under ``CI`` a skip is a failure
+(tests/ci_mode.py, whose hooks are imported here).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # make `import helpers` work from any test dir
 
+from ci_mode import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401 (hooks)
 from helpers import (
     IN_CI,
     PYNBD,
@@ -43,7 +45,8 @@ from helpers import (
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
-        f"pynbd tests: CI={'true (missing peers fail)' if IN_CI else 'unset (missing peers skip)'}",
+        "pynbd tests: " + ("CI (missing peers and any skip fail)" if IN_CI
+                           else "not CI (missing peers skip)"),
         f"pynbd command: {' '.join(PYNBD)}",
     ]
 

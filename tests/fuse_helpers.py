@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import PYNBD, missing, peer_env, short_tmpdir
+from helpers import PYNBD, missing, peer_env, short_tmpdir
 
 #: How long a mount may take to appear (python start + connect + mount).
 MOUNT_TIMEOUT = 20.0
@@ -104,11 +103,11 @@ class FuseMount:
                        capture_output=True)
         return self.wait_exit()
 
-    def wait_exit(self) -> int:
+    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         try:
-            return self.proc.wait(EXIT_TIMEOUT)
+            return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"pynbd fuse did not exit within {EXIT_TIMEOUT} s:\n{self.stderr}")
+            pytest.fail(f"pynbd fuse did not exit within {timeout} s:\n{self.stderr}")
 
     def children(self) -> list[int]:
         """Pids of the processes `pynbd fuse` started (a server from --command etc.)."""

@@ -5,7 +5,9 @@ Import from any test module as ``from helpers import ...`` (``tests/`` is put on
 
 The rule for real peers (DESIGN.md, convention 13): a missing peer is a clear
 *skip* on a developer's machine and a *failure* in CI (``CI=true``), where
-``.ci/run`` installs them all.
+``.ci/run`` installs them all. ``CI`` counts as set when it is one of the usual truthy
+spellings (``true``, ``1``, ``yes``, ``on``; any case), and under it no test may skip at all
+(tests/ci_mode.py) except through :func:`not_here`.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from typing import NoReturn, TypeVar
 import pytest
 
 __all__ = [
+    "CI_TRUE",
     "IN_CI",
     "PEER_PACKAGES",
     "PYNBD",
     "SYSTEM_PYTHON",
     "DaemonServer",
+    "NotHere",
     "Server",
+    "ci_enabled",
     "free_tcp_port",
     "missing",
+    "not_here",
     "peer_env",
     "require",
     "require_libnbd_python",
@@ -49,8 +55,17 @@ __all__ = [
     "wait_listening",
 ]
 
-#: True when running in CI, where every peer must be present.
-IN_CI: bool = os.environ.get("CI") == "true"
+#: The values of ``CI`` that mean "this is CI" (what CI systems set, and what people type).
+CI_TRUE = frozenset({"true", "1", "yes", "on"})
+
+
+def ci_enabled(value: str | None) -> bool:
+    """True when the ``CI`` variable's `value` is a truthy spelling (case and spaces ignored)."""
+    return value is not None and value.strip().lower() in CI_TRUE
+
+
+#: True when running in CI, where every peer must be present and nothing may skip.
+IN_CI: bool = ci_enabled(os.environ.get("CI"))
 
 #: The checkout this test suite belongs to.
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +89,17 @@ PEER_PACKAGES: dict[str, str] = {
     "nbd-server": "nbd-server",
     "fio": "fio",
     "fusermount3": "fuse3",
+    "tmux": "tmux",
+    "file": "file",
+    "ss": "iproute2",
+    "pgrep": "procps",
+    "mkfs.ext4": "e2fsprogs",
+    "e2fsck": "e2fsprogs",
+    "losetup": "mount",
+    "mount": "mount",
+    "umount": "mount",
+    "fallocate": "util-linux",
+    "unshare": "util-linux",
 }
 
 #: A Unix socket path must fit in sockaddr_un.sun_path (108 bytes with the NUL).
@@ -94,6 +120,16 @@ def missing(reason: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: a missing peer is a failure)", pytrace=False)
     pytest.skip(reason)
+
+
+class NotHere(pytest.skip.Exception):
+    """A skip that stays a skip under CI (tests/ci_mode.py): raised by :func:`not_here`."""
+
+
+def not_here(reason: str) -> NoReturn:
+    """Skip, also in CI, because this machine lacks something no package can bring (an IPv6
+    loopback, a user id). Never for a tool or a peer: those go through :func:`missing`."""
+    raise NotHere(reason)
 
 
 def require(tool: str) -> str:

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
+from helpers import PYNBD, missing, run_pynbd
 
-from tests.fuse_helpers import fuse_mount, in_threads, is_mounted  # noqa: F401 (fixture)
-from tests.helpers import PYNBD, missing, run_pynbd
+from pynbd.tools.fuse import RELEASE_TIMEOUT
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -169,12 +170,13 @@ def test_writes_at_the_end(pynbd_server, fuse_mount) -> None:  # noqa: F811
     finally:
         os.close(fd)
     assert read_back(srv.uri, 10, 65536 - 10) == b"z" * 10
-    # requests answered at once (past the end) leave nothing behind for the shutdown
+    # requests answered at once (past the end) leave nothing behind for the shutdown: it
+    # does not wait out RELEASE_TIMEOUT for them
     t = time.monotonic()
     m.proc.send_signal(signal.SIGTERM)
     assert m.wait_exit() == 0
-    assert time.monotonic() - t < 3
     assert "giving up" not in m.stderr
+    assert time.monotonic() - t < RELEASE_TIMEOUT
 
 
 def test_fallocate_trim_and_zero(pynbd_server, fuse_mount) -> None:  # noqa: F811
@@ -396,7 +398,7 @@ def test_signal_unmounts_and_flushes(pynbd_server, fuse_mount, sig) -> None:  # 
 
 
 def test_background_and_pidfile(pynbd_server, tmp_path) -> None:
-    from tests.fuse_helpers import require_fuse
+    from fuse_helpers import require_fuse
 
     require_fuse()
     srv = pynbd_server("memory", "1M")
@@ -434,7 +436,7 @@ def test_server_dies_reader_gets_eio(pynbd_server, fuse_mount) -> None:  # noqa:
         with pytest.raises(OSError) as e:
             os.preadv(fd, [buf], 8192)
         assert e.value.errno == errno.EIO
-        assert time.monotonic() - t < 5
+        assert time.monotonic() - t < 10  # at once (the socket is closed), not a hang
     finally:
         os.close(fd)
     assert m.unmount() == 0

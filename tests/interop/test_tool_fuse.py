@@ -12,6 +12,7 @@ import errno
 import hashlib
 import mmap
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -20,14 +21,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.fuse_helpers import (  # noqa: F401 (fixture)
+from fuse_helpers import (  # noqa: F401 (fixture)
     fuse_mount,
     in_threads,
     is_mounted,
     require_fuse,
 )
-from tests.helpers import require, run_peer
+from helpers import require, run_peer
+
+from pynbd.tools.fuse import RELEASE_TIMEOUT
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(60)]
 
@@ -41,6 +43,15 @@ def pattern(n: int, seed: int = 0) -> bytes:
 
 def log_ops(log: Path, op: str) -> list[str]:
     return [line for line in log.read_text().splitlines() if f" {op} id=" in line]
+
+
+def wait_log(log: Path, text: str, n: int = 1, timeout: float = 20.0) -> None:
+    """Wait until nbdkit's log filter has logged `text` `n` times (a request arrived, a
+    connection opened): the state a test needs before it acts."""
+    deadline = time.monotonic() + timeout
+    while not (log.exists() and log.read_text().count(text) >= n):
+        assert time.monotonic() < deadline, f"{text!r} x{n} not logged in {timeout} s"
+        time.sleep(0.02)
 
 
 def test_round_trip_with_nbdcopy(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
@@ -93,10 +104,13 @@ def test_commands_reach_the_server(nbdkit_server, fuse_mount, tmp_path) -> None:
     assert text.count("Disconnect") == len(connects)  # each connection closed cleanly
 
 
-def test_requests_in_flight(nbdkit_server, fuse_mount) -> None:  # noqa: F811
-    """Eight readers against a server that takes 0.5 s per read: done in about 0.5 s, not 4 s,
-    on ONE connection: FUSE requests in flight are NBD requests in flight."""
-    srv = nbdkit_server("--filter=delay", "memory", "8M", "rdelay=500ms")
+def test_requests_in_flight(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """Eight readers against a server that takes 0.5 s per read, on ONE connection: all
+    eight reads reach the server before the first is answered (nbdkit's log filter, outside
+    the delay, records each on arrival): FUSE requests in flight are NBD requests in flight."""
+    log = tmp_path / "nbdkit.log"
+    srv = nbdkit_server("--filter=log", "--filter=delay", "memory", "8M", "rdelay=500ms",
+                        f"logfile={log}")
     m = fuse_mount(srv.uri, options=["-C", "1"])
 
     def read(i: int) -> None:
@@ -107,11 +121,15 @@ def test_requests_in_flight(nbdkit_server, fuse_mount) -> None:  # noqa: F811
         finally:
             os.close(fd)
 
-    t = time.monotonic()
     in_threads(read, 8)
-    elapsed = time.monotonic() - t
-    assert elapsed < 2.0, f"8 reads of 0.5 s took {elapsed:.2f} s: not in parallel"
     assert m.unmount() == 0
+    lines = log.read_text().splitlines()
+    reads = [(i, re.search(r" Read id=\d+ offset=0x([0-9a-f]+) count=0x1000 ", line))
+             for i, line in enumerate(lines)]
+    arrived = [i for i, m in reads if m and int(m[1], 16) % MiB == 0]
+    answered = [i for i, line in enumerate(lines) if " ...Read id=" in line]
+    assert len(arrived) == 8, lines
+    assert max(arrived) < min(answered), "\n".join(lines)  # all eight in flight at once
 
 
 # -C 1: the main process serves on its event loop; -C 2: worker processes in blocking calls
@@ -119,10 +137,13 @@ SERVING = pytest.mark.parametrize("connections", ["1", "2"], ids=["event-loop", 
 
 
 @SERVING
-def test_server_killed_mid_read(nbdkit_server, fuse_mount, connections) -> None:  # noqa: F811
-    """A read waiting on a server that dies gets EIO (not a hang); later ones too; the mount
-    still unmounts cleanly."""
-    srv = nbdkit_server("--filter=delay", "memory", "8M", "rdelay=3")
+def test_server_killed_mid_read(nbdkit_server, fuse_mount, connections,  # noqa: F811
+                                tmp_path) -> None:
+    """A read waiting on a server that dies gets EIO at once (not after the server's 30 s
+    delay, not a hang); later ones too; the mount still unmounts cleanly."""
+    log = tmp_path / "nbdkit.log"
+    srv = nbdkit_server("--filter=log", "--filter=delay", "memory", "8M", "rdelay=30",
+                        f"logfile={log}")
     m = fuse_mount(srv.uri, options=["-C", connections])
     result: list[BaseException | int] = []
 
@@ -136,13 +157,13 @@ def test_server_killed_mid_read(nbdkit_server, fuse_mount, connections) -> None:
             os.close(fd)
 
     th = threading.Thread(target=read)
-    t = time.monotonic()
     th.start()
-    time.sleep(0.5)
+    wait_log(log, " Read id=")  # the read is at the server, waiting out its delay
+    t = time.monotonic()
     srv.proc.kill()  # SIGKILL: the reply never comes, the socket closes
-    th.join(10)
+    th.join(20)
     assert not th.is_alive(), "the reader hung"
-    assert time.monotonic() - t < 3.0
+    assert time.monotonic() - t < 15, "the reader waited for the dead server's delay"
     assert isinstance(result[0], OSError) and result[0].errno == errno.EIO, result
     fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
     try:
@@ -156,10 +177,13 @@ def test_server_killed_mid_read(nbdkit_server, fuse_mount, connections) -> None:
 
 
 @SERVING
-def test_signal_with_a_hung_server(nbdkit_server, fuse_mount, connections) -> None:  # noqa: F811
+def test_signal_with_a_hung_server(nbdkit_server, fuse_mount, connections,  # noqa: F811
+                                   tmp_path) -> None:
     """SIGTERM while a read waits on a server that will not answer for a minute: pynbd fuse
     gives up on it after its 5 s limit, unmounts and exits; the reader gets an error."""
-    srv = nbdkit_server("--filter=delay", "memory", "1M", "rdelay=60")
+    log = tmp_path / "nbdkit.log"
+    srv = nbdkit_server("--filter=log", "--filter=delay", "memory", "1M", "rdelay=60",
+                        f"logfile={log}")
     m = fuse_mount(srv.uri, options=["-C", connections])
     result: list[BaseException | int] = []
 
@@ -179,11 +203,12 @@ def test_signal_with_a_hung_server(nbdkit_server, fuse_mount, connections) -> No
 
     th = threading.Thread(target=read)
     th.start()
-    time.sleep(0.5)
+    wait_log(log, " Read id=")  # the read is at the server, which will not answer
     t = time.monotonic()
     m.proc.send_signal(signal.SIGTERM)
-    assert m.wait_exit() == 0, m.stderr
-    assert time.monotonic() - t < 9
+    # RELEASE_TIMEOUT (5 s) to give up, then the unmount; not the server's 60 s
+    assert m.wait_exit(timeout=RELEASE_TIMEOUT + 25) == 0, m.stderr
+    assert time.monotonic() - t < RELEASE_TIMEOUT + 25
     th.join(5)
     assert not th.is_alive(), "the reader hung"
     assert isinstance(result[0], OSError), result
@@ -191,17 +216,24 @@ def test_signal_with_a_hung_server(nbdkit_server, fuse_mount, connections) -> No
     assert "giving up" in m.stderr
 
 
-def test_signal_while_workers_connect(nbdkit_server, fuse_mount) -> None:  # noqa: F811
-    """SIGTERM while the worker processes are still negotiating with a slow server: they
-    stop at once and the mount goes away (nothing waits for their handshakes)."""
-    srv = nbdkit_server("--filter=delay", "memory", "1M", "delay-open=3")
-    m = fuse_mount(srv.uri, options=["-C", "2"])  # (the main connection took 3 s)
-    assert _wait_for_children(m, 2)
-    time.sleep(0.5)  # the workers are in their handshakes now
+def test_signal_while_workers_connect(nbdkit_server, fuse_mount, tmp_path) -> None:  # noqa: F811
+    """SIGTERM while the worker processes are still negotiating with a slow server (5 s to
+    open each connection; the mount appears once they are done): they stop at once and
+    the mount goes away (nothing waits for their handshakes)."""
+    log = tmp_path / "nbdkit.log"
+    srv = nbdkit_server("--filter=log", "--filter=delay", "memory", "1M", "delay-open=5",
+                        f"logfile={log}")
+    m = fuse_mount(srv.uri, options=["-C", "2"], wait=False)
+    # the main connection is done (5 s) and nbdkit accepted both workers' connections:
+    # they are in their handshakes now
+    wait_log(log, " Preconnect id=", 3)
+    assert len(m.children()) == 2
     t = time.monotonic()
     m.proc.send_signal(signal.SIGTERM)
     assert m.wait_exit() == 0, m.stderr
-    assert time.monotonic() - t < 2.5, m.stderr
+    assert time.monotonic() - t < 3.5, m.stderr  # waiting out the handshakes takes ~5 s
+    # the workers never finished a handshake: the signal came in time
+    assert " Connect " not in log.read_text().split(" Preconnect id=3 ", 1)[1], log.read_text()
     assert not is_mounted(m.mountpoint)
     assert "Traceback" not in m.stderr
 
@@ -219,17 +251,6 @@ def test_no_worker_can_connect(qemu_nbd_server, fuse_mount, tmp_path) -> None:  
     assert f"pynbd fuse: {srv.uri}: No such file or directory" in m.stderr
     assert "Traceback" not in m.stderr
     assert not is_mounted(m.mountpoint)
-
-
-def _wait_for_children(m, n: int) -> bool:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        kids = subprocess.run(["pgrep", "-P", str(m.proc.pid)], capture_output=True,
-                              text=True, check=False).stdout.split()
-        if len(kids) >= n:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_qcow2_by_socket_activation(fuse_mount, tmp_path) -> None:  # noqa: F811

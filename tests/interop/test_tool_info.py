@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import PYNBD, free_tcp_port, require, run_peer
+from helpers import IN_CI, PYNBD, free_tcp_port, missing, require, run_peer
 from info_helpers import Result, nbdinfo, pynbd_info, write
 
 #: Without file(1), nbdinfo 1.14.2 prints an uninitialised buffer as the content (see
@@ -25,17 +25,27 @@ FILE = shutil.which("file")
 def _args(args: tuple[str, ...]) -> tuple[str, ...]:
     if FILE is not None:
         return args
+    if IN_CI:  # CI installs file(1): without it the content comparisons would not run
+        missing("file not found on PATH (Debian package file)")
     if any(a in ("--map", "--size", "--can", "--is", "--long-options", "--short-options")
            or a.startswith("--map=") for a in args):
         return args
     return ("--no-content", *(a for a in args if a != "--content"))
 
 
-def same(*args: str, raw: bool = False) -> Result:
-    """Run both; assert identical results; return pynbd info's."""
+def _expect(what: str, args: tuple[str, ...], want: Result, rc: int | tuple[int, ...]) -> None:
+    """nbdinfo's exit status is the expected one: two identical failures are no match."""
+    ok = rc if isinstance(rc, tuple) else (rc,)
+    assert want.rc in ok, f"nbdinfo{what} {args} exited {want.rc}, expected {rc}: {want}"
+
+
+def same(*args: str, raw: bool = False, rc: int | tuple[int, ...] = 0) -> Result:
+    """Run both; assert identical results, and nbdinfo's exit status is `rc` (0: success;
+    a tuple: any of them); return pynbd info's."""
     if not raw:
         args = _args(args)
     want = nbdinfo(*args)
+    _expect("", args, want, rc)
     got = pynbd_info(*args)
     assert got.rc == want.rc, f"exit status for {args}: {got} != {want}"
     assert got.out == want.out, f"stdout for {args}"
@@ -43,10 +53,12 @@ def same(*args: str, raw: bool = False) -> Result:
     return got
 
 
-def same_json(*args: str) -> object:
-    """Both print JSON; compare parsed, key by key (the order too), then the text."""
+def same_json(*args: str, rc: int = 0) -> object:
+    """Both print JSON; compare parsed, key by key (the order too), then the text; nbdinfo
+    exits with `rc`."""
     args = _args(args)
     want = nbdinfo("--json", *args)
+    _expect(" --json", args, want, rc)
     got = pynbd_info("--json", *args)
     assert (got.rc, got.err) == (want.rc, want.err)
     if not want.out:  # an error before any output
@@ -97,19 +109,22 @@ def test_memory_server(server: str, nbdkit_server, pynbd_server) -> None:
 
 
 def test_read_only_servers(nbdkit_server, pynbd_server) -> None:
-    for srv in (nbdkit_server("-r", "null", "1000"), pynbd_server("-r", "--no-sr", "pattern", "3M"),
-                pynbd_server("-o", "memory", "7K")):
+    # (server, exit status of --map: 1 without structured replies, so no base:allocation;
+    # the oldstyle protocol has none)
+    for srv, map_rc in ((nbdkit_server("-r", "null", "1000"), 0),
+                        (pynbd_server("-r", "--no-sr", "pattern", "3M"), 1),
+                        (pynbd_server("-o", "memory", "7K"), 1)):
         same("--colour", srv.uri)
         same_json(srv.uri)
-        same("--map", "--totals", srv.uri)
+        same("--map", "--totals", srv.uri, rc=map_rc)
 
 
 def test_plain_newstyle_server(pynbd_server) -> None:
     srv = pynbd_server("--mask-handshake=0", "pattern", "5000")
     same(srv.uri)
     same_json(srv.uri)
-    same("--map", srv.uri)  # no structured replies, so no base:allocation
-    same("-L", srv.uri)  # libnbd: "server is not using fixed newstyle protocol"
+    same("--map", srv.uri, rc=1)  # no structured replies, so no base:allocation
+    same("-L", srv.uri, rc=1)  # libnbd: "server is not using fixed newstyle protocol"
 
 
 CAN_NAMES = ["connect", "read", "write", "read-only", "readonly", "read_only", "Read-Only",
@@ -118,14 +133,22 @@ CAN_NAMES = ["connect", "read", "write", "read-only", "readonly", "read_only", "
              "fua", "multi-conn", "multiconn", "trim", "zero", "teleport", "has"]
 
 
+#: Not a --can/--is name: an error (exit 1) after connecting.
+NOT_NAMES = {"teleport", "has"}
+#: --can and --is answer 0 (yes) or 2 (no); 1 is an error.
+ANSWER = (0, 2)
+
+
 def test_is_can_exit_codes(nbdkit_server, pynbd_server) -> None:
-    servers = [nbdkit_server("-r", "null", "1M"), pynbd_server("memory", "1M"),
-               pynbd_server("-r", "--no-sr", "memory", "1M")]
-    for srv in servers:
+    # (server, --is read-only's answer)
+    servers = [(nbdkit_server("-r", "null", "1M"), 0), (pynbd_server("memory", "1M"), 2),
+               (pynbd_server("-r", "--no-sr", "memory", "1M"), 0)]
+    for srv, read_only in servers:
         for name in CAN_NAMES:
-            same("--can", name, srv.uri)
-        same("--is", "read-only", srv.uri)
-        same("--is", "tls", srv.uri)
+            same("--can", name, srv.uri, rc=1 if name in NOT_NAMES else ANSWER)
+        same("--can", "write", srv.uri, rc=2 if read_only == 0 else 0)
+        same("--is", "read-only", srv.uri, rc=read_only)
+        same("--is", "tls", srv.uri, rc=2)
 
 
 # --------------------------------------------------------------------------- qemu-nbd
@@ -161,8 +184,8 @@ def test_qemu_nbd(qemu_nbd_server, qcow2_chain: Path) -> None:
         same("--colour", f"--map={ctx}", "--totals", srv.uri)
         same_json(f"--map={ctx}", srv.uri)
         same_json(f"--map={ctx}", "--totals", srv.uri)
-    same("--map=qemu:dirty-bitmap:nope", srv.uri)
-    same("--size", srv.uri.replace("/disk?", "/other?"))
+    same("--map=qemu:dirty-bitmap:nope", srv.uri, rc=1)
+    same("--size", srv.uri.replace("/disk?", "/other?"), rc=1)
 
 
 # --------------------------------------------------------------------------- --list
@@ -178,8 +201,8 @@ def test_list_many_exports(nbdkit_server, pynbd_server, tmp_path: Path) -> None:
         same("--list", srv.uri)
         same("--list", "--content", srv.uri)
         same_json("--list", "--content", srv.uri)
-        same(srv.uri)  # no default export: the error, the suggestion, exit 1
-        same("--json", srv.uri)
+        same(srv.uri, rc=1)  # no default export: the error, the suggestion, exit 1
+        same("--json", srv.uri, rc=1)
         same("--map", srv.uri.replace(":///", ":///a.img"))
 
 
@@ -201,7 +224,7 @@ def test_subprocess_servers(tmp_path: Path) -> None:
     same_json("--", "[", "nbdkit", "-r", "pattern", "3M", "]")
     same("--", "[", *pynbd, "memory", "1M", "]")
     same("--map", "--totals", "--", "[", *pynbd, "null", "2G", "]")
-    same("--can", "write", "--", "[", *pynbd, "-r", "memory", "1M", "]")
+    same("--can", "write", "--", "[", *pynbd, "-r", "memory", "1M", "]", rc=2)
     image = tmp_path / "disk.qcow2"
     run_peer(require("qemu-img"), "create", "-q", "-f", "qcow2", image, "1M")
     same("--map", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(image), "]")
@@ -212,11 +235,11 @@ def test_subprocess_servers(tmp_path: Path) -> None:
 
 def test_connection_errors(tmp_path: Path) -> None:
     port = free_tcp_port()
-    same(f"nbd://127.0.0.1:{port}/")
-    same("--can", "connect", f"nbd://127.0.0.1:{port}/")
-    same("--can", "teleport", f"nbd://127.0.0.1:{port}/")  # connecting comes first
-    same("notauri")
-    same(f"nbd+unix:///?socket={tmp_path}/nothing-here")
+    same(f"nbd://127.0.0.1:{port}/", rc=1)
+    same("--can", "connect", f"nbd://127.0.0.1:{port}/", rc=1)
+    same("--can", "teleport", f"nbd://127.0.0.1:{port}/", rc=1)  # connecting comes first
+    same("notauri", rc=1)
+    same(f"nbd+unix:///?socket={tmp_path}/nothing-here", rc=1)
 
 
 @pytest.mark.parametrize("args", [
@@ -225,7 +248,7 @@ def test_connection_errors(tmp_path: Path) -> None:
     ["--totals", "nbd://x"],
 ])
 def test_option_conflicts(args: list[str]) -> None:
-    same(*args, raw=True)
+    same(*args, raw=True, rc=1)
 
 
 @pytest.mark.parametrize("args", [
@@ -269,9 +292,10 @@ def test_nbd_server(nbd_server, tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     image.write_bytes(b"\xeb\x3c\x90mkfs.fat" + bytes(1 << 20))
     srv = nbd_server(image, export="disk", readonly=True)
-    for mode in MODES:
-        same(*mode, srv.uri)
+    for mode in MODES:  # no structured replies: --map fails; listing is not allowed: -L fails
+        same(*mode, srv.uri, rc=1 if "--map" in mode or "-L" in mode else 0)
     same_json(srv.uri)
-    same_json("-L", srv.uri)
-    for name in ("write", "read-only", "trim", "flush", "sr", "multi-conn"):
-        same("--can", name, srv.uri)
+    same_json("-L", srv.uri, rc=1)
+    for name, answer in (("write", 2), ("read-only", 0), ("trim", ANSWER), ("flush", ANSWER),
+                         ("sr", 2), ("multi-conn", ANSWER)):
+        same("--can", name, srv.uri, rc=answer)

@@ -8,7 +8,7 @@ import inspect
 import itertools
 import os
 import random
-import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from helpers import peer_env, require
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.plugin import (
@@ -568,21 +569,20 @@ def test_pattern_plugin() -> None:
 
 
 def test_pattern_speed() -> None:
-    """256 KiB reads must be fast (this is a benchmark plugin): well under 1 ms each."""
-    t0 = time.perf_counter()
+    """256 KiB reads must be fast (this is a benchmark plugin): well under 1 ms each (about
+    0.06 ms here). The median of 50 reads: a busy machine preempting a few does not count."""
+    times = []
     for i in range(50):
+        t0 = time.perf_counter()
         pattern_bytes(256 * 1024, (1 << 30) + i * 256 * 1024)
-    assert (time.perf_counter() - t0) / 50 < 1e-3
+        times.append(time.perf_counter() - t0)
+    assert statistics.median(times) < 1e-3, sorted(times)
 
 
-NBDKIT = "/usr/bin/nbdkit"
-
-
-def _need_nbdkit() -> None:
-    if not (os.path.exists(NBDKIT) and shutil.which("nbdcopy")):
-        if os.environ.get("CI") == "true":
-            pytest.fail("nbdkit and nbdcopy are required in CI")
-        pytest.skip("nbdkit or nbdcopy is not installed")
+def _need_nbdkit() -> str:
+    """nbdkit's path, once nbdkit and nbdcopy are known to be here (skip, or fail in CI)."""
+    require("nbdcopy")
+    return require("nbdkit")
 
 
 @pytest.mark.interop
@@ -590,14 +590,14 @@ def _need_nbdkit() -> None:
 def test_pattern_matches_nbdkit(tmp_path: Any, offset: int) -> None:
     """Byte for byte what `nbdkit pattern` serves (via nbdcopy), at the start of a 1M disk
     and 1 MiB at an odd offset of the giant disk (through nbdkit's offset filter)."""
-    _need_nbdkit()
+    nbdkit = _need_nbdkit()
     out = tmp_path / "out.bin"
     size = 1 << 20
     if offset == 0:
-        cmd = [NBDKIT, "-U", "-", "pattern", str(size)]
+        cmd = [nbdkit, "-U", "-", "pattern", str(size)]
     else:
-        cmd = [NBDKIT, "-U", "-", "--filter=offset", "pattern", str(GIANT),
+        cmd = [nbdkit, "-U", "-", "--filter=offset", "pattern", str(GIANT),
                f"offset={offset}", f"range={size}"]
     cmd += ["--run", f'nbdcopy "$uri" {out}']
-    subprocess.run(cmd, check=True, timeout=30, capture_output=True)
+    subprocess.run(cmd, check=True, timeout=30, capture_output=True, env=peer_env())
     assert out.read_bytes() == bytes(pattern_bytes(size, offset))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import missing
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, CacheMode, Flag, FuaMode
@@ -15,6 +19,8 @@ from pynbd.plugins.file import FilePlugin
 
 HOLE = EXTENT_HOLE | EXTENT_ZERO
 MiB = 1 << 20
+#: This checkout's sources, for the child processes.
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def configure(*args: str, **params: str) -> FilePlugin:
@@ -161,17 +167,83 @@ def test_readonly_open(tmp_path: Path) -> None:
         p.close(h)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to read-only files")
+#: Opens the file plugin's file read-write as the server would, and reports what it got:
+#: can_write, the first 4 bytes, and the errno of a write (0: the write went through).
+_OPEN_RW = """
+import sys
+from pynbd.plugins.file import FilePlugin
+p = FilePlugin()
+p.config("file", sys.argv[1])
+p.config_complete()
+h = p.open(False, "", False)
+data = bytes(p.pread(h, 4, 0, 0))
+try:
+    p.pwrite(h, b"w", 0, 0)
+    err = 0
+except OSError as e:
+    err = e.errno
+print(p.can_write(h), data.hex(), err)
+"""
+
+
+def _open_rw(path: Path, *wrap: str) -> tuple[str, str, int]:
+    """Run _OPEN_RW on `path` in a child process, after `wrap` (a command prefix)."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    cp = subprocess.run([*wrap, sys.executable, "-c", _OPEN_RW, str(path)], check=False,
+                        capture_output=True, text=True, timeout=60, env=env)
+    assert cp.returncode == 0, cp.stderr
+    can_write, head, err = cp.stdout.split()
+    return can_write, head, int(err)
+
+
+def _without_dac_override() -> list[str]:
+    """A command prefix under which root, too, obeys file modes (no CAP_DAC_OVERRIDE)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        missing("setpriv not found (Debian package util-linux)")
+    return [setpriv, "--bounding-set=-dac_override"]
+
+
 def test_readonly_file_served_readonly(tmp_path: Path) -> None:
+    """A file the server may not write (mode 0444: O_RDWR fails with EACCES) is served
+    read-only, as nbdkit does. Root may write any file through CAP_DAC_OVERRIDE, so the
+    plugin runs in a child process without it; root's own run shows the file is otherwise
+    written (the reason the test once skipped as root)."""
     path = tmp_path / "ro.img"
-    path.write_bytes(bytes(4096))
+    path.write_bytes(b"\xab" * 4096)
     path.chmod(0o444)
-    p = configure(str(path))
-    h = p.open(False, "", False)
-    try:
-        assert not p.can_write(h)  # O_RDWR failed with EACCES: served read-only, as nbdkit
-    finally:
-        p.close(h)
+    assert _open_rw(path, *_without_dac_override()) == ("False", "abababab", errno.EBADF)
+    assert path.read_bytes() == b"\xab" * 4096
+    if os.geteuid() == 0:  # the control: the same file, opened with the capability
+        assert _open_rw(path) == ("True", "abababab", 0)
+        assert path.read_bytes()[:1] == b"w"
+
+
+def test_file_on_readonly_mount_served_readonly(tmp_path: Path) -> None:
+    """A writable file on a read-only mount (O_RDWR fails with EROFS) is served read-only:
+    a read-only bind mount of its directory, in a private mount namespace (unshare -m, with
+    -r when not root), so nothing outside the test sees the mount."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        missing("unshare not found (Debian package util-linux)")
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\xcd" * 4096)
+    path.chmod(0o644)
+    userns = ["-r"] if os.geteuid() != 0 else []
+    probe = subprocess.run([unshare, *userns, "-m", "true"], check=False, capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:
+        missing(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    d = str(tmp_path)
+    ro_mount = [unshare, *userns, "-m", "sh", "-ec",
+                f'mount --bind "{d}" "{d}" && mount -o remount,bind,ro "{d}" && exec "$@"', "sh"]
+    assert _open_rw(path, *ro_mount) == ("False", "cdcdcdcd", errno.EBADF)
+    assert path.read_bytes() == b"\xcd" * 4096
+    # the control: the same command without the read-only mount writes the file
+    assert _open_rw(path, unshare, *userns, "-m") == ("True", "cdcdcdcd", 0)
+    assert path.read_bytes()[:1] == b"w"
 
 
 def test_close_closes_fd(opened: Any) -> None:
