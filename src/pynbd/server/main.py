@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_traceback(e.cause)
         _error(str(e))
         return 1
+    except _Logged:
+        return 1
     except process.Terminated:
         return 0  # SIGTERM/SIGQUIT before serving: a clean, if early, shutdown
     except KeyboardInterrupt:
@@ -71,14 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         # A pid file in a missing directory, a socket we may not create...: one line.
-        what = f"{e.filename}: " if e.filename else ""
-        _error(f"{what}{e.strerror or e}")
+        _error(_one_line(e))
         return 1
     except Exception as e:  # a bad command line never prints a traceback
         if _wants_traceback(args):
             raise
         _error(f"{type(e).__name__}: {e} (run with -v for the traceback)")
         return 1
+
+
+class _Logged(Exception):
+    """An error already logged (by the daemon, which has no terminal to print it on)."""
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, ConfigError):
+        what = f"{e.filename}: " if e.filename else ""
+        return f"{what}{e.strerror or e}"
+    return str(e)
 
 
 def _error(msg: str) -> None:
@@ -205,9 +217,23 @@ def _become_server(o: Options, chain: Chain, tmpdir: str | None = None,
     """Turn this process into the server: -g/-u, into the background, the pid file,
     --swap, then the plugin's after_fork (nbdkit's order)."""
     process.change_user(o, tmpdir)
-    if background:
-        process.daemonize(o.verbose)
-        setup_logging(o.verbose, o.log, background=True)
+    if not background:
+        _after_fork(o, chain)
+        return
+    process.daemonize(o.verbose)
+    setup_logging(o.verbose, o.log, background=True)
+    try:
+        _after_fork(o, chain)
+    except (ConfigError, OSError) as e:
+        # The daemon's stderr is /dev/null: the one line goes where --log says.
+        log.error("%s", _one_line(e))
+        if isinstance(e, PluginError):
+            log.debug("%s failed", e, exc_info=e.cause)
+        raise _Logged from None
+
+
+def _after_fork(o: Options, chain: Chain) -> None:
+    """In the serving process: the pid file, --swap, then the plugin's after_fork."""
     process.write_pidfile(o)
     if o.swap:
         process.lock_memory()
