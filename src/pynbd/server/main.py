@@ -87,7 +87,8 @@ class _Logged(Exception):
 
 
 def _one_line(e: BaseException) -> str:
-    if isinstance(e, OSError) and not isinstance(e, ConfigError):
+    """An OSError as ``FILE: strerror``; anything else as its message."""
+    if isinstance(e, OSError):
         what = f"{e.filename}: " if e.filename else ""
         return f"{what}{e.strerror or e}"
     return str(e)
