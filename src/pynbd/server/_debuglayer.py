@@ -37,12 +37,16 @@ class DebugLayer(Layer):
         self.name = inner.name
         self.nonblocking = inner.nonblocking
         self.thread_model = inner.thread_model
+        #: ``-D nbdkit.backend.controlpath=0`` / ``datapath=0`` turn these off.
+        self.controlpath = True
+        self.datapath = True
 
     def __getattr__(self, name: str) -> Any:  # plugin, filter, below, has_async...
         return getattr(self.inner, name)
 
-    def _run(self, what: str, fn: Any, *args: Any) -> Any:
-        log.debug("%s: %s", self.name, what)
+    def _run(self, what: str, fn: Any, *args: Any, data: bool = False) -> Any:
+        if self.datapath if data else self.controlpath:
+            log.debug("%s: %s", self.name, what)
         try:
             return fn(*args)
         except CommandError as e:
@@ -71,6 +75,9 @@ class DebugLayer(Layer):
     def prepare(self, h: Any, readonly: bool) -> None:
         self._run(f"prepare readonly={int(readonly)}", self.inner.prepare, h, readonly)
 
+    def below_context(self, h: Any) -> Any:
+        return self.inner.below_context(h)
+
     def finalize(self, h: Any) -> None:
         self._run("finalize", self.inner.finalize, h)
 
@@ -82,29 +89,29 @@ class DebugLayer(Layer):
 
     def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
         return self._run(f"pread count={count} offset={offset}", self.inner.pread, h, count,
-                         offset, flags)
+                         offset, flags, data=True)
 
     def pwrite(self, h: Any, buf: Any, offset: int, flags: int) -> None:
         self._run(f"pwrite count={len(buf)} offset={offset} fua={_b(flags, _FUA)}",
-                  self.inner.pwrite, h, buf, offset, flags)
+                  self.inner.pwrite, h, buf, offset, flags, data=True)
 
     def flush(self, h: Any, flags: int) -> None:
-        self._run("flush", self.inner.flush, h, flags)
+        self._run("flush", self.inner.flush, h, flags, data=True)
 
     def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
         self._run(f"trim count={count} offset={offset} fua={_b(flags, _FUA)}",
-                  self.inner.trim, h, count, offset, flags)
+                  self.inner.trim, h, count, offset, flags, data=True)
 
     def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
         self._run(f"zero count={count} offset={offset} may_trim={_b(flags, _MAY_TRIM)} "
                   f"fua={_b(flags, _FUA)} fast={_b(flags, _FAST_ZERO)}",
-                  self.inner.zero, h, count, offset, flags)
+                  self.inner.zero, h, count, offset, flags, data=True)
 
     def extents(self, h: Any, count: int, offset: int, flags: int) -> Any:
         return self._run(f"extents count={count} offset={offset} "
                          f"req_one={_b(flags, _REQ_ONE)}", self.inner.extents, h, count,
-                         offset, flags)
+                         offset, flags, data=True)
 
     def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
         self._run(f"cache count={count} offset={offset}", self.inner.cache, h, count, offset,
-                  flags)
+                  flags, data=True)

@@ -96,6 +96,10 @@ class Layer:
     def finalize(self, h: Any) -> None:
         pass
 
+    def below_context(self, h: Any) -> Context | None:
+        """The context of the layer below, opened for the connection that owns ``h``."""
+        return None
+
     def close(self, h: Any) -> None:
         raise NotImplementedError
 
@@ -219,8 +223,10 @@ class FilterLayer(Layer):
 
     def prepare(self, h: Any, readonly: bool) -> None:
         fh, nxt = h
-        nxt.prepare()
         self._call(self.filter.prepare, nxt, fh, readonly)
+
+    def below_context(self, h: Any) -> Context | None:
+        return h[1]  # type: ignore[no-any-return]
 
     def finalize(self, h: Any) -> None:
         fh, nxt = h
@@ -310,6 +316,9 @@ class Context:
         """After every layer is open: prepare this one (and those below it first)."""
         if not self._prepared:
             self._prepared = True
+            below = self.layer.below_context(self.handle)
+            if below is not None:
+                below.prepare()
             self.layer.prepare(self.handle, self.readonly)
 
     def finalize(self) -> None:
@@ -544,9 +553,19 @@ class Chain:
             self.top = layer
             self.layers.append(layer)
         self._thread_model: ThreadModel | None = None
-        self._all: tuple[Plugin | Filter, ...] = (plugin, *self.filters)
-        for obj in self._all:
+
+    def load(self) -> None:
+        """Each layer's ``load``, plugin first (as nbdkit loads the plugin, then filters)."""
+        for obj in self._inner_first():
+            self._debug(obj.name, "load")
             obj.load()
+
+    def set_debug_paths(self, controlpath: bool, datapath: bool) -> None:
+        """``-D nbdkit.backend.controlpath=0`` / ``datapath=0``: silence one kind of -v line."""
+        for layer in self.layers:
+            if hasattr(layer, "controlpath"):
+                layer.controlpath = controlpath  # type: ignore[attr-defined]
+                layer.datapath = datapath  # type: ignore[attr-defined]
 
     def _debug(self, who: str, what: str) -> None:
         if self.debug:
