@@ -25,7 +25,7 @@ import threading
 import time
 
 from pynbd import plugin as _plugin
-from pynbd.errors import ConfigError
+from pynbd.errors import ConfigError as _ConfigError
 
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "EXTENT_HOLE", "EXTENT_ZERO",
@@ -37,7 +37,7 @@ __all__ = [
     "set_error", "shutdown",
 ]
 
-log = logging.getLogger("pynbd.plugins.python")
+_log = logging.getLogger("pynbd.plugins.python")
 
 THREAD_MODEL_SERIALIZE_CONNECTIONS = 0
 THREAD_MODEL_SERIALIZE_ALL_REQUESTS = 1
@@ -96,7 +96,7 @@ def _connection(what: str) -> _plugin.ConnectionInfo:
 
 def debug(msg: str) -> None:
     """Log ``msg`` as a debug message (shown with ``pynbd serve -v``)."""
-    log.debug("python: %s", _str_arg("debug", msg))
+    _log.debug("python: %s", _str_arg("debug", msg))
 
 
 def export_name() -> str:
@@ -146,7 +146,7 @@ def parse_size(text: str) -> int:
     try:
         return _nbdkit_parse_size(text)
     except ValueError as e:
-        log.error("%s", e)
+        _log.error("%s", e)
         raise ValueError("Unable to parse string as size") from None
 
 
@@ -188,7 +188,7 @@ def parse_bool(text: str) -> bool:
     """nbdkit's booleans: 1/true/t/yes/y/on, 0/false/f/no/n/off (any case)."""
     try:
         return _plugin.parse_bool(_str_arg("parse_bool", text))
-    except ConfigError as e:
+    except _ConfigError as e:
         raise ValueError(str(e)) from None
 
 
