@@ -28,6 +28,7 @@ from pynbd.plugin import (
     connection,
 )
 from pynbd.plugins import _nbdkit_module as nbdkit
+from pynbd.plugins._python_pure import Pure, analyse
 
 __all__ = ["PythonPlugin"]
 
@@ -43,6 +44,13 @@ _NOTSUP = (errno.EOPNOTSUPP, errno.ENOTSUP)
 #: What a script's callback may raise and the plugin turns into an error (any exception,
 #: and sys.exit(), as nbdkit's PyErr_Occurred catches; KeyboardInterrupt still stops us).
 _SCRIPT_ERRORS = (Exception, SystemExit)
+#: The callbacks that may run for a connection: all must be pure (never block) for the
+#: plugin to say it is nonblocking.
+_CONNECTION_CALLBACKS = ("preconnect", "list_exports", "default_export", "open", "close",
+                         "export_description", "get_size", "block_size", "can_write",
+                         "can_flush", "is_rotational", "can_trim", "can_zero", "can_fast_zero",
+                         "can_extents", "can_fua", "can_multi_conn", "can_cache", "pread",
+                         "pwrite", "flush", "trim", "zero", "extents", "cache")
 
 
 class _Handle:
@@ -152,6 +160,7 @@ class PythonPlugin(Plugin):
         self.api = 1
         self._ns: dict[str, Any] = {}
         self._saved_modules: dict[str, Any] | None = None
+        self._pure_pread: Pure | None = None
 
     # ---- loading ---------------------------------------------------------------------
     def _load(self, path: str) -> None:
@@ -275,6 +284,7 @@ class PythonPlugin(Plugin):
         self._configure("config_complete")
 
     def get_thread_model(self) -> ThreadModel:
+        self._analyse()
         if self.script is None or self._fn("thread_model") is None:
             return ThreadModel.SERIALIZE_ALL_REQUESTS
         r = self._configure("thread_model")
@@ -283,6 +293,22 @@ class PythonPlugin(Plugin):
         except (TypeError, ValueError):
             raise ConfigError(f"{self.script}: thread_model: invalid thread model "
                               f"{r!r}") from None
+
+    def _analyse(self) -> None:
+        """Which callbacks never block (see :mod:`pynbd.plugins._python_pure`): pread then
+        runs on the event loop when the server offers it (:meth:`pread_nowait`), and the
+        plugin is nonblocking when every callback a connection may call is pure."""
+        if self.script is None:
+            return
+        pure = {}
+        for name in _CONNECTION_CALLBACKS:
+            fn = self._fn(name)
+            if fn is not None:
+                pure[name] = analyse(name, fn, self._ns, nbdkit)
+        self._pure_pread = pure.get("pread")
+        self.nonblocking = all(p is not None for p in pure.values())
+        log.debug("%s: callbacks that never block: %s", self.script,
+                  ", ".join(n for n, p in pure.items() if p is not None) or "none")
 
     def get_ready(self) -> None:
         self._configure("get_ready")
@@ -502,6 +528,14 @@ class PythonPlugin(Plugin):
             with contextlib.suppress(BufferError):  # the script kept a view of it
                 view.release()
         return buf
+
+    def pread_nowait(self, h: Any, count: int, offset: int, flags: int) -> Any:
+        """pread on the event loop when the script's pread never blocks (PARALLEL
+        scripts: the server asks only then); BlockingIOError sends it to a thread."""
+        pure = self._pure_pread
+        if pure is None or not pure.check(self._ns):
+            raise BlockingIOError
+        return self.pread(h, count, offset, flags)
 
     def _v1_data(self, r: Any, count: int) -> Any:
         """API 1: pread returned a buffer of at least ``count`` bytes; take the first."""
