@@ -64,6 +64,7 @@ _SAFE_NBDKIT = frozenset(("set_error", "export_name", "is_tls", "peer_pid", "pee
 #: Types of global values a pure callback may read.
 _PLAIN = frozenset((int, float, bool, str, bytes, bytearray, type(None)))
 _MISSING = object()
+_BUILTINS = builtins.__dict__
 
 
 def _plain(value: Any) -> bool:
@@ -92,18 +93,18 @@ class Pure:
         self.plain = plain  # globals that must still hold plain data
 
     def check(self, ns: dict[str, Any]) -> bool:
-        """Still pure: the script's callback and the globals it reads are unchanged."""
-        if ns.get(self.name) is not self.fn:
-            return False
+        """Still pure: the script's callback and the globals it reads are unchanged.
+        (Called before every request on the loop: kept to a few dictionary lookups.)"""
         get = ns.get
+        if get(self.name) is not self.fn:
+            return False
         for name, obj in self.same:
             v = get(name, _MISSING)
-            if v is _MISSING:
-                v = getattr(builtins, name, _MISSING)
-            if v is not obj:
+            if v is not obj and (v is not _MISSING or _BUILTINS.get(name) is not obj):
                 return False
         for name in self.plain:
-            if not _plain(get(name)):
+            t = type(get(name))
+            if t not in _PLAIN and not (t is memoryview and _plain(get(name))):
                 return False
         return True
 

@@ -33,6 +33,8 @@ from pynbd.plugins._python_pure import Pure, analyse
 __all__ = ["PythonPlugin"]
 
 log = logging.getLogger("pynbd.plugins.python")
+#: set_error's per-thread state (``_tls.error``), shared with the nbdkit module.
+_tls = nbdkit._tls
 
 #: The newest nbdkit Python API version (``API_VERSION`` in a script) this plugin runs.
 MAX_API_VERSION = 2
@@ -507,11 +509,12 @@ class PythonPlugin(Plugin):
             raise self._error(f"{name} not implemented")
         return fn
 
+    # pread and pwrite are the hot path: what _fn, _call and _reset_error do is inlined.
     def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
-        fn = self._fn("pread")
-        if fn is None:
+        fn = self._ns.get("pread")
+        if fn is None or not callable(fn):
             raise self._error(f"{self.script}: missing callback: pread")
-        nbdkit._reset_error()
+        _tls.error = 0
         if self.api == 1:
             try:
                 r = fn(h.h, count, offset)
@@ -525,8 +528,10 @@ class PythonPlugin(Plugin):
         except _SCRIPT_ERRORS as e:
             raise self._failed("pread", e) from None
         finally:
-            with contextlib.suppress(BufferError):  # the script kept a view of it
-                view.release()
+            try:
+                view.release()  # the script may not scribble on it once sent
+            except BufferError:
+                pass  # it kept a view of the view: nothing more to do
         return buf
 
     def pread_nowait(self, h: Any, count: int, offset: int, flags: int) -> Any:
@@ -555,13 +560,19 @@ class PythonPlugin(Plugin):
         return view.cast("B")[:count].tobytes()
 
     def pwrite(self, h: Any, buf: memoryview, offset: int, flags: int) -> None:
-        fn = self._data_fn("pwrite")
+        fn = self._ns.get("pwrite")
+        if fn is None or not callable(fn):
+            raise self._error("pwrite not implemented")
         if not buf.readonly:
             buf = buf.toreadonly()
-        if self.api == 1:
-            self._call("pwrite", fn, h.h, buf, offset)
-        else:
-            self._call("pwrite", fn, h.h, buf, offset, flags)
+        _tls.error = 0
+        try:
+            if self.api == 1:
+                fn(h.h, buf, offset)
+            else:
+                fn(h.h, buf, offset, flags)
+        except _SCRIPT_ERRORS as e:
+            raise self._failed("pwrite", e) from None
 
     def flush(self, h: Any, flags: int) -> None:
         fn = self._data_fn("flush")
