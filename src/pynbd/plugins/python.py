@@ -122,9 +122,14 @@ class PythonPlugin(Plugin):
         whether it then raises or returns. Exceptions in close are only logged.
 
         Scripts run in pynbd's own interpreter: a plugin may import anything installed
-        there. Under the PARALLEL and SERIALIZE_REQUESTS models callbacks run in several
-        threads, as under nbdkit (the GIL makes Python code take turns; a callback waiting
-        for I/O lets others run).
+        there. Callbacks run in worker threads; under the PARALLEL and SERIALIZE_REQUESTS
+        models in several at once, as under nbdkit (the GIL makes Python code take turns; a
+        callback waiting for I/O lets others run). A callback that provably never blocks
+        -- straight-line code on in-memory data that leaves the handle alone, like
+        nbdkit's ramdisk.py -- is answered on the server's event loop instead when the
+        server allows it (pread of a PARALLEL script), saving a thread hop per request.
+        Anything doing I/O, taking a lock, sleeping or calling the script's own helpers
+        stays in a thread, so a blocking script never stalls other clients.
 
         This is nbdkit-python-plugin(3) for pynbd; the command lines are the same.
 
