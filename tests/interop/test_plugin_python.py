@@ -11,10 +11,11 @@ server asked the script, not only what the client saw.
 from __future__ import annotations
 
 import errno
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import run_peer, run_pynbd, unix_uri
+from helpers import PYNBD, peer_env, require, run_peer, run_pynbd, unix_uri
 from side_by_side import assert_same, probe, serve_both
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "python"
@@ -235,3 +236,32 @@ def nbdinfo(*args: object) -> str:
     *argv, srv = args
     out = run_peer("nbdinfo", "--json", *map(str, argv)).stdout.decode()
     return out.replace(srv.sock, "SOCK")
+
+
+def test_lifecycle_calls(tmp_path):
+    """The same callbacks in the same order for two clients (one read, one nbdinfo):
+    configuration, get_ready, after_fork, then preconnect/open/.../close per client, and
+    cleanup at exit. (thread_model is compared by count: pynbd's server asks for it after
+    get_ready, nbdkit before.)"""
+    log = tmp_path / "calls.log"
+    # ... and before --run ends (and the server with it), wait until both closes happened
+    client = ('/usr/bin/python3 -c "import nbd, sys; h = nbd.NBD(); h.connect_uri(sys.argv[1]);'
+              ' h.pread(512, 0); h.shutdown()" "$uri"; nbdinfo --size "$uri"; '
+              f'for i in $(seq 200); do [ "$(grep -cx close {log})" = 2 ] && break; '
+              'sleep 0.05; done')
+    logs = []
+    for argv in ([require("nbdkit")], [*PYNBD, "serve"]):
+        log.unlink(missing_ok=True)
+        cp = subprocess.run([*argv, "-U", "-", "python", script("lifecycle.py"), f"log={log}",
+                             "x=y", "--run", client], capture_output=True, env=peer_env(),
+                            timeout=60, check=False)
+        assert cp.returncode == 0, cp.stderr
+        logs.append(log.read_text().splitlines())
+    for calls in logs:
+        assert calls.count("thread_model") == 1
+        calls.remove("thread_model")
+    assert logs[0] == logs[1]
+    assert logs[1] == [f"config log {log}", "config x y",
+                       "config_complete", "get_ready", "after_fork", "preconnect False",
+                       "open False", "pread 512 0", "close", "preconnect False", "open False",
+                       "close", "cleanup"]
