@@ -282,3 +282,51 @@ def test_serialize_requests_thread_model(python_server, tmp_path):
         a.close()
         b.close()
     assert stats(f) == (2, 2, 2)  # one per connection, both connections at once
+
+
+# ---- server control from a script --------------------------------------------------------
+
+CONTROL = """\
+import nbdkit
+API_VERSION = 2
+def preconnect(readonly):
+    if readonly:
+        raise PermissionError("read-only clients are turned away")
+def open(readonly): return 1
+def get_size(h): return 1 << 20
+def pread(h, buf, offset, flags):
+    if offset == 4096:
+        nbdkit.disconnect(True)
+    elif offset == 8192:
+        nbdkit.shutdown()
+    buf[:] = bytes(len(buf))
+"""
+
+
+def test_disconnect_from_a_callback(python_server, tmp_path):
+    srv = python_server(write(tmp_path, CONTROL))
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        c.request(Cmd.READ, 4096, 512)
+        c.expect_hangup()
+    with RawClient(srv.sock) as c:  # only that client went
+        c.negotiate()
+        assert c.pread(0, 512) == bytes(512)
+
+
+def test_shutdown_from_a_callback(python_server, tmp_path):
+    srv = python_server(write(tmp_path, CONTROL))
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        c.pread(8192, 512)  # answered; then the server winds down
+        c.expect_hangup()
+    assert srv.proc.wait(10) == 0
+
+
+def test_preconnect_refusal(python_server, tmp_path):
+    srv = python_server(write(tmp_path, CONTROL), options=("-r",))
+    with RawClient(srv.sock) as c:
+        c.expect_hangup()
+    srv.stop()
+    lines = [ln for ln in srv.stderr.splitlines() if "turned away" in ln]
+    assert len(lines) == 1 and "preconnect: error: PermissionError" in lines[0]
