@@ -153,6 +153,20 @@ def test_callback_exception_is_eio_and_one_log_line(python_server):
     assert "Traceback" not in srv.stderr
 
 
+def test_debug_messages_only_with_verbose(python_server, tmp_path):
+    s = write(tmp_path, GOOD.replace("def open(readonly): return 1",
+                                     "import nbdkit\ndef open(readonly):\n"
+                                     "    nbdkit.debug('opening, readonly=%s' % readonly)\n"
+                                     "    return 1"))
+    quiet, verbose = python_server(s), python_server(s, options=("-v",))
+    for srv in (quiet, verbose):
+        with RawClient(srv.sock) as c:
+            c.negotiate()
+        srv.stop()
+    assert "opening" not in quiet.stderr
+    assert "pynbd: debug: python: opening, readonly=False" in verbose.stderr.splitlines()
+
+
 def test_callback_traceback_with_verbose(python_server):
     srv = python_server(DATA / "facts.py", options=("-v",))
     with RawClient(srv.sock) as c:

@@ -8,6 +8,7 @@ blocked in I/O (a read the HTTP server holds back) does not stall another client
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -19,6 +20,7 @@ from typing import ClassVar
 
 import pytest
 from helpers import SYSTEM_PYTHON, peer_env, require_libnbd_python, run_peer
+from side_by_side import probe
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "python"
 MIB = 1 << 20
@@ -156,6 +158,12 @@ def test_url_example(pynbd_server, nbdkit_server, http_object, tmp_path):
     url = http_object.url  # type: ignore[attr-defined]
     p = pynbd_server("python", script("url.py"), f"url={url}")
     n = nbdkit_server("python", script("url.py"), f"url={url}")
+    ops = [("pread", 4096, 0), ("pread", 512, MIB), ("pread", 100, 12345), ("cache", 4096, 0),
+           ("extents", 65536, 0), ("pwrite", b"x", 0), ("pread", 1024, MIB)]
+    got = probe(p.uri, ops)
+    assert got == probe(n.uri, ops)
+    assert got["results"][0] == ["data", http_object.data[:4096]]
+    assert got["results"][5] == ["error", errno.EPERM]  # read-only: no pwrite
     outs = []
     for name, srv in (("pynbd", p), ("nbdkit", n)):
         out = tmp_path / f"{name}.out"
