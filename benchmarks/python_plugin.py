@@ -97,6 +97,68 @@ def cpu_per_request(m: Measurement) -> float:
     return m.server_cpu / m.iops * 1e6 if m.iops else float("nan")
 
 
+Runs = dict[tuple[str, str], list[Measurement]]
+
+
+def run_jobs(args: argparse.Namespace, commands: dict[str, list[str]], workdir: Path,
+             script: Path) -> tuple[Runs, bool]:
+    """Every job against a fresh server of each kind (alternating who goes first).
+    Returns the measurements and whether anything failed to run."""
+    runs: Runs = {}
+    errors = False
+    for i, job in enumerate(JOBS):
+        for rep in range(args.repeat):
+            order = list(SERVERS) if (i + rep) % 2 == 0 else list(reversed(SERVERS))
+            for name in order:
+                sock = str(workdir / f"{name}.sock")
+                server = ServerProcess(name, [*commands[name], "-f", "-U", sock, "python",
+                                              str(script), f"size={args.size}"], sock, workdir)
+                try:
+                    server.wait_listening()
+                    m = run_fio(args, job, server.uri, workdir / "fio.json", server.proc.pid)
+                except (RuntimeError, OSError) as e:
+                    print(f"{job.name} {name}: ERROR: {e}", file=sys.stderr)
+                    errors = True
+                    continue
+                finally:
+                    complaint = server.stop()
+                    if os.path.exists(sock):
+                        os.unlink(sock)
+                    if complaint:
+                        print(f"warning: {complaint}", file=sys.stderr)
+                runs.setdefault((job.name, name), []).append(m)
+                print(f"{job.name:16} {name:6} {m.iops:>9.0f} IOPS  lat {m.lat_us:>7.1f} us"
+                      f"  server CPU {_fmt_cpu(m.server_cpu)} = {cpu_per_request(m):5.1f} "
+                      f"us/request  fio CPU {_fmt_cpu(m.fio_cpu)}  others "
+                      f"{_fmt_cpu(m.other_cpu)}", flush=True)
+    return runs, errors
+
+
+def report(runs: Runs) -> bool:
+    """Print the table (medians); True when every bar passed."""
+    ok = True
+    print()
+    print(f"{'job':16} {'pynbd IOPS':>11} {'nbdkit IOPS':>12} {'pynbd/nbdkit':>13}  bar"
+          f"{'':22}CPU per request: pynbd, nbdkit, nbdkit/pynbd")
+    for job in JOBS:
+        p, n = runs.get((job.name, "pynbd")), runs.get((job.name, "nbdkit"))
+        if not p or not n:
+            print(f"{job.name:16} {'-':>11} {'-':>12} {'-':>13}  >= {job.bar:g}  ERROR")
+            ok = False
+            continue
+        pi, ni = statistics.median(m.iops for m in p), statistics.median(m.iops for m in n)
+        ratio = pi / ni
+        verdict = "PASS" if ratio >= job.bar else "FAIL"
+        if ratio >= GOAL:
+            verdict += f" (goal {GOAL:g} reached)"
+        pc = statistics.median(cpu_per_request(m) for m in p)
+        nc = statistics.median(cpu_per_request(m) for m in n)
+        print(f"{job.name:16} {pi:>11.0f} {ni:>12.0f} {ratio:>13.2f}  >= {job.bar:g}  "
+              f"{verdict:24}{pc:6.1f} us {nc:6.1f} us {nc / pc:5.2f}")
+        ok = ok and ratio >= job.bar
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=float, default=8, help="seconds per fio job (default 8)")
@@ -117,56 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pynbd-pybench-"))
     script = workdir / "ramdisk.py"
     script.write_text(RAMDISK)
-    runs: dict[tuple[str, str], list[Measurement]] = {}
-    failed = errors = False
     try:
-        for i, job in enumerate(JOBS):
-            for rep in range(args.repeat):
-                order = list(SERVERS) if (i + rep) % 2 == 0 else list(reversed(SERVERS))
-                for name in order:
-                    sock = str(workdir / f"{name}.sock")
-                    server = ServerProcess(name, [*commands[name], "-f", "-U", sock, "python",
-                                                  str(script), f"size={args.size}"],
-                                           sock, workdir)
-                    try:
-                        server.wait_listening()
-                        m = run_fio(args, job, server.uri, workdir / "fio.json", server.proc.pid)
-                    except (RuntimeError, OSError) as e:
-                        print(f"{job.name} {name}: ERROR: {e}", file=sys.stderr)
-                        errors = True
-                        continue
-                    finally:
-                        complaint = server.stop()
-                        if os.path.exists(sock):
-                            os.unlink(sock)
-                        if complaint:
-                            print(f"warning: {complaint}", file=sys.stderr)
-                    runs.setdefault((job.name, name), []).append(m)
-                    print(f"{job.name:16} {name:6} {m.iops:>9.0f} IOPS  lat {m.lat_us:>7.1f} us"
-                          f"  server CPU {_fmt_cpu(m.server_cpu)} = {cpu_per_request(m):5.1f} "
-                          f"us/request  fio CPU {_fmt_cpu(m.fio_cpu)}  others "
-                          f"{_fmt_cpu(m.other_cpu)}", flush=True)
+        runs, errors = run_jobs(args, commands, workdir, script)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(f"{'job':16} {'pynbd IOPS':>11} {'nbdkit IOPS':>12} {'pynbd/nbdkit':>13}  bar"
-          f"{'':22}CPU per request: pynbd, nbdkit, nbdkit/pynbd")
-    for job in JOBS:
-        p, n = runs.get((job.name, "pynbd")), runs.get((job.name, "nbdkit"))
-        if not p or not n:
-            print(f"{job.name:16} {'-':>11} {'-':>12} {'-':>13}  >= {job.bar:g}  ERROR")
-            continue
-        pi, ni = statistics.median(m.iops for m in p), statistics.median(m.iops for m in n)
-        ratio = pi / ni
-        verdict = "PASS" if ratio >= job.bar else "FAIL"
-        if ratio >= GOAL:
-            verdict += f" (goal {GOAL:g} reached)"
-        pc = statistics.median(cpu_per_request(m) for m in p)
-        nc = statistics.median(cpu_per_request(m) for m in n)
-        print(f"{job.name:16} {pi:>11.0f} {ni:>12.0f} {ratio:>13.2f}  >= {job.bar:g}  "
-              f"{verdict:24}{pc:6.1f} us {nc:6.1f} us {nc / pc:5.2f}")
-        failed = failed or ratio < job.bar
-    return 2 if errors else 1 if failed else 0
+    passed = report(runs)
+    return 2 if errors else 0 if passed else 1
 
 
 if __name__ == "__main__":
