@@ -326,3 +326,32 @@ def test_read_password(tmp_path):
         os.fstat(r)  # read and closed
     with pytest.raises(RuntimeError):
         nbdkit.read_password("-1")
+
+
+# ---- telling nbdkit scripts from pynbd plugin modules --------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    (HEAD, True),
+    ("def open(readonly): return 1\ndef get_size(h): return 0\n", False),  # no pread
+    ("from pynbd.plugin import Plugin\nclass P(Plugin):\n    name = 'p'\n" + HEAD, False),
+    ("import pynbd.plugin\nclass P(pynbd.plugin.Plugin):\n    pass\n" + HEAD, False),
+    ("def open(readonly) return 1\n", False),  # not even Python
+])
+def test_is_nbdkit_script(tmp_path, text, expected):
+    from pynbd.plugins.python import is_nbdkit_script
+
+    p = tmp_path / "x.py"
+    p.write_text(text)
+    assert is_nbdkit_script(str(p)) is expected
+    assert is_nbdkit_script(str(tmp_path / "missing.py")) is False
+
+
+def test_nbdkit_examples_are_nbdkit_scripts():
+    from pynbd.plugins.python import is_nbdkit_script
+
+    data = Path(__file__).resolve().parents[1] / "data" / "python"
+    for name in ("ramdisk.py", "file.py", "url.py", "error.py", "imageio.py"):
+        assert is_nbdkit_script(str(data / name)), name
+    e2e = Path(__file__).resolve().parent / "plugins" / "e2eplug.py"
+    assert not is_nbdkit_script(str(e2e))

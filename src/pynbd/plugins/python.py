@@ -3,6 +3,7 @@ docstring; the ``nbdkit`` module scripts import is :mod:`pynbd.plugins._nbdkit_m
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
 import errno
@@ -30,7 +31,7 @@ from pynbd.plugin import (
 from pynbd.plugins import _nbdkit_module as nbdkit
 from pynbd.plugins._python_pure import Pure, analyse
 
-__all__ = ["PythonPlugin"]
+__all__ = ["PythonPlugin", "is_nbdkit_script"]
 
 log = logging.getLogger("pynbd.plugins.python")
 #: set_error's per-thread state (``_tls.error``), shared with the nbdkit module.
@@ -656,3 +657,25 @@ def _unsigned(obj: Any, bits: int) -> int:
     if obj >> bits:
         raise OverflowError(f"int too big to convert to a {bits}-bit unsigned integer")
     return obj
+
+
+def is_nbdkit_script(path: str) -> bool:
+    """Whether the Python file ``path`` is a plugin written against nbdkit's Python API
+    (module-level ``open``, ``get_size`` and ``pread``) rather than a module defining a
+    pynbd :class:`~pynbd.plugin.Plugin` subclass: for ``pynbd serve ./x.py``, which then
+    runs it as ``pynbd serve python ./x.py``. Decided from the source without running it;
+    a file that cannot be read or parsed is not one."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return False
+    functions = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            functions.add(node.name)
+        elif isinstance(node, ast.ClassDef) and any(
+                (isinstance(b, ast.Name) and b.id == "Plugin") or
+                (isinstance(b, ast.Attribute) and b.attr == "Plugin") for b in node.bases):
+            return False
+    return {"open", "get_size", "pread"} <= functions
