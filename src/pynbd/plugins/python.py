@@ -314,7 +314,9 @@ class PythonPlugin(Plugin):
             if fn is not None:
                 pure[name] = analyse(name, fn, self._ns, nbdkit)
         self._pure_pread = pure.get("pread")
-        self.nonblocking = all(p is not None for p in pure.values())
+        # Per script, so per instance: the server reads it when it builds the chain (today
+        # before configuration, so only pread_nowait profits until it reads it after).
+        self.nonblocking = all(p is not None for p in pure.values())  # type: ignore[misc]
         log.debug("%s: callbacks that never block: %s", self.script,
                   ", ".join(n for n, p in pure.items() if p is not None) or "none")
 
