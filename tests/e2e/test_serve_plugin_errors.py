@@ -129,7 +129,7 @@ def test_os_error_reads_like_one(tmp_path: Path) -> None:
 
 def test_config_error_is_the_plugins_own_words(tmp_path: Path) -> None:
     p = tmp_path / "cfg.py"
-    p.write_text(PLUGIN.replace("{raise_}", "raise ConfigError('what= is required')")
+    p.write_text(PLUGIN.replace("{raise_}", "raise ConfigError('failing: what= is required')")
                  .replace("from pynbd.plugin import Plugin",
                           "from pynbd import ConfigError\nfrom pynbd.plugin import Plugin"))
     line = _one_line(_serve("-U", "-", p, "--run", "true", fail_in="config_complete"))
@@ -176,7 +176,7 @@ def test_readme_plugin_without_a_size(tmp_path: Path) -> None:
                             cwd=tmp_path))
     assert line == "pynbd serve: error: ramdisk: unknown parameter 'colour'"
     line = _one_line(_serve("-U", "-", "./ramdisk.py", "64Q", "--run", "true", cwd=tmp_path))
-    assert line.startswith("pynbd serve: error: ramdisk: could not parse size")
+    assert line.startswith("pynbd serve: error: could not parse size")
 
 
 def test_readme_plugin_with_a_size_serves(tmp_path: Path) -> None:

@@ -183,8 +183,8 @@ class FilterLayer(Layer):
         self.filter = flt
         self.below = below
         self.name = flt.name
-        self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not any(
-            _is_async(flt, m) for m in _DATA_METHODS + _QUERIES + _HOOKS)
+        self.has_async = any(_is_async(flt, m) for m in _DATA_METHODS + _QUERIES + _HOOKS)
+        self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not self.has_async
         self.thread_model = min(ThreadModel(flt.thread_model), below.thread_model)
         self._has = {m: _overrides(flt, m, Filter) for m in _DATA_METHODS + _QUERIES}
         # Data calls a filter does not override go straight to the context below.
@@ -584,10 +584,12 @@ class Chain:
         at(0, key, value)
 
     def config_complete(self) -> None:
+        """Each layer's config_complete (outer first); then the thread model is settled."""
         for obj in self._outer_first():
             self._debug(obj.name, "config_complete")
             obj.config_complete()
         self._thread_model = None
+        self.thread_model  # noqa: B018 - asked now, before get_ready, as nbdkit asks it
 
     @property
     def thread_model(self) -> ThreadModel:
@@ -599,7 +601,21 @@ class Chain:
                 tm = min(tm, ThreadModel(f.thread_model), ThreadModel(f.get_thread_model()))
             self._thread_model = tm
             self._debug("pynbd", f"using thread model: {tm.name.lower()}")
+            self._refresh_nonblocking()
         return self._thread_model
+
+    def _refresh_nonblocking(self) -> None:
+        """Whether each layer runs on the loop, decided again once configured: a plugin may
+        learn only from its configuration that its callbacks never block (nbdkit's python
+        plugin does, from the script)."""
+        for layer in self.layers:
+            inner = getattr(layer, "inner", layer)
+            if isinstance(inner, PluginLayer):
+                inner.nonblocking = bool(inner.plugin.nonblocking) and not inner.has_async
+            elif isinstance(inner, FilterLayer):
+                inner.nonblocking = bool(inner.filter.nonblocking) and \
+                    inner.below.nonblocking and not inner.has_async
+            layer.nonblocking = inner.nonblocking
 
     def _inner_first(self) -> tuple[Plugin | Filter, ...]:
         return (self.plugin, *reversed(self.filters))

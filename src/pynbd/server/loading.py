@@ -148,8 +148,28 @@ def _from_entry_points(group: str, name: str) -> type | None:
     return None
 
 
+def _is_nbdkit_python(word: str) -> bool:
+    if not word.endswith(".py") or not os.path.isfile(word):
+        return False
+    from pynbd.plugins.python import is_nbdkit_script
+
+    return is_nbdkit_script(word)
+
+
+def _load_nbdkit_python(path: str, base: type) -> Loaded:
+    """``pynbd serve ./x.py`` for a script written against nbdkit's Python API: the python
+    plugin with ``script=./x.py`` (what nbdkit's shebang scripts do)."""
+    if base is not Plugin:
+        raise ConfigError(f"{path}: an nbdkit Python plugin script cannot be used as a filter")
+    from pynbd.plugins.python import PythonPlugin
+
+    return Loaded(PythonPlugin, [f"script={path}"])
+
+
 #: Tried in order; the first that claims the word loads it.
 LOADERS: list[Loader] = [
+    Loader("nbdkit Python plugin script (module-level open, get_size, pread)",
+           _is_nbdkit_python, _load_nbdkit_python),
     Loader("Python file with one Plugin or Filter class", _is_path, _load_class_file),
     Loader("built-in or installed (entry point) by name", lambda word: True, _load_by_name),
 ]
@@ -189,9 +209,8 @@ def _what_failed(e: BaseException) -> str:
 
 def _message(who: object, phase: str, e: BaseException) -> str:
     name = describe(who)
-    if isinstance(e, ConfigError):  # the plugin's own words for the user
-        text = str(e)
-        return text if text.startswith(f"{name}:") else f"{name}: {text}"
+    if isinstance(e, ConfigError):  # the plugin's own words for the user, shown as they are
+        return str(e)
     return f"{name}: {phase}: {_what_failed(e)}"
 
 
