@@ -165,6 +165,15 @@ class ConnectionInfo:
         return (f"ConnectionInfo(id={self.id}, peer={self.peer!r}, "
                 f"export_name={self.export_name!r}, tls={self.tls})")
 
+    @property
+    def closing(self) -> bool:
+        """Whether this connection is going away (the client hung up or broke the protocol,
+        a plugin asked to disconnect it, or the server is shutting down): a callback that
+        waits (a delay, a pause) should give up."""
+        if getattr(self.server, "closing", False):
+            return True
+        return bool(getattr(self._conn, "_stopping", False))
+
     def disconnect(self, force: bool = False) -> None:
         """Drop this client (nbdkit_disconnect): with ``force`` at once, else once the
         requests in flight are answered. Callable from any thread."""
@@ -433,8 +442,9 @@ class Filter:
         """Asked once after ``config_complete``; the strictest model of all layers wins."""
         return self.thread_model
 
-    def get_ready(self) -> None:
-        pass
+    def get_ready(self, thread_model: ThreadModel) -> None:
+        """Called once configured, plugin first; ``thread_model`` is the server's final
+        model (as nbdkit passes it). An override may also take no argument."""
 
     def after_fork(self) -> None:
         pass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any
 
 from pynbd.errors import CommandError
 from pynbd.plugin import ConnectionInfo, connection
@@ -33,8 +32,7 @@ def abort_reason(info: ConnectionInfo | None) -> str | None:
         return None
     if getattr(info.server, "closing", False):
         return "aborting sleep because of server shut down"
-    conn: Any = getattr(info, "_conn", None)
-    if conn is not None and getattr(conn, "_stopping", False):
+    if info.closing:
         return "aborting sleep because of connection close or error"
     return None
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
@@ -161,14 +159,14 @@ class LogFilter(Filter):
         else:
             next_config(key, value)
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         if self.logfile is not None:
             try:
                 self.out.open_file(self.logfile, self.append)
             except OSError as e:
                 raise ConfigError(f"open: {self.logfile}: {e.strerror}") from None
         self._pid = os.getpid()
-        self.out.emit(None, 0, "Ready", PRINT, f"thread_model={int(self._thread_model())}")
+        self.out.emit(None, 0, "Ready", PRINT, f"thread_model={int(thread_model)}")
 
     def after_fork(self) -> None:
         if os.getpid() != self._pid:  # only when the server really went to the background
@@ -176,19 +174,6 @@ class LogFilter(Filter):
 
     def unload(self) -> None:
         self.out.close()
-
-    def _thread_model(self) -> ThreadModel:
-        """The server's thread model (nbdkit hands it to get_ready): the chain that calls
-        get_ready knows it; this filter's own is the fallback."""
-        frame: FrameType | None = sys._getframe(1)
-        for _ in range(4):
-            if frame is None:
-                break
-            owner: Any = frame.f_locals.get("self")
-            if owner is not self and self in getattr(owner, "filters", ()):
-                return ThreadModel(owner.thread_model)
-            frame = frame.f_back
-        return self.get_thread_model()
 
     # Connection ------------------------------------------------------------------------
     def _count(self, attr: str) -> int:

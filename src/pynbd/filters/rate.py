@@ -11,7 +11,7 @@ from typing import Any
 from pynbd.errors import ConfigError
 from pynbd.filters._params import absolute_path, parse_size, scan_double
 from pynbd.filters._sleep import nanosleep
-from pynbd.plugin import Filter
+from pynbd.plugin import Filter, ThreadModel
 
 __all__ = ["Bucket", "RateFilter"]
 
@@ -172,7 +172,7 @@ class RateFilter(Filter):
         else:
             next_config(key, value)
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         self.read_bucket = Bucket(self.rate, self.burstiness)
         self.write_bucket = Bucket(self.rate, self.burstiness)
 

@@ -10,7 +10,7 @@ from typing import IO, Any
 
 from pynbd.errors import ConfigError
 from pynbd.filters._params import absolute_path, parse_bool, parse_int
-from pynbd.plugin import Filter
+from pynbd.plugin import Filter, ThreadModel
 
 __all__ = ["StatsFilter"]
 
@@ -208,7 +208,7 @@ class StatsFilter(Filter):
         if self.filename is None:
             raise ConfigError("stats filter requires statsfile parameter")
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         assert self.filename is not None
         flags = os.O_CLOEXEC | os.O_WRONLY | os.O_CREAT | (
             os.O_APPEND if self.append else os.O_TRUNC)

@@ -48,6 +48,15 @@ _QUERIES = ("get_size", "export_description", "block_size", "can_write", "can_fl
 _HOOKS = ("open", "prepare", "finalize", "preconnect", "list_exports", "default_export")
 
 
+def _takes_argument(method: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+               for p in params)
+
+
 def _is_async(obj: object, name: str) -> bool:
     return inspect.iscoroutinefunction(getattr(obj, name, None))
 
@@ -624,9 +633,14 @@ class Chain:
         return (*self.filters, self.plugin)
 
     def get_ready(self) -> None:
+        """get_ready on each layer, plugin first; a filter's takes the thread model."""
+        tm = self.thread_model
         for obj in self._inner_first():
             self._debug(obj.name, "get_ready")
-            obj.get_ready()
+            if isinstance(obj, Filter) and _takes_argument(obj.get_ready):
+                obj.get_ready(tm)
+            else:
+                obj.get_ready()  # type: ignore[call-arg]
 
     def after_fork(self) -> None:
         for obj in self._inner_first():
@@ -636,14 +650,21 @@ class Chain:
     def cleanup(self) -> None:
         """cleanup then unload on every layer, outer first; every layer runs even if one
         fails (the first failure is raised once all ran)."""
+        self._each("cleanup")
+        self.unload()
+
+    def unload(self) -> None:
+        """unload on every layer, outer first (also when configuration failed)."""
+        self._each("unload")
+
+    def _each(self, method: str) -> None:
         first: BaseException | None = None
-        for method in ("cleanup", "unload"):
-            for obj in self._outer_first():
-                try:
-                    self._debug(obj.name, method)
-                    getattr(obj, method)()
-                except Exception as e:  # noqa: BLE001
-                    first = first or e
+        for obj in self._outer_first():
+            try:
+                self._debug(obj.name, method)
+                getattr(obj, method)()
+            except Exception as e:  # noqa: BLE001
+                first = first or e
         if first is not None:
             raise first
 

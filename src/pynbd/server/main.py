@@ -19,6 +19,7 @@ import shutil
 import socket
 import sys
 import traceback
+from collections.abc import Callable
 
 from pynbd import __version__
 from pynbd.errors import ConfigError
@@ -140,17 +141,21 @@ def _main(argv: list[str]) -> int:
     chain = Chain(instantiate(plugin_cls), [instantiate(fc) for fc in filter_classes],
                   debug=o.verbose)
     guarded(chain, "load", chain.load)
-    apply_debug_flags(chain, o.debug_flags)
-    apply_params(chain, plugin_cls, loaded.params + o.params)
-    if o.dump_plugin:
-        sys.stdout.write(dump_plugin(chain))
-        return 0
-    guarded(chain, "config_complete", chain.config_complete)
-    guarded(chain, "get_ready", chain.get_ready)
+    try:
+        apply_debug_flags(chain, o.debug_flags)
+        apply_params(chain, plugin_cls, loaded.params + o.params)
+        if o.dump_plugin:
+            sys.stdout.write(dump_plugin(chain))
+            return 0
+        guarded(chain, "config_complete", chain.config_complete)
+        guarded(chain, "get_ready", chain.get_ready)
+    except BaseException:
+        _cleanup(chain, "unload", chain.unload)  # loaded, never ready: unload only
+        raise
     try:
         return _serve(o, chain)
     finally:
-        _cleanup(chain)
+        _cleanup(chain, "cleanup", chain.cleanup)
 
 
 def _describe(o: Options, plugin_cls: type[Plugin], filter_classes: list[type[Filter]]) -> None:
@@ -166,13 +171,13 @@ def _describe(o: Options, plugin_cls: type[Plugin], filter_classes: list[type[Fi
         print(f"{fc.name} {fc.version or __version__}")
 
 
-def _cleanup(chain: Chain) -> None:
-    """The plugin's cleanup at exit: a failure is logged in one line, never a traceback."""
+def _cleanup(chain: Chain, phase: str, call: Callable[[], None]) -> None:
+    """cleanup (or unload) at exit: a failure is logged in one line, never a traceback."""
     try:
-        guarded(chain, "cleanup", chain.cleanup)
+        guarded(chain, phase, call)
     except PluginError as e:
         log.error("%s", e)
-        log.debug("cleanup failed", exc_info=e.cause)
+        log.debug("%s failed", phase, exc_info=e.cause)
 
 
 def _dump_config() -> str:
