@@ -1,0 +1,181 @@
+"""Side-by-side helpers for the shape filters' interop tests (offset, partition, truncate...).
+
+Built on tests/side_by_side.py, with what these filters need on top:
+
+- each server gets its own copy of the disk image files named in ``copies`` (writes through
+  one must not show through the other), and the copies are compared byte for byte after;
+- extents are compared as what they say about the bytes asked for: clipped to the request
+  and with neighbours of the same type joined. nbdkit's server passes on a final extent
+  reaching past the request and does not join extents whose types differ only in bits the
+  protocol does not define; pynbd's clips and joins. Both are valid replies (the NBD spec
+  lets the last extent run past the request) and say the same about every byte asked for;
+- :func:`bad_params` runs many command lines that must fail, under both servers, and
+  checks that pynbd prints nbdkit's message (one line) and exits 1;
+- :func:`nbdinfo` for what the probe does not show (block sizes, export description).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import PYNBD, ROOT, Server, require, run_peer
+from tests.side_by_side import assert_views_equal, probe
+
+__all__ = ["assert_same_many", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",
+           "views"]
+
+Factory = Callable[..., Server]
+
+
+def clip_extents(view: dict[str, Any], ops: Sequence[Sequence[Any]]) -> dict[str, Any]:
+    """``view`` with every extents result clipped to its request and joined by type."""
+    for op, res in zip(ops, view.get("results", ()), strict=False):
+        if op[0] != "extents" or res[0] != "extents":
+            continue
+        want, flat = op[1], res[1]
+        out: list[int] = []
+        total = 0
+        for length, typ in zip(flat[0::2], flat[1::2], strict=True):
+            length = min(length, want - total)
+            if length <= 0:
+                break
+            total += length
+            typ &= 3  # base:allocation defines HOLE (1) and ZERO (2)
+            if out and out[-1] == typ:
+                out[-2] += length
+            else:
+                out += [length, typ]
+        res[1] = out
+    return view
+
+
+def _per_server(args: Sequence[str | os.PathLike[str]], copies: Sequence[Path],
+                tag: str) -> tuple[list[str], list[Path]]:
+    """``args`` with each path of ``copies`` replaced by a fresh copy for one server."""
+    made = {}
+    for src in copies:
+        dst = src.with_name(f"{src.name}.{tag}")
+        shutil.copyfile(src, dst)
+        made[os.fspath(src)] = dst
+    out = []
+    for a in map(os.fspath, args):
+        for src, dst in made.items():
+            a = a.replace(src, os.fspath(dst))
+        out.append(a)
+    return out, list(made.values())
+
+
+def views(pynbd_server: Factory, nbdkit_server: Factory,
+          args: Sequence[str | os.PathLike[str]], ops: Sequence[Sequence[Any]] = (), *,
+          copies: Sequence[Path] = (), export: str | None = None,
+          no_sr: bool = False) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
+    """Serve ``args`` under both servers (each on its own copies), probe both with ``ops``:
+    (pynbd's view, nbdkit's view, the copies' contents afterwards, pynbd's then nbdkit's).
+    The two run at the same time (they share nothing)."""
+
+    def one(factory: Factory, tag: str) -> tuple[dict[str, Any], list[bytes]]:
+        a, made = _per_server(args, copies, tag)
+        srv = factory(*a)
+        try:
+            seen = clip_extents(probe(srv.uri, ops, export=export, no_sr=no_sr), ops)
+        finally:
+            srv.stop()
+        return seen, [p.read_bytes() for p in made]
+
+    with ThreadPoolExecutor(2) as pool:
+        mine = pool.submit(one, pynbd_server, "pynbd")
+        theirs = pool.submit(one, nbdkit_server, "nbdkit")
+        (got, got_files), (want, want_files) = mine.result(), theirs.result()
+    return got, want, got_files + want_files
+
+
+def assert_same_shape(pynbd_server: Factory, nbdkit_server: Factory,
+                      args: Sequence[str | os.PathLike[str]],
+                      ops: Sequence[Sequence[Any]] = (), *, copies: Sequence[Path] = (),
+                      export: str | None = None, no_sr: bool = False) -> dict[str, Any]:
+    """Both servers give the client the same size, flags, data, errors and extents, and
+    leave the same bytes in the image files. Returns pynbd's view."""
+    got, want, files = views(pynbd_server, nbdkit_server, args, ops, copies=copies,
+                             export=export, no_sr=no_sr)
+    what = " ".join(map(os.fspath, args))
+    assert_views_equal(got, want, what)
+    n = len(files) // 2
+    for i, (mine, theirs) in enumerate(zip(files[:n], files[n:], strict=True)):
+        assert mine == theirs, f"{what}: {copies[i].name} differs after the operations"
+    return got
+
+
+def assert_same_many(pynbd_server: Factory, nbdkit_server: Factory,
+                     cases: Sequence[tuple[Sequence[str | os.PathLike[str]],
+                                           Sequence[Sequence[Any]]]]) -> list[dict[str, Any]]:
+    """:func:`assert_same_shape` for each (args, ops) of ``cases``, several at a time (the
+    time goes into starting servers). Returns pynbd's views, in order."""
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(assert_same_shape, pynbd_server, nbdkit_server, a, o)
+                   for a, o in cases]
+        return [f.result() for f in futures]
+
+
+def nbdinfo(uri: str) -> dict[str, Any]:
+    """nbdinfo --json's description of the (only) export."""
+    out = run_peer("nbdinfo", "--json", uri).stdout
+    export: dict[str, Any] = json.loads(out)["exports"][0]
+    return export
+
+
+_RUNNER = r'''
+import contextlib, io, json, sys
+from pynbd.server.main import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+'''
+
+
+def bad_params(cases: Sequence[Sequence[str]], cwd: str | os.PathLike[str] | None = None) -> None:
+    """Each command line in ``cases`` (``--run true`` is added, so one that does not fail
+    cannot hang) exits 1 under nbdkit and pynbd, and pynbd's one line of error is nbdkit's
+    last one (``nbdkit: error: M`` against ``pynbd serve: error: M``).
+
+    pynbd's cases run in one interpreter (one ``main()`` call each): a process per case
+    would cost a Python start-up each.
+    """
+    nbdkit = require("nbdkit")
+    argvs = [["-U", "-", *c, "--run", "true"] for c in cases]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cp = subprocess.run([*PYNBD[:1], "-c", _RUNNER, json.dumps(argvs)], capture_output=True,
+                        text=True, timeout=120, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                        check=False)
+    assert cp.returncode == 0, cp.stderr
+    mine = json.loads(cp.stdout)
+    for case, argv, (rc, err) in zip(cases, argvs, mine, strict=True):
+        n = subprocess.run([nbdkit, *argv], capture_output=True, text=True, timeout=60,
+                           cwd=cwd, stdin=subprocess.DEVNULL, check=False)
+        theirs = [ln for ln in n.stderr.splitlines() if ln.startswith("nbdkit: error: ")]
+        what = " ".join(case)
+        assert n.returncode == 1 and theirs, f"nbdkit {what}: {n.returncode} {n.stderr!r}"
+        assert rc == 1, f"pynbd serve {what}: exit {rc}, stderr {err!r}"
+        lines = err.splitlines()
+        assert len(lines) == 1 and "Traceback" not in err, f"pynbd serve {what}: {err!r}"
+        assert lines[0].removeprefix("pynbd serve: error: ") == \
+            theirs[-1].removeprefix("nbdkit: error: "), f"{what}: {lines[0]!r} vs {theirs!r}"
+
+
+def pynbd_main_exit(args: Sequence[str]) -> tuple[int, str]:
+    """Run ``pynbd serve ARGS`` as its own process: (exit status, stderr)."""
+    cp = subprocess.run([*PYNBD, "serve", *args], capture_output=True, text=True, timeout=60,
+                        stdin=subprocess.DEVNULL, check=False)
+    return cp.returncode, cp.stderr
+
