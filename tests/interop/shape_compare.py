@@ -16,8 +16,10 @@ Built on tests/side_by_side.py, with what these filters need on top:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -25,10 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import PYNBD, ROOT, Server, require, run_peer
+from pynbd.errors import CommandError
+from pynbd.server.backend import Chain
+from pynbd.server.main import apply_params, load_filter, load_plugin
+from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_peer
 from tests.side_by_side import assert_views_equal, probe
 
-__all__ = ["assert_same_many", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",
+__all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",
            "views"]
 
 Factory = Callable[..., Server]
@@ -56,12 +61,15 @@ def clip_extents(view: dict[str, Any], ops: Sequence[Sequence[Any]]) -> dict[str
     return view
 
 
+_copy_number = itertools.count()
+
+
 def _per_server(args: Sequence[str | os.PathLike[str]], copies: Sequence[Path],
                 tag: str) -> tuple[list[str], list[Path]]:
     """``args`` with each path of ``copies`` replaced by a fresh copy for one server."""
     made = {}
     for src in copies:
-        dst = src.with_name(f"{src.name}.{tag}")
+        dst = src.with_name(f"{src.name}.{tag}.{next(_copy_number)}")
         shutil.copyfile(src, dst)
         made[os.fspath(src)] = dst
     out = []
@@ -113,14 +121,66 @@ def assert_same_shape(pynbd_server: Factory, nbdkit_server: Factory,
 
 
 def assert_same_many(pynbd_server: Factory, nbdkit_server: Factory,
-                     cases: Sequence[tuple[Sequence[str | os.PathLike[str]],
-                                           Sequence[Sequence[Any]]]]) -> list[dict[str, Any]]:
-    """:func:`assert_same_shape` for each (args, ops) of ``cases``, several at a time (the
-    time goes into starting servers). Returns pynbd's views, in order."""
+                     cases: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """:func:`assert_same_shape` for each (args, ops[, copies]) of ``cases``, several at a
+    time (the time goes into starting servers). Returns pynbd's views, in order."""
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(assert_same_shape, pynbd_server, nbdkit_server, a, o)
-                   for a, o in cases]
+        futures = [pool.submit(assert_same_shape, pynbd_server, nbdkit_server, c[0], c[1],
+                               copies=c[2] if len(c) > 2 else ()) for c in cases]
         return [f.result() for f in futures]
+
+
+def _nbdkit_open(nbdkit: str, args: Sequence[str]) -> tuple[int | None, str | None]:
+    cp = subprocess.run([nbdkit, "-U", "-", *args, "--run", "nbdinfo --size $uri"],
+                        capture_output=True, text=True, timeout=60, env=peer_env(),
+                        stdin=subprocess.DEVNULL, check=False)
+    if cp.returncode == 0:
+        return int(cp.stdout), None
+    m = re.search(r"^nbdkit: [^:]+: error: (.*)$", cp.stderr, re.M)
+    assert m, f"nbdkit {' '.join(args)}: exit {cp.returncode} {cp.stderr!r}"
+    return None, m.group(1)
+
+
+def _pynbd_open(args: Sequence[str]) -> tuple[int | None, str | None]:
+    filters = [a.removeprefix("--filter=") for a in args if a.startswith("--filter=")]
+    plugin, *params = [a for a in args if not a.startswith("--filter=")]
+    plugin_cls = load_plugin(plugin)
+    chain = Chain(plugin_cls(), [load_filter(f)() for f in filters])
+    try:
+        apply_params(chain, plugin_cls, params)
+        chain.config_complete()
+        chain.get_ready()
+        try:
+            ctx = chain.open(False, "", False)
+        except CommandError as e:
+            return None, e.message
+        try:
+            return ctx.get_size(), None
+        except CommandError as e:
+            return None, e.message
+        finally:
+            ctx.close()
+    finally:
+        chain.cleanup()
+
+
+def assert_same_open(cases: Sequence[Sequence[str | os.PathLike[str]]]) -> list[int | None]:
+    """For each command line (filters, plugin, parameters) of ``cases``: a client that
+    connects gets the same size, or the connection fails with the same message (nbdkit's
+    ``nbdkit: PLUGIN[1]: error: MESSAGE``). nbdkit runs with nbdinfo; pynbd's chain is opened
+    in this process as its server would (open, prepare, get_size), which is what the errors
+    of a filter's open depend on, and costs no server start-up. Returns the sizes."""
+    nbdkit = require("nbdkit")
+    require("nbdinfo")
+    argvs = [[os.fspath(a) for a in c] for c in cases]
+    with ThreadPoolExecutor(4) as pool:
+        theirs = list(pool.map(lambda a: _nbdkit_open(nbdkit, a), argvs))
+    sizes = []
+    for argv, want in zip(argvs, theirs, strict=True):
+        got = _pynbd_open(argv)
+        assert got == want, f"{' '.join(argv)}: pynbd {got}, nbdkit {want}"
+        sizes.append(got[0])
+    return sizes
 
 
 def nbdinfo(uri: str) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def find_gpt(next: Any, size: int, header: bytes, partnum: int) -> tuple[int, in
     if size < 3 * SECTOR + 2 * nentries * esize:
         raise _error("GPT partition table is too large for this disk")
     entry = bytes(next.pread(128, 2 * SECTOR + (partnum - 1) * esize, 0))
-    type_guid, _, first, last = _GPT_ENTRY.unpack(entry)
+    type_guid, _, first, last = _GPT_ENTRY.unpack_from(entry)
     if type_guid == bytes(16):
         raise _error(f"GPT partition {partnum} not found")
     return _s64(first * SECTOR), _s64((1 + last - first) * SECTOR)
