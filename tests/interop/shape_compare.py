@@ -136,7 +136,7 @@ def _nbdkit_open(nbdkit: str, args: Sequence[str]) -> tuple[int | None, str | No
                         stdin=subprocess.DEVNULL, check=False)
     if cp.returncode == 0:
         return int(cp.stdout), None
-    m = re.search(r"^nbdkit: [^:]+: error: (.*)$", cp.stderr, re.M)
+    m = re.search(r"^nbdkit: [^:]+: error: (.*)$", cp.stderr, re.MULTILINE)
     assert m, f"nbdkit {' '.join(args)}: exit {cp.returncode} {cp.stderr!r}"
     return None, m.group(1)
 
