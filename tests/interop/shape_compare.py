@@ -30,7 +30,8 @@ from typing import Any
 from pynbd.errors import CommandError
 from pynbd.server.backend import Chain
 from pynbd.server.main import apply_params, load_filter, load_plugin
-from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_peer
+from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_libnbd, run_peer
+from tests import side_by_side
 from tests.side_by_side import assert_views_equal, probe
 
 __all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",
@@ -80,10 +81,29 @@ def _per_server(args: Sequence[str | os.PathLike[str]], copies: Sequence[Path],
     return out, list(made.values())
 
 
+def _probe(uri: str, ops: Sequence[Sequence[Any]], export: str | None, no_sr: bool,
+           strict: bool) -> dict[str, Any]:
+    """side_by_side.probe; with ``strict`` False libnbd sends what it is told (no checks of
+    alignment or bounds before the wire), to see what the server does with it."""
+    if strict:
+        return probe(uri, ops, export=export, no_sr=no_sr)
+    script = side_by_side._PROBE.replace(
+        'h.add_meta_context("base:allocation")\n',
+        'h.add_meta_context("base:allocation")\nh.set_strict_mode(0)\n', 1)
+    assert "set_strict_mode" in script
+    opts = {"export": export, "no_sr": no_sr}
+    cp = run_libnbd(script, uri, side_by_side._encode(ops), json.dumps(opts))
+    result: dict[str, Any] = json.loads(cp.stdout)
+    for r in result.get("results", ()):
+        if r[0] == "data":
+            r[1] = bytes.fromhex(r[1])
+    return result
+
+
 def views(pynbd_server: Factory, nbdkit_server: Factory,
           args: Sequence[str | os.PathLike[str]], ops: Sequence[Sequence[Any]] = (), *,
-          copies: Sequence[Path] = (), export: str | None = None,
-          no_sr: bool = False) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
+          copies: Sequence[Path] = (), export: str | None = None, no_sr: bool = False,
+          strict: bool = True) -> tuple[dict[str, Any], dict[str, Any], list[bytes]]:
     """Serve ``args`` under both servers (each on its own copies), probe both with ``ops``:
     (pynbd's view, nbdkit's view, the copies' contents afterwards, pynbd's then nbdkit's).
     The two run at the same time (they share nothing)."""
@@ -92,7 +112,7 @@ def views(pynbd_server: Factory, nbdkit_server: Factory,
         a, made = _per_server(args, copies, tag)
         srv = factory(*a)
         try:
-            seen = clip_extents(probe(srv.uri, ops, export=export, no_sr=no_sr), ops)
+            seen = clip_extents(_probe(srv.uri, ops, export, no_sr, strict), ops)
         finally:
             srv.stop()
         return seen, [p.read_bytes() for p in made]
@@ -107,11 +127,13 @@ def views(pynbd_server: Factory, nbdkit_server: Factory,
 def assert_same_shape(pynbd_server: Factory, nbdkit_server: Factory,
                       args: Sequence[str | os.PathLike[str]],
                       ops: Sequence[Sequence[Any]] = (), *, copies: Sequence[Path] = (),
-                      export: str | None = None, no_sr: bool = False) -> dict[str, Any]:
+                      export: str | None = None, no_sr: bool = False,
+                      strict: bool = True) -> dict[str, Any]:
     """Both servers give the client the same size, flags, data, errors and extents, and
-    leave the same bytes in the image files. Returns pynbd's view."""
+    leave the same bytes in the image files. Returns pynbd's view. ``strict=False`` turns
+    libnbd's own checks off (see :func:`_probe`)."""
     got, want, files = views(pynbd_server, nbdkit_server, args, ops, copies=copies,
-                             export=export, no_sr=no_sr)
+                             export=export, no_sr=no_sr, strict=strict)
     what = " ".join(map(os.fspath, args))
     assert_views_equal(got, want, what)
     n = len(files) // 2
@@ -155,7 +177,9 @@ def _pynbd_open(args: Sequence[str]) -> tuple[int | None, str | None]:
         except CommandError as e:
             return None, e.message
         try:
-            return ctx.get_size(), None
+            size = ctx.get_size()
+            ctx.block_size()  # asked by the server too, before it answers the client
+            return size, None
         except CommandError as e:
             return None, e.message
         finally:
