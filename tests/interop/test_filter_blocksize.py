@@ -41,8 +41,18 @@ def test_unaligned_requests(pynbd_server, nbdkit_server, tmp_path: Path) -> None
         for args in (["minblock=512"], ["minblock=4K", "maxdata=8K"],
                      ["minblock=512", "maxdata=1K", "maxlen=2K"])])
     assert [v["size"] for v in views] == [24 * KiB] * 3  # 24K+300 rounded down
-    for v in views:  # an unaligned fast zero would take several calls: not fast
-        assert v["results"][10] == ["error", 95]
+
+
+def test_fast_zero(pynbd_server, nbdkit_server) -> None:
+    """A fast zero that would take more than one call to the plugin (unaligned, or longer
+    than maxlen) fails at once with ENOTSUP."""
+    ops = [("zero", 100, 20000, FAST_ZERO), ("zero", 4096, 8192, FAST_ZERO),
+           ("zero", 1024, 512, FAST_ZERO)]
+    plain, short = assert_same_many(pynbd_server, nbdkit_server, [
+        (["--filter=blocksize", "memory", "32K", "minblock=512", *args], ops)
+        for args in ([], ["maxlen=2K"])])
+    assert plain["results"] == [["error", 95], ["ok"], ["ok"]]
+    assert short["results"] == [["error", 95], ["error", 95], ["ok"]]
 
 
 def test_requests_reach_the_plugin_aligned_and_bounded(pynbd_server, nbdkit_server,
