@@ -30,8 +30,8 @@ from typing import Any
 from pynbd.errors import CommandError
 from pynbd.server.backend import Chain
 from pynbd.server.main import apply_params, load_filter, load_plugin
-from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_libnbd, run_peer
 from tests import side_by_side
+from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_libnbd, run_peer
 from tests.side_by_side import assert_views_equal, probe
 
 __all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",

@@ -20,6 +20,8 @@ _TYPECODE = {array.array(code).itemsize: code for code in "QLIH"}
 def swap(data: Any, width: int) -> Any:
     """``data`` with the bytes of each ``width``-byte word reversed (a new buffer)."""
     if width == 1:
+        # nbdkit 1.32's pwrite copies nothing into its buffer for swab-bits=8 and writes
+        # whatever malloc left there: the data is passed on unchanged here.
         return data
     words = array.array(_TYPECODE[width])
     words.frombytes(data)
@@ -42,8 +44,9 @@ class SwabFilter(Filter):
 
         Requests must be aligned to the word size: others fail with EINVAL ("swab: requests
         to this filter must be aligned"). The word size is advertised to clients as the
-        minimum block size. For byte-level access put the blocksize filter after this one,
-        which turns unaligned requests into read-modify-write cycles of whole words. The size
+        minimum block size. For byte-level access put the blocksize filter in front of this
+        one (before it on the command line): it turns unaligned requests into
+        read-modify-write cycles of whole words. The size
         is rounded down to a whole number of words; the truncate filter (round-up=) can
         extend it again. Extents are reported in whole words (a word mixing data and holes
         is data).
@@ -52,7 +55,9 @@ class SwabFilter(Filter):
 
     PARAMETERS
         swab-bits=8
-            Swap nothing (the filter does nothing but round the size).
+            Swap nothing (the filter does nothing but round the size). nbdkit 1.32 writes
+            uninitialised memory instead of the client's data with this setting; pynbd
+            writes the data.
 
         swab-bits=16
             Swap the bytes of each 2-byte word (the default).
@@ -69,9 +74,9 @@ class SwabFilter(Filter):
 
             pynbd serve --filter=swab file disk.img
 
-        Read any byte of it, one byte at a time if need be:
+        Read and write any byte of it, one at a time if need be:
 
-            pynbd serve --filter=swab --filter=blocksize file disk.img minblock=2
+            pynbd serve --filter=blocksize --filter=swab file disk.img
     """
 
     name = "swab"
