@@ -67,6 +67,8 @@ def parse_mapfile(path: str) -> list[tuple[int, int]]:
             raise ConfigError("block offset must not be negative")
         if length < 0:
             raise ConfigError("block length must not be negative")
+        # A block of size 0 rescued nothing (nbdkit 1.32 takes its last byte to be start-1
+        # compared unsigned, and then serves every read from its start on).
         if status == "+" and length:
             rescued.append((offset, offset + length))
         log.debug("%s: range: %#x %#x '%s'", path, offset, length, status)
@@ -107,7 +109,8 @@ class DdrescueFilter(Filter):
         The export is read-only, and cache requests are not offered.
 
         This is nbdkit-ddrescue-filter(1) for pynbd, with nbdkit 1.32's parameters. Unlike
-        nbdkit 1.32, a read spanning two rescued blocks listed separately succeeds.
+        nbdkit 1.32, a read spanning two rescued blocks listed separately succeeds, and a
+        rescued block of size 0 rescues nothing.
 
     PARAMETERS
         ddrescue-mapfile=FILE
