@@ -10,7 +10,7 @@ import pytest
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._shape_common import parse_size, strtol
 from pynbd.filters.offset import OffsetFilter
-from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, Flag
+from pynbd.plugin import EXTENT_HOLE, Flag
 from tests.e2e.shape_chain import Disk, manual_of, open_chain
 
 
@@ -34,11 +34,11 @@ def test_requests_are_moved() -> None:
 
 def test_size_errors() -> None:
     for params, message in (
-            (["offset=5000"], "offset (5000) is larger than the real size (4096) of the "
-                              "underlying file or device"),
-            (["offset=4000", "range=97"], "offset+range (4000+97) is larger than the real "
-                                          "size (4096) of the underlying file or device")):
-        chain, ctx = open_chain(Disk(4096), (OffsetFilter, params))
+            (["offset=5000"], ("offset (5000) is larger than the real size (4096) of the "
+                              "underlying file or device")),
+            (["offset=4000", "range=97"], ("offset+range (4000+97) is larger than the real "
+                                          "size (4096) of the underlying file or device"))):
+        _chain, ctx = open_chain(Disk(4096), (OffsetFilter, params))
         with pytest.raises(CommandError) as e:
             ctx.get_size()
         assert (e.value.errno, e.value.message) == (errno.EIO, message)

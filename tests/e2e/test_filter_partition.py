@@ -64,7 +64,7 @@ def test_parameters() -> None:
         open_chain(Disk(), (PartitionFilter, []))
     with pytest.raises(ConfigError, match="invalid partition number"):
         open_chain(Disk(), (PartitionFilter, ["partition=000"]))
-    chain, ctx = open_chain(Disk(mbr_disk()), (PartitionFilter, ["partition=0x2"]))
+    _chain, ctx = open_chain(Disk(mbr_disk()), (PartitionFilter, ["partition=0x2"]))
     assert ctx.get_size() == 32 * 512
 
 
