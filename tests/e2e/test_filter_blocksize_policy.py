@@ -45,18 +45,18 @@ def test_error_policy() -> None:
     _, ctx = open_chain(disk, (BlocksizePolicyFilter, [
         "blocksize-error-policy=error", "blocksize-minimum=512", "blocksize-maximum=4K"]))
     cases = [
-        (lambda: ctx.pread(100, 0), "client pread request rejected: count 100 is smaller "
-                                    "than minimum size 512"),
-        (lambda: ctx.pwrite(b"x" * 8192, 0), "client pwrite request rejected: count 8192 is "
-                                             "larger than maximum size 4096"),
-        (lambda: ctx.zero(1000, 0), "client zero request rejected: count 1000 is not a "
-                                    "multiple of minimum size 512"),
-        (lambda: ctx.trim(512, 100), "client trim request rejected: offset 100 is not "
-                                     "aligned to a multiple of minimum size 512"),
-        (lambda: ctx.cache(511, 0), "client cache request rejected: count 511 is smaller "
-                                    "than minimum size 512"),
-        (lambda: ctx.extents(512, 1), "client extents request rejected: offset 1 is not "
-                                      "aligned to a multiple of minimum size 512"),
+        (lambda: ctx.pread(100, 0), ("client pread request rejected: count 100 is smaller "
+                                    "than minimum size 512")),
+        (lambda: ctx.pwrite(b"x" * 8192, 0), ("client pwrite request rejected: count 8192 is "
+                                             "larger than maximum size 4096")),
+        (lambda: ctx.zero(1000, 0), ("client zero request rejected: count 1000 is not a "
+                                    "multiple of minimum size 512")),
+        (lambda: ctx.trim(512, 100), ("client trim request rejected: offset 100 is not "
+                                     "aligned to a multiple of minimum size 512")),
+        (lambda: ctx.cache(511, 0), ("client cache request rejected: count 511 is smaller "
+                                    "than minimum size 512")),
+        (lambda: ctx.extents(512, 1), ("client extents request rejected: offset 1 is not "
+                                      "aligned to a multiple of minimum size 512")),
     ]
     for call, message in cases:
         with pytest.raises(CommandError) as e:
