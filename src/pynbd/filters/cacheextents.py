@@ -61,6 +61,9 @@ class CacheextentsFilter(Filter):
         self._start = self._end = 0
 
     def open(self, next_open: Any, readonly: bool, export_name: str, is_tls: bool) -> str:
+        # The handle is the export name: the cache answers only for the export it holds.
+        # (nbdkit 1.32 keeps one cache for all, so a plugin serving several exports may
+        # get one export's extents answered with another's.)
         next_open(readonly, export_name)
         return export_name
 

@@ -179,6 +179,9 @@ class TruncateFilter(Filter):
     def extents(self, next: Any, h: _Sizes, count: int, offset: int,
                 flags: int) -> list[Extent]:
         if offset >= h.real:
+            # To the size served: nbdkit 1.32 ends this hole at truncate= even when
+            # round-up= took the size past it, and its server then dies on an assertion
+            # (no extent) when a client asks about the bytes in between.
             return [(offset, h.size - offset, EXTENT_HOLE | EXTENT_ZERO)]
         # Only the plugin's part: the client asks again about the tail.
         return list(next.extents(h.below(count, offset), offset, flags))
