@@ -34,8 +34,8 @@ from tests import side_by_side
 from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_libnbd, run_peer
 from tests.side_by_side import assert_views_equal, probe
 
-__all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params", "clip_extents", "nbdinfo", "pynbd_main_exit",
-           "views"]
+__all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params",
+           "clip_extents", "infos", "nbdinfo", "pynbd_main_exit", "views"]
 
 Factory = Callable[..., Server]
 
@@ -144,12 +144,34 @@ def assert_same_shape(pynbd_server: Factory, nbdkit_server: Factory,
 
 def assert_same_many(pynbd_server: Factory, nbdkit_server: Factory,
                      cases: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """:func:`assert_same_shape` for each (args, ops[, copies]) of ``cases``, several at a
-    time (the time goes into starting servers). Returns pynbd's views, in order."""
+    """:func:`assert_same_shape` for each (args, ops[, copies or keyword arguments]) of
+    ``cases``, several at a time (the time goes into starting servers). Returns pynbd's
+    views, in order."""
+    def one(case: tuple[Any, ...]) -> dict[str, Any]:
+        extra = case[2] if len(case) > 2 else {}
+        kw = extra if isinstance(extra, dict) else {"copies": extra}
+        return assert_same_shape(pynbd_server, nbdkit_server, case[0], case[1], **kw)
+
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(assert_same_shape, pynbd_server, nbdkit_server, c[0], c[1],
-                               copies=c[2] if len(c) > 2 else ()) for c in cases]
-        return [f.result() for f in futures]
+        return list(pool.map(one, cases))
+
+
+def infos(pynbd_server: Factory, nbdkit_server: Factory,
+          cases: Sequence[Sequence[str | os.PathLike[str]]]) -> list[tuple[dict[str, Any],
+                                                                          dict[str, Any]]]:
+    """nbdinfo --json of each command line under pynbd and nbdkit, several at a time:
+    [(pynbd's, nbdkit's), ...] in order."""
+    def one(factory: Factory, args: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+        srv = factory(*args)
+        try:
+            return nbdinfo(srv.uri)
+        finally:
+            srv.stop()
+
+    with ThreadPoolExecutor(4) as pool:
+        mine = [pool.submit(one, pynbd_server, a) for a in cases]
+        theirs = [pool.submit(one, nbdkit_server, a) for a in cases]
+        return [(m.result(), t.result()) for m, t in zip(mine, theirs, strict=True)]
 
 
 def _nbdkit_open(nbdkit: str, args: Sequence[str]) -> tuple[int | None, str | None]:

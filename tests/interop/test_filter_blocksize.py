@@ -11,7 +11,7 @@ from tests.interop.shape_compare import (
     assert_same_open,
     assert_same_shape,
     bad_params,
-    nbdinfo,
+    infos,
 )
 
 KiB = 1024
@@ -101,10 +101,11 @@ def test_extents_in_whole_blocks(pynbd_server, nbdkit_server, tmp_path: Path) ->
 def test_advertised_block_size(pynbd_server, nbdkit_server) -> None:
     """Minimum 1, preferred at least 4096 and minblock; maximum 2^32-1 (pynbd's server
     advertises at most its own 32M limit, which it never lifts)."""
-    for args, want in ((["minblock=512"], (1, 4096)), (["minblock=64K"], (1, 65536)),
-                       (["maxdata=1M"], (1, 4096))):
-        mine = nbdinfo(pynbd_server("--filter=blocksize", "memory", "1M", *args).uri)
-        theirs = nbdinfo(nbdkit_server("--filter=blocksize", "memory", "1M", *args).uri)
+    cases = [(["minblock=512"], (1, 4096)), (["minblock=64K"], (1, 65536)),
+             (["maxdata=1M"], (1, 4096))]
+    got = infos(pynbd_server, nbdkit_server,
+                [["--filter=blocksize", "memory", "1M", *a] for a, _ in cases])
+    for (_, want), (mine, theirs) in zip(cases, got, strict=True):
         for info in (mine, theirs):
             assert (info["block_size_minimum"], info["block_size_preferred"]) == want
         assert theirs["block_size_maximum"] == 0xFFFFFFFF

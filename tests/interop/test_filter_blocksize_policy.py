@@ -8,7 +8,7 @@ from tests.interop.shape_compare import (
     assert_same_open,
     assert_same_shape,
     bad_params,
-    nbdinfo,
+    infos,
 )
 
 KiB = 1024
@@ -25,14 +25,13 @@ def test_advertised(pynbd_server, nbdkit_server) -> None:
          (4096, 8192, MiB)),
         (["blocksize-minimum=0"], None),  # 0 is "not set": the plugin's (none)
     ]
-    for args, want in cases:
-        mine = nbdinfo(pynbd_server(POLICY, "memory", "1M", *args).uri)
-        theirs = nbdinfo(nbdkit_server(POLICY, "memory", "1M", *args).uri)
+    got = infos(pynbd_server, nbdkit_server, [[POLICY, "memory", "1M", *a] for a, _ in cases])
+    for (args, want), (mine, theirs) in zip(cases, got, strict=True):
         if want is None:
             assert "block_size_minimum" not in theirs
             continue
         assert tuple(theirs[f"block_size_{k}"] for k in ("minimum", "preferred",
-                                                         "maximum")) == want
+                                                         "maximum")) == want, args
         # pynbd's server advertises at most its 32M request limit
         assert (mine["block_size_minimum"], mine["block_size_preferred"],
                 mine["block_size_maximum"]) == (want[0], want[1], min(want[2], 32 * MiB))
@@ -40,10 +39,9 @@ def test_advertised(pynbd_server, nbdkit_server) -> None:
 
 def test_over_a_plugin_with_constraints(pynbd_server, nbdkit_server) -> None:
     """Over blocksize (which advertises 1/4096/2^32-1): the settings given replace its."""
-    mine = nbdinfo(pynbd_server(POLICY, "--filter=blocksize", "memory", "1M",
-                                "blocksize-preferred=16K", "blocksize-maximum=64K").uri)
-    theirs = nbdinfo(nbdkit_server(POLICY, "--filter=blocksize", "memory", "1M",
-                                   "blocksize-preferred=16K", "blocksize-maximum=64K").uri)
+    [(mine, theirs)] = infos(pynbd_server, nbdkit_server, [[
+        POLICY, "--filter=blocksize", "memory", "1M", "blocksize-preferred=16K",
+        "blocksize-maximum=64K"]])
     for info in (mine, theirs):
         assert (info["block_size_minimum"], info["block_size_preferred"],
                 info["block_size_maximum"]) == (1, 16384, 65536)
@@ -84,10 +82,10 @@ def test_allow_policy(pynbd_server, nbdkit_server) -> None:
     (Unaligned requests too under nbdkit; pynbd's server refuses those itself, EINVAL,
     whatever the filter says: not compared here.)"""
     ops = [("pread", 8192, 0), ("pwrite", b"y" * 8192, 4096), ("pread", 512, 8192)]
-    for policy in ([], ["blocksize-error-policy=allow"]):
-        view = assert_same_shape(pynbd_server, nbdkit_server, [
-            POLICY, "memory", "1M", "blocksize-minimum=512", "blocksize-maximum=4K",
-            *policy], ops, strict=False)
+    views = assert_same_many(pynbd_server, nbdkit_server, [
+        ([POLICY, "memory", "1M", "blocksize-minimum=512", "blocksize-maximum=4K", *policy],
+         ops, {"strict": False}) for policy in ([], ["blocksize-error-policy=allow"])])
+    for view in views:
         assert view["results"][2] == ["data", b"y" * 512]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_shape, bad_params, views
+from tests.interop.shape_compare import assert_same_many, assert_same_shape, bad_params, views
 
 EIO = 5
 
@@ -79,14 +79,16 @@ def test_mapfile_details(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
         "spaces-and-octal": "0 +\n  0   02000   +  \n010000 010 -\n",
     }
     ops = [("pread", 512, 0), ("pread", 512, 2048), ("pread", 512, 4096)]
-    for text in cases.values():
-        disk, mapfile = setup(tmp_path, text)
-        assert_same_shape(pynbd_server, nbdkit_server, [
-            "--filter=ddrescue", "file", disk, f"ddrescue-mapfile={mapfile}"], ops)
     disk, _ = setup(tmp_path)
-    view = assert_same_shape(pynbd_server, nbdkit_server, [
-        "--filter=ddrescue", "file", disk], ops)
-    assert [r[0] for r in view["results"]] == ["error"] * 3
+    runs = []
+    for name, text in cases.items():
+        mapfile = tmp_path / f"{name}.map"
+        mapfile.write_text(text)
+        runs.append((["--filter=ddrescue", "file", disk, f"ddrescue-mapfile={mapfile}"], ops))
+    runs.append((["--filter=ddrescue", "file", disk], ops))
+    views_ = assert_same_many(pynbd_server, nbdkit_server, runs)
+    assert [r[0] for r in views_[0]["results"]] == ["error", "error", "data"]
+    assert [r[0] for r in views_[-1]["results"]] == ["error"] * 3
 
 
 def test_empty_rescued_block(pynbd_server, nbdkit_server, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from tests.interop.shape_compare import (
     assert_same_open,
     assert_same_shape,
     bad_params,
+    pynbd_main_exit,
 )
 
 KiB = 1024
@@ -101,3 +102,6 @@ def test_bad_parameters() -> None:
         ["--filter=offset", "null", "1M", "offset=9E"],
         ["--filter=offset", "null", "1M", "range=10Q"],
     ])
+    # and as its own process: exit status 1, one line, no traceback
+    rc, err = pynbd_main_exit(["--filter=offset", "null", "1M", "offset=x"])
+    assert (rc, err) == (1, "pynbd serve: error: could not parse size string (x)\n")

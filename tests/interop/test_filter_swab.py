@@ -12,7 +12,7 @@ from tests.interop.shape_compare import (
     assert_same_open,
     assert_same_shape,
     bad_params,
-    nbdinfo,
+    infos,
 )
 from tests.side_by_side import probe
 
@@ -76,10 +76,11 @@ def test_extents_in_whole_words(pynbd_server, nbdkit_server, tmp_path: Path) -> 
 
 def test_block_size_and_blocksize(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     """The word is the minimum block size; blocksize after swab gives byte access."""
-    for args, want in ((["swab-bits=32"], (4, 512)), (["swab-bits=8"], (1, 512))):
-        for srv in (pynbd_server("--filter=swab", "memory", "1M", *args),
-                    nbdkit_server("--filter=swab", "memory", "1M", *args)):
-            info = nbdinfo(srv.uri)
+    cases = [(["swab-bits=32"], (4, 512)), (["swab-bits=8"], (1, 512))]
+    got = infos(pynbd_server, nbdkit_server,
+                [["--filter=swab", "memory", "1M", *a] for a, _ in cases])
+    for (_, want), pair in zip(cases, got, strict=True):
+        for info in pair:
             assert (info["block_size_minimum"], info["block_size_preferred"]) == want
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(range(64)))
