@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -97,7 +98,7 @@ class SlowDisk(Disk):
     """Reads take a moment after taking their copy: time for another thread's write to
     slip in between a read-modify-write's read and write, if it may."""
 
-    def pread(self, h, count, offset, flags):  # type: ignore[no-untyped-def]
+    def pread(self, h: Any, count: int, offset: int, flags: int) -> bytes:
         data = super().pread(h, count, offset, flags)
         time.sleep(0.002)
         return data

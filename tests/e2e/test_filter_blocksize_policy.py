@@ -25,7 +25,8 @@ MAX = 0xFFFFFFFF
     ((512, 4096, 65536), ["blocksize-minimum=1", "blocksize-preferred=512",
                           "blocksize-maximum=1024"], (1, 512, 1024)),
 ])
-def test_constraints(plugin, params, want) -> None:
+def test_constraints(plugin: tuple[int, int, int] | None, params: list[str],
+                     want: tuple[int, int, int] | None) -> None:
     disk = Disk(65536, block_size=plugin)
     _, ctx = open_chain(disk, (BlocksizePolicyFilter, params))
     assert ctx.block_size() == want

@@ -25,7 +25,7 @@ from tests.e2e.shape_chain import Disk, manual_of, open_chain
     ("-5 2 +", (-5, 2, "+")),
     ("99999999999999999999 1 +", ((1 << 63) - 1, 1, "+")),
 ])
-def test_scan_line(line: str, want) -> None:
+def test_scan_line(line: str, want: tuple[int, int, str] | None) -> None:
     assert _scan_line(line) == want
 
 

@@ -34,7 +34,7 @@ from tests import side_by_side
 from tests.helpers import PYNBD, ROOT, Server, peer_env, require, run_libnbd, run_peer
 from tests.side_by_side import assert_views_equal, probe
 
-__all__ = ["assert_same_many", "assert_same_open", "assert_same_shape", "bad_params",
+__all__ = ["Factory", "assert_same_many", "assert_same_open", "assert_same_shape", "bad_params",
            "clip_extents", "infos", "nbdinfo", "pynbd_main_exit", "views"]
 
 Factory = Callable[..., Server]
@@ -68,16 +68,17 @@ _copy_number = itertools.count()
 def _per_server(args: Sequence[str | os.PathLike[str]], copies: Sequence[Path],
                 tag: str) -> tuple[list[str], list[Path]]:
     """``args`` with each path of ``copies`` replaced by a fresh copy for one server."""
-    made = {}
+    made: dict[str, Path] = {}
     for src in copies:
         dst = src.with_name(f"{src.name}.{tag}.{next(_copy_number)}")
         shutil.copyfile(src, dst)
         made[os.fspath(src)] = dst
     out = []
-    for a in map(os.fspath, args):
-        for src, dst in made.items():
-            a = a.replace(src, os.fspath(dst))
-        out.append(a)
+    for arg in args:
+        text = os.fspath(arg)
+        for name, copy in made.items():
+            text = text.replace(name, os.fspath(copy))
+        out.append(text)
     return out, list(made.values())
 
 
@@ -134,7 +135,7 @@ def assert_same_shape(pynbd_server: Factory, nbdkit_server: Factory,
     libnbd's own checks off (see :func:`_probe`)."""
     got, want, files = views(pynbd_server, nbdkit_server, args, ops, copies=copies,
                              export=export, no_sr=no_sr, strict=strict)
-    what = " ".join(map(os.fspath, args))
+    what = " ".join(os.fspath(a) for a in args)
     assert_views_equal(got, want, what)
     n = len(files) // 2
     for i, (mine, theirs) in enumerate(zip(files[:n], files[n:], strict=True)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -34,7 +35,7 @@ UNALIGNED = [
 ]
 
 
-def test_unaligned_requests(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_unaligned_requests(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = image(tmp_path, 24 * KiB + 300)
     views = assert_same_many(pynbd_server, nbdkit_server, [
         (["--filter=blocksize", "file", disk, *args], UNALIGNED, [disk])
@@ -43,7 +44,7 @@ def test_unaligned_requests(pynbd_server, nbdkit_server, tmp_path: Path) -> None
     assert [v["size"] for v in views] == [24 * KiB] * 3  # 24K+300 rounded down
 
 
-def test_fast_zero(pynbd_server, nbdkit_server) -> None:
+def test_fast_zero(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """A fast zero that would take more than one call to the plugin (unaligned, or longer
     than maxlen) fails at once with ENOTSUP."""
     ops = [("zero", 100, 20000, FAST_ZERO), ("zero", 4096, 8192, FAST_ZERO),
@@ -55,7 +56,7 @@ def test_fast_zero(pynbd_server, nbdkit_server) -> None:
     assert short["results"] == [["error", 95], ["error", 95], ["ok"]]
 
 
-def test_requests_reach_the_plugin_aligned_and_bounded(pynbd_server, nbdkit_server,
+def test_requests_reach_the_plugin_aligned_and_bounded(pynbd_server: Factory, nbdkit_server: Factory,
                                                         tmp_path: Path) -> None:
     """blocksize over blocksize-policy: the policy (error) refuses anything not 512-byte
     aligned or larger than 1K, so every request succeeding shows blocksize split and
@@ -71,7 +72,7 @@ def test_requests_reach_the_plugin_aligned_and_bounded(pynbd_server, nbdkit_serv
     assert not [r for r in view["results"] if r[0] == "error"]
 
 
-def test_size_and_truncate(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_size_and_truncate(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = image(tmp_path, 10000)
     sizes = assert_same_open([
         ["--filter=blocksize", "file", disk, "minblock=4K"],
@@ -86,7 +87,7 @@ def test_size_and_truncate(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
         ("pwrite", bytes(100), 10001), ("pread", 12288, 0)], copies=[disk])
 
 
-def test_extents_in_whole_blocks(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_extents_in_whole_blocks(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     extents = tmp_path / "extents"
     extents.write_text("0 100\n100 100 hole\n200 3896 zero\n4096 4096 hole,zero\n"
                        "8192 1 3\n8193 4095\n12288 4000 hole,zero\n16288 4096\n")
@@ -98,7 +99,7 @@ def test_extents_in_whole_blocks(pynbd_server, nbdkit_server, tmp_path: Path) ->
         ("extents", 4096, 20480)])
 
 
-def test_advertised_block_size(pynbd_server, nbdkit_server) -> None:
+def test_advertised_block_size(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """Minimum 1, preferred at least 4096 and minblock; maximum 2^32-1 (pynbd's server
     advertises at most its own 32M limit, which it never lifts)."""
     cases = [(["minblock=512"], (1, 4096)), (["minblock=64K"], (1, 65536)),

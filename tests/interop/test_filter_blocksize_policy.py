@@ -4,6 +4,7 @@ error policy for requests that break them, and the parameters."""
 from __future__ import annotations
 
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -16,7 +17,7 @@ MiB = 1024 * KiB
 POLICY = "--filter=blocksize-policy"
 
 
-def test_advertised(pynbd_server, nbdkit_server) -> None:
+def test_advertised(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     cases = [
         (["blocksize-minimum=512"], (512, 4096, 0xFFFFFFFF)),
         (["blocksize-preferred=64K"], (1, 65536, 0xFFFFFFFF)),
@@ -37,7 +38,7 @@ def test_advertised(pynbd_server, nbdkit_server) -> None:
                 mine["block_size_maximum"]) == (want[0], want[1], min(want[2], 32 * MiB))
 
 
-def test_over_a_plugin_with_constraints(pynbd_server, nbdkit_server) -> None:
+def test_over_a_plugin_with_constraints(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """Over blocksize (which advertises 1/4096/2^32-1): the settings given replace its."""
     [(mine, theirs)] = infos(pynbd_server, nbdkit_server, [[
         POLICY, "--filter=blocksize", "memory", "1M", "blocksize-preferred=16K",
@@ -66,7 +67,7 @@ BAD_REQUESTS = [
 ]
 
 
-def test_error_policy(pynbd_server, nbdkit_server) -> None:
+def test_error_policy(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """With error, requests smaller than the minimum, unaligned, or reads and writes
     larger than the maximum fail with EINVAL; the maximum does not apply to zero, trim,
     cache and extents. libnbd's own checks are off, so the requests reach the server."""
@@ -77,7 +78,7 @@ def test_error_policy(pynbd_server, nbdkit_server) -> None:
     assert errors == [1, 2, 3, 4, 6, 7, 9, 11, 13, 15]
 
 
-def test_allow_policy(pynbd_server, nbdkit_server) -> None:
+def test_allow_policy(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """With allow (the default), reads and writes over the maximum reach the plugin.
     (Unaligned requests too under nbdkit; pynbd's server refuses those itself, EINVAL,
     whatever the filter says: not compared here.)"""
@@ -89,7 +90,7 @@ def test_allow_policy(pynbd_server, nbdkit_server) -> None:
         assert view["results"][2] == ["data", b"y" * 512]
 
 
-def test_no_settings_is_transparent(pynbd_server, nbdkit_server) -> None:
+def test_no_settings_is_transparent(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     assert_same_many(pynbd_server, nbdkit_server, [
         ([POLICY, "memory", "1M", "blocksize-error-policy=error"],
          [("pread", 3, 1), ("pwrite", b"z", 7), ("pread", 8, 0), ("extents", 100, 3)]),

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_many
+from tests.interop.shape_compare import Factory, assert_same_many
 
 KiB = 1024
 MiB = 1024 * KiB
 REQ_ONE = 8
 
 
-def test_same_extents(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_same_extents(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     extents = tmp_path / "extents"
     extents.write_text("0 64K\n64K 64K hole,zero\n128K 4K zero\n132K 60K\n")
     walk = [("extents", MiB, 0, REQ_ONE), ("extents", MiB - 64 * KiB, 64 * KiB, REQ_ONE),

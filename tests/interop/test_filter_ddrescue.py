@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_many, assert_same_shape, bad_params, views
+from tests.interop.shape_compare import (
+    Factory,
+    assert_same_many,
+    assert_same_shape,
+    bad_params,
+    views,
+)
 
 EIO = 5
 
@@ -37,7 +43,7 @@ def setup(tmp_path: Path, text: str = MAPFILE) -> tuple[Path, Path]:
     return disk, mapfile
 
 
-def test_reads(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_reads(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk, mapfile = setup(tmp_path)
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=ddrescue", "file", disk, f"ddrescue-mapfile={mapfile}"], [
@@ -55,7 +61,7 @@ def test_reads(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert view["flags"]["is_read_only"] and not view["flags"]["can_cache"]
 
 
-def test_read_across_two_rescued_blocks(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_read_across_two_rescued_blocks(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """Blocks 0x1200-0x2000 and 0x2000-0x3000 both rescued, listed apart: nbdkit 1.32
     looks for one block holding the whole read and fails it (EIO); pynbd reads it. Reads
     inside either block are the same under both."""
@@ -69,7 +75,7 @@ def test_read_across_two_rescued_blocks(pynbd_server, nbdkit_server, tmp_path: P
     assert mine["results"][1:] == theirs["results"][1:]
 
 
-def test_mapfile_details(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_mapfile_details(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """No status line seen yet: the first block line is taken as the status line (as GNU's
     format says it must come first); lines that do not parse are skipped; no mapfile
     parameter means nothing was rescued."""
@@ -91,7 +97,7 @@ def test_mapfile_details(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert [r[0] for r in views_[-1]["results"]] == ["error"] * 3
 
 
-def test_empty_rescued_block(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_empty_rescued_block(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """A rescued block of size 0 holds nothing. nbdkit 1.32 computes its last byte as
     start-1 and compares it unsigned: every read from its start on succeeds, bad blocks
     included. pynbd ignores the block."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_shape, bad_params, clip_extents
+from tests.interop.shape_compare import Factory, assert_same_shape, bad_params, clip_extents
 from tests.side_by_side import probe
 
 KiB = 1024
@@ -23,7 +23,7 @@ LIST = """\
 """
 
 
-def test_extents(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_extents(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     path = tmp_path / "list"
     path.write_text(LIST)
     view = assert_same_shape(pynbd_server, nbdkit_server, [
@@ -35,7 +35,7 @@ def test_extents(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert view["results"][5] == ["extents", [1, 1]]
 
 
-def test_empty_list_and_no_extents_below(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_empty_list_and_no_extents_below(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """An empty list is one hole; the plugin's own extents (null has none) do not matter."""
     empty = tmp_path / "empty"
     empty.write_text("")
@@ -66,7 +66,7 @@ def test_bad_files(tmp_path: Path) -> None:
     bad_params(argvs)
 
 
-def test_file_read_once_at_start(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_file_read_once_at_start(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """The list is read when the server starts: changing the file later changes nothing."""
     path = tmp_path / "list"
     path.write_text("0 1M\n")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_many
+from tests.interop.shape_compare import Factory, assert_same_many
 
 MiB = 1024 * 1024
 
 
-def test_all_data(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_all_data(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     extents = tmp_path / "extents"
     extents.write_text("0 64K\n64K 64K hole,zero\n")
     ops = [("extents", MiB, 0), ("extents", 4096, 65536, 8), ("pwrite", b"x", 1000),

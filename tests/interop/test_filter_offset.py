@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -24,7 +25,7 @@ def image(tmp_path: Path, size: int = 64 * KiB) -> Path:
     return p
 
 
-def test_range_reads(pynbd_server, nbdkit_server) -> None:
+def test_range_reads(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=offset", "pattern", "1M", "offset=1000", "range=64K"], [
         ("pread", 16, 0), ("pread", 4096, 60 * KiB), ("pread", 8, 64 * KiB - 8),
@@ -35,7 +36,7 @@ def test_range_reads(pynbd_server, nbdkit_server) -> None:
     assert view["results"][0] == ["data", (1000).to_bytes(8, "big") + (1008).to_bytes(8, "big")]
 
 
-def test_writes_land_at_the_offset(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_writes_land_at_the_offset(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = image(tmp_path)
     assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=offset", "file", disk, "offset=4K", "range=16K"], [
@@ -45,7 +46,7 @@ def test_writes_land_at_the_offset(pynbd_server, nbdkit_server, tmp_path: Path) 
         copies=[disk])
 
 
-def test_offset_without_range_and_to_the_end(pynbd_server, nbdkit_server) -> None:
+def test_offset_without_range_and_to_the_end(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     views = assert_same_many(pynbd_server, nbdkit_server, [
         (["--filter=offset", "pattern", "1M", *args], [("pread", 8, 0)])
         for args in (["offset=1M"], ["offset=512K"], ["offset=0", "range=1M"], ["range=0"],
@@ -54,7 +55,7 @@ def test_offset_without_range_and_to_the_end(pynbd_server, nbdkit_server) -> Non
     assert views[1]["results"] == [["data", (512 * KiB).to_bytes(8, "big")]]
 
 
-def test_extents_move_with_the_offset(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_extents_move_with_the_offset(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     extents = tmp_path / "extents"
     extents.write_text("0 1M\n1536K 4k\n2M 512K hole\n3M 1M zero\n")
     assert_same_shape(pynbd_server, nbdkit_server, [
@@ -65,7 +66,7 @@ def test_extents_move_with_the_offset(pynbd_server, nbdkit_server, tmp_path: Pat
         ("extents", 1, 3 * MiB - 1)])
 
 
-def test_range_outside_the_plugin(pynbd_server, nbdkit_server) -> None:
+def test_range_outside_the_plugin(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=offset", "memory", "1M", "offset=2M"], [("pread", 1, 0)])
     assert view.get("connect_error")
@@ -76,7 +77,7 @@ def test_range_outside_the_plugin(pynbd_server, nbdkit_server) -> None:
     assert sizes == [None, None, None, None, 0, 0]
 
 
-def test_composes_with_truncate(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_composes_with_truncate(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """offset then truncate (nbdkit's example): a window that reaches past the plugin,
     its tail reading as zeroes."""
     disk = image(tmp_path, 10000)

@@ -4,12 +4,14 @@ disks made by nbdkit's partitioning plugin, and on broken tables made here."""
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import require, run_peer
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -47,7 +49,8 @@ def ops_for(size: int) -> list[tuple]:
 
 
 @pytest.mark.parametrize("kind,numbers", [("mbr", (1, 2, 3, 5, 6, 7)), ("gpt", (1, 2, 3))])
-def test_each_partition(pynbd_server, nbdkit_server, disks, kind, numbers) -> None:
+def test_each_partition(pynbd_server: Factory, nbdkit_server: Factory,
+                        disks: dict[str, Path], kind: str, numbers: tuple[int, ...]) -> None:
     sizes = [(n if n < 5 else n - 1) * KiB for n in numbers]
     views = assert_same_many(pynbd_server, nbdkit_server, [
         (["--filter=partition", "file", disks[kind], f"partition={n}"], ops_for(size),
@@ -58,7 +61,8 @@ def test_each_partition(pynbd_server, nbdkit_server, disks, kind, numbers) -> No
         assert view["results"][0] == ["data", bytes([fill]) * size]
 
 
-def test_missing_partitions(pynbd_server, nbdkit_server, disks) -> None:
+def test_missing_partitions(pynbd_server: Factory, nbdkit_server: Factory,
+                            disks: dict[str, Path]) -> None:
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=partition", "file", disks["mbr"], "partition=4"], [("pread", 1, 0)])
     assert view.get("connect_error")
@@ -68,7 +72,8 @@ def test_missing_partitions(pynbd_server, nbdkit_server, disks) -> None:
                         ("gpt", 129), ("gpt", 0xFFFFFFFF), ("mbr", 7), ("gpt", 3))])
 
 
-def test_description(pynbd_server, nbdkit_server, disks, tmp_path: Path) -> None:
+def test_description(pynbd_server: Factory, nbdkit_server: Factory, disks: dict[str, Path],
+                     tmp_path: Path) -> None:
     """"partition N of MBR disk: ..." from the layer below's description (here a plugin
     file under pynbd, exportname's exportdesc under nbdkit), none without one."""
     require("nbdinfo")
@@ -93,7 +98,8 @@ def test_description(pynbd_server, nbdkit_server, disks, tmp_path: Path) -> None
 
 # Broken tables --------------------------------------------------------------------------
 
-def mbr(entries: list[tuple[int, int, int]], size: int, ebrs=()) -> bytes:
+def mbr(entries: list[tuple[int, int, int]], size: int,
+        ebrs: Sequence[tuple[int, list[tuple[int, int, int]]]] = ()) -> bytes:
     """A disk of ``size`` bytes with an MBR of (type, start sector, sectors) entries and
     EBRs at (byte offset, [entries])."""
     disk = bytearray(size)

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.interop.shape_compare import assert_same_many, assert_same_shape, bad_params, views
+from tests.interop.shape_compare import (
+    Factory,
+    assert_same_many,
+    assert_same_shape,
+    bad_params,
+    views,
+)
 from tests.side_by_side import assert_views_equal
 
 EPERM = 1
@@ -26,7 +32,7 @@ OPS = [
 ]
 
 
-def test_ranges(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_ranges(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = image(tmp_path)
     views_ = assert_same_many(pynbd_server, nbdkit_server, [
         (["--filter=protect", "file", disk, *ranges], OPS, [disk])
@@ -38,7 +44,7 @@ def test_ranges(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert all(r[0] != "error" for r in views_[4]["results"])  # ~- protects nothing
 
 
-def test_whole_disk_and_readonly(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_whole_disk_and_readonly(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = image(tmp_path)
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=protect", "file", disk, "protect=0-"], OPS, copies=[disk])
@@ -48,7 +54,7 @@ def test_whole_disk_and_readonly(pynbd_server, nbdkit_server, tmp_path: Path) ->
         "-r", "--filter=protect", "file", disk, "protect=0-511"], OPS[:2])
 
 
-def test_range_inside_another(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_range_inside_another(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """protect=0-1023 protect=10-20: nbdkit 1.32 merges the two into 0-20 (it takes the
     second range's end), so bytes 21-1023 become writable. pynbd keeps 0-1023 protected.
     Everything else is the same."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -20,7 +21,7 @@ KiB = 1024
 
 
 @pytest.mark.parametrize("bits", [16, 32, 64])
-def test_swapped_reads_and_writes(pynbd_server, nbdkit_server, tmp_path: Path,
+def test_swapped_reads_and_writes(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path,
                                   bits: int) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(range(256)) * 16 + b"tail!")
@@ -39,7 +40,7 @@ def test_swapped_reads_and_writes(pynbd_server, nbdkit_server, tmp_path: Path,
     assert view["results"][5] == ["error", 22]
 
 
-def test_swab_bits_8(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_swab_bits_8(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """swab-bits=8 swaps nothing. nbdkit 1.32 writes uninitialised memory instead of the
     client's data there (its pwrite copies nothing into the buffer it writes): reads and
     sizes are compared, and pynbd's writes are checked on their own."""
@@ -55,7 +56,7 @@ def test_swab_bits_8(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert view["results"][1] == ["data", b"\0written\x08"]
 
 
-def test_pattern_little_endian(pynbd_server, nbdkit_server) -> None:
+def test_pattern_little_endian(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     """The manual's use: swab-bits=64 makes pattern's offsets little-endian."""
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=swab", "pattern", "1M", "swab-bits=64"], [("pread", 16, 4096)])
@@ -63,7 +64,7 @@ def test_pattern_little_endian(pynbd_server, nbdkit_server) -> None:
                                   (4104).to_bytes(8, "little")]
 
 
-def test_extents_in_whole_words(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_extents_in_whole_words(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     extents = tmp_path / "extents"
     extents.write_text("0 3\n3 5 hole,zero\n8 13 zero\n21 11\n32 4064 hole,zero\n")
     assert_same_many(pynbd_server, nbdkit_server, [
@@ -74,7 +75,7 @@ def test_extents_in_whole_words(pynbd_server, nbdkit_server, tmp_path: Path) -> 
         for bits in (16, 64)])
 
 
-def test_block_size_and_blocksize(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_block_size_and_blocksize(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """The word is the minimum block size; blocksize after swab gives byte access."""
     cases = [(["swab-bits=32"], (4, 512)), (["swab-bits=8"], (1, 512))]
     got = infos(pynbd_server, nbdkit_server,

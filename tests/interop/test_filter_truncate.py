@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.interop.shape_compare import (
+    Factory,
     assert_same_many,
     assert_same_open,
     assert_same_shape,
@@ -27,7 +28,7 @@ def test_sizes() -> None:
     assert sizes == [1500, 10, 0, 1024, 512, 1000, 1000, 0, 2048, 1024, 4096, None]
 
 
-def test_tail_reads_writes_and_extents(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_tail_reads_writes_and_extents(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(range(250)) * 4)  # 1000 bytes
     assert_same_shape(pynbd_server, nbdkit_server, [
@@ -41,7 +42,7 @@ def test_tail_reads_writes_and_extents(pynbd_server, nbdkit_server, tmp_path: Pa
         ("pread", 1536, 0), ("flush",)], copies=[disk])
 
 
-def test_tail_past_truncate_and_round_up(pynbd_server) -> None:
+def test_tail_past_truncate_and_round_up(pynbd_server: Factory) -> None:
     """truncate=1500 round-up=512: the size is 1536, and [1500, 1536) is part of the hole.
     nbdkit 1.32 ends the hole at 1500 (the truncate= size, not the rounded one), and a
     query inside [1500, 1536) finds no extent: its server dies on an assertion
@@ -55,7 +56,7 @@ def test_tail_past_truncate_and_round_up(pynbd_server) -> None:
                                ["extents", [536, 3]], ["data", bytes(36)]]
 
 
-def test_fast_zero(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
+def test_fast_zero(pynbd_server: Factory, nbdkit_server: Factory, tmp_path: Path) -> None:
     """A fast zero past the end always succeeds; inside it needs the plugin's."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"\xff" * 2048)
@@ -72,7 +73,7 @@ def test_fast_zero(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     assert file["results"] == [["ok"], ["error", 95], ["data", b"\xff" * 16]]
 
 
-def test_shrink(pynbd_server, nbdkit_server) -> None:
+def test_shrink(pynbd_server: Factory, nbdkit_server: Factory) -> None:
     view = assert_same_shape(pynbd_server, nbdkit_server, [
         "--filter=truncate", "pattern", "1M", "truncate=1000"], [
         ("size",), ("pread", 1000, 0), ("pread", 8, 992), ("extents", 1000, 0)])

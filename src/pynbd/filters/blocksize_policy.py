@@ -122,13 +122,13 @@ class BlocksizePolicyFilter(Filter):
         mn, pref, mx = self.minimum, self.preferred, self.maximum
         if mn and pref and mx:
             return (mn, pref, mx)
-        bs = next.block_size()
+        below: tuple[int, int, int] | None = next.block_size()
         if not (mn or pref or mx):
-            return bs  # type: ignore[no-any-return]
-        if bs is None:  # the plugin has no constraints: defaults for the others
+            return below
+        if below is None:  # the plugin has no constraints: defaults for the others
             bs = (mn or 1, pref or 4096, mx or UINT32_MAX)
         else:
-            bs = (mn or bs[0], pref or bs[1], mx or bs[2])
+            bs = (mn or below[0], pref or below[1], mx or below[2])
         if bs[0] > bs[1] or bs[1] > bs[2]:
             raise CommandError(errno.EINVAL, (
                 f"computed block size values are invalid, minimum {bs[0]} > preferred "
