@@ -94,6 +94,19 @@ def test_plugin_limits_are_respected() -> None:
                                    ("pread", 1024, 3072, 0), ("pread", 1024, 4096, 0)]
 
 
+def test_limits_below_the_plugin_minimum() -> None:
+    """maxdata and maxlen smaller than the plugin's minimum block: one block at a time
+    (nbdkit 1.32 rounds them down to 0 and dies on an assertion, a request of length 0)."""
+    disk = Disk(SIZE, block_size=(4096, 4096, 65536))
+    _, ctx = open_chain(disk, (BlocksizeFilter, ["maxdata=1K", "maxlen=2K"]))
+    ctx.pread(8192, 0)
+    ctx.zero(8192, 0)
+    ctx.trim(8192, 0)
+    assert [c[:3] for c in disk.calls] == [
+        ("pread", 4096, 0), ("pread", 4096, 4096), ("zero", 4096, 0), ("zero", 4096, 4096),
+        ("trim", 4096, 0), ("trim", 4096, 4096)]
+
+
 class SlowDisk(Disk):
     """Reads take a moment after taking their copy: time for another thread's write to
     slip in between a read-modify-write's read and write, if it may."""

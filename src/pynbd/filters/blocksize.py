@@ -157,11 +157,14 @@ class BlocksizeFilter(Filter):
             h.maxdata = min(h.maxlen, DEFAULT_MAXDATA) if h.maxlen else DEFAULT_MAXDATA
         if maximum:
             h.maxdata = min(h.maxdata, maximum)
-        # nbdkit 1.32 loops for ever on reads and writes when maxdata rounds down to 0 (a
-        # plugin whose minimum exceeds maxdata): one block at a time makes progress instead.
+        # When maxdata or maxlen rounds down to 0 (a plugin whose minimum exceeds them),
+        # nbdkit 1.32 passes requests of length 0 down and dies on an assertion: one block
+        # at a time works instead.
         h.maxdata = max(round_down(h.maxdata, h.minblock), h.minblock)
-        h.maxlen = (1 << 32) - h.minblock if h.maxlen == 0 else round_down(h.maxlen,
-                                                                            h.minblock)
+        if h.maxlen == 0:
+            h.maxlen = (1 << 32) - h.minblock
+        else:
+            h.maxlen = max(round_down(h.maxlen, h.minblock), h.minblock)
         log.debug("handle values minblock=%d maxdata=%d maxlen=%d",
                   h.minblock, h.maxdata, h.maxlen)
 
