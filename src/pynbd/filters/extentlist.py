@@ -154,11 +154,8 @@ class ExtentlistFilter(Filter):
 
     def extents(self, next: Any, h: Any, count: int, offset: int,
                 flags: int) -> list[Extent]:
-        i = bisect.bisect_right(self._starts, offset) - 1
-        end = offset + count
-        out: list[Extent] = []
-        for start, length, typ in self.extents_list[i:]:
-            if start >= end:
-                break
-            out.append((start, length, typ))
-        return out
+        # The list covers every offset: from the extent holding offset to the one
+        # holding the last byte asked for.
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_left(self._starts, offset + count)
+        return self.extents_list[first:last]
