@@ -480,13 +480,20 @@ def test_export_description_output_same_as_nbdkit(live, out) -> None:
 # ---- bad scripts and bad command lines --------------------------------------------------------
 
 
-def _serve_fails(cmd: list[str], *args: str, stdin: Any = subprocess.DEVNULL,
-                 cwd: Any = None) -> tuple[int, str]:
-    cp = subprocess.run([*cmd, "-f", "-U", "/nonexistent/never.sock", *args], stdin=stdin,
-                        capture_output=True, text=True, timeout=60, cwd=cwd, check=False)
-    msg = [re.sub(r"^(nbdkit|pynbd serve): error: ", "", line) for line in cp.stderr.splitlines()
-           if "error:" in line]
-    return cp.returncode, "\n".join(msg)
+def _fail_both(*args: str, cwd: Any = None) -> list[tuple[int, str]]:
+    """Run ``ARGS`` under pynbd and nbdkit at once (each must refuse them): exit status and
+    error lines of each."""
+    procs = [subprocess.Popen([*cmd, "-f", "-U", "/nonexistent/never.sock", *args], cwd=cwd,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for cmd in ([*PYNBD, "serve"], [require("nbdkit")])]
+    out = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        msg = [re.sub(r"^(nbdkit|pynbd serve): error: ", "", line)
+               for line in err.splitlines() if "error:" in line]
+        out.append((proc.returncode, "\n".join(msg)))
+    return out
 
 
 @pytest.mark.parametrize("args", [
@@ -503,8 +510,7 @@ def test_config_errors_same_as_nbdkit(tmp_path, args) -> None:
         p = tmp_path / name
         p.write_text(body and f"#!/bin/sh\n{body}\n" or Path(ANSWERS).read_text())
         p.chmod(0o755)
-    env_cmds = ([*PYNBD, "serve"], [require("nbdkit")])
-    ours, theirs = (_serve_fails(c, "sh", *args, cwd=tmp_path) for c in env_cmds)
+    ours, theirs = _fail_both("sh", *args, cwd=tmp_path)
     assert ours[0] == theirs[0] == 1
     assert ours[1].replace(str(tmp_path), "DIR") == theirs[1].replace(str(tmp_path), "DIR")
 
