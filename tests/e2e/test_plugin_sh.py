@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -195,14 +194,12 @@ def test_script_without_shebang_runs_under_bin_sh(pynbd_server, tmp_path) -> Non
 
 
 def test_any_executable(pynbd_server, tmp_path) -> None:
-    """Not only shell: a Python script answering the same convention."""
-    import sys
-
-    p = tmp_path / "plugin.py"
-    p.write_text(f"#!{sys.executable}\nimport sys\nm = sys.argv[1]\n"
-                 "if m == 'get_size': print('4K')\n"
-                 "elif m == 'pread': sys.stdout.write('P' * int(sys.argv[3]))\n"
-                 "else: sys.exit(2)\n")
+    """Not only shell: a Perl script answering the same convention."""
+    p = tmp_path / "plugin.pl"
+    p.write_text("#!/usr/bin/perl\nmy $m = $ARGV[0];\n"
+                 "if ($m eq 'get_size') { print \"4K\\n\"; }\n"
+                 "elsif ($m eq 'pread') { print 'P' x $ARGV[2]; }\n"
+                 "else { exit 2; }\n")
     p.chmod(0o755)
     srv = pynbd_server("sh", str(p))
     h = connect(srv)
@@ -268,21 +265,21 @@ def test_parallel_when_the_script_says_so(pynbd_server, tmp_path) -> None:
 
 
 def test_event_loop_stays_free_while_a_script_runs(pynbd_server, tmp_path) -> None:
-    """A read whose script takes 2 s holds neither other clients' handshakes nor their
-    requests (parallel model): the calls run in worker threads, not on the event loop."""
+    """A read whose script waits (until the test says go) holds neither another client's
+    handshake nor its requests (parallel model): calls run in worker threads, never on the
+    event loop."""
+    go = tmp_path / "go"
     env = answers(get_size="echo 1M", thread_model="echo parallel",
-                  pread=f'[ "$4" = 0 ] && sleep 2; {READ_ZEROES}')
+                  pread=f'[ "$4" = 0 ] && while [ ! -e {go} ]; do sleep 0.02; done; '
+                        f'{READ_ZEROES}')
     srv = pynbd_server("sh", ANSWERS, env=env)
-    slow = RawClient(srv.sock)
-    slow.negotiate()
-    slow.request(Cmd.READ, 0, 512)
-    t0 = time.monotonic()
-    h = connect(srv)
-    assert h.pread(512, 4096) == bytes(512)
-    h.shutdown()
-    assert time.monotonic() - t0 < 1.5
-    assert slow.read_reply().error == 0
-    slow.close()
+    with RawClient(srv.sock) as slow, RawClient(srv.sock) as fast:
+        slow.negotiate()
+        slow.request(Cmd.READ, 0, 512)
+        fast.negotiate()                          # RawClient's timeout: 5 s per receive
+        assert fast.pread(4096, 512) == bytes(512)
+        go.touch()
+        assert slow.read_reply().error == 0
 
 
 # ---- --dump-plugin, asked directly ----------------------------------------------------------
