@@ -8,6 +8,7 @@ pin each one down without a server.
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -202,3 +203,17 @@ def test_run_a_death_by_signal(tmp_path) -> None:
     p.write_text("#!/bin/sh\necho dying >&2\nkill -TERM $$\n")
     p.chmod(0o755)
     assert run([str(p)], None, {}) == (-15, b"", b"dying\n")
+
+
+def test_run_a_file_without_shebang_under_bin_sh(tmp_path) -> None:
+    p = tmp_path / "s"
+    p.write_text('echo "sh: $0 $1"\n')
+    p.chmod(0o755)
+    for _ in range(2):  # the second time straight to /bin/sh (remembered), same answer
+        assert run([str(p), "m"], None, {}) == (0, f"sh: {p} m\n".encode(), b"")
+    # Replaced by an executable of another kind: run as what it now is.
+    new = tmp_path / "new"
+    new.write_text("#!/usr/bin/perl\nprint \"perl: $ARGV[0]\\n\";\n")
+    new.chmod(0o755)
+    os.replace(new, p)
+    assert run([str(p), "m"], None, {}) == (0, b"perl: m\n", b"")

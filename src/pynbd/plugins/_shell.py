@@ -279,6 +279,19 @@ def parse_extents(script: str, out: bytes) -> list[Extent]:
 # ---- running scripts ---------------------------------------------------------------------
 
 
+#: Scripts that are not an executable format (no "#!"), as (path, inode, mtime): they run
+#: under /bin/sh without first failing an exec each time (eval's scripts are all such).
+_SHELL_SCRIPTS: set[tuple[bytes, int, int]] = set()
+
+
+def _identity(path: str | bytes) -> tuple[bytes, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.fsencode(path), st.st_ino, st.st_mtime_ns)
+
+
 def run(argv: Sequence[str | bytes], data: Any, env: dict[str, str]) -> tuple[int, bytes, bytes]:
     """Run ``argv`` once: ``data`` (or nothing) on its stdin, which is then closed; return
     (exit status, stdout, stderr), the status negative for death by a signal.
@@ -288,12 +301,15 @@ def run(argv: Sequence[str | bytes], data: Any, env: dict[str, str]) -> tuple[in
     file that is not an executable format runs under /bin/sh, as execvp does; a script that
     cannot be run at all fails like one that printed ``perror``'s line and exited 1.
     """
+    ident = _identity(argv[0])
+    cmd = ["/bin/sh", *argv] if ident in _SHELL_SCRIPTS else argv
     try:
-        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, env=env, close_fds=True)
     except OSError as e:
-        if e.errno == errno.ENOEXEC:
-            return run(["/bin/sh", *argv], data, env)
+        if e.errno == errno.ENOEXEC and ident is not None and cmd is argv:
+            _SHELL_SCRIPTS.add(ident)
+            return run(argv, data, env)
         return 1, b"", os.fsencode(f"{os.fsdecode(argv[0])}: {e.strerror}\n")
     with p:
         out, err = p.communicate(data if data else None)  # a script may ignore its stdin
