@@ -430,6 +430,7 @@ print(json.dumps(got))
     r"printf 'NAMES\na\nb'", "printf foo", r"printf 'INTERLEAVED\na\nda'",
     r"printf 'NAMES+DESCRIPTIONS\na\nb\nda\ndb'", r"printf 'names\na\n'", "echo NAMES",
     r"printf 'NAMES\r\na\n'", "exit 3", "echo EINVAL bad >&2; exit 1", "exit 2",
+    r"printf '\na\n'", r"printf 'INTERLEAVED\n\nthe default\nb\n\n'",  # "" is the default
 ])
 def test_list_exports_output_same_as_nbdkit(live, out) -> None:
     live.same_libnbd(_LIST, list_exports=out, default_export="echo dflt")
@@ -601,3 +602,10 @@ def test_environment_is_nbdkits(pynbd_server, nbdkit_server, tmp_path) -> None:
         seen.append((pairs, Path(f"{out}.ls").read_text()))
     assert seen[0] == seen[1]
     assert seen[0][1] == "700\n"
+
+
+@pytest.mark.parametrize("out", ["exit 0", "exit 2", "exit 3", "echo EPERM go away >&2; exit 1",
+                                 'echo "$1 $2" >&2; [ "$2" = false ]'])
+def test_preconnect_same_as_nbdkit(live, out) -> None:
+    view = live.same([("pread", 512, 0)], preconnect=out)
+    assert ("connect_error" in view) == (out not in ("exit 0", "exit 2") and "[" not in out)
