@@ -335,7 +335,9 @@ class Plugin:
         return _overrides(self, "zero", Plugin)
 
     def can_fast_zero(self, h: Any) -> bool:
-        return not _overrides(self, "zero", Plugin)
+        """Default: yes when zero is not implemented or can_zero says no (a fast zero
+        request then fails fast instead of writing)."""
+        return not _overrides(self, "zero", Plugin) or not self.can_zero(h)
 
     def can_extents(self, h: Any) -> bool:
         return _overrides(self, "extents", Plugin)

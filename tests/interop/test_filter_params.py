@@ -90,7 +90,7 @@ def test_bad_parameter_gives_nbdkits_message(flt: str, params: list[str],
                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                              ) -> None:
     monkeypatch.chdir(tmp_path)
-    argv = [f"--filter={flt}", "null", *params, "--run", "true"]
+    argv = ["-U", "-", f"--filter={flt}", "null", *params, "--run", "true"]
     want = run_peer("nbdkit", *argv, check=False)
     got = run_pynbd("serve", *argv, check=False)
     assert want.returncode == 1, want.stderr
@@ -105,7 +105,7 @@ def test_bad_parameter_gives_nbdkits_message(flt: str, params: list[str],
 def test_accepted_values_are_accepted(flt: str, params: list[str], tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    argv = [f"--filter={flt}", "null", *params, "--run", "true"]
+    argv = ["-U", "-", f"--filter={flt}", "null", *params, "--run", "true"]
     want = run_peer("nbdkit", *argv, check=False)
     got = run_pynbd("serve", *argv, check=False)
     assert want.returncode == 0, want.stderr
@@ -119,7 +119,7 @@ def test_unknown_parameter_reaches_the_plugin(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     for flt, key in (("delay", "zdelay=1"), ("delay", "delay-flush=1"),
                      ("error", "error-flush=EIO"), ("checkwrite", "check=1")):
-        argv = [f"--filter={flt}", "null", key, "--run", "true"]
+        argv = ["-U", "-", f"--filter={flt}", "null", key, "--run", "true"]
         assert run_peer("nbdkit", *argv, check=False).returncode == 1
         got = run_pynbd("serve", *argv, check=False)
         assert got.returncode == 1 and len(got.stderr.splitlines()) == 1, got.stderr

@@ -339,9 +339,6 @@ def test_zero_without_zero_or_pwrite(pynbd_server) -> None:
     assert errors_logged(srv) == ["pwrite not implemented"]
 
 
-@pytest.mark.xfail(strict=True, reason="pynbd's core advertises fast zero whenever can_zero "
-                   "is false, without asking the plugin (server/backend.py Context."
-                   "can_fast_zero); nbdkit asks the plugin's can_fast_zero")
 def test_can_fast_zero_false_without_zero(live) -> None:
     live.same([("zero", 512, 0)], can_write="exit 0", pwrite="cat >/dev/null",
               can_fast_zero="exit 3")
@@ -381,20 +378,17 @@ def test_block_size_output_same_as_nbdkit(live, out) -> None:
 
 
 #: Extents a plugin gets wrong (a gap, a first extent after the offset, none at all) are
-#: checked by the core (server/backend.py): nbdkit sends EINVAL (its ERANGE) and logs
-#: nbdkit_add_extent's message; pynbd sends EIO and logs at debug level.
-_CORE = "the core's extents checks differ from nbdkit_add_extent's (errno and log)"
-
-
+#: checked by the core (server/backend.py) as nbdkit_add_extent checks them: EINVAL, and
+#: nbdkit's message in the log.
 @pytest.mark.parametrize("out", [
     "echo 0 64K; echo 64K 64K hole; echo 128K 128K hole,zero; echo 256K 768K 3",
     "printf '0 512K 2\\n512K 512K zero'", "echo '0 1M' ", "printf '0\\t1M\\t1\\n'",
     "echo 0", "echo; echo 0 1M", "echo 0 1M 3abc", "echo 0 1M -1", "echo 0 abc",
     "echo 0 1M; exit 3", "echo 0 2K; echo 2K 2K; echo 4K 1M hole",
-    pytest.param("echo 0 512K; echo 0 0", marks=pytest.mark.xfail(strict=True, reason=_CORE)),
-    pytest.param("echo 0 4K; echo 8K 4K", marks=pytest.mark.xfail(strict=True, reason=_CORE)),
-    pytest.param("echo 4K 4K", marks=pytest.mark.xfail(strict=True, reason=_CORE)),
-    pytest.param("true", marks=pytest.mark.xfail(strict=True, reason=_CORE)),
+    "echo 0 512K; echo 0 0",
+    "echo 0 4K; echo 8K 4K",
+    "echo 4K 4K",
+    "true",
 ])
 def test_extents_output_same_as_nbdkit(live, out) -> None:
     # Whole-disk requests: how far past a request the reply may reach is the core's business.

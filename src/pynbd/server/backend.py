@@ -401,10 +401,12 @@ class Context:
         return self.can_write() and _truth(self._q("can_zero"))
 
     def can_fast_zero(self) -> bool:
+        """Asked of the layer whenever the export is writable (nbdkit asks the plugin's
+        can_fast_zero even when can_zero is false; its default then says yes: such a fast
+        zero fails fast)."""
         if not self.can_write():
             return False
-        if not self.can_zero():
-            return True  # fast zero requests fail fast
+        self.can_zero()  # asked first, as nbdkit asks it (a failure fails the connection)
         return _truth(self._q("can_fast_zero"))
 
     def can_extents(self) -> bool:
@@ -494,18 +496,25 @@ class Context:
 
 def _normalise_extents(raw: Any, offset: int, count: int,
                        who: str) -> list[tuple[int, int, int]]:
-    """Check a layer's extents: ascending, contiguous, covering ``offset``; clip to the end."""
+    """Check a layer's extents as nbdkit_add_extent does (ascending, contiguous, the first
+    not after ``offset``, at least one); clip them to the request and merge equal types.
+    A layer that breaks the rules fails the request with EINVAL and one error line (``who``,
+    the layer, is named in the -v log)."""
+    log.debug("%s: extents count=%d offset=%d returned", who, count, offset)
     out: list[tuple[int, int, int]] = []
     end = offset + count
     expect = None
     for e in raw or ():
         off, length, typ = int(e[0]), int(e[1]), int(e[2]) & (EXTENT_HOLE | EXTENT_ZERO)
-        if length <= 0:
-            continue
+        if expect is None and off > offset:
+            _bad_extents(f"nbdkit_add_extent: first extent must not be > start ({offset})")
         if expect is not None and off != expect:
-            raise CommandError(errno.EIO, f"{who}: extents are not contiguous")
+            _bad_extents("nbdkit_add_extent: extents must be added in ascending order and "
+                         "must be contiguous")
+        if length < 0:
+            _bad_extents(f"nbdkit_add_extent: extent length must not be negative ({length})")
         expect = off + length
-        if off + length <= offset:
+        if length == 0 or off + length <= offset:
             continue
         if off >= end:
             break
@@ -519,9 +528,15 @@ def _normalise_extents(raw: Any, offset: int, count: int,
             out[-1] = (o, n + length, t)
         else:
             out.append((off, length, typ))
-    if not out or out[0][0] != offset:
-        raise CommandError(errno.EIO, f"{who}: extents do not cover the requested offset")
+    if not out:
+        _bad_extents("extents: plugin must return at least one extent")
     return out
+
+
+def _bad_extents(message: str) -> None:
+    """A layer broke the extents rules: nbdkit's message in the log, EINVAL to the client."""
+    log.error("%s", message)
+    raise CommandError(errno.EINVAL, message)
 
 
 def _exports(res: Any) -> list[tuple[str, str]] | None:

@@ -141,17 +141,14 @@ def _main(argv: list[str]) -> int:
     chain = Chain(instantiate(plugin_cls), [instantiate(fc) for fc in filter_classes],
                   debug=o.verbose)
     guarded(chain, "load", chain.load)
-    try:
-        apply_debug_flags(chain, o.debug_flags)
-        apply_params(chain, plugin_cls, loaded.params + o.params)
-        if o.dump_plugin:
-            sys.stdout.write(dump_plugin(chain))
-            return 0
-        guarded(chain, "config_complete", chain.config_complete)
-        guarded(chain, "get_ready", chain.get_ready)
-    except BaseException:
-        _cleanup(chain, "unload", chain.unload)  # loaded, never ready: unload only
-        raise
+    # A failure from here to get_ready exits at once, without cleanup or unload (as nbdkit).
+    apply_debug_flags(chain, o.debug_flags)
+    apply_params(chain, plugin_cls, loaded.params + o.params)
+    if o.dump_plugin:
+        sys.stdout.write(dump_plugin(chain))
+        return 0
+    guarded(chain, "config_complete", chain.config_complete)
+    guarded(chain, "get_ready", chain.get_ready)
     try:
         return _serve(o, chain)
     finally:
