@@ -33,6 +33,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", default=None, help="the run's seed (default: a random one)")
     p.add_argument("--only", type=int, help="replay this one input (with --seed)")
     p.add_argument("--plugins", default="memory,file", help="server fuzzer's plugins")
+    p.add_argument("--jobs", type=int, default=2, help="client fuzzer worker processes")
     p.add_argument("--json", help="write the totals and findings here")
     return p.parse_args(argv)
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> int:
     threads = []
     try:
         if a.client or both:
-            cf = ClientFuzzer(seed, log)
+            cf = ClientFuzzer(seed, log, a.jobs)
             th = threading.Thread(target=lambda: results.append(
                 cf.run(share if share is None else (n - share if both else share), a.seconds,
                        a.only)))
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({
             "seed": seed, "started": started.isoformat(),
-            "totals": [{**{k: v for k, v in vars(t).items() if k != "findings"},
+            "totals": [{**{k: v for k, v in vars(t).items() if k not in ("findings", "_logged")},
                         "findings": [f.as_dict() for f in t.findings]} for t in results]},
             indent=1))
     return 1 if any(t.unknown() or t.crashes for t in results) else 0

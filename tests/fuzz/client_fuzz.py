@@ -287,20 +287,19 @@ class ClientFuzzer:
     def run(self, inputs: int | None = None, seconds: float | None = None,
             only: int | None = None) -> Totals:
         t0 = time.monotonic()
-        if only is not None:
-            blocks = [(only, only + 1)]
-        else:
-            total = inputs if inputs is not None else 1 << 62
-            blocks = [(a, min(total, a + self.BLOCK)) for a in
-                      range(0, min(total, 1 << 40), self.BLOCK)][:100000]
-        blocks.reverse()
+        first, end = (only, only + 1) if only is not None else (0, inputs or 1 << 62)
+        blocks: list[tuple[int, int]] = []  # the rest of a failed worker's block
         active: list[_Worker] = []
         try:
-            while blocks or active:
+            while first < end or blocks or active:
                 if seconds is not None and time.monotonic() - t0 > seconds:
                     break
-                while blocks and len(active) < self.jobs:
-                    active.append(_Worker(self.seed, *blocks.pop()))
+                while len(active) < self.jobs and (blocks or first < end):
+                    if blocks:
+                        active.append(_Worker(self.seed, *blocks.pop()))
+                    else:
+                        active.append(_Worker(self.seed, first, min(end, first + self.BLOCK)))
+                        first = min(end, first + self.BLOCK)
                 self._step(active, blocks)
         finally:
             for w in active:
@@ -340,11 +339,9 @@ class ClientFuzzer:
         t.memory_kib[key] = rep["rss"]
         t.peak_kib[key] = max(t.peak_kib.get(key, 0), rep["rss"])
         for kind, detail in rep["problems"]:
-            f = Finding("client", rep["face"], rep["i"], self.seed, kind, detail)
-            t.findings.append(f)
             if kind == "hang":
                 t.crashes += 1
-            self.log(f.line())
+            t.add(Finding("client", rep["face"], rep["i"], self.seed, kind, detail), self.log)
         return int(rep["i"])
 
     def _worker_failed(self, w: _Worker, how: str) -> None:
@@ -352,7 +349,7 @@ class ClientFuzzer:
         self.totals.crashes += 1
         self.totals.inputs += 1
         kind = "hang" if how == "silent" else "died"
-        f = Finding("client", "worker", w.next, self.seed, kind,
-                    f"the worker {how} on input {w.next} (exit {w.p.returncode}):\n{err[-4000:]}")
-        self.totals.findings.append(f)
-        self.log(f.line())
+        self.totals.add(Finding(
+            "client", "worker", w.next, self.seed, kind,
+            f"the worker {how} on input {w.next} (exit {w.p.returncode}):\n{err[-4000:]}"),
+            self.log)

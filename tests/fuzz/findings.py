@@ -9,6 +9,7 @@ xfail test fails; then drop the mark and the entry here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["KNOWN", "Finding", "Known", "Totals", "known_as"]
@@ -24,6 +25,8 @@ class Finding:
     detail: str
 
     def repro(self) -> str:
+        if self.input < 0:  # the memory probes, or the servers' exit: no input of their own
+            return f"scripts/fuzz --{self.fuzzer} --plugins {self.target} --inputs 0"
         return f"scripts/fuzz --{self.fuzzer} --seed {self.seed} --only {self.input}"
 
     def line(self) -> str:
@@ -83,6 +86,18 @@ class Totals:
     peak_kib: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     modes: dict[str, int] = field(default_factory=dict)
+    _logged: dict[tuple[str, ...], int] = field(default_factory=dict, repr=False)
+
+    def add(self, f: Finding, log: Callable[[str], None]) -> None:
+        """Keep a finding; log it unless three like it were logged already."""
+        self.findings.append(f)
+        key = (f.fuzzer, f.target, f.kind, f.detail[:40])
+        n = self._logged.get(key, 0) + 1
+        self._logged[key] = n
+        if n <= 3:
+            log(f.line())
+        elif n == 4:
+            log(f"    (more like {f.fuzzer}/{f.target} input {f.input} are counted, not shown)")
 
     def count(self, mode: str) -> None:
         self.modes[mode] = self.modes.get(mode, 0) + 1
@@ -103,8 +118,17 @@ class Totals:
                                                           sorted(self.modes.items())))
         if mem:
             lines.append(f"  memory at the end: {mem}")
+        known: dict[str, int] = {}
+        for f in self.findings:
+            k = known_as(f)
+            if k:
+                known[k.test] = known.get(k.test, 0) + 1
+        for test, n in sorted(known.items()):
+            lines.append(f"  known, {n} times: tests/fuzz/test_findings.py::{test}")
         seen: set[tuple[str, str, str]] = set()
         for f in self.findings:
+            if known_as(f):
+                continue
             key = (f.target, f.kind, f.detail[:60])
             if key not in seen:
                 seen.add(key)

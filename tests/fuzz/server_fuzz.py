@@ -96,7 +96,8 @@ class ServerFuzzer:
             for p in (t.model, t.mutant):
                 p.start()
         try:
-            todo = range(only, only + 1) if only is not None else range(inputs or 1 << 62)
+            todo = range(only, only + 1) if only is not None else range(
+                inputs if inputs is not None else 1 << 62)
             for i in todo:
                 if seconds is not None and time.monotonic() - t0 > seconds:
                     break
@@ -128,9 +129,7 @@ class ServerFuzzer:
             self._health(t, i)
 
     def _finding(self, t: Target, i: int, kind: str, detail: str) -> None:
-        f = Finding("server", t.plugin, i, self.seed, kind, detail)
-        self.totals.findings.append(f)
-        self.log(f.line())
+        self.totals.add(Finding("server", t.plugin, i, self.seed, kind, detail), self.log)
 
     # ---- well-formed inputs -----------------------------------------------------------------
     def _valid(self, t: Target, rng: random.Random, i: int) -> None:
