@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 
     both = not (a.server or a.client)
     seed = a.seed or secrets.token_hex(4)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     print(f"fuzz: seed {seed} (replay with --seed {seed}); started {started:%Y-%m-%d %H:%M} UTC; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     lock = threading.Lock()

@@ -93,8 +93,9 @@ def judge(out: Outcome, rec: Record, sane: bool = False) -> list[tuple[str, str]
         else:
             p = None
         if p:
-            problems.append(("data", f"{out.face} {op.kind} {op.length} at {op.offset}: {p}"
-                             f" (replies: {', '.join(sent.how) if sent and sent.how else 'correct'})"))
+            how = ", ".join(sent.how) if sent and sent.how else "correct"
+            problems.append(("data", (f"{out.face} {op.kind} {op.length} at {op.offset}: {p} "
+                             f"(replies: {how})")))
     problems += [("request", f"{out.face} sent {e}") for e in rec.client_errors]
     if not rec.how and sane and rec.close_reason in ("disc", "eof", "quiet"):
         problems += _false_alarms(out, rec.close_reason == "quiet")
@@ -115,8 +116,9 @@ def _false_alarms(out: Outcome, quiet: bool) -> list[tuple[str, str]]:
         if quiet and not (isinstance(e, ProtocolError) or "server sent" in str(e)
                           or getattr(e, "errnum", None) == 71):
             continue
-        bad.append(("false-alarm", f"{out.face}: {type(e).__name__}: {e} against a server "
-                        f"that broke nothing\n{out.tracebacks.get(id(e), '')}"))
+        tb = out.tracebacks.get(id(e), "")
+        bad.append(("false-alarm", (f"{out.face}: {type(e).__name__}: {e} against a server that "
+                    f"broke nothing\n{tb}")))
     return bad[:1]
 
 
@@ -213,8 +215,9 @@ def one_input(server: HostileServer, seed: str, i: int,
     problems = judge(out, rec, sane_setup(setup))
     peak = rss_kib(os.getpid(), "VmHWM")
     if peak - before > MEMORY_BOUND_KIB:
-        problems.append(("memory", f"{face}: peak RSS grew by {peak - before} KiB "
-                         f"(bound {MEMORY_BOUND_KIB} KiB)"))
+        grew = peak - before
+        problems.append(("memory", (f"{face}: peak RSS grew by {grew} KiB "
+                                   f"(bound {MEMORY_BOUND_KIB} KiB)")))
     return {"i": i, "face": face, "requests": rec.requests, "rss": rss_kib(os.getpid()),
             "problems": problems, "how": sorted(set(rec.how))[:12]}
 
@@ -244,7 +247,7 @@ class _Worker:
         here = Path(__file__).resolve().parent
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(here.parent), env.get("PYTHONPATH", "")])
-        self.err = tempfile.TemporaryFile("w+")
+        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
         self.p = subprocess.Popen(
             [sys.executable, "-X", "faulthandler", "-m", "fuzz", "client-worker",
              "--seed", seed, "--first", str(first), "--count", str(end - first)],

@@ -108,11 +108,10 @@ class Totals:
     def summary(self) -> str:
         mem = ", ".join(f"{k} {v / 1024:.0f} MiB (peak {self.peak_kib.get(k, v) / 1024:.0f})"
                         for k, v in self.memory_kib.items())
-        lines = [
-            f"{self.fuzzer} fuzzer: {self.inputs} inputs ({self.requests} requests) in "
-            f"{self.seconds:.0f} s; crashes {self.crashes}, tracebacks {self.tracebacks}, "
-            f"findings {len(self.findings)} ({len(self.unknown())} new)",
-        ]
+        head = (f"{self.fuzzer} fuzzer: {self.inputs} inputs ({self.requests} requests) in "
+                f"{self.seconds:.0f} s; crashes {self.crashes}, tracebacks {self.tracebacks}, "
+                f"findings {len(self.findings)} ({len(self.unknown())} new)")
+        lines = [head]
         if self.modes:
             lines.append("  inputs by kind: " + ", ".join(f"{k} {v}" for k, v in
                                                           sorted(self.modes.items())))

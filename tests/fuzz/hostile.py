@@ -21,8 +21,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from fuzz import wire as W
 from fuzz import hostile_replies as R
+from fuzz import wire as W
 from fuzz.mutate import SENTINEL, Stream, mutate
 
 __all__ = ["HostileServer", "Record", "Setup", "make_setup"]

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["ServerProc", "rss_kib", "log_problems"]
+__all__ = ["ServerProc", "log_problems", "rss_kib"]
 
 #: How long the server may take from exec to listening (a loaded 2-CPU machine: seconds).
 START_TIMEOUT = 30.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fuzz import wire as W
@@ -401,7 +402,8 @@ def _judge_meta(st: State, op: Op, replies: list[tuple[int, bytes]]) -> set[int]
 # --------------------------------------------------------------------------- judging replies
 
 
-def judge_reply(st: State, disk: Disk, req: Request, rep: W.Reply):  # noqa: ANN201
+def judge_reply(st: State, disk: Disk, req: Request,
+                rep: W.Reply) -> Callable[[], None] | None:
     """Check one reply; return the change it makes to the disk (a callable) or None."""
     ok_allowed, errs = expected(req, st)
     what = f"cmd {req.cmd} flags {req.flags:#x} offset {req.offset} length {req.length}"

@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuzz import wire as W
 from fuzz.findings import Finding, Totals
 from fuzz.model import Disk
 from fuzz.mutate import mutate
+from fuzz.probes import Client, greedy_probe, idle_probe
 from fuzz.procs import ServerProc, log_problems
-from fuzz.server_check import Conn, Hangup, Session, Wrong
+from fuzz.server_check import Hangup, Session, Wrong
 from fuzz.server_plan import make_plan, plan_stream
 
 __all__ = ["ServerFuzzer"]
@@ -39,11 +39,6 @@ __all__ = ["ServerFuzzer"]
 SIZE = 64 << 20
 #: A server past this resident size after an input has finished is a finding.
 MEMORY_BOUND_KIB = 512 * 1024
-#: The per-connection bound docs/limits.md promises (MAX_BYTES_IN_FLIGHT), plus the
-#: receive buffer and slack for the allocator.
-CONNECTION_BOUND_KIB = (256 + 64) * 1024
-#: What 100 idle connections may cost together.
-IDLE_BOUND_KIB = 64 * 1024
 #: Seconds without progress before a server counts as hung.
 IDLE_TIMEOUT = 20.0
 #: Output of one broken stream read at most (then the client just hangs up).
@@ -150,7 +145,7 @@ class ServerFuzzer:
         if not t.model.alive():
             return
         try:
-            with _Client(t.model.sock) as c:
+            with Client(t.model.sock) as c:
                 for off in range(0, SIZE, 1 << 20):
                     t.disk.write(off, c.pread(off, 1 << 20))
         except (OSError, Wrong, Hangup):
@@ -223,7 +218,7 @@ class ServerFuzzer:
         off = rng.randrange(0, SIZE, 4096)
         canary = rng.randbytes(4096)
         try:
-            with _Client(t.mutant.sock) as c:
+            with Client(t.mutant.sock) as c:
                 c.pwrite(off, canary)
                 got = c.pread(off, 4096)
         except (OSError, Wrong, Hangup) as e:
@@ -236,74 +231,20 @@ class ServerFuzzer:
     def _probes(self, t: Target) -> None:
         """Each memory probe on a server of its own (a clean baseline, and the fuzzed
         servers' memory stays theirs)."""
-        for probe in (self._idle_probe, self._greedy_probe):
+        for probe in (idle_probe, greedy_probe):
             self.totals.count("probe")
-            name = f"{t.plugin}-{probe.__name__.strip('_').split('_')[0]}"
+            name = f"{t.plugin}-{probe.__name__.split('_')[0]}"
             p = ServerProc(_plugin_args(t.plugin, self.workdir, name), self.workdir, name)
             p.start()
             try:
-                probe(t, p)
+                problem = probe(p.sock, p.pid)
             except (OSError, Wrong, Hangup) as e:
-                self._finding(t, -1, "memory", f"{probe.__name__}: {e}")
+                problem = f"{probe.__name__}: {e}"
             finally:
                 self._check_proc(t, p, -1)
                 p.stop()
-
-    def _greedy_probe(self, t: Target, p: ServerProc) -> None:
-        """Pipeline 600 reads of 1 MiB of real data and read no reply until the server's
-        memory stops growing: it must stay within the per-connection bound."""
-        i = -1
-        c = _Client(p.sock).__enter__()
-        try:
-            data = random.Random(i).randbytes(1 << 20)
-            for k in range(8):
-                c.pwrite(k << 20, data)
-            base = p.rss_kib()
-            reqs = b"".join(W.request(W.CMD.READ, n, (n % 8) << 20, 1 << 20) for n in range(600))
-            c.sock.settimeout(IDLE_TIMEOUT)
-            c.sock.setblocking(False)
-            sent = 0
-            peak = base
-            still = time.monotonic()
-            while time.monotonic() - still < 1.0:
-                try:
-                    sent += c.sock.send(reqs[sent:]) if sent < len(reqs) else 0
-                except BlockingIOError:
-                    pass
-                time.sleep(0.05)
-                rss = p.rss_kib()
-                if rss > peak + 1024:
-                    still = time.monotonic()
-                peak = max(peak, rss)
-                if peak - base > 2 * CONNECTION_BOUND_KIB:
-                    break
-        finally:
-            c.c.close()
-        if peak - base > CONNECTION_BOUND_KIB:
-            self._finding(t, i, "memory", f"unread replies: VmRSS grew by {peak - base} KiB "
-                          f"with {sent // 28} reads of 1 MiB pipelined and no reply read "
-                          f"(bound {CONNECTION_BOUND_KIB} KiB)")
-
-    def _idle_probe(self, t: Target, p: ServerProc) -> None:
-        """100 connections that stop after the greeting: what they cost."""
-        i = -1
-        base = p.rss_kib()
-        socks = []
-        try:
-            for _ in range(100):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                socks.append(s)
-                s.settimeout(IDLE_TIMEOUT)
-                s.connect(p.sock)
-                s.recv(18)
-            held = p.rss_kib()
-        finally:
-            for s in socks:
-                s.close()
-        if held - base > IDLE_BOUND_KIB:
-            self._finding(t, i, "memory", f"idle connections: VmRSS grew by {held - base} KiB "
-                          f"with 100 connections idle after the greeting (bound "
-                          f"{IDLE_BOUND_KIB} KiB)")
+            if problem:
+                self._finding(t, -1, "memory", problem)
 
     def _stop_all(self) -> None:
         for t in self.targets:
@@ -389,53 +330,3 @@ def _drain(sock: socket.socket) -> tuple[int, bool]:
     except (ConnectionResetError, BrokenPipeError):
         return 0, True
     return len(d), not d
-
-
-class _Client:
-    """A well-behaved client for health checks: GO, simple replies."""
-
-    def __init__(self, path: str) -> None:
-        self.c = Conn(path)
-        self.cookie = 0
-
-    def __enter__(self) -> _Client:
-        c = self.c
-        c.recv_exact(W.GREETING.size)
-        c.send(struct.pack(">I", 3) + W.option(W.OPT.GO, W.info_request("")))
-        while True:
-            _, _, rep, n = W.OPT_REPLY.unpack(c.recv_exact(W.OPT_REPLY.size))
-            c.recv_exact(n)
-            if rep == W.REP.ACK:
-                break
-            if rep & W.REP.ERR:
-                raise Wrong(f"GO failed with {rep:#x}")
-        self.sock = c.sock
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.c.send(W.request(W.CMD.DISC, 0, 0, 0))
-        except (OSError, Hangup):
-            pass
-        self.c.close()
-
-    def _reply(self) -> int:
-        magic, err, cookie = W.SIMPLE.unpack(self.c.recv_exact(W.SIMPLE.size))
-        if magic != W.SIMPLE_MAGIC or cookie != self.cookie:
-            raise Wrong(f"simple reply {magic:#x} cookie {cookie}")
-        return int(err)
-
-    def pread(self, off: int, n: int) -> bytes:
-        self.cookie += 1
-        self.c.send(W.request(W.CMD.READ, self.cookie, off, n))
-        err = self._reply()
-        if err:
-            raise Wrong(f"READ {off}+{n} failed with {err}")
-        return self.c.recv_exact(n)
-
-    def pwrite(self, off: int, data: bytes) -> None:
-        self.cookie += 1
-        self.c.send(W.request(W.CMD.WRITE, self.cookie, off, len(data)) + data)
-        err = self._reply()
-        if err:
-            raise Wrong(f"WRITE {off}+{len(data)} failed with {err}")

@@ -236,7 +236,7 @@ class ReplyReader:
             return False
         payload = bytes(self.buf[hsize:hsize + length])
         del self.buf[:hsize + length]
-        cmd, off, _ = self.pending[cookie]
+        _, off, _ = self.pending[cookie]
         if echo is not None and echo != off:
             raise Violation(f"extended chunk echoes offset {echo}, request was at {off}")
         if flags & ~DONE:
