@@ -33,6 +33,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", default=None, help="the run's seed (default: a random one)")
     p.add_argument("--only", type=int, help="replay this one input (with --seed)")
     p.add_argument("--plugins", default="memory,file", help="server fuzzer's plugins")
+    p.add_argument("--no-probes", action="store_true", help="skip the server memory probes")
     p.add_argument("--jobs", type=int, default=2, help="client fuzzer worker processes")
     p.add_argument("--json", help="write the totals and findings here")
     return p.parse_args(argv)
@@ -88,7 +89,7 @@ def main(argv: list[str]) -> int:
             threads.append(th)
         if a.server or both:
             sf = ServerFuzzer(seed, workdir, tuple(a.plugins.split(",")), log)
-            results.append(sf.run(share, a.seconds, a.only))
+            results.append(sf.run(share, a.seconds, a.only, probes=not a.no_probes))
         for th in threads:
             th.join()
     finally:
