@@ -47,6 +47,9 @@ __all__ = ["ClientFuzzer", "judge", "worker"]
 MEMORY_BOUND_KIB = 256 * 1024
 #: Errors a server may send (libnbd's errnum for a failed command).
 _COMMAND_ERRNOS = {1, 5, 12, 22, 28, 75, 95, 108}
+#: What a client must never print while the fuzzer drives it.
+_LOG_PROBLEMS = ("Traceback (most recent call last)", "exception was never retrieved",
+                 "Exception in callback", "Exception ignored in")
 #: A worker silent this long is hung.
 WORKER_SILENCE = 60.0
 
@@ -255,7 +258,7 @@ class _Worker:
             env=env, start_new_session=True)
         assert self.p.stdout is not None
         self.out = self.p.stdout
-        self.next, self.end = first, end
+        self.next, self.end, self.count = first, end, end - first
         self.last = time.monotonic()
 
     def stop(self, dump: bool = False) -> str:
@@ -331,7 +334,17 @@ class ClientFuzzer:
                 if w.next + 1 < w.end:
                     blocks.append((w.next + 1, w.end))
             else:
-                w.stop()
+                self._scan_log(w, w.stop())
+
+    def _scan_log(self, w: _Worker, err: str) -> None:
+        """A client logs nothing of its own (asyncio's "exception was never retrieved",
+        a traceback from a thread...) while it fails commands cleanly."""
+        n = sum(err.count(s) for s in _LOG_PROBLEMS)
+        if n:
+            self.totals.tracebacks += n
+            self.totals.add(Finding("client", "worker", w.end - 1, self.seed, "traceback",
+                                    f"inputs {w.end - w.count} to {w.end - 1} logged:\n"
+                                    f"{err[-4000:]}"), self.log)
 
     def _record(self, rep: dict[str, Any]) -> int:
         t = self.totals
