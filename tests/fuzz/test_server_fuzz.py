@@ -12,7 +12,7 @@ from pathlib import Path
 from fuzz.server_fuzz import ServerFuzzer
 
 #: Seconds of inputs (the servers' start and the probes come on top: < 60 s in all).
-SECONDS = 40.0
+SECONDS = 30.0
 
 
 def test_server_fuzz(fuzz_seed: str, fuzz_dir: Path) -> None:
