@@ -146,8 +146,11 @@ def _check_read(op: Op, res: bytes, sent: Sent | None, raw_sentinel: bool) -> st
         if cov[a:b].count(0) == b - a:
             exp[a:b] = seg
             cov[a:b] = b"\1" * (b - a)
-        else:
+        else:  # overlapping chunks (a broken server): either value may be the one kept
             alts.append((a, b, seg))
+            for x in range(a, b):
+                if not cov[x]:
+                    exp[x], cov[x] = seg[x - a], 1
     if cov.count(0):
         return f"succeeded, but no chunk sent covers byte {cov.index(0)}"
     if res == exp:
@@ -355,8 +358,6 @@ class ClientFuzzer:
         t.memory_kib[key] = rep["rss"]
         t.peak_kib[key] = max(t.peak_kib.get(key, 0), rep["rss"])
         for kind, detail in rep["problems"]:
-            if kind == "hang":
-                t.crashes += 1
             t.add(Finding("client", rep["face"], rep["i"], self.seed, kind, detail), self.log)
         return int(rep["i"])
 
