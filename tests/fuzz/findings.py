@@ -82,7 +82,7 @@ class Totals:
     inputs: int = 0
     requests: int = 0
     findings: list[Finding] = field(default_factory=list)
-    crashes: int = 0  # the server died, or a client process hung or died
+    crashes: int = 0  # a server died, or a client worker died or went silent
     tracebacks: int = 0
     memory_kib: dict[str, int] = field(default_factory=dict)  # per process, at the end
     peak_kib: dict[str, int] = field(default_factory=dict)
