@@ -170,17 +170,23 @@ def _check_status(op: Op, res: dict[str, list[tuple[int, int]]], sent: Sent | No
     if sent.desync:
         return None
     for name, ext in res.items():
-        ids = [i for i, n in contexts.items() if n == name and i in sent.status]
-        if not ids:
+        sent_lists = [e for i, n in contexts.items() if n == name for e in sent.status.get(i, [])]
+        if not sent_lists:
             return f"extents for {name!r}, which the server never answered"
-        want = sent.status[ids[0]]
         if any(n == 0 for n, _ in ext):
             return f"accepted a descriptor of length 0: {ext[:4]}"
-        if len(ext) > len(want) or ext[:-1] != want[:len(ext) - 1] or (
-                ext and (ext[-1][1] != want[len(ext) - 1][1]
-                         or ext[-1][0] > want[len(ext) - 1][0])):
-            return f"extents {ext[:4]}, the server sent {want[:4]}"
+        if not any(_same_extents(ext, want) for want in sent_lists):
+            return f"extents {ext[:4]}, the server sent {[w[:4] for w in sent_lists]}"
     return None
+
+
+def _same_extents(ext: list[tuple[int, int]], want: list[tuple[int, int]]) -> bool:
+    """``ext`` is what one status chunk said: the same descriptors, or fewer, the last
+    possibly clipped."""
+    if not ext or len(ext) > len(want) or ext[:-1] != want[:len(ext) - 1]:
+        return False
+    last, sent = ext[-1], want[len(ext) - 1]
+    return last[1] == sent[1] and last[0] <= sent[0]
 
 
 def sane_setup(s: Setup) -> bool:

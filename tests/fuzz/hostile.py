@@ -451,8 +451,8 @@ class _Transmission:
                 sent.data.append((o, k, None))
             elif ch.type == W.RT.BLOCK_STATUS and len(p) >= 4:
                 (cid,) = W.U32.unpack_from(p)
-                sent.status.setdefault(cid, []).extend(
-                    struct.unpack_from(">II", p, i) for i in range(4, len(p) - 7, 8))
+                sent.status.setdefault(cid, []).append(
+                    [struct.unpack_from(">II", p, i) for i in range(4, len(p) - 7, 8)])
         if how:
             self.rec.how += how
 

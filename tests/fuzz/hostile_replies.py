@@ -80,7 +80,7 @@ class Sent:
     """What the server put on the wire for one request (by the cookie in each chunk)."""
 
     data: list[tuple[int, int, bytes | None]] = field(default_factory=list)  # off, len, bytes
-    status: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    status: dict[int, list[list[tuple[int, int]]]] = field(default_factory=dict)  # per chunk
     desync: bool = False  # the stream was broken in a way only the sentinel check survives
     how: list[str] = field(default_factory=list)
 

@@ -204,13 +204,15 @@ def test_client_oracle_catches_undocumented_exceptions_and_huge_sizes() -> None:
 
 def test_client_oracle_catches_extents_the_server_did_not_send() -> None:
     op = Op("status", 0, 4096)
-    rec_sent = R.Sent(status={1: [(4096, 0)]})
+    rec_sent = R.Sent(status={1: [[(4096, 0)], [(512, 0), (3584, 0)]]})
     out = Outcome("async", connected=True, size=1 << 20, ops=[op],
                   results=[{"base:allocation": [(4096, 3)]}])
     rec = Record(contexts={1: "base:allocation"})
     rec.sent[op.key] = rec_sent
     ((kind, detail),) = judge(out, rec)
-    assert kind == "data" and "the server sent [(4096, 0)]" in detail
+    assert kind == "data" and "the server sent [[(4096, 0)], [(512, 0), (3584, 0)]]" in detail
+    out.results = [{"base:allocation": [(512, 0), (3000, 0)]}]  # one chunk's, clipped
+    assert judge(out, rec) == []
 
 
 def test_every_reply_mutation_changes_the_reply() -> None:
