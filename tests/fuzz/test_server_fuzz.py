@@ -1,6 +1,6 @@
 """The stateful server fuzzer, bounded for CI (docs/fuzzing.md; scripts/fuzz runs long ones).
 
-About 40 s of inputs against `pynbd serve` with the memory and the file plugin, then the
+About 30 s of inputs against `pynbd serve` with the memory and the file plugin, then the
 memory probes. Fails on a crash, a traceback in a server log, or any finding that is not
 already a test in test_findings.py; the seed is printed.
 """
