@@ -1,0 +1,22 @@
+"""The hostile-server fuzzer against the clients, bounded for CI (docs/fuzzing.md).
+
+About 40 s of inputs spread over the asyncio engine, the blocking connection and
+pynbd.libnbd. Fails on a hang, a dead worker, or any finding that is not already a test in
+test_findings.py; the seed is printed.
+"""
+
+from __future__ import annotations
+
+from fuzz.client_fuzz import ClientFuzzer
+
+SECONDS = 40.0
+
+
+def test_client_fuzz(fuzz_seed: str) -> None:
+    f = ClientFuzzer(fuzz_seed, jobs=2)
+    t = f.run(seconds=SECONDS)
+    summary = t.summary()
+    print(summary)
+    assert all(t.modes.get(face, 0) > 20 for face in ("async", "blocking", "libnbd")), summary
+    assert t.crashes == 0, f"seed {fuzz_seed}:\n{summary}"
+    assert not t.unknown(), f"seed {fuzz_seed}: new findings:\n{summary}"
