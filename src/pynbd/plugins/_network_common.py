@@ -3,6 +3,7 @@ its header/cookie scripts."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -11,8 +12,11 @@ import time
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._params import parse_int
+from pynbd.plugin import connection
 
-__all__ = ["ScriptRunner", "read_password"]
+__all__ = ["ScriptRunner", "log_open_error", "read_password"]
+
+log = logging.getLogger("pynbd.server")
 
 #: Seconds a header or cookie script may run before it is stopped.
 SCRIPT_TIMEOUT = 60.0
@@ -97,3 +101,11 @@ class ScriptRunner:
             raise CommandError(
                 5, f"{self.what} failed (exit code {cp.returncode})" + (f": {err}" if err else ""))
         return cp.stdout.decode("utf-8", "replace")
+
+
+def log_open_error(plugin: str, e: BaseException) -> None:
+    """Log why a client could not be given the export, as nbdkit does
+    (``NAME[CONN]: MESSAGE``): the client only learns that opening failed."""
+    info = connection()
+    who = f"{plugin}[{info.id}]" if info is not None else plugin
+    log.error("%s: %s", who, getattr(e, "message", None) or e)

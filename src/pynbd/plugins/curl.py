@@ -12,7 +12,7 @@ from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._params import parse_bool, parse_unsigned
 from pynbd.plugin import Plugin, ThreadModel
-from pynbd.plugins._network_common import ScriptRunner, read_password
+from pynbd.plugins._network_common import ScriptRunner, log_open_error, read_password
 
 __all__ = ["CurlPlugin"]
 
@@ -419,6 +419,13 @@ class CurlPlugin(Plugin):
 
     # Connection ------------------------------------------------------------------------
     def open(self, readonly: bool, export_name: str, is_tls: bool) -> _Handle:
+        try:
+            return self._open(readonly, export_name)
+        except CommandError as e:
+            log_open_error(self.name, e)
+            raise
+
+    def _open(self, readonly: bool, export_name: str) -> _Handle:
         what = f"problem doing HEAD request to fetch size of URL [{self.url}]"
         try:
             url, resp = self._resolve()
@@ -544,7 +551,7 @@ def _http_error(url: str, e: BaseException) -> CommandError:
     cause = e
     if isinstance(e, urllib3.exceptions.MaxRetryError) and e.reason is not None:
         cause = e.reason
-    if isinstance(cause, urllib3.exceptions.SSLError) or isinstance(cause, ssl.SSLError):
+    if isinstance(cause, (urllib3.exceptions.SSLError, ssl.SSLError)):
         return CommandError(errno.EIO, f"SSL peer certificate or SSH remote key was not OK: "
                                        f"{_reason(cause)}")
     if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionError):

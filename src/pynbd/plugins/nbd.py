@@ -15,6 +15,7 @@ from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, ConfigError, NBDError, OptionError
 from pynbd.filters._params import absolute_path, parse_bool, parse_int, parse_unsigned
 from pynbd.plugin import CacheMode, Extent, Flag, FuaMode, Plugin, ThreadModel
+from pynbd.plugins._network_common import log_open_error
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
 
 __all__ = ["NbdPlugin"]
@@ -359,6 +360,13 @@ class NbdPlugin(Plugin):
             await c.opt_abort()
 
     async def open(self, readonly: bool, export_name: str, is_tls: bool) -> _Handle:
+        try:
+            return await self._open(readonly, export_name)
+        except CommandError as e:
+            log_open_error(self.name, e)
+            raise
+
+    async def _open(self, readonly: bool, export_name: str) -> _Handle:
         if self.shared:
             return _Handle(await self._shared_client(), readonly, shared=True)
         return _Handle(await self._connect(self._client_export(export_name)), readonly)
@@ -483,18 +491,18 @@ def _drop(client: AsyncClient) -> None:
         if loop is not None and not loop.is_closed() and loop.is_running():
             asyncio.run_coroutine_threadsafe(client.close(), loop).result(10)
             return
-    except Exception:  # noqa: BLE001 - fall back to dropping it
+    except Exception:  # noqa: BLE001, S110 - fall back to dropping it
         pass
     proc = getattr(client, "_proc", None)
     try:
         if client.stream is not None:
             client.stream.close()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001, S110
         pass
     if proc is not None and proc.poll() is None:
         proc.terminate()
         try:
             proc.wait(5)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110
             proc.kill()
             proc.wait()
