@@ -503,6 +503,6 @@ def _drop(client: AsyncClient) -> None:
         proc.terminate()
         try:
             proc.wait(5)
-        except Exception:  # noqa: BLE001, S110
+        except Exception:  # noqa: BLE001
             proc.kill()
             proc.wait()
