@@ -14,7 +14,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.util import SKIP_HEADER
 
-from pynbd.errors import ConfigError
+from pynbd.errors import CommandError, ConfigError
 
 __all__ = ["HttpSettings", "make_pool", "split_header"]
 
@@ -109,9 +109,10 @@ def _tls_context(s: HttpSettings) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=s.cainfo or None, capath=s.capath or None)
         except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"error setting certificate verify locations: "
-                              f"CAfile: {s.cainfo or 'none'} CApath: {s.capath or 'none'}: "
-                              f"{getattr(e, 'strerror', None) or e}") from None
+            raise CommandError(5, f"Problem with the SSL CA cert (path? access rights?): "
+                                  f"error setting certificate verify locations: "
+                                  f"CAfile: {s.cainfo or 'none'} CApath: {s.capath or 'none'}"
+                                  f" ({getattr(e, 'strerror', None) or e})") from None
     if s.ssl_version:
         version = SSL_VERSIONS.get(s.ssl_version)
         if version is not None:

@@ -213,6 +213,7 @@ class CurlPlugin(Plugin):
         self._base: dict[str, Any] = {}
         self._scripts: dict[str, ScriptRunner] = {}
         self._jar: Any = None
+        self._pool_error: CommandError | None = None
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -317,7 +318,10 @@ class CurlPlugin(Plugin):
 
             self._jar = load_jar(self.cookiefile, self.cookiejar)
         self.http.maxsize = max(1, _threads())
-        self._pool = make_pool(self.http)
+        try:
+            self._pool = make_pool(self.http)
+        except CommandError as e:
+            self._pool_error = e  # as libcurl: each client's open fails, saying why
 
     def cleanup(self) -> None:
         if self._pool is not None:
@@ -427,6 +431,8 @@ class CurlPlugin(Plugin):
 
     def _open(self, readonly: bool, export_name: str) -> _Handle:
         what = f"problem doing HEAD request to fetch size of URL [{self.url}]"
+        if self._pool_error is not None:
+            raise CommandError(self._pool_error.errno, f"{what}: {self._pool_error.message}")
         try:
             url, resp = self._resolve()
         except CommandError as e:
