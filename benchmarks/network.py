@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""The network plugins against nbdkit's, side by side in ONE run.
+
+    python benchmarks/network.py                 # all three, 1 GiB
+    python benchmarks/network.py --only curl --size 256M
+
+- curl: nbdcopy of a file from one nginx (started here on loopback) through
+  `pynbd serve -r curl URL` and `nbdkit -r curl URL`; bar pynbd/nbdkit throughput >= 1.2.
+- ssh: the same through one sshd (started here on a loopback port with generated keys);
+  bar >= 1.0.
+- nbd: fio 4k randread qd64 through `pynbd serve nbd` in front of `nbdkit memory`, against
+  `pynbd serve memory` alone; bar >= 0.8.
+
+Each pair runs alternately (pynbd first, then nbdkit first) --repeat times; the medians are
+compared. Every copy is checked byte for byte against the source. Needs nginx, sshd,
+ssh-keygen, nbdkit, nbdcopy, fio. Exit 0 when every bar passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PYNBD = [sys.executable, "-m", "pynbd", "serve"]
+BARS = {"curl": 1.2, "ssh": 1.0, "nbd": 0.8}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(path: Path | None = None, port: int | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path is not None and path.exists():
+            return
+        if port is not None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {path or port}")
+
+
+def serve(argv: list[str], sock: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    p = subprocess.Popen([*argv[:1], *argv[1:]], env=env, stdin=subprocess.DEVNULL)
+    wait_for(path=sock)
+    return p
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    p.terminate()
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def copy_time(uri: str, src: Path, out: Path) -> float:
+    t = time.monotonic()
+    subprocess.run(["nbdcopy", uri, str(out)], check=True)
+    took = time.monotonic() - t
+    if subprocess.run(["cmp", "-s", str(src), str(out)], check=False).returncode != 0:
+        raise RuntimeError(f"copy from {uri} differs from {src}")
+    out.unlink()
+    return took
+
+
+def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {"pynbd": [], "nbdkit": []}
+    for i in range(repeat):
+        order = ("pynbd", "nbdkit") if i % 2 == 0 else ("nbdkit", "pynbd")
+        for who in order:
+            sock = d / f"{who}.sock"
+            cmd = PYNBD if who == "pynbd" else ["nbdkit"]
+            p = serve([*cmd, "-f", "-r", "-U", str(sock), *plugin_args], sock)
+            try:
+                times[who].append(copy_time(f"nbd+unix:///?socket={sock}", src, d / "out"))
+            finally:
+                stop(p)
+            sock.unlink(missing_ok=True)
+    return times
+
+
+def bench_curl(d: Path, src: Path, repeat: int) -> tuple[float, float, str]:
+    (d / "www").mkdir()
+    os.link(src, d / "www" / "disk.img")
+    port = free_port()
+    (d / "nginx.conf").write_text(
+        f"daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid;\n"
+        f"error_log {d}/error.log; events {{ worker_connections 1024; }}\n"
+        f"http {{ access_log off; client_body_temp_path {d}/t; proxy_temp_path {d}/t2;\n"
+        f"fastcgi_temp_path {d}/t3; uwsgi_temp_path {d}/t4; scgi_temp_path {d}/t5;\n"
+        f"keepalive_requests 100000; sendfile on;\n"
+        f"server {{ listen 127.0.0.1:{port}; root {d}/www; }} }}\n")
+    ngx = subprocess.Popen(["nginx", "-c", str(d / "nginx.conf"), "-p", str(d)],
+                           stdin=subprocess.DEVNULL)
+    try:
+        wait_for(port=port)
+        url = f"http://127.0.0.1:{port}/disk.img"
+        t = copy_pair(d, src, ["curl", url], repeat)
+    finally:
+        stop(ngx)
+    return statistics.median(t["pynbd"]), statistics.median(t["nbdkit"]), \
+        f"nbdcopy nbd+unix:///?socket=SOCK out  # -r curl {url}"
+
+
+def bench_ssh(d: Path, src: Path, repeat: int) -> tuple[float, float, str]:
+    for k in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / k)],
+                       check=True)
+    port = free_port()
+    (d / "ak").write_text((d / "user.pub").read_text())
+    (d / "kh").write_text(f"[127.0.0.1]:{port} "
+                          + " ".join((d / "host.pub").read_text().split()[:2]) + "\n")
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nPidFile {d}/sshd.pid\n"
+        f"AuthorizedKeysFile {d}/ak\nUsePAM no\nStrictModes no\nPermitRootLogin yes\n"
+        "Subsystem sftp internal-sftp\nLogLevel ERROR\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_for(port=port)
+        args = ["ssh", "host=127.0.0.1", f"port={port}", "config=", f"identity={d}/user",
+                f"known-hosts={d}/kh", str(src)]
+        t = copy_pair(d, src, args, repeat)
+    finally:
+        stop(sshd)
+    return statistics.median(t["pynbd"]), statistics.median(t["nbdkit"]), \
+        "nbdcopy nbd+unix:///?socket=SOCK out  # -r " + " ".join(args)
+
+
+def fio_iops(uri: str, out: Path, runtime: int) -> float:
+    subprocess.run(["fio", "--name=x", "--ioengine=nbd", f"--uri={uri}", "--rw=randread",
+                    "--bs=4k", "--iodepth=64", "--size=1G", "--time_based",
+                    f"--runtime={runtime}", "--output-format=json", f"--output={out}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    text = out.read_text()
+    return float(json.loads(text[text.index("{"):])["jobs"][0]["read"]["iops"])
+
+
+def bench_nbd(d: Path, repeat: int, runtime: int) -> tuple[float, float, str]:
+    got: dict[str, list[float]] = {"proxy": [], "memory": []}
+    back_sock = d / "back.sock"
+    back = serve(["nbdkit", "-f", "-U", str(back_sock), "memory", "1G"], back_sock)
+    try:
+        for i in range(repeat):
+            order = ("proxy", "memory") if i % 2 == 0 else ("memory", "proxy")
+            for who in order:
+                sock = d / f"{who}.sock"
+                args = ["nbd", f"socket={back_sock}"] if who == "proxy" else ["memory", "1G"]
+                p = serve([*PYNBD, "-f", "-U", str(sock), *args], sock)
+                try:
+                    got[who].append(fio_iops(f"nbd+unix:///?socket={sock}", d / "fio.json",
+                                             runtime))
+                finally:
+                    stop(p)
+                sock.unlink(missing_ok=True)
+    finally:
+        stop(back)
+    # A ratio of throughputs: higher is better for the proxy, as for the copies (time ratio
+    # inverted below).
+    return 1 / statistics.median(got["proxy"]), 1 / statistics.median(got["memory"]), \
+        "fio --ioengine=nbd --rw=randread --bs=4k --iodepth=64 --size=1G  # pynbd serve nbd " \
+        "socket=NBDKIT_MEMORY_SOCK, against pynbd serve memory 1G"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", choices=sorted(BARS), action="append")
+    ap.add_argument("--size", default="1G", help="file size for the copies (default 1G)")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--runtime", type=int, default=8, help="fio seconds (nbd)")
+    args = ap.parse_args()
+    for tool in ("nbdkit", "nbdcopy", "fio", "nginx", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            print(f"ERROR: {tool} not found", file=sys.stderr)
+            return 2
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="pynbd-net-") as tmp:
+        d = Path(tmp)
+        src = d / "source.img"
+        subprocess.run(["fio", "--name=mk", "--rw=write", "--bs=1M", f"--size={args.size}",
+                        f"--filename={src}", "--refill_buffers", "--output=/dev/null"],
+                       check=True)
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+        for name in args.only or ("curl", "ssh", "nbd"):
+            sub = d / name
+            sub.mkdir()
+            if name == "curl":
+                p, n, cmd = bench_curl(sub, src, args.repeat)
+            elif name == "ssh":
+                p, n, cmd = bench_ssh(sub, src, args.repeat)
+            else:
+                p, n, cmd = bench_nbd(sub, args.repeat, args.runtime)
+            ratio = n / p
+            ok = ratio >= BARS[name]
+            failed |= not ok
+            if name == "nbd":
+                print(f"{name}: proxy {1 / p:,.0f} IOPS, memory alone {1 / n:,.0f} IOPS, "
+                      f"ratio {ratio:.2f} (bar >= {BARS[name]}) {'PASS' if ok else 'FAIL'}")
+            else:
+                size = src.stat().st_size / (1 << 20)
+                print(f"{name}: pynbd {p:.2f} s ({size / p:.0f} MiB/s), nbdkit {n:.2f} s "
+                      f"({size / n:.0f} MiB/s), pynbd/nbdkit {ratio:.2f} (bar >= "
+                      f"{BARS[name]}) {'PASS' if ok else 'FAIL'}")
+            print(f"  command: {cmd}")
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
