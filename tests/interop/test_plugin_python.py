@@ -72,6 +72,23 @@ def test_ramdisk_example(pynbd_server, nbdkit_server):
     assert not flags["can_flush"] and not flags["can_fua"]
 
 
+def test_ramdisk_example_debug_message(pynbd_server, nbdkit_server):
+    """nbdkit.debug in config_complete: a debug line with -v, nothing without."""
+    argv = ["-U", "-", "python", script("ex_ramdisk.py"), "size=64K", "--run", "true"]
+    line = "ex_ramdisk: 65536 bytes of RAM"
+    for verbose in (True, False):
+        v = ["-v"] if verbose else []
+        p = run_pynbd("serve", *v, *argv).stderr.decode().splitlines()
+        n = run_peer("nbdkit", *v, *argv).stderr.decode().splitlines()
+        mine = [ln for ln in p if ln.endswith(line)]
+        theirs = [ln for ln in n if ln.endswith(line)]
+        if verbose:  # pynbd names the plugin in its debug lines
+            assert mine == [f"pynbd: debug: python: {line}"]
+            assert theirs == [f"nbdkit: debug: {line}"]
+        else:
+            assert mine == theirs == []
+
+
 def test_ramdisk_example_rejects_unknown_parameters(pynbd_server, nbdkit_server):
     p = run_pynbd("serve", "python", script("ex_ramdisk.py"), "colour=red", check=False)
     n = run_peer("nbdkit", "python", script("ex_ramdisk.py"), "colour=red", check=False)

@@ -185,8 +185,8 @@ def test_url_example(pynbd_server, nbdkit_server, http_object, tmp_path):
 def test_url_example_refuses_a_server_without_ranges(pynbd_server, nbdkit_server,
                                                      http_object, server):
     """A server that does not say it serves byte ranges fails get_size, so the client
-    cannot connect; one that says so but answers 200 with the whole object fails the read
-    (EIO, from set_error) and nothing else."""
+    cannot connect; one that says so but answers 200 with the whole object fails every read
+    (EIO, from set_error), also one of the whole object, and nothing else."""
     if server == "no Accept-Ranges":
         http_object.accept_ranges = False
     else:
@@ -194,14 +194,15 @@ def test_url_example_refuses_a_server_without_ranges(pynbd_server, nbdkit_server
     url = http_object.url  # type: ignore[attr-defined]
     p = pynbd_server("python", script("ex_url.py"), f"url={url}")
     n = nbdkit_server("python", script("ex_url.py"), f"url={url}")
-    ops = [("pread", 4096, 0), ("size",)]
+    size = len(http_object.data)
+    ops = [("pread", 4096, 0), ("pread", size, 0), ("size",)]
     got = probe(p.uri, ops)
     assert got == probe(n.uri, ops)
     if server == "no Accept-Ranges":
         assert "connect_error" in got and "results" not in got
     else:
-        assert got["size"] == len(http_object.data)
-        assert got["results"] == [["error", errno.EIO], ["size", len(http_object.data)]]
+        assert got["size"] == size
+        assert got["results"] == [["error", errno.EIO], ["error", errno.EIO], ["size", size]]
 
 
 _SLOW_AND_FAST = r"""
