@@ -347,11 +347,12 @@ def test_is_nbdkit_script(tmp_path, text, expected):
     assert is_nbdkit_script(str(tmp_path / "missing.py")) is False
 
 
-def test_nbdkit_examples_are_nbdkit_scripts():
+def test_example_scripts_are_nbdkit_scripts():
     from pynbd.plugins.python import is_nbdkit_script
 
     data = Path(__file__).resolve().parents[1] / "data" / "python"
-    for name in ("ramdisk.py", "file.py", "url.py", "error.py", "imageio.py"):
+    for name in ("ex_ramdisk.py", "ex_file.py", "ex_url.py", "ex_faults.py",
+                 "ex_missing_module.py"):
         assert is_nbdkit_script(str(data / name)), name
     e2e = Path(__file__).resolve().parent / "plugins" / "e2eplug.py"
     assert not is_nbdkit_script(str(e2e))

@@ -120,8 +120,8 @@ def test_check_notices_rebinding():
 
 
 @pytest.mark.parametrize("script, nonblocking", [
-    ("ramdisk.py", True), ("file.py", False), ("url.py", False), ("error.py", False),
-    ("calls.py", False), ("nowait.py", False),
+    ("ex_ramdisk.py", True), ("ex_file.py", False), ("ex_url.py", False),
+    ("ex_faults.py", False), ("calls.py", False), ("nowait.py", False),
 ])
 def test_whole_examples(script, nonblocking):
     p = PythonPlugin()
@@ -129,7 +129,7 @@ def test_whole_examples(script, nonblocking):
         p.config("script", str(DATA / script))
         p.get_thread_model()
         assert p.nonblocking is nonblocking
-        assert (p._pure_pread is not None) is (script in ("ramdisk.py", "nowait.py"))
+        assert (p._pure_pread is not None) is (script in ("ex_ramdisk.py", "nowait.py"))
     finally:
         p.unload()
 

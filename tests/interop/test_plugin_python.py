@@ -1,9 +1,9 @@
 """The python plugin side by side with nbdkit's: the same script under both servers, driven
 by libnbd's Python bindings, must look the same (size, flags, data, errors, extents).
 
-The scripts are nbdkit's own examples (tests/data/python/{ramdisk,file,error}.py, as
-nbdkit ships them) and test scripts written against nbdkit's Python API
-(tests/data/python/calls*.py, errors.py, exports.py). calls*.py record every data callback
+The scripts are written against nbdkit's Python API: small example plugins
+(tests/data/python/ex_*.py: a RAM disk, a file, a disk with injected faults, one whose
+module is missing) and test scripts (tests/data/python/calls*.py, errors.py, exports.py). calls*.py record every data callback
 with its arguments, readable past the end of the disk, so the comparison covers what each
 server asked the script, not only what the client saw.
 """
@@ -37,28 +37,66 @@ def record_op(size: int = MIB) -> tuple[str, int, int]:
     return ("pread", 4096, size)
 
 
-# ---- nbdkit's examples -----------------------------------------------------------------
+# ---- example plugins (tests/data/python/ex_*.py) ---------------------------------------
 
 
 def test_ramdisk_example(pynbd_server, nbdkit_server):
-    got = assert_same(pynbd_server, nbdkit_server, ["python", script("ramdisk.py"), "a=b"], ops=[
+    got = assert_same(pynbd_server, nbdkit_server,
+                      ["python", script("ex_ramdisk.py"), "size=2M"], ops=[
         ("pread", 4096, 0),
-        ("pwrite", pattern(8192), 4096),
-        ("pread", 12288, 0),
+        ("pwrite", pattern(12288), 4096),
+        ("pread", 16384, 0),
         ("zero", 4096, 4096),               # MAY_TRIM: the script zeroes
         ("zero", 4096, 8192, NO_HOLE),      # set_error(EOPNOTSUPP): pwrite of zeroes
-        ("pread", 12288, 0),
-        ("pwrite", pattern(512, 3), MIB - 512, FUA),
-        ("pread", 1024, MIB - 1024),
+        ("pread", 16384, 0),
+        ("trim", 4096, 12288),
+        ("pread", 4096, 12288),
+        ("pwrite", pattern(512, 3), 2 * MIB - 512),
+        ("pread", 1024, 2 * MIB - 1024),
+        ("pwrite", pattern(512, 3), 0, FUA),  # no flush, so no FUA: libnbd refuses it
         ("flush",),
-        ("trim", 4096, 0),
         ("extents", MIB, 0),
-        ("pread", 512, MIB - 256),          # beyond the end: EINVAL from the server
+        ("pread", 512, 2 * MIB - 256),      # beyond the end: EINVAL from the server
     ])
-    assert got["size"] == MIB
-    assert got["results"][2] == ["data", bytes(4096) + pattern(8192)]
-    assert got["results"][5] == ["data", bytes(12288)]
-    assert got["flags"]["can_zero"] and not got["flags"]["can_flush"]
+    res = got["results"]
+    assert got["size"] == 2 * MIB
+    assert res[0] == ["data", bytes(4096)]
+    assert res[2] == ["data", bytes(4096) + pattern(12288)]
+    assert res[5] == ["data", bytes(12288) + pattern(12288)[8192:]]
+    assert res[7] == ["data", bytes(4096)]
+    assert res[9] == ["data", bytes(512) + pattern(512, 3)]
+    assert res[10][0] == res[11][0] == "error"
+    assert res[-1] == ["error", errno.EINVAL]
+    flags = got["flags"]
+    assert flags["can_zero"] and flags["can_trim"] and not flags["is_read_only"]
+    assert not flags["can_flush"] and not flags["can_fua"]
+
+
+def test_ramdisk_example_debug_message(pynbd_server, nbdkit_server):
+    """nbdkit.debug in config_complete: a debug line with -v, nothing without."""
+    argv = ["-U", "-", "python", script("ex_ramdisk.py"), "size=64K", "--run", "true"]
+    line = "ex_ramdisk: 65536 bytes of RAM"
+    for verbose in (True, False):
+        v = ["-v"] if verbose else []
+        p = run_pynbd("serve", *v, *argv).stderr.decode().splitlines()
+        n = run_peer("nbdkit", *v, *argv).stderr.decode().splitlines()
+        mine = [ln for ln in p if ln.endswith(line)]
+        theirs = [ln for ln in n if ln.endswith(line)]
+        if verbose:  # pynbd names the plugin in its debug lines
+            assert mine == [f"pynbd: debug: python: {line}"]
+            assert theirs == [f"nbdkit: debug: {line}"]
+        else:
+            assert mine == theirs == []
+
+
+def test_ramdisk_example_rejects_unknown_parameters(pynbd_server, nbdkit_server):
+    p = run_pynbd("serve", "python", script("ex_ramdisk.py"), "colour=red", check=False)
+    n = run_peer("nbdkit", "python", script("ex_ramdisk.py"), "colour=red", check=False)
+    why = "unknown parameter 'colour' (this disk takes size=SIZE)"
+    assert p.returncode == n.returncode == 1
+    assert b"config: error:" in n.stderr and why.encode() in n.stderr
+    assert p.stderr.decode().splitlines() == [
+        f"pynbd serve: error: {script('ex_ramdisk.py')}: config: error: RuntimeError: {why}"]
 
 
 def test_file_example(pynbd_server, nbdkit_server, tmp_path):
@@ -67,61 +105,111 @@ def test_file_example(pynbd_server, nbdkit_server, tmp_path):
         img = tmp_path / f"{name}.img"
         img.write_bytes(pattern(3 * MIB + 123))
         images.append(img)
-    p = pynbd_server("python", script("file.py"), f"file={images[0]}")
-    n = nbdkit_server("python", script("file.py"), f"file={images[1]}")
+    p = pynbd_server("python", script("ex_file.py"), f"file={images[0]}")
+    n = nbdkit_server("python", script("ex_file.py"), f"file={images[1]}")
     ops = [("pread", 65536, 0), ("pread", 123, 3 * MIB), ("pwrite", pattern(4096, 9), 8192),
            ("pread", 12288, 4096), ("zero", 4096, MIB), ("pread", 8192, MIB - 4096),
-           ("extents", MIB, 0), ("flush",)]
+           ("pwrite", pattern(100, 4), 3 * MIB + 23, FUA), ("extents", MIB, 0), ("flush",),
+           ("trim", 4096, 0)]
     got, want = probe(p.uri, ops), probe(n.uri, ops)
     p.stop()
     n.stop()
     assert got == want
     assert got["size"] == 3 * MIB + 123
+    res = got["results"]
+    assert res[1] == ["data", pattern(3 * MIB + 123)[3 * MIB:]]
+    assert res[3] == ["data", pattern(12288)[:4096] + pattern(4096, 9) + pattern(12288)[8192:]]
+    assert res[5] == ["data", pattern(MIB)[-4096:] + bytes(4096)]
+    assert res[6] == ["ok"] and res[8] == ["ok"]
+    flags = got["flags"]
+    assert flags["can_fua"] and flags["can_flush"] and flags["can_multi_conn"]
+    assert not flags["is_rotational"] and not flags["can_trim"]
     assert images[0].read_bytes() == images[1].read_bytes()
+    want_image = bytearray(pattern(3 * MIB + 123))
+    want_image[8192:12288] = pattern(4096, 9)
+    want_image[MIB:MIB + 4096] = bytes(4096)
+    want_image[3 * MIB + 23:] = pattern(100, 4)
+    assert images[0].read_bytes() == want_image
 
 
-def test_file_example_needs_its_parameter(pynbd_server, nbdkit_server):
-    p = run_pynbd("serve", "python", script("file.py"), check=False)
-    n = run_peer("nbdkit", "python", script("file.py"), check=False)
+def test_file_example_read_only_client(pynbd_server, nbdkit_server, tmp_path):
+    """-r: the script opens its file read-only; a write fails in the client (EPERM)."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(pattern(MIB))
+    image.chmod(0o444)
+    got = assert_same(pynbd_server, nbdkit_server,
+                      ["-r", "python", script("ex_file.py"), f"file={image}"],
+                      ops=[("pread", 4096, 4096), ("pwrite", b"x" * 512, 0)])
+    assert got["flags"]["is_read_only"]
+    assert got["results"] == [["data", pattern(MIB)[4096:8192]], ["error", errno.EPERM]]
+
+
+@pytest.mark.parametrize("case", ["no file", "missing", "directory", "unknown key"])
+def test_file_example_bad_parameters(pynbd_server, nbdkit_server, tmp_path, case):
+    """Each refused by config or config_complete, under both, with the script's message."""
+    missing = tmp_path / "missing.img"
+    params, callback, why = {
+        "no file": ([], "config_complete", "missing file=FILENAME: the file to serve"),
+        "missing": ([f"file={missing}"], "config_complete",
+                    f"{missing}: No such file or directory"),
+        "directory": ([f"file={tmp_path}"], "config_complete",
+                      f"{tmp_path}: not a regular file"),
+        "unknown key": ([f"file={missing}", "size=1M"], "config",
+                        "unknown parameter 'size' (this disk takes file=FILENAME)"),
+    }[case]
+    p = run_pynbd("serve", "python", script("ex_file.py"), *params, check=False)
+    n = run_peer("nbdkit", "python", script("ex_file.py"), *params, check=False)
     assert p.returncode == n.returncode == 1
-    assert b"config_complete: error:" in n.stderr and b"file parameter is required" in n.stderr
+    assert f"{callback}: error:".encode() in n.stderr and why.encode() in n.stderr
     assert p.stderr.decode().splitlines() == [
-        (f"pynbd serve: error: {script('file.py')}: config_complete: error: "
-        "RuntimeError: file parameter is required")]
+        f"pynbd serve: error: {script('ex_file.py')}: {callback}: error: RuntimeError: {why}"]
 
 
-def test_error_example(pynbd_server, nbdkit_server, tmp_path):
-    """error.py fails every other call (a counter shared by pread, pwrite and extents)."""
-    images = []
-    for name in ("pynbd", "nbdkit"):
-        img = tmp_path / f"{name}.img"
-        img.write_bytes(pattern(MIB))
-        images.append(img)
-    ops = [("pread", 4096, 0), ("pread", 4096, 0), ("pwrite", b"x" * 512, 0),
-           ("pwrite", b"y" * 512, 512), ("extents", 65536, 0), ("extents", 65536, 0),
-           ("pread", 1024, 0)]
-    p = pynbd_server("python", script("error.py"), f"file={images[0]}")
-    n = nbdkit_server("python", script("error.py"), f"file={images[1]}")
-    got, want = probe(p.uri, ops), probe(n.uri, ops)
-    p.stop()
-    n.stop()
-    assert got == want
-    assert [r[0] for r in got["results"]] == ["error", "data", "error", "ok", "error",
-                                              "extents", "error"]
-    assert got["results"][0] == ["error", errno.EIO]
-    assert images[0].read_bytes() == images[1].read_bytes()
+def test_faults_example(pynbd_server, nbdkit_server):
+    """ex_faults.py: bad blocks 1 and 3 of 4K, and no space past 64K."""
+    ops = [("pread", 4096, 0),
+           ("pread", 4096, 4096),                     # bad block 1: raise -> EIO
+           ("pread", 8192, 0),                        # touches block 1
+           ("pwrite", b"x" * 512, 4096),              # part of a bad block: set_error(EIO)
+           ("pwrite", pattern(4096), 4096),           # all of it: healed
+           ("pread", 8192, 0),
+           ("flush",),                                # block 3 is still bad
+           ("pwrite", b"f" * 512, 0, FUA),            # written, but the emulated FUA fails
+           ("pread", 512, 0),
+           ("pwrite", pattern(4096, 2), 65536 - 2048),  # past 64K: set_error(ENOSPC)
+           ("pwrite", pattern(8192, 3), 8192),        # blocks 2 and 3: heals block 3
+           ("flush",),
+           ("pwrite", b"g" * 512, 0, FUA),
+           ("zero", 4096, 61440),                     # no zero callback: pwrite of zeroes
+           ("zero", 4096, 65536),                     # ... past 64K: ENOSPC
+           ("pread", 16384, 0),
+           ("pread", 4096, 61440)]
+    got = assert_same(pynbd_server, nbdkit_server,
+                      ["python", script("ex_faults.py"), "bad=1,3", "full=64K"], ops=ops)
+    res = got["results"]
+    assert res[0] == ["data", bytes(4096)]
+    assert res[1] == res[2] == res[3] == ["error", errno.EIO]
+    assert res[4] == ["ok"] and res[5] == ["data", bytes(4096) + pattern(4096)]
+    assert res[6] == res[7] == ["error", errno.EIO]
+    assert res[8] == ["data", b"f" * 512]
+    assert res[9] == ["error", errno.ENOSPC]
+    assert res[10] == res[11] == res[12] == res[13] == ["ok"]
+    assert res[14] == ["error", errno.ENOSPC]
+    assert res[15] == ["data", b"g" * 512 + bytes(3584) + pattern(4096) + pattern(8192, 3)]
+    assert res[16] == ["data", bytes(4096)]
+    assert got["flags"]["can_flush"] and got["flags"]["can_fua"]
 
 
-def test_imageio_example_fails_to_load_under_both(pynbd_server, nbdkit_server):
-    """imageio.py needs ovirt_imageio, which is not installed: both refuse to start."""
-    p = run_pynbd("serve", "python", script("imageio.py"), "transfer_url=x", check=False)
-    n = run_peer("nbdkit", "python", script("imageio.py"), "transfer_url=x", check=False)
+def test_missing_module_fails_to_load_under_both(pynbd_server, nbdkit_server):
+    """ex_missing_module.py imports a module that is not installed: both refuse to start."""
+    p = run_pynbd("serve", "python", script("ex_missing_module.py"), check=False)
+    n = run_peer("nbdkit", "python", script("ex_missing_module.py"), check=False)
     assert p.returncode == n.returncode == 1
-    assert b"No module named 'ovirt_imageio'" in n.stderr
+    assert b"No module named 'pynbd_tests_no_such_backend'" in n.stderr
     assert b"error running this script" in n.stderr
     assert p.stderr.decode().splitlines() == [
-        (f"pynbd serve: error: {script('imageio.py')}: error running this script: "
-        "ModuleNotFoundError: No module named 'ovirt_imageio'")]
+        (f"pynbd serve: error: {script('ex_missing_module.py')}: error running this script: "
+        "ModuleNotFoundError: No module named 'pynbd_tests_no_such_backend'")]
 
 
 # ---- calling conventions ---------------------------------------------------------------

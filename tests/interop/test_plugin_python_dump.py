@@ -92,7 +92,7 @@ def test_dump_plugin_without_a_script(plugin):
 
 
 def test_script_without_thread_model(plugin):
-    path = str(DATA / "ramdisk.py")
+    path = str(DATA / "ex_faults.py")
     head, has, _python, script = split(nbdkit_dump(path))
     plugin.config("script", path)
     assert plugin.get_thread_model().name.lower() == head["thread_model"] == \
@@ -106,7 +106,7 @@ def test_unload_puts_main_and_nbdkit_back(plugin):
 
     main = sys.modules["__main__"]
     had_nbdkit = "nbdkit" in sys.modules
-    plugin.config("script", str(DATA / "ramdisk.py"))
+    plugin.config("script", str(DATA / "ex_ramdisk.py"))
     assert sys.modules["__main__"] is not main and sys.modules["nbdkit"].FLAG_FUA == 2
     plugin.unload()
     assert sys.modules["__main__"] is main

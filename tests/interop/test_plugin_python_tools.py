@@ -1,7 +1,7 @@
-"""nbdkit's example Python plugins served by pynbd and by nbdkit in the same test, driven by
-nbdinfo, nbdcopy and qemu-img: byte-for-byte the same results.
+"""The example Python plugins (tests/data/python/ex_*.py) served by pynbd and by nbdkit in
+the same test, driven by nbdinfo, nbdcopy and qemu-img: byte-for-byte the same results.
 
-url.py reads an HTTP object with Range requests: the test serves one on loopback (a small
+ex_url.py reads an HTTP object with Range requests: the test serves one on loopback (a small
 Range-capable handler; ``python -m http.server`` ignores Range). It also shows that a script
 blocked in I/O (a read the HTTP server holds back) does not stall another client.
 """
@@ -49,11 +49,11 @@ def nbdinfo_json(srv: object) -> dict:
 def test_ramdisk_with_nbdcopy_nbdinfo_and_qemu_img(pynbd_server, nbdkit_server, tmp_path):
     src = tmp_path / "src.img"
     src.write_bytes(pattern(MIB))
-    p = pynbd_server("python", script("ramdisk.py"))
-    n = nbdkit_server("python", script("ramdisk.py"))
+    p = pynbd_server("python", script("ex_ramdisk.py"))
+    n = nbdkit_server("python", script("ex_ramdisk.py"))
     for srv in (p, n):
         run_peer("nbdcopy", src, srv.uri)
-        # qemu-img writes zeroes over the second 64K: ramdisk.py's zero (with a fallback)
+        # qemu-io writes zeroes over the second 64K: ex_ramdisk.py's zero (with a fallback)
         run_peer("qemu-io", "-f", "raw", "-c", "write -z 65536 65536", srv.uri)
     outs = []
     for name, srv in (("pynbd", p), ("nbdkit", n)):
@@ -78,8 +78,8 @@ def test_ramdisk_with_nbdcopy_nbdinfo_and_qemu_img(pynbd_server, nbdkit_server, 
 def test_file_example_with_qemu_img_convert(pynbd_server, nbdkit_server, tmp_path):
     image = tmp_path / "disk.img"
     image.write_bytes(pattern(2 * MIB + 4096))
-    p = pynbd_server("-r", "python", script("file.py"), f"file={image}")
-    n = nbdkit_server("-r", "python", script("file.py"), f"file={image}")
+    p = pynbd_server("-r", "python", script("ex_file.py"), f"file={image}")
+    n = nbdkit_server("-r", "python", script("ex_file.py"), f"file={image}")
     outs = []
     for name, srv in (("pynbd", p), ("nbdkit", n)):
         out = tmp_path / f"{name}.qcow2"
@@ -93,13 +93,16 @@ def test_file_example_with_qemu_img_convert(pynbd_server, nbdkit_server, tmp_pat
     assert infos[0]["exports"][0]["is_read_only"] is True
 
 
-# ---- url.py and an HTTP server -------------------------------------------------------
+# ---- ex_url.py and an HTTP server ----------------------------------------------------
 
 
 class _RangeHandler(BaseHTTPRequestHandler):
-    """HEAD and ranged GET/POST of one object (url.py reads with a POST of no data)."""
+    """HEAD and ranged GET of one object. ``accept_ranges=False``: HEAD leaves out
+    Accept-Ranges; ``ranged=False``: GET ignores Range and sends the whole object (200)."""
 
     data: ClassVar[bytes] = b""
+    accept_ranges: ClassVar[bool] = True
+    ranged: ClassVar[bool] = True
     held: ClassVar[set[int]] = set()  # read offsets answered only once `release` is set
     release: ClassVar[threading.Event]
     holding: ClassVar[threading.Event]  # set while a held read waits
@@ -110,12 +113,13 @@ class _RangeHandler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.data)))
-        self.send_header("Accept-Ranges", "bytes")
+        if self.accept_ranges:
+            self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
 
     def do_GET(self) -> None:
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
-        if m is None:
+        if m is None or not self.ranged:
             self.send_response(200)
             self.send_header("Content-Length", str(len(self.data)))
             self.end_headers()
@@ -131,8 +135,6 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-
-    do_POST = do_GET
 
 
 @pytest.fixture
@@ -156,14 +158,18 @@ def http_object() -> Iterator[type[_RangeHandler]]:
 
 def test_url_example(pynbd_server, nbdkit_server, http_object, tmp_path):
     url = http_object.url  # type: ignore[attr-defined]
-    p = pynbd_server("python", script("url.py"), f"url={url}")
-    n = nbdkit_server("python", script("url.py"), f"url={url}")
+    p = pynbd_server("python", script("ex_url.py"), f"url={url}")
+    n = nbdkit_server("python", script("ex_url.py"), f"url={url}")
     ops = [("pread", 4096, 0), ("pread", 512, MIB), ("pread", 100, 12345), ("cache", 4096, 0),
            ("extents", 65536, 0), ("pwrite", b"x", 0), ("pread", 1024, MIB)]
     got = probe(p.uri, ops)
     assert got == probe(n.uri, ops)
-    assert got["results"][0] == ["data", http_object.data[:4096]]
+    data = http_object.data
+    assert got["results"][:3] == [["data", data[:4096]], ["data", data[MIB:MIB + 512]],
+                                  ["data", data[12345:12445]]]
     assert got["results"][5] == ["error", errno.EPERM]  # read-only: no pwrite
+    assert got["results"][6] == ["error", errno.EINVAL]  # past the end
+    assert got["flags"]["is_read_only"] and got["flags"]["can_multi_conn"]
     outs = []
     for name, srv in (("pynbd", p), ("nbdkit", n)):
         out = tmp_path / f"{name}.out"
@@ -173,6 +179,30 @@ def test_url_example(pynbd_server, nbdkit_server, http_object, tmp_path):
     assert nbdinfo_json(p) == nbdinfo_json(n)
     cmp = run_peer("qemu-img", "compare", "-f", "raw", "-F", "raw", p.uri, n.uri)
     assert b"Images are identical" in cmp.stdout
+
+
+@pytest.mark.parametrize("server", ["no Accept-Ranges", "Range ignored"])
+def test_url_example_refuses_a_server_without_ranges(pynbd_server, nbdkit_server,
+                                                     http_object, server):
+    """A server that does not say it serves byte ranges fails get_size, so the client
+    cannot connect; one that says so but answers 200 with the whole object fails every read
+    (EIO, from set_error), also one of the whole object, and nothing else."""
+    if server == "no Accept-Ranges":
+        http_object.accept_ranges = False
+    else:
+        http_object.ranged = False
+    url = http_object.url  # type: ignore[attr-defined]
+    p = pynbd_server("python", script("ex_url.py"), f"url={url}")
+    n = nbdkit_server("python", script("ex_url.py"), f"url={url}")
+    size = len(http_object.data)
+    ops = [("pread", 4096, 0), ("pread", size, 0), ("size",)]
+    got = probe(p.uri, ops)
+    assert got == probe(n.uri, ops)
+    if server == "no Accept-Ranges":
+        assert "connect_error" in got and "results" not in got
+    else:
+        assert got["size"] == size
+        assert got["results"] == [["error", errno.EIO], ["error", errno.EIO], ["size", size]]
 
 
 _SLOW_AND_FAST = r"""
@@ -192,10 +222,10 @@ print("slow", buf.to_bytearray()[:4].hex(), flush=True)
 
 
 def test_url_example_blocked_read_does_not_stall_other_clients(pynbd_server, http_object):
-    """While url.py waits for the HTTP server in one client's read, another client's read
+    """While ex_url.py waits for the HTTP server in one client's read, another client's read
     is answered (the script runs in worker threads, never on the event loop)."""
     http_object.held.add(8192)
-    srv = pynbd_server("python", script("url.py"), f"url={http_object.url}")  # type: ignore[attr-defined]
+    srv = pynbd_server("python", script("ex_url.py"), f"url={http_object.url}")  # type: ignore[attr-defined]
     require_libnbd_python()
     proc = subprocess.Popen([SYSTEM_PYTHON, "-c", _SLOW_AND_FAST, srv.uri], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=peer_env())

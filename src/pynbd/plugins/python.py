@@ -126,9 +126,10 @@ class PythonPlugin(Plugin):
         there. Callbacks run in worker threads; under the PARALLEL and SERIALIZE_REQUESTS
         models in several at once, as under nbdkit (the GIL makes Python code take turns; a
         callback waiting for I/O lets others run). A callback that provably never blocks
-        -- straight-line code on in-memory data that leaves the handle alone, like
-        nbdkit's ramdisk.py -- is answered on the server's event loop instead when the
-        server allows it (pread of a PARALLEL script), saving a thread hop per request.
+        -- straight-line code on in-memory data that leaves the handle alone, such as a
+        RAM disk's "buf[:] = disk[offset:offset + len(buf)]" -- is answered on the
+        server's event loop instead when the server allows it (pread of a PARALLEL
+        script), saving a thread hop per request.
         Anything doing I/O, taking a lock, sleeping or calling the script's own helpers
         stays in a thread, so a blocking script never stalls other clients.
 
@@ -143,11 +144,11 @@ class PythonPlugin(Plugin):
             without config takes no parameters.
 
     EXAMPLES
-        Serve nbdkit's RAM disk example:
+        Serve a RAM disk script:
 
             pynbd serve python ./ramdisk.py
 
-        A read-only view of an HTTP object with nbdkit's url.py example:
+        A read-only view of an HTTP object, with a script that takes url=:
 
             pynbd serve -r python ./url.py url=http://example.com/disk.img
 
