@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fio_server import ServerProcess, _busy_seconds, _cpu_seconds  # noqa: E402
+from fio_server import ServerProcess, _busy_seconds, _cpu_seconds
 
 MiB = 1 << 20
 SIZE = 1024 * MiB

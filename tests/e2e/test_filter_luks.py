@@ -74,9 +74,9 @@ def test_without_cryptography(tmp_path: Path) -> None:
                          "passphrase=x", "--run", "true"], capture_output=True, text=True,
                         env=env, timeout=60, stdin=subprocess.DEVNULL, check=False)
     assert cp.returncode == 1
-    assert cp.stderr.strip().splitlines() == [
+    assert cp.stderr.strip().splitlines() == [(
         "pynbd serve: error: luks: this filter needs the Python package 'cryptography' "
-        "(pip install 'pynbd[luks]')"]
+        "(pip install 'pynbd[luks]')")]
 
 
 def test_manual() -> None:

@@ -107,7 +107,7 @@ def _af_hash(name: str, block: bytearray) -> None:
         block[i:i + len(piece)] = d[:len(piece)]
 
 
-def _xor(a: bytes, b: bytes) -> bytearray:
+def _xor(a: bytes | bytearray, b: bytes | bytearray) -> bytearray:
     n = len(a)
     return bytearray((int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(n, "big"))
 

@@ -60,7 +60,7 @@ def find_entry(next: Any, entry: str, limit: int) -> tuple[int, int]:
         size = min(size, limit)
     f = _PluginFile(next, size)
     try:
-        with tarfile.open(fileobj=f, mode="r:") as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if member.name == entry:
                     if member.issparse():
