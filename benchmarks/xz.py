@@ -59,18 +59,18 @@ def make_image(workdir: Path) -> Path:
     return out
 
 
-def serve(name: str, image: Path, tmp: Path) -> ServerProcess:
-    sock = str(tmp / f"{name}.sock")
+def serve(name: str, job: str, image: Path, tmp: Path) -> ServerProcess:
+    sock = str(tmp / f"{name}-{job}.sock")
     cmd = [sys.executable, "-m", "pynbd", "serve"] if name == "pynbd" else ["nbdkit"]
-    srv = ServerProcess(name, [*cmd, "-f", "-U", sock, "--filter=xz", "file", str(image)],
-                        sock, tmp)
+    srv = ServerProcess(f"{name}-{job}", [*cmd, "-f", "-U", sock, "--filter=xz", "file",
+                                          str(image)], sock, tmp)
     srv.wait_listening()
     return srv
 
 
 def randread(srv: ServerProcess, runtime: int, tmp: Path) -> tuple[float, float]:
     """(IOPS, server CPUs busy)."""
-    out = tmp / f"fio-{srv.name}.json"
+    out = tmp / f"{srv.name}.json"
     argv = ["fio", "--name=xz", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randread",
             "--bs=4k", "--iodepth=16", f"--size={SIZE}", "--time_based",
             f"--runtime={runtime}", "--ramp_time=2", "--output-format=json", f"--output={out}"]
@@ -95,7 +95,7 @@ def run(image: Path, runtime: int) -> dict[str, dict[str, tuple[float, float]]]:
         tmp = Path(d)
         for job, order in (("randread", ("nbdkit", "pynbd")), ("copy", ("pynbd", "nbdkit"))):
             for name in order:
-                srv = serve(name, image, tmp)
+                srv = serve(name, job, image, tmp)
                 try:
                     results[job][name] = (randread(srv, runtime, tmp) if job == "randread"
                                           else copy(srv))
