@@ -10,9 +10,8 @@ fresh server over a Unix socket, alternating which server goes first:
 - randread: fio's nbd engine, 4k random reads at queue depth 16 (one connection) for
   ``--runtime`` seconds: nearly every read falls in a block no longer cached, so this
   measures decompressing blocks (pynbd decompresses several at a time);
-- copy: ``nbdcopy URI null:`` of the whole disk, timed (nbdcopy opens 4 connections since
-  the filter allows multi-conn, and reads 256 KiB at a time: each block is read by 4
-  requests, decompressed once).
+- copy: ``nbdcopy URI null:`` of the whole disk, timed (nbdcopy reads 256 KiB at a time
+  with many requests in flight: each block is read by 4 requests and decompressed once).
 
     python benchmarks/xz.py                  # both jobs, 20 s of fio each
     python benchmarks/xz.py --runtime 10 --markdown
