@@ -145,7 +145,16 @@ def test_disks_that_do_not_open(images: dict[str, Path], tmp_path: Path) -> None
     small = tmp_path / "small.img"
     small.write_bytes(images["xts"].read_bytes()[:8192])
     key = f"passphrase=+{images['key']}"
-    sizes = assert_same_open([
+    crafted = []
+    good = images["xts"].read_bytes()
+    # (offset, bytes) in the header: master key iterations, a key slot's iterations,
+    # its active flag, the payload offset, the master key length
+    for i, (at, value) in enumerate([(164, 0), (212, 0), (208, 1), (104, 999999),
+                                     (108, 2000)]):
+        path = tmp_path / f"crafted{i}.img"
+        path.write_bytes(good[:at] + value.to_bytes(4, "big") + good[at + 4:])
+        crafted.append(["--filter=luks", "file", path, key])
+    sizes = assert_same_open(crafted + [
         ["--filter=luks", "file", images["xts"], "passphrase=wrong"],
         ["--filter=luks", "file", images["qemu"], "passphrase=wrong"],
         ["--filter=luks", "file", zeros, key],
@@ -154,7 +163,7 @@ def test_disks_that_do_not_open(images: dict[str, Path], tmp_path: Path) -> None
         ["--filter=luks", "file", images["luks2"], key],
         ["--filter=luks", "file", images["qemu"], f"passphrase={SECRET}"],
     ])
-    assert sizes == [None] * 6 + [MiB]
+    assert sizes == [None] * 11 + [MiB]
 
 
 def test_bad_parameters(images: dict[str, Path]) -> None:
