@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from helpers import PYNBD, peer_env, require, run_libnbd
+from helpers import PYNBD, peer_env, require, run_libnbd, unix_uri
 from side_by_side import assert_same, probe
 
-__all__ = ["CALLS", "DATA", "EXPORTS", "MIB", "assert_same_many", "bad_params", "calls_log", "list_exports",
+__all__ = ["CALLS", "DATA", "EXPORTS", "MIB", "assert_same_many", "bad_params", "describe", "calls_log", "list_exports",
            "record", "wait_until"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,3 +134,30 @@ def assert_same_many(pynbd_server: Callable[..., Any], nbdkit_server: Callable[.
         futures = [pool.submit(assert_same, pynbd_server, nbdkit_server, args, ops, **kw)
                    for args, ops in cases]
         return [f.result() for f in futures]
+
+
+_DESCRIBE = r'''
+import json, sys, nbd
+h = nbd.NBD()
+h.set_full_info(True)
+try:
+    h.connect_uri(sys.argv[1])
+except nbd.Error as e:
+    print(json.dumps({"error": e.errnum})); sys.exit(0)
+out = {"canonical": h.get_canonical_export_name(), "data": h.pread(16, 0).decode()}
+try:
+    out["description"] = h.get_export_description()
+except nbd.Error:
+    out["description"] = None
+h.shutdown()
+print(json.dumps(out))
+'''
+
+
+def describe(sock: str, export: str) -> dict[str, Any]:
+    """Connect to ``export`` of the server on Unix socket ``sock`` asking for full
+    information: its canonical name, description and first 16 bytes (``{"error": errno}``
+    if the connection fails)."""
+    uri = unix_uri(sock, export)
+    result: dict[str, Any] = json.loads(run_libnbd(_DESCRIBE, uri).stdout)
+    return result

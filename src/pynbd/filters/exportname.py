@@ -114,6 +114,8 @@ class ExportnameFilter(Filter):
         self.exports: list[str] = []
         self.desc_mode = "keep"
         self.desc: str | None = None
+        #: The layer below's default_export (kept from the first time the server asks).
+        self._below_default: Any = None
 
     def config(self, next_config: Any, key: str, value: str) -> None:
         if key in ("default-export", "default_export"):
@@ -178,6 +180,7 @@ class ExportnameFilter(Filter):
 
     def default_export(self, next_default_export: Any, readonly: bool,
                        is_tls: bool) -> str | None:
+        self._below_default = next_default_export
         if self.strict:
             # "" is only allowed if it was listed
             return (self.default or "") if "" in self.exports else None
@@ -189,7 +192,14 @@ class ExportnameFilter(Filter):
         if self.strict and export_name not in self.exports:
             # nbdkit 1.32 says "export 'NAME not found" (a quote missing)
             raise CommandError(errno.ENOENT, f"export '{export_name}' not found")
-        next_open(readonly, export_name)
+        below = export_name
+        if below == "" and self._below_default is not None:
+            # nbdkit resolves "" again at every layer: when this filter's answer for the
+            # default export is "" itself, the layer below opens its own default export.
+            below = self._below_default(readonly, is_tls)
+            if below is None:
+                raise CommandError(errno.ENOENT, 'default export ("") not permitted')
+        next_open(readonly, below)
         return export_name
 
     def export_description(self, next: Any, h: str) -> str | None:
