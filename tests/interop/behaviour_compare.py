@@ -25,8 +25,19 @@ from typing import Any
 from helpers import PYNBD, peer_env, require, run_libnbd, unix_uri
 from side_by_side import assert_same, probe
 
-__all__ = ["CALLS", "DATA", "EXPORTS", "MIB", "assert_same_many", "bad_params", "describe", "calls_log", "list_exports",
-           "record", "wait_until"]
+__all__ = [
+    "CALLS",
+    "DATA",
+    "EXPORTS",
+    "MIB",
+    "assert_same_many",
+    "bad_params",
+    "calls_log",
+    "describe",
+    "list_exports",
+    "record",
+    "wait_until",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "python"

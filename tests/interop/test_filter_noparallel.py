@@ -82,13 +82,17 @@ def test_requests_at_once(pynbd_server, nbdkit_server, tmp_path: Path, mode: str
     assert _most_at_once(pynbd_server("python", script).uri) > 2
 
 
+def _connect_into(uri: str, out: list[Client]) -> None:
+    out.append(Client.connect(uri))
+
+
 def test_one_client_at_a_time(pynbd_server, nbdkit_server):
     for factory in (pynbd_server, nbdkit_server):
         srv = factory("--filter=noparallel", "memory", "1M", "serialize=connections")
         first = Client.connect(srv.uri)
         assert not first.can_multi_conn()
         second: list[Client] = []
-        t = threading.Thread(target=lambda: second.append(Client.connect(srv.uri)))
+        t = threading.Thread(target=_connect_into, args=(srv.uri, second))
         t.start()
         t.join(0.5)  # the point: the second client is still held while the first is on
         assert t.is_alive() and not second

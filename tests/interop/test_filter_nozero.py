@@ -4,8 +4,9 @@ every call with its flags), the flags a client sees, failures, parameters."""
 from __future__ import annotations
 
 import pytest
-from tests.interop.behaviour_compare import CALLS, MIB, assert_same_many, bad_params, calls_log
 from side_by_side import assert_same, probe, serve_both
+
+from tests.interop.behaviour_compare import CALLS, MIB, assert_same_many, bad_params, calls_log
 
 FUA, NO_HOLE, FAST_ZERO = 1, 2, 16
 RECORD = ("pread", 4096, MIB)

@@ -70,11 +70,11 @@ def pread(h, buf, offset, flags):
 
 
 @pytest.mark.parametrize(("args", "export", "warning"), [
-    (["python", "NO_CACHE"], "", "underlying plugin does not support NBD_CMD_CACHE, not "
-     "scanning; try adding --filter=cache after this filter"),
+    (["python", "NO_CACHE"], "", ("underlying plugin does not support NBD_CMD_CACHE, not "
+                                  "scanning; try adding --filter=cache after this filter")),
     (["memory", "1M"], "other", "not the default export, not scanning"),
-    (["--filter=noparallel", "memory", "1M"], "", "underlying plugin does not support the "
-     "PARALLEL thread model, not scanning"),
+    (["--filter=noparallel", "memory", "1M"], "", ("underlying plugin does not support the "
+                                                   "PARALLEL thread model, not scanning")),
 ])
 def test_not_scanning(pynbd_server, nbdkit_server, tmp_path: Path, args: list[str],
                       export: str, warning: str) -> None:
