@@ -37,14 +37,13 @@ def test_plugin_without_flush_or_fua(pynbd_server, nbdkit_server):
     write; force and discard offer a flush the plugin does not have."""
     cases = [(["--filter=fua", "pattern", "1M", f"fuamode={m}"], [("pread", 512, 0)])
              for m in ("emulate", "native", "force")]
-    cases += [([*ro, "--filter=fua", "memory", "1M", f"fuamode={m}"],
-               [("pwrite", b"\1" * 512, 0, FUA), ("flush",), ("pread", 512, 0)])
-              for m in ("force", "discard") for ro in ([], ["-r"])]
-    cases += [(["-r", "--filter=fua", "pattern", "1M", f"fuamode={m}"], [("flush",)])
-              for m in ("emulate", "native", "force", "discard")]
+    cases += [(["--filter=fua", "memory", "1M", "fuamode=discard"],
+               [("pwrite", b"\1" * 512, 0, FUA), ("flush",), ("pread", 512, 0)]),
+              (["-r", "--filter=fua", "pattern", "1M", "fuamode=force"], [("flush",)]),
+              (["-r", "--filter=fua", "pattern", "1M", "fuamode=emulate"], [("flush",)])]
     views = assert_same_many(pynbd_server, nbdkit_server, cases)
     assert [v.get("connect_error") for v in views[:3]] == [2, 2, 2]
-    assert views[-1]["flags"]["can_flush"] is True
+    assert [v["flags"]["can_flush"] for v in views[-2:]] == [True, False]
 
 
 def test_none_can_be_given(pynbd_server):
