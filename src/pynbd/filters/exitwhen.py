@@ -19,7 +19,7 @@ from pynbd.filters._behaviour_common import (
     parse_unsigned,
     shell,
 )
-from pynbd.plugin import Filter, shutdown
+from pynbd.plugin import Filter, ThreadModel, shutdown
 
 __all__ = ["ExitwhenFilter"]
 
@@ -218,7 +218,7 @@ class ExitwhenFilter(Filter):
                     self.exiting = True
         return self.exiting
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         with self._lock:
             if self._check():
                 raise SystemExit(0)  # the event happened before we started: exit now

@@ -10,7 +10,7 @@ from typing import Any
 
 from pynbd.errors import ConfigError
 from pynbd.filters._shape_common import parse_size
-from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, Extent, Filter
+from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, Extent, Filter, ThreadModel
 
 __all__ = ["ExtentlistFilter", "parse_extentlist"]
 
@@ -144,7 +144,7 @@ class ExtentlistFilter(Filter):
         if self.path is None:
             raise ConfigError("you must supply the extentlist parameter on the command line")
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         assert self.path is not None
         self.extents_list = parse_extentlist(self.path)
         self._starts = [e[0] for e in self.extents_list]

@@ -7,7 +7,7 @@ import errno
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.plugin import Filter, Flag, FuaMode
+from pynbd.plugin import Filter, Flag, FuaMode, ZeroMode
 
 __all__ = ["NozeroFilter"]
 
@@ -119,10 +119,12 @@ class NozeroFilter(Filter):
             raise CommandError(errno.EINVAL,
                                f"zeromode '{self.zeromode}' requires plugin zero support")
 
-    def can_zero(self, next: Any, h: Any) -> bool:
-        # pynbd's can_zero says whether zero is *called*: for none and emulate this filter
-        # answers the requests itself (by writing).
-        if self.zeromode in ("none", "emulate"):
+    def can_zero(self, next: Any, h: Any) -> bool | ZeroMode:
+        # none withdraws WRITE_ZEROES; for emulate this filter answers the requests itself
+        # (by writing), so its zero is called.
+        if self.zeromode == "none":
+            return ZeroMode.NONE
+        if self.zeromode == "emulate":
             return True
         return bool(next.can_zero())
 

@@ -155,10 +155,8 @@ class RetryFilter(Filter):
                 err = CommandError(errno.ESHUTDOWN, "the plugin could not be reopened")
 
     def _reopen(self, next: Any, h: _Handle) -> bool:
-        if self.force_readonly:
-            next.readonly = True
         try:
-            next.reopen()
+            next.reopen(readonly=True if self.force_readonly else None)
         except Exception as e:  # noqa: BLE001 - counted as a failure of the request
             log.debug("reopen failed: %s", e)
             h.open = False

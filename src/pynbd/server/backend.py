@@ -33,6 +33,7 @@ from pynbd.plugin import (
     FuaMode,
     Plugin,
     ThreadModel,
+    ZeroMode,
     _overrides,
 )
 
@@ -218,6 +219,10 @@ class FilterLayer(Layer):
             name = export_name if name is None else name
             if below:
                 raise CommandError(errno.EINVAL, f"{self.name}: next_open called twice")
+            if name == "":  # nbdkit resolves the default export again at every layer
+                name = self.below.default_export(ro, is_tls)
+                if name is None:
+                    raise CommandError(errno.ENOENT, 'default export ("") not permitted')
             below.append(Context.opened(self.below, ro, name, is_tls))
 
         try:
@@ -344,16 +349,21 @@ class Context:
             finally:
                 self.layer.close(self.handle)
 
-    def reopen(self) -> None:
-        """Close this layer and open it again with the same arguments (the retry filter's
-        way to start over with a fresh plugin connection); cached properties are forgotten."""
-        try:
-            self.close()
-        except Exception as e:  # noqa: BLE001 - the old handle is being thrown away
-            log.debug("%s: close before reopen: %s", self.layer.name, e)
+    def reopen(self, readonly: bool | None = None) -> None:
+        """Close this layer and open it again with the same arguments (or read-only with
+        ``readonly=True``): the retry filter's way to start over with a fresh plugin
+        connection. Cached properties are forgotten. If the open fails the context stays
+        closed (a later reopen tries again; nothing is closed twice)."""
+        if not self._closed:
+            try:
+                self.close()
+            except Exception as e:  # noqa: BLE001 - the old handle is being thrown away
+                log.debug("%s: close before reopen: %s", self.layer.name, e)
+        if readonly is not None:
+            self.readonly = readonly
         self._cache.clear()
-        self._closed = self._prepared = self._finalized = False
         self.handle = self.layer.open(self.readonly, self.export_name, self.is_tls)
+        self._closed = self._prepared = self._finalized = False
         self.prepare()
 
     # ---- properties --------------------------------------------------------------------
@@ -396,9 +406,19 @@ class Context:
     def can_trim(self) -> bool:
         return self.can_write() and _truth(self._q("can_trim"))
 
+    def zero_mode(self) -> ZeroMode:
+        """NONE (no WRITE_ZEROES), EMULATE (zeroes written) or NATIVE (the layer's zero)."""
+        if not self.can_write():
+            return ZeroMode.NONE
+        v = self._q("can_zero")
+        if isinstance(v, ZeroMode):
+            return v
+        return ZeroMode.NATIVE if _truth(v) else ZeroMode.EMULATE
+
     def can_zero(self) -> bool:
-        """Whether the layer's zero is called; WRITE_ZEROES is advertised when writable."""
-        return self.can_write() and _truth(self._q("can_zero"))
+        """Whether the layer's zero is called (WRITE_ZEROES is advertised unless the mode is
+        NONE: see :meth:`zero_mode`)."""
+        return self.zero_mode() == ZeroMode.NATIVE
 
     def can_fast_zero(self) -> bool:
         """Asked of the layer whenever the export is writable (nbdkit asks the plugin's
@@ -452,6 +472,8 @@ class Context:
     def zero(self, count: int, offset: int, flags: int = 0) -> None:
         if not self.can_write():
             raise CommandError(errno.EROFS, "the export is read-only")
+        if self.zero_mode() == ZeroMode.NONE:
+            raise CommandError(errno.EOPNOTSUPP, "zero is not supported")
         fua_emulated = bool(flags & Flag.FUA) and self.can_fua() == FuaMode.EMULATE
         lflags = flags & ~Flag.FUA if fua_emulated else flags
         if self.can_zero():

@@ -644,7 +644,7 @@ class Connection:
             f |= TxFlag.ROTATIONAL
         if ctx.can_trim():
             f |= TxFlag.SEND_TRIM
-        if writable:
+        if writable and ctx.zero_mode():
             f |= TxFlag.SEND_WRITE_ZEROES
             if ctx.can_fast_zero():
                 f |= TxFlag.SEND_FAST_ZERO
