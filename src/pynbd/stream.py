@@ -156,17 +156,17 @@ class FdStream:
                 self._fail(e)
                 return
             self._outbytes -= n
+            queued = len(q)
             freed = n
             while n:
                 head = q[0]
                 if n >= head.nbytes:
                     n -= head.nbytes
                     q.popleft()
-                    freed += BUFFER_COST
                 else:
                     q[0] = head[n:]
                     n = 0
-            self._uncharge(freed)
+            self._uncharge(freed + (queued - len(q)) * BUFFER_COST)
         if q:
             if not self._writer_on:
                 self._writer_on = True
