@@ -45,6 +45,8 @@ from pynbd.protocol.constants import (
     SIMPLE_REPLY,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
+    ReplyFlag,
+    ReplyType,
 )
 from pynbd.server import replies
 from pynbd.server.backend import PluginLayer
@@ -93,6 +95,7 @@ _simple = SIMPLE_REPLY.pack
 _offset_data = struct.Struct(">IHHQIQ").pack  # structured reply header + data offset
 _DATA_COST = 40 + 2 * BUFFER_COST  # what a data reply costs besides the data (at most)
 _ASK = object()  # _read: no result yet, ask the plugin
+_DONE, _OFFSET_DATA = int(ReplyFlag.DONE), int(ReplyType.OFFSET_DATA)
 #: Returned for a request that filled the worker threads' queue: ends the parsing pass.
 _FULL = 1 << 62
 
@@ -193,10 +196,10 @@ class Transmission:
         if self._held:  # requests whose results will never come back
             self.budget.release(self._held)
             self._held = 0
-        self._view.release()
         try:
+            self._view.release()
             self._buf.close()
-        except BufferError:  # a plugin kept a view of a payload: freed with that view
+        except BufferError:  # a plugin kept a view of the buffer: unmapped with that view
             pass
 
     def _on_write_error(self, e: OSError) -> None:
@@ -477,7 +480,8 @@ class Transmission:
             self._out += (_simple(SIMPLE_REPLY_MAGIC, 0, cookie), buf)
             return n + _DATA_COST
         if style == STRUCTURED:
-            self._out += (_offset_data(STRUCTURED_REPLY_MAGIC, 1, 1, cookie, n + 8, offset), buf)
+            hdr = _offset_data(STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, cookie, n + 8, offset)
+            self._out += (hdr, buf)
             return n + _DATA_COST
         return replies.data(self._out, style, cookie, offset, buf, n)
 
