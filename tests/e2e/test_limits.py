@@ -158,6 +158,82 @@ def test_unread_reads_in_worker_threads_bounded(serve):
     assert_quiet_log(srv.stderr)
 
 
+@pytest.mark.parametrize("blocking", [False, True], ids=["loop", "threads"])
+def test_mixed_pipeline_past_the_bound_loses_nothing(serve, blocking):
+    """READs and WRITEs of every size (inline, large, split across reads), pipelined far
+    past the bound before the client reads a byte: the server stops and goes on as the
+    client reads, and every request is answered right and every write is there. READs
+    read the last 8 MiB, WRITEs go one after another before it (worker threads may reorder
+    requests, so none overlaps another)."""
+    import random
+
+    srv = serve(size="112M", blocking=blocking)
+    c = RawClient(srv.sock, timeout=30)
+    c.negotiate()
+    for i in range(8):
+        c.pwrite((104 + i) * MiB, block(104 + i))
+    rng = random.Random(10)
+    stream, expect, written, woff = [], {}, [], 0
+    for cookie in range(1, 301):
+        length = rng.choice([4096, 65536, 512 * 1024, MiB, 3 * MiB])
+        if rng.random() < 0.7:
+            off = rng.randrange(104 * MiB, 112 * MiB - length + 1, 4096)
+            stream.append(build_request(Cmd.READ, cookie, off, length))
+            expect[cookie] = (off, length)
+        else:
+            data = struct.pack(">I", cookie) * (length // 4)
+            stream.append(build_request(Cmd.WRITE, cookie, woff, length) + data)
+            expect[cookie] = None
+            written.append((woff, data))
+            woff += length
+    assert woff <= 104 * MiB
+    sender = Sender(c.sock, b"".join(stream))
+    wait_idle(srv.pid)
+    assert sender.is_alive(), "expected the server to stop reading"
+    source = b"".join(block(104 + i) for i in range(8))
+    f = c.sock.makefile("rb", buffering=1 << 20)
+    for _ in range(len(expect)):
+        magic, err, cookie = _SIMPLE.unpack(f.read(16))
+        assert magic == 0x67446698 and err == 0, f"cookie {cookie}: error {err}"
+        want = expect.pop(cookie)
+        if want is not None:
+            off, length = want
+            assert f.read(length) == source[off - 104 * MiB:off - 104 * MiB + length], cookie
+    sender.finish()
+    for off, data in written:
+        assert c.pread(off, len(data)) == data, f"the write at {off} is not there"
+    c.close()
+    assert_quiet_log(srv.stderr)
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["loop", "threads"])
+def test_requests_received_before_the_bound_are_served_after_it(serve, blocking):
+    """Everything is sent at once — a 512 KiB WRITE that arrives in two reads, then 100
+    READs of 1 MiB — and nothing more comes: the server stops at its bound with READs
+    still in its buffer, and must serve them from there when the client reads (no
+    further bytes arrive to wake it)."""
+    srv = serve(size="8M", blocking=blocking)
+    c = RawClient(srv.sock, timeout=10)
+    c.negotiate()
+    for i in range(4):
+        c.pwrite(i * MiB, block(i))
+    payload = b"w" * (512 * 1024)
+    c.send(build_request(Cmd.WRITE, 1000, 4 * MiB, len(payload)) + payload
+           + reads(100, MiB, 4 * MiB))
+    wait_idle(srv.pid)
+    f = c.sock.makefile("rb", buffering=1 << 20)
+    got = set()
+    for _ in range(101):
+        magic, err, cookie = _SIMPLE.unpack(f.read(16))
+        assert magic == 0x67446698 and err == 0, cookie
+        if cookie != 1000:
+            assert f.read(MiB) == block((cookie - 1) % 4), cookie
+        got.add(cookie)
+    assert got == {1000, *range(1, 101)}
+    assert c.pread(4 * MiB, 4096) == payload[:4096]
+    c.close()
+
+
 def test_idle_connections_are_cheap_and_given_back(serve):
     """1,000 idle connections, half negotiating and half in transmission, cost megabytes
     (2 GB before: a receive buffer each), and the memory goes back when they close."""

@@ -137,6 +137,7 @@ class Transmission:
         self._blocked = False  # stopped by a bound; requests may wait in the buffer
         self._resume_soon = False  # _maybe_resume is scheduled
         self._stopping = False
+        self._closed = False
         self._done: asyncio.Future[None] = self.loop.create_future()
         self._workers: Workers | None = None
         self._on_loop = server.chain.on_loop
@@ -190,6 +191,7 @@ class Transmission:
 
     def close(self) -> None:
         """Give back what the phase holds (after the worker threads stopped)."""
+        self._closed = True
         self.budget.cancel(self)
         if self._payload is not None:
             self._drop_payload()
@@ -271,7 +273,7 @@ class Transmission:
             self.budget.wait(self, self._wake)
             return
         self._blocked = False
-        if self._payload is None and self._end - self._pos >= self._want:
+        if self._payload is None and self._end > self._pos:
             self._guarded(self._process)
             self._flush()
         if not self._blocked and not self._stopping:
@@ -392,6 +394,7 @@ class Transmission:
         want = hsize
         while end - pos >= hsize:
             if room <= 0:
+                self._want = hsize
                 return self._block(pos)
             magic, flags, cmd, cookie, offset, length = unpack(view, pos)
             if magic != want_magic:
@@ -549,6 +552,8 @@ class Transmission:
 
     def _completed(self, batch: list[tuple[Any, bool, Any]]) -> None:
         """Results from the worker threads, in a batch: one reply write for all of them."""
+        if self._closed:  # close() gave back what they held
+            return
         live = not self.stream.closed and self.stream.write_error is None
         freed = 0
         for ((cmd, flags, cookie, offset, length), cost), ok, value in batch:
