@@ -45,7 +45,7 @@ class FdStream:
         self.peer = peer
         for fd in {self.rfd, self.wfd}:
             os.set_blocking(fd, False)
-        self._outq: collections.deque[memoryview] = collections.deque()
+        self._outq: collections.deque[bytes | memoryview] = collections.deque()
         self._outbytes = 0
         #: Memory the queue holds: its bytes plus BUFFER_COST per buffer.
         self.cost = 0
@@ -128,12 +128,14 @@ class FdStream:
         q = self._outq
         n = k = 0
         for b in bufs:
-            mv = b if type(b) is memoryview else memoryview(b)
-            nb = mv.nbytes
+            if type(b) is not bytes:  # bytes are queued as they are (immutable, no view)
+                if type(b) is not memoryview:
+                    b = memoryview(b)  # pins a bytearray's size until written
+                if b.ndim != 1 or b.itemsize != 1:
+                    b = b.cast("B")
+            nb = len(b)
             if nb:
-                if mv.ndim != 1 or mv.itemsize != 1:
-                    mv = mv.cast("B")
-                q.append(mv)
+                q.append(b)
                 n += nb
                 k += 1
         self._outbytes += n
@@ -160,11 +162,11 @@ class FdStream:
             freed = n
             while n:
                 head = q[0]
-                if n >= head.nbytes:
-                    n -= head.nbytes
+                if n >= len(head):
+                    n -= len(head)
                     q.popleft()
                 else:
-                    q[0] = head[n:]
+                    q[0] = (head if type(head) is memoryview else memoryview(head))[n:]
                     n = 0
             self._uncharge(freed + (queued - len(q)) * BUFFER_COST)
         if q:
