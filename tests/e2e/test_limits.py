@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import os
 import shutil
 import socket
@@ -54,6 +55,7 @@ def drain_simple(sock: socket.socket, n: int, length: int,
                  expect: Callable[[int], bytes]) -> None:
     """Read ``n`` simple replies with ``length`` bytes each; each must be ``expect(cookie)``."""
     f = sock.makefile("rb", buffering=1 << 20)
+    assert isinstance(f, io.BufferedReader)
     buf = bytearray(length)
     seen = set()
     for _ in range(n):

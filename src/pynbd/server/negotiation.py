@@ -52,8 +52,9 @@ class Negotiation:
         self.export: Export | None = None
         #: Bytes received after the final option: the first requests.
         self.trailing = b""
-        self.listed = False
-        self._nlisted = 0
+        #: Option rounds allowed; the first LIST raises it, once.
+        self.max_rounds = MAX_OPTION_ROUNDS
+        self._listed = False
         self._options: dict[int, Callable[[ServerHandshake, int, bytes], Awaitable[_Outcome]]] = {
             Opt.ABORT: self._abort,
             Opt.LIST: self._list,
@@ -74,7 +75,6 @@ class Negotiation:
         hs = ServerHandshake(cfg.handshake_flags)
         self.stream.write([hs.greeting()])
         rounds = 0
-        limit = MAX_OPTION_ROUNDS
         while True:
             ev = hs.next_event()
             if ev is NEED_DATA:
@@ -88,14 +88,11 @@ class Negotiation:
                 continue
             assert isinstance(ev, OptionRequest)
             rounds += 1
-            if rounds > limit:
+            if rounds > self.max_rounds:
                 log.error("client %d: client spent too much time negotiating without "
                           "selecting an export", self.id)
                 return False
-            was_listed = self.listed
             outcome = await self._answer(hs, ev.opt, ev.data)
-            if self.listed and not was_listed:
-                limit += MAX_OPTION_ROUNDS_PER_EXPORT * self._nlisted
             if outcome is True:
                 self.trailing = hs.trailing_data
                 return True
@@ -168,9 +165,9 @@ class Negotiation:
         out = [hs.reply(Rep.SERVER, O.build_rep_server(n, d)) for n, d in exports]
         out.append(hs.reply(Rep.ACK))
         self.stream.write(out)
-        if not self.listed:
-            self.listed = True
-            self._nlisted = len(exports)
+        if not self._listed:  # INFO for each export listed, but LIST cannot raise it again
+            self._listed = True
+            self.max_rounds += MAX_OPTION_ROUNDS_PER_EXPORT * len(exports)
         return None
 
     async def _starttls(self, hs: ServerHandshake, opt: int, data: bytes) -> _Outcome:

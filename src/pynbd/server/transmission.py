@@ -153,13 +153,12 @@ class Transmission:
         it has one, no filters and the PARALLEL thread model."""
         ctx = self.export.ctx
         layer = ctx.layer
-        bare = isinstance(layer, PluginLayer)
         self._h = ctx.handle
         if self._on_loop:
-            target = layer.plugin if bare else layer  # type: ignore[attr-defined]
+            target: Any = layer.plugin if isinstance(layer, PluginLayer) else layer
             self._pread = target.pread
             self._pwrite = target.pwrite if ctx.can_write() else None
-        elif bare and not layer.has_async and \
+        elif isinstance(layer, PluginLayer) and not layer.has_async and \
                 type(layer.plugin).pread_nowait is not Plugin.pread_nowait and \
                 layer.thread_model == ThreadModel.PARALLEL and \
                 self.server.thread_model == ThreadModel.PARALLEL:
@@ -438,7 +437,7 @@ class Transmission:
             self._move_to_front(pos, end)
         else:
             self._pos = pos
-        if room <= 0:
+        if room <= 0 and self._payload is None:  # a payload being received is counted: finish it
             self._block(self._pos)
         return None
 
