@@ -236,10 +236,11 @@ def test_requests_received_before_the_bound_are_served_after_it(serve, blocking)
     c.close()
 
 
-def test_idle_connections_are_cheap_and_given_back(serve):
+@pytest.mark.parametrize("blocking", [False, True], ids=["loop", "threads"])
+def test_idle_connections_are_cheap_and_given_back(serve, blocking):
     """1,000 idle connections, half negotiating and half in transmission, cost megabytes
     (2 GB before: a receive buffer each), and the memory goes back when they close."""
-    srv = serve(size="1M")
+    srv = serve(size="1M", blocking=blocking)
     with RawClient(srv.sock) as c:  # the first connection's one-off costs (imports...)
         c.negotiate()
         c.pread(0, 4096)
