@@ -46,9 +46,9 @@ MAX_PAYLOAD_ACCEPTED = 64 * 1024 * 1024
 MAX_REQUESTS_IN_FLIGHT = 1024
 #: Bytes one connection may hold before the server stops reading its requests until the
 #: client catches up: replies queued but not yet sent, READs and WRITE payloads in worker
-#: threads, a large WRITE payload being received. As much as a client keeps in flight
-#: (pynbd's and libnbd's clients: 64 MiB), so only a client that does not read its replies
-#: ever waits; it never fails a request.
+#: threads, a large WRITE payload being received. At least what a client keeps in flight
+#: (pynbd's client: 64 MiB; nbdcopy: 64 requests of 256 KiB), so only a client that does not
+#: read its replies ever waits; no request fails for it.
 MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 #: The same for all connections together: 1024 connections at 64 MiB each would be 64 GiB.
 #: Past it every connection that wants more waits until some client reads its replies.
