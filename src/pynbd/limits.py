@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PAYLOAD_ACCEPTED",
     "MAX_PAYLOAD_ADVERTISED",
     "MAX_REQUESTS_IN_FLIGHT",
+    "MAX_SERVER_BYTES_IN_FLIGHT",
     "MAX_STRING",
 ]
 
@@ -43,9 +44,15 @@ MAX_PAYLOAD_ADVERTISED = 32 * 1024 * 1024
 MAX_PAYLOAD_ACCEPTED = 64 * 1024 * 1024
 #: Requests in flight per connection before the server stops reading (back pressure).
 MAX_REQUESTS_IN_FLIGHT = 1024
-#: Payload bytes in flight (writes received but not yet done, reads not yet sent) per connection
-#: before the server stops reading: bounds a connection's memory to a few hundred MiB.
-MAX_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+#: Bytes one connection may hold before the server stops reading its requests until the
+#: client catches up: replies queued but not yet sent, READs and WRITE payloads in worker
+#: threads, a large WRITE payload being received. At least what a client keeps in flight
+#: (pynbd's client: 64 MiB; nbdcopy: 64 requests of 256 KiB), so only a client that does not
+#: read its replies ever waits; no request fails for it.
+MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+#: The same for all connections together: 1024 connections at 64 MiB each would be 64 GiB.
+#: Past it every connection that wants more waits until some client reads its replies.
+MAX_SERVER_BYTES_IN_FLIGHT = 1024 * 1024 * 1024
 #: Seconds a client may take to finish the handshake (nbdkit's --timeout, off by default there);
 #: a half-open connection otherwise holds a slot forever.
 HANDSHAKE_TIMEOUT = 60.0

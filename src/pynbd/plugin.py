@@ -151,11 +151,12 @@ class ConnectionInfo:
     socket address as text (``""`` for stdin/stdout), ``peer_pid``/``peer_uid``/``peer_gid``
     the Unix-socket peer's credentials (None on other transports), ``tls`` whether the
     connection is encrypted, ``id`` the server's connection number (as in its log lines),
-    ``readonly`` whether the export is served read-only.
+    ``readonly`` whether the export is served read-only, ``family`` and ``peer_address`` the
+    socket's address family and the peer's address as the socket module gives them.
     """
 
-    __slots__ = ("_conn", "export_name", "id", "peer", "peer_gid", "peer_pid", "peer_uid",
-                 "readonly", "server", "tls")
+    __slots__ = ("_conn", "export_name", "family", "id", "peer", "peer_address", "peer_gid",
+                 "peer_pid", "peer_uid", "readonly", "server", "tls")
 
     def __init__(self, id: int = 0, peer: str = "", peer_pid: int | None = None,
                  peer_uid: int | None = None, peer_gid: int | None = None, tls: bool = False,
@@ -171,6 +172,10 @@ class ConnectionInfo:
         #: The server (for :meth:`shutdown`-like requests); None outside a server.
         self.server = server
         self._conn: Any = None  # the server's connection object (set by the server)
+        #: The socket's address family (socket.AF_UNIX, AF_INET, AF_INET6, AF_VSOCK) and the
+        #: peer's address as the socket module gives it; None on stdin/stdout.
+        self.family: int | None = None
+        self.peer_address: Any = None
 
     def __repr__(self) -> str:
         return (f"ConnectionInfo(id={self.id}, peer={self.peer!r}, "
@@ -183,7 +188,7 @@ class ConnectionInfo:
         waits (a delay, a pause) should give up."""
         if getattr(self.server, "closing", False):
             return True
-        return bool(getattr(self._conn, "_stopping", False))
+        return bool(getattr(self._conn, "closing", False))
 
     def disconnect(self, force: bool = False) -> None:
         """Drop this client (nbdkit_disconnect): with ``force`` at once, else once the

@@ -4,6 +4,11 @@ Works the same for TCP, Unix and vsock sockets, a socket pair on stdin/stdout an
 (``-s``): reads use ``os.readv`` straight into the caller's buffer, writes use ``os.writev`` of
 the caller's buffers (header + memoryview slices, no joining), with a queue of its own when the
 descriptor is full.
+
+A stream counts what its queue costs in memory (:attr:`FdStream.cost`: the queued bytes plus
+:data:`BUFFER_COST` per buffer) and, when given a :attr:`FdStream.budget` (the server's
+:class:`~pynbd.server.budget.Budget`), charges that budget as buffers are queued and
+releases it as they are written or dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FdStream"]
+__all__ = ["BUFFER_COST", "FdStream"]
+
+#: Memory counted per queued buffer besides its bytes: the memoryview queued (~180 bytes)
+#: and the object it views. Without it a client that never reads would make the server
+#: queue millions of 16-byte replies that cost ~250 bytes each and count as 16.
+BUFFER_COST = 256
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
@@ -35,8 +45,12 @@ class FdStream:
         self.peer = peer
         for fd in {self.rfd, self.wfd}:
             os.set_blocking(fd, False)
-        self._outq: collections.deque[memoryview] = collections.deque()
+        self._outq: collections.deque[bytes | memoryview] = collections.deque()
         self._outbytes = 0
+        #: Memory the queue holds: its bytes plus BUFFER_COST per buffer.
+        self.cost = 0
+        #: Charged with ``cost`` as it changes (anything with ``used`` and ``release(n)``).
+        self.budget: Any = None
         self._writer_on = False
         self._reader: Callable[[], None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -112,13 +126,23 @@ class FdStream:
         if self.closed or self.write_error is not None:
             return
         q = self._outq
+        n = k = 0
         for b in bufs:
-            mv = b if type(b) is memoryview else memoryview(b)
-            if mv.nbytes:
-                if mv.ndim != 1 or mv.itemsize != 1:
-                    mv = mv.cast("B")
-                q.append(mv)
-                self._outbytes += mv.nbytes
+            if type(b) is not bytes:  # bytes are queued as they are (immutable, no view)
+                if type(b) is not memoryview:
+                    b = memoryview(b)  # pins a bytearray's size until written
+                if b.ndim != 1 or b.itemsize != 1:
+                    b = b.cast("B")
+            nb = len(b)
+            if nb:
+                q.append(b)
+                n += nb
+                k += 1
+        self._outbytes += n
+        cost = n + k * BUFFER_COST
+        self.cost += cost
+        if self.budget is not None:
+            self.budget.used += cost
         if not self._writer_on:
             self._flush()
 
@@ -134,14 +158,17 @@ class FdStream:
                 self._fail(e)
                 return
             self._outbytes -= n
+            queued = len(q)
+            freed = n
             while n:
                 head = q[0]
-                if n >= head.nbytes:
-                    n -= head.nbytes
+                if n >= len(head):
+                    n -= len(head)
                     q.popleft()
                 else:
-                    q[0] = head[n:]
+                    q[0] = (head if type(head) is memoryview else memoryview(head))[n:]
                     n = 0
+            self._uncharge(freed + (queued - len(q)) * BUFFER_COST)
         if q:
             if not self._writer_on:
                 self._writer_on = True
@@ -154,10 +181,20 @@ class FdStream:
                     self.on_drained()
             self._wake_drainers()
 
-    def _fail(self, e: OSError) -> None:
-        self.write_error = e
+    def _uncharge(self, cost: int) -> None:
+        self.cost -= cost
+        if self.budget is not None:
+            self.budget.release(cost)
+
+    def _drop_queue(self) -> None:
         self._outq.clear()
         self._outbytes = 0
+        if self.cost:
+            self._uncharge(self.cost)
+
+    def _fail(self, e: OSError) -> None:
+        self.write_error = e
+        self._drop_queue()
         if self._writer_on:
             self._writer_on = False
             self.loop.remove_writer(self.wfd)
@@ -181,6 +218,7 @@ class FdStream:
     # ---- closing -----------------------------------------------------------------------
     def _unwatch(self) -> None:
         self.closed = True
+        self._drop_queue()
         if self._reader is not None:
             self.loop.remove_reader(self.rfd)
             self._reader = None

@@ -13,7 +13,8 @@ no other test reads. A shared server that died fails the next test that asks for
 
 Every server's stderr is checked at the end: a traceback is a failure (bad input must never
 crash a connection, let alone print a traceback), unless the test passed ``tracebacks_ok=True``
-(a plugin that raises on purpose: the server logs the plugin's traceback, as nbdkit does).
+(a server run with -v logs the traceback of a plugin that raises on purpose; without -v a
+plugin's failure is one line).
 """
 
 from __future__ import annotations

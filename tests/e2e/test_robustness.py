@@ -42,9 +42,10 @@ def test_plugin_list_exports_raising_is_err_platform(serve):
 
 
 def test_plugin_pread_raising_is_eio_and_connection_lives(serve):
+    """A plugin's bug while serving: EIO for the client, ONE log line (plugin, command,
+    error) without a traceback; a result that is not the data asked for: the same."""
     for blocking in (False, True):
-        srv = serve(params=["boom_read=4096", "bad_read=8192"], blocking=blocking,
-                    tracebacks_ok=True)
+        srv = serve(params=["boom_read=4096", "bad_read=8192"], blocking=blocking)
         for structured in (False, True):
             with RawClient(srv.sock) as c:
                 c.negotiate(structured=structured)
@@ -53,7 +54,41 @@ def test_plugin_pread_raising_is_eio_and_connection_lives(serve):
                     assert r.error == 5 and r.data == b""
                     assert r.simple != structured
                 assert c.pread(0, 512) == bytes(512)
-        assert "boom in pread" in srv.stderr
+        lines = srv.stderr.splitlines()
+        assert "Traceback" not in srv.stderr
+        boom = [ln for ln in lines if "boom in pread" in ln]
+        assert len(boom) == 2, lines  # once per connection
+        assert all(": e2e: read: RuntimeError: boom in pread" in ln for ln in boom), boom
+        bad = [ln for ln in lines if "for a read of 512 bytes" in ln]
+        assert len(bad) == 2 and all("e2e: pread returned NoneType" in ln for ln in bad), lines
+        assert len(lines) == 4, lines
+
+
+def test_plugin_exception_traceback_with_verbose(serve):
+    """With -v (debug logging) the same failure also logs the plugin's traceback."""
+    srv = serve("-v", params=["boom_read=4096"], tracebacks_ok=True)
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        assert c.cmd(Cmd.READ, 4096, 512).error == 5
+        assert c.pread(0, 512) == bytes(512)
+    err = srv.stderr
+    assert "e2e: read: RuntimeError: boom in pread" in err
+    assert "Traceback" in err and 'raise RuntimeError("boom in pread")' in err
+
+
+def test_plugin_open_failure_is_one_line_naming_the_plugin(serve):
+    """A plugin failing in open: NBD_REP_ERR_UNKNOWN (as nbdkit) and one log line saying
+    what failed in which plugin; an errno the plugin meant (no such export) logs nothing."""
+    srv = serve(params=["boom_export=boom", "exports=a"])
+    with RawClient(srv.sock) as c:
+        c.start()
+        (r,) = c.option(Opt.GO, O.build_info_request("boom"))
+        assert r.rep == Rep.ERR_UNKNOWN and b"RuntimeError" not in r.data
+        (r,) = c.option(Opt.GO, O.build_info_request("nosuch"))
+        assert r.rep == Rep.ERR_UNKNOWN
+    lines = srv.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert "e2e: opening export 'boom': RuntimeError: boom in open" in lines[0]
 
 
 def test_bad_magic_right_after_go_hangs_up(shared):

@@ -15,10 +15,17 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from pynbd.limits import DEFAULT_THREADS, HANDSHAKE_TIMEOUT, MAX_CONNECTIONS
+from pynbd.limits import (
+    DEFAULT_THREADS,
+    HANDSHAKE_TIMEOUT,
+    MAX_BYTES_IN_FLIGHT,
+    MAX_CONNECTIONS,
+    MAX_SERVER_BYTES_IN_FLIGHT,
+)
 from pynbd.plugin import ThreadModel
 from pynbd.protocol.constants import HandshakeFlag
 from pynbd.server.backend import Chain
+from pynbd.server.budget import Budget
 from pynbd.server.connection import Connection
 from pynbd.server.contexts import ContextRegistry
 from pynbd.server.stream import FdStream
@@ -53,6 +60,11 @@ class ServerConfig:
     no_mc: bool = False
     #: Seconds a client may take to finish the handshake (--timeout).
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    #: Bytes one connection may hold (replies not yet sent, requests in flight) before it
+    #: stops reading requests until its client catches up.
+    max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT
+    #: The same for all connections together (the server's memory budget).
+    max_server_bytes_in_flight: int = MAX_SERVER_BYTES_IN_FLIGHT
 
 
 class Server:
@@ -64,6 +76,8 @@ class Server:
             self.thread_model = ThreadModel.SERIALIZE_REQUESTS
         self.contexts = _NoContexts() if self.config.no_mc else ContextRegistry()
         self.all_requests_lock = threading.Lock()
+        #: What all connections together hold (see pynbd.server.budget).
+        self.budget = Budget(self.config.max_server_bytes_in_flight)
         self._conn_lock: asyncio.Lock | None = None
         self.closing = False
         self._stop: asyncio.Event | None = None
