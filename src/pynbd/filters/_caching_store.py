@@ -6,6 +6,13 @@ state byte per block says what the file holds for that block (each filter gives 
 their meaning; 0 is always "nothing here"). The file is sparse: it takes space only for the
 blocks written to it, and blocks are given back with ``fallocate(PUNCH_HOLE)``.
 
+Reads can be served without a copy: the file is also mapped, and :meth:`BlockStore.view`
+hands out read-only views of the mapping. A view stays valid while the server sends it: the
+file never shrinks (blocks past a smaller disk are punched instead), and the bytes of a block
+change only when a client writes, zeroes or trims them (a request overlapping the read, whose
+outcome the protocol leaves open) or when the cache filter reclaims the block (that filter
+copies instead of viewing while a size limit is set).
+
 The store itself does no locking: the filters decide which operations must be atomic.
 """
 
@@ -15,6 +22,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import re
 import tempfile
@@ -22,7 +30,7 @@ from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 
-__all__ = ["BlockStore", "as_bytes", "temp_file"]
+__all__ = ["BlockStore", "as_bytes", "temp_file", "zeros"]
 
 log = logging.getLogger("pynbd.filters")
 
@@ -50,6 +58,11 @@ def _load_fallocate() -> Any:
 
 
 _fallocate = _load_fallocate()
+
+
+def zeros(n: int) -> memoryview:
+    """``n`` zero bytes (a view of a shared buffer when it is large enough)."""
+    return memoryview(_ZEROS)[:n] if n <= CHUNK else memoryview(bytes(n))
 
 
 def as_bytes(data: Any) -> memoryview:
@@ -88,6 +101,9 @@ class BlockStore:
         #: One state byte per block of the disk; 0 means the file holds nothing for it.
         self.states = bytearray()
         self._punch = _fallocate is not None
+        #: The file's length: it grows with the disk and never shrinks.
+        self._file_len = 0
+        self._map: memoryview | None = None
 
     @property
     def nblocks(self) -> int:
@@ -96,14 +112,33 @@ class BlockStore:
     def set_size(self, size: int) -> None:
         """Fit the states and the file to a disk of ``size`` bytes (it may have changed)."""
         n = -(-size // self.blksize)
-        if n > len(self.states):
-            self.states.extend(bytes(n - len(self.states)))
-        else:
+        old = len(self.states)
+        if n > old:
+            self.states.extend(bytes(n - old))
+        elif n < old:
             del self.states[n:]
-        os.ftruncate(self.fd, n * self.blksize)
+            self.punch(n, old - n)  # the file keeps its length: views of it may be out
+        if n * self.blksize > self._file_len:
+            os.ftruncate(self.fd, n * self.blksize)
+            self._file_len = n * self.blksize
+            try:
+                m = mmap.mmap(self.fd, self._file_len, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ)
+            except (OSError, ValueError, OverflowError) as e:
+                log.debug("mmap of the temporary file: %s (reads will copy)", e)
+                self._map = None
+            else:
+                self._map = memoryview(m)
         self.size = size
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """A read-only view of ``length`` bytes of the file at ``offset`` (no copy), or
+        None if the file could not be mapped."""
+        m = self._map
+        return m[offset:offset + length] if m is not None else None
+
     def close(self) -> None:
+        self._map = None  # the mapping goes when the last view of it does
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -266,26 +266,36 @@ class CacheFilter(Filter):
                 hi = min(end, (b + n) * bs)
                 self._debug("blk_read_multiple block %d (offset %d) is %s", b, b * bs,
                             "cached" if cached else "not cached")
-                if cached:  # from the file, under the lock: reclaim may punch it
-                    if out is None:
-                        out = bytearray(count)
-                    st.pread_into(memoryview(out)[pos - offset:hi - offset], pos)
+                if cached:
                     self.reclaimer.touch(b, n)
+                    piece = self._cached(pos, hi)
                 else:
                     epoch = self.reclaimer.epoch
-            if not cached:
+            if not cached:  # from the plugin, without the lock: reads run in parallel
                 data = st.read_below(next, b, n)
                 if self._on_read():
                     self._store_clean(b, n, data, epoch)
                 piece = data[pos - b * bs:hi - b * bs]
-                if out is None and pos == offset and hi == end:
-                    return piece  # one run straight from the plugin: no copy
-                if out is None:
-                    out = bytearray(count)
-                out[pos - offset:hi - offset] = piece
+            if out is None and pos == offset and hi == end:
+                return piece  # one run: no copy
+            if out is None:
+                out = bytearray(count)
+            out[pos - offset:hi - offset] = piece
             pos = hi
             b += n
         return out
+
+    def _cached(self, pos: int, hi: int) -> Any:
+        """Bytes ``pos``..``hi`` of the cache file (lock held): a view of its mapping, or a
+        copy when a size limit is set (reclaim could punch the blocks under a view)."""
+        st = self.store
+        if self.max_size == -1:
+            view = st.view(pos, hi - pos)
+            if view is not None:
+                return view
+        buf = bytearray(hi - pos)
+        st.pread_into(memoryview(buf), pos)
+        return buf
 
     def _store_clean(self, blk: int, n: int, data: memoryview, epoch: int) -> None:
         """Keep blocks just read from the plugin, those still not cached (a write may have

@@ -11,7 +11,7 @@ from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._caching_params import parse_bool, parse_size
-from pynbd.filters._caching_store import BlockStore, as_bytes, temp_file
+from pynbd.filters._caching_store import BlockStore, as_bytes, temp_file, zeros
 from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, CacheMode, Extent, Filter, Flag, FuaMode
 
 __all__ = ["CowFilter"]
@@ -229,20 +229,24 @@ class CowFilter(Filter):
             hi = min(end, (b + n) * bs)
             self._debug("blk_read_multiple block %d (offset %d) run of length %d is %s",
                         b, b * bs, n, _STATE_NAMES[state])
+            piece: Any
             if state == _NOT_ALLOCATED:
                 data = st.read_below(next, b, n)
                 if self._on_read():
                     self._keep(b, n, data)
                 piece = data[pos - b * bs:hi - b * bs]
-                if out is None and pos == offset and hi == end:
-                    return piece  # one run straight from the plugin: no copy
+            elif state == _ALLOCATED:
+                piece = st.view(pos, hi - pos)
+                if piece is None:
+                    piece = bytearray(hi - pos)
+                    st.pread_into(memoryview(piece), pos)
+            else:
+                piece = zeros(hi - pos)
+            if out is None and pos == offset and hi == end:
+                return piece  # one run: no copy
             if out is None:
                 out = bytearray(count)
-            if state == _ALLOCATED:
-                st.pread_into(memoryview(out)[pos - offset:hi - offset], pos)
-            elif state == _NOT_ALLOCATED:
-                out[pos - offset:hi - offset] = piece
-            # _TRIMMED: zeroes, which out already holds
+            out[pos - offset:hi - offset] = piece
             pos = hi
             b += n
         return out
