@@ -31,7 +31,8 @@ from pynbd.plugin import (
 )
 from pynbd.server.backend import Chain, Context
 
-__all__ = ["SCRIPT", "Disk", "open_chain", "temp_files_of", "wait_for", "write_script"]
+__all__ = ["SCRIPT", "Disk", "open_chain", "served_while_one_waits", "temp_files_of", "wait_for",
+           "write_script"]
 
 KiB = 1024
 
@@ -39,8 +40,8 @@ KiB = 1024
 class Disk(Plugin):
     """A RAM disk that records its calls as (name, count, offset, flags).
 
-    ``hold(offset)`` makes reads starting at ``offset`` wait until ``release(offset)``;
-    ``holding(offset)`` waits until such a read has started. ``fail_writes`` makes pwrite
+    ``hold(offset)`` makes the next read starting at ``offset`` wait until
+    ``release(offset)``; ``holding(offset)`` waits until that read has started. ``fail_writes`` makes pwrite
     fail with EIO.
     """
 
@@ -97,7 +98,10 @@ class Disk(Plugin):
 
     def pread(self, h: Any, count: int, offset: int, flags: int) -> Any:
         self._record("pread", count, offset, flags)
-        gate = self._gates.get(offset)
+        with self._lock:
+            gate = self._gates.get(offset)
+            if gate is not None and gate[0].is_set():
+                gate = None  # held once: later reads there go through
         if gate is not None:
             gate[0].set()
             assert gate[1].wait(30), "a held read was never released"
@@ -271,3 +275,37 @@ def write_script(d: Path) -> Path:
     path = d / "logdisk.py"
     path.write_text(SCRIPT)
     return path
+
+
+_TWO_CLIENTS = r"""
+import os, sys, threading, time
+import nbd
+uri, hold = sys.argv[1], sys.argv[2]
+a = nbd.NBD(); a.connect_uri(uri)
+b = nbd.NBD(); b.connect_uri(uri)
+got = []
+t = threading.Thread(target=lambda: got.append(a.pread(512, 0)))
+t.start()
+start = time.monotonic()
+b.pwrite(b"z" * 512, 1 << 19)
+assert b.pread(512, 1 << 19) == b"z" * 512
+seconds = time.monotonic() - start
+waiting = t.is_alive()
+os.unlink(hold)
+t.join()
+print(seconds, waiting, got == [bytes(512)])
+"""
+
+
+def served_while_one_waits(uri: str, hold: Path) -> tuple[float, bool, bool]:
+    """Client A reads offset 0, held by :data:`SCRIPT` while ``hold`` exists; client B
+    writes and reads at 512K meanwhile. Returns (B's seconds, whether A was still waiting
+    when B was answered, whether A then got its data); the hold is lifted either way."""
+    from tests.helpers import run_libnbd
+
+    try:
+        out = run_libnbd(_TWO_CLIENTS, uri, hold, timeout=60).stdout.split()
+    finally:
+        if hold.exists():
+            hold.unlink()
+    return float(out[0]), out[1] == "True", out[2] == "True"
