@@ -191,8 +191,8 @@ def temp_files_of(pid: int, tmpdir: Path) -> list[tuple[str, int]]:
 
 #: An nbdkit-API plugin script run by both servers. Parameters: size=BYTES, log=PATH (each
 #: cache, pread and pwrite call appended as "NAME OFFSET COUNT"), hold=PATH (a read at
-#: offset 0 waits while PATH exists), parallel=0|1 (thread model), cache=0|1 (whether it
-#: implements cache).
+#: offset 0 waits while PATH exists), parallel=0|1 (thread model), prefetch=0|1 (whether it
+#: can cache natively).
 SCRIPT = r'''
 import builtins
 import os
@@ -219,7 +219,7 @@ def config(key, value):
         hold = value
     elif key == "parallel":
         parallel = value == "1"
-    elif key == "cache":
+    elif key == "prefetch":
         has_cache = value == "1"
     else:
         raise RuntimeError("unknown parameter " + key)
