@@ -309,3 +309,81 @@ def served_while_one_waits(uri: str, hold: Path) -> tuple[float, bool, bool]:
         if hold.exists():
             hold.unlink()
     return float(out[0]), out[1] == "True", out[2] == "True"
+
+
+# ---- side by side with nbdkit ------------------------------------------------------------
+
+
+def run_both(args: list[str], env: dict[str, str] | None = None,
+             timeout: float = 60) -> dict[str, tuple[int, str]]:
+    """``SERVER -U - ARGS --run true`` under pynbd and nbdkit: {name: (exit status, the
+    error messages without the server's prefix)}; for configurations that fail, or that
+    start and exit at once."""
+    import subprocess
+
+    from tests.helpers import PYNBD, peer_env, require
+
+    out = {}
+    for name, argv in (("pynbd", [*PYNBD, "serve"]), ("nbdkit", [require("nbdkit")])):
+        cp = subprocess.run([*argv, "-U", "-", *args, "--run", "true"], check=False,
+                            capture_output=True, text=True, timeout=timeout,
+                            env=peer_env(env), stdin=subprocess.DEVNULL)
+        errors = [line.split(" error: ", 1)[1] for line in cp.stderr.splitlines()
+                  if " error: " in line]
+        assert "Traceback" not in cp.stderr, cp.stderr
+        out[name] = (cp.returncode, "\n".join(errors))
+    return out
+
+
+def assert_same_errors(filter_args: list[str], cases: list[list[str]],
+                       env: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """Each case (parameters after ``FILTER_ARGS``) gives the same exit status and error
+    message under both servers; returns nbdkit's (status, message) per case. The cases run
+    a few at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda params: run_both([*filter_args, *params], env), cases))
+    for params, both in zip(cases, results, strict=True):
+        assert both["pynbd"] == both["nbdkit"], (params, both)
+    return [both["nbdkit"] for both in results]
+
+
+def libnbd_steps(uri: str, steps: str, *args: str) -> list[Any]:
+    """Run ``steps`` (Python with ``h``, a connected libnbd handle, ``args`` and ``out``, a
+    list to append results to) under libnbd's bindings; returns ``out``."""
+    import json
+
+    from tests.helpers import run_libnbd
+
+    code = ("import json, sys, hashlib, os\nimport nbd\n"
+            "h = nbd.NBD(); h.add_meta_context('base:allocation'); h.connect_uri(sys.argv[1])\n"
+            "args = sys.argv[2:]\nout = []\n" + steps +
+            "\nh.shutdown()\nprint(json.dumps(out))\n")
+    return json.loads(run_libnbd(code, uri, *args).stdout)  # type: ignore[no-any-return]
+
+
+def same_on_files(pynbd_server: Any, nbdkit_server: Any, args: list[str], ops: list[Any],
+                  image: Path, fix: Callable[[dict[str, Any]], None] | None = None
+                  ) -> dict[str, Any]:
+    """Like side_by_side.assert_same for a plugin over a file: ``"{disk}"`` in ``args`` is
+    replaced by a fresh copy of ``image`` for each server; the views must be the same (after
+    ``fix(nbdkit_view)``, for a documented difference), and so must the files afterwards.
+    Returns pynbd's view."""
+    import shutil
+
+    from tests.side_by_side import assert_views_equal, probe
+
+    views, files = {}, {}
+    for name, factory in (("pynbd", pynbd_server), ("nbdkit", nbdkit_server)):
+        disk = image.with_name(f"{image.name}.{name}")
+        shutil.copy(image, disk)
+        srv = factory(*(str(disk) if a == "{disk}" else a for a in args))
+        views[name] = probe(srv.uri, ops)
+        srv.stop()
+        files[name] = disk.read_bytes()
+    if fix is not None:
+        fix(views["nbdkit"])
+    assert_views_equal(views["pynbd"], views["nbdkit"], " ".join(args))
+    assert files["pynbd"] == files["nbdkit"], " ".join(args)
+    return views["pynbd"]

@@ -371,6 +371,8 @@ class CowFilter(Filter):
                 state = st.states[b]
                 n = st.run(b, last, bytes((state,)))
             if state != _NOT_ALLOCATED:
+                if flags & Flag.REQ_ONE:
+                    n = 1  # as nbdkit answers: the first block, not the run
                 typ = EXTENT_HOLE | EXTENT_ZERO if state == _TRIMMED else 0
                 out.append((b * bs, n * bs, typ))
             elif can_extents:
