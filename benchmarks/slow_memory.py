@@ -43,7 +43,7 @@ class SlowMemoryPlugin(MemoryPlugin):
 
     def config(self, key: str, value: str) -> None:
         if key == "rdelay":
-            text = value[:-2] if value.endswith("ms") else value
+            text = value.removesuffix("ms")
             try:
                 self.rdelay = float(text) / 1000
             except ValueError:

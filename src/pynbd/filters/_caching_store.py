@@ -44,6 +44,9 @@ _NONZERO = re.compile(rb"[^\x00]")
 
 _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
+#: madvise(MADV_POPULATE_READ) (Linux >= 5.14): map pages just written into this process,
+#: so that the reads that follow do not fault them in one by one.
+_MADV_POPULATE_READ = 22
 
 
 def _load_fallocate() -> Any:
@@ -103,7 +106,9 @@ class BlockStore:
         self._punch = _fallocate is not None
         #: The file's length: it grows with the disk and never shrinks.
         self._file_len = 0
+        self._mmap: mmap.mmap | None = None
         self._map: memoryview | None = None
+        self._populate = True
 
     @property
     def nblocks(self) -> int:
@@ -126,9 +131,9 @@ class BlockStore:
                               prot=mmap.PROT_READ)
             except (OSError, ValueError, OverflowError) as e:
                 log.debug("mmap of the temporary file: %s (reads will copy)", e)
-                self._map = None
+                self._mmap = self._map = None
             else:
-                self._map = memoryview(m)
+                self._mmap, self._map = m, memoryview(m)
         self.size = size
 
     def view(self, offset: int, length: int) -> memoryview | None:
@@ -138,7 +143,7 @@ class BlockStore:
         return m[offset:offset + length] if m is not None else None
 
     def close(self) -> None:
-        self._map = None  # the mapping goes when the last view of it does
+        self._mmap = self._map = None  # the mapping goes when the last view of it does
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -180,6 +185,12 @@ class BlockStore:
         done = 0
         while done < len(mv):
             done += os.pwrite(self.fd, mv[done:], offset + done)
+        m = self._mmap
+        if m is not None and self._populate and offset + len(mv) <= len(m):
+            try:
+                m.madvise(_MADV_POPULATE_READ, offset, len(mv))
+            except OSError:
+                self._populate = False  # an older kernel: reads fault the pages in
 
     def punch(self, blk: int, n: int) -> None:
         """Make blocks read as zeroes and give their space back (or write zeroes where the
