@@ -320,6 +320,8 @@ class CacheFilter(Filter):
         """One whole block, from the cache or the plugin (the lock is held)."""
         st = self.store
         self.reclaimer.reclaim(next)
+        self._debug("blk_read block %d (offset %d) is %s", blk, blk * st.blksize,
+                    "cached" if st.states[blk] != _NOT_CACHED else "not cached")
         if st.states[blk] != _NOT_CACHED:
             self.reclaimer.touch(blk)
             return st.read(blk, 1)
