@@ -141,7 +141,8 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], list[list[fl
             ok = ok and ratio >= BAR
             print(f"{job:<10} {name:<7} {k:>9.2f} {p:>9.2f} {ratio:>13.2f}  "
                   f"{'PASS' if ratio >= BAR else 'FAIL'}")
-    slow = ("pynbd's delay filter" if pynbd_delay or args.pynbd_cmd else
+    slow = (f"{args.pynbd_cmd!r} with --filter=delay" if args.pynbd_cmd else
+            "pynbd's delay filter" if pynbd_delay else
             f"{SLOW_PLUGIN.name} (pynbd's memory plugin, each read {args.delay_ms} ms late: "
             "pynbd has no delay filter yet)")
     print(f"\nslow plugin: nbdkit --filter=delay rdelay={args.delay_ms}ms memory; pynbd {slow}")
