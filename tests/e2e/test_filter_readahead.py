@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.e2e.caching_helpers import wait_for, write_script
+from tests.e2e.caching_helpers import served_while_one_waits, wait_for, write_script
 from tests.helpers import PYNBD, run_libnbd
 
 KiB = 1024
@@ -96,6 +96,14 @@ def _prefetch_into(pynbd_server, tmp_path: Path, filters: list[str],
     read(srv.uri, [(block, block)])  # served from the filter below
     assert logged(log, "pread").count((block, block)) == 1
     assert "readahead: warning" not in srv.stderr
+
+
+def test_another_connection_is_served_while_one_waits(pynbd_server, tmp_path: Path) -> None:
+    script, hold = write_script(tmp_path), tmp_path / "hold"
+    hold.touch()
+    srv = pynbd_server("--filter=readahead", "python", script, f"hold={hold}")
+    seconds, waiting, answered = served_while_one_waits(srv.uri, hold)
+    assert seconds < 10 and waiting and answered
 
 
 def test_manual() -> None:
