@@ -31,8 +31,8 @@ from pynbd.plugin import (
 )
 from pynbd.server.backend import Chain, Context
 
-__all__ = ["SCRIPT", "Disk", "open_chain", "served_while_one_waits", "temp_files_of", "wait_for",
-           "write_script"]
+__all__ = ["SCRIPT", "Disk", "open_chain", "parallel", "served_while_one_waits", "temp_files_of",
+           "wait_for", "write_script"]
 
 KiB = 1024
 
@@ -363,20 +363,29 @@ def libnbd_steps(uri: str, steps: str, *args: str) -> list[Any]:
     return json.loads(run_libnbd(code, uri, *args).stdout)  # type: ignore[no-any-return]
 
 
+def parallel(fn: Callable[..., Any], cases: list[Any], workers: int = 4) -> list[Any]:
+    """``[fn(*case) for case in cases]``, a few at a time (each case starts servers: most of
+    the time is spent waiting for them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda case: fn(*case), cases))
+
+
 def same_on_files(pynbd_server: Any, nbdkit_server: Any, args: list[str], ops: list[Any],
-                  image: Path, fix: Callable[[dict[str, Any]], None] | None = None
-                  ) -> dict[str, Any]:
+                  image: Path, fix: Callable[[dict[str, Any]], None] | None = None,
+                  tag: str = "") -> dict[str, Any]:
     """Like side_by_side.assert_same for a plugin over a file: ``"{disk}"`` in ``args`` is
     replaced by a fresh copy of ``image`` for each server; the views must be the same (after
     ``fix(nbdkit_view)``, for a documented difference), and so must the files afterwards.
-    Returns pynbd's view."""
+    ``tag`` names the copies (for several comparisons at once). Returns pynbd's view."""
     import shutil
 
     from tests.side_by_side import assert_views_equal, probe
 
     views, files = {}, {}
     for name, factory in (("pynbd", pynbd_server), ("nbdkit", nbdkit_server)):
-        disk = image.with_name(f"{image.name}.{name}")
+        disk = image.with_name(f"{image.name}.{tag}{name}")
         shutil.copy(image, disk)
         srv = factory(*(str(disk) if a == "{disk}" else a for a in args))
         views[name] = probe(srv.uri, ops)

@@ -14,6 +14,7 @@ from pynbd.limits import MAX_PAYLOAD_ADVERTISED
 from tests.e2e.caching_helpers import (
     assert_same_errors,
     libnbd_steps,
+    parallel,
     run_both,
     same_on_files,
 )
@@ -47,10 +48,11 @@ def test_what_clients_see(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     data = bytearray(random.Random(4).randbytes(MiB))
     data[512 * KiB:768 * KiB] = bytes(256 * KiB)
     image.write_bytes(data)
-    for params in ([], ["cow-block-size=4K"], ["cow-block-size=1M", "cow-on-read=true"],
-                   ["cow-on-cache=true"]):
-        same_on_files(pynbd_server, nbdkit_server, ["--filter=cow", "file", "{disk}", *params],
-                      OPS, image, zero_advertised)
+    cases = [[], ["cow-block-size=4K"], ["cow-block-size=1M", "cow-on-read=true"],
+             ["cow-on-cache=true"]]
+    parallel(lambda i, params: same_on_files(
+        pynbd_server, nbdkit_server, ["--filter=cow", "file", "{disk}", *params], OPS, image,
+        zero_advertised, tag=str(i)), list(enumerate(cases)))
     assert image.read_bytes() == data
 
 
@@ -99,28 +101,27 @@ for step in range(4):
 def test_copies_into_the_overlay(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     """cow-on-read and cow-on-cache: data copied into the overlay is not read from the
     plugin again (a file changed behind the server shows it)."""
-    results: dict[str, list[Any]] = {}
-    for params, flag, prefetch in (([], False, "0"), (["cow-on-read=true"], False, "0"),
-                                   (["cow-on-read={flag}"], True, "0"),
-                                   (["cow-on-cache=true"], False, "1"),
-                                   (["cow-on-cache=false"], False, "1")):
-        for name, factory in (("pynbd", pynbd_server), ("nbdkit", nbdkit_server)):
-            disk, flagfile = tmp_path / f"{name}.img", tmp_path / f"{name}.flag"
-            disk.write_bytes(bytes(MiB))
-            flagfile.unlink(missing_ok=True)
-            srv = factory("--filter=cow", "file", disk,
-                          *(p.format(flag=flagfile) for p in params))
-            results[name] = libnbd_steps(srv.uri, _STALE, str(disk),
-                                         str(flagfile) if flag else "", prefetch)
+
+    def run(i: int, params: list[str], flag: bool, prefetch: str, name: str) -> list[str]:
+        disk, flagfile = tmp_path / f"{name}{i}.img", tmp_path / f"{name}{i}.flag"
+        disk.write_bytes(bytes(MiB))
+        srv = (pynbd_server if name == "pynbd" else nbdkit_server)(
+            "--filter=cow", "file", disk, *(p.format(flag=flagfile) for p in params))
+        try:
+            return libnbd_steps(srv.uri, _STALE, str(disk), str(flagfile) if flag else "",
+                                prefetch)
+        finally:
             srv.stop()
-        assert results["pynbd"] == results["nbdkit"], params
-        fresh = ["00" * 16, "01" * 16, "02" * 16, "03" * 16]
-        if params in ([], ["cow-on-cache=false"]):
-            assert results["nbdkit"] == fresh
-        elif flag:
-            assert results["nbdkit"] == ["00" * 16, "01" * 16, "02" * 16, "02" * 16]
-        else:
-            assert results["nbdkit"] == ["00" * 16] * 4
+
+    cases = [([], False, "0"), (["cow-on-read=true"], False, "0"),
+             (["cow-on-read={flag}"], True, "0"), (["cow-on-cache=true"], False, "1"),
+             (["cow-on-cache=false"], False, "1")]
+    got = parallel(run, [(i, *case, name) for i, case in enumerate(cases)
+                         for name in ("pynbd", "nbdkit")])
+    assert got[::2] == got[1::2]
+    fresh = ["00" * 16, "01" * 16, "02" * 16, "03" * 16]
+    assert got[1::2] == [fresh, ["00" * 16] * 4, ["00" * 16, "01" * 16, "02" * 16, "02" * 16],
+                         ["00" * 16] * 4, fresh]
 
 
 def test_parameters_and_their_messages(tmp_path: Path) -> None:
