@@ -256,6 +256,12 @@ class CacheFilter(Filter):
         bs = st.blksize
         end = offset + count
         b, last = offset // bs, (end - 1) // bs + 1
+        if self.max_size == -1 and not self.debug_verbose:
+            with self._lock:  # the usual hit: all cached, a view of the file, no copy
+                if _NOT_CACHED not in st.states[b:last]:
+                    view = st.view(offset, count)
+                    if view is not None:
+                        return view
         out: bytearray | None = None
         pos = offset
         while pos < end:

@@ -20,6 +20,7 @@ log = logging.getLogger("pynbd.filters")
 
 # Block states in the overlay.
 _NOT_ALLOCATED, _ALLOCATED, _TRIMMED = 0, 1, 3
+_ALLOCATED_B = bytes((_ALLOCATED,))
 _STATE_NAMES = {_NOT_ALLOCATED: "not allocated", _ALLOCATED: "allocated", _TRIMMED: "trimmed"}
 _UINT32_MAX = 0xFFFFFFFF
 #: The largest read of the plugin a cache (prefetch) request makes at once.
@@ -220,6 +221,12 @@ class CowFilter(Filter):
         bs = st.blksize
         end = offset + count
         b, last = offset // bs, (end - 1) // bs + 1
+        if not self.debug_verbose:
+            with self._lock:  # the usual hit: all in the overlay, a view of it, no copy
+                whole = st.run(b, last, _ALLOCATED_B) == last - b
+            view = st.view(offset, count) if whole else None
+            if view is not None:
+                return view
         out: bytearray | None = None
         pos = offset
         while pos < end:
