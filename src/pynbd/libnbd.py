@@ -103,6 +103,7 @@ from typing import Any, Self, TypeVar
 from pynbd.client.engine import PROC_EXIT_GRACE as _PROC_EXIT_GRACE
 from pynbd.client.engine import AsyncClient
 from pynbd.errors import CommandError, OptionError, ProtocolError, RemoteProtocolError
+from pynbd.protocol.client import ExportSizeError
 from pynbd.protocol.constants import Rep, TxFlag
 
 __all__ = [
@@ -739,6 +740,8 @@ def _failure(exc: BaseException, *, connecting: bool = False) -> tuple[str, int]
         return exc.message, exc.errno
     if isinstance(exc, _HangUp):
         return "recv: server disconnected unexpectedly", 0
+    if isinstance(exc, ExportSizeError):  # libnbd >= 1.16.5's words (there from get_size)
+        return str(exc), exc.errno
     if isinstance(exc, ProtocolError):
         return (f"handshake: {exc}" if connecting else f"protocol error: {exc}"), _errno.EPROTO
     if isinstance(exc, OSError) and exc.errno:
@@ -1946,6 +1949,14 @@ class NBD:
                 err = _REP_ERRNO.get(exc.reply, _errno.ENOTSUP) if kind in ("go", "info") \
                     else _errno.ENOTSUP
                 done(None, err)
+            elif isinstance(exc, ExportSizeError) and kind == "info":
+                # The server's replies were well-formed: negotiation goes on (another export
+                # may be fine), but this one is refused, with its own message.
+                self._state = _NEGOTIATING
+                self._info = None
+                if completion is not None:
+                    _call(completion, ctypes.c_int(exc.errno))
+                raise self._err(str(exc), exc.errno)
             else:
                 self._state = _DEAD
                 msg, err = _failure(exc)

@@ -8,8 +8,10 @@ Feed bytes with :meth:`ClientHandshake.receive_data`, take events with
 from __future__ import annotations
 
 import enum
+import errno as _errno
 
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
+from pynbd.limits import MAX_EXPORT_SIZE
 from pynbd.protocol.constants import (
     EXPORT_NAME_REPLY,
     GREETING,
@@ -33,9 +35,11 @@ __all__ = [
     "CState",
     "ClientHandshake",
     "ExportReply",
+    "ExportSizeError",
     "Greeting",
     "OldstyleGreeting",
     "OptionReply",
+    "check_export_size",
 ]
 
 #: Largest option reply payload accepted from a server (a LIST of many exports fits).
@@ -50,6 +54,24 @@ class CState(enum.Enum):
     AWAIT_EXPORT_NAME = "await-export-name"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
+
+
+class ExportSizeError(RemoteProtocolError):
+    """The server advertised an export size of 2^63 or more. Every client API hands sizes
+    and offsets out as signed 64-bit numbers (libnbd's ``nbd_get_size``, ``off_t``, Python's
+    C longs), so such an export is refused at negotiation (CVE-2023-5215). ``errno`` is
+    EOVERFLOW, as libnbd >= 1.16.5 sets it."""
+
+    errno = _errno.EOVERFLOW
+
+
+def check_export_size(size: int) -> int:
+    """``size`` if a client can use it; else :class:`ExportSizeError`, in libnbd's words
+    (``nbd_get_size`` in libnbd >= 1.16.5). Every way a size arrives (oldstyle greeting,
+    NBD_OPT_EXPORT_NAME reply, NBD_INFO_EXPORT) passes here."""
+    if size > MAX_EXPORT_SIZE:
+        raise ExportSizeError(f"server claims size {size} which does not fit in signed result")
+    return size
 
 
 # The events: plain classes (a tool that negotiates starts without importing dataclasses,
@@ -167,7 +189,7 @@ class ClientHandshake:
                 buf.clear()
                 if not flags & TxFlag.HAS_FLAGS:
                     raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-                return OldstyleGreeting(size, flags & 0xFFFF)
+                return OldstyleGreeting(check_export_size(size), flags & 0xFFFF)
             if second != IHAVEOPT:
                 raise RemoteProtocolError(f"bad server magic {second:#x}")
             if len(buf) < GREETING.size:
@@ -216,5 +238,5 @@ class ClientHandshake:
             buf.clear()
             if not eflags & TxFlag.HAS_FLAGS:
                 raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-            return ExportReply(size, eflags)
+            return ExportReply(check_export_size(size), eflags)
         return NEED_DATA
