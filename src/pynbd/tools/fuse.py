@@ -181,6 +181,9 @@ class Options:
     # the server
     mode: str = "uri"
     args: list[str] = field(default_factory=list)
+    #: The working directory the command line's relative paths are relative to (this
+    #: process and its workers leave it before mounting).
+    cwd: str = ""
 
 
 def _int_arg(what: str, s: str, lo: int = 0) -> int:
@@ -225,7 +228,7 @@ def _fuse_option(o: Options, opt: str) -> None:
 
 def parse_args(argv: list[str]) -> Options | int:
     """Parse the command line; an int is an exit status (after --help etc.)."""
-    o = Options()
+    o = Options(cwd=os.getcwd())
     try:
         # POSIX getopt stops at the first non-option (the mountpoint), as nbdfuse's "+".
         opts, rest = getopt.getopt(argv, "C:dfo:P:rsvV", [
@@ -255,7 +258,7 @@ def parse_args(argv: list[str]) -> Options | int:
             for part in v.split(","):
                 _fuse_option(o, part)
         elif k in ("-P", "--pidfile", "--pid-file"):
-            o.pidfile = v
+            o.pidfile = os.path.abspath(v)
         elif k in ("-r", "--readonly", "--read-only"):
             o.readonly = True
         elif k == "-s":
@@ -265,6 +268,7 @@ def parse_args(argv: list[str]) -> Options | int:
                          if not rest else "needs a URI or a mode after the mountpoint "
                          "(see --help)")
     _mountpoint(o, rest[0])
+    o.mountpoint = os.path.abspath(o.mountpoint)
     _mode(o, rest[1:])
     return o
 
@@ -354,14 +358,40 @@ ADDRESS_MODES = ("uri", "tcp", "unix", "vsock")
 
 
 def _address(o: Options) -> dict[str, Any]:
-    """The connect keywords for an address mode (both clients take them)."""
+    """The connect keywords for an address mode (both clients take them). A relative Unix
+    socket path is taken from the directory the command was run in (the worker processes
+    run in ``/``)."""
     if o.mode == "uri":
-        return {"uri": o.args[0]}
+        from pynbd.client.negotiate import uri_target
+
+        t = uri_target(o.args[0])
+        path = t.get("unix")
+        if path is None or path.startswith(("/", "\0")) or not path:
+            return {"uri": o.args[0]}
+        return {"unix": os.path.join(o.cwd, path), "export_name": t["export_name"]}
     if o.mode == "tcp":
         return {"host": o.args[0], "port": int(o.args[1], 0)}
     if o.mode == "vsock":
         return {"vsock": (int(o.args[0], 0), int(o.args[1], 0))}
-    return {"unix": o.args[0]}
+    return {"unix": os.path.join(o.cwd, o.args[0])}
+
+
+def _leave_mountpoint(mountpoint: str) -> None:
+    """Before mounting: leave the working directory for ``/`` (as a daemon does), and drop
+    the mountpoint and what is under it from the import path. Once mounted, looking there
+    is a FUSE request to the process that serves it: an import that checks a directory on
+    ``sys.path`` (``python -m`` puts the working directory there) would wait for ever."""
+    real = os.path.realpath(mountpoint)
+    inside = real.rstrip("/") + "/"
+
+    def under(p: str) -> bool:
+        r = os.path.realpath(p or ".")
+        return r == real or r.startswith(inside)
+
+    sys.path[:] = [p for p in sys.path if not under(p)]
+    for p in [p for p in sys.path_importer_cache if isinstance(p, str) and under(p)]:
+        del sys.path_importer_cache[p]
+    os.chdir("/")
 
 
 async def connect(o: Options, connections: int | None = None) -> Any:
@@ -703,6 +733,7 @@ async def serve(o: Options, ready: Any = None) -> int:
         # Nothing may look at the mountpoint's path once mounted: a lookup would be a FUSE
         # request to this very loop and deadlock.
         real_mountpoint = os.path.realpath(o.mountpoint)
+        _leave_mountpoint(real_mountpoint)
         try:
             fd = fk.mount(o.mountpoint, root_mode=root_mode, fsname=o.fsname,
                           subtype=o.subtype, options=o.mount_options, read_only=o.mount_ro)
@@ -823,14 +854,19 @@ def _spawn_workers(o: Options, fd: int, ra: int | None, n: int) -> list[
 
     spec = json.dumps({"options": dataclasses.asdict(o), "fd": fd, "readahead": ra,
                        "parent": os.getpid()})
+    env = dict(os.environ, **{WORKER_ENV: spec})
+    if env.get("PYTHONPATH"):  # relative entries were relative to the old directory
+        env["PYTHONPATH"] = os.pathsep.join(
+            os.path.join(o.cwd, p) if p else o.cwd for p in env["PYTHONPATH"].split(os.pathsep))
     workers = []
     for _ in range(n):
         try:
             # A session of its own: a Ctrl-C on the terminal reaches the main process only,
-            # which stops the workers itself (SIGTERM), one request at a time.
+            # which stops the workers itself (SIGTERM), one request at a time. It runs in
+            # "/": its working directory may be the mountpoint, which it serves.
             p = subprocess.Popen([sys.executable, "-m", "pynbd", "fuse"], pass_fds=[fd],
                                  stdin=subprocess.DEVNULL, start_new_session=True,
-                                 env=dict(os.environ, **{WORKER_ENV: spec}))
+                                 cwd="/", env=env)
         except OSError as e:
             print(f"{PROG}: cannot start a worker process: {_errmsg(e)}", file=sys.stderr)
             break
