@@ -552,12 +552,11 @@ class _Engine(AsyncClient):
     def _start_command(self, argv: list[str]) -> socket.socket:
         """connect_command: a program that cannot be run gets libnbd's child's message on
         stderr, and the handle then sees the server hang up, as in libnbd."""
-        import subprocess
+        from pynbd.client.spawn import start_command
 
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                          close_fds=True)
+            self._proc = start_command(argv, theirs)
         except OSError as e:
             _child_perror(argv[0], e)
         except BaseException:

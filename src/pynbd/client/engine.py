@@ -259,12 +259,11 @@ class AsyncClient(Negotiation):
         await self._handshake(export_name)
 
     def _start_command(self, argv: list[str]) -> socket.socket:
-        import subprocess
+        from pynbd.client.spawn import start_command
 
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                          close_fds=True)
+            self._proc = start_command(argv, theirs)
         except BaseException:
             mine.close()
             raise
@@ -304,14 +303,9 @@ class AsyncClient(Negotiation):
 
     def _spawn_activated(self, argv: list[str], ls: socket.socket) -> None:
         """Start the server of :meth:`_start_activation` with ``ls`` as its fd 3."""
-        import subprocess
+        from pynbd.client.spawn import start_activated
 
-        # The listening socket goes in as stdin and the shell moves it to fd 3: dash
-        # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
-        # exec keeps the shell's pid, which is what LISTEN_PID must name.
-        wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
-        self._proc = subprocess.Popen(
-            ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
+        self._proc = start_activated(argv, ls)
 
     def _close_stream(self) -> None:
         if self.stream is not None:

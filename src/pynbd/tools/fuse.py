@@ -1073,6 +1073,8 @@ def _background(o: Options) -> int:
 
 
 def main(argv: list[str]) -> int:
+    from pynbd.tools import _lifetime
+
     worker = os.environ.pop(WORKER_ENV, None)
     if worker is not None:
         import json
@@ -1090,6 +1092,7 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: /dev/fuse does not exist: the fuse kernel module is not loaded",
               file=sys.stderr)
         return 1
-    if o.background:
-        return _background(o)
-    return _run(o)
+    with _lifetime.tool():  # a server started for --command or [ CMD ] dies with this process
+        if o.background:
+            return _background(o)
+        return _run(o)

@@ -782,7 +782,13 @@ def _write_stdout(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``pynbd info ARGS``; returns the exit status (0, 1, or 2 for --is/--can false)."""
-    args = sys.argv[1:] if argv is None else list(argv)
+    from pynbd.tools import _lifetime
+
+    with _lifetime.tool():  # a server started for [ CMD ] dies with this process
+        return _main(sys.argv[1:] if argv is None else list(argv))
+
+
+def _main(args: list[str]) -> int:
     info = _Info()
     try:
         status = info.parse(args)
@@ -799,8 +805,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e.string}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        info.close()
-        return 130
+        # As nbdinfo: killed by SIGINT, at once (closing politely could wait for a reply
+        # that does not come); a server started for [ CMD ] gets SIGTERM from the kernel.
+        import signal
+
+        from pynbd.tools._lifetime import die_of
+
+        die_of(signal.SIGINT)
     except BrokenPipeError:
         info.close()
         return 1
