@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import errno as E
-import functools
 import os
 import socket
-import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Self
 
 from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
@@ -30,23 +27,12 @@ from pynbd.protocol.client import (
 )
 from pynbd.protocol.constants import (
     CONTEXT_BASE_ALLOCATION,
-    EXT_REPLY,
-    EXT_REPLY_MAGIC,
-    EXT_REQUEST,
-    EXT_REQUEST_MAGIC,
-    REQUEST,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY,
-    STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
     Opt,
-    ReplyFlag,
-    ReplyType,
-    nbd_to_errno,
 )
+from pynbd.protocol.replies import Pending, ReplyDecoder
+from pynbd.protocol.transmission import build_request
 from pynbd.stream import FdStream
 
 __all__ = [
@@ -62,22 +48,14 @@ __all__ = [
     "ExportInfo",
 ]
 
-_U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
 # Plain ints on the hot path (enum operators are Python functions).
 _FLUSH, _READ, _WRITE = int(Cmd.FLUSH), int(Cmd.READ), int(Cmd.WRITE)
 _BS = int(Cmd.BLOCK_STATUS)
-_DONE, _REQ_ONE = int(ReplyFlag.DONE), int(CmdFlag.REQ_ONE)
-_OFFSET_DATA, _OFFSET_HOLE = int(ReplyType.OFFSET_DATA), int(ReplyType.OFFSET_HOLE)
-_ERRH = struct.Struct(">IH")
-_HOLE = struct.Struct(">QI")
 
 #: Requests in flight per connection before new ones wait.
 DEFAULT_MAX_IN_FLIGHT = 64
 #: Payload bytes in flight per connection before new requests wait.
 DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-#: Largest non-data reply chunk accepted (a block-status chunk of 2^20 extents fits).
-MAX_CHUNK = 64 * 1024 * 1024
 _RECV_BUF = 1024 * 1024
 #: With a payload being received into its destination, at most this much more is read into
 #: the receive buffer in the same system call: the next reply headers, and small replies,
@@ -118,21 +96,18 @@ _CMD_FLAGS: dict[int, int] = {  # plain ints: ~ of an IntFlag stays inside the k
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 
-@dataclass
-class _Pending:
-    cookie: int
-    cmd: int
-    offset: int
-    length: int
-    fut: asyncio.Future[Any]
-    dest: memoryview | None = None
-    chunk_cb: ChunkCallback | None = None
-    error: int = 0
-    message: str = ""
-    covered: list[tuple[int, int]] = field(default_factory=list)
-    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    nbytes: int = 0
-    flags: int = 0
+class _Pending(Pending):
+    """A command awaiting its reply: the decoder's record, with the future its caller
+    awaits and the payload bytes it counts against :attr:`AsyncClient.max_bytes_in_flight`."""
+
+    __slots__ = ("fut", "nbytes")
+
+    def __init__(self, cookie: int, cmd: int, offset: int, length: int, flags: int,
+                 dest: memoryview | None, chunk_cb: ChunkCallback | None,
+                 fut: asyncio.Future[Any], nbytes: int) -> None:
+        super().__init__(cookie, cmd, offset, length, flags, dest, chunk_cb)
+        self.fut = fut
+        self.nbytes = nbytes
 
 
 class AsyncClient(Negotiation):
@@ -151,8 +126,10 @@ class AsyncClient(Negotiation):
         #: connection is failed: every pending command gets a TimeoutError.
         self.request_timeout: float | None = None
         self._proc_grace = 0.0  # seconds a started server may take to exit by itself
-        # transmission
-        self._pending: dict[int, _Pending] = {}
+        # transmission: THE reply decoder (pynbd.protocol.replies); its ``pending`` maps
+        # cookie -> _Pending for every command in flight
+        self._dec = ReplyDecoder(self._finish)
+        self._pending: dict[int, Any] = self._dec.pending
         self._next_cookie = 1
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
         self.max_bytes_in_flight = DEFAULT_MAX_BYTES_IN_FLIGHT
@@ -162,9 +139,7 @@ class AsyncClient(Negotiation):
         self._view = memoryview(self._buf)
         self._pos = 0
         self._end = 0
-        self._sink: memoryview | None = None
-        self._sink_got = 0
-        self._sink_done: Callable[[], None] | None = None
+        self._sink_got = 0  # bytes of the decoder's sink already received
         self._out: list[Any] = []
         self._flush_scheduled = False
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
@@ -419,6 +394,9 @@ class AsyncClient(Negotiation):
     def _enter_transmission(self) -> None:
         super()._enter_transmission()
         assert self.stream is not None
+        self._dec.structured = self.structured or self.extended
+        self._dec.extended = self.extended
+        self._dec.contexts = dict(self.meta_contexts)
         self._strict_rules.clear()
         self.stream.on_write_error = self._on_write_error
         self.stream.set_reader(self._on_readable)
@@ -513,18 +491,12 @@ class AsyncClient(Negotiation):
         cookie = self._next_cookie
         self._next_cookie += 1
         fut = self.loop.create_future()
-        p = _Pending(cookie, cmd, offset, length, fut, dest, chunk_cb, nbytes=nbytes,
-                     flags=flags)
-        self._pending[cookie] = p
+        p = _Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, fut, nbytes)
+        self._pending[cookie] = p  # the decoder's (ReplyDecoder.expect, inlined)
         self._bytes_in_flight += nbytes
-        if self.extended:
-            if payload is not None:
-                flags |= CmdFlag.PAYLOAD_LEN
-            hdr = EXT_REQUEST.pack(EXT_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-        else:
-            hdr = REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         out = self._out
-        out.append(hdr)
+        out.append(build_request(cmd, cookie, offset, length, flags, self.extended,
+                                 payload is not None))
         if payload is not None:
             out.append(payload)
         if not self._flush_scheduled:
@@ -631,10 +603,7 @@ class AsyncClient(Negotiation):
             if self.closed or self.failure is not None:
                 return
             self._flush()
-            stream.write([REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
-                          if not self.extended else
-                          EXT_REQUEST.pack(EXT_REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie,
-                                           0, 0)])
+            stream.write([build_request(Cmd.DISC, self._next_cookie, 0, 0, 0, self.extended)])
         elif self.hs.state is CState.OPTIONS and self.hs.fixed_newstyle:
             stream.write([self.hs.option(Opt.ABORT)])  # the reply need not be read
         else:
@@ -671,26 +640,24 @@ class AsyncClient(Negotiation):
     # the reader
     def _on_readable(self) -> None:
         try:
-            sink = self._sink
+            dec = self._dec
+            sink = dec.sink
             if sink is not None:
                 # The rest of a payload straight into its destination, and what follows (the
                 # next reply headers) into the receive buffer, which is empty in this state.
-                want = len(sink) - self._sink_got
+                got = self._sink_got
+                want = len(sink) - got
                 n = self.stream.readinto2(  # type: ignore[union-attr]
-                    sink[self._sink_got:], self._view[:self._read_limit()])
+                    sink[got:], self._view[:self._read_limit()])
                 if n == 0:
                     return self._fail(ConnectionError(
-                    "server closed the connection in the middle of a reply"))
+                        "server closed the connection in the middle of a reply"))
                 if n < want:
-                    self._sink_got += n
+                    self._sink_got = got + n
                     return
-                self._end = n - want
-                self._sink_got = len(sink)
-                done = self._sink_done
-                self._sink = None
-                self._sink_done = None
-                assert done is not None
-                done()
+                self._sink_got = 0
+                self._pos, self._end = 0, n - want
+                dec.sink_filled()
             else:
                 if self._end == len(self._buf):
                     self._compact()
@@ -717,7 +684,8 @@ class AsyncClient(Negotiation):
     def _read_limit(self) -> int:
         """How much one read may put in the receive buffer. With mostly large reads in flight,
         little more than the next reply header, so that their payloads land in their
-        destinations (see _into) rather than here first; otherwise all that is there."""
+        destinations (the decoder's sink) rather than here first; otherwise all that is
+        there."""
         if self._bytes_in_flight > _BIG_READS * len(self._pending):
             return _SCATTER_TAIL
         return len(self._buf)
@@ -728,246 +696,47 @@ class AsyncClient(Negotiation):
             self._buf[:rest] = self._buf[self._pos:self._end]
         self._pos, self._end = 0, rest
 
-    def _need(self, n: int) -> bool:
-        """True if n bytes are buffered at _pos; else make room for them and return False."""
-        if self._end - self._pos >= n:
-            return True
-        if self._pos + n > len(self._buf):
+    def _process(self) -> None:
+        """Decode what is buffered (pynbd.protocol.replies); then make room for what the
+        decoder needs next, unless a payload is to go straight to its destination."""
+        dec = self._dec
+        if self.closed:
+            return
+        pos = dec.feed(self._view, self._pos, self._end)
+        if dec.sink is not None:  # everything buffered was used
+            self._pos = self._end = 0
+            return
+        if pos == self._end:
+            self._pos = self._end = 0
+            if len(self._buf) > _RECV_BUF:  # grown for one huge chunk: give it back
+                self._buf = bytearray(_RECV_BUF)
+                self._view = memoryview(self._buf)
+            return
+        self._pos = pos
+        n = dec.need
+        if pos + n > len(self._buf):
             if n > len(self._buf):
                 newbuf = bytearray(n)
-                rest = self._end - self._pos
-                newbuf[:rest] = self._buf[self._pos:self._end]
+                rest = self._end - pos
+                newbuf[:rest] = self._buf[pos:self._end]
                 self._buf = newbuf
                 self._view = memoryview(newbuf)
                 self._pos, self._end = 0, rest
             else:
                 self._compact()
-        return False
 
-    def _into(self, dest: memoryview, then: Callable[[], None]) -> bool:
-        """Move buffered bytes into dest; if more are needed, receive straight into dest.
-        Returns True if dest was filled now (then() is NOT called in that case)."""
-        avail = self._end - self._pos
-        n = len(dest)
-        take = min(avail, n)
-        if take:
-            dest[:take] = self._view[self._pos:self._pos + take]
-            self._pos += take
-        if take == n:
-            return True
-        self._pos = self._end = 0
-        self._sink = dest
-        self._sink_got = take
-        self._sink_done = then
-        return False
-
-    def _process(self) -> None:
-        while self._sink is None and not self.closed:
-            if self._end - self._pos < 4:
-                if self._pos == self._end:
-                    self._pos = self._end = 0
-                    if len(self._buf) > _RECV_BUF:  # grown for one huge chunk: give it back
-                        self._buf = bytearray(_RECV_BUF)
-                        self._view = memoryview(self._buf)
-                return
-            magic = _U32.unpack_from(self._buf, self._pos)[0]
-            if magic == SIMPLE_REPLY_MAGIC and not self.extended:
-                if not self._need(16):
-                    return
-                _, error, cookie = SIMPLE_REPLY.unpack_from(self._buf, self._pos)
-                p = self._pending.get(cookie)
-                if p is None:
-                    raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
-                self._pos += 16
-                if p.cmd == _READ and self.structured and error == 0:
-                    raise RemoteProtocolError("simple reply to a structured READ")
-                if p.cmd == _BS and error == 0:
-                    raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
-                if p.cmd == _READ and error == 0:
-                    assert p.dest is not None
-                    if not self._into(p.dest, functools.partial(self._finish_simple_read, p)):
-                        return
-                    self._finish_simple_read(p)
-                else:
-                    p.error = error
-                    self._finish(p)
-                continue
-            if magic == STRUCTURED_REPLY_MAGIC and self.structured and not self.extended:
-                hsize = 20
-                if not self._need(hsize):
-                    return
-                _, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack_from(self._buf, self._pos)
-            elif magic == EXT_REPLY_MAGIC and self.extended:
-                hsize = 32
-                if not self._need(hsize):
-                    return
-                _, flags, rtype, cookie, _off, length = EXT_REPLY.unpack_from(self._buf, self._pos)
-            else:
-                raise RemoteProtocolError(f"bad reply magic {magic:#x}")
-            p = self._pending.get(cookie)
-            if p is None:
-                raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
-            if rtype == _OFFSET_DATA:
-                if p.cmd != _READ or length < 9:
-                    raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
-                if not self._need(hsize + 8):
-                    return
-                (doff,) = _U64.unpack_from(self._buf, self._pos + hsize)
-                n = length - 8
-                start = doff - p.offset
-                if start < 0 or start + n > p.length:
-                    raise RemoteProtocolError("OFFSET_DATA chunk outside the request")
-                self._pos += hsize + 8
-                assert p.dest is not None
-                dest = p.dest[start:start + n]
-                p.covered.append((start, n))
-                then = (lambda p=p, start=start, n=n, flags=flags:
-                        self._data_chunk_done(p, start, n, flags))
-                if not self._into(dest, then):
-                    return
-                self._data_chunk_done(p, start, n, flags)
-                continue
-            if length > MAX_CHUNK:
-                raise RemoteProtocolError(f"reply chunk of {length} bytes is too large")
-            if not self._need(hsize + length):
-                return
-            payload = bytes(self._view[self._pos + hsize:self._pos + hsize + length])
-            self._pos += hsize + length
-            self._chunk(p, flags, rtype, payload)
-
-    def _finish_simple_read(self, p: _Pending) -> None:
-        if p.chunk_cb is not None and p.dest is not None:
-            self._call_chunk_cb(p, p.dest, p.offset, 1, 0)
-        self._finish(p)
-
-    def _data_chunk_done(self, p: _Pending, start: int, n: int, flags: int) -> None:
-        if p.chunk_cb is not None and p.dest is not None:
-            self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, 1, 0)
-        if flags & _DONE:
-            self._finish(p)
-
-    def _call_chunk_cb(self, p: _Pending, data: memoryview, offset: int, status: int,
-                       error: int) -> None:
-        try:
-            r = p.chunk_cb(data.toreadonly(), offset, status, error)  # type: ignore[misc]
-        except Exception as e:  # noqa: BLE001
-            if not p.error:
-                p.error = 5
-                p.message = f"chunk callback failed: {e}"
-            return
-        if isinstance(r, int) and r < 0 and not p.error:
-            p.error = 5
-
-    def _chunk(self, p: _Pending, flags: int, rtype: int, payload: bytes) -> None:
-        if rtype == ReplyType.NONE:
-            if payload or not flags & _DONE:
-                raise RemoteProtocolError("malformed NONE chunk")
-        elif rtype == _OFFSET_HOLE:
-            if p.cmd != _READ or len(payload) != 12:
-                raise RemoteProtocolError("unexpected or malformed OFFSET_HOLE chunk")
-            hoff, hlen = _HOLE.unpack(payload)
-            start = hoff - p.offset
-            if hlen == 0 or start < 0 or start + hlen > p.length:
-                raise RemoteProtocolError("OFFSET_HOLE chunk outside the request")
-            assert p.dest is not None
-            p.dest[start:start + hlen] = bytes(hlen)
-            p.covered.append((start, hlen))
-            if p.chunk_cb is not None:
-                self._call_chunk_cb(p, p.dest[start:start + hlen], hoff, 2, 0)
-        elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
-            self._status_chunk(p, rtype, payload)
-        elif rtype & 0x8000:
-            if len(payload) < 6:
-                raise RemoteProtocolError("error chunk too short")
-            err, mlen = _ERRH.unpack_from(payload)
-            extra = 8 if rtype == ReplyType.ERROR_OFFSET else 0
-            if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET) and \
-                    len(payload) != 6 + mlen + extra:
-                raise RemoteProtocolError("error chunk length does not match its message")
-            if 6 + mlen > len(payload):
-                raise RemoteProtocolError("error chunk message overruns the chunk")
-            if extra:
-                (eoff,) = _U64.unpack_from(payload, 6 + mlen)
-                start = eoff - p.offset
-                if not 0 <= start < max(p.length, 1):
-                    raise RemoteProtocolError("ERROR_OFFSET chunk outside the request")
-            if not p.error:
-                p.error = err or 22
-                p.message = payload[6:6 + mlen].decode("utf-8", "replace")
-            if extra and p.chunk_cb is not None and p.dest is not None:
-                self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
-        else:
-            raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
-        if flags & _DONE:
-            self._finish(p)
-
-    def _status_chunk(self, p: _Pending, rtype: int, payload: bytes) -> None:
-        if p.cmd != _BS:
-            raise RemoteProtocolError("block status chunk for another command")
-        if rtype == ReplyType.BLOCK_STATUS:
-            if self.extended or len(payload) < 12 or (len(payload) - 4) % 8:
-                raise RemoteProtocolError("malformed BLOCK_STATUS chunk")
-            ctx = _U32.unpack_from(payload)[0]
-            ents = [struct.unpack_from(">II", payload, 4 + 8 * i)
-                    for i in range((len(payload) - 4) // 8)]
-        else:
-            if not self.extended or len(payload) < 24 or (len(payload) - 8) % 16:
-                raise RemoteProtocolError("malformed BLOCK_STATUS_EXT chunk")
-            ctx, count = struct.unpack_from(">II", payload)
-            ents = [struct.unpack_from(">QQ", payload, 8 + 16 * i)
-                    for i in range((len(payload) - 8) // 16)]
-            if count != len(ents):
-                raise RemoteProtocolError("BLOCK_STATUS_EXT count does not match its length")
-        if ctx not in self.meta_contexts:
-            raise RemoteProtocolError(f"block status for an unknown context id {ctx}")
-        if ctx in p.extents:
-            raise RemoteProtocolError("two block status chunks for one context")
-        if any(n == 0 for n, _ in ents):
-            raise RemoteProtocolError("zero-length extent in block status")
-        if p.flags & _REQ_ONE and len(ents) != 1:
-            raise RemoteProtocolError("more than one extent in a REQ_ONE block status reply")
-        p.extents[ctx] = [(int(n), int(f)) for n, f in ents]
-
-    def _finish(self, p: _Pending) -> None:
-        self._pending.pop(p.cookie, None)
+    def _finish(self, p: Any) -> None:
+        """The decoder's ``on_done``: a command's reply is complete."""
         self._bytes_in_flight -= p.nbytes
         if self._waiters:
             self._wake_one()
-        if p.fut.done():
+        fut = p.fut
+        if fut.done():
             return
         if p.error:
-            errno = nbd_to_errno(p.error)
-            p.fut.set_exception(CommandError(errno, p.message or os.strerror(errno)))
-            return
-        bad = None
-        if p.cmd == _READ and (self.structured or self.extended):
-            # the chunks must cover the request exactly once
-            pos = 0
-            for start, n in sorted(p.covered):
-                if start != pos:
-                    bad = "read reply chunks overlap or leave a gap"
-                    break
-                pos = start + n
-            else:
-                if pos != p.length:
-                    bad = "read reply does not cover the request"
-        elif p.cmd == _BS:
-            missing = set(self.meta_contexts) - set(p.extents)
-            if missing:
-                names = ", ".join(self.meta_contexts[c] for c in sorted(missing))
-                bad = f"block status reply without extents for {names}"
-        if bad is not None:
-            # a hard disconnect (spec); this command fails with the same error, never
-            # with a half-filled buffer reported as success
-            err = RemoteProtocolError(bad)
-            p.fut.set_exception(err)
-            self._fail(err)
-            return
-        if p.cmd == _BS:
-            res = {self.meta_contexts[c]: e for c, e in p.extents.items()}
-            p.fut.set_result(res)
-            return
-        p.fut.set_result(None)
+            fut.set_exception(CommandError(p.error, p.message or os.strerror(p.error)))
+        else:
+            fut.set_result(p.result)
 
     # ---- context manager -----------------------------------------------------------
     async def __aenter__(self) -> Self:
