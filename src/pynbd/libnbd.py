@@ -102,9 +102,11 @@ from typing import Any, Self, TypeVar
 
 from pynbd.client.engine import PROC_EXIT_GRACE as _PROC_EXIT_GRACE
 from pynbd.client.engine import AsyncClient
+from pynbd.client.strict import StrictRules
 from pynbd.errors import CommandError, OptionError, ProtocolError, RemoteProtocolError
+from pynbd.protocol._uriparse import libnbd_queries, parse_libxml2
 from pynbd.protocol.client import ExportSizeError
-from pynbd.protocol.constants import Rep, TxFlag
+from pynbd.protocol.constants import Cmd, Rep, TxFlag
 
 __all__ = [
     "AIO_DIRECTION_BOTH",
@@ -789,189 +791,8 @@ def _check_list(value: Any, what: str = "list") -> list[str]:
 
 
 # ==========================================================================================
-# NBD URIs as libnbd 1.14 reads them: libxml2's RFC 3986 parser (xmlParseURI), then
-# lib/uri.c's checks. pynbd.protocol.uri is stricter and words its errors differently.
-
-_URI_ALPHA = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-_URI_DIGIT = frozenset("0123456789")
-_URI_HEX = frozenset("0123456789abcdefABCDEF")
-_URI_UNRESERVED = _URI_ALPHA | _URI_DIGIT | frozenset("-._~")
-_URI_SUB_DELIMS = frozenset("!$&'()*+,;=")
-_URI_SCHEME = _URI_ALPHA | _URI_DIGIT | frozenset("+-.")
-_URI_HOST = _URI_UNRESERVED | _URI_SUB_DELIMS
-_URI_USER = _URI_HOST | frozenset(":")
-_URI_PCHAR = _URI_HOST | frozenset(":@")
-_URI_QUERY = _URI_PCHAR | frozenset("/?")
-_URI_FRAGMENT = _URI_QUERY | frozenset("[]")
-_INT_MAX = (1 << 31) - 1
-
-
-class _XmlURI:
-    """The fields of libxml2's xmlURI that libnbd reads (``None`` where libxml2 has NULL)."""
-
-    __slots__ = ("path", "port", "query_raw", "scheme", "server", "user")
-
-    def __init__(self) -> None:
-        self.scheme: str | None = None
-        self.server: str | None = None
-        self.user: str | None = None
-        self.port = 0
-        self.path: str | None = None
-        self.query_raw: str | None = None
-
-
-def _xml_unescape(s: str) -> str:
-    """xmlURIUnescapeString: %XX decoded (as bytes, read back as UTF-8), cut at a NUL."""
-    if "%" in s:
-        raw = bytearray()
-        i = 0
-        while i < len(s):
-            if s[i] == "%" and i + 2 < len(s) and s[i + 1] in _URI_HEX and \
-                    s[i + 2] in _URI_HEX:
-                raw.append(int(s[i + 1:i + 3], 16))
-                i += 3
-            else:
-                raw += s[i].encode()
-                i += 1
-        s = raw.decode("utf-8", "surrogateescape")
-    return s.split("\0", 1)[0]
-
-
-def _xml_scan(s: str, i: int, allowed: frozenset[str], stop: str = "") -> int:
-    """Skip characters of ``allowed`` and %XX escapes from ``i`` (not those in ``stop``)."""
-    n = len(s)
-    while i < n:
-        c = s[i]
-        if c == "%":
-            if i + 2 < n and s[i + 1] in _URI_HEX and s[i + 2] in _URI_HEX:
-                i += 3
-                continue
-            return i
-        if c not in allowed or c in stop:
-            return i
-        i += 1
-    return i
-
-
-def _xml_authority(s: str, i: int, u: _XmlURI) -> int:
-    """``[userinfo "@"] host [":" port]``; -1 on a parse error."""
-    j = _xml_scan(s, i, _URI_USER)
-    if j < len(s) and s[j] == "@":
-        u.user = _xml_unescape(s[i:j])
-        i = j + 1
-    start = i
-    if i < len(s) and s[i] == "[":
-        end = s.find("]", i + 1)
-        if end < 0:
-            return -1
-        i = end + 1
-    else:
-        i = _xml_scan(s, i, _URI_HOST)
-    u.server = _xml_unescape(s[start:i]) if i > start else None
-    if i < len(s) and s[i] == ":":
-        i += 1
-        j = i
-        port = 0
-        while j < len(s) and s[j] in _URI_DIGIT:
-            port = port * 10 + int(s[j])
-            if port > _INT_MAX:
-                return -1
-            j += 1
-        if j == i:
-            return -1
-        u.port = port
-        i = j
-    return i
-
-
-def _xml_path(s: str, i: int, u: _XmlURI, first: str) -> int:
-    """A path: ``first`` is "abempty", "absolute", "rootless" or "noscheme"; -1 on error."""
-    start = i
-    n = len(s)
-    if first in ("rootless", "noscheme"):
-        j = _xml_scan(s, i, _URI_PCHAR, ":" if first == "noscheme" else "")
-        if j == i:
-            return -1
-        i = j
-    elif first == "absolute":
-        i += 1
-        i = _xml_scan(s, i, _URI_PCHAR)
-    while i < n and s[i] == "/":
-        i = _xml_scan(s, i + 1, _URI_PCHAR)
-    u.path = _xml_unescape(s[start:i]) if i > start else None
-    return i
-
-
-def _xml_tail(s: str, i: int, u: _XmlURI) -> bool:
-    """``["?" query] ["#" fragment]`` and then the end of the string."""
-    if i < len(s) and s[i] == "?":
-        j = _xml_scan(s, i + 1, _URI_QUERY)
-        u.query_raw = s[i + 1:j]
-        i = j
-    if i < len(s) and s[i] == "#":
-        i = _xml_scan(s, i + 1, _URI_FRAGMENT)
-    return i == len(s)
-
-
-def _xml_parse_uri(s: str) -> _XmlURI | None:
-    """libxml2 2.9's xmlParseURI: an absolute URI, else a relative reference; None if
-    neither parses."""
-    u = _XmlURI()
-    # scheme ":" hier-part
-    i = 0
-    if s and s[0] in _URI_ALPHA:
-        while i < len(s) and s[i] in _URI_SCHEME:
-            i += 1
-        if i < len(s) and s[i] == ":":
-            u.scheme = s[:i]
-            i += 1
-            if s.startswith("//", i):
-                i = _xml_authority(s, i + 2, u)
-                if i >= 0:
-                    if u.server is None:
-                        u.port = -1
-                    i = _xml_path(s, i, u, "abempty")
-            elif s.startswith("/", i):
-                i = _xml_path(s, i, u, "absolute")
-            elif i < len(s) and _xml_scan(s, i, _URI_PCHAR) > i:
-                i = _xml_path(s, i, u, "rootless")
-            if i >= 0 and _xml_tail(s, i, u):
-                return u
-    # relative-ref
-    u = _XmlURI()
-    i = 0
-    if s.startswith("//"):
-        i = _xml_authority(s, 2, u)
-        if i >= 0:
-            i = _xml_path(s, i, u, "abempty")
-    elif s.startswith("/"):
-        i = _xml_path(s, 0, u, "absolute")
-    elif _xml_scan(s, 0, _URI_PCHAR) > 0:
-        i = _xml_path(s, 0, u, "noscheme")
-    if i >= 0 and _xml_tail(s, i, u):
-        return u
-    return None
-
-
-def _uri_queries(query_raw: str | None) -> list[tuple[str, str]]:
-    """libnbd's parse_uri_queries: ``&`` (or, failing that, ``;``) separated, decoded."""
-    out: list[tuple[str, str]] = []
-    q = query_raw or ""
-    while q:
-        end = q.find("&")
-        if end < 0:
-            end = q.find(";")
-        if end < 0:
-            end = len(q)
-        eq = q.find("=", 0, end)
-        if end == 0 or eq == 0:
-            pass  # an empty section, or "=value": ignored
-        elif eq < 0:
-            out.append((_xml_unescape(q[:end]), ""))
-        else:
-            out.append((_xml_unescape(q[:eq]), _xml_unescape(q[eq + 1:end])))
-        q = q[end + 1:]
-    return out
+# NBD URIs as libnbd 1.14 reads them: the URI parser's libxml2 behaviour
+# (pynbd.protocol._uriparse.parse_libxml2), then lib/uri.c's checks (_uri_target below).
 
 
 def _scan_u32(text: str) -> int | None:
@@ -1032,6 +853,11 @@ class _Cmd:
                 v.release()
         self.nbuf = None
 
+
+#: The NBD command of each method that sends one.
+_CMD_READ, _CMD_WRITE, _CMD_BS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
+_METHOD_CMD = {"flush": int(Cmd.FLUSH), "trim": int(Cmd.TRIM), "zero": int(Cmd.WRITE_ZEROES),
+               "cache": int(Cmd.CACHE)}
 
 # Flags each command accepts (the generated STRICT_FLAGS table).
 _OK_FLAGS = {
@@ -1144,6 +970,7 @@ class NBD:
         self._stats = _Stats()
         self._info: Any = None                  # ExportInfo once the server sent it
         self._contexts: set[str] = set()
+        self._rules: StrictRules | None = None  # strict mode's checks, once connected
         self._uri: dict[str, Any] | None = None  # how we connected, for get_uri
         self._disconnecting = False
         self._cookie = 1
@@ -1706,6 +1533,7 @@ class NBD:
         assert eng is not None
         self._state = _READY
         self._info = eng.export
+        self._rules = None
         self._contexts = set(eng.meta_contexts.values()) \
             if (eng.structured and eng.protocol != "oldstyle") else set()
 
@@ -1726,7 +1554,7 @@ class NBD:
         """lib/uri.c (1.14) over libxml2's parser: the same checks, order and messages. As in
         a libnbd built without TLS, an nbds URI fails at the TLS step with ENOTSUP."""
         raw = str(uri)
-        u = _xml_parse_uri(raw)
+        u = parse_libxml2(raw)
         if u is None:
             raise self._err(f"unable to parse URI: {raw}", _errno.EINVAL)
         scheme = u.scheme
@@ -1750,7 +1578,7 @@ class NBD:
         if (tls and self._allow_tls == TLS_DISABLE) or \
                 (not tls and self._allow_tls == TLS_REQUIRE):
             raise self._err(f"URI TLS setting {scheme} is not permitted", _errno.EPERM)
-        queries = _uri_queries(u.query_raw)
+        queries = libnbd_queries(u.query_raw)
         unixsocket = None
         for name, value in queries:
             if name == "socket":
@@ -2247,68 +2075,21 @@ class NBD:
 
     # ==================================================================================
     # data commands
-    def _cmd_checks(self, method: str, flags: int, offset: int, count: int, count_err: int,
-                    name: str) -> int:
-        """libnbd's checks before a command is queued; they use no cookie."""
+    def _cmd_checks(self, method: str, cmd: int, flags: int, offset: int, count: int) -> int:
+        """libnbd's checks before a command is queued (they use no cookie), decided by the
+        client's strict rules (pynbd.client.strict) with this handle's mask."""
         flags = _u32(flags)
-        ok = _OK_FLAGS[method]
-        if flags & ~ok and (self._strict & STRICT_FLAGS or flags > 0xFFFF):
-            raise self._err(f"flags: invalid value for flag: 0x{flags:x}", _errno.EINVAL)
-        strict = self._strict
-        if strict & STRICT_COMMANDS:
-            fl = self._eflags()
-            if method in ("pwrite", "trim", "zero"):
-                if method == "trim" and not fl & TxFlag.SEND_TRIM:
-                    raise self._err("server does not support trim operations", _errno.EINVAL)
-                if method == "zero" and not fl & TxFlag.SEND_WRITE_ZEROES:
-                    raise self._err("server does not support zero operations", _errno.EINVAL)
-                if fl & TxFlag.READ_ONLY:
-                    raise self._err("server does not support write operations", _errno.EPERM)
-                if flags & CMD_FLAG_FUA and not fl & TxFlag.SEND_FUA:
-                    raise self._err("server does not support the FUA flag", _errno.EINVAL)
-                if method == "zero" and flags & CMD_FLAG_FAST_ZERO and \
-                        not fl & TxFlag.SEND_FAST_ZERO:
-                    raise self._err("server does not support the fast zero flag", _errno.EINVAL)
-            elif method == "flush" and not fl & TxFlag.SEND_FLUSH:
-                raise self._err("server does not support flush operations", _errno.EINVAL)
-            elif method == "cache" and not fl & TxFlag.SEND_CACHE:
-                raise self._err("server does not support cache operations", _errno.EINVAL)
-            elif method == "pread_structured" and flags & CMD_FLAG_DF and \
-                    not fl & TxFlag.SEND_DF:
-                raise self._err("server does not support the DF flag", _errno.EINVAL)
-            elif method == "block_status":
-                eng = self._eng
-                if eng is None or not eng.structured:
-                    raise self._err("server does not support structured replies",
-                                    _errno.ENOTSUP)
-                if not self._contexts:
-                    raise self._err("did not negotiate any metadata contexts, either you did "
-                                    "not call nbd_add_meta_context before connecting or the "
-                                    "server does not support it", _errno.ENOTSUP)
-        if self._disconnecting:
-            raise self._err("cannot request more commands after NBD_CMD_DISC", _errno.EINVAL)
-        if count_err:
-            if strict & STRICT_ZERO_SIZE and count == 0:
-                raise self._err("count cannot be 0", _errno.EINVAL)
-            if strict & STRICT_BOUNDS:
-                size = int(self._info.size) if self._info is not None else 0
-                if offset > size or count > size - offset:
-                    raise self._err("request out of bounds", count_err)
-            bs = self._info.block_size if self._info is not None else None
-            if bs and bs[0] > 1 and strict & STRICT_ALIGN and (offset | count) & (bs[0] - 1):
-                raise self._err("request is unaligned", _errno.EINVAL)
-        if name == "write" and strict & STRICT_PAYLOAD:
-            bs = self._info.block_size if self._info is not None else None
-            cap = min(bs[2], _MAX_REQUEST_SIZE) if bs else _MAX_REQUEST_SIZE
-            if count > cap:
-                raise self._err(f"request too large: maximum payload size is {cap}",
-                                _errno.ERANGE)
-        if name in ("read", "write"):
-            if count > _MAX_REQUEST_SIZE:
-                raise self._err(f"request too large: maximum request size is "
-                                f"{_MAX_REQUEST_SIZE}", _errno.ERANGE)
-        elif count > _U32:
-            raise self._err(f"request too large: maximum request size is {_U32}", _errno.ERANGE)
+        if self._rules is None:
+            info = self._info
+            eng = self._eng
+            self._rules = StrictRules(int(info.eflags), int(info.size), info.block_size,
+                                      bool(eng is not None and eng.structured),
+                                      bool(self._contexts))
+        try:
+            self._rules.check(cmd, offset, count, flags, _OK_FLAGS[method], self._strict,
+                              self._disconnecting)
+        except CommandError as e:
+            raise self._err(e.message, e.errno) from None
         return flags
 
     def _new_cmd(self, name: str, offset: int = 0, count: int = 0) -> _Cmd:
@@ -2327,7 +2108,7 @@ class NBD:
         offset = _u64(offset)
         mv, nbuf = _pin(buf, writable=True)
         try:
-            flags = self._cmd_checks(method, flags, offset, mv.nbytes, _errno.EINVAL, "read")
+            flags = self._cmd_checks(method, _CMD_READ, flags, offset, mv.nbytes)
         except BaseException:
             mv.release()
             raise
@@ -2349,7 +2130,7 @@ class NBD:
         offset = _u64(offset)
         mv, nbuf = _pin(buf, writable=False)
         try:
-            flags = self._cmd_checks("pwrite", flags, offset, mv.nbytes, _errno.ENOSPC, "write")
+            flags = self._cmd_checks("pwrite", _CMD_WRITE, flags, offset, mv.nbytes)
         except BaseException:
             mv.release()
             raise
@@ -2359,9 +2140,9 @@ class NBD:
         return cmd
 
     def _aio_simple(self, method: str, name: str, count: Any, offset: Any, completion: Any,
-                    flags: Any, count_err: int) -> _Cmd:
+                    flags: Any) -> _Cmd:
         count, offset = _u64(count), _u64(offset)
-        flags = self._cmd_checks(method, flags, offset, count, count_err, name)
+        flags = self._cmd_checks(method, _METHOD_CMD[method], flags, offset, count)
         cmd = self._new_cmd(name, offset, count)
         cmd.completion = completion
         eng = self._eng_ready()
@@ -2379,8 +2160,7 @@ class NBD:
     def _aio_block_status(self, count: Any, offset: Any, extent: Any, completion: Any,
                           flags: Any) -> _Cmd:
         count, offset = _u64(count), _u64(offset)
-        flags = self._cmd_checks("block_status", flags, offset, count, _errno.EINVAL,
-                                 "block-status")
+        flags = self._cmd_checks("block_status", _CMD_BS, flags, offset, count)
         cmd = self._new_cmd("block-status", offset, count)
         cmd.extent, cmd.completion = extent, completion
         self._spawn_cmd(cmd, self._eng_ready().block_status(count, offset, flags))
@@ -2422,20 +2202,19 @@ class NBD:
 
     @_api(_ST_CONN)
     def flush(self, flags: int = 0) -> None:
-        self._sync(self._aio_simple("flush", "flush", 0, 0, None, flags, 0))
+        self._sync(self._aio_simple("flush", "flush", 0, 0, None, flags))
 
     @_api(_ST_CONN)
     def trim(self, count: int, offset: int, flags: int = 0) -> None:
-        self._sync(self._aio_simple("trim", "trim", count, offset, None, flags, _errno.ENOSPC))
+        self._sync(self._aio_simple("trim", "trim", count, offset, None, flags))
 
     @_api(_ST_CONN)
     def cache(self, count: int, offset: int, flags: int = 0) -> None:
-        self._sync(self._aio_simple("cache", "cache", count, offset, None, flags, _errno.EINVAL))
+        self._sync(self._aio_simple("cache", "cache", count, offset, None, flags))
 
     @_api(_ST_CONN)
     def zero(self, count: int, offset: int, flags: int = 0) -> None:
-        self._sync(self._aio_simple("zero", "write-zeroes", count, offset, None, flags,
-                                    _errno.ENOSPC))
+        self._sync(self._aio_simple("zero", "write-zeroes", count, offset, None, flags))
 
     @_api(_ST_CONN)
     def block_status(self, count: int, offset: int,
@@ -2464,25 +2243,23 @@ class NBD:
 
     @_api(_ST_CONN)
     def aio_flush(self, completion: Callable[..., Any] | None = None, flags: int = 0) -> int:
-        return self._aio_simple("flush", "flush", 0, 0, completion, flags, 0).cookie
+        return self._aio_simple("flush", "flush", 0, 0, completion, flags).cookie
 
     @_api(_ST_CONN)
     def aio_trim(self, count: int, offset: int, completion: Callable[..., Any] | None = None,
                  flags: int = 0) -> int:
-        return self._aio_simple("trim", "trim", count, offset, completion, flags,
-                                _errno.ENOSPC).cookie
+        return self._aio_simple("trim", "trim", count, offset, completion, flags).cookie
 
     @_api(_ST_CONN)
     def aio_cache(self, count: int, offset: int, completion: Callable[..., Any] | None = None,
                   flags: int = 0) -> int:
-        return self._aio_simple("cache", "cache", count, offset, completion, flags,
-                                _errno.EINVAL).cookie
+        return self._aio_simple("cache", "cache", count, offset, completion, flags).cookie
 
     @_api(_ST_CONN)
     def aio_zero(self, count: int, offset: int, completion: Callable[..., Any] | None = None,
                  flags: int = 0) -> int:
-        return self._aio_simple("zero", "write-zeroes", count, offset, completion, flags,
-                                _errno.ENOSPC).cookie
+        return self._aio_simple("zero", "write-zeroes", count, offset, completion,
+                                flags).cookie
 
     @_api(_ST_CONN)
     def aio_block_status(self, count: int, offset: int, extent: Callable[..., Any],

@@ -16,6 +16,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
+from pynbd.client.strict import (
+    CMD_FLAGS,
+    STRICT_ALIGN,
+    STRICT_ALL,
+    STRICT_BOUNDS,
+    STRICT_COMMANDS,
+    STRICT_FLAGS,
+    STRICT_PAYLOAD,
+    STRICT_ZERO_SIZE,
+    StrictRules,
+)
 from pynbd.errors import (
     CommandError,
     LocalProtocolError,
@@ -28,7 +39,6 @@ from pynbd.protocol.client import (
 from pynbd.protocol.constants import (
     CONTEXT_BASE_ALLOCATION,
     Cmd,
-    CmdFlag,
     Opt,
 )
 from pynbd.protocol.replies import Pending, ReplyDecoder
@@ -49,7 +59,7 @@ __all__ = [
 ]
 
 # Plain ints on the hot path (enum operators are Python functions).
-_FLUSH, _READ, _WRITE = int(Cmd.FLUSH), int(Cmd.READ), int(Cmd.WRITE)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _BS = int(Cmd.BLOCK_STATUS)
 
 #: Requests in flight per connection before new ones wait.
@@ -63,34 +73,12 @@ _RECV_BUF = 1024 * 1024
 _SCATTER_TAIL = 4096
 #: Requests in flight averaging more than this many bytes count as large reads.
 _BIG_READS = 32 * 1024
-#: Largest READ/WRITE payload sent in strict mode whatever the server advertises (libnbd's cap).
-MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024
 #: Seconds a command= server may take to exit after we hang up before it gets SIGTERM.
 PROC_EXIT_GRACE = 2.0
 #: Seconds a server we started may take to exit after SIGTERM before it gets SIGKILL.
 PROC_TERM_WAIT = 5.0
 #: Seconds close() waits for NBD_CMD_DISC to be written to a server that stopped reading.
 CLOSE_DRAIN_TIMEOUT = 5.0
-
-# libnbd's strict-mode bits (set_strict_mode); ``strict=True`` means all of them.
-STRICT_COMMANDS = 1
-STRICT_FLAGS = 2
-STRICT_BOUNDS = 4
-STRICT_ZERO_SIZE = 8
-STRICT_ALIGN = 16
-STRICT_PAYLOAD = 32
-STRICT_ALL = 63
-
-#: Command flags each command takes (libnbd's STRICT_FLAGS table).
-_CMD_FLAGS: dict[int, int] = {  # plain ints: ~ of an IntFlag stays inside the known bits
-    Cmd.READ: int(CmdFlag.DF),
-    Cmd.WRITE: int(CmdFlag.FUA),
-    Cmd.FLUSH: 0,
-    Cmd.TRIM: int(CmdFlag.FUA),
-    Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
-    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
-}
 
 #: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
@@ -120,7 +108,8 @@ class AsyncClient(Negotiation):
         self._proc: Any = None
         self._init_negotiation()
         self.strict: bool | int = True
-        self._strict_rules: dict[tuple[int, int, int], Any] = {}
+        #: What strict mode checks for this export (pynbd.client.strict), once connected.
+        self._rules: StrictRules | None = None
         self.failure: BaseException | None = None
         #: Seconds a command may wait for its reply (None: forever). When one times out the
         #: connection is failed: every pending command gets a TimeoutError.
@@ -397,7 +386,8 @@ class AsyncClient(Negotiation):
         self._dec.structured = self.structured or self.extended
         self._dec.extended = self.extended
         self._dec.contexts = dict(self.meta_contexts)
-        self._strict_rules.clear()
+        self._rules = StrictRules(self.export.eflags, self.export.size, self.export.block_size,
+                                  self.structured or self.extended, bool(self.meta_contexts))
         self.stream.on_write_error = self._on_write_error
         self.stream.set_reader(self._on_readable)
 
@@ -414,67 +404,15 @@ class AsyncClient(Negotiation):
     def _strict_check(self, cmd: int, offset: int, length: int, flags: int) -> None:
         if self.closed or self.failure is not None:
             raise ConnectionError("the connection is closed") from self.failure
-        if not self.connected:
+        if not self.connected or self._rules is None:
             raise LocalProtocolError("not connected: finish negotiation with opt_go()")
         if not 0 <= flags <= 0xFFFF:
-            raise CommandError(E.EINVAL, "invalid command flags")
+            raise CommandError(E.EINVAL, f"flags: invalid value for flag: 0x{flags:x}")
         if not 0 <= offset < 1 << 64 or not 0 <= length < 1 << (64 if self.extended else 32):
             raise CommandError(E.EINVAL, "offset or count out of range")
         st = self._strict_mask()
-        if not st:
-            return
-        # What depends only on the command, its flags, the mode and the export is decided
-        # once per combination (the export's flags and limits do not change once connected).
-        key = (cmd, flags, st)
-        rule = self._strict_rules.get(key)
-        if rule is None:
-            rule = self._strict_rules[key] = self._strict_rule(cmd, flags, st)
-        err, zero_ok, max_len, align, limit = rule
-        if err is not None:
-            raise CommandError(*err)
-        if cmd != _FLUSH:
-            if length == 0 and not zero_ok:
-                raise CommandError(E.EINVAL, "count cannot be 0")
-            if offset + length > limit:
-                raise CommandError(E.EINVAL, "request out of bounds")
-            if align > 1 and (offset % align or length % align):
-                raise CommandError(E.EINVAL, "request is unaligned")
-        if length > max_len:
-            raise CommandError(E.ERANGE, "request too large for the maximum payload")
-
-    def _strict_rule(self, cmd: int, flags: int,
-                     st: int) -> tuple[tuple[int, str] | None, bool, int, int, int]:
-        """(error or None, zero length allowed, largest length, alignment, end of the export)."""
-        err: tuple[int, str] | None = None
-        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0) & 0xFFFF:
-            err = (E.EINVAL, "invalid flag for this command")
-        elif st & STRICT_COMMANDS:
-            if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
-                err = (E.ENOTSUP, "did not negotiate any metadata contexts")
-            elif cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
-                err = (E.EPERM, "server does not support write operations")
-            elif cmd == Cmd.FLUSH and not self.can_flush():
-                err = (E.EINVAL, "server does not support flush operations")
-            elif cmd == Cmd.TRIM and not self.can_trim():
-                err = (E.EINVAL, "server does not support trim operations")
-            elif cmd == Cmd.WRITE_ZEROES and not self.can_zero():
-                err = (E.EINVAL, "server does not support zero operations")
-            elif cmd == Cmd.CACHE and not self.can_cache():
-                err = (E.EINVAL, "server does not support cache operations")
-            elif flags & CmdFlag.FUA and not self.can_fua():
-                err = (E.EINVAL, "server does not support the FUA flag")
-            elif flags & CmdFlag.DF and not self.can_df():
-                err = (E.EINVAL, "server does not support the DF flag")
-            elif flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
-                err = (E.EINVAL, "server does not support the fast zero flag")
-        zero_ok = not st & STRICT_ZERO_SIZE
-        mn = self.block_size()[0]
-        align = mn if st & STRICT_ALIGN else 1
-        max_len = 1 << 64
-        if st & STRICT_PAYLOAD and cmd in (Cmd.READ, Cmd.WRITE):
-            max_len = min(self.block_size()[2], MAX_REQUEST_PAYLOAD)
-        limit = self.export.size if st & STRICT_BOUNDS else 1 << 64
-        return err, zero_ok, max_len, align, limit
+        if st:
+            self._rules.check(cmd, offset, length, flags, CMD_FLAGS.get(cmd, 0), st)
 
     async def _submit(self, cmd: int, offset: int, length: int, flags: int = 0,
                       payload: Any = None, dest: memoryview | None = None,
