@@ -86,16 +86,20 @@ ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 class _Pending(Pending):
     """A command awaiting its reply: the decoder's record, with the future its caller
-    awaits and the payload bytes it counts against :attr:`AsyncClient.max_bytes_in_flight`."""
+    awaits (or, for :meth:`AsyncClient.submit`, the function called when it is done) and
+    the payload bytes it counts against :attr:`AsyncClient.max_bytes_in_flight`."""
 
-    __slots__ = ("fut", "nbytes")
+    __slots__ = ("done", "failure", "fut", "nbytes")
 
     def __init__(self, cookie: int, cmd: int, offset: int, length: int, flags: int,
                  dest: memoryview | None, chunk_cb: ChunkCallback | None,
-                 fut: asyncio.Future[Any], nbytes: int) -> None:
+                 fut: asyncio.Future[Any] | None, nbytes: int,
+                 done: Callable[[Pending], Any] | None = None) -> None:
         super().__init__(cookie, cmd, offset, length, flags, dest, chunk_cb)
         self.fut = fut
         self.nbytes = nbytes
+        self.done = done
+        self.failure: BaseException | None = None
 
 
 class AsyncClient(Negotiation):
@@ -430,13 +434,7 @@ class AsyncClient(Negotiation):
         self._next_cookie += 1
         fut = self.loop.create_future()
         p = _Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, fut, nbytes)
-        self._pending[cookie] = p  # the decoder's (ReplyDecoder.expect, inlined)
-        self._bytes_in_flight += nbytes
-        out = self._out
-        out.append(build_request(cmd, cookie, offset, length, flags, self.extended,
-                                 payload is not None))
-        if payload is not None:
-            out.append(payload)
+        self._enqueue(p, payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -449,8 +447,35 @@ class AsyncClient(Negotiation):
         finally:
             timer.cancel()
 
+    def _enqueue(self, p: _Pending, payload: Any) -> None:
+        """Register ``p`` with the decoder and queue its request (and payload)."""
+        self._pending[p.cookie] = p  # ReplyDecoder.expect, inlined
+        self._bytes_in_flight += p.nbytes
+        out = self._out
+        out.append(build_request(p.cmd, p.cookie, p.offset, p.length, p.flags, self.extended,
+                                 payload is not None))
+        if payload is not None:
+            out.append(payload)
+
+    def submit(self, cmd: int, offset: int, length: int, flags: int = 0, payload: Any = None,
+               dest: memoryview | None = None, chunk_cb: ChunkCallback | None = None,
+               done: Callable[[Pending], Any] | None = None) -> int:
+        """Queue a command at once, for a caller that drives the connection itself
+        (:meth:`write_queued`, then the stream's reader when the socket is readable): no strict
+        checks (the caller made them), no flow control, no future; ``done(p)`` runs when
+        its reply is complete (``p.error``, ``p.message``, ``p.result``), or when the
+        connection fails (``p.failure``, the exception). Returns the cookie."""
+        if self.closed or self.failure is not None:
+            raise ConnectionError("the connection is closed") from self.failure
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        nbytes = length if cmd == _READ or cmd == _WRITE else 0
+        self._enqueue(_Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, None, nbytes,
+                               done), payload)
+        return cookie
+
     def _on_timeout(self, p: _Pending, t: float) -> None:
-        if not p.fut.done() and self._pending.get(p.cookie) is p:
+        if p.fut is not None and not p.fut.done() and self._pending.get(p.cookie) is p:
             self._fail(TimeoutError(
                 f"NBD command {p.cmd} (cookie {p.cookie:#x}) got no reply within {t} s; "
                 "the connection was closed"))
@@ -477,6 +502,10 @@ class AsyncClient(Negotiation):
             if not w.done():
                 w.set_result(None)
                 return
+
+    def write_queued(self) -> None:
+        """Write the requests queued (see :meth:`submit`)."""
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -535,7 +564,7 @@ class AsyncClient(Negotiation):
         if stream is None or self.failure is not None:
             return
         if self.connected:
-            pending = [p.fut for p in self._pending.values()]
+            pending = [p.fut for p in self._pending.values() if p.fut is not None]
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             if self.closed or self.failure is not None:
@@ -556,10 +585,15 @@ class AsyncClient(Negotiation):
         self.connected = False
         if self.stream is not None:
             self.stream.close()
-        for p in list(self._pending.values()):
-            if not p.fut.done():
-                p.fut.set_exception(exc)
+        pending = list(self._pending.values())
         self._pending.clear()
+        for p in pending:
+            if p.fut is None:
+                if p.done is not None:
+                    p.failure = exc
+                    p.done(p)
+            elif not p.fut.done():
+                p.fut.set_exception(exc)
         for w in self._waiters:
             if not w.done():
                 w.set_result(None)
@@ -669,6 +703,9 @@ class AsyncClient(Negotiation):
         if self._waiters:
             self._wake_one()
         fut = p.fut
+        if fut is None:
+            p.done(p)
+            return
         if fut.done():
             return
         if p.error:

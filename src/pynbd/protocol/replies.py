@@ -101,7 +101,8 @@ class Pending:
         self.dest = dest
         #: chunk(data, offset, status, error), called per data, hole and error-offset
         #: chunk; status 1 = data, 2 = hole, 3 = error (libnbd's READ_DATA, READ_HOLE,
-        #: READ_ERROR). An exception or a negative return fails the read with EIO.
+        #: READ_ERROR); error is the read's error so far (for an error chunk, its own).
+        #: An exception or a negative return fails the read with EIO.
         self.chunk_cb = chunk_cb
         #: A local errno once a reply said the command failed (the first error is kept).
         self.error = 0
@@ -131,6 +132,8 @@ class ReplyDecoder:
         #: The part of a request's buffer the next bytes of the stream fill, or None.
         self.sink: memoryview | None = None
         self._sink_of: tuple[Pending, int, int, int] | None = None  # (p, start, n, flags)
+        #: Replies and chunks received (a simple reply is one; each structured chunk is one).
+        self.chunks = 0
 
     def expect(self, p: Pending) -> None:
         """Register a request sent (before its reply can arrive)."""
@@ -156,6 +159,7 @@ class ReplyDecoder:
                 if p is None:
                     raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
                 pos += 16
+                self.chunks += 1
                 if error:
                     p.error = nbd_to_errno(error)
                     self._done(p)
@@ -188,6 +192,7 @@ class ReplyDecoder:
             p = pending.get(cookie)
             if p is None:
                 raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
+            self.chunks += 1
             if rtype == _DATA:
                 if p.cmd != _READ or length < 9:
                     raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
@@ -243,7 +248,8 @@ class ReplyDecoder:
     def _data_done(self, p: Pending, start: int, n: int, flags: int) -> None:
         if p.chunk_cb is not None:
             assert p.dest is not None
-            self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, _STATUS_DATA, 0)
+            self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, _STATUS_DATA,
+                                p.error)
         if flags & _DONE:
             self._done(p)
 
@@ -288,7 +294,7 @@ class ReplyDecoder:
         dest[start:start + hlen] = bytes(hlen)
         p.covered.append((start, hlen))
         if p.chunk_cb is not None:
-            self._call_chunk_cb(p, dest[start:start + hlen], hoff, _STATUS_HOLE, 0)
+            self._call_chunk_cb(p, dest[start:start + hlen], hoff, _STATUS_HOLE, p.error)
 
     def _error(self, p: Pending, rtype: int, payload: memoryview) -> None:
         """Every error chunk type, known or not, starts with error and message length; the
