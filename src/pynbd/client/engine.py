@@ -56,6 +56,7 @@ __all__ = [
     "AsyncClient",
     "ChunkCallback",
     "ExportInfo",
+    "PendingCommand",
 ]
 
 # Plain ints on the hot path (enum operators are Python functions).
@@ -100,6 +101,10 @@ class _Pending(Pending):
         self.nbytes = nbytes
         self.done = done
         self.failure: BaseException | None = None
+
+
+#: The engine's record of a command in flight (for :meth:`AsyncClient.queue`).
+PendingCommand = _Pending
 
 
 class AsyncClient(Negotiation):
@@ -473,6 +478,14 @@ class AsyncClient(Negotiation):
         self._enqueue(_Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, None, nbytes,
                                done), payload)
         return cookie
+
+    def queue(self, p: _Pending, payload: Any = None) -> None:
+        """:meth:`submit` for a caller that builds the record itself (a subclass of the
+        engine's pending record with state of its own; ``fut`` None, ``done`` set), with the
+        cookie it chose (unique among those in flight)."""
+        if self.closed or self.failure is not None:
+            raise ConnectionError("the connection is closed") from self.failure
+        self._enqueue(p, payload)
 
     def _on_timeout(self, p: _Pending, t: float) -> None:
         if p.fut is not None and not p.fut.done() and self._pending.get(p.cookie) is p:

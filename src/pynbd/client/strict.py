@@ -68,7 +68,8 @@ class StrictRules:
     replies, FAST_ZERO only with WRITE_ZEROES, as libnbd reads them), size, block sizes and
     whether meta contexts were agreed."""
 
-    __slots__ = ("contexts", "eflags", "minimum", "payload", "size", "structured")
+    __slots__ = ("_supported", "contexts", "eflags", "minimum", "payload", "size",
+                 "structured")
 
     def __init__(self, eflags: int, size: int, block_size: tuple[int, int, int] | None,
                  structured: bool, contexts: bool) -> None:
@@ -82,6 +83,8 @@ class StrictRules:
         self.payload = min(block_size[2], MAX_REQUEST_SIZE) if block_size else MAX_REQUEST_SIZE
         self.structured = structured
         self.contexts = contexts
+        #: (command, flags) that STRICT_COMMANDS found supported (the export never changes)
+        self._supported: set[tuple[int, int]] = set()
 
     def check(self, cmd: int, offset: int, count: int, flags: int, allowed: int, mask: int,
               disconnecting: bool = False) -> None:
@@ -90,8 +93,9 @@ class StrictRules:
         STRICT_* bits; ``disconnecting``: NBD_CMD_DISC was sent already."""
         if flags & ~allowed and (mask & STRICT_FLAGS or flags > 0xFFFF):
             raise CommandError(E.EINVAL, f"flags: invalid value for flag: 0x{flags:x}")
-        if mask & STRICT_COMMANDS:
+        if mask & STRICT_COMMANDS and (cmd, flags) not in self._supported:
             self._command(cmd, flags)
+            self._supported.add((cmd, flags))
         if disconnecting:
             raise CommandError(E.EINVAL, "cannot request more commands after NBD_CMD_DISC")
         if cmd != _FLUSH:

@@ -11,12 +11,12 @@ wait, as in libnbd.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno as _errno
 from collections.abc import Callable
 from typing import Any
 
+from pynbd.client.engine import PendingCommand
 from pynbd.client.strict import StrictRules
 from pynbd.errors import CommandError
 from pynbd.libnbd.buffers import Buffer, is_buffer, pin, zero
@@ -32,7 +32,6 @@ from pynbd.libnbd.constants import (
 )
 from pynbd.libnbd.states import CLOSED, DEAD, READY, ST_CONN
 from pynbd.protocol.constants import Cmd
-from pynbd.protocol.replies import Pending
 from pynbd.protocol.transmission import build_request
 
 __all__ = ["Command", "Commands"]
@@ -49,50 +48,68 @@ _OK_FLAGS = {
 }
 
 
-class Command:
-    """A command from its aio call until it is retired."""
+class Command(PendingCommand):
+    """A command from its aio call until it is retired: the engine's record of it in flight
+    (its cookie is the wire's), with what libnbd keeps beside it."""
 
-    __slots__ = ("chunk", "completion", "cookie", "count", "done", "error", "extent", "name",
-                 "nbuf", "offset", "owner", "retire", "view")
+    __slots__ = ("cb_error", "chunk", "completion", "extent", "finished", "name", "nbuf",
+                 "retire", "view")
 
-    def __init__(self, owner: Commands, cookie: int, name: str, offset: int = 0,
-                 count: int = 0) -> None:
-        self.owner = owner
+    def __init__(self, cookie: int, name: str, offset: int, count: int, nbd_cmd: int,
+                 flags: int, done: Callable[[Any], Any]) -> None:
+        # the engine's record (PendingCommand), set here at once: this is the hot path
         self.cookie = cookie
-        self.name = name            # libnbd's command name in messages: read, write, ...
+        self.cmd = nbd_cmd
         self.offset = offset
-        self.count = count
+        self.length = count
+        self.flags = flags
+        self.dest = None
+        self.chunk_cb = None
+        self.error = 0
+        self.message = ""
+        self.covered = None
+        self.extents = None
+        self.result = None
+        self.fut = None
+        self.nbytes = 0
+        self.done = done
+        self.failure = None
+        # libnbd's
+        self.name = name            # libnbd's command name in messages: read, write, ...
         self.view: memoryview | None = None
         self.nbuf: Buffer | None = None
         self.chunk: Callable[..., Any] | None = None
         self.extent: Callable[..., Any] | None = None
         self.completion: Callable[..., Any] | None = None
-        self.error = 0
-        self.done = False
+        self.cb_error = 0           # set by a failed chunk callback
+        self.finished = False
         self.retire = False
 
-    def replied(self, p: Pending) -> None:
-        """The engine's ``done``: the reply is complete (or the connection failed)."""
-        self.owner._complete(self, p)
+    @property
+    def count(self) -> int:
+        return self.length
 
-    def chunk_cb(self, data: memoryview, offset: int, status: int, error: int) -> int:
+    def read_chunk(self, data: memoryview, offset: int, status: int, error: int) -> int:
         """A read's chunk, as it arrives: the program's chunk callback, libnbd's way (it may
         set the error; -1 fails the read with it, or EPROTO)."""
         assert self.chunk is not None
         ev = ctypes.c_int(error)
-        if call(self.chunk, data, offset, status, ev) == -1 and not self.error:
+        if call(self.chunk, data, offset, status, ev) == -1 and not self.cb_error:
             if status == 3:
-                self.error = ev.value or error
+                self.cb_error = ev.value or error
             elif not error:
-                self.error = ev.value or _errno.EPROTO
+                self.cb_error = ev.value or _errno.EPROTO
         return 0
 
     def unpin(self) -> None:
         v, self.view = self.view, None
         if v is not None:
-            with contextlib.suppress(BufferError, ValueError):
+            try:
                 v.release()
+            except (BufferError, ValueError):
+                pass
         self.nbuf = None
+        self.dest = None
 
 
 class Commands(Handle):
@@ -123,49 +140,51 @@ class Commands(Handle):
             raise self._err(e.message, e.errno) from None
         return flags
 
-    def _new_cmd(self, name: str, offset: int = 0, count: int = 0) -> Command:
+    def _new_cmd(self, name: str, nbd_cmd: int, flags: int, offset: int = 0,
+                 count: int = 0) -> Command:
         cookie = self._cookie
         self._cookie += 1
-        return Command(self, cookie, name, offset, count)
+        return Command(cookie, name, offset, count, nbd_cmd, flags, self._complete)
 
-    def _queue(self, cmd: Command, nbd_cmd: int, flags: int, payload: Any = None,
-               dest: memoryview | None = None) -> Command:
+    def _queue(self, cmd: Command, payload: Any = None) -> Command:
         """Queue the command on the engine: it is written, and its reply decoded, as the
         calls that follow make progress."""
         eng = self._eng
         assert eng is not None
+        if cmd.chunk is not None:
+            cmd.chunk_cb = cmd.read_chunk
         self._inflight[cmd.cookie] = cmd
-        eng.submit(nbd_cmd, cmd.offset, cmd.count, flags, payload, dest,
-                   cmd.chunk_cb if cmd.chunk is not None else None, cmd.replied)
+        eng.queue(cmd, payload)
         if self._eager:  # the program polls the socket itself: the request goes out now
             eng.write_queued()
         return cmd
 
-    def _complete(self, cmd: Command, p: Pending) -> None:
-        """A command's reply was processed (in the caller's thread): its extent and
-        completion callbacks run, and it is retired or kept for aio_command_completed."""
-        if cmd.done or self._gone:
+    def _complete(self, cmd: Command) -> None:
+        """The engine's ``done``: a command's reply was processed (in the caller's thread),
+        or the connection failed. Its extent and completion callbacks run, and it is retired
+        or kept for aio_command_completed."""
+        if cmd.finished or self._gone:
             return
-        err = cmd.error
-        failure = getattr(p, "failure", None)
-        if failure is not None:
+        err = cmd.cb_error
+        if cmd.failure is not None:
             err = _errno.ENOTCONN
             if self._state == READY and not self._disconnecting:
                 self._state = DEAD
         elif not err:
-            err = p.error
-        if cmd.extent is not None and failure is None and not p.error and p.result:
-            for ctx, ents in p.result.items():
+            err = cmd.error
+        extent = cmd.extent
+        if extent is not None and cmd.failure is None and not cmd.error and cmd.result:
+            for ctx, ents in cmd.result.items():
                 flat: list[int] = []
                 for length, flags in ents:
                     flat.append(length)
                     flat.append(flags)
                 ev = ctypes.c_int(0)
-                if call(cmd.extent, ctx, cmd.offset, flat, ev) == -1 and not err:
+                if call(extent, ctx, cmd.offset, flat, ev) == -1 and not err:
                     err = ev.value or _errno.EPROTO
         cmd.error = err
-        cmd.done = True
-        self._inflight.pop(cmd.cookie, None)
+        cmd.finished = True
+        del self._inflight[cmd.cookie]
         completion = cmd.completion
         if completion is not None:
             ev = ctypes.c_int(err)
@@ -174,7 +193,7 @@ class Commands(Handle):
                 cmd.error = ev.value
             if r == 1:
                 cmd.retire = True
-        cmd.chunk = cmd.extent = cmd.completion = None
+        cmd.chunk = cmd.extent = cmd.completion = cmd.chunk_cb = None
         if cmd.retire:
             cmd.unpin()
         else:
@@ -188,7 +207,7 @@ class Commands(Handle):
             raise self._err(f"{cmd.name}: command failed", cmd.error)
 
     def _sync(self, cmd: Command) -> None:
-        self._run_until(lambda: cmd.done)
+        self._run_until(lambda: cmd.finished)
         self._retire(cmd)
 
     # ---- building the commands -----------------------------------------------------------
@@ -202,11 +221,13 @@ class Commands(Handle):
         except BaseException:
             mv.release()
             raise
-        cmd = self._new_cmd("read", offset, mv.nbytes)
+        n = mv.nbytes
+        cmd = self._new_cmd("read", _READ, flags, offset, n)
         cmd.view, cmd.nbuf, cmd.chunk, cmd.completion = mv, nbuf, chunk, completion
-        if self._pread_init and nbuf is None and not fresh and mv.nbytes:
+        cmd.dest, cmd.nbytes = mv, n
+        if self._pread_init and nbuf is None and not fresh and n:
             zero(mv)  # libnbd zeroes the caller's buffer first (set_pread_initialize)
-        return self._queue(cmd, _READ, flags, dest=mv)
+        return self._queue(cmd)
 
     def _aio_write(self, buf: Any, offset: Any, completion: Any, flags: Any) -> Command:
         offset = u64(offset)
@@ -216,26 +237,27 @@ class Commands(Handle):
         except BaseException:
             mv.release()
             raise
-        cmd = self._new_cmd("write", offset, mv.nbytes)
+        cmd = self._new_cmd("write", _WRITE, flags, offset, mv.nbytes)
         cmd.view, cmd.nbuf, cmd.completion = mv, nbuf, completion
-        return self._queue(cmd, _WRITE, flags, payload=mv)
+        cmd.nbytes = mv.nbytes
+        return self._queue(cmd, mv)
 
     def _aio_simple(self, method: str, name: str, count: Any, offset: Any, completion: Any,
                     flags: Any) -> Command:
         count, offset = u64(count), u64(offset)
         nbd_cmd = _METHOD_CMD[method]
         flags = self._cmd_checks(method, nbd_cmd, flags, offset, count)
-        cmd = self._new_cmd(name, offset, count)
+        cmd = self._new_cmd(name, nbd_cmd, flags, offset, count)
         cmd.completion = completion
-        return self._queue(cmd, nbd_cmd, flags)
+        return self._queue(cmd)
 
     def _aio_block_status(self, count: Any, offset: Any, extent: Any, completion: Any,
                           flags: Any) -> Command:
         count, offset = u64(count), u64(offset)
         flags = self._cmd_checks("block_status", _BS, flags, offset, count)
-        cmd = self._new_cmd("block-status", offset, count)
+        cmd = self._new_cmd("block-status", _BS, flags, offset, count)
         cmd.extent, cmd.completion = extent, completion
-        return self._queue(cmd, _BS, flags)
+        return self._queue(cmd)
 
     # ---- the calls ------------------------------------------------------------------------
     @api(ST_CONN)

@@ -107,10 +107,10 @@ class Pending:
         #: A local errno once a reply said the command failed (the first error is kept).
         self.error = 0
         self.message = ""
-        #: (start, length) of each data or hole chunk of a structured READ.
-        self.covered: list[tuple[int, int]] = []
-        #: Block status by context id, while the chunks come.
-        self.extents: dict[int, list[tuple[int, int]]] = {}
+        #: (start, length) of each data or hole chunk of a structured READ (once one came).
+        self.covered: list[tuple[int, int]] | None = None
+        #: Block status by context id, while the chunks come (once one came).
+        self.extents: dict[int, list[tuple[int, int]]] | None = None
         #: BLOCK_STATUS: {context name: [(length, flags), ...]} once done.
         self.result: Any = None
 
@@ -167,9 +167,17 @@ class ReplyDecoder:
                 if p.cmd == _READ:
                     if self.structured:
                         raise RemoteProtocolError("simple reply to a structured READ")
-                    if not self._data(p, 0, p.length, _DONE, view, pos, end):
+                    n = p.length
+                    if end - pos >= n and p.chunk_cb is None and p.dest is not None:
+                        # all of it is here, and nobody to tell chunk by chunk
+                        p.dest[:n] = view[pos:pos + n]
+                        pos += n
+                        del pending[cookie]
+                        self.on_done(p)
+                        continue
+                    if not self._data(p, 0, n, _DONE, view, pos, end):
                         return end
-                    pos += p.length
+                    pos += n
                     continue
                 if p.cmd == _BS:
                     raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
@@ -204,7 +212,18 @@ class ReplyDecoder:
                 if start < 0 or start + n > p.length:
                     raise RemoteProtocolError("OFFSET_DATA chunk outside the request")
                 pos += hsize + 8
-                p.covered.append((start, n))
+                if p.covered is None:
+                    if (n == p.length and flags & _DONE and end - pos >= n and not p.error
+                            and p.chunk_cb is None):
+                        # the usual reply: all of the data, here, in one chunk that ends it
+                        p.dest[:n] = view[pos:pos + n]  # type: ignore[index]
+                        pos += n
+                        del pending[cookie]
+                        self.on_done(p)
+                        continue
+                    p.covered = [(start, n)]
+                else:
+                    p.covered.append((start, n))
                 if not self._data(p, start, n, flags, view, pos, end):
                     return end
                 pos += n
@@ -292,7 +311,10 @@ class ReplyDecoder:
         if dest is None:
             raise RemoteProtocolError("read data for a request that has no buffer")
         dest[start:start + hlen] = bytes(hlen)
-        p.covered.append((start, hlen))
+        if p.covered is None:
+            p.covered = [(start, hlen)]
+        else:
+            p.covered.append((start, hlen))
         if p.chunk_cb is not None:
             self._call_chunk_cb(p, dest[start:start + hlen], hoff, _STATUS_HOLE, p.error)
 
@@ -341,7 +363,9 @@ class ReplyDecoder:
                 raise RemoteProtocolError("BLOCK_STATUS_EXT count does not match its length")
         if ctx not in self.contexts:
             raise RemoteProtocolError(f"block status for an unknown context id {ctx}")
-        if ctx in p.extents:
+        if p.extents is None:
+            p.extents = {}
+        elif ctx in p.extents:
             raise RemoteProtocolError("two block status chunks for one context")
         if any(n == 0 for n, _ in ents):
             raise RemoteProtocolError("zero-length extent in block status")
@@ -357,18 +381,19 @@ class ReplyDecoder:
             if p.cmd == _READ and self.structured:
                 self._check_covered(p)
             elif p.cmd == _BS:
-                missing = set(self.contexts) - set(p.extents)
+                got = p.extents or {}
+                missing = set(self.contexts) - set(got)
                 if missing:
                     names = ", ".join(self.contexts[c] for c in sorted(missing))
                     raise RemoteProtocolError(f"block status reply without extents for {names}")
-                p.result = {self.contexts[c]: e for c, e in p.extents.items()}
+                p.result = {self.contexts[c]: e for c, e in got.items()}
         del self.pending[p.cookie]
         self.on_done(p)
 
     @staticmethod
     def _check_covered(p: Pending) -> None:
         """A successful structured READ: its chunks answer every byte exactly once."""
-        covered = p.covered
+        covered = p.covered or []
         if len(covered) == 1:
             start, n = covered[0]
             if start == 0 and n == p.length:
