@@ -28,7 +28,7 @@ from pynbd.libnbd.driver import connect
 from pynbd.libnbd.engine import Engine
 from pynbd.libnbd.errors import failure_text, go_failure_text
 from pynbd.libnbd.states import CONNECTING, CREATED, DEAD, NEGOTIATING, ST_CREATED
-from pynbd.protocol._uriparse import libnbd_queries, parse_libxml2
+from pynbd.protocol._uriparse import XmlURI, libnbd_queries, parse_libxml2
 
 __all__ = ["Connecting", "scan_u32"]
 
@@ -169,6 +169,32 @@ class Connecting(Handle):
         u = parse_libxml2(raw)
         if u is None:
             raise self._err(f"unable to parse URI: {raw}", _errno.EINVAL)
+        transport, unixsocket = self._uri_checks(raw, u)
+        if u.user is not None:
+            self._tls_username = u.user
+        self._export_name = u.path[1:] if u.path else ""
+        if transport == "unix":
+            assert unixsocket is not None
+            self._uri = {"transport": "unix", "socket": unixsocket}
+            return {"unix": unixsocket}, ""
+        port = u.port if u.port > 0 else 10809
+        if transport == "vsock":
+            cid = 2
+            if u.server:
+                c = scan_u32(u.server)
+                if c is None:
+                    raise self._err(f"cannot parse vsock CID from NBD URI: {u.server}",
+                                    _errno.EINVAL)
+                cid = c
+            self._uri = {"transport": "vsock", "host": str(cid), "port": port}
+            return {"vsock": (cid, port)}, ""
+        server = u.server or "localhost"
+        if len(server) >= 2 and server[0] == "[" and server[-1] == "]":
+            server = server[1:-1]
+        return self._tcp_target(server, str(port))
+
+    def _uri_checks(self, raw: str, u: XmlURI) -> tuple[str, str | None]:
+        """lib/uri.c's checks of a parsed URI, in order: (transport, socket= path)."""
         scheme = u.scheme
         if scheme is None:
             hint = ""
@@ -204,6 +230,11 @@ class Connecting(Handle):
                             f'to use "{plain}+unix:///?socket=..."?)', _errno.EINVAL)
         if tls:
             raise self._err("libnbd was compiled without TLS support", _errno.ENOTSUP)
+        self._uri_files(queries)
+        return transport, unixsocket
+
+    def _uri_files(self, queries: list[tuple[str, str]]) -> None:
+        """tls-certificates= and tls-psk-file=, only with set_uri_allow_local_file."""
         for name, value in queries:
             if name in ("tls-certificates", "tls-psk-file"):
                 if not self._allow_local_file:
@@ -214,28 +245,6 @@ class Connecting(Handle):
                     self._tls_certs = value
                 else:
                     self._tls_psk = value
-        if u.user is not None:
-            self._tls_username = u.user
-        self._export_name = u.path[1:] if u.path else ""
-        if transport == "unix":
-            assert unixsocket is not None
-            self._uri = {"transport": "unix", "socket": unixsocket}
-            return {"unix": unixsocket}, ""
-        port = u.port if u.port > 0 else 10809
-        if transport == "vsock":
-            cid = 2
-            if u.server:
-                c = scan_u32(u.server)
-                if c is None:
-                    raise self._err(f"cannot parse vsock CID from NBD URI: {u.server}",
-                                    _errno.EINVAL)
-                cid = c
-            self._uri = {"transport": "vsock", "host": str(cid), "port": port}
-            return {"vsock": (cid, port)}, ""
-        server = u.server or "localhost"
-        if len(server) >= 2 and server[0] == "[" and server[-1] == "]":
-            server = server[1:-1]
-        return self._tcp_target(server, str(port))
 
     @api(ST_CREATED)
     def connect_unix(self, unixsocket: str) -> None:

@@ -356,7 +356,15 @@ def split(text: str) -> dict[str, Any]:
     _check_chars(path, _PATH_CHARS, "path")
     export = _decode(path[1:], "export name")
 
-    # Query.
+    query = _split_query(query_raw)
+    typed = {attr: param_value(name, query[name]) if name in query else None
+             for name, attr in KNOWN_PARAMS.items()}
+    return dict(tls=tls, transport=transport, host=host, port=port, export=export,
+                user=user, query=query, **typed)
+
+
+def _split_query(query_raw: str) -> dict[str, str]:
+    """``name=value`` pairs joined by ``&``, percent-decoded; no duplicates."""
     _check_chars(query_raw, _QUERY_CHARS, "query")
     query: dict[str, str] = {}
     for param in query_raw.split("&") if query_raw else ():
@@ -369,11 +377,7 @@ def split(text: str) -> dict[str, Any]:
         if name in query:
             raise URIError(f"duplicate parameter {name!r} in URI")
         query[name] = _decode(raw_value, f"{name}= parameter", paths=True)
-
-    typed = {attr: param_value(name, query[name]) if name in query else None
-             for name, attr in KNOWN_PARAMS.items()}
-    return dict(tls=tls, transport=transport, host=host, port=port, export=export,
-                user=user, query=query, **typed)
+    return query
 
 
 def _split_hostport(hostport: str) -> tuple[str, str | None]:

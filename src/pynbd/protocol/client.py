@@ -171,72 +171,83 @@ class ClientHandshake:
         return OPT_HEADER.pack(IHAVEOPT, Opt.EXPORT_NAME, len(b)) + b
 
     def next_event(self) -> Greeting | OldstyleGreeting | OptionReply | ExportReply | object:
-        buf = self._buf
+        """The next event, or NEED_DATA."""
         st = self.state
         if st is CState.AWAIT_GREETING:
-            if len(buf) < 16:
-                return NEED_DATA
-            magic, second = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:16], "big")
-            if magic != NBDMAGIC:
-                raise RemoteProtocolError(f"bad server magic {magic:#x}")
-            if second == OLDSTYLE_MAGIC:
-                if len(buf) < OLDSTYLE_GREETING.size:
-                    return NEED_DATA
-                _, _, size, flags = OLDSTYLE_GREETING.unpack_from(buf)
-                del buf[:OLDSTYLE_GREETING.size]
-                self._go("oldstyle")
-                self.trailing_data = bytes(buf)
-                buf.clear()
-                if not flags & TxFlag.HAS_FLAGS:
-                    raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-                return OldstyleGreeting(check_export_size(size), flags & 0xFFFF)
-            if second != IHAVEOPT:
-                raise RemoteProtocolError(f"bad server magic {second:#x}")
-            if len(buf) < GREETING.size:
-                return NEED_DATA
-            _, _, flags = GREETING.unpack_from(buf)
-            del buf[:GREETING.size]
-            self.server_flags = flags
-            self._go("greeting")
-            return Greeting(flags)
+            return self._greeting()
         if st is CState.AWAIT_REPLY:
-            if len(buf) < OPT_REPLY_HEADER.size:
-                return NEED_DATA
-            magic, opt, rtype, length = OPT_REPLY_HEADER.unpack_from(buf)
-            if magic != REPLY_MAGIC_OPT:
-                raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
-            if opt != self._opt:
-                raise RemoteProtocolError(f"reply to option {opt} while {self._opt} is pending")
-            if length > MAX_OPTION_REPLY:
-                raise RemoteProtocolError(f"option reply of {length} bytes is too large")
-            if len(buf) < OPT_REPLY_HEADER.size + length:
-                return NEED_DATA
-            data = bytes(buf[OPT_REPLY_HEADER.size:OPT_REPLY_HEADER.size + length])
-            del buf[:OPT_REPLY_HEADER.size + length]
-            final = rtype == 1 or rtype >= 1 << 31
-            if final and rtype == 1 and opt == Opt.GO:
-                self._go("go-ack")
-                self.trailing_data = bytes(buf)
-                buf.clear()
-            elif final and rtype == 1 and opt == Opt.ABORT:
-                self._go("abort-ack")
-            else:
-                self._go("reply-final" if final else "reply-partial")
-            if final:
-                self._opt = None
-            return OptionReply(opt, rtype, data)
+            return self._option_reply()
         if st is CState.AWAIT_EXPORT_NAME:
-            n = EXPORT_NAME_REPLY.size
-            zeroes = not (self.flags_sent & ClientFlag.C_NO_ZEROES)
-            need = n + (124 if zeroes else 0)
-            if len(buf) < need:
+            return self._export_reply()
+        return NEED_DATA
+
+    def _greeting(self) -> Greeting | OldstyleGreeting | object:
+        buf = self._buf
+        if len(buf) < 16:
+            return NEED_DATA
+        magic, second = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:16], "big")
+        if magic != NBDMAGIC:
+            raise RemoteProtocolError(f"bad server magic {magic:#x}")
+        if second == OLDSTYLE_MAGIC:
+            if len(buf) < OLDSTYLE_GREETING.size:
                 return NEED_DATA
-            size, eflags = EXPORT_NAME_REPLY.unpack_from(buf)
-            del buf[:need]
-            self._go("export-reply")
+            _, _, size, flags = OLDSTYLE_GREETING.unpack_from(buf)
+            del buf[:OLDSTYLE_GREETING.size]
+            self._go("oldstyle")
             self.trailing_data = bytes(buf)
             buf.clear()
-            if not eflags & TxFlag.HAS_FLAGS:
+            if not flags & TxFlag.HAS_FLAGS:
                 raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-            return ExportReply(check_export_size(size), eflags)
-        return NEED_DATA
+            return OldstyleGreeting(check_export_size(size), flags & 0xFFFF)
+        if second != IHAVEOPT:
+            raise RemoteProtocolError(f"bad server magic {second:#x}")
+        if len(buf) < GREETING.size:
+            return NEED_DATA
+        _, _, flags = GREETING.unpack_from(buf)
+        del buf[:GREETING.size]
+        self.server_flags = flags
+        self._go("greeting")
+        return Greeting(flags)
+
+    def _option_reply(self) -> OptionReply | object:
+        buf = self._buf
+        if len(buf) < OPT_REPLY_HEADER.size:
+            return NEED_DATA
+        magic, opt, rtype, length = OPT_REPLY_HEADER.unpack_from(buf)
+        if magic != REPLY_MAGIC_OPT:
+            raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
+        if opt != self._opt:
+            raise RemoteProtocolError(f"reply to option {opt} while {self._opt} is pending")
+        if length > MAX_OPTION_REPLY:
+            raise RemoteProtocolError(f"option reply of {length} bytes is too large")
+        if len(buf) < OPT_REPLY_HEADER.size + length:
+            return NEED_DATA
+        data = bytes(buf[OPT_REPLY_HEADER.size:OPT_REPLY_HEADER.size + length])
+        del buf[:OPT_REPLY_HEADER.size + length]
+        final = rtype == 1 or rtype >= 1 << 31
+        if final and rtype == 1 and opt == Opt.GO:
+            self._go("go-ack")
+            self.trailing_data = bytes(buf)
+            buf.clear()
+        elif final and rtype == 1 and opt == Opt.ABORT:
+            self._go("abort-ack")
+        else:
+            self._go("reply-final" if final else "reply-partial")
+        if final:
+            self._opt = None
+        return OptionReply(opt, rtype, data)
+
+    def _export_reply(self) -> ExportReply | object:
+        buf = self._buf
+        zeroes = not (self.flags_sent & ClientFlag.C_NO_ZEROES)
+        need = EXPORT_NAME_REPLY.size + (124 if zeroes else 0)
+        if len(buf) < need:
+            return NEED_DATA
+        size, eflags = EXPORT_NAME_REPLY.unpack_from(buf)
+        del buf[:need]
+        self._go("export-reply")
+        self.trailing_data = bytes(buf)
+        buf.clear()
+        if not eflags & TxFlag.HAS_FLAGS:
+            raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
+        return ExportReply(check_export_size(size), eflags)
