@@ -1,5 +1,11 @@
 """A non-blocking byte stream over one or two file descriptors.
 
+On an event loop (``loop``) it watches its descriptors itself. Without one (``loop=None``)
+whoever owns it drives it in its own thread: it waits for the descriptor (``poll``) and then
+calls the reader, or :meth:`FdStream.flush` when :attr:`FdStream.pending` bytes wait, and
+:meth:`FdStream.read_some` suspends its coroutine with a :class:`WantIO` for that owner to
+wait on (``pynbd.libnbd``, which runs the client engine in the caller's thread).
+
 Works the same for TCP, Unix and vsock sockets, a socket pair on stdin/stdout and two pipes
 (``-s``): reads use ``os.readv`` straight into the caller's buffer, writes use ``os.writev`` of
 the caller's buffers (header + memoryview slices, no joining), with a queue of its own when the
@@ -20,7 +26,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["BUFFER_COST", "FdStream"]
+__all__ = ["BUFFER_COST", "FdStream", "WantIO"]
 
 #: Memory counted per queued buffer besides its bytes: the memoryview queued (~180 bytes)
 #: and the object it views. Without it a client that never reads would make the server
@@ -30,13 +36,30 @@ BUFFER_COST = 256
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
 
 
+class WantIO:
+    """What a coroutine driven without an event loop awaits: ``fd`` ready for ``events``
+    (``select.POLLIN``/``POLLOUT``). Its driver waits, then resumes the coroutine."""
+
+    __slots__ = ("events", "fd")
+
+    def __init__(self, fd: int, events: int) -> None:
+        self.fd = fd
+        self.events = events
+
+    def __await__(self) -> Any:
+        yield self
+
+
+_POLLIN = 1  # select.POLLIN, without importing select here
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
 class FdStream:
-    def __init__(self, loop: asyncio.AbstractEventLoop, rfd: int, wfd: int | None = None,
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, rfd: int, wfd: int | None = None,
                  owner: Any = None, peer: str = "") -> None:
         self.loop = loop
         self.rfd = rfd
@@ -63,20 +86,26 @@ class FdStream:
 
     # ---- reading -----------------------------------------------------------------------
     def set_reader(self, cb: Callable[[], None] | None) -> None:
+        """``cb()`` when the descriptor is readable (without a loop: the owner calls it)."""
         if self.closed:
             return
-        if self._reader is not None:
-            self.loop.remove_reader(self.rfd)
+        loop = self.loop
+        if self._reader is not None and loop is not None:
+            loop.remove_reader(self.rfd)
         self._reader = cb
-        if cb is not None:
-            self.loop.add_reader(self.rfd, cb)
+        if cb is not None and loop is not None:
+            loop.add_reader(self.rfd, cb)
+
+    @property
+    def reader(self) -> Callable[[], None] | None:
+        return self._reader
 
     def pause_reading(self) -> None:
-        if self._reader is not None and not self.closed:
+        if self._reader is not None and not self.closed and self.loop is not None:
             self.loop.remove_reader(self.rfd)
 
     def resume_reading(self) -> None:
-        if self._reader is not None and not self.closed:
+        if self._reader is not None and not self.closed and self.loop is not None:
             self.loop.add_reader(self.rfd, self._reader)
 
     def readinto(self, view: memoryview) -> int:
@@ -99,6 +128,9 @@ class FdStream:
                 pass
             except (ConnectionResetError, BrokenPipeError):
                 return b""
+            if self.loop is None:
+                await WantIO(self.rfd, _POLLIN)
+                continue
             fut = self.loop.create_future()
             self._read_waiter = fut
             self.loop.add_reader(self.rfd, _wake, fut)
@@ -170,16 +202,22 @@ class FdStream:
                     n = 0
             self._uncharge(freed + (queued - len(q)) * BUFFER_COST)
         if q:
-            if not self._writer_on:
+            if not self._writer_on and self.loop is not None:
                 self._writer_on = True
                 self.loop.add_writer(self.wfd, self._flush)
         else:
             if self._writer_on:
                 self._writer_on = False
-                self.loop.remove_writer(self.wfd)
+                self.loop.remove_writer(self.wfd)  # type: ignore[union-attr]
                 if self.on_drained is not None:
                     self.on_drained()
             self._wake_drainers()
+
+    def flush(self) -> None:
+        """Write what is queued, as far as the descriptor takes it now (without a loop: the
+        owner calls it when the descriptor is writable)."""
+        if self._outq and not self.closed and self.write_error is None:
+            self._flush()
 
     def _uncharge(self, cost: int) -> None:
         self.cost -= cost
@@ -197,7 +235,7 @@ class FdStream:
         self._drop_queue()
         if self._writer_on:
             self._writer_on = False
-            self.loop.remove_writer(self.wfd)
+            self.loop.remove_writer(self.wfd)  # type: ignore[union-attr]
         self._wake_drainers()
         if self.on_write_error is not None:
             self.on_write_error(e)
@@ -211,6 +249,7 @@ class FdStream:
     async def drain(self) -> None:
         """Wait until every queued byte was written (or writing failed)."""
         if self._outq and not self.closed and self.write_error is None:
+            assert self.loop is not None, "drain() needs an event loop"
             fut = self.loop.create_future()
             self._drain_waiters.append(fut)
             await fut
@@ -220,10 +259,11 @@ class FdStream:
         self.closed = True
         self._drop_queue()
         if self._reader is not None:
-            self.loop.remove_reader(self.rfd)
+            if self.loop is not None:
+                self.loop.remove_reader(self.rfd)
             self._reader = None
         if self._writer_on:
-            self.loop.remove_writer(self.wfd)
+            self.loop.remove_writer(self.wfd)  # type: ignore[union-attr]
             self._writer_on = False
         self._wake_drainers()
 

@@ -1,7 +1,7 @@
 """A tiny blocking NBD client that speaks raw bytes, for end-to-end tests.
 
 It uses the sans-IO pieces of :mod:`pynbd.protocol` (wire structs, option payload builders,
-request builder, :class:`~pynbd.protocol.transmission.ReplyParser`) but none of pynbd's client,
+request builder; replies are split by tests/rawreply_helpers.py) but none of pynbd's client,
 so a test can send anything — malformed, lying or out of order — and see exactly what the
 server answers.
 
@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Self
 
+from rawreply_helpers import Chunk, ReplyParser, SimpleReply
+
 from pynbd.protocol import options as O
 from pynbd.protocol.constants import (
     GREETING,
@@ -35,7 +37,7 @@ from pynbd.protocol.constants import (
     Opt,
     Rep,
 )
-from pynbd.protocol.transmission import Chunk, ReplyParser, SimpleReply, build_request
+from pynbd.protocol.transmission import build_request
 
 __all__ = ["Hangup", "OptReply", "RawClient", "Reply"]
 

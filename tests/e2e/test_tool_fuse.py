@@ -422,6 +422,57 @@ def test_background_and_pidfile(pynbd_server, tmp_path) -> None:
             subprocess.run(["umount", "-l", str(mp)], check=False)
 
 
+@pytest.mark.parametrize("connections", ["1", "2"])
+def test_background_from_inside_the_mountpoint(pynbd_server, tmp_path, connections) -> None:
+    """``cd M && pynbd fuse --background M/disk URI``: the mount answers (nbdfuse does), with
+    one process or with worker processes. They all run in ``/``; a relative socket path in
+    the URI is relative to where the command ran."""
+    from tests.fuse_helpers import require_fuse
+
+    require_fuse()
+    srv = pynbd_server("memory", "1M")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    pidfile = tmp_path / "pid"
+    uri = f"nbd+unix:///?socket={os.path.relpath(srv.sock, mp)}"
+    try:
+        r = subprocess.run([*PYNBD, "fuse", "-C", connections, "--background", "-P",
+                            str(pidfile), str(mp / "disk"), uri], cwd=mp, capture_output=True,
+                           timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+        pid = int(pidfile.read_text())
+        st = subprocess.run(["stat", "-c", "%s", str(mp / "disk")], capture_output=True,
+                            text=True, timeout=10, check=False)
+        assert st.returncode == 0 and st.stdout.strip() == str(MiB), st
+        data = pattern(MiB, 5)
+        (mp / "disk").write_bytes(data)
+        assert (mp / "disk").read_bytes() == data
+        procs = [pid, *_python_children_of(pid)]
+        assert len(procs) == (1 if connections == "1" else 3)
+        for p in procs:
+            assert os.readlink(f"/proc/{p}/cwd") == "/"
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+        assert _wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+        assert read_back(srv.uri, MiB) == data
+    finally:
+        if is_mounted(mp):
+            subprocess.run(["umount", "-l", str(mp)], check=False)
+
+
+def _python_children_of(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                if ppid == pid and b"pynbd" in f.read():
+                    out.append(int(d))
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def test_server_dies_reader_gets_eio(pynbd_server, fuse_mount) -> None:  # noqa: F811
     srv = pynbd_server("memory", "4M")
     m = fuse_mount(srv.uri, options=["-C", "1"])

@@ -409,22 +409,38 @@ def test_failed_write_reported_at_its_offset(capsys: pytest.CaptureFixture[str],
     dst.stop(check=False)
 
 
-def test_server_killed_mid_copy(nbdkit_server) -> None:
-    """The source dies while every thread waits on it: the copy fails at once with a
-    message, no thread left hanging."""
-    import threading
+def test_server_killed_mid_copy(nbdkit_server, tmp_path: Path) -> None:
+    """The source dies while the copy waits on it (a read in flight, delayed 2 s; a 64 MiB
+    disk is one work range, so one of the four threads reads): the copy fails at once with
+    a message, no thread left hanging."""
     import time
 
-    src = nbdkit_server("--filter=delay", "pattern", "64M", "rdelay=2")
+    log = tmp_path / "src.log"
+    src = nbdkit_server("--filter=log", "--filter=delay", "pattern", "64M", "rdelay=2",
+                        f"logfile={log}")
     dst = nbdkit_server("memory", "64M")
-    threading.Timer(0.5, src.proc.kill).start()
-    t = time.monotonic()
-    cp = subprocess.run([*PYNBD, "copy", "-C", "4", "-T", "4", src.uri, dst.uri],
-                        capture_output=True, text=True, timeout=60, check=False)
-    assert time.monotonic() - t < 10
-    assert cp.returncode == 1, cp.stderr
-    assert re.fullmatch(r"pynbd copy: read at offset \d+ failed: Input/output error\n",
-                        cp.stderr), cp.stderr
+    p = subprocess.Popen([*PYNBD, "copy", "-C", "4", "-T", "4", src.uri, dst.uri],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p.poll() is None:
+            text = log.read_text() if log.exists() else ""
+            if " Read id=" in text:
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail(f"the copy did not start reading: {p.poll()}")
+        src.proc.kill()
+        t = time.monotonic()
+        _, err = p.communicate(timeout=60)
+        assert time.monotonic() - t < 10
+        assert p.returncode == 1, err
+        assert re.fullmatch(r"pynbd copy: read at offset \d+ failed: Input/output error\n",
+                            err), err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     src.stop(check=False)
 
 

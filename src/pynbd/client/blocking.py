@@ -16,60 +16,29 @@ later command raises it too.
 from __future__ import annotations
 
 import socket
-import struct
-from collections.abc import Sequence
 
 from pynbd.client.negotiate import Negotiation, drive, uri_target
-from pynbd.errors import CommandError
-from pynbd.protocol.constants import (
-    CONTEXT_BASE_ALLOCATION,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
-    nbd_to_errno,
-)
+from pynbd.errors import CommandError, RemoteProtocolError
+from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, SIMPLE_REPLY
+from pynbd.protocol.replies import Pending, ReplyDecoder
+from pynbd.protocol.transmission import build_request
 
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
 __all__ = ["BlockingConnection", "ServerGone"]
 
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS = 0, 1, 2, 3, 4, 5, 6, 7
 
-_REQUEST = struct.Struct(">IHHQQI")  # magic flags type cookie offset length
-_SIMPLE = struct.Struct(">IIQ")  # magic error cookie
-_CHUNK = struct.Struct(">IHHQI")  # magic flags type cookie length
-_U64 = struct.Struct(">Q")
-_HOLE = struct.Struct(">QI")
-_ERR = struct.Struct(">IH")
-_FLAG_DONE = 1
-_NONE, _OFFSET_DATA, _OFFSET_HOLE, _BLOCK_STATUS = 0, 1, 2, 5
-_ERROR_BIT = 1 << 15
-_ERROR_OFFSET = _ERROR_BIT | 2
-#: The largest structured chunk that is not data (error messages, block status).
-_MAX_META_CHUNK = 64 << 20
+_SIMPLE_SIZE = SIMPLE_REPLY.size
+#: The receive buffer's size between replies (it grows for a large chunk, then shrinks back).
+_RBUF = 4096
 
 
 class ServerGone(ConnectionError):
     """The connection broke, or the server broke the protocol."""
-
-
-class _Reply:
-    """What is known of one request's reply while it comes in."""
-
-    __slots__ = ("cmd", "contexts", "count", "covered", "data", "error", "message", "offset")
-
-    def __init__(self, cmd: int, offset: int, count: int) -> None:
-        self.cmd = cmd
-        self.offset = offset
-        self.count = count
-        self.data: memoryview | None = None
-        self.contexts: dict[str, list[tuple[int, int]]] | None = None
-        self.error = 0
-        self.message = ""
-        #: (start, end) of what a structured read's chunks have answered, relative to offset
-        self.covered: list[tuple[int, int]] = []
 
 
 class _SocketStream:
@@ -101,38 +70,45 @@ class BlockingConnection(Negotiation):
         self.stream = _SocketStream(sock)
         self.cookie = 0
         self.failure: ServerGone | None = None
-        #: cookie -> reply still coming; and replies complete but not yet collected
-        self._open: dict[int, _Reply] = {}
-        self._done: dict[int, _Reply] = {}
-        self._hdr = bytearray(_CHUNK.size)
-        self._hview = memoryview(self._hdr)
+        #: THE reply decoder (pynbd.protocol.replies); replies complete but not yet
+        #: collected wait in _done
+        self._dec = ReplyDecoder(self._on_done)
+        self._done: dict[int, Pending] = {}
+        # What the decoder still needs of a reply: nothing more is ever received (the
+        # connection may be handed over between commands).
+        self._rbuf = bytearray(_RBUF)
+        self._rview = memoryview(self._rbuf)
+        self._rend = 0
 
     @classmethod
     def connect(cls, uri: str | None = None, *, unix: str | None = None,
                 host: str | None = None, port: int = 10809,
-                vsock: tuple[int, int] | None = None, export_name: str = "",
+                vsock: tuple[int, int] | None = None, sock: socket.socket | None = None,
+                export_name: str = "",
                 meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
                 structured: bool = True) -> BlockingConnection:
         """Connect and negotiate in blocking calls (as
-        :meth:`pynbd.client.AsyncClient.connect`, for a URI or a Unix, TCP or vsock
-        address; never extended headers)."""
+        :meth:`pynbd.client.AsyncClient.connect`, for a URI, a Unix, TCP or vsock address
+        or a connected socket, ``sock``, which it then owns; never extended headers)."""
         if uri is not None:
             t = uri_target(uri)
             export_name = t["export_name"]
             unix, vsock = t.get("unix"), t.get("vsock")
             host, port = t.get("host"), t.get("port", port)
-        if unix is not None:
+        target: Any = None
+        if sock is not None:
+            pass
+        elif unix is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = unix
+            target = unix
         elif vsock is not None:
             sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
             target = vsock
         elif host is not None:
             sock = socket.create_connection((host, port))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            target = None
         else:
-            raise ValueError("nothing to connect to: give a URI, unix=, host= or vsock=")
+            raise ValueError("nothing to connect to: give a URI, unix=, host=, vsock= or sock=")
         try:
             if target is not None:
                 sock.connect(target)
@@ -156,25 +132,28 @@ class BlockingConnection(Negotiation):
         c = cls(client.detach())
         c.hs, c.export, c.protocol = hs, export, protocol
         c.structured, c.meta_contexts = structured, contexts
-        c.connected = True
+        c._enter_transmission()
         return c
+
+    def _enter_transmission(self) -> None:
+        super()._enter_transmission()
+        dec = self._dec
+        dec.structured = self.structured or self.extended
+        dec.extended = self.extended
+        dec.contexts = dict(self.meta_contexts)
 
     # -- sending and receiving
     def send(self, cmd: int, offset: int, count: int, flags: int = 0,
-             payload: Any = None, into: memoryview | None = None,
-             track: bool = True) -> int:
+             payload: Any = None, into: memoryview | None = None) -> int:
         """Send one request (and its payload); returns its cookie. A read's data will be
         received ``into`` the given buffer (``count`` bytes) when its reply comes. Several
-        requests may be outstanding; :meth:`reply` and :meth:`next_reply` collect them
-        (``track=False``: the caller receives the reply itself)."""
+        requests may be outstanding; :meth:`reply` and :meth:`next_reply` collect them."""
         if self.failure is not None:
             raise self.failure
         self.cookie += 1
-        if track:
-            r = _Reply(cmd, offset, count)
-            r.data = into
-            self._open[self.cookie] = r
-        hdr = _REQUEST.pack(REQUEST_MAGIC, flags, cmd, self.cookie, offset, count)
+        if cmd != DISC:
+            self._dec.expect(Pending(self.cookie, cmd, offset, count, flags, into))
+        hdr = build_request(cmd, self.cookie, offset, count, flags)
         try:
             if payload is None:
                 self.sock.sendall(hdr)
@@ -211,26 +190,29 @@ class BlockingConnection(Negotiation):
             self.failure = ServerGone(why)
         return self.failure
 
+    def _on_done(self, p: Pending) -> None:
+        self._done[p.cookie] = p
+
     def reply(self, cookie: int, data: memoryview | None = None, offset: int = 0,
               contexts: dict[str, list[tuple[int, int]]] | None = None) -> None:
         """Wait for the whole reply to ``cookie`` (other replies that complete meanwhile
-        are kept for later): read data into ``data`` (the request was at ``offset``), block
-        status into ``contexts``. Raises CommandError for an error."""
-        r = self._open.get(cookie)
-        if r is not None:
-            if data is not None:
-                r.data = data
-            if contexts is not None:
-                r.contexts = contexts
+        are kept for later): read data into ``data`` (when :meth:`send` was not given a
+        buffer), block status into ``contexts``. Raises CommandError for an error."""
+        p = self._dec.pending.get(cookie)
+        if p is not None and data is not None:
+            p.dest = data
         while cookie not in self._done:
             self._step()
-        self._raise(self._done.pop(cookie))
+        p = self._done.pop(cookie)
+        if contexts is not None and p.result:
+            contexts.update(p.result)
+        self._raise(p)
 
     def next_reply(self) -> int:
         """Wait for any outstanding request to be answered and return its cookie; then
         :meth:`outcome` tells how it went."""
         while not self._done:
-            if not self._open:
+            if not self._dec.pending:
                 raise RuntimeError("no request is outstanding")
             self._step()
         return next(iter(self._done))
@@ -240,98 +222,39 @@ class BlockingConnection(Negotiation):
         self._raise(self._done.pop(cookie))
 
     @staticmethod
-    def _raise(r: _Reply) -> None:
-        if r.error:
-            raise CommandError(r.error, r.message)
+    def _raise(p: Pending) -> None:
+        if p.error:
+            raise CommandError(p.error, p.message)
 
     def _step(self) -> None:
-        """Receive one simple reply, or one structured chunk, and file it."""
-        hv = self._hview
-        self.recv_into(hv[:_SIMPLE.size])  # a simple reply's header, or most of a chunk's
-        (magic,) = struct.unpack_from(">I", self._hdr, 0)
-        if magic == SIMPLE_REPLY_MAGIC:
-            _, error, cookie = _SIMPLE.unpack_from(self._hdr, 0)
-            r = self._open.pop(cookie, None)
-            if r is None:
-                raise self._gone("the server sent a reply that does not match a request")
-            if error:
-                r.error = nbd_to_errno(error) or 5
-            elif r.cmd == READ:
-                if self.structured:
-                    raise self._gone("the server sent a simple reply to a structured read")
-                if r.data is None:
-                    raise self._gone("a simple reply to a read with nowhere to put it")
-                self.recv_into(r.data[:r.count])
-            self._done[cookie] = r
-            return
-        if magic != STRUCTURED_REPLY_MAGIC or not self.structured:
-            raise self._gone(f"the server sent a bad reply magic {magic:#x}")
-        self.recv_into(hv, _SIMPLE.size)
-        _, flags, rtype, cookie, length = _CHUNK.unpack_from(self._hdr, 0)
-        r = self._open.get(cookie)
-        if r is None:
-            raise self._gone("the server sent a reply that does not match a request")
-        data = r.data
-        if rtype == _OFFSET_DATA and data is not None and length > 8:
-            off = self._u64() - r.offset
-            n = length - 8
-            if off < 0 or off + n > data.nbytes:
-                raise self._gone("the server sent data outside the request")
-            self.recv_into(data[off:off + n])
-            r.covered.append((off, off + n))
-        elif length > _MAX_META_CHUNK:
-            raise self._gone("the server sent a chunk that is too large")
-        else:
-            body = bytearray(length)
-            self.recv_into(memoryview(body))
-            if rtype == _NONE:
-                if length or not flags & _FLAG_DONE:
-                    raise self._gone("the server sent a NONE chunk that is not a bare end")
-            elif rtype == _OFFSET_HOLE and data is not None and length == 12:
-                hoff, hlen = _HOLE.unpack_from(body, 0)
-                off = hoff - r.offset
-                if hlen == 0 or off < 0 or off + hlen > data.nbytes:
-                    raise self._gone("the server sent a hole outside the request")
-                data[off:off + hlen] = bytes(hlen)
-                r.covered.append((off, off + hlen))
-            elif rtype == _BLOCK_STATUS and r.contexts is not None and length >= 4:
-                (ctx,) = struct.unpack_from(">I", body, 0)
-                entries = [struct.unpack_from(">II", body, i) for i in range(4, length - 7, 8)]
-                name = self.meta_contexts.get(ctx)
-                if name is not None:
-                    r.contexts[name] = entries
-            elif rtype & _ERROR_BIT:
-                if length < 6:
-                    raise self._gone("the server sent a short error chunk")
-                err, mlen = _ERR.unpack_from(body, 0)
-                if rtype == _ERROR_OFFSET:
-                    if length != 6 + mlen + 8:
-                        raise self._gone("the server sent a malformed error chunk")
-                    (eoff,) = _U64.unpack_from(body, 6 + mlen)
-                    if not r.offset <= eoff < r.offset + r.count:
-                        raise self._gone("the server sent an error outside the request")
-                r.error = r.error or nbd_to_errno(err) or 5
-                r.message = r.message or bytes(body[6:6 + mlen]).decode("utf-8", "replace")
-            else:
-                raise self._gone(f"the server sent an unexpected chunk type {rtype}")
-        if flags & _FLAG_DONE:
-            if r.cmd == READ and not r.error:
-                self._check_covered(r)
-            self._done[cookie] = self._open.pop(cookie)
-
-    def _check_covered(self, r: _Reply) -> None:
-        """A successful structured read: its chunks answer every byte once."""
-        pos = 0
-        for start, end in sorted(r.covered):
-            if start != pos:
-                raise self._gone("the server's reply to a read overlaps or leaves a gap")
-            pos = end
-        if pos != r.count:
-            raise self._gone("the server's reply to a read does not cover it")
-
-    def _u64(self) -> int:
-        self.recv_into(self._hview[:8])
-        return int(_U64.unpack_from(self._hdr, 0)[0])
+        """Receive what the decoder needs next, exactly (a reply header, a chunk, read data
+        straight into its buffer), and let it decode that."""
+        if self.failure is not None:
+            raise self.failure
+        dec = self._dec
+        try:
+            sink = dec.sink
+            if sink is not None:
+                self.recv_into(sink)
+                dec.sink_filled()
+                return
+            need = dec.need
+            if need > len(self._rbuf):
+                grown = bytearray(need)
+                grown[:self._rend] = self._rbuf[:self._rend]
+                self._rbuf, self._rview = grown, memoryview(grown)
+            self.recv_into(self._rview[:need], self._rend)
+            self._rend = need
+            pos = dec.feed(self._rview, 0, need)
+            if pos == need or dec.sink is not None:
+                self._rend = 0
+                if len(self._rbuf) > _RBUF:
+                    self._rbuf = bytearray(_RBUF)
+                    self._rview = memoryview(self._rbuf)
+            elif pos:  # a whole reply decoded and part of the next one received: never
+                raise self._gone("internal error: the reply decoder left bytes behind")
+        except RemoteProtocolError as e:
+            raise self._gone(str(e)) from None
 
     # -- commands
     def pread_simple(self, buf: memoryview, offset: int, count: int) -> None:
@@ -340,10 +263,13 @@ class BlockingConnection(Negotiation):
         can put a header of its own and send the whole). Simple replies only."""
         if self.structured:
             raise ValueError("pread_simple needs simple replies")
-        if self._open or self._done:
+        if self.failure is not None:
+            raise self.failure
+        dec = self._dec
+        if dec.pending or self._done:
             raise RuntimeError("pread_simple needs no other request outstanding")
-        cookie = self.send(READ, offset, count, track=False)  # its reply is received here
-        end = _SIMPLE.size + count
+        end = _SIMPLE_SIZE + count
+        cookie = self.send(READ, offset, count, into=buf[_SIMPLE_SIZE:end])
         try:
             # Only this reply can arrive: ask for all of it; an error is the header alone.
             got = self.sock.recv_into(buf[:end])
@@ -351,18 +277,23 @@ class BlockingConnection(Negotiation):
             raise self._gone(f"recv: {e.strerror or e}") from None
         if got == 0:
             raise self._gone("the server closed the connection")
-        if got < _SIMPLE.size:
-            self.recv_into(buf[:_SIMPLE.size], got)
-            got = _SIMPLE.size
-        magic, error, c = _SIMPLE.unpack_from(buf, 0)
-        if magic != SIMPLE_REPLY_MAGIC or c != cookie:
-            raise self._gone("the server sent a reply that does not match the request")
-        if error:
-            if got > _SIMPLE.size:
-                raise self._gone("the server sent data with an error reply")
-            raise CommandError(nbd_to_errno(error) or 5)
-        if got < end:
-            self.recv_into(buf[:end], got)
+        if got < _SIMPLE_SIZE:
+            self.recv_into(buf[:_SIMPLE_SIZE], got)
+            got = _SIMPLE_SIZE
+        try:
+            dec.feed(buf, 0, _SIMPLE_SIZE)  # the header; the data is where it belongs
+            if dec.sink is not None:  # success: the rest of the data, then the end
+                if got < end:
+                    self.recv_into(buf[:end], got)
+                dec.sink_filled()
+            elif cookie not in self._done:
+                raise RemoteProtocolError("not a reply to the read")
+        except RemoteProtocolError as e:
+            raise self._gone(str(e)) from None
+        p = self._done.pop(cookie)
+        if p.error and got > _SIMPLE_SIZE:
+            raise self._gone("the server sent data with an error reply")
+        self._raise(p)
 
     def pread_into(self, data: memoryview, offset: int, flags: int = 0) -> None:
         self.reply(self.send(READ, offset, data.nbytes, flags, into=data))

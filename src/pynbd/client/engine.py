@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import errno as E
-import functools
 import os
 import socket
-import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Self
 
 from pynbd.client.negotiate import ExportInfo, Negotiation, uri_target
+from pynbd.client.strict import (
+    CMD_FLAGS,
+    STRICT_ALIGN,
+    STRICT_ALL,
+    STRICT_BOUNDS,
+    STRICT_COMMANDS,
+    STRICT_FLAGS,
+    STRICT_PAYLOAD,
+    STRICT_ZERO_SIZE,
+    StrictRules,
+)
 from pynbd.errors import (
     CommandError,
     LocalProtocolError,
@@ -30,23 +38,11 @@ from pynbd.protocol.client import (
 )
 from pynbd.protocol.constants import (
     CONTEXT_BASE_ALLOCATION,
-    EXT_REPLY,
-    EXT_REPLY_MAGIC,
-    EXT_REQUEST,
-    EXT_REQUEST_MAGIC,
-    REQUEST,
-    REQUEST_MAGIC,
-    SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY,
-    STRUCTURED_REPLY_MAGIC,
     Cmd,
-    CmdFlag,
     Opt,
-    ReplyFlag,
-    ReplyType,
-    nbd_to_errno,
 )
+from pynbd.protocol.replies import Pending, ReplyDecoder
+from pynbd.protocol.transmission import build_request
 from pynbd.stream import FdStream
 
 __all__ = [
@@ -60,24 +56,17 @@ __all__ = [
     "AsyncClient",
     "ChunkCallback",
     "ExportInfo",
+    "PendingCommand",
 ]
 
-_U64 = struct.Struct(">Q")
-_U32 = struct.Struct(">I")
 # Plain ints on the hot path (enum operators are Python functions).
-_FLUSH, _READ, _WRITE = int(Cmd.FLUSH), int(Cmd.READ), int(Cmd.WRITE)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _BS = int(Cmd.BLOCK_STATUS)
-_DONE, _REQ_ONE = int(ReplyFlag.DONE), int(CmdFlag.REQ_ONE)
-_OFFSET_DATA, _OFFSET_HOLE = int(ReplyType.OFFSET_DATA), int(ReplyType.OFFSET_HOLE)
-_ERRH = struct.Struct(">IH")
-_HOLE = struct.Struct(">QI")
 
 #: Requests in flight per connection before new ones wait.
 DEFAULT_MAX_IN_FLIGHT = 64
 #: Payload bytes in flight per connection before new requests wait.
 DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-#: Largest non-data reply chunk accepted (a block-status chunk of 2^20 extents fits).
-MAX_CHUNK = 64 * 1024 * 1024
 _RECV_BUF = 1024 * 1024
 #: With a payload being received into its destination, at most this much more is read into
 #: the receive buffer in the same system call: the next reply headers, and small replies,
@@ -85,8 +74,6 @@ _RECV_BUF = 1024 * 1024
 _SCATTER_TAIL = 4096
 #: Requests in flight averaging more than this many bytes count as large reads.
 _BIG_READS = 32 * 1024
-#: Largest READ/WRITE payload sent in strict mode whatever the server advertises (libnbd's cap).
-MAX_REQUEST_PAYLOAD = 64 * 1024 * 1024
 #: Seconds a command= server may take to exit after we hang up before it gets SIGTERM.
 PROC_EXIT_GRACE = 2.0
 #: Seconds a server we started may take to exit after SIGTERM before it gets SIGKILL.
@@ -94,45 +81,30 @@ PROC_TERM_WAIT = 5.0
 #: Seconds close() waits for NBD_CMD_DISC to be written to a server that stopped reading.
 CLOSE_DRAIN_TIMEOUT = 5.0
 
-# libnbd's strict-mode bits (set_strict_mode); ``strict=True`` means all of them.
-STRICT_COMMANDS = 1
-STRICT_FLAGS = 2
-STRICT_BOUNDS = 4
-STRICT_ZERO_SIZE = 8
-STRICT_ALIGN = 16
-STRICT_PAYLOAD = 32
-STRICT_ALL = 63
-
-#: Command flags each command takes (libnbd's STRICT_FLAGS table).
-_CMD_FLAGS: dict[int, int] = {  # plain ints: ~ of an IntFlag stays inside the known bits
-    Cmd.READ: int(CmdFlag.DF),
-    Cmd.WRITE: int(CmdFlag.FUA),
-    Cmd.FLUSH: 0,
-    Cmd.TRIM: int(CmdFlag.FUA),
-    Cmd.CACHE: 0,
-    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO),
-    Cmd.BLOCK_STATUS: int(CmdFlag.REQ_ONE),
-}
-
 #: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 
-@dataclass
-class _Pending:
-    cookie: int
-    cmd: int
-    offset: int
-    length: int
-    fut: asyncio.Future[Any]
-    dest: memoryview | None = None
-    chunk_cb: ChunkCallback | None = None
-    error: int = 0
-    message: str = ""
-    covered: list[tuple[int, int]] = field(default_factory=list)
-    extents: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    nbytes: int = 0
-    flags: int = 0
+class _Pending(Pending):
+    """A command awaiting its reply: the decoder's record, with the future its caller
+    awaits (or, for :meth:`AsyncClient.submit`, the function called when it is done) and
+    the payload bytes it counts against :attr:`AsyncClient.max_bytes_in_flight`."""
+
+    __slots__ = ("done", "failure", "fut", "nbytes")
+
+    def __init__(self, cookie: int, cmd: int, offset: int, length: int, flags: int,
+                 dest: memoryview | None, chunk_cb: ChunkCallback | None,
+                 fut: asyncio.Future[Any] | None, nbytes: int,
+                 done: Callable[[Pending], Any] | None = None) -> None:
+        super().__init__(cookie, cmd, offset, length, flags, dest, chunk_cb)
+        self.fut = fut
+        self.nbytes = nbytes
+        self.done = done
+        self.failure: BaseException | None = None
+
+
+#: The engine's record of a command in flight (for :meth:`AsyncClient.queue`).
+PendingCommand = _Pending
 
 
 class AsyncClient(Negotiation):
@@ -145,14 +117,17 @@ class AsyncClient(Negotiation):
         self._proc: Any = None
         self._init_negotiation()
         self.strict: bool | int = True
-        self._strict_rules: dict[tuple[int, int, int], Any] = {}
+        #: What strict mode checks for this export (pynbd.client.strict), once connected.
+        self._rules: StrictRules | None = None
         self.failure: BaseException | None = None
         #: Seconds a command may wait for its reply (None: forever). When one times out the
         #: connection is failed: every pending command gets a TimeoutError.
         self.request_timeout: float | None = None
         self._proc_grace = 0.0  # seconds a started server may take to exit by itself
-        # transmission
-        self._pending: dict[int, _Pending] = {}
+        # transmission: THE reply decoder (pynbd.protocol.replies); its ``pending`` maps
+        # cookie -> _Pending for every command in flight
+        self._dec = ReplyDecoder(self._finish)
+        self._pending: dict[int, Any] = self._dec.pending
         self._next_cookie = 1
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
         self.max_bytes_in_flight = DEFAULT_MAX_BYTES_IN_FLIGHT
@@ -162,9 +137,7 @@ class AsyncClient(Negotiation):
         self._view = memoryview(self._buf)
         self._pos = 0
         self._end = 0
-        self._sink: memoryview | None = None
-        self._sink_got = 0
-        self._sink_done: Callable[[], None] | None = None
+        self._sink_got = 0  # bytes of the decoder's sink already received
         self._out: list[Any] = []
         self._flush_scheduled = False
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
@@ -259,12 +232,11 @@ class AsyncClient(Negotiation):
         await self._handshake(export_name)
 
     def _start_command(self, argv: list[str]) -> socket.socket:
-        import subprocess
+        from pynbd.client.spawn import start_command
 
         mine, theirs = socket.socketpair()
         try:
-            self._proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=theirs.fileno(),
-                                          close_fds=True)
+            self._proc = start_command(argv, theirs)
         except BaseException:
             mine.close()
             raise
@@ -304,14 +276,9 @@ class AsyncClient(Negotiation):
 
     def _spawn_activated(self, argv: list[str], ls: socket.socket) -> None:
         """Start the server of :meth:`_start_activation` with ``ls`` as its fd 3."""
-        import subprocess
+        from pynbd.client.spawn import start_activated
 
-        # The listening socket goes in as stdin and the shell moves it to fd 3: dash
-        # (/bin/sh on Debian) cannot name descriptors above 9 in a redirection.
-        # exec keeps the shell's pid, which is what LISTEN_PID must name.
-        wrapper = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
-        self._proc = subprocess.Popen(
-            ["/bin/sh", "-c", wrapper, "sh", *argv], stdin=ls.fileno(), close_fds=True)
+        self._proc = start_activated(argv, ls)
 
     def _close_stream(self) -> None:
         if self.stream is not None:
@@ -425,7 +392,11 @@ class AsyncClient(Negotiation):
     def _enter_transmission(self) -> None:
         super()._enter_transmission()
         assert self.stream is not None
-        self._strict_rules.clear()
+        self._dec.structured = self.structured or self.extended
+        self._dec.extended = self.extended
+        self._dec.contexts = dict(self.meta_contexts)
+        self._rules = StrictRules(self.export.eflags, self.export.size, self.export.block_size,
+                                  self.structured or self.extended, bool(self.meta_contexts))
         self.stream.on_write_error = self._on_write_error
         self.stream.set_reader(self._on_readable)
 
@@ -442,67 +413,15 @@ class AsyncClient(Negotiation):
     def _strict_check(self, cmd: int, offset: int, length: int, flags: int) -> None:
         if self.closed or self.failure is not None:
             raise ConnectionError("the connection is closed") from self.failure
-        if not self.connected:
+        if not self.connected or self._rules is None:
             raise LocalProtocolError("not connected: finish negotiation with opt_go()")
         if not 0 <= flags <= 0xFFFF:
-            raise CommandError(E.EINVAL, "invalid command flags")
+            raise CommandError(E.EINVAL, f"flags: invalid value for flag: 0x{flags:x}")
         if not 0 <= offset < 1 << 64 or not 0 <= length < 1 << (64 if self.extended else 32):
             raise CommandError(E.EINVAL, "offset or count out of range")
         st = self._strict_mask()
-        if not st:
-            return
-        # What depends only on the command, its flags, the mode and the export is decided
-        # once per combination (the export's flags and limits do not change once connected).
-        key = (cmd, flags, st)
-        rule = self._strict_rules.get(key)
-        if rule is None:
-            rule = self._strict_rules[key] = self._strict_rule(cmd, flags, st)
-        err, zero_ok, max_len, align, limit = rule
-        if err is not None:
-            raise CommandError(*err)
-        if cmd != _FLUSH:
-            if length == 0 and not zero_ok:
-                raise CommandError(E.EINVAL, "count cannot be 0")
-            if offset + length > limit:
-                raise CommandError(E.EINVAL, "request out of bounds")
-            if align > 1 and (offset % align or length % align):
-                raise CommandError(E.EINVAL, "request is unaligned")
-        if length > max_len:
-            raise CommandError(E.ERANGE, "request too large for the maximum payload")
-
-    def _strict_rule(self, cmd: int, flags: int,
-                     st: int) -> tuple[tuple[int, str] | None, bool, int, int, int]:
-        """(error or None, zero length allowed, largest length, alignment, end of the export)."""
-        err: tuple[int, str] | None = None
-        if st & STRICT_FLAGS and flags & ~_CMD_FLAGS.get(cmd, 0) & 0xFFFF:
-            err = (E.EINVAL, "invalid flag for this command")
-        elif st & STRICT_COMMANDS:
-            if cmd == Cmd.BLOCK_STATUS and not self.meta_contexts:
-                err = (E.ENOTSUP, "did not negotiate any metadata contexts")
-            elif cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and self.is_read_only():
-                err = (E.EPERM, "server does not support write operations")
-            elif cmd == Cmd.FLUSH and not self.can_flush():
-                err = (E.EINVAL, "server does not support flush operations")
-            elif cmd == Cmd.TRIM and not self.can_trim():
-                err = (E.EINVAL, "server does not support trim operations")
-            elif cmd == Cmd.WRITE_ZEROES and not self.can_zero():
-                err = (E.EINVAL, "server does not support zero operations")
-            elif cmd == Cmd.CACHE and not self.can_cache():
-                err = (E.EINVAL, "server does not support cache operations")
-            elif flags & CmdFlag.FUA and not self.can_fua():
-                err = (E.EINVAL, "server does not support the FUA flag")
-            elif flags & CmdFlag.DF and not self.can_df():
-                err = (E.EINVAL, "server does not support the DF flag")
-            elif flags & CmdFlag.FAST_ZERO and not self.can_fast_zero():
-                err = (E.EINVAL, "server does not support the fast zero flag")
-        zero_ok = not st & STRICT_ZERO_SIZE
-        mn = self.block_size()[0]
-        align = mn if st & STRICT_ALIGN else 1
-        max_len = 1 << 64
-        if st & STRICT_PAYLOAD and cmd in (Cmd.READ, Cmd.WRITE):
-            max_len = min(self.block_size()[2], MAX_REQUEST_PAYLOAD)
-        limit = self.export.size if st & STRICT_BOUNDS else 1 << 64
-        return err, zero_ok, max_len, align, limit
+        if st:
+            self._rules.check(cmd, offset, length, flags, CMD_FLAGS.get(cmd, 0), st)
 
     async def _submit(self, cmd: int, offset: int, length: int, flags: int = 0,
                       payload: Any = None, dest: memoryview | None = None,
@@ -519,20 +438,8 @@ class AsyncClient(Negotiation):
         cookie = self._next_cookie
         self._next_cookie += 1
         fut = self.loop.create_future()
-        p = _Pending(cookie, cmd, offset, length, fut, dest, chunk_cb, nbytes=nbytes,
-                     flags=flags)
-        self._pending[cookie] = p
-        self._bytes_in_flight += nbytes
-        if self.extended:
-            if payload is not None:
-                flags |= CmdFlag.PAYLOAD_LEN
-            hdr = EXT_REQUEST.pack(EXT_REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-        else:
-            hdr = REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
-        out = self._out
-        out.append(hdr)
-        if payload is not None:
-            out.append(payload)
+        p = _Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, fut, nbytes)
+        self._enqueue(p, payload)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
@@ -545,8 +452,43 @@ class AsyncClient(Negotiation):
         finally:
             timer.cancel()
 
+    def _enqueue(self, p: _Pending, payload: Any) -> None:
+        """Register ``p`` with the decoder and queue its request (and payload)."""
+        self._pending[p.cookie] = p  # ReplyDecoder.expect, inlined
+        self._bytes_in_flight += p.nbytes
+        out = self._out
+        out.append(build_request(p.cmd, p.cookie, p.offset, p.length, p.flags, self.extended,
+                                 payload is not None))
+        if payload is not None:
+            out.append(payload)
+
+    def submit(self, cmd: int, offset: int, length: int, flags: int = 0, payload: Any = None,
+               dest: memoryview | None = None, chunk_cb: ChunkCallback | None = None,
+               done: Callable[[Pending], Any] | None = None) -> int:
+        """Queue a command at once, for a caller that drives the connection itself
+        (:meth:`write_queued`, then the stream's reader when the socket is readable): no strict
+        checks (the caller made them), no flow control, no future; ``done(p)`` runs when
+        its reply is complete (``p.error``, ``p.message``, ``p.result``), or when the
+        connection fails (``p.failure``, the exception). Returns the cookie."""
+        if self.closed or self.failure is not None:
+            raise ConnectionError("the connection is closed") from self.failure
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        nbytes = length if cmd == _READ or cmd == _WRITE else 0
+        self._enqueue(_Pending(cookie, cmd, offset, length, flags, dest, chunk_cb, None, nbytes,
+                               done), payload)
+        return cookie
+
+    def queue(self, p: _Pending, payload: Any = None) -> None:
+        """:meth:`submit` for a caller that builds the record itself (a subclass of the
+        engine's pending record with state of its own; ``fut`` None, ``done`` set), with the
+        cookie it chose (unique among those in flight)."""
+        if self.closed or self.failure is not None:
+            raise ConnectionError("the connection is closed") from self.failure
+        self._enqueue(p, payload)
+
     def _on_timeout(self, p: _Pending, t: float) -> None:
-        if not p.fut.done() and self._pending.get(p.cookie) is p:
+        if p.fut is not None and not p.fut.done() and self._pending.get(p.cookie) is p:
             self._fail(TimeoutError(
                 f"NBD command {p.cmd} (cookie {p.cookie:#x}) got no reply within {t} s; "
                 "the connection was closed"))
@@ -573,6 +515,10 @@ class AsyncClient(Negotiation):
             if not w.done():
                 w.set_result(None)
                 return
+
+    def write_queued(self) -> None:
+        """Write the requests queued (see :meth:`submit`)."""
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -631,16 +577,13 @@ class AsyncClient(Negotiation):
         if stream is None or self.failure is not None:
             return
         if self.connected:
-            pending = [p.fut for p in self._pending.values()]
+            pending = [p.fut for p in self._pending.values() if p.fut is not None]
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             if self.closed or self.failure is not None:
                 return
             self._flush()
-            stream.write([REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie, 0, 0)
-                          if not self.extended else
-                          EXT_REQUEST.pack(EXT_REQUEST_MAGIC, 0, Cmd.DISC, self._next_cookie,
-                                           0, 0)])
+            stream.write([build_request(Cmd.DISC, self._next_cookie, 0, 0, 0, self.extended)])
         elif self.hs.state is CState.OPTIONS and self.hs.fixed_newstyle:
             stream.write([self.hs.option(Opt.ABORT)])  # the reply need not be read
         else:
@@ -655,10 +598,15 @@ class AsyncClient(Negotiation):
         self.connected = False
         if self.stream is not None:
             self.stream.close()
-        for p in list(self._pending.values()):
-            if not p.fut.done():
-                p.fut.set_exception(exc)
+        pending = list(self._pending.values())
         self._pending.clear()
+        for p in pending:
+            if p.fut is None:
+                if p.done is not None:
+                    p.failure = exc
+                    p.done(p)
+            elif not p.fut.done():
+                p.fut.set_exception(exc)
         for w in self._waiters:
             if not w.done():
                 w.set_result(None)
@@ -677,26 +625,24 @@ class AsyncClient(Negotiation):
     # the reader
     def _on_readable(self) -> None:
         try:
-            sink = self._sink
+            dec = self._dec
+            sink = dec.sink
             if sink is not None:
                 # The rest of a payload straight into its destination, and what follows (the
                 # next reply headers) into the receive buffer, which is empty in this state.
-                want = len(sink) - self._sink_got
+                got = self._sink_got
+                want = len(sink) - got
                 n = self.stream.readinto2(  # type: ignore[union-attr]
-                    sink[self._sink_got:], self._view[:self._read_limit()])
+                    sink[got:], self._view[:self._read_limit()])
                 if n == 0:
                     return self._fail(ConnectionError(
-                    "server closed the connection in the middle of a reply"))
+                        "server closed the connection in the middle of a reply"))
                 if n < want:
-                    self._sink_got += n
+                    self._sink_got = got + n
                     return
-                self._end = n - want
-                self._sink_got = len(sink)
-                done = self._sink_done
-                self._sink = None
-                self._sink_done = None
-                assert done is not None
-                done()
+                self._sink_got = 0
+                self._pos, self._end = 0, n - want
+                dec.sink_filled()
             else:
                 if self._end == len(self._buf):
                     self._compact()
@@ -723,7 +669,8 @@ class AsyncClient(Negotiation):
     def _read_limit(self) -> int:
         """How much one read may put in the receive buffer. With mostly large reads in flight,
         little more than the next reply header, so that their payloads land in their
-        destinations (see _into) rather than here first; otherwise all that is there."""
+        destinations (the decoder's sink) rather than here first; otherwise all that is
+        there."""
         if self._bytes_in_flight > _BIG_READS * len(self._pending):
             return _SCATTER_TAIL
         return len(self._buf)
@@ -734,246 +681,50 @@ class AsyncClient(Negotiation):
             self._buf[:rest] = self._buf[self._pos:self._end]
         self._pos, self._end = 0, rest
 
-    def _need(self, n: int) -> bool:
-        """True if n bytes are buffered at _pos; else make room for them and return False."""
-        if self._end - self._pos >= n:
-            return True
-        if self._pos + n > len(self._buf):
+    def _process(self) -> None:
+        """Decode what is buffered (pynbd.protocol.replies); then make room for what the
+        decoder needs next, unless a payload is to go straight to its destination."""
+        dec = self._dec
+        if self.closed:
+            return
+        pos = dec.feed(self._view, self._pos, self._end)
+        if dec.sink is not None:  # everything buffered was used
+            self._pos = self._end = 0
+            return
+        if pos == self._end:
+            self._pos = self._end = 0
+            if len(self._buf) > _RECV_BUF:  # grown for one huge chunk: give it back
+                self._buf = bytearray(_RECV_BUF)
+                self._view = memoryview(self._buf)
+            return
+        self._pos = pos
+        n = dec.need
+        if pos + n > len(self._buf):
             if n > len(self._buf):
                 newbuf = bytearray(n)
-                rest = self._end - self._pos
-                newbuf[:rest] = self._buf[self._pos:self._end]
+                rest = self._end - pos
+                newbuf[:rest] = self._buf[pos:self._end]
                 self._buf = newbuf
                 self._view = memoryview(newbuf)
                 self._pos, self._end = 0, rest
             else:
                 self._compact()
-        return False
 
-    def _into(self, dest: memoryview, then: Callable[[], None]) -> bool:
-        """Move buffered bytes into dest; if more are needed, receive straight into dest.
-        Returns True if dest was filled now (then() is NOT called in that case)."""
-        avail = self._end - self._pos
-        n = len(dest)
-        take = min(avail, n)
-        if take:
-            dest[:take] = self._view[self._pos:self._pos + take]
-            self._pos += take
-        if take == n:
-            return True
-        self._pos = self._end = 0
-        self._sink = dest
-        self._sink_got = take
-        self._sink_done = then
-        return False
-
-    def _process(self) -> None:
-        while self._sink is None and not self.closed:
-            if self._end - self._pos < 4:
-                if self._pos == self._end:
-                    self._pos = self._end = 0
-                    if len(self._buf) > _RECV_BUF:  # grown for one huge chunk: give it back
-                        self._buf = bytearray(_RECV_BUF)
-                        self._view = memoryview(self._buf)
-                return
-            magic = _U32.unpack_from(self._buf, self._pos)[0]
-            if magic == SIMPLE_REPLY_MAGIC and not self.extended:
-                if not self._need(16):
-                    return
-                _, error, cookie = SIMPLE_REPLY.unpack_from(self._buf, self._pos)
-                p = self._pending.get(cookie)
-                if p is None:
-                    raise RemoteProtocolError(f"reply with an unknown cookie {cookie:#x}")
-                self._pos += 16
-                if p.cmd == _READ and self.structured and error == 0:
-                    raise RemoteProtocolError("simple reply to a structured READ")
-                if p.cmd == _BS and error == 0:
-                    raise RemoteProtocolError("simple reply to a successful BLOCK_STATUS")
-                if p.cmd == _READ and error == 0:
-                    assert p.dest is not None
-                    if not self._into(p.dest, functools.partial(self._finish_simple_read, p)):
-                        return
-                    self._finish_simple_read(p)
-                else:
-                    p.error = error
-                    self._finish(p)
-                continue
-            if magic == STRUCTURED_REPLY_MAGIC and self.structured and not self.extended:
-                hsize = 20
-                if not self._need(hsize):
-                    return
-                _, flags, rtype, cookie, length = STRUCTURED_REPLY.unpack_from(self._buf, self._pos)
-            elif magic == EXT_REPLY_MAGIC and self.extended:
-                hsize = 32
-                if not self._need(hsize):
-                    return
-                _, flags, rtype, cookie, _off, length = EXT_REPLY.unpack_from(self._buf, self._pos)
-            else:
-                raise RemoteProtocolError(f"bad reply magic {magic:#x}")
-            p = self._pending.get(cookie)
-            if p is None:
-                raise RemoteProtocolError(f"reply chunk with an unknown cookie {cookie:#x}")
-            if rtype == _OFFSET_DATA:
-                if p.cmd != _READ or length < 9:
-                    raise RemoteProtocolError("unexpected or malformed OFFSET_DATA chunk")
-                if not self._need(hsize + 8):
-                    return
-                (doff,) = _U64.unpack_from(self._buf, self._pos + hsize)
-                n = length - 8
-                start = doff - p.offset
-                if start < 0 or start + n > p.length:
-                    raise RemoteProtocolError("OFFSET_DATA chunk outside the request")
-                self._pos += hsize + 8
-                assert p.dest is not None
-                dest = p.dest[start:start + n]
-                p.covered.append((start, n))
-                then = (lambda p=p, start=start, n=n, flags=flags:
-                        self._data_chunk_done(p, start, n, flags))
-                if not self._into(dest, then):
-                    return
-                self._data_chunk_done(p, start, n, flags)
-                continue
-            if length > MAX_CHUNK:
-                raise RemoteProtocolError(f"reply chunk of {length} bytes is too large")
-            if not self._need(hsize + length):
-                return
-            payload = bytes(self._view[self._pos + hsize:self._pos + hsize + length])
-            self._pos += hsize + length
-            self._chunk(p, flags, rtype, payload)
-
-    def _finish_simple_read(self, p: _Pending) -> None:
-        if p.chunk_cb is not None and p.dest is not None:
-            self._call_chunk_cb(p, p.dest, p.offset, 1, 0)
-        self._finish(p)
-
-    def _data_chunk_done(self, p: _Pending, start: int, n: int, flags: int) -> None:
-        if p.chunk_cb is not None and p.dest is not None:
-            self._call_chunk_cb(p, p.dest[start:start + n], p.offset + start, 1, 0)
-        if flags & _DONE:
-            self._finish(p)
-
-    def _call_chunk_cb(self, p: _Pending, data: memoryview, offset: int, status: int,
-                       error: int) -> None:
-        try:
-            r = p.chunk_cb(data.toreadonly(), offset, status, error)  # type: ignore[misc]
-        except Exception as e:  # noqa: BLE001
-            if not p.error:
-                p.error = 5
-                p.message = f"chunk callback failed: {e}"
-            return
-        if isinstance(r, int) and r < 0 and not p.error:
-            p.error = 5
-
-    def _chunk(self, p: _Pending, flags: int, rtype: int, payload: bytes) -> None:
-        if rtype == ReplyType.NONE:
-            if payload or not flags & _DONE:
-                raise RemoteProtocolError("malformed NONE chunk")
-        elif rtype == _OFFSET_HOLE:
-            if p.cmd != _READ or len(payload) != 12:
-                raise RemoteProtocolError("unexpected or malformed OFFSET_HOLE chunk")
-            hoff, hlen = _HOLE.unpack(payload)
-            start = hoff - p.offset
-            if hlen == 0 or start < 0 or start + hlen > p.length:
-                raise RemoteProtocolError("OFFSET_HOLE chunk outside the request")
-            assert p.dest is not None
-            p.dest[start:start + hlen] = bytes(hlen)
-            p.covered.append((start, hlen))
-            if p.chunk_cb is not None:
-                self._call_chunk_cb(p, p.dest[start:start + hlen], hoff, 2, 0)
-        elif rtype in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
-            self._status_chunk(p, rtype, payload)
-        elif rtype & 0x8000:
-            if len(payload) < 6:
-                raise RemoteProtocolError("error chunk too short")
-            err, mlen = _ERRH.unpack_from(payload)
-            extra = 8 if rtype == ReplyType.ERROR_OFFSET else 0
-            if rtype in (ReplyType.ERROR, ReplyType.ERROR_OFFSET) and \
-                    len(payload) != 6 + mlen + extra:
-                raise RemoteProtocolError("error chunk length does not match its message")
-            if 6 + mlen > len(payload):
-                raise RemoteProtocolError("error chunk message overruns the chunk")
-            if extra:
-                (eoff,) = _U64.unpack_from(payload, 6 + mlen)
-                start = eoff - p.offset
-                if not 0 <= start < max(p.length, 1):
-                    raise RemoteProtocolError("ERROR_OFFSET chunk outside the request")
-            if not p.error:
-                p.error = err or 22
-                p.message = payload[6:6 + mlen].decode("utf-8", "replace")
-            if extra and p.chunk_cb is not None and p.dest is not None:
-                self._call_chunk_cb(p, p.dest[start:start], eoff, 3, nbd_to_errno(err))
-        else:
-            raise RemoteProtocolError(f"unknown reply chunk type {rtype}")
-        if flags & _DONE:
-            self._finish(p)
-
-    def _status_chunk(self, p: _Pending, rtype: int, payload: bytes) -> None:
-        if p.cmd != _BS:
-            raise RemoteProtocolError("block status chunk for another command")
-        if rtype == ReplyType.BLOCK_STATUS:
-            if self.extended or len(payload) < 12 or (len(payload) - 4) % 8:
-                raise RemoteProtocolError("malformed BLOCK_STATUS chunk")
-            ctx = _U32.unpack_from(payload)[0]
-            ents = [struct.unpack_from(">II", payload, 4 + 8 * i)
-                    for i in range((len(payload) - 4) // 8)]
-        else:
-            if not self.extended or len(payload) < 24 or (len(payload) - 8) % 16:
-                raise RemoteProtocolError("malformed BLOCK_STATUS_EXT chunk")
-            ctx, count = struct.unpack_from(">II", payload)
-            ents = [struct.unpack_from(">QQ", payload, 8 + 16 * i)
-                    for i in range((len(payload) - 8) // 16)]
-            if count != len(ents):
-                raise RemoteProtocolError("BLOCK_STATUS_EXT count does not match its length")
-        if ctx not in self.meta_contexts:
-            raise RemoteProtocolError(f"block status for an unknown context id {ctx}")
-        if ctx in p.extents:
-            raise RemoteProtocolError("two block status chunks for one context")
-        if any(n == 0 for n, _ in ents):
-            raise RemoteProtocolError("zero-length extent in block status")
-        if p.flags & _REQ_ONE and len(ents) != 1:
-            raise RemoteProtocolError("more than one extent in a REQ_ONE block status reply")
-        p.extents[ctx] = [(int(n), int(f)) for n, f in ents]
-
-    def _finish(self, p: _Pending) -> None:
-        self._pending.pop(p.cookie, None)
+    def _finish(self, p: Any) -> None:
+        """The decoder's ``on_done``: a command's reply is complete."""
         self._bytes_in_flight -= p.nbytes
         if self._waiters:
             self._wake_one()
-        if p.fut.done():
+        fut = p.fut
+        if fut is None:
+            p.done(p)
+            return
+        if fut.done():
             return
         if p.error:
-            errno = nbd_to_errno(p.error)
-            p.fut.set_exception(CommandError(errno, p.message or os.strerror(errno)))
-            return
-        bad = None
-        if p.cmd == _READ and (self.structured or self.extended):
-            # the chunks must cover the request exactly once
-            pos = 0
-            for start, n in sorted(p.covered):
-                if start != pos:
-                    bad = "read reply chunks overlap or leave a gap"
-                    break
-                pos = start + n
-            else:
-                if pos != p.length:
-                    bad = "read reply does not cover the request"
-        elif p.cmd == _BS:
-            missing = set(self.meta_contexts) - set(p.extents)
-            if missing:
-                names = ", ".join(self.meta_contexts[c] for c in sorted(missing))
-                bad = f"block status reply without extents for {names}"
-        if bad is not None:
-            # a hard disconnect (spec); this command fails with the same error, never
-            # with a half-filled buffer reported as success
-            err = RemoteProtocolError(bad)
-            p.fut.set_exception(err)
-            self._fail(err)
-            return
-        if p.cmd == _BS:
-            res = {self.meta_contexts[c]: e for c, e in p.extents.items()}
-            p.fut.set_result(res)
-            return
-        p.fut.set_result(None)
+            fut.set_exception(CommandError(p.error, p.message or os.strerror(p.error)))
+        else:
+            fut.set_result(p.result)
 
     # ---- context manager -----------------------------------------------------------
     async def __aenter__(self) -> Self:

@@ -27,6 +27,7 @@ from pynbd.protocol.client import (
     Greeting,
     OldstyleGreeting,
     OptionReply,
+    check_export_size,
 )
 from pynbd.protocol.constants import Info, Opt, Rep, TxFlag
 
@@ -215,7 +216,7 @@ class Negotiation:
                 continue  # malformed optional info: ignore
             if ir.kind == Info.EXPORT:
                 assert ir.size is not None and ir.flags is not None
-                info.size, info.eflags = ir.size, ir.flags
+                info.size, info.eflags = check_export_size(ir.size), ir.flags
                 got_export = True
             elif ir.kind == Info.NAME:
                 info.canonical_name = ir.name

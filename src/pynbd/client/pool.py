@@ -32,7 +32,7 @@ class AsyncPool:
         return len(self.clients)
 
     def _pick(self) -> AsyncClient:
-        return min(self.clients, key=lambda c: len(c._pending))
+        return min(self.clients, key=lambda c: c.in_flight)
 
     # properties and flags come from the first connection (they are the same export)
     def __getattr__(self, name: str) -> Any:

@@ -1,5 +1,16 @@
-"""The NBD URI parser and its rules (:mod:`pynbd.protocol.uri` has the grammar, the
-:class:`~pynbd.protocol.uri.NBDURI` value and formatting).
+"""THE NBD URI parser, with its two behaviours (:mod:`pynbd.protocol.uri` has the grammar,
+the :class:`~pynbd.protocol.uri.NBDURI` value and formatting).
+
+One grammar (RFC 3986's character classes, the scheme, the split of what follows the
+authority into path, query and fragment) read two ways:
+
+- :func:`split` — pynbd's rules: the NBD URI specification, strictly, with a message naming
+  each problem (:class:`URIError`); what :func:`pynbd.protocol.uri.parse_uri` and the clients
+  use;
+- :func:`parse_libxml2` and :func:`libnbd_queries` — the rules libnbd 1.14 reads URIs by:
+  libxml2 2.9's ``xmlParseURI`` (an absolute URI, else a relative reference; None when
+  neither parses) and lib/uri.c's query splitting. :mod:`pynbd.libnbd` applies lib/uri.c's
+  checks, in libnbd's words, to what they return.
 
 Here, without dataclasses, for what only needs a URI's parts: a tool connecting to a URI
 starts without importing dataclasses and inspect (:func:`pynbd.client.negotiate.uri_target`).
@@ -18,7 +29,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 __all__ = [
-    "DEFAULT_PORT", "KNOWN_PARAMS", "SCHEMES", "URIError", "checked", "param_value", "split",
+    "DEFAULT_PORT", "KNOWN_PARAMS", "SCHEMES", "URIError", "XmlURI", "checked", "libnbd_queries",
+    "param_value", "parse_libxml2", "split",
 ]
 
 DEFAULT_PORT = 10809
@@ -49,16 +61,39 @@ KNOWN_PARAMS: dict[str, str] = {
 _TLS_TYPES = ("anon", "x509", "psk")
 _VERIFY_VALUES = {"0": False, "1": True, "false": False, "true": True}
 
-# RFC 3986 character classes (ASCII); any non-ASCII character is accepted and read as UTF-8.
-_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-_SUB_DELIMS = "!$&'()*+,;="
-_USERINFO_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":%")
-_REGNAME_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + "%")
-_PATH_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":@/%")
-_QUERY_CHARS = frozenset(_UNRESERVED + _SUB_DELIMS + ":@/?%")
+# ---- the grammar: RFC 3986 ---------------------------------------------------------------
 
+_ALPHA = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_DIGIT = "0123456789"
+_HEX = frozenset("0123456789abcdefABCDEF")
+_UNRESERVED = _ALPHA + _DIGIT + "-._~"
+_SUB_DELIMS = "!$&'()*+,;="
+#: Each component's characters (a "%" starts a %XX escape).
+_USERINFO = frozenset(_UNRESERVED + _SUB_DELIMS + ":")
+_REGNAME = frozenset(_UNRESERVED + _SUB_DELIMS)
+_PCHAR = frozenset(_UNRESERVED + _SUB_DELIMS + ":@")
+_QUERY = _PCHAR | frozenset("/?")
+_FRAGMENT = _QUERY | frozenset("[]")  # libxml2 also takes brackets in a fragment
+# pynbd's rules check the same classes with "%" in them, and accept any non-ASCII character
+# (read as UTF-8).
+_USERINFO_CHARS = _USERINFO | {"%"}
+_REGNAME_CHARS = _REGNAME | {"%"}
+_PATH_CHARS = _PCHAR | frozenset("/%")
+_QUERY_CHARS = _QUERY | {"%"}
+
+#: scheme ":" (a letter, then letters, digits, "+", "-", ".").
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
+#: What follows the authority (or the scheme): path, then "?" query, then "#" fragment.
+_REST_RE = re.compile(r"([^?#]*)(?:\?([^#]*))?(?:#(.*))?", re.DOTALL)
 _BAD_PCT_RE = re.compile(r"%(?![0-9A-Fa-f]{2}).{0,2}", re.DOTALL)
+_INT_MAX = (1 << 31) - 1
+
+
+def _split_rest(rest: str) -> tuple[str, str | None, str | None]:
+    """(path, query or None, fragment or None) of what follows the authority."""
+    m = _REST_RE.fullmatch(rest)
+    assert m is not None  # every string matches
+    return m.group(1), m.group(2), m.group(3)
 
 
 class URIError(ConfigError, ValueError):
@@ -290,12 +325,16 @@ def split(text: str) -> dict[str, Any]:
         raise URIError(f"URI must begin with '{scheme}://'{hint}")
     tls, transport = SCHEMES[scheme]
     rest = rest[2:]
-
-    if "#" in rest:
+    end = len(rest)
+    for stop in "/?#":
+        k = rest.find(stop)
+        if 0 <= k < end:
+            end = k
+    authority = rest[:end]
+    path, query_raw, fragment = _split_rest(rest[end:])
+    if fragment is not None:
         raise URIError("NBD URI must not have a fragment: percent-encode '#' as %23")
-    rest, _, query_raw = rest.partition("?")
-    slash = rest.find("/")
-    authority, path = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    query_raw = query_raw or ""
 
     # Authority: [userinfo@]host[:port]
     userinfo, at, hostport = authority.rpartition("@")
@@ -317,7 +356,15 @@ def split(text: str) -> dict[str, Any]:
     _check_chars(path, _PATH_CHARS, "path")
     export = _decode(path[1:], "export name")
 
-    # Query.
+    query = _split_query(query_raw)
+    typed = {attr: param_value(name, query[name]) if name in query else None
+             for name, attr in KNOWN_PARAMS.items()}
+    return dict(tls=tls, transport=transport, host=host, port=port, export=export,
+                user=user, query=query, **typed)
+
+
+def _split_query(query_raw: str) -> dict[str, str]:
+    """``name=value`` pairs joined by ``&``, percent-decoded; no duplicates."""
     _check_chars(query_raw, _QUERY_CHARS, "query")
     query: dict[str, str] = {}
     for param in query_raw.split("&") if query_raw else ():
@@ -330,11 +377,7 @@ def split(text: str) -> dict[str, Any]:
         if name in query:
             raise URIError(f"duplicate parameter {name!r} in URI")
         query[name] = _decode(raw_value, f"{name}= parameter", paths=True)
-
-    typed = {attr: param_value(name, query[name]) if name in query else None
-             for name, attr in KNOWN_PARAMS.items()}
-    return dict(tls=tls, transport=transport, host=host, port=port, export=export,
-                user=user, query=query, **typed)
+    return query
 
 
 def _split_hostport(hostport: str) -> tuple[str, str | None]:
@@ -363,3 +406,169 @@ def _split_hostport(hostport: str) -> tuple[str, str | None]:
     _check_chars(host, _REGNAME_CHARS, "host")
     host = _decode(host, "host")
     return host, (port if colon else None)
+
+
+# ---- libnbd's behaviour: libxml2 2.9's xmlParseURI, lib/uri.c's queries -------------------
+
+
+class XmlURI:
+    """The fields of libxml2's xmlURI that libnbd reads (``None`` where libxml2 has NULL);
+    ``port`` is 0 when there is none (-1 with an authority but no host)."""
+
+    __slots__ = ("path", "port", "query_raw", "scheme", "server", "user")
+
+    def __init__(self, scheme: str | None = None) -> None:
+        self.scheme = scheme
+        self.server: str | None = None
+        self.user: str | None = None
+        self.port = 0
+        self.path: str | None = None
+        self.query_raw: str | None = None
+
+
+def parse_libxml2(text: str) -> XmlURI | None:
+    """Parse ``text`` as libxml2 2.9's xmlParseURI does: as an absolute URI, else as a
+    relative reference (which has no scheme); None if it is neither."""
+    m = _SCHEME_RE.match(text)
+    if m is not None:
+        u = XmlURI(text[:m.end() - 1])
+        if _xml_hier(text, m.end(), u, relative=False):
+            return u
+    u = XmlURI()
+    return u if _xml_hier(text, 0, u, relative=True) else None
+
+
+def _xml_hier(text: str, i: int, u: XmlURI, relative: bool) -> bool:
+    """What follows the scheme (or all of a relative reference): ``//`` authority and an
+    absolute-or-empty path, or a path alone; then the query and the fragment."""
+    if text.startswith("//", i):
+        i = _xml_authority(text, i + 2, u)
+        if i < 0:
+            return False
+        if u.server is None and not relative:
+            u.port = -1
+        kind = "abempty"
+    else:
+        kind = "noscheme" if relative else "rootless"
+    path, query, fragment = _split_rest(text[i:])
+    if not _xml_path_ok(path, kind):
+        return False
+    if query is not None and not _xml_chars_ok(query, _QUERY):
+        return False
+    if fragment is not None and not _xml_chars_ok(fragment, _FRAGMENT):
+        return False
+    u.path = _xml_unescape(path) if path else None
+    u.query_raw = query
+    return True
+
+
+def _xml_path_ok(path: str, kind: str) -> bool:
+    """An absolute-or-empty path after an authority; otherwise an absolute, rootless (after
+    a scheme) or noscheme (a relative reference's: no ":" in its first segment) path, or
+    none."""
+    if not path:
+        return True
+    if kind == "abempty" and not path.startswith("/"):
+        return False
+    if not path.startswith("/") and kind == "noscheme" and ":" in path.split("/", 1)[0]:
+        return False
+    return all(_xml_chars_ok(seg, _PCHAR) for seg in path.split("/"))
+
+
+def _xml_chars_ok(part: str, allowed: frozenset[str]) -> bool:
+    """Every character is in ``allowed`` or starts a %XX escape."""
+    i, n = 0, len(part)
+    while i < n:
+        c = part[i]
+        if c == "%":
+            if i + 2 < n and part[i + 1] in _HEX and part[i + 2] in _HEX:
+                i += 3
+                continue
+            return False
+        if c not in allowed:
+            return False
+        i += 1
+    return True
+
+
+def _xml_scan(text: str, i: int, allowed: frozenset[str]) -> int:
+    """Skip characters of ``allowed`` and %XX escapes from ``i``."""
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "%":
+            if i + 2 < n and text[i + 1] in _HEX and text[i + 2] in _HEX:
+                i += 3
+                continue
+            return i
+        if c not in allowed:
+            return i
+        i += 1
+    return i
+
+
+def _xml_authority(text: str, i: int, u: XmlURI) -> int:
+    """``[userinfo "@"] host [":" port]`` from ``i``, as libxml2 scans it (a bracketed host
+    runs to the first "]" that follows, wherever it is); the index after it, or -1."""
+    j = _xml_scan(text, i, _USERINFO)
+    if j < len(text) and text[j] == "@":
+        u.user = _xml_unescape(text[i:j])
+        i = j + 1
+    start = i
+    if i < len(text) and text[i] == "[":
+        end = text.find("]", i + 1)
+        if end < 0:
+            return -1
+        i = end + 1
+    else:
+        i = _xml_scan(text, i, _REGNAME)
+    u.server = _xml_unescape(text[start:i]) if i > start else None
+    if i < len(text) and text[i] == ":":
+        j = i + 1
+        while j < len(text) and text[j] in _DIGIT:
+            j += 1
+        if j == i + 1 or int(text[i + 1:j]) > _INT_MAX:
+            return -1
+        u.port = int(text[i + 1:j])
+        i = j
+    if i < len(text) and text[i] not in "/?#":
+        return -1
+    return i
+
+
+def _xml_unescape(s: str) -> str:
+    """xmlURIUnescapeString: %XX decoded (as bytes, read back as UTF-8), cut at a NUL."""
+    if "%" in s:
+        raw = bytearray()
+        i = 0
+        while i < len(s):
+            if s[i] == "%" and i + 2 < len(s) and s[i + 1] in _HEX and s[i + 2] in _HEX:
+                raw.append(int(s[i + 1:i + 3], 16))
+                i += 3
+            else:
+                raw += s[i].encode()
+                i += 1
+        s = raw.decode("utf-8", "surrogateescape")
+    return s.split("\0", 1)[0]
+
+
+def libnbd_queries(query_raw: str | None) -> list[tuple[str, str]]:
+    """lib/uri.c's parse_uri_queries: ``&`` (or, failing that, ``;``) separated, decoded;
+    an empty section or one starting with "=" is ignored."""
+    out: list[tuple[str, str]] = []
+    q = query_raw or ""
+    while q:
+        end = q.find("&")
+        if end < 0:
+            end = q.find(";")
+        if end < 0:
+            end = len(q)
+        eq = q.find("=", 0, end)
+        if end == 0 or eq == 0:
+            pass
+        elif eq < 0:
+            out.append((_xml_unescape(q[:end]), ""))
+        else:
+            out.append((_xml_unescape(q[:eq]), _xml_unescape(q[eq + 1:end])))
+        q = q[end + 1:]
+    return out

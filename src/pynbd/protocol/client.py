@@ -8,8 +8,10 @@ Feed bytes with :meth:`ClientHandshake.receive_data`, take events with
 from __future__ import annotations
 
 import enum
+import errno as _errno
 
 from pynbd.errors import LocalProtocolError, RemoteProtocolError
+from pynbd.limits import MAX_EXPORT_SIZE
 from pynbd.protocol.constants import (
     EXPORT_NAME_REPLY,
     GREETING,
@@ -33,9 +35,11 @@ __all__ = [
     "CState",
     "ClientHandshake",
     "ExportReply",
+    "ExportSizeError",
     "Greeting",
     "OldstyleGreeting",
     "OptionReply",
+    "check_export_size",
 ]
 
 #: Largest option reply payload accepted from a server (a LIST of many exports fits).
@@ -50,6 +54,24 @@ class CState(enum.Enum):
     AWAIT_EXPORT_NAME = "await-export-name"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
+
+
+class ExportSizeError(RemoteProtocolError):
+    """The server advertised an export size of 2^63 or more. Every client API hands sizes
+    and offsets out as signed 64-bit numbers (libnbd's ``nbd_get_size``, ``off_t``, Python's
+    C longs), so such an export is refused at negotiation (CVE-2023-5215). ``errno`` is
+    EOVERFLOW, as libnbd >= 1.16.5 sets it."""
+
+    errno = _errno.EOVERFLOW
+
+
+def check_export_size(size: int) -> int:
+    """``size`` if a client can use it; else :class:`ExportSizeError`, in libnbd's words
+    (``nbd_get_size`` in libnbd >= 1.16.5). Every way a size arrives (oldstyle greeting,
+    NBD_OPT_EXPORT_NAME reply, NBD_INFO_EXPORT) passes here."""
+    if size > MAX_EXPORT_SIZE:
+        raise ExportSizeError(f"server claims size {size} which does not fit in signed result")
+    return size
 
 
 # The events: plain classes (a tool that negotiates starts without importing dataclasses,
@@ -149,72 +171,83 @@ class ClientHandshake:
         return OPT_HEADER.pack(IHAVEOPT, Opt.EXPORT_NAME, len(b)) + b
 
     def next_event(self) -> Greeting | OldstyleGreeting | OptionReply | ExportReply | object:
-        buf = self._buf
+        """The next event, or NEED_DATA."""
         st = self.state
         if st is CState.AWAIT_GREETING:
-            if len(buf) < 16:
-                return NEED_DATA
-            magic, second = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:16], "big")
-            if magic != NBDMAGIC:
-                raise RemoteProtocolError(f"bad server magic {magic:#x}")
-            if second == OLDSTYLE_MAGIC:
-                if len(buf) < OLDSTYLE_GREETING.size:
-                    return NEED_DATA
-                _, _, size, flags = OLDSTYLE_GREETING.unpack_from(buf)
-                del buf[:OLDSTYLE_GREETING.size]
-                self._go("oldstyle")
-                self.trailing_data = bytes(buf)
-                buf.clear()
-                if not flags & TxFlag.HAS_FLAGS:
-                    raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-                return OldstyleGreeting(size, flags & 0xFFFF)
-            if second != IHAVEOPT:
-                raise RemoteProtocolError(f"bad server magic {second:#x}")
-            if len(buf) < GREETING.size:
-                return NEED_DATA
-            _, _, flags = GREETING.unpack_from(buf)
-            del buf[:GREETING.size]
-            self.server_flags = flags
-            self._go("greeting")
-            return Greeting(flags)
+            return self._greeting()
         if st is CState.AWAIT_REPLY:
-            if len(buf) < OPT_REPLY_HEADER.size:
-                return NEED_DATA
-            magic, opt, rtype, length = OPT_REPLY_HEADER.unpack_from(buf)
-            if magic != REPLY_MAGIC_OPT:
-                raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
-            if opt != self._opt:
-                raise RemoteProtocolError(f"reply to option {opt} while {self._opt} is pending")
-            if length > MAX_OPTION_REPLY:
-                raise RemoteProtocolError(f"option reply of {length} bytes is too large")
-            if len(buf) < OPT_REPLY_HEADER.size + length:
-                return NEED_DATA
-            data = bytes(buf[OPT_REPLY_HEADER.size:OPT_REPLY_HEADER.size + length])
-            del buf[:OPT_REPLY_HEADER.size + length]
-            final = rtype == 1 or rtype >= 1 << 31
-            if final and rtype == 1 and opt == Opt.GO:
-                self._go("go-ack")
-                self.trailing_data = bytes(buf)
-                buf.clear()
-            elif final and rtype == 1 and opt == Opt.ABORT:
-                self._go("abort-ack")
-            else:
-                self._go("reply-final" if final else "reply-partial")
-            if final:
-                self._opt = None
-            return OptionReply(opt, rtype, data)
+            return self._option_reply()
         if st is CState.AWAIT_EXPORT_NAME:
-            n = EXPORT_NAME_REPLY.size
-            zeroes = not (self.flags_sent & ClientFlag.C_NO_ZEROES)
-            need = n + (124 if zeroes else 0)
-            if len(buf) < need:
+            return self._export_reply()
+        return NEED_DATA
+
+    def _greeting(self) -> Greeting | OldstyleGreeting | object:
+        buf = self._buf
+        if len(buf) < 16:
+            return NEED_DATA
+        magic, second = int.from_bytes(buf[:8], "big"), int.from_bytes(buf[8:16], "big")
+        if magic != NBDMAGIC:
+            raise RemoteProtocolError(f"bad server magic {magic:#x}")
+        if second == OLDSTYLE_MAGIC:
+            if len(buf) < OLDSTYLE_GREETING.size:
                 return NEED_DATA
-            size, eflags = EXPORT_NAME_REPLY.unpack_from(buf)
-            del buf[:need]
-            self._go("export-reply")
+            _, _, size, flags = OLDSTYLE_GREETING.unpack_from(buf)
+            del buf[:OLDSTYLE_GREETING.size]
+            self._go("oldstyle")
             self.trailing_data = bytes(buf)
             buf.clear()
-            if not eflags & TxFlag.HAS_FLAGS:
+            if not flags & TxFlag.HAS_FLAGS:
                 raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
-            return ExportReply(size, eflags)
-        return NEED_DATA
+            return OldstyleGreeting(check_export_size(size), flags & 0xFFFF)
+        if second != IHAVEOPT:
+            raise RemoteProtocolError(f"bad server magic {second:#x}")
+        if len(buf) < GREETING.size:
+            return NEED_DATA
+        _, _, flags = GREETING.unpack_from(buf)
+        del buf[:GREETING.size]
+        self.server_flags = flags
+        self._go("greeting")
+        return Greeting(flags)
+
+    def _option_reply(self) -> OptionReply | object:
+        buf = self._buf
+        if len(buf) < OPT_REPLY_HEADER.size:
+            return NEED_DATA
+        magic, opt, rtype, length = OPT_REPLY_HEADER.unpack_from(buf)
+        if magic != REPLY_MAGIC_OPT:
+            raise RemoteProtocolError(f"bad option reply magic {magic:#x}")
+        if opt != self._opt:
+            raise RemoteProtocolError(f"reply to option {opt} while {self._opt} is pending")
+        if length > MAX_OPTION_REPLY:
+            raise RemoteProtocolError(f"option reply of {length} bytes is too large")
+        if len(buf) < OPT_REPLY_HEADER.size + length:
+            return NEED_DATA
+        data = bytes(buf[OPT_REPLY_HEADER.size:OPT_REPLY_HEADER.size + length])
+        del buf[:OPT_REPLY_HEADER.size + length]
+        final = rtype == 1 or rtype >= 1 << 31
+        if final and rtype == 1 and opt == Opt.GO:
+            self._go("go-ack")
+            self.trailing_data = bytes(buf)
+            buf.clear()
+        elif final and rtype == 1 and opt == Opt.ABORT:
+            self._go("abort-ack")
+        else:
+            self._go("reply-final" if final else "reply-partial")
+        if final:
+            self._opt = None
+        return OptionReply(opt, rtype, data)
+
+    def _export_reply(self) -> ExportReply | object:
+        buf = self._buf
+        zeroes = not (self.flags_sent & ClientFlag.C_NO_ZEROES)
+        need = EXPORT_NAME_REPLY.size + (124 if zeroes else 0)
+        if len(buf) < need:
+            return NEED_DATA
+        size, eflags = EXPORT_NAME_REPLY.unpack_from(buf)
+        del buf[:need]
+        self._go("export-reply")
+        self.trailing_data = bytes(buf)
+        buf.clear()
+        if not eflags & TxFlag.HAS_FLAGS:
+            raise RemoteProtocolError("server sent transmission flags without HAS_FLAGS")
+        return ExportReply(check_export_size(size), eflags)

@@ -37,7 +37,9 @@ class Connection:
         self.server = server
         self.stream = stream
         self.id = conn_id
-        self.loop = stream.loop
+        loop = stream.loop
+        assert loop is not None, "a server's stream runs on its event loop"
+        self.loop: asyncio.AbstractEventLoop = loop
         stream.budget = server.budget
         self.export: Export | None = None
         #: Whether this connection holds the server's SERIALIZE_CONNECTIONS lock.

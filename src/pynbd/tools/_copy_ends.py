@@ -36,6 +36,7 @@ __all__ = [
     "NbdEnd",
     "NullEnd",
     "OpError",
+    "PipeClosed",
     "PipeEnd",
     "add_run",
     "human_size",
@@ -77,6 +78,11 @@ class OpError(Exception):
         #: Where the failed request was, when it is not the request being made (a write
         #: whose reply was collected later).
         self.offset = offset
+
+
+class PipeClosed(Exception):
+    """The destination is a pipe whose reader went away (EPIPE): the copy ends as nbdcopy
+    does, killed by SIGPIPE, without a message."""
 
 
 def add_run(runs: list[tuple[int, int, bool]], start: int, length: int, flag: bool) -> None:
@@ -643,6 +649,8 @@ class PipeEnd(End):
         try:
             while done < want:
                 done += os.writev(self.fd, [buf[done:]] if done else [buf])
+        except BrokenPipeError:
+            raise PipeClosed from None
         except OSError as e:
             raise OpError(e.errno or E.EIO, f"write: {os.strerror(e.errno or E.EIO)}") from None
 

@@ -23,6 +23,7 @@ from pynbd.tools._copy_ends import (
     NbdEnd,
     NullEnd,
     OpError,
+    PipeClosed,
     human_size,
     open_local,
 )
@@ -412,7 +413,15 @@ async def _finish(s: Settings, src: End, dst: End, opts: Options, progress: Prog
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
+    from pynbd.tools import _lifetime
+
+    # A server started for [ CMD ] dies with the copy, however it ends; Ctrl-C ends it at
+    # once, as nbdcopy (a write blocked on a full pipe would not see KeyboardInterrupt).
+    with _lifetime.tool(default_sigint=True):
+        return _main(sys.argv[1:] if argv is None else list(argv))
+
+
+def _main(args: list[str]) -> int:
     try:
         s = parse(args)
         src_spec, dst_spec = _split_operands(s.operands)
@@ -432,8 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         print(str(e), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except PipeClosed:  # both ends are closed (a server we started is stopped)
+        import signal
+
+        from pynbd.tools._lifetime import die_of
+
+        die_of(signal.SIGPIPE)
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
         print(f"{PROG}: {e or type(e).__name__}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, NoReturn
 
 from pynbd import __version__
 from pynbd import libnbd as nbd
-from pynbd.tools import _getopt
+from pynbd.tools import _getopt, _lifetime
 
 __all__ = ["main", "parse_length"]
 
@@ -558,12 +558,15 @@ def _isatty(f: BinaryIO) -> bool:
 
 def _die_of_sigpipe() -> NoReturn:
     """The reader went away: end as the C tool does, killed by SIGPIPE (shells see 141)."""
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGPIPE)
-    os._exit(141)  # not reached
+    _lifetime.die_of(signal.SIGPIPE)
 
 
 def main(argv: list[str]) -> int:
+    with _lifetime.tool():  # a server started for [ CMD ] dies with this process
+        return _main_ended(argv)
+
+
+def _main_ended(argv: list[str]) -> int:
     try:
         return _main(argv)
     except _Exit as e:
@@ -571,9 +574,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         # Ctrl-C before the dump started (while connecting): end as nbddump does, killed by
         # SIGINT, not with a traceback.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        return 130  # not reached
+        _lifetime.die_of(signal.SIGINT)
 
 
 def _main(argv: list[str]) -> int:
