@@ -168,14 +168,14 @@ class RbdPlugin(Plugin):
         elif key == "osd-timeout":
             self.osd_timeout = _seconds(key, value)
         else:
-            raise ConfigError(f"unknown parameter '{key}'")
+            raise ConfigError(f"rbd: unknown parameter '{key}'")
 
     def _parse_spec(self, value: str) -> None:
         """[POOL/[NAMESPACE/]]IMAGE[@SNAP], as the rbd command reads an image spec."""
         spec, at, snap = value.partition("@")
         parts = spec.split("/")
         if len(parts) > 3 or not all(parts) or (at and not snap):
-            raise ConfigError(f"image={value}: expected [POOL/[NAMESPACE/]]IMAGE[@SNAP]")
+            raise ConfigError(f"rbd: image={value}: expected [POOL/[NAMESPACE/]]IMAGE[@SNAP]")
         self.image_name = parts[-1]
         if len(parts) >= 2:
             self.pool = parts[0]
@@ -186,7 +186,7 @@ class RbdPlugin(Plugin):
 
     def config_complete(self) -> None:
         if not self.image_name:
-            raise ConfigError("you must supply the image parameter after the plugin name "
+            raise ConfigError("rbd: you must supply the image parameter after the plugin name "
                               "on the command line")
 
     def _options(self) -> dict[str, str]:
@@ -379,11 +379,11 @@ def _failed(what: str, offset: int, count: int, e: OSError) -> CommandError:
 
 def _nonempty(key: str, value: str) -> str:
     if not value:
-        raise ConfigError(f"{key}= must not be empty")
+        raise ConfigError(f"rbd: {key}= must not be empty")
     return value
 
 
 def _seconds(key: str, value: str) -> int:
     if not value.isdigit():
-        raise ConfigError(f"{key}={value}: expected a number of seconds")
+        raise ConfigError(f"rbd: {key}={value}: expected a number of seconds")
     return int(value)
