@@ -1,0 +1,363 @@
+"""A ctypes binding to the parts of librados' and librbd's C API the rbd plugin uses (private).
+
+Why ctypes: librbd's C API (librbd1, ``<rbd/librbd.h>``) is stable across Ceph releases and
+loads into any Python, venv or not. Debian's python3-rbd is a Cython module built for the
+system interpreter only, and PyPI has no wheel of it.
+
+Data calls are librbd's asynchronous ones (``rbd_aio_*``). Their completions come back to the
+asyncio event loop through an eventfd that librbd signals (``rbd_set_image_notification``);
+the loop then collects every finished completion at once with ``rbd_poll_io_events``. No
+Python code runs in librbd's threads and no thread waits per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pynbd.errors import CommandError
+
+__all__ = ["CephError", "Cluster", "Image", "load_libraries"]
+
+c_void_p = ctypes.c_void_p
+c_char_p = ctypes.c_char_p
+c_int = ctypes.c_int
+c_uint8 = ctypes.c_uint8
+c_uint64 = ctypes.c_uint64
+c_size_t = ctypes.c_size_t
+c_ssize_t = ctypes.c_ssize_t
+
+#: librbd's event socket types (``<rbd/librbd.h>``).
+EVENT_TYPE_EVENTFD = 2
+#: rbd_aio_write_zeroes: allocate the zeroed range instead of deallocating it.
+WRITE_ZEROES_THICK = 1
+#: Completions collected per rbd_poll_io_events call.
+POLL_BATCH = 64
+#: The callback rbd_diff_iterate2 calls: (offset, length, exists, arg) -> 0 to go on.
+DIFF_CB = ctypes.CFUNCTYPE(c_int, c_uint64, c_size_t, c_int, c_void_p)
+
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    # librados
+    "rados_create2": (c_int, [ctypes.POINTER(c_void_p), c_char_p, c_char_p, c_uint64]),
+    "rados_conf_read_file": (c_int, [c_void_p, c_char_p]),
+    "rados_conf_parse_env": (c_int, [c_void_p, c_char_p]),
+    "rados_conf_set": (c_int, [c_void_p, c_char_p, c_char_p]),
+    "rados_conf_get": (c_int, [c_void_p, c_char_p, c_char_p, c_size_t]),
+    "rados_connect": (c_int, [c_void_p]),
+    "rados_shutdown": (None, [c_void_p]),
+    "rados_ioctx_create": (c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p)]),
+    "rados_ioctx_destroy": (None, [c_void_p]),
+    "rados_ioctx_set_namespace": (None, [c_void_p, c_char_p]),
+    # librbd
+    "rbd_open": (c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p), c_char_p]),
+    "rbd_open_read_only": (c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p), c_char_p]),
+    "rbd_close": (c_int, [c_void_p]),
+    "rbd_get_size": (c_int, [c_void_p, ctypes.POINTER(c_uint64)]),
+    "rbd_set_image_notification": (c_int, [c_void_p, c_int, c_int]),
+    "rbd_poll_io_events": (c_int, [c_void_p, ctypes.POINTER(c_void_p), c_int]),
+    "rbd_aio_create_completion": (c_int, [c_void_p, c_void_p, ctypes.POINTER(c_void_p)]),
+    "rbd_aio_get_return_value": (c_ssize_t, [c_void_p]),
+    "rbd_aio_get_arg": (c_void_p, [c_void_p]),
+    "rbd_aio_release": (None, [c_void_p]),
+    "rbd_aio_read2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
+    "rbd_aio_write2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
+    "rbd_aio_discard": (c_int, [c_void_p, c_uint64, c_uint64, c_void_p]),
+    "rbd_aio_write_zeroes": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_int, c_int]),
+    "rbd_aio_flush": (c_int, [c_void_p, c_void_p]),
+    "rbd_flush": (c_int, [c_void_p]),
+    "rbd_diff_iterate2": (c_int, [c_void_p, c_char_p, c_uint64, c_uint64, c_uint8, c_uint8,
+                                  DIFF_CB, c_void_p]),
+}
+
+_libs: Any = None
+
+
+class CephError(Exception):
+    """A librados/librbd call failed: ``errno`` and a one-line message."""
+
+    def __init__(self, err: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+
+
+class _Libs:
+    """librados and librbd with their function signatures declared."""
+
+    def __init__(self, rados: ctypes.CDLL, rbd: ctypes.CDLL) -> None:
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(rados if name.startswith("rados_") else rbd, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+            setattr(self, name, fn)
+
+    def __getattr__(self, name: str) -> Any:  # for the type checker: set in __init__
+        raise AttributeError(name)
+
+
+def load_libraries() -> Any:
+    """librados.so.2 and librbd.so.1, loaded once. CephError(ENOENT) when they are missing."""
+    global _libs
+    if _libs is None:
+        try:
+            rados = ctypes.CDLL("librados.so.2")
+            rbd = ctypes.CDLL("librbd.so.1")
+        except OSError as e:
+            raise CephError(errno.ENOENT, f"cannot load librbd: {e} (install librbd1, "
+                                          f"Ceph's RADOS block device library)") from None
+        _libs = _Libs(rados, rbd)
+    return _libs
+
+
+#: What rados_connect's errors mean.
+_CONNECT_ERRORS = {
+    errno.ETIMEDOUT: "no monitor answered (is the cluster up? see timeout=)",
+    errno.ENOENT: "no key for the user (see keyring=)",
+    errno.EACCES: "the monitors refused the user's key (see keyring=)",
+    errno.EPERM: "the monitors refused the user's key (see keyring=)",
+}
+
+
+def _strerror(r: int) -> str:
+    return os.strerror(-r) if r < 0 else "unknown error"
+
+
+def _b(text: str | None) -> bytes | None:
+    return None if text is None else text.encode()
+
+
+class Cluster:
+    """A connection to a Ceph cluster (``rados_t``) and one pool's I/O context in it."""
+
+    def __init__(self, cluster: str, user: str, conf: str | None, keyring: str | None,
+                 options: dict[str, str]) -> None:
+        self.lib = load_libraries()
+        self.handle = c_void_p()
+        self.name = cluster
+        self.user = user if "." in user else f"client.{user}"
+        self._ioctxs: list[c_void_p] = []
+        r = self.lib.rados_create2(ctypes.byref(self.handle), _b(cluster), _b(self.user), 0)
+        if r < 0:
+            raise CephError(-r, f"cannot create a cluster handle for {self.user}: "
+                                f"{_strerror(r)}")
+        try:
+            self._configure(conf, keyring, options)
+            if not self.get("mon_host"):
+                raise CephError(errno.ENOENT, "no monitor address (mon host) in the Ceph "
+                                              "configuration" + self._found)
+            r = self.lib.rados_connect(self.handle)
+            if r < 0:
+                raise CephError(-r, f"cannot connect to cluster '{cluster}' as {self.user}: "
+                                    f"{_CONNECT_ERRORS.get(-r) or _strerror(r)}")
+        except BaseException:
+            self.lib.rados_shutdown(self.handle)
+            raise
+
+    def _configure(self, conf: str | None, keyring: str | None,
+                   options: dict[str, str]) -> None:
+        lib = self.lib
+        r = lib.rados_conf_read_file(self.handle, _b(conf))
+        if r < 0 and conf is not None:
+            raise CephError(-r, f"cannot read Ceph configuration {conf}: {_strerror(r)}")
+        self._found = " (no configuration file found: see conf=)" if r < 0 else ""
+        lib.rados_conf_parse_env(self.handle, None)
+        settings = dict(options)
+        if keyring is not None:
+            settings["keyring"] = keyring
+        for key, value in settings.items():
+            r = lib.rados_conf_set(self.handle, _b(key), _b(value))
+            if r < 0:
+                raise CephError(-r, f"cannot set Ceph option {key}={value}: {_strerror(r)}")
+
+    def get(self, option: str) -> str:
+        """A configuration value ("" if unset)."""
+        buf = ctypes.create_string_buffer(4096)
+        r = self.lib.rados_conf_get(self.handle, _b(option), buf, len(buf))
+        return buf.value.decode(errors="replace") if r >= 0 else ""
+
+    def open_pool(self, pool: str, namespace: str | None) -> c_void_p:
+        io = c_void_p()
+        r = self.lib.rados_ioctx_create(self.handle, _b(pool), ctypes.byref(io))
+        if r < 0:
+            what = "does not exist" if r == -errno.ENOENT else _strerror(r)
+            raise CephError(-r, f"pool '{pool}' {what}")
+        if namespace:
+            self.lib.rados_ioctx_set_namespace(io, _b(namespace))
+        self._ioctxs.append(io)
+        return io
+
+    def close(self) -> None:
+        """Destroy the pool contexts and disconnect (blocking: joins librados' threads)."""
+        for io in self._ioctxs:
+            self.lib.rados_ioctx_destroy(io)
+        self._ioctxs.clear()
+        if self.handle:
+            self.lib.rados_shutdown(self.handle)
+            self.handle = c_void_p()
+
+
+class Image:
+    """An open RBD image; its asynchronous calls complete on an asyncio event loop.
+
+    ``submit_*`` must be called on the loop thread; each returns a future that the loop
+    resolves with librbd's return value (or an OSError carrying its errno).
+    """
+
+    def __init__(self, cluster: Cluster, io: c_void_p, name: str, snap: str | None,
+                 readonly: bool) -> None:
+        self.lib = lib = cluster.lib
+        self.handle = c_void_p()
+        self.name = name
+        opener = lib.rbd_open_read_only if readonly or snap else lib.rbd_open
+        r = opener(io, _b(name), ctypes.byref(self.handle), _b(snap))
+        if r < 0:
+            if r == -errno.ENOENT:
+                what = f"image '{name}'" + (f" snapshot '{snap}'" if snap else "")
+                raise CephError(errno.ENOENT, f"{what} does not exist")
+            raise CephError(-r, f"cannot open image '{name}': {_strerror(r)}")
+        self._efd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, tuple[asyncio.Future[int], Any]] = {}
+        self._next = 1
+        self._polled = (c_void_p * POLL_BATCH)()
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            r = lib.rbd_set_image_notification(self.handle, self._efd, EVENT_TYPE_EVENTFD)
+            if r < 0:
+                raise CephError(-r, f"cannot set up completion events: {_strerror(r)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def size(self) -> int:
+        size = c_uint64()
+        r = self.lib.rbd_get_size(self.handle, ctypes.byref(size))
+        if r < 0:
+            raise CommandError(-r, f"rbd_get_size: {_strerror(r)}")
+        return size.value
+
+    # Completions on the event loop -----------------------------------------------------
+    def _attach(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            old = self._loop
+            if old is not None and not old.is_closed():
+                old.remove_reader(self._efd)
+            loop.add_reader(self._efd, self._collect)
+            self._loop = loop
+        return loop
+
+    def _collect(self) -> None:
+        """On the loop, when librbd signalled the eventfd: resolve every finished request."""
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        lib, polled, pending = self.lib, self._polled, self._pending
+        while True:
+            n = lib.rbd_poll_io_events(self.handle, polled, POLL_BATCH)
+            for i in range(max(n, 0)):
+                comp = polled[i]
+                key = lib.rbd_aio_get_arg(comp)
+                r = lib.rbd_aio_get_return_value(comp)
+                lib.rbd_aio_release(comp)
+                entry = pending.pop(key, None)
+                if entry is None or entry[0].done():
+                    continue
+                if r < 0:
+                    entry[0].set_exception(OSError(-r, os.strerror(-r)))
+                else:
+                    entry[0].set_result(r)
+            if n < POLL_BATCH:
+                return
+
+    def _submit(self, call: Callable[[c_void_p], int], keep: Any) -> asyncio.Future[int]:
+        loop = self._attach()
+        key = self._next
+        self._next = key + 1
+        comp = c_void_p()
+        r = self.lib.rbd_aio_create_completion(key, None, ctypes.byref(comp))
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        r = call(comp)
+        if r < 0:
+            self.lib.rbd_aio_release(comp)
+            raise OSError(-r, os.strerror(-r))
+        fut: asyncio.Future[int] = loop.create_future()
+        self._pending[key] = (fut, keep)
+        return fut
+
+    def submit_read(self, buf: bytearray, offset: int) -> asyncio.Future[int]:
+        cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
+        return self._submit(
+            lambda c: self.lib.rbd_aio_read2(self.handle, offset, len(buf), cbuf, c, 0),
+            cbuf)
+
+    def submit_write(self, buf: Any, offset: int) -> asyncio.Future[int]:
+        n = len(buf)
+        try:
+            cbuf: Any = (ctypes.c_char * n).from_buffer(buf)
+        except (TypeError, ValueError):  # a read-only buffer: librbd needs an address
+            cbuf = (ctypes.c_char * n).from_buffer_copy(buf)
+        return self._submit(
+            lambda c: self.lib.rbd_aio_write2(self.handle, offset, n, cbuf, c, 0), cbuf)
+
+    def submit_discard(self, offset: int, length: int) -> asyncio.Future[int]:
+        return self._submit(lambda c: self.lib.rbd_aio_discard(self.handle, offset, length, c),
+                            None)
+
+    def submit_write_zeroes(self, offset: int, length: int,
+                            thick: bool) -> asyncio.Future[int]:
+        flags = WRITE_ZEROES_THICK if thick else 0
+        return self._submit(lambda c: self.lib.rbd_aio_write_zeroes(
+            self.handle, offset, length, c, flags, 0), None)
+
+    def submit_flush(self) -> asyncio.Future[int]:
+        return self._submit(lambda c: self.lib.rbd_aio_flush(self.handle, c), None)
+
+    # Blocking calls (worker threads) ---------------------------------------------------
+    def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The allocated (offset, length) ranges in [offset, offset+length), ascending, from
+        rbd_diff_iterate2 against the image's creation (parents included)."""
+        found: list[tuple[int, int]] = []
+
+        def seen(off: int, n: int, exists: int, _arg: Any) -> int:
+            if exists:
+                found.append((off, n))
+            return 0
+
+        cb = DIFF_CB(seen)
+        r = self.lib.rbd_diff_iterate2(self.handle, None, offset, length, 1, 0, cb, None)
+        if r < 0:
+            raise OSError(-r, f"rbd_diff_iterate2: {_strerror(r)}")
+        found.sort()
+        return found
+
+    def close(self) -> None:
+        """Close the image (flushing librbd's cache). Blocking; never on the event loop."""
+        if self._loop is not None and not self._loop.is_closed() and self._efd >= 0:
+            try:
+                self._loop.remove_reader(self._efd)
+            except RuntimeError:  # the loop is running in another thread
+                self._loop.call_soon_threadsafe(self._loop.remove_reader, self._efd)
+        self._loop = None
+        if self.handle:
+            self.lib.rbd_close(self.handle)
+            self.handle = c_void_p()
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+        for fut, _ in self._pending.values():
+            if not fut.done() and not fut.get_loop().is_closed():
+                fut.get_loop().call_soon_threadsafe(
+                    _fail, fut, OSError(errno.ESHUTDOWN, "image closed"))
+        self._pending.clear()
+
+
+def _fail(fut: asyncio.Future[int], e: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(e)
