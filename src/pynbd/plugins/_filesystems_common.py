@@ -138,7 +138,7 @@ def mbr_entry(start_sector: int, nr_sectors: int, part_type: int,
             + chs_too_large() + struct.pack("<II", start_sector, nr_sectors))
 
 
-_GPT_HEADER = struct.Struct("<8s4sIIIQQQQ16sQIII")
+_GPT_HEADER = struct.Struct("<8s4sIIIQQQQ16sQIII4x")  # 92 bytes and 4 of padding (nbdkit's)
 _GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
 GPT_ENTRIES = 128
 GPT_ENTRY_SIZE = 128
@@ -204,19 +204,27 @@ def exit_message(returncode: int, who: str, style: str = "tool") -> str:
 
 def run_tool(argv: Sequence[str], who: str, *, shell: bool = False,
              stdout: int | None = subprocess.DEVNULL, style: str = "tool") -> None:
-    """Run a program (or with ``shell`` a /bin/sh script) with stdin from /dev/null and its
-    stderr on ours. If it cannot start or fails: :class:`CommandError` (EIO) with nbdkit's
-    message."""
+    """Run a program (or with ``shell`` a /bin/sh script) with stdin from /dev/null.
+
+    Its error output is logged (debug), not printed: if it cannot start or fails, the
+    :class:`CommandError` (EIO) has nbdkit's message and the program's last line of errors,
+    so that the failure is one line in the log.
+    """
     cmd = ["/bin/sh", "-c", argv[0]] if shell else list(argv)
     try:
-        cp = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=stdout, check=False,
-                            restore_signals=True)
+        cp = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=stdout,
+                            stderr=subprocess.PIPE, check=False)
     except OSError as e:
         if style == "tool":
             raise CommandError(errno.EIO, f"{who}: command failed: {e.strerror}") from None
         raise CommandError(errno.EIO, f"failed to execute command: {e.strerror}") from None
+    lines = [line.strip() for line in cp.stderr.decode(errors="replace").splitlines()]
+    lines = [line for line in lines if line]
+    for line in lines:
+        log.debug("%s: %s", who, line)
     if cp.returncode != 0:
-        raise CommandError(errno.EIO, exit_message(cp.returncode, who, style))
+        msg = exit_message(cp.returncode, who, style)
+        raise CommandError(errno.EIO, f"{msg}: {lines[-1]}" if lines else msg)
 
 
 def large_tmpdir() -> str:
