@@ -26,14 +26,14 @@ def test_command() -> None:
 @pytest.mark.parametrize("args, message", [
     ([], ("iso: you must supply the dir=<DIRECTORY> parameter after the plugin name on the "
          "command line")),
-    (["DIR/nonexistent"], "iso: realpath: DIR/nonexistent: No such file or directory"),
-    (["DIR", "label=x"], "iso: unknown parameter 'label'"),
-    (["DIR", "prog=false"], "iso: false: command failed with exit code 1"),
-    (["DIR", "prog=/nonexistent/mkisofs"],
+    (["SRC/nonexistent"], "iso: realpath: SRC/nonexistent: No such file or directory"),
+    (["SRC", "label=x"], "iso: unknown parameter 'label'"),
+    (["SRC", "prog=false"], "iso: false: command failed with exit code 1"),
+    (["SRC", "prog=/nonexistent/mkisofs"],
      "iso: /nonexistent/mkisofs: command failed with exit code 127: "),
 ])
 def test_bad_parameters(tmp_path: Path, sockdir: Path, args: list[str], message: str) -> None:
-    args = [a.replace("DIR", str(tmp_path)) for a in args]
+    args = [a.replace("SRC", str(tmp_path)) for a in args]
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     r = run_pynbd("serve", "-f", "-U", sockdir / "s", "iso", *args, check=False,
@@ -41,7 +41,7 @@ def test_bad_parameters(tmp_path: Path, sockdir: Path, args: list[str], message:
     err = r.stderr.decode()
     assert r.returncode == 1, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("pynbd serve: error: " + message.replace("DIR", str(tmp_path))), err
+    assert err.startswith("pynbd serve: error: " + message.replace("SRC", str(tmp_path))), err
     assert list(tmpdir.iterdir()) == []
 
 
