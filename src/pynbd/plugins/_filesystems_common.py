@@ -22,10 +22,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from pynbd.errors import CommandError, ConfigError
+from pynbd.plugins._common import zeroes
 
 __all__ = [
+    "DATA",
+    "FILE",
     "LINUX_FILESYSTEM_GUID",
     "SECTOR_SIZE",
+    "ZERO",
+    "Region",
     "Regions",
     "chs_too_large",
     "exit_message",
@@ -105,7 +110,7 @@ class Regions:
             if r.kind == DATA:
                 view[:] = r.payload[here - r.start:here - r.start + n]
             elif r.kind == ZERO:
-                view[:] = bytes(n)
+                view[:] = zeroes(n)
             else:
                 read_file(r.payload, view, here - r.start)
             pos += n

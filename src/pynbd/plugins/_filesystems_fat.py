@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from pynbd.errors import ConfigError
-from pynbd.plugins._filesystems_common import FILE, SECTOR_SIZE, Regions, mbr_entry
+from pynbd.plugins._filesystems_common import FILE, SECTOR_SIZE, ZERO, Regions, mbr_entry
 
 __all__ = ["CLUSTER_SIZE", "DEFAULT_LABEL", "FIRST_DATA_OFFSET", "VirtualFloppy"]
 
@@ -359,13 +359,13 @@ class VirtualFloppy:
         boot = self._boot_sector()
         r.add_data(boot)
         r.add_data(self._fsinfo())
-        r.add(4 * SECTOR_SIZE, "zero")
+        r.add(4 * SECTOR_SIZE, ZERO)
         r.add_data(boot)
-        r.add(25 * SECTOR_SIZE, "zero")
+        r.add(25 * SECTOR_SIZE, ZERO)
         fat = self._fat_used()
         for _ in range(2):
             r.add_data(fat)
-            r.add(self.fat_entries * 4 - len(fat), "zero")
+            r.add(self.fat_entries * 4 - len(fat), ZERO)
             r.pad_to(CLUSTER_SIZE)
         assert r.size == self.data_start * SECTOR_SIZE
         for d in self.dirs:
@@ -375,5 +375,5 @@ class VirtualFloppy:
             if f.st.st_size:
                 r.add(f.st.st_size, FILE, f.path)
                 r.pad_to(CLUSTER_SIZE)
-        r.add((self.data_clusters - self.data_used_clusters) * CLUSTER_SIZE, "zero")
+        r.add((self.data_clusters - self.data_used_clusters) * CLUSTER_SIZE, ZERO)
         return r
