@@ -34,7 +34,7 @@ DEBIAN_PACKAGES = {
     "mke2fs": "e2fsprogs", "e2fsck": "e2fsprogs", "debugfs": "e2fsprogs",
     "dumpe2fs": "e2fsprogs", "fsck.fat": "dosfstools", "mkfs.fat": "dosfstools",
     "xorriso": "xorriso", "genisoimage": "genisoimage", "mdir": "mtools",
-    "mcopy": "mtools",
+    "mcopy": "mtools", "mlabel": "mtools",
 }
 
 
