@@ -92,11 +92,14 @@ def test_contents_through_fuse_with_mtools(pynbd_server, fuse_mount, src: Path, 
     assert m.unmount() == 0
 
 
-def test_size_gives_free_space(pynbd_server, src: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [4 * MIB, 65 * MIB])
+def test_size_gives_free_space(pynbd_server, src: Path, tmp_path: Path, size: int) -> None:
+    """65 MiB: the FAT for all the space is a cluster larger than the data area left needs
+    (nbdkit 1.32 aborts there); it is kept a cluster larger, so the size is exact."""
     need("fsck.fat")
-    srv = pynbd_server("floppy", src, "size=4M", "label=a-very-long-label")
+    srv = pynbd_server("floppy", src, f"size={size}", "label=a-very-long-label")
     image = fetch(srv.uri, tmp_path / "disk.img")
-    assert len(image) == 4 * MIB
+    assert len(image) == size
     fat = fat_of(image, tmp_path / "fat.img")
     rc, names = fat_listing(fat)
     assert rc == 0 and names == expected_listing(src)

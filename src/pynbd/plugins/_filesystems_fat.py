@@ -196,11 +196,10 @@ class VirtualFloppy:
             self._make_table(d)
         used = self._assign_clusters()
         self.data_used_clusters = used
-        self.data_clusters = self._data_clusters(used, size)
+        self.data_clusters, self.fat_clusters = self._sizes(used, size)
         if self.data_clusters >= MAX_CLUSTERS:
             raise ConfigError("floppy: disk image is too large for the FAT32 disk format")
         self.fat_entries = self.data_clusters + 2
-        self.fat_clusters = _clusters(self.fat_entries * 4)
         fat_sectors = self.fat_clusters * SECTORS_PER_CLUSTER
         self.data_start = PARTITION_START + RESERVED_SECTORS + 2 * fat_sectors
         self.data_last = self.data_start + self.data_clusters * SECTORS_PER_CLUSTER - 1
@@ -283,19 +282,22 @@ class VirtualFloppy:
         return cluster - 2
 
     @staticmethod
-    def _data_clusters(used: int, size: int) -> int:
-        """The data area's clusters: just what is used, or what ``size`` leaves after the
-        reserved sectors and the two FATs."""
+    def _sizes(used: int, size: int) -> tuple[int, int]:
+        """(data clusters, clusters of each FAT): just what is used, or what ``size`` leaves
+        after the reserved sectors and the two FATs (each FAT sized for the clusters the
+        whole area would have; it may then have a cluster more than the data area needs,
+        which keeps the disk exactly ``size``: nbdkit 1.32 aborts on such sizes)."""
         if size == 0:
-            return used
+            return used, _clusters((used + 2) * 4)
         data = size - FIRST_DATA_OFFSET
-        data -= 2 * _clusters((max(data, 0) // CLUSTER_SIZE + 2) * 4) * CLUSTER_SIZE
+        fat = _clusters((max(data, 0) // CLUSTER_SIZE + 2) * 4)
+        data -= 2 * fat * CLUSTER_SIZE
         if data < used * CLUSTER_SIZE:
             raise ConfigError('floppy: filesystem is larger than "size" bytes')
         if size % CLUSTER_SIZE:
             raise ConfigError(f"floppy: size={size} is not a multiple of {CLUSTER_SIZE} bytes "
                               "(the cluster size)")
-        return data // CLUSTER_SIZE
+        return data // CLUSTER_SIZE, fat
 
     # Building --------------------------------------------------------------------------
     def _link(self, d: _Dir) -> None:
@@ -365,8 +367,7 @@ class VirtualFloppy:
         fat = self._fat_used()
         for _ in range(2):
             r.add_data(fat)
-            r.add(self.fat_entries * 4 - len(fat), ZERO)
-            r.pad_to(CLUSTER_SIZE)
+            r.add(self.fat_clusters * CLUSTER_SIZE - len(fat), ZERO)  # free (0) entries
         assert r.size == self.data_start * SECTOR_SIZE
         for d in self.dirs:
             r.add_data(d.table)
