@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tests.helpers import Server, run_libnbd
 
-__all__ = ["FLAG_NAMES", "assert_same", "probe", "serve_both"]
+__all__ = ["FLAG_NAMES", "assert_same", "probe", "serve_both", "with_export"]
 
 #: What the probe reports about an export, besides size (libnbd's getters).
 FLAG_NAMES = ("is_read_only", "can_flush", "can_fua", "is_rotational", "can_trim", "can_zero",
@@ -109,10 +110,22 @@ def _encode(ops: Sequence[Sequence[Any]]) -> str:
     return json.dumps(enc)
 
 
+def with_export(uri: str, export: str) -> str:
+    """``uri`` naming ``export`` instead (libnbd's connect_uri takes the export name from the
+    URI's path, whatever set_export_name said)."""
+    parts = urllib.parse.urlsplit(uri)
+    path = "/" + urllib.parse.quote(export, safe="")
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{path}{query}"
+
+
 def probe(uri: str, ops: Sequence[Sequence[Any]] = (), *, export: str | None = None,
           no_sr: bool = False, timeout: float = 60) -> dict[str, Any]:
-    """Connect to ``uri`` with libnbd, run ``ops``, return what was seen (a dict)."""
-    opts = {"export": export, "no_sr": no_sr}
+    """Connect to ``uri`` (for ``export`` if given) with libnbd, run ``ops``, return what was
+    seen (a dict)."""
+    if export is not None:
+        uri = with_export(uri, export)
+    opts = {"export": None, "no_sr": no_sr}
     cp = run_libnbd(_PROBE, uri, _encode(ops), json.dumps(opts), timeout=timeout)
     result: dict[str, Any] = json.loads(cp.stdout)
     for r in result.get("results", ()):
