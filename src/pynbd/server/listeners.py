@@ -120,13 +120,14 @@ def listen(o: Options) -> Listening:
 
 def make_uri(o: Options, unix_path: str | None, port: int | None, vsock_port: int | None) -> str:
     """The URI clients use, as nbdkit's ``$uri`` spells it (the port always written)."""
+    tls = o.tls == "require"  # nbds:// (as nbdkit: with --tls=on, plain nbd:// works)
     if unix_path is not None:
-        u = NBDURI(transport="unix", socket=unix_path, export=o.export)
+        u = NBDURI(transport="unix", socket=unix_path, export=o.export, tls=tls)
     elif vsock_port is not None:
-        u = NBDURI(transport="vsock", host="1", port=vsock_port, export=o.export)
+        u = NBDURI(transport="vsock", host="1", port=vsock_port, export=o.export, tls=tls)
     else:
         u = NBDURI(transport="tcp", host=o.ip_addr or "localhost", port=port or 10809,
-                   export=o.export)
+                   export=o.export, tls=tls)
     uri = format_uri(u, always_port=True)
     # nbdkit writes no "/" after the authority when the export name is empty
     return uri[:-1] if u.transport != "unix" and not o.export else uri

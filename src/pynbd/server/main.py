@@ -29,6 +29,7 @@ from pynbd.protocol.constants import HandshakeFlag
 from pynbd.server import process
 from pynbd.server.backend import Chain
 from pynbd.server.listeners import listen, make_uri
+from pynbd.server.tls import make_context
 from pynbd.server.loading import (
     PluginError,
     apply_debug_flags,
@@ -183,7 +184,7 @@ def _dump_config() -> str:
     return "".join(f"{k}={v}\n" for k, v in [
         ("binary", shutil.which("pynbd") or sys.argv[0]), ("host_cpu", platform.machine()),
         ("host_os", sys.platform + "-gnu" if sys.platform == "linux" else sys.platform),
-        ("name", "pynbd"), ("run_default_socket", "Unix"), ("tls", "no"),
+        ("name", "pynbd"), ("run_default_socket", "Unix"), ("tls", "yes"),
         ("version", __version__), ("version_major", __version__.split(".")[0]),
         ("version_minor", __version__.split(".")[1]), ("vsock_option", "yes"),
         ("timeout_option", "yes"), ("exit_with_parent", "yes"),
@@ -200,6 +201,8 @@ def server_config(o: Options) -> ServerConfig:
         handshake_flags=(HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES) & o.mask_handshake,
         export_name=o.export, keepalive=o.keepalive, no_mc=o.no_mc,
         handshake_timeout=o.timeout or HANDSHAKE_TIMEOUT,
+        tls=o.tls, tls_context=make_context(o.tls, o.tls_certificates, o.tls_verify_peer,
+                                            o.tls_psk),
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from pynbd.protocol import options as O
 from pynbd.protocol.constants import Info, Opt, Rep, TxFlag
 from pynbd.protocol.handshake import NEED_DATA, ClientFlags, OptionRequest, ServerHandshake
 from pynbd.server.export import Export
+from pynbd.server.tls import start_tls
 
 if TYPE_CHECKING:
     from pynbd.server.backend import Context
@@ -107,6 +109,9 @@ class Negotiation:
                 return False
             self.stream.write([hs.reply(Rep.ERR_SHUTDOWN, b"server is shutting down")])
             return None
+        if self.server.config.tls == "require" and not self.conn.info.tls and \
+                opt not in (Opt.STARTTLS, Opt.ABORT):
+            return self._tls_required(hs, opt)
         if opt == Opt.EXPORT_NAME:
             return await self._export_name(hs, data)
         handler = self._options.get(opt)
@@ -170,10 +175,41 @@ class Negotiation:
             self.max_rounds += MAX_OPTION_ROUNDS_PER_EXPORT * len(exports)
         return None
 
+    def _tls_required(self, hs: ServerHandshake, opt: int) -> _Outcome:
+        """--tls=require before STARTTLS: nothing but the refusal (no export is opened,
+        listed or named); EXPORT_NAME cannot be refused, so the client is hung up on."""
+        if opt == Opt.EXPORT_NAME:
+            log.error("client %d: NBD_OPT_EXPORT_NAME before TLS was negotiated "
+                      "(--tls=require): disconnecting", self.id)
+            return False
+        self.stream.write([hs.reply(Rep.ERR_TLS_REQD, b"TLS is required")])
+        return None
+
     async def _starttls(self, hs: ServerHandshake, opt: int, data: bytes) -> _Outcome:
         if data:
             raise OptionError(Rep.ERR_INVALID, "STARTTLS takes no data")
-        raise OptionError(Rep.ERR_POLICY, "TLS is not enabled on this server")
+        if self.conn.info.tls:
+            raise OptionError(Rep.ERR_INVALID, "TLS is already negotiated")
+        ctx = self.server.config.tls_context
+        if ctx is None:
+            raise OptionError(Rep.ERR_UNSUP, "TLS is not enabled on this server")
+        self.stream.write([hs.reply(Rep.ACK)])
+        try:
+            stream = await start_tls(self.stream, ctx)
+        except (ssl.SSLError, OSError) as e:
+            log.error("client %d: TLS handshake failed: %s", self.id,
+                      getattr(e, "reason", None) or e)
+            await self.stream.drain()  # the TLS alert, if any
+            return False
+        self.stream = self.conn.stream = stream
+        self.conn.info.tls = True
+        hs.tls_done()
+        # The spec: everything negotiated before STARTTLS is forgotten.
+        self.structured = self.extended = False
+        self.meta, self.meta_export = {}, None
+        log.debug("client %d: TLS negotiated (%s, %s)", self.id, stream.ssl.version(),
+                  (stream.ssl.cipher() or ("?",))[0])
+        return None
 
     async def _info_go(self, hs: ServerHandshake, opt: int, data: bytes) -> _Outcome:
         name, infos = O.parse_info_request(data)

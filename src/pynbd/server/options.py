@@ -92,7 +92,11 @@ class Options:
     vsock: bool = False
     print_uri: bool = False
     timeout: float | None = None
+    #: --tls: "off", "on" (both kinds of client) or "require".
     tls: str = "off"
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
+    tls_psk: str | None = None
     user: str | None = None
     keepalive: bool = False
     log: str | None = None
@@ -170,6 +174,7 @@ _FLAGS: dict[str, dict[str, Any]] = {
     "read-only": {"readonly": True}, "single": {"single": True, "foreground": True},
     "verbose": {"verbose": True}, "vsock": {"vsock": True}, "print-uri": {"print_uri": True},
     "keepalive": {"keepalive": True}, "swap": {"swap": True},
+    "tls-verify-peer": {"tls_verify_peer": True},
 }
 #: Options whose value is stored as given.
 _STRINGS = {"export": "export", "group": "group", "user": "user", "ip-addr": "ip_addr",
@@ -226,17 +231,13 @@ def _opt_timeout(o: Options, val: str) -> None:
 def _opt_tls(o: Options, val: str) -> None:
     v = val.lower()
     if v in ("require", "required", "force"):
-        raise UsageError("--tls=require: TLS is not supported by this version of pynbd")
+        o.tls = "require"
+        return
     try:
         on = parse_bool(v, "--tls")
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    if on:
-        raise UsageError("--tls=on: TLS is not supported by this version of pynbd")
-
-
-def _opt_no_tls(o: Options, val: str, key: str = "") -> None:
-    raise UsageError(f"--{key}: TLS is not supported by this version of pynbd")
+    except ConfigError:
+        raise UsageError(f"could not decipher boolean ({val})") from None
+    o.tls = "on" if on else "off"
 
 
 def _opt_selinux(o: Options, val: str) -> None:
@@ -258,9 +259,8 @@ _VALUED: dict[str, Callable[[Options, str], None]] = {
     "tls": _opt_tls, "selinux-label": _opt_selinux,
     "filter": lambda o, val: o.filters.append(val),
     "pid-file": lambda o, val: setattr(o, "pidfile", os.path.abspath(val)),
-    "tls-certificates": lambda o, val: _opt_no_tls(o, val, "tls-certificates"),
-    "tls-psk": lambda o, val: _opt_no_tls(o, val, "tls-psk"),
-    "tls-verify-peer": lambda o, val: _opt_no_tls(o, val, "tls-verify-peer"),
+    "tls-certificates": lambda o, val: setattr(o, "tls_certificates", os.path.abspath(val)),
+    "tls-psk": lambda o, val: setattr(o, "tls_psk", val),
     "long-options": _opt_list("\n".join("--" + x.rstrip("=") for x in LONG)),
     "short-options": _opt_list("\n".join("-" + c for c in SHORT.replace(":", ""))),
 }
@@ -293,6 +293,8 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def _check_conflicts(o: Options) -> None:
+    if o.oldstyle and o.tls == "require":
+        raise UsageError("cannot use oldstyle protocol (-o) and require TLS")
     bad = (
         (o.port is not None and o.unix is not None)
         or (o.port is not None and o.single)

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 from pynbd.limits import (
     DEFAULT_THREADS,
@@ -65,6 +66,10 @@ class ServerConfig:
     max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT
     #: The same for all connections together (the server's memory budget).
     max_server_bytes_in_flight: int = MAX_SERVER_BYTES_IN_FLIGHT
+    #: --tls: "off", "on" or "require"; ``tls_context`` is the ssl.SSLContext STARTTLS
+    #: uses (None: STARTTLS is refused; with "require" it is always set).
+    tls: str = "off"
+    tls_context: Any = None
 
 
 class Server:
