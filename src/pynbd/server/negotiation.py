@@ -192,7 +192,7 @@ class Negotiation:
             raise OptionError(Rep.ERR_INVALID, "TLS is already negotiated")
         ctx = self.server.config.tls_context
         if ctx is None:
-            raise OptionError(Rep.ERR_UNSUP, "TLS is not enabled on this server")
+            raise OptionError(Rep.ERR_POLICY, "TLS is not enabled on this server")
         self.stream.write([hs.reply(Rep.ACK)])
         try:
             stream = await start_tls(self.stream, ctx)

@@ -108,12 +108,12 @@ def _base_context() -> ssl.SSLContext:
 
 
 def _psk_context(path: str) -> ssl.SSLContext:
-    if sys.version_info < TLS_PSK_PYTHON:
-        raise ConfigError("--tls-psk: pre-shared keys need Python 3.13 or later "
-                          f"(this is Python {sys.version.split()[0]})")
     resolved = os.path.realpath(path)
     if not os.path.exists(resolved):
         raise ConfigError(f"{path}: No such file or directory")
+    if sys.version_info < TLS_PSK_PYTHON:
+        raise ConfigError("--tls-psk: pre-shared keys need Python 3.13 or later "
+                          f"(this is Python {sys.version.split()[0]})")
     ctx = _base_context()
     ctx.set_ciphers("PSK")  # TLS 1.2's PSK suites; TLS 1.3 uses its own suites
     ctx.set_psk_server_callback(  # type: ignore[attr-defined]

@@ -1,0 +1,366 @@
+"""pynbd serve with TLS against the real clients (nbdinfo, nbdcopy, libnbd, qemu-img,
+qemu-io), side by side with nbdkit on the same command lines; a plain-text client against
+--tls=require at the byte level."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import subprocess
+from typing import Any
+
+from helpers import Server, require, run_pynbd
+from helpers import run_peer as _run_peer
+from tls_certs import make_psk, make_x509
+
+from pynbd.protocol.constants import Opt, Rep
+
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_x509(tmp_path_factory.mktemp("tls") / "x509")
+
+
+@pytest.fixture(scope="module")
+def client_no_cert(certs: Path) -> Path:
+    """A client directory with the CA only: the client sends no certificate."""
+    d = certs.parent / "cacert-only"
+    d.mkdir(exist_ok=True)
+    (d / "ca-cert.pem").write_bytes((certs / "ca-cert.pem").read_bytes())
+    return d
+
+
+def _text(cp: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[str]:
+    return subprocess.CompletedProcess(cp.args, cp.returncode, cp.stdout.decode(errors="replace"),
+                                       cp.stderr.decode(errors="replace"))
+
+
+def run_peer(tool: str, *args: Any, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return _text(_run_peer(tool, *args, **kw))
+
+
+def pynbd(*args: Any, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return _text(run_pynbd(*args, **kw))
+
+
+def tls_uri(srv: Server, certs: Path, export: str = "") -> str:
+    return f"nbds+unix:///{export}?socket={srv.sock}&tls-certificates={certs}"
+
+
+# ---- real clients -----------------------------------------------------------------------
+
+def test_nbdinfo_same_as_nbdkit(pynbd_server: Callable[..., Server],
+                                nbdkit_server: Callable[..., Server], certs: Path) -> None:
+    args = ["--tls=require", f"--tls-certificates={certs}", "pattern", "1M"]
+    outs = []
+    for start in (pynbd_server, nbdkit_server):
+        srv = start(*args)
+        out = run_peer("nbdinfo", "--json", tls_uri(srv, certs)).stdout
+        # pynbd always advertises block sizes (a difference of its own, not TLS's)
+        outs.append("\n".join(x for x in out.replace(srv.sock or "", "SOCK").splitlines()
+                              if "block_size" not in x))
+    assert '"TLS": true' in outs[0]
+    assert outs[0] == outs[1]
+
+
+_LIBNBD_READ = r"""
+import hashlib, sys, nbd
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+print(h.get_tls_negotiated(), h.get_size(), h.can_multi_conn(), h.is_read_only())
+print(hashlib.sha256(h.pread(1 << 20, 0)).hexdigest())
+for n in (1, 4096, 300000):
+    print(hashlib.sha256(h.pread(n, 12345)).hexdigest())
+h.shutdown()
+"""
+
+
+def test_libnbd_reads_same_as_nbdkit(pynbd_server: Callable[..., Server],
+                                     nbdkit_server: Callable[..., Server],
+                                     certs: Path, libnbd: Callable[..., Any]) -> None:
+    args = ["--tls=require", f"--tls-certificates={certs}", "pattern", "1M"]
+    views = [libnbd(_LIBNBD_READ, tls_uri(start(*args), certs)).stdout
+             for start in (pynbd_server, nbdkit_server)]
+    assert views[0].startswith("True 1048576")
+    assert views[0] == views[1]
+
+
+def test_nbdcopy_round_trip(pynbd_server: Callable[..., Server], certs: Path,
+                            tmp_path: Path) -> None:
+    require("nbdcopy")
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "memory", "32M")
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * (32 * 4096))
+    uri = tls_uri(srv, certs)
+    run_peer("nbdcopy", str(src), uri)
+    run_peer("nbdcopy", uri, str(tmp_path / "back"))
+    assert (tmp_path / "back").read_bytes() == src.read_bytes()
+
+
+def _qemu_image(srv: Server, creds: str) -> str:
+    return f"driver=nbd,path={srv.sock},tls-creds={creds},tls-hostname=localhost"
+
+
+def test_qemu_img_and_qemu_io_x509(pynbd_server: Callable[..., Server], certs: Path,
+                                   tmp_path: Path) -> None:
+    require("qemu-img")
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "memory", "4M")
+    obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
+    run_peer("qemu-io", "--object", obj, "--image-opts", _qemu_image(srv, "tls0"),
+             "-c", "write -P 0x5a 1M 64k")
+    out = run_peer("qemu-io", "--object", obj, "--image-opts", _qemu_image(srv, "tls0"),
+                   "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 0 64k").stdout
+    assert "Pattern verification failed" not in out
+    run_peer("qemu-img", "convert", "--object", obj, "--image-opts", _qemu_image(srv, "tls0"),
+             "-O", "raw", str(tmp_path / "out.raw"))
+    data = (tmp_path / "out.raw").read_bytes()
+    assert data[1 << 20:(1 << 20) + 65536] == b"\x5a" * 65536 and data[:4096] == bytes(4096)
+
+
+def test_qemu_refused_with_wrong_ca(pynbd_server: Callable[..., Server], certs: Path) -> None:
+    require("qemu-io")
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs / 'other-ca'}",
+                       "memory", "1M")
+    obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
+    cp = run_peer("qemu-io", "--object", obj, "--image-opts", _qemu_image(srv, "tls0"),
+                  "-c", "read 0 512", check=False)
+    assert cp.returncode != 0
+    assert srv.proc.poll() is None  # the server lives on
+
+
+def test_verify_peer(pynbd_server: Callable[..., Server], certs: Path,
+                     client_no_cert: Path) -> None:
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "--tls-verify-peer",
+                       "memory", "1M")
+    ok = run_peer("nbdinfo", "--size", tls_uri(srv, certs))
+    assert ok.stdout.strip() == "1048576"
+    bad = run_peer("nbdinfo", "--size", tls_uri(srv, client_no_cert), check=False)
+    assert bad.returncode != 0 and not bad.stdout
+    # without --tls-verify-peer the same client is served
+    srv2 = pynbd_server("--tls=require", f"--tls-certificates={certs}", "memory", "1M")
+    assert run_peer("nbdinfo", "--size", tls_uri(srv2, client_no_cert)).stdout.strip() == \
+        "1048576"
+
+
+def test_tls_on_serves_both(pynbd_server: Callable[..., Server], certs: Path) -> None:
+    srv = pynbd_server("--tls=on", f"--tls-certificates={certs}", "memory", "1M")
+    plain = run_peer("nbdinfo", srv.uri).stdout
+    assert "without TLS" in plain
+    tls = run_peer("nbdinfo", tls_uri(srv, certs)).stdout
+    assert "with TLS" in tls
+
+
+def test_plain_nbdinfo_refused_as_by_nbdkit(pynbd_server: Callable[..., Server],
+                                            nbdkit_server: Callable[..., Server],
+                                            certs: Path) -> None:
+    args = ["--tls=require", f"--tls-certificates={certs}", "memory", "1M"]
+    outs = []
+    for start in (pynbd_server, nbdkit_server):
+        srv = start(*args)
+        cp = run_peer("nbdinfo", srv.uri, check=False)
+        assert cp.returncode != 0
+        outs.append(cp.stderr)
+    assert outs[0] == outs[1]
+
+
+# ---- bytes on the wire ----------------------------------------------------------------
+
+class RawClient:
+    """Fixed-newstyle negotiation by hand (optionally over TLS after STARTTLS)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(20)
+        self.sock.connect(path)
+        greeting = self.recv(18)
+        assert greeting[:16] == b"NBDMAGICIHAVEOPT"
+        self.sock.sendall(struct.pack(">I", 3))
+
+    def recv(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            got = self.sock.recv(n - len(out))
+            if not got:
+                return out
+            out += got
+        return out
+
+    def send_opt(self, opt: int, data: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, opt, len(data)) + data)
+
+    def reply(self) -> tuple[int, int, bytes]:
+        head = self.recv(20)
+        assert len(head) == 20, f"connection closed: {head!r}"
+        magic, opt, rep, n = struct.unpack(">QIII", head)
+        assert magic == REPLY_MAGIC
+        return opt, rep, self.recv(n)
+
+    def replies(self) -> list[tuple[int, int, bytes]]:
+        """Every reply to one option, up to the final one."""
+        out = [self.reply()]
+        while out[-1][1] not in (Rep.ACK,) and not out[-1][1] & 0x80000000:
+            out.append(self.reply())
+        return out
+
+    def starttls(self, certs: Path) -> None:
+        self.send_opt(Opt.STARTTLS)
+        assert self.reply()[1] == Rep.ACK
+        ctx = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+        self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _info_request(name: bytes = b"") -> bytes:
+    return struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+
+
+#: What a client may try before TLS: every one must be refused alike, with nothing about
+#: the exports in the answer.
+_PROBES = [(Opt.LIST, b""), (Opt.INFO, _info_request()), (Opt.GO, _info_request(b"x")),
+           (Opt.STRUCTURED_REPLY, b""), (Opt.LIST_META_CONTEXT, b"\0" * 8), (12345, b"xyz")]
+
+
+def _refusals(srv: Server) -> list[tuple[int, int]]:
+    c = RawClient(srv.sock or "")
+    try:
+        out = []
+        for opt, data in _PROBES:
+            c.send_opt(opt, data)
+            got = c.replies()
+            assert len(got) == 1, got
+            out.append((got[0][0], got[0][1]))
+        c.send_opt(Opt.EXPORT_NAME, b"")
+        assert c.recv(1) == b""  # hung up on: EXPORT_NAME cannot be refused
+        return out
+    finally:
+        c.close()
+
+
+def test_plaintext_client_learns_nothing(pynbd_server: Callable[..., Server],
+                                         nbdkit_server: Callable[..., Server],
+                                         certs: Path) -> None:
+    args = ["--tls=require", f"--tls-certificates={certs}", "memory", "1M"]
+    got = _refusals(pynbd_server(*args))
+    assert got == [(opt, Rep.ERR_TLS_REQD) for opt, _ in _PROBES]
+    assert got == _refusals(nbdkit_server(*args))
+
+
+def test_state_before_starttls_forgotten(pynbd_server: Callable[..., Server],
+                                         certs: Path) -> None:
+    srv = pynbd_server("--tls=on", f"--tls-certificates={certs}", "memory", "1M")
+    c = RawClient(srv.sock or "")
+    try:
+        c.send_opt(Opt.STRUCTURED_REPLY)
+        assert c.reply()[1] == Rep.ACK
+        c.starttls(certs)
+        c.send_opt(Opt.STARTTLS)  # a second STARTTLS
+        assert c.reply()[1] == Rep.ERR_INVALID
+        # structured replies were forgotten: meta contexts need them again
+        c.send_opt(Opt.LIST_META_CONTEXT, b"\0" * 8)
+        assert c.reply()[1] == Rep.ERR_INVALID
+        c.send_opt(Opt.LIST)
+        reps = c.replies()
+        assert [r[1] for r in reps] == [Rep.SERVER, Rep.ACK]
+        c.send_opt(Opt.ABORT)
+        assert c.reply()[1] == Rep.ACK
+    finally:
+        c.close()
+
+
+def test_starttls_refused_without_tls(pynbd_server: Callable[..., Server],
+                                      nbdkit_server: Callable[..., Server]) -> None:
+    answers = []
+    for start in (pynbd_server, nbdkit_server):
+        c = RawClient(start("memory", "1M").sock or "")
+        c.send_opt(Opt.STARTTLS)
+        answers.append(c.reply()[:2])
+        c.close()
+    assert answers[0] == answers[1]
+
+
+# ---- the command line -----------------------------------------------------------------
+
+def _first_line(cp: subprocess.CompletedProcess[str]) -> str:
+    err = cp.stderr
+    return err.strip().splitlines()[0] if err.strip() else ""
+
+
+@pytest.mark.parametrize("args, pynbd_says", [
+    (["--tls=require", "--tls-certificates=/nonexistent"],
+     "--tls=require but could not load TLS certificates."),
+    (["--tls=bogus"], "could not decipher boolean (bogus)"),
+    (["--tls=require", "--tls-psk=/nonexistent"], "/nonexistent: No such file or directory"),
+    (["--tls=require", "-o"], "cannot use oldstyle protocol (-o) and require TLS"),
+])
+def test_bad_command_lines_as_nbdkit(args: list[str], pynbd_says: str, tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path)}
+    mine = pynbd("serve", "-U", str(tmp_path / "s"), *args, "memory", "1M", check=False,
+                     env=env, timeout=30)
+    assert mine.returncode == 1
+    assert pynbd_says in _first_line(mine)
+    assert "Traceback" not in mine.stderr
+    if "psk" in " ".join(args) and not _has_psk():
+        return
+    theirs = run_peer("nbdkit", "-U", str(tmp_path / "n"), *args, "memory", "1M",
+                      check=False, env=env, timeout=30)
+    assert theirs.returncode == 1
+    assert pynbd_says.replace("'", "") in _first_line(theirs).replace("\u2018", "").replace(
+        "\u2019", "")
+
+
+def _has_psk() -> bool:
+    return hasattr(ssl.SSLContext, "set_psk_server_callback")
+
+
+def test_default_certificate_directory(pynbd_server: Callable[..., Server], certs: Path,
+                                       tmp_path: Path) -> None:
+    """$HOME/.pki/nbdkit is used when no directory is given, except by root (which only
+    looks in /etc/pki/nbdkit, as nbdkit does)."""
+    home = tmp_path / "home"
+    (home / ".pki").mkdir(parents=True)
+    (home / ".pki" / "nbdkit").symlink_to(certs)
+    env = {"HOME": str(home)}
+    if os.geteuid() == 0:
+        if Path("/etc/pki/nbdkit/server-cert.pem").exists():
+            pytest.skip("/etc/pki/nbdkit has certificates")
+        for cmd in (pynbd, lambda *a, **kw: run_peer("nbdkit", *a, **kw)):
+            cp = cmd(*(["serve"] if cmd is pynbd else []), "-U", str(tmp_path / "s"), "--tls=require", "memory", "1M",
+                     check=False, env=env, timeout=30)
+            assert cp.returncode == 1 and "could not load TLS certificates" in cp.stderr
+        return
+    srv = pynbd_server("--tls=require", "memory", "1M", env=env)
+    assert run_peer("nbdinfo", "--size", tls_uri(srv, certs)).stdout.strip() == "1048576"
+
+
+def test_run_gives_nbds_uri(certs: Path) -> None:
+    cp = pynbd("serve", "-U", "-", "--tls=require", f"--tls-certificates={certs}",
+                   "--run", 'echo "$uri"', "memory", "1M", timeout=30)
+    assert cp.stdout.startswith("nbds+unix:///?socket=")
+    cp = pynbd("serve", "--dump-config", timeout=30)
+    assert "tls=yes" in cp.stdout.splitlines()
+
+
+# ---- PSK (Python 3.13) ----------------------------------------------------------------
+
+def test_psk_refused_before_python_313(tmp_path: Path) -> None:
+    if _has_psk():
+        pytest.skip("this Python has PSK callbacks")
+    psk = tmp_path / "keys.psk"
+    make_psk(psk)
+    cp = pynbd("serve", "-U", str(tmp_path / "s"), "--tls=require", f"--tls-psk={psk}",
+                   "memory", "1M", check=False, timeout=30)
+    assert cp.returncode == 1
+    assert cp.stderr.strip().count("\n") == 0
+    assert "Python 3.13" in cp.stderr
