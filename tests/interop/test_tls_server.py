@@ -8,14 +8,14 @@ import os
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import subprocess
 from typing import Any
 
-from helpers import Server, require, run_pynbd
+from helpers import ROOT, Server, missing, require, run_pynbd
 from helpers import run_peer as _run_peer
 from tls_certs import make_psk, make_x509
 
@@ -364,3 +364,81 @@ def test_psk_refused_before_python_313(tmp_path: Path) -> None:
     assert cp.returncode == 1
     assert cp.stderr.strip().count("\n") == 0
     assert "Python 3.13" in cp.stderr
+
+
+def python313() -> str:
+    """A Python 3.13 interpreter (for the PSK callbacks), from PATH or pyenv."""
+    import glob
+    import shutil
+
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[3-9]*/bin/python3")))
+    for cand in [*found, shutil.which("python3.13")]:
+        if cand and subprocess.run([cand, "-c", "import ssl; ssl.SSLContext.set_psk_server_callback"],
+                                   capture_output=True, check=False).returncode == 0:
+            return cand
+    missing("no Python 3.13 interpreter (python3.13 or ~/.pyenv/versions/3.13*) for PSK")
+
+
+@pytest.fixture
+def psk_server(sockdir: Path) -> Iterator[Callable[..., Server]]:
+    """``pynbd serve`` under Python 3.13 (the core is stdlib-only: PYTHONPATH=src)."""
+    from tests.conftest import ServerFactory
+
+    factory = ServerFactory([python313(), "-m", "pynbd", "serve"], "pynbd313", sockdir)
+    src = str(ROOT / "src")
+
+    def start(*args: Any, **kw: Any) -> Server:
+        return factory(*args, env={"PYTHONPATH": src}, **kw)
+
+    try:
+        yield start
+    finally:
+        factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def psk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("psk")
+    make_psk(d / "keys.psk")  # qemu reads DIR/keys.psk
+    return d / "keys.psk"
+
+
+def test_psk_nbdinfo_and_nbdcopy(psk_server: Callable[..., Server],
+                                 nbdkit_server: Callable[..., Server], psk: Path,
+                                 tmp_path: Path) -> None:
+    args = ["--tls=require", f"--tls-psk={psk}", "pattern", "2M"]
+    outs = []
+    for start in (psk_server, nbdkit_server):
+        srv = start(*args)
+        uri = f"nbds+unix://alice@/?socket={srv.sock}&tls-psk-file={psk}"
+        outs.append(run_peer("nbdinfo", "--size", uri).stdout)
+        run_peer("nbdcopy", uri, str(tmp_path / f"{len(outs)}.img"))
+    assert outs == ["2097152\n", "2097152\n"]
+    assert (tmp_path / "1.img").read_bytes() == (tmp_path / "2.img").read_bytes()
+
+
+def test_psk_qemu_io(psk_server: Callable[..., Server], psk: Path) -> None:
+    require("qemu-io")
+    srv = psk_server("--tls=require", f"--tls-psk={psk}", "memory", "1M")
+    obj = f"tls-creds-psk,id=tls0,endpoint=client,dir={psk.parent},username=alice"
+    img = f"driver=nbd,path={srv.sock},tls-creds=tls0"
+    run_peer("qemu-io", "--object", obj, "--image-opts", img, "-c", "write -P 0x33 4k 4k")
+    out = run_peer("qemu-io", "--object", obj, "--image-opts", img,
+                   "-c", "read -P 0x33 4k 4k").stdout
+    assert "Pattern verification failed" not in out
+
+
+def test_psk_wrong_user_or_key(psk_server: Callable[..., Server], psk: Path,
+                               tmp_path: Path) -> None:
+    srv = psk_server("--tls=require", f"--tls-psk={psk}", "memory", "1M")
+    wrong_key = tmp_path / "wrong.psk"
+    make_psk(wrong_key)
+    unknown = tmp_path / "bob.psk"
+    make_psk(unknown, user="bob")
+    for user, f in (("alice", wrong_key), ("bob", unknown)):
+        cp = run_peer("nbdinfo", "--size",
+                      f"nbds+unix://{user}@/?socket={srv.sock}&tls-psk-file={f}", check=False)
+        assert cp.returncode != 0 and not cp.stdout
+    assert "unknown PSK username 'bob'" in srv.stderr
+    assert run_peer("nbdinfo", "--size", f"nbds+unix://alice@/?socket={srv.sock}"
+                    f"&tls-psk-file={psk}").stdout == "1048576\n"
