@@ -8,13 +8,12 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import pytest
-import subprocess
 from typing import Any
 
+import pytest
 from helpers import ROOT, Server, missing, require, run_pynbd
 from helpers import run_peer as _run_peer
 from tls_certs import make_psk, make_x509

@@ -29,7 +29,6 @@ from pynbd.protocol.constants import HandshakeFlag
 from pynbd.server import process
 from pynbd.server.backend import Chain
 from pynbd.server.listeners import listen, make_uri
-from pynbd.server.tls import make_context
 from pynbd.server.loading import (
     PluginError,
     apply_debug_flags,
@@ -46,6 +45,7 @@ from pynbd.server.logs import setup_logging
 from pynbd.server.options import PROG, USAGE, Options, UsageError, parse_args, parse_delay
 from pynbd.server.server import Server, ServerConfig
 from pynbd.server.stream import FdStream
+from pynbd.server.tls import make_context
 
 # load_plugin, apply_params, make_uri, parse_delay, Options: importable from here as before.
 __all__ = ["Options", "apply_params", "load_plugin", "main", "make_uri", "parse_args",

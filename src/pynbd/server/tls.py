@@ -182,19 +182,30 @@ class TlsStream(FdStream):
         self._starved = False
 
     def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` with as many records as are here (one call may cover many records
+        and many requests: the batch the plain stream would get from one readv)."""
         obj = self.ssl
-        while True:
+        want = len(view)
+        got = 0
+        while got < want:
             try:
-                n = obj.read(len(view), view)
-                break
+                n: int = obj.read(want - got, view[got:])  # type: ignore[arg-type,assignment]
             except ssl.SSLWantReadError:
-                self._fill()
+                try:
+                    self._fill()
+                except BlockingIOError:
+                    if got:
+                        break
+                    raise
+                continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                n = 0
                 break
+            if n == 0:
+                break
+            got += n
         if self._out.pending:
             self._send_records()
-        return n
+        return got
 
     def readinto2(self, first: memoryview, then: memoryview) -> int:
         n = self.readinto(first)
