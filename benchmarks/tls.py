@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Benchmark `pynbd serve --tls=require` against `nbdkit --tls=require`, in ONE run.
 
-Both servers serve `memory SIZE` on a Unix socket with the same X.509 certificates (made
-for the run by tests/tls_certs.py) and are driven by the same clients over nbds:// URIs:
+Both servers serve `PLUGIN SIZE` (default `null 1G`) on a Unix socket with the same X.509
+certificates (made for the run by tests/tls_certs.py) and are driven by the same clients
+over nbds:// URIs:
 
   fio-read-256k:   fio's nbd engine, 256 KiB sequential reads, iodepth 16, time based
   fio-write-256k:  the same, writes (the server decrypts)
-  copy-down:       nbdcopy SERVER -> null: of the whole disk (first filled with random data)
+  copy-down:       nbdcopy --no-extents SERVER -> null: (every byte crosses the wire)
   copy-up:         nbdcopy of a local file of random data -> SERVER
+
+The null plugin (zeroes read, writes dropped; the cipher's cost does not depend on the
+bytes) keeps the plugins' own costs out: what is measured is the NBD path and TLS. Use
+`--plugin memory` to include a store (pynbd's memory plugin reading data written in
+pieces costs more than nbdkit's, TLS or not; see docs/performance.md).
 
 Each job runs REPEAT times per server on a fresh server, alternating which goes first; the
 medians are compared. The ratio is pynbd/nbdkit for bandwidth (fio) and nbdkit/pynbd for
@@ -54,14 +60,14 @@ def parse_size(s: str) -> int:
 class TlsServer:
     """``SERVER -f -U SOCK --tls=require --tls-certificates=DIR memory SIZE``."""
 
-    def __init__(self, which: str, d: Path, certs: Path, size: int) -> None:
+    def __init__(self, which: str, d: Path, certs: Path, size: int, plugin: str) -> None:
         self.sock = d / f"{which}.sock"
         self.sock.unlink(missing_ok=True)
         cmd = ["nbdkit"] if which == "nbdkit" else [sys.executable, "-m", "pynbd", "serve"]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
         self.proc = subprocess.Popen(
             [*cmd, "-f", "-U", str(self.sock), "--tls=require",
-             f"--tls-certificates={certs}", "memory", str(size)],
+             f"--tls-certificates={certs}", plugin, str(size)],
             stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.sock.exists():
@@ -104,13 +110,14 @@ def fio(srv: TlsServer, rw: str, size: int, runtime: int, home: Path) -> float:
 def one(job: str, which: str, d: Path, certs: Path, home: Path, data: Path,
         args: argparse.Namespace) -> float:
     size = parse_size(args.size)
-    srv = TlsServer(which, d, certs, size)
+    srv = TlsServer(which, d, certs, size, args.plugin)
     try:
         if job.startswith("fio-"):
             return fio(srv, "read" if "read" in job else "write", size, args.runtime, home)
         if job == "copy-down":
-            run(["nbdcopy", str(data), srv.copy_uri])  # not timed: random data to read
-            return run(["nbdcopy", srv.copy_uri, "null:"])[0]
+            if args.plugin == "memory":
+                run(["nbdcopy", str(data), srv.copy_uri])  # not timed: data to read
+            return run(["nbdcopy", "--no-extents", srv.copy_uri, "null:"])[0]
         return run(["nbdcopy", str(data), srv.copy_uri])[0]
     finally:
         srv.stop()
@@ -145,7 +152,7 @@ def report(args: argparse.Namespace, jobs: list[str],
         load = os.getloadavg()
         print(f"\nMeasured {datetime.date.today()} on {platform.machine()} Linux "
               f"{platform.release()}, {os.cpu_count()} CPUs (load average {load[0]:.2f} at the "
-              f"end), Python {platform.python_version()}; memory {args.size}, Unix socket, "
+              f"end), Python {platform.python_version()}; {args.plugin} {args.size}, Unix socket, "
               f"TLS 1.3 X.509; median of {args.repeat} run(s) per server, alternating.\n")
         print("| job | pynbd | nbdkit | unit | ratio (higher: pynbd better) | bar | |")
         print("|---|---:|---:|---|---:|---:|---|")
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--size", default="1G", help="memory disk size (default 1G)")
+    ap.add_argument("--size", default="1G", help="disk size (default 1G)")
+    ap.add_argument("--plugin", default="null", choices=("null", "memory"))
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
     ap.add_argument("--jobs", default=",".join(JOBS), help="comma-separated: " + ", ".join(JOBS))
     ap.add_argument("--markdown", action="store_true")
