@@ -276,7 +276,9 @@ class TlsStream(FdStream):
     # ---- writing -----------------------------------------------------------------------
     def write(self, bufs: list[Any]) -> None:
         """Encrypt and queue: buffers below a record are gathered into full records (one
-        copy, which the cipher's own copy dwarfs), larger ones encrypted in one call."""
+        copy, which the cipher's own copy dwarfs), larger ones encrypted in one call and
+        sent at once (a batch of many large replies would otherwise pass through memory
+        twice more: out of the BIO, into the socket)."""
         if self.closed or self.write_error is not None:
             return
         obj, acc = self.ssl, self._acc
@@ -295,6 +297,8 @@ class TlsStream(FdStream):
                     view = view[take:]
                 if len(view) >= RECORD:
                     obj.write(view)
+                    # out at once, while the ciphertext is still in the cache
+                    self._send_records()
                 else:
                     acc += view
             if acc:
