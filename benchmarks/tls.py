@@ -186,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         certs, home = make_certs(d)
         data = d / "data.img"
         with open(data, "wb") as f:
-            for _ in range(0, parse_size(args.size), 16 << 20):
-                f.write(os.urandom(min(16 << 20, parse_size(args.size))))
+            f.writelines(os.urandom(min(16 << 20, parse_size(args.size))) for _ in range(0, parse_size(args.size), 16 << 20))
         for job in jobs:
             for r in range(args.repeat):
                 for which in (("pynbd", "nbdkit") if r % 2 == 0 else ("nbdkit", "pynbd")):

@@ -298,7 +298,7 @@ def _first_line(cp: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("args, pynbd_says", [
     (["--tls=require", "--tls-certificates=/nonexistent"],
-     "--tls=require but could not load TLS certificates."),
+     "--tls=require but could not load TLS certificates"),
     (["--tls=bogus"], "could not decipher boolean (bogus)"),
     (["--tls=require", "--tls-psk=/nonexistent"], "/nonexistent: No such file or directory"),
     (["--tls=require", "-o"], "cannot use oldstyle protocol (-o) and require TLS"),
@@ -441,3 +441,13 @@ def test_psk_wrong_user_or_key(psk_server: Callable[..., Server], psk: Path,
     assert "unknown PSK username 'bob'" in srv.stderr
     assert run_peer("nbdinfo", "--size", f"nbds+unix://alice@/?socket={srv.sock}"
                     f"&tls-psk-file={psk}").stdout == "1048576\n"
+
+
+def test_tls_on_without_certificates_warns(pynbd_server: Callable[..., Server],
+                                           certs: Path) -> None:
+    """As nbdkit: a warning, then plain clients served and TLS refused (ERR_POLICY)."""
+    srv = pynbd_server("--tls=on", f"--tls-certificates={certs}/nonexistent", "memory", "1M")
+    assert run_peer("nbdinfo", "--size", srv.uri).stdout == "1048576\n"
+    assert run_peer("nbdinfo", "--size", tls_uri(srv, certs), check=False).returncode != 0
+    warning = [x for x in srv.stderr.splitlines() if "could not load" in x]
+    assert len(warning) == 1 and "TLS is disabled" in warning[0]

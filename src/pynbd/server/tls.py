@@ -42,9 +42,8 @@ RAW_READ = 256 * 1024
 #: nbdkit's default certificate directory for root (and the fallback for other users).
 ROOT_CERTIFICATES_DIR = "/etc/pki/nbdkit"
 
-_NO_CERTS = ("--tls={mode} but could not load TLS certificates.\n"
-             "Try setting '--tls-certificates=/path/to/certificates' or read\n"
-             "the \"TLS\" section in the pynbd serve manual (docs/tls.md).")
+_NO_CERTS = ("--tls={mode} but could not load TLS certificates from {dirs} (give "
+             "--tls-certificates=DIR holding ca-cert.pem, server-cert.pem and server-key.pem)")
 
 
 def certificate_dirs(given: str | None) -> list[Path]:
@@ -130,15 +129,14 @@ def make_context(mode: str, certificates: str | None, verify_peer: bool,
     if psk is not None:
         return _psk_context(psk)
     ctx = _base_context()
-    for d in certificate_dirs(certificates):
+    dirs = certificate_dirs(certificates)
+    for d in dirs:
         if _load_x509(ctx, d, verify_peer):
             return ctx
-    msg = _NO_CERTS.format(mode=mode)
+    msg = _NO_CERTS.format(mode=mode, dirs=" or ".join(str(d) for d in dirs))
     if mode == "require":
         raise ConfigError(msg)
-    log.warning("%s", msg.replace("--tls=on but could not load TLS certificates.",
-                                  "--tls=on but could not load TLS certificates.\n"
-                                  "TLS will be disabled and TLS connections will be rejected."))
+    log.warning("%s: TLS is disabled and TLS connections will be rejected", msg)
     return None
 
 
