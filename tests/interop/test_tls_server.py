@@ -451,3 +451,54 @@ def test_tls_on_without_certificates_warns(pynbd_server: Callable[..., Server],
     assert run_peer("nbdinfo", "--size", tls_uri(srv, certs), check=False).returncode != 0
     warning = [x for x in srv.stderr.splitlines() if "could not load" in x]
     assert len(warning) == 1 and "TLS is disabled" in warning[0]
+
+
+def _bad_dir(certs: Path, d: Path, key: bytes) -> Path:
+    d.mkdir()
+    for f in ("ca-cert.pem", "server-cert.pem"):
+        (d / f).write_bytes((certs / f).read_bytes())
+    (d / "server-key.pem").write_bytes(key)
+    return d
+
+
+def test_bad_key_files_one_line(certs: Path, tmp_path: Path) -> None:
+    """A key that does not match, is not PEM, or is encrypted: one line, no prompt
+    (stdin is closed: a passphrase prompt would fail, not hang)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key((certs / "server-key.pem").read_bytes(), None)
+    cases = {
+        "mismatch": ((certs / "other-ca" / "server-key.pem").read_bytes(),
+                     "the certificate and the given key do not match"),
+        "garbage": (b"not a key\n", "not a PEM file"),
+        "encrypted": (key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret")), "is encrypted"),
+    }
+    for name, (data, says) in cases.items():
+        d = _bad_dir(certs, tmp_path / name, data)
+        cp = pynbd("serve", "-U", str(tmp_path / "s"), "--tls=require",
+                   f"--tls-certificates={d}", "memory", "1M", check=False, timeout=30)
+        assert cp.returncode == 1, name
+        assert cp.stderr.count("\n") == 1 and says in cp.stderr, (name, cp.stderr)
+
+
+_OVER_COMMAND = r"""
+import sys, nbd
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_tls_certificates(sys.argv[1])
+h.connect_command(sys.argv[2:])
+h.pwrite(b"over pipes" * 100, 4096)
+print(h.get_tls_negotiated(), h.get_size(), h.pread(1000, 4096) == b"over pipes" * 100)
+h.shutdown()
+"""
+
+
+def test_single_connection_over_stdio(certs: Path, libnbd: Callable[..., Any]) -> None:
+    """-s: TLS over the socket pair libnbd hands the server as stdin/stdout."""
+    import sys
+
+    cmd = ["env", f"PYTHONPATH={ROOT / 'src'}", sys.executable, "-m", "pynbd", "serve", "-s",
+           "--tls=require", f"--tls-certificates={certs}", "memory", "1M"]
+    assert libnbd(_OVER_COMMAND, str(certs), *cmd).stdout == "True 1048576 True\n"

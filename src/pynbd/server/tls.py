@@ -46,6 +46,20 @@ _NO_CERTS = ("--tls={mode} but could not load TLS certificates from {dirs} (give
              "--tls-certificates=DIR holding ca-cert.pem, server-cert.pem and server-key.pem)")
 
 
+#: OpenSSL's reasons, in words (GnuTLS's, which nbdkit prints).
+_REASONS = {
+    "KEY_VALUES_MISMATCH": "the certificate and the given key do not match",
+    "NO_START_LINE": "not a PEM file",
+    "PEM_LIB": "not a PEM file",
+    "BAD_END_LINE": "a truncated PEM file",
+}
+
+
+def _no_passphrase() -> bytes:
+    # Never a prompt on the terminal (OpenSSL's default for an encrypted key), as nbdkit.
+    raise ConfigError("server-key.pem is encrypted: give the key without a passphrase")
+
+
 def certificate_dirs(given: str | None) -> list[Path]:
     """The directories to look for certificates in, in order (nbdkit's defaults)."""
     if given is not None:
@@ -66,7 +80,13 @@ def _load_x509(ctx: ssl.SSLContext, d: Path, verify_peer: bool) -> bool:
     if not (cert.is_file() and key.is_file() and ca.is_file()):
         return False
     try:
-        ctx.load_cert_chain(cert, key)
+        try:
+            ctx.load_cert_chain(cert, key, password=_no_passphrase)
+        except ssl.SSLError as e:
+            why = _REASONS.get(e.reason or "") or (
+                "not a PEM file" if "PEM" in str(e) else e.reason or str(e))
+            raise ConfigError(f"{d}: loading server certificate and key ({cert.name}, "
+                              f"{key.name}): {why}") from None
         if verify_peer:
             ctx.load_verify_locations(cafile=str(ca))
             ctx.verify_mode = ssl.CERT_REQUIRED
