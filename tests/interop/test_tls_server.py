@@ -502,3 +502,35 @@ def test_single_connection_over_stdio(certs: Path, libnbd: Callable[..., Any]) -
     cmd = ["env", f"PYTHONPATH={ROOT / 'src'}", sys.executable, "-m", "pynbd", "serve", "-s",
            "--tls=require", f"--tls-certificates={certs}", "memory", "1M"]
     assert libnbd(_OVER_COMMAND, str(certs), *cmd).stdout == "True 1048576 True\n"
+
+
+def test_transmission_pipelined_over_tls(pynbd_server: Callable[..., Server],
+                                         certs: Path) -> None:
+    """Requests packed many to a record and payloads spread over many records (a WRITE of
+    3 MiB, larger than the receive buffer) come out right: bytes waiting inside the TLS
+    engine are served without the socket becoming readable again."""
+    from pynbd.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd
+
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "memory", "8M")
+    c = RawClient(srv.sock or "")
+    try:
+        c.starttls(certs)
+        c.send_opt(Opt.GO, _info_request())
+        assert c.replies()[-1][1] == Rep.ACK
+        big = bytes(range(256)) * (3 * 4096)
+        c.sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.WRITE, 1, 4096, len(big)) + big)
+        assert struct.unpack(">IIQ", c.recv(16)) == (0x67446698, 0, 1)
+        reqs = b"".join(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, 100 + i, 4096 + i * 7, 512)
+                        for i in range(300))
+        c.sock.sendall(reqs)  # one write: ~16 KiB of requests, a record or two
+        for i in range(300):
+            magic, err, cookie = struct.unpack(">IIQ", c.recv(16))
+            assert (magic, err, cookie) == (0x67446698, 0, 100 + i)
+            assert c.recv(512) == big[i * 7:i * 7 + 512]
+        c.sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.READ, 7, 4096, len(big)))
+        assert struct.unpack(">IIQ", c.recv(16)) == (0x67446698, 0, 7)
+        assert c.recv(len(big)) == big
+        c.sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, Cmd.DISC, 8, 0, 0))
+        assert c.recv(1) == b""
+    finally:
+        c.close()
