@@ -182,7 +182,7 @@ class Negotiation:
             log.error("client %d: NBD_OPT_EXPORT_NAME before TLS was negotiated "
                       "(--tls=require): disconnecting", self.id)
             return False
-        self.stream.write([hs.reply(Rep.ERR_TLS_REQD, b"TLS is required")])
+        self.stream.write([hs.reply(Rep.ERR_TLS_REQD)])  # no message, as nbdkit
         return None
 
     async def _starttls(self, hs: ServerHandshake, opt: int, data: bytes) -> _Outcome:
@@ -191,8 +191,9 @@ class Negotiation:
         if self.conn.info.tls:
             raise OptionError(Rep.ERR_INVALID, "TLS is already negotiated")
         ctx = self.server.config.tls_context
-        if ctx is None:
-            raise OptionError(Rep.ERR_POLICY, "TLS is not enabled on this server")
+        if ctx is None:  # --tls=off (or on without certificates); no message, as nbdkit
+            self.stream.write([hs.reply(Rep.ERR_POLICY)])
+            return None
         self.stream.write([hs.reply(Rep.ACK)])
         try:
             stream = await start_tls(self.stream, ctx)
