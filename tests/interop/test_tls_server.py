@@ -534,3 +534,36 @@ def test_transmission_pipelined_over_tls(pynbd_server: Callable[..., Server],
         assert c.recv(1) == b""
     finally:
         c.close()
+
+
+def test_garbage_instead_of_tls_handshake(pynbd_server: Callable[..., Server],
+                                          certs: Path) -> None:
+    """Plain bytes after the STARTTLS reply: one log line, the connection closed, the
+    server serving the next client."""
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "memory", "1M")
+    c = RawClient(srv.sock or "")
+    try:
+        c.send_opt(Opt.STARTTLS)
+        assert c.reply()[1] == Rep.ACK
+        c.sock.sendall(struct.pack(">QII", IHAVEOPT, Opt.LIST, 0))
+        rest = c.recv(4096)
+        assert not rest.startswith(b"\x00\x03\xe8\x89")  # no option reply, at most an alert
+    finally:
+        c.close()
+    assert run_peer("nbdinfo", "--size", tls_uri(srv, certs)).stdout == "1048576\n"
+    assert "TLS handshake failed" in srv.stderr and "Traceback" not in srv.stderr
+
+
+def test_silent_client_after_starttls_times_out(pynbd_server: Callable[..., Server],
+                                                certs: Path) -> None:
+    """A client that stops in the middle of the TLS handshake is dropped at --timeout."""
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "--timeout=1",
+                       "memory", "1M")
+    c = RawClient(srv.sock or "")
+    try:
+        c.send_opt(Opt.STARTTLS)
+        assert c.reply()[1] == Rep.ACK
+        assert c.recv(1) == b""  # closed by the server (the socket's own timeout is 20 s)
+    finally:
+        c.close()
+    assert "handshake timed out" in srv.stderr
