@@ -50,7 +50,9 @@ USAGE = """\
 pynbd serve [-4|-6] [-D NAME.FLAG=N] [--exit-with-parent] [-e EXPORTNAME]
             [--filter=FILTER ...] [-f] [-g GROUP] [-i IPADDR] [--mask-handshake=MASK]
             [-n] [--no-sr] [-o] [-P PIDFILE] [-p PORT] [--print-uri] [-r]
-            [--run 'CMD'] [-s] [-t THREADS] [--timeout=SECS] [-U SOCKET|-] [-u USER] [-v]
+            [--run 'CMD'] [-s] [-t THREADS] [--timeout=SECS]
+            [--tls=off|on|require] [--tls-certificates=DIR] [--tls-psk=FILE]
+            [--tls-verify-peer] [-U SOCKET|-] [-u USER] [-v]
             [--vsock] PLUGIN [[KEY=]VALUE [KEY=VALUE ...]]
 pynbd serve PLUGIN --help | --dump-plugin
 pynbd serve --dump-config | --help | --version
