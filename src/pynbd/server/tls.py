@@ -331,6 +331,11 @@ class TlsStream(FdStream):
         data = self._out.read()
         if data:
             super().write([data])
+            if self._writer_on:
+                # The socket was full a moment ago; encrypting the batch's next replies
+                # takes long enough for the client to drain it. Try now rather than when
+                # the loop next looks: else the client idles while we encrypt.
+                self._flush()
 
     # ---- closing -----------------------------------------------------------------------
     def close(self) -> None:
