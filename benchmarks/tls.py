@@ -107,18 +107,28 @@ def fio(srv: TlsServer, rw: str, size: int, runtime: int, home: Path) -> float:
     return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / (1 << 20)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(job: str, which: str, d: Path, certs: Path, home: Path, data: Path,
-        args: argparse.Namespace) -> float:
+        args: argparse.Namespace) -> tuple[float, float]:
+    """The job's figure (MiB/s or seconds) and the server's CPU seconds during it."""
     size = parse_size(args.size)
     srv = TlsServer(which, d, certs, size, args.plugin)
     try:
+        if job == "copy-down" and args.plugin == "memory":
+            run(["nbdcopy", str(data), srv.copy_uri])  # not timed: data to read
+        cpu0 = cpu_seconds(srv.proc.pid)
         if job.startswith("fio-"):
-            return fio(srv, "read" if "read" in job else "write", size, args.runtime, home)
-        if job == "copy-down":
-            if args.plugin == "memory":
-                run(["nbdcopy", str(data), srv.copy_uri])  # not timed: data to read
-            return run(["nbdcopy", "--no-extents", srv.copy_uri, "null:"])[0]
-        return run(["nbdcopy", str(data), srv.copy_uri])[0]
+            v = fio(srv, "read" if "read" in job else "write", size, args.runtime, home)
+        elif job == "copy-down":
+            v = run(["nbdcopy", "--no-extents", srv.copy_uri, "null:"])[0]
+        else:
+            v = run(["nbdcopy", str(data), srv.copy_uri])[0]
+        return v, cpu_seconds(srv.proc.pid) - cpu0
     finally:
         srv.stop()
 
@@ -135,7 +145,8 @@ def make_certs(d: Path) -> tuple[Path, Path]:
 
 
 def report(args: argparse.Namespace, jobs: list[str],
-           results: dict[tuple[str, str], list[float]], argv: list[str]) -> bool:
+           results: dict[tuple[str, str], list[float]],
+           cpus: dict[tuple[str, str], list[float]], argv: list[str]) -> bool:
     ok = True
     rows = []
     for job in jobs:
@@ -144,20 +155,29 @@ def report(args: argparse.Namespace, jobs: list[str],
         unit = "MiB/s" if job.startswith("fio-") else "s"
         verdict = "PASS" if ratio >= BAR else "FAIL"
         ok = ok and ratio >= BAR
-        rows.append((job, p, n, unit, ratio, verdict))
-    print(f"{'job':15} {'pynbd':>10} {'nbdkit':>10} {'unit':>6} {'ratio':>6}  bar")
-    for job, p, n, unit, ratio, verdict in rows:
-        print(f"{job:15} {p:10.1f} {n:10.1f} {unit:>6} {ratio:6.2f}  >= {BAR} {verdict}")
+        # server CPU per GiB moved (fio moves bandwidth * runtime, nbdcopy the disk)
+        gib = {s: (statistics.median(results[(job, s)]) * args.runtime / 1024
+                   if job.startswith("fio-") else parse_size(args.size) / (1 << 30))
+               for s in ("pynbd", "nbdkit")}
+        cpu = tuple(statistics.median(cpus[(job, s)]) / gib[s] for s in ("pynbd", "nbdkit"))
+        rows.append((job, p, n, unit, ratio, verdict, cpu))
+    print(f"{'job':15} {'pynbd':>10} {'nbdkit':>10} {'unit':>6} {'ratio':>6}  bar"
+          f"{'':12} CPU s/GiB pynbd nbdkit")
+    for job, p, n, unit, ratio, verdict, cpu in rows:
+        print(f"{job:15} {p:10.1f} {n:10.1f} {unit:>6} {ratio:6.2f}  >= {BAR} {verdict}"
+              f"   {cpu[0]:6.2f} {cpu[1]:6.2f}")
     if args.markdown:
         load = os.getloadavg()
         print(f"\nMeasured {datetime.date.today()} on {platform.machine()} Linux "
               f"{platform.release()}, {os.cpu_count()} CPUs (load average {load[0]:.2f} at the "
               f"end), Python {platform.python_version()}; {args.plugin} {args.size}, Unix socket, "
               f"TLS 1.3 X.509; median of {args.repeat} run(s) per server, alternating.\n")
-        print("| job | pynbd | nbdkit | unit | ratio (higher: pynbd better) | bar | |")
-        print("|---|---:|---:|---|---:|---:|---|")
-        for job, p, n, unit, ratio, verdict in rows:
-            print(f"| {job} | {p:.1f} | {n:.1f} | {unit} | {ratio:.2f} | >= {BAR} | {verdict} |")
+        print("| job | pynbd | nbdkit | unit | ratio (higher: pynbd better) | bar | |"
+              " server CPU s/GiB pynbd / nbdkit |")
+        print("|---|---:|---:|---|---:|---:|---|---:|")
+        for job, p, n, unit, ratio, verdict, cpu in rows:
+            print(f"| {job} | {p:.1f} | {n:.1f} | {unit} | {ratio:.2f} | >= {BAR} | {verdict} "
+                  f"| {cpu[0]:.2f} / {cpu[1]:.2f} |")
         print(f"\nProduced by:\n\n```\n{shlex.join(['python', 'benchmarks/tls.py', *argv])}\n```")
     return ok
 
@@ -182,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     d = Path(tempfile.mkdtemp(prefix="pynbd-tlsbench-"))
     results: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     try:
         certs, home = make_certs(d)
         data = d / "data.img"
@@ -190,15 +211,17 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             for r in range(args.repeat):
                 for which in (("pynbd", "nbdkit") if r % 2 == 0 else ("nbdkit", "pynbd")):
-                    v = one(job, which, d, certs, home, data, args)
+                    v, cpu = one(job, which, d, certs, home, data, args)
                     results.setdefault((job, which), []).append(v)
-                    print(f"[{job}] {which:6} {v:9.2f}", file=sys.stderr)
+                    cpus.setdefault((job, which), []).append(cpu)
+                    print(f"[{job}] {which:6} {v:9.2f}  server CPU {cpu:6.2f} s",
+                          file=sys.stderr)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         print(f"tls.py: {e}", file=sys.stderr)
         return 2
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    return 0 if report(args, jobs, results, argv) else 1
+    return 0 if report(args, jobs, results, cpus, argv) else 1
 
 
 if __name__ == "__main__":
