@@ -567,3 +567,33 @@ def test_silent_client_after_starttls_times_out(pynbd_server: Callable[..., Serv
     finally:
         c.close()
     assert "handshake timed out" in srv.stderr
+
+
+def _export_name_only(path: str) -> bytes:
+    """A client of non-fixed newstyle (only EXPORT_NAME possible): what it receives."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    try:
+        s.connect(path)
+        greeting = b""
+        while len(greeting) < 18:
+            greeting += s.recv(18 - len(greeting))
+        s.sendall(struct.pack(">I", 0) + struct.pack(">QII", IHAVEOPT, Opt.EXPORT_NAME, 0))
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def test_export_name_only_client_refused(pynbd_server: Callable[..., Server],
+                                         nbdkit_server: Callable[..., Server],
+                                         certs: Path) -> None:
+    """--mask-handshake=0 --tls=require: an old client can only send EXPORT_NAME, which
+    cannot be refused: hung up on without a byte, by both servers."""
+    args = ["--tls=require", f"--tls-certificates={certs}", "--mask-handshake=0",
+            "memory", "1M"]
+    got = [_export_name_only(start(*args).sock or "") for start in (pynbd_server,
+                                                                      nbdkit_server)]
+    assert got == [b"", b""]
