@@ -35,6 +35,8 @@ _TX_WRITE_ZEROES = int(TxFlag.SEND_WRITE_ZEROES)
 class Settings(Handle):
     """The settings and export-information calls of :class:`pynbd.libnbd.NBD`."""
 
+    _private: int
+
     @api()
     def set_debug(self, debug: bool) -> None:
         """Set or clear the debug flag."""
@@ -70,7 +72,8 @@ class Settings(Handle):
     @api()
     def set_private_data(self, private_data: int) -> int:
         """Store an unsigned integer for the application; return the previous value."""
-        old, self._private = self._private, index(private_data) & U64
+        old = self._private
+        self._private = index(private_data) & U64
         return old
 
     @api()
