@@ -243,7 +243,7 @@ class AsyncClient(Negotiation):
 
     async def _start_tls(self) -> None:
         """After NBD_OPT_STARTTLS: the TLS handshake, then a TLS stream (client/tls.py)."""
-        from pynbd.client.tls import TlsStream, handshake, wrap
+        from pynbd.client.tls import handshake, wrap
 
         assert self.stream is not None
         self._owner = sock = self.stream.detach()
@@ -251,7 +251,12 @@ class AsyncClient(Negotiation):
         ssock, peer = wrap(sock, self.tls, self.tls_host)
         self._owner = ssock
         await handshake(ssock, self._wait_fd, peer)
-        self.stream = TlsStream(self.loop, ssock)
+        self.stream = self._tls_stream(ssock)
+
+    def _tls_stream(self, ssock: Any) -> Any:
+        from pynbd.client.tls import TlsStream
+
+        return TlsStream(self.loop, ssock)
 
     async def _wait_fd(self, fd: int, events: int) -> None:
         loop = self.loop

@@ -50,11 +50,13 @@ _JOIN = 16 * 1024
 
 class TLSError(NBDError):
     """TLS could not be set up or the handshake failed. ``errno`` as libnbd sets it (0 for
-    a failed handshake, as GnuTLS errors have none)."""
+    a failed handshake, as GnuTLS errors have none); ``libnbd_text`` the message without
+    the errno's text, which libnbd appends itself."""
 
-    def __init__(self, message: str, errno: int = 0) -> None:
+    def __init__(self, message: str, errno: int = 0, libnbd_text: str | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+        self.libnbd_text = libnbd_text or message
 
 
 class TLSRefused(TLSError):
@@ -100,11 +102,9 @@ def _login_name() -> str:
     try:
         return os.getlogin()
     except OSError as e:
-        for var in ("LOGNAME", "USER"):
-            if os.environ.get(var):
-                return os.environ[var]
-        raise TLSError(f"getlogin_r: {os.strerror(e.errno or _errno.ENXIO)}",
-                       e.errno or _errno.ENXIO) from None
+        num = e.errno or _errno.ENXIO
+        raise TLSError("TLS-PSK: no user name (give one: nbds://USER@...): getlogin_r: "
+                       f"{os.strerror(num)}", num, "getlogin_r") from None
 
 
 def read_psk(path: str, username: str) -> bytes:
@@ -113,7 +113,8 @@ def read_psk(path: str, username: str) -> bytes:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise TLSError(f"open: {path}: {e.strerror}", e.errno or _errno.EIO) from None
+        raise TLSError(f"open: {path}: {e.strerror}", e.errno or _errno.EIO,
+                       f"open: {path}") from None
     for line in lines:
         user, sep, key = line.partition(":")
         if sep and user == username:
@@ -138,7 +139,8 @@ def _default_certificates() -> str | None:
 def _load_x509(ctx: ssl.SSLContext, certs: str | None, explicit: bool) -> None:
     if certs is not None and not os.path.isdir(certs):
         e = _errno.ENOTDIR if os.path.exists(certs) else _errno.ENOENT
-        raise TLSError(f"tls-certificates: {certs}: {os.strerror(e)}", e)
+        raise TLSError(f"tls-certificates: {certs}: {os.strerror(e)}", e,
+                       f"tls-certificates: {certs}")
 
     def path(name: str) -> str | None:
         p = os.path.join(certs, name) if certs else None
