@@ -8,19 +8,18 @@ nbdinfo does. PSK runs under Python 3.13 (tls_client_helpers.run_py313)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 
 import pytest
 from helpers import run_async, run_peer, run_pynbd
-from tests.interop.tls_client_helpers import TLSLab, run_py313, tls_lab
 
 from pynbd.client import AsyncClient
 from pynbd.client.blocking import BlockingConnection
 from pynbd.client.pool import connect as pool_connect
 from pynbd.client.tls import TLSError, TLSRefused
 from pynbd.errors import OptionError
+from tests.interop.tls_client_helpers import TLSLab, run_py313, tls_lab
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +136,8 @@ def test_verify_peer_false_accepts_an_unknown_ca(lab: TLSLab) -> None:
 def errors(lab: TLSLab) -> dict[str, tuple[str, type[Exception], str]]:
     return {
         "wrong CA": (lab.tcp(certs=f"{lab.pki}/other-ca"), TLSError,
-                     "certificate verification failed: the server's certificate is not "
-                     "signed by a trusted CA"),
+                     ("certificate verification failed: the server's certificate is not "
+                     "signed by a trusted CA")),
         "wrong CA over unix": (lab.x509(extra="").replace(str(lab.pki), f"{lab.pki}/other-ca"),
                                TLSError, "not signed by a trusted CA"),
         "expired": (lab.tcp(port=lab.expired_port), TLSError,
@@ -146,11 +145,11 @@ def errors(lab: TLSLab) -> dict[str, tuple[str, type[Exception], str]]:
         "wrong hostname": (lab.tcp("127.0.0.1", extra="&tls-hostname=nbd.example.com"),
                            TLSError, "the server's certificate is not for nbd.example.com"),
         "server without TLS": (f"nbds+unix:///?socket={lab.sock('plain')}", TLSRefused,
-                               "handshake: server refused TLS, but handle TLS setting is "
-                               "'require' (2)"),
+                               ("handshake: server refused TLS, but handle TLS setting is "
+                               "'require' (2)")),
         "oldstyle server": (f"nbds+unix:///?socket={lab.sock('oldstyle')}", TLSRefused,
-                            "handshake: server is oldstyle, but handle TLS setting is "
-                            "'require' (2)"),
+                            ("handshake: server is oldstyle, but handle TLS setting is "
+                            "'require' (2)")),
         "plain client": (f"nbd+unix:///?socket={lab.sock('x509')}", OptionError,
                          "server requires TLS encryption first"),
         "no such certificates dir": (lab.x509().replace(str(lab.pki), f"{lab.pki}/nonesuch"),

@@ -151,9 +151,9 @@ t("wrong", lambda h: go(h, "nbd.example.com"))
     assert got == [
         "get OK ('', None, 'nbd.example.com')",
         "right OK True",
-        "wrong ERR None nbd_connect_tcp: TLS handshake: certificate verification failed: "
+        ("wrong ERR None nbd_connect_tcp: TLS handshake: certificate verification failed: "
         "the server's certificate is not for nbd.example.com (Hostname mismatch, "
-        "certificate is not valid for 'nbd.example.com'.)",
+        "certificate is not valid for 'nbd.example.com'.)"),
     ]
 
 
@@ -198,8 +198,8 @@ for desc, uri in zip(("wrong key", "x509 server"), A):
     assert want[0].startswith("wrong key ERR None nbd_connect_uri: gnutls_handshake: ")
     assert want[1].startswith("x509 server ERR None nbd_connect_uri: gnutls_handshake: ")
     assert got == [
-        "wrong key ERR None nbd_connect_uri: TLS handshake: the server refused the "
-        "pre-shared key of alice (it closed the connection)",
-        "x509 server ERR None nbd_connect_uri: TLS handshake: the server did not use the "
-        "pre-shared key (it presented a certificate instead)",
+        ("wrong key ERR None nbd_connect_uri: TLS handshake: the server refused the "
+        "pre-shared key of alice (it closed the connection)"),
+        ("x509 server ERR None nbd_connect_uri: TLS handshake: the server did not use the "
+        "pre-shared key (it presented a certificate instead)"),
     ], r.stderr

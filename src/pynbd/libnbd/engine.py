@@ -117,7 +117,8 @@ def _counting_tls_stream() -> type:
     return _CountingTlsStream
 
 
-def CountingTlsStream(ssock: Any, stats: Stats) -> Any:  # noqa: N802 - a class, made lazily
+def counting_tls_stream(ssock: Any, stats: Stats) -> Any:
+    """A CountingStream over TLS (the class is made on first use)."""
     global _CTS
     if _CTS is None:
         _CTS = _counting_tls_stream()
@@ -165,7 +166,7 @@ class Engine(AsyncClient):
         await WantIO(fd, events)
 
     def _tls_stream(self, ssock: Any) -> Any:
-        return CountingTlsStream(ssock, self.lib_stats)
+        return counting_tls_stream(ssock, self.lib_stats)
 
     async def _recv_event(self) -> Any:
         ev = await super()._recv_event()
