@@ -11,7 +11,7 @@ from helpers import run_async
 
 from pynbd.client import AsyncClient
 from pynbd.client.blocking import BlockingConnection, ServerGone
-from pynbd.errors import CommandError, NBDError
+from pynbd.errors import CommandError
 from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION
 
 MiB = 1 << 20
