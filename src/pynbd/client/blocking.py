@@ -177,11 +177,10 @@ class BlockingConnection(Negotiation):
                 self.sock.sendall(hdr)
             elif self.tls_negotiated:  # an SSL socket has no sendmsg
                 mv = memoryview(payload).cast("B")
-                if mv.nbytes <= 65536:
-                    self.sock.sendall(hdr + mv.tobytes())
-                else:
-                    self.sock.sendall(hdr)
-                    self.sock.sendall(mv)
+                first = 16384 - len(hdr)  # the header and the payload's start: one record
+                self.sock.sendall(hdr + mv[:first].tobytes())
+                if mv.nbytes > first:
+                    self.sock.sendall(mv[first:])
             else:
                 parts = [memoryview(hdr), memoryview(payload).cast("B")]
                 while parts:

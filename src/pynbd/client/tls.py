@@ -428,13 +428,22 @@ class TlsStream(FdStream):
             self._wake_drainers()
 
     def _join(self) -> bytes:
-        """Join the small buffers at the head of the queue into one (one TLS record)."""
+        """Join the small buffers at the head of the queue into one TLS record's worth,
+        topped up from the front of a large one (a request header and the start of its
+        payload go in one record)."""
         q = self._outq
         parts: list[Any] = []
         size = k = 0
-        while q and size < _JOIN and (not parts or len(q[0]) < _JOIN):
-            b = q.popleft()
-            parts.append(b)
+        while q and size < _JOIN:
+            b = q[0]
+            room = _JOIN - size
+            if len(b) > room:
+                b = b if type(b) is memoryview else memoryview(b)
+                parts.append(b[:room])
+                q[0] = b[room:]
+                size += room
+                break
+            parts.append(q.popleft())
             size += len(b)
             k += 1
         joined = b"".join(parts)
