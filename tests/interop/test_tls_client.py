@@ -8,10 +8,12 @@ nbdinfo does. PSK runs under Python 3.13 (tls_client_helpers.run_py313)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 
 import pytest
+from fuse_helpers import fuse_mount  # noqa: F401 (fixture)
 from helpers import run_async, run_peer, run_pynbd
 
 from pynbd.client import AsyncClient
@@ -274,3 +276,27 @@ def test_pynbd_dump_over_tls_as_nbddump(lab: TLSLab) -> None:
     uri = lab.x509("qx509")
     assert run_pynbd("dump", "--length=4096", uri).stdout.decode() == \
         run_peer("nbddump", "--length=4096", uri).stdout.decode()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra", [[], ["--connections=3"]])
+def test_pynbd_fuse_over_tls(lab: TLSLab, fuse_mount, extra: list[str]) -> None:  # noqa: F811
+    """The FUSE file of an nbds URI, with one connection or worker connections."""
+    m = fuse_mount(lab.x509("qx509"), options=extra)
+    want = data(1 << 20, 5)
+    with open(m.file, "r+b") as f:
+        f.write(want)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(m.file, "rb") as f:
+        assert f.read(1 << 20) == want
+    assert m.unmount() == 0
+
+
+def test_pynbd_sh_over_tls_as_nbdsh(lab: TLSLab) -> None:
+    script = (f"h.set_tls(nbd.TLS_REQUIRE); h.set_tls_certificates({str(lab.pki)!r}); "
+              f"h.connect_unix({lab.sock('x509')!r}); "
+              "print(h.get_tls_negotiated(), h.get_size(), h.get_uri())")
+    got = run_pynbd("sh", "-c", script).stdout.decode()
+    assert got == run_peer("nbdsh", "-c", script).stdout.decode()
+    assert got.startswith("True 4194304 nbds+unix://")
