@@ -307,6 +307,7 @@ class TlsStream(FdStream):
         self.ssock = ssock
         self._user_reader: Callable[[], None] | None = None
         self._retry: Any = None
+        self._paused = False
 
     # ---- reading
     def set_reader(self, cb: Callable[[], None] | None) -> None:
@@ -321,8 +322,19 @@ class TlsStream(FdStream):
         cb = self._user_reader
         while cb is not None:
             cb()
-            if self.closed or self._user_reader is not cb or not self.ssock.pending():
+            if (self.closed or self._paused or self._user_reader is not cb
+                    or not self.ssock.pending()):
                 return
+
+    def pause_reading(self) -> None:
+        self._paused = True
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        super().resume_reading()
+        if self.loop is not None and self._user_reader is not None and self.buffered():
+            self.loop.call_soon(self._on_readable)  # bytes OpenSSL holds: no readiness
 
     def buffered(self) -> int:
         """Decrypted bytes waiting in OpenSSL (not signalled by the descriptor)."""
