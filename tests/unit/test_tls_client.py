@@ -19,12 +19,12 @@ from pynbd.client.tls import (
     TLS_REQUIRE,
     TLSConfig,
     TLSError,
-    TlsStream,
     context_for,
     handshake,
     read_psk,
     wrap,
 )
+from pynbd.client.tls_stream import TlsStream
 from pynbd.errors import RemoteProtocolError
 from pynbd.protocol._uriparse import checked, split
 from pynbd.protocol.client import ClientHandshake, CState

@@ -254,7 +254,7 @@ class AsyncClient(Negotiation):
         self.stream = self._tls_stream(ssock)
 
     def _tls_stream(self, ssock: Any) -> Any:
-        from pynbd.client.tls import TlsStream
+        from pynbd.client.tls_stream import TlsStream
 
         return TlsStream(self.loop, ssock)
 
@@ -340,7 +340,7 @@ class AsyncClient(Negotiation):
         sock.setblocking(False)
         c._owner = sock
         if conn.tls_negotiated:
-            from pynbd.client.tls import TlsStream
+            from pynbd.client.tls_stream import TlsStream
 
             c.stream = TlsStream(c.loop, sock)  # type: ignore[assignment]
         else:

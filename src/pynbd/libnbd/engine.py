@@ -81,7 +81,7 @@ class CountingStream(FdStream):
 def _counting_tls_stream() -> type:
     """CountingStream's counting over TLS (client/tls.py, which imports ssl, is imported
     when a handle first uses TLS)."""
-    from pynbd.client.tls import TlsStream
+    from pynbd.client.tls_stream import TlsStream
 
     class _CountingTlsStream(TlsStream):
         def __init__(self, ssock: Any, stats: Stats) -> None:
