@@ -300,3 +300,30 @@ def test_pynbd_sh_over_tls_as_nbdsh(lab: TLSLab) -> None:
     got = run_pynbd("sh", "-c", script).stdout.decode()
     assert got == run_peer("nbdsh", "-c", script).stdout.decode()
     assert got.startswith("True 4194304 nbds+unix://")
+
+
+def test_tls_config_keyword_and_allow(lab: TLSLab) -> None:
+    """``tls=TLSConfig(...)`` with host=/unix=: TLS_ALLOW falls back to plain text only
+    when the server refuses STARTTLS; TLS_REQUIRE never does."""
+    from pynbd.client.tls import TLS_ALLOW, TLSConfig
+
+    async def go() -> list[object]:
+        out: list[object] = []
+        for kw in ({"host": "localhost", "port": lab.port},
+                   {"unix": lab.sock("plain")}, {"unix": lab.sock("on")}):
+            c = await AsyncClient.connect(tls=TLSConfig(TLS_ALLOW, str(lab.pki)), **kw)
+            out.append(c.tls_negotiated)
+            await c.close()
+        try:
+            await AsyncClient.connect(unix=lab.sock("plain"), tls=TLSConfig())
+        except TLSRefused as e:
+            out.append(e.errno)
+        return out
+
+    import errno
+
+    assert run_async(go()) == [True, False, True, errno.ENOTSUP]
+    b = BlockingConnection.connect(host="127.0.0.1", port=lab.port,
+                                   tls=TLSConfig(certificates=str(lab.pki)))
+    assert b.tls_negotiated
+    b.close()
