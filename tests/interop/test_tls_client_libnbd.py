@@ -105,6 +105,25 @@ def test_same_as_libnbd(lab: TLSLab) -> None:
     assert "x509 uri OK (None, 2, True, True," in got  # the servers were there
 
 
+def test_uri_and_files_as_libnbd(lab: TLSLab) -> None:
+    """get_uri names the TLS files with TLS_ALLOW too; a PSK file is read (and its absence
+    reported) before anything else about PSK, whatever the Python."""
+    script = PRELUDE + r"""
+for tls in (nbd.TLS_ALLOW, nbd.TLS_REQUIRE):
+    def go(h, tls=tls):
+        h.set_tls(tls); h.set_tls_certificates(A[1]); h.set_tls_username("bob")
+        h.set_tls_psk_file(A[1] + "/nonesuch.psk")
+        try:
+            h.connect_unix(A[0])
+        except nbd.Error as e:
+            print(e.errno, e.string)
+        return h.get_uri()
+    t(f"tls={tls}", go)
+"""
+    args = [lab.sock("x509"), str(lab.pki)]
+    assert run_pynbd_libnbd(script, *args).stdout == run_libnbd(script, *args).stdout
+
+
 VERIFY = PRELUDE + r"""
 for desc, uri in zip(("wrong CA", "expired", "wrong CA over unix"), A):
     def go(h, uri=uri):

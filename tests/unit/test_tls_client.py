@@ -114,6 +114,7 @@ def test_context_checks(pki: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(sys.version_info >= (3, 13), reason="PSK callbacks exist")
 def test_psk_needs_python_3_13(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text("a:00\n")
     with pytest.raises(TLSError, match=r"needs Python 3\.13 or later; this is Python 3\."):
         context_for(TLSConfig(psk_file=str(tmp_path / "k"), username="a"), None)
 

@@ -171,12 +171,12 @@ def context_for(cfg: TLSConfig, host: str | None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     name = cfg.hostname or host
     if cfg.psk_file is not None:
+        user = cfg.username or _login_name()
+        key = read_psk(cfg.psk_file, user)  # first, as libnbd reads it
         if not hasattr(ctx, "set_psk_client_callback"):
             v = sys.version_info
             raise TLSError("TLS-PSK (tls-psk-file) needs Python 3.13 or later; this is "
                            f"Python {v.major}.{v.minor}.{v.micro}", _errno.ENOTSUP)
-        user = cfg.username or _login_name()
-        key = read_psk(cfg.psk_file, user)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # the key authenticates the server
         ctx.set_ciphers("PSK:ECDHEPSK:DHEPSK:@SECLEVEL=0")

@@ -393,6 +393,7 @@ class Settings(Handle):
             kw["port"] = u["port"]
         if self._tls_username is not None and self._tls != TLS_DISABLE:
             kw["user"] = self._tls_username
-        if self._tls == TLS_REQUIRE:
-            kw.update(tls=True, tls_certificates=self._tls_certs, tls_psk_file=self._tls_psk)
+        if self._tls != TLS_DISABLE:  # the files with TLS_ALLOW too, as libnbd
+            kw.update(tls=self._tls == TLS_REQUIRE, tls_certificates=self._tls_certs,
+                      tls_psk_file=self._tls_psk)
         return format_uri(NBDURI(**kw), always_port=True)
