@@ -75,6 +75,7 @@ class NBD(Settings, Connecting, Options, Commands):
         self._tls_username = None
         self._tls_certs = None
         self._tls_psk = None
+        self._tls_hostname = None
         self._request_sr = True
         self._request_bs = True
         self._pread_init = True
