@@ -30,12 +30,14 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class _Handle:
-    __slots__ = ("readonly", "size", "url")
+    __slots__ = ("readonly", "scheme_ok", "size", "url")
 
     def __init__(self, url: str, size: int, readonly: bool) -> None:
         self.url = url  # the URL after redirects: every range request goes straight there
         self.size = size
         self.readonly = readonly
+        #: The protocols= check passed for ``url`` (READs may skip urllib3).
+        self.scheme_ok = False
 
 
 class CurlPlugin(Plugin):
@@ -214,6 +216,7 @@ class CurlPlugin(Plugin):
         self._scripts: dict[str, ScriptRunner] = {}
         self._jar: Any = None
         self._pool_error: CommandError | None = None
+        self._ranges: Any = None  # the READ path without urllib3 (_network_ranges)
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -322,11 +325,20 @@ class CurlPlugin(Plugin):
             self._pool = make_pool(self.http)
         except CommandError as e:
             self._pool_error = e  # as libcurl: each client's open fails, saying why
+            return
+        if not self.http.proxy and self._jar is None:
+            from pynbd.plugins._network_http import tls_context
+            from pynbd.plugins._network_ranges import RangeReader
+
+            self._ranges = RangeReader(self.http, tls_context(self.http), self.http.maxsize)
 
     def cleanup(self) -> None:
         if self._pool is not None:
             self._pool.clear()
             self._pool = None
+        if self._ranges is not None:
+            self._ranges.close()
+            self._ranges = None
 
     # Requests --------------------------------------------------------------------------
     def _base_headers(self) -> dict[str, Any]:
@@ -448,7 +460,13 @@ class CurlPlugin(Plugin):
             raise CommandError(errno.EIO,
                                "server does not support 'range' (byte range) requests")
         log.debug("curl: content length: %s", length)
-        return _Handle(url, int(length), readonly)
+        h = _Handle(url, int(length), readonly)
+        try:
+            self._check_protocol(url)
+            h.scheme_ok = True
+        except CommandError:
+            pass
+        return h
 
     def close(self, h: _Handle) -> None:
         if self._jar is not None and self.cookiejar:
@@ -467,6 +485,10 @@ class CurlPlugin(Plugin):
     # Data ------------------------------------------------------------------------------
     def pread(self, h: _Handle, count: int, offset: int, flags: int) -> Any:
         hdrs = self._headers(h.url)
+        if self._ranges is not None and h.scheme_ok:
+            data = self._ranges.get(h.url, hdrs, offset, count)
+            if data is not None:
+                return data
         hdrs["Range"] = f"bytes={offset}-{offset + count - 1}"
         resp = self._request("GET", h.url, hdrs)
         if resp.status >= 400:
