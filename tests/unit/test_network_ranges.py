@@ -1,19 +1,23 @@
-"""The curl plugin's READ path without urllib3 (pynbd.plugins._network_ranges), against a
-small scripted HTTP server on loopback: kept-alive connections, a connection the server
-closed without saying, and every answer it leaves to urllib3."""
+"""The curl plugin's READ paths without urllib3, in worker threads
+(pynbd.plugins._network_ranges) and on the event loop (pynbd.plugins._network_loopranges),
+against a small scripted HTTP server on loopback: kept-alive connections and their limit, a
+connection the server closed without saying, and every answer left to urllib3."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import re
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from pynbd.errors import CommandError
 from pynbd.plugins._network_http import HttpSettings
+from pynbd.plugins._network_loopranges import LoopRangeReader
 from pynbd.plugins._network_ranges import RangeReader
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -153,3 +157,90 @@ def test_timeout(serve):
 def test_other_schemes_are_not_served():
     rr = RangeReader(HttpSettings(), None, 4)
     assert rr.get("ftp://127.0.0.1/x", {}, 0, 512) is None
+
+
+# ---- on the event loop -------------------------------------------------------------
+def run(srv: Server, reads: list[tuple[int, int]], maxconns: int = 4) -> tuple[list[Any], list]:
+    """The reads at once; each result and what went to the fallback."""
+    fell: list[tuple[int, int]] = []
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def fallback(url: str, offset: int, count: int, done: Any) -> None:
+            fell.append((offset, count))
+            loop.call_soon(done, None, b"F" * count)
+
+        rr = LoopRangeReader(None, None, maxconns, fallback)
+        futs = []
+        for off, n in reads:
+            f = loop.create_future()
+            rr.start(f"http://127.0.0.1:{srv.port}/d", {"Accept": "*/*"}, off, n,
+                     lambda e, v, f=f: f.set_exception(e) if e else f.set_result(v))
+            futs.append(f)
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futs), 10))
+        finally:
+            rr.close()
+
+    return asyncio.run(main()), fell
+
+
+@pytest.fixture
+def server():
+    made: list[Server] = []
+
+    def make(answer=partial, per_conn=1000) -> Server:
+        made.append(Server(answer, per_conn))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.ls.close()
+
+
+def test_many_reads_on_few_connections(server):
+    srv = server()
+    reads = [(i * 4096 + i, 4096) for i in range(40)]
+    got, fell = run(srv, reads, maxconns=3)
+    assert [bytes(g) for g in got] == [DATA[o:o + n] for o, n in reads]
+    assert not fell and srv.connections <= 3
+    assert "Range: bytes=0-4095" in srv.requests[0].decode()
+
+
+def test_large_read(server):
+    srv = server()
+    got, fell = run(srv, [(5, 1000000)])
+    assert bytes(got[0]) == DATA[5:1000005] and not fell
+
+
+def test_closed_connections_are_made_again(server):
+    srv = server(per_conn=1)
+    reads = [(i * 512, 512) for i in range(6)]
+    got, fell = run(srv, reads, maxconns=2)
+    assert [bytes(g) for g in got] == [DATA[o:o + n] for o, n in reads] and not fell
+
+
+@pytest.mark.parametrize("answer", [
+    lambda s, e: b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + DATA[:16],
+    lambda s, e: partial(s + 1, e + 1),
+    lambda s, e: partial(s, e)[:-5],
+    lambda s, e: b"",
+])
+def test_what_goes_to_the_fallback(server, answer):
+    srv = server(answer, per_conn=1)
+    got, fell = run(srv, [(0, 512), (512, 512)])
+    assert got == [b"F" * 512, b"F" * 512]
+    assert sorted(fell) == [(0, 512), (512, 512)]
+
+
+def test_no_server_goes_to_the_fallback():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = Server.__new__(Server)
+    srv.port = port
+    got, fell = run(srv, [(0, 512)])
+    assert got == [b"F" * 512] and fell == [(0, 512)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import socket
 import ssl
 from typing import Any
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 from pynbd.errors import CommandError
 from pynbd.plugins._network_http import SKIP, HttpSettings, socket_options
 
-__all__ = ["RangeReader"]
+__all__ = ["RangeReader", "target"]
 
 _HEAD_MAX = 16384  # response headers longer than this go through urllib3
 
@@ -45,7 +46,6 @@ class RangeReader:
         self.keep = keep
         self.timeout = s.timeout if s.timeout > 0 else None
         self._idle: dict[tuple[str, str, int], collections.deque[socket.socket]] = {}
-        self._targets: dict[str, tuple[Any, str, str]] = {}
 
     def close(self) -> None:
         for idle in self._idle.values():
@@ -55,10 +55,10 @@ class RangeReader:
     def get(self, url: str, headers: dict[str, Any], offset: int,
             count: int) -> bytearray | None:
         """``count`` bytes from ``offset``, or None when urllib3 has to ask instead."""
-        key, target, host = self._target(url)
+        key, path, host = target(url)
         if not key:
             return None
-        req = _request(target, host, headers, offset, count)
+        req = _request(path, host, headers, offset, count)
         idle = self._idle.setdefault(key, collections.deque())
         for _ in range(2):  # a kept-alive connection the server closed: once more, fresh
             reused = bool(idle)
@@ -83,25 +83,6 @@ class RangeReader:
             return data
         return None
 
-    def _target(self, url: str) -> tuple[Any, str, str]:
-        """((scheme, host, port), request target, Host header) of a URL (cached); an empty
-        key for one this path does not serve."""
-        t: tuple[Any, str, str] | None = self._targets.get(url)
-        if t is None:
-            u = urlsplit(url)
-            if u.scheme not in ("http", "https") or not u.hostname:
-                t = ((), "", "")
-            else:
-                port = u.port or (443 if u.scheme == "https" else 80)
-                host = u.hostname
-                hosthdr = f"[{host}]" if ":" in host else host
-                if u.port:
-                    hosthdr += f":{u.port}"
-                target = (u.path or "/") + (f"?{u.query}" if u.query else "")
-                t = ((u.scheme, host, port), target, hosthdr)
-            self._targets[url] = t
-        return t
-
     def _connect(self, key: tuple[str, str, int]) -> socket.socket:
         scheme, host, port = key
         s = self.s
@@ -125,6 +106,22 @@ class RangeReader:
                 sock.close()
                 raise
         return sock
+
+
+@functools.lru_cache(maxsize=64)
+def target(url: str) -> tuple[Any, str, str]:
+    """((scheme, host, port), request target, Host header) of a URL; an empty key for one
+    this path does not serve."""
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return ((), "", "")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    host = u.hostname
+    hosthdr = f"[{host}]" if ":" in host else host
+    if u.port:
+        hosthdr += f":{u.port}"
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    return ((u.scheme, host, port), path, hosthdr)
 
 
 def _request(target: str, host: str, headers: dict[str, Any], offset: int,

@@ -3,9 +3,11 @@ manual page is :class:`CurlPlugin`'s docstring."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -222,6 +224,7 @@ class CurlPlugin(Plugin):
         self._jar: Any = None
         self._pool_error: CommandError | None = None
         self._ranges: Any = None  # the READ path without urllib3 (_network_ranges)
+        self._loop_ranges: Any = None  # the same on the event loop (_network_loopranges)
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -335,7 +338,15 @@ class CurlPlugin(Plugin):
             from pynbd.plugins._network_http import tls_context
             from pynbd.plugins._network_ranges import RangeReader
 
-            self._ranges = RangeReader(self.http, tls_context(self.http), self.http.maxsize)
+            tls = tls_context(self.http)
+            self._ranges = RangeReader(self.http, tls, self.http.maxsize)
+            if not self._scripts and self.http.timeout <= 0:
+                from pynbd.plugins._network_loopranges import LoopRangeReader
+
+                # READs on the event loop (pynbd.server.coroutines): no worker thread each
+                self._loop_ranges = LoopRangeReader(self.http.unix_socket_path, tls,
+                                                    self.http.maxsize, self._fallback)
+                self.start_pread = self._start_pread
 
     def cleanup(self) -> None:
         if self._pool is not None:
@@ -344,6 +355,12 @@ class CurlPlugin(Plugin):
         if self._ranges is not None:
             self._ranges.close()
             self._ranges = None
+        if self._loop_ranges is not None:
+            try:
+                self._loop_ranges.close()
+            except RuntimeError:  # the event loop is gone, and its connections with it
+                pass
+            self._loop_ranges = None
 
     # Requests --------------------------------------------------------------------------
     def _base_headers(self) -> dict[str, Any]:
@@ -494,8 +511,35 @@ class CurlPlugin(Plugin):
             data = self._ranges.get(h.url, hdrs, offset, count)
             if data is not None:
                 return data
+        return self._pread_urllib3(h.url, hdrs, count, offset)
+
+    def _start_pread(self, h: _Handle, count: int, offset: int, flags: int,
+                     done: Callable[[BaseException | None, Any], None]) -> None:
+        """pread on the event loop (only without scripts, whose headers may block)."""
+        if not h.scheme_ok:
+            self._fallback(h.url, offset, count, done)
+            return
+        self._loop_ranges.start(h.url, self._headers(h.url), offset, count, done)
+
+    def _fallback(self, url: str, offset: int, count: int,
+                  done: Callable[[BaseException | None, Any], None]) -> None:
+        """A READ the loop could not do: urllib3 in a worker thread, ``done`` on the loop."""
+        def slow() -> Any:
+            return self._pread_urllib3(url, self._headers(url), count, offset)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                done(CommandError(errno.EIO, "pread: cancelled"), None)
+            elif f.exception() is not None:
+                done(f.exception(), None)
+            else:
+                done(None, f.result())
+
+        asyncio.get_running_loop().run_in_executor(None, slow).add_done_callback(finished)
+
+    def _pread_urllib3(self, url: str, hdrs: dict[str, Any], count: int, offset: int) -> Any:
         hdrs["Range"] = f"bytes={offset}-{offset + count - 1}"
-        resp = self._request("GET", h.url, hdrs)
+        resp = self._request("GET", url, hdrs)
         if resp.status >= 400:
             raise CommandError(errno.EIO, f"pread: curl_easy_perform: HTTP response code said "
                                           f"error: The requested URL returned error: "

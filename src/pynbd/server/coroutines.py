@@ -13,7 +13,9 @@ A plugin may also offer ``start_pread(h, count, offset, flags, done)`` and
 the request and return at once; ``done(error, value)`` is called on the loop when it is
 over (``error`` None, ``value`` the data read; or the exception it failed with). They are
 used instead of the coroutines where the chain allows the coroutines: no task and no
-future per request (the nbd plugin's requests go to its server this way).
+future per request (the nbd plugin's requests go to its server this way). A blocking plugin
+may offer ``start_pread`` too (an attribute it may set only once configured: the curl
+plugin's reads then go to the web server from the loop, its other calls to worker threads).
 
 What the per-connection :class:`~pynbd.server.backend.Context` would emulate for such a
 request (FUA by a flush, CACHE by reads, WRITE_ZEROES by writes, extents) still goes through
@@ -44,9 +46,10 @@ def _coroutine_method(plugin: Plugin, name: str) -> _AsyncMethod | None:
 def async_path(ctx: Context, server_model: ThreadModel, info: Any) -> AsyncPath | None:
     """The loop's way to a plugin's coroutine methods, or None when requests must go to
     worker threads: filters or ``-v`` in the chain, a thread model other than PARALLEL, no
-    coroutine ``pread``."""
+    coroutine ``pread`` nor ``start_pread``."""
     layer: Layer = ctx.layer
-    if not isinstance(layer, PluginLayer) or not layer.has_async:
+    if not isinstance(layer, PluginLayer) or \
+            not (layer.has_async or getattr(layer.plugin, "start_pread", None)):
         return None
     if layer.thread_model != ThreadModel.PARALLEL or server_model != ThreadModel.PARALLEL:
         return None
