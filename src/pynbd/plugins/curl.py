@@ -64,8 +64,11 @@ class CurlPlugin(Plugin):
 
         Reads skip urllib3 when they can (no proxy=, no cookie jar): a plain HTTP/1.1 range
         GET on a kept-alive connection (TLS for https), the body received straight into
-        the buffer sent to the client. Any answer but the 206 asked for is asked again
-        through urllib3, so errors read as they always do.
+        the buffer sent to the client. Without header-script=, cookie-script= and
+        timeout=, and with no filter in front, they are made from the server's event loop
+        rather than worker threads (up to the thread count of connections to the web
+        server). Any answer but the 206 asked for is asked again through urllib3, so
+        errors read as they always do.
 
         Writes (without -r) are sent as HTTP PUT requests with a Content-Range header; most
         web servers refuse them (the client gets EIO). Serve read-only with -r.
