@@ -90,6 +90,8 @@ def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[s
             p = serve([*cmd, "-f", "-r", "-U", str(sock), *plugin_args], sock)
             try:
                 times[who].append(copy_time(f"nbd+unix:///?socket={sock}", src, d / "out"))
+                print(f"  [{plugin_args[0]} run {i + 1}] {who}: {times[who][-1]:.2f} s",
+                      flush=True)
             finally:
                 stop(p)
             sock.unlink(missing_ok=True)
@@ -219,6 +221,7 @@ def main() -> int:
         subprocess.run(["fio", "--name=mk", "--rw=write", "--bs=1M", f"--size={args.size}",
                         f"--filename={src}", "--refill_buffers", "--output=/dev/null"],
                        check=True)
+        os.sync()  # no write-back of the fresh file during the first timed copies
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         for name in args.only or ("curl", "ssh", "nbd"):
             sub = d / name
