@@ -11,8 +11,9 @@
 - nbd: fio 4k randread qd64 through `pynbd serve nbd` in front of `nbdkit memory`, against
   `pynbd serve memory` alone; bar >= 0.8.
 
-Each pair runs alternately (pynbd first, then nbdkit first) --repeat times; the medians are
-compared. Every copy is checked byte for byte against the source. Needs nginx, sshd,
+Each pair runs alternately (pynbd first, then nbdkit first) --repeat times, after one
+untimed copy through each (the first copies after start-up were the slowest, whichever server
+made them); the medians are compared. Every copy is checked byte for byte against the source. Needs nginx, sshd,
 ssh-keygen, nbdkit, nbdcopy, fio. Exit 0 when every bar passes, 1 otherwise.
 """
 
@@ -82,16 +83,18 @@ def copy_time(uri: str, src: Path, out: Path) -> float:
 
 def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"pynbd": [], "nbdkit": []}
-    for i in range(repeat):
+    for i in range(-1, repeat):  # run -1: one untimed copy through each, to warm up
         order = ("pynbd", "nbdkit") if i % 2 == 0 else ("nbdkit", "pynbd")
         for who in order:
             sock = d / f"{who}.sock"
             cmd = PYNBD if who == "pynbd" else ["nbdkit"]
             p = serve([*cmd, "-f", "-r", "-U", str(sock), *plugin_args], sock)
             try:
-                times[who].append(copy_time(f"nbd+unix:///?socket={sock}", src, d / "out"))
-                print(f"  [{plugin_args[0]} run {i + 1}] {who}: {times[who][-1]:.2f} s",
+                took = copy_time(f"nbd+unix:///?socket={sock}", src, d / "out")
+                print(f"  [{plugin_args[0]} run {i + 1 or 'warm-up'}] {who}: {took:.2f} s",
                       flush=True)
+                if i >= 0:
+                    times[who].append(took)
             finally:
                 stop(p)
             sock.unlink(missing_ok=True)
