@@ -244,3 +244,12 @@ def test_no_server_goes_to_the_fallback():
     srv.port = port
     got, fell = run(srv, [(0, 512)])
     assert got == [b"F" * 512] and fell == [(0, 512)]
+
+
+def test_connection_close_is_obeyed(server):
+    srv = server(lambda s, e: partial(s, e).replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1),
+                 per_conn=1)
+    reads = [(i * 512, 512) for i in range(4)]
+    got, fell = run(srv, reads, maxconns=1)
+    assert [bytes(g) for g in got] == [DATA[o:o + n] for o, n in reads] and not fell
+    assert srv.connections == 4
