@@ -30,6 +30,7 @@ any callback that runs for a connection.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import threading
 import weakref
@@ -204,13 +205,17 @@ class ConnectionInfo:
 
 
 _current = threading.local()
+#: The connection of a coroutine callback awaited on the event loop (set in its task's
+#: context, so it stays right while other connections' callbacks run between its steps).
+_task_connection: contextvars.ContextVar[ConnectionInfo | None] = \
+    contextvars.ContextVar("pynbd_connection", default=None)
 
 
 def connection() -> ConnectionInfo | None:
     """The connection the calling callback serves, or None outside a connection
     (configuration, ``get_ready``, ``cleanup``...). Works on the event loop and in worker
     threads alike."""
-    return getattr(_current, "conn", None)
+    return _task_connection.get() or getattr(_current, "conn", None)
 
 
 def shutdown() -> None:

@@ -565,6 +565,13 @@ class AsyncClient(Negotiation):
         """Write the requests queued (see :meth:`submit`)."""
         self._flush()
 
+    def write_soon(self) -> None:
+        """Write the requests queued (see :meth:`submit`) once this turn of the event loop
+        is over: one write for every command queued meanwhile."""
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         out = self._out
