@@ -69,7 +69,8 @@ def verify(args: argparse.Namespace, cmds: dict[str, list[str]], work: Path) -> 
         cp = subprocess.run([args.fio, "--name=verify", "--ioengine=nbd", f"--uri={srv.uri}",
                              "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64M",
                              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"],
-                            capture_output=True, text=True, check=False, timeout=300)
+                            capture_output=True, text=True, check=False, timeout=300,
+                            cwd=work)  # fio leaves its verify state file in its cwd
     finally:
         srv.stop()
     if cp.returncode != 0 or "verify" in cp.stderr.lower():

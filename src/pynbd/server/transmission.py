@@ -395,6 +395,7 @@ class Transmission:
         1,200 runs). READs go to :meth:`_read`, everything else to :meth:`_handle`; each
         returns what it took on, counted against ``room``.
         """
+        # hot path: one pass per request, kept whole on purpose: benchmarks/fio_server.py
         if self._stopping:
             return
         view = self._view
