@@ -92,7 +92,7 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return dt
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -105,7 +105,100 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra options for pynbd copy (e.g. '--request-size=262144')")
     ap.add_argument("--nbdcopy-args", default="", help="extra options for nbdcopy")
     ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def write_random(path: str, size: int) -> None:
+    """A file of ``size`` random bytes (no zero block, nothing compresses)."""
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def run_once(args: argparse.Namespace, case: str, tool: str, d: str, src: Nbdkit, data: str,
+             size: int, envs: dict[str, dict[str, str]], servers: list[Nbdkit]) -> float:
+    """One timed run of ``tool`` for ``case``, into a fresh destination server."""
+    cmd = (["nbdcopy", *shlex.split(args.nbdcopy_args)] if tool == "nbdcopy"
+           else [*shlex.split(args.pynbd), "copy", *shlex.split(args.pynbd_args)])
+    dst = None
+    if case == "mem-null":
+        argv_ = [*cmd, src.uri, "null:"]
+    else:
+        dst = Nbdkit(d, "dst", size)
+        servers.append(dst)
+        argv_ = [*cmd, src.uri if case == "mem-mem" else data, dst.uri]
+    try:
+        return timed(argv_, envs[tool])
+    finally:
+        if dst is not None:
+            dst.stop()
+            servers.remove(dst)
+
+
+def measure(args: argparse.Namespace, cases: list[str],
+            size: int) -> dict[tuple[str, str], list[float]]:
+    """Time both tools REPEAT times per case, alternating which goes first."""
+    d = tempfile.mkdtemp(prefix="pynbd-copybench-")
+    envs = {"nbdcopy": dict(os.environ),
+            "pynbd": dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(d, "pycache"))}
+    envs["pynbd"].pop("PYTHONDONTWRITEBYTECODE", None)
+    servers: list[Nbdkit] = []
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        data = os.path.join(d, "data.img")
+        write_random(data, size)
+        src = Nbdkit(d, "src", size)
+        servers.append(src)
+        subprocess.run(["nbdcopy", data, src.uri], check=True)
+        subprocess.run([*shlex.split(args.pynbd), "copy", "--version"], env=envs["pynbd"],
+                       check=True, capture_output=True)
+        tools = ("nbdcopy", "pynbd")
+        for case in cases:
+            for r in range(args.repeat):
+                for tool in (tools if r % 2 == 0 else tools[::-1]):
+                    dt = run_once(args, case, tool, d, src, data, size, envs, servers)
+                    times.setdefault((case, tool), []).append(dt)
+                    print(f"[{case}] {tool:8} {dt:7.3f} s", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop()
+        shutil.rmtree(d, ignore_errors=True)
+    return times
+
+
+def report(args: argparse.Namespace, argv: list[str] | None,
+           rows: list[tuple[str, float, float, float, str]]) -> None:
+    """Print the table (and with --markdown, the Markdown table and how it was made)."""
+    print(f"{'case':9} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar")
+    for case, tn, tp, ratio, verdict in rows:
+        print(f"{case:9} {tn:10.3f} {tp:10.3f} {ratio:14.2f}  >= {BAR} {verdict}")
+    if not args.markdown:
+        return
+    load = os.getloadavg()
+    print()
+    print(f"Measured {datetime.date.today()} on {platform.machine()} Linux "
+          f"{platform.release()}, {os.cpu_count()} CPUs (load average {load[0]:.2f} at the "
+          f"end), Python {platform.python_version()}; {args.size} disk of random data; "
+          f"median of {args.repeat} run(s) per tool, alternating.")
+    print()
+    print("| case | nbdcopy (s) | pynbd copy (s) | nbdcopy/pynbd | bar | |")
+    print("|---|---:|---:|---:|---:|---|")
+    for case, tn, tp, ratio, verdict in rows:
+        print(f"| {case} | {tn:.3f} | {tp:.3f} | {ratio:.2f} | >= {BAR} | {verdict} |")
+    print()
+    print("Produced by:")
+    print()
+    print("```")
+    print(shlex.join(["python", "benchmarks/copy.py", *(argv if argv is not None
+                                                         else sys.argv[1:])]))
+    print("```")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad or args.repeat < 1:
@@ -116,87 +209,20 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"copy.py: needs {tool}", file=sys.stderr)
             return 2
-    size = parse_size(args.size)
-    d = tempfile.mkdtemp(prefix="pynbd-copybench-")
-    env_n = dict(os.environ)
-    env_p = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(d, "pycache"))
-    env_p.pop("PYTHONDONTWRITEBYTECODE", None)
-    pynbd = shlex.split(args.pynbd) + ["copy"]
-    servers: list[Nbdkit] = []
-    times: dict[tuple[str, str], list[float]] = {}
     try:
-        data = os.path.join(d, "data.img")
-        with open(data, "wb") as f:
-            left = size
-            while left:
-                n = min(left, 16 << 20)
-                f.write(os.urandom(n))
-                left -= n
-        src = Nbdkit(d, "src", size)
-        servers.append(src)
-        subprocess.run(["nbdcopy", data, src.uri], check=True)
-        subprocess.run([*pynbd, "--version"], env=env_p, check=True, capture_output=True)
-        tools = ("nbdcopy", "pynbd")
-        for case in cases:
-            for r in range(args.repeat):
-                for tool in (tools if r % 2 == 0 else tools[::-1]):
-                    cmd = (["nbdcopy", *shlex.split(args.nbdcopy_args)] if tool == "nbdcopy"
-                           else [*pynbd, *shlex.split(args.pynbd_args)])
-                    env = env_n if tool == "nbdcopy" else env_p
-                    dst = None
-                    if case == "mem-null":
-                        argv_ = [*cmd, src.uri, "null:"]
-                    else:
-                        dst = Nbdkit(d, "dst", size)
-                        servers.append(dst)
-                        argv_ = [*cmd, src.uri if case == "mem-mem" else data, dst.uri]
-                    try:
-                        dt = timed(argv_, env)
-                    finally:
-                        if dst is not None:
-                            dst.stop()
-                            servers.remove(dst)
-                    times.setdefault((case, tool), []).append(dt)
-                    print(f"[{case}] {tool:8} {dt:7.3f} s", file=sys.stderr)
+        times = measure(args, cases, parse_size(args.size))
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
         print(f"copy.py: {e}", file=sys.stderr)
         return 2
-    finally:
-        for s in servers:
-            s.stop()
-        shutil.rmtree(d, ignore_errors=True)
-
     rows = []
     ok = True
     for case in cases:
         tn = statistics.median(times[(case, "nbdcopy")])
         tp = statistics.median(times[(case, "pynbd")])
         ratio = tn / tp
-        verdict = "PASS" if ratio >= BAR else "FAIL"
         ok = ok and ratio >= BAR
-        rows.append((case, tn, tp, ratio, verdict))
-    print(f"{'case':9} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar")
-    for case, tn, tp, ratio, verdict in rows:
-        print(f"{case:9} {tn:10.3f} {tp:10.3f} {ratio:14.2f}  >= {BAR} {verdict}")
-    if args.markdown:
-        load = os.getloadavg()
-        print()
-        print(f"Measured {datetime.date.today()} on {platform.machine()} Linux "
-              f"{platform.release()}, {os.cpu_count()} CPUs (load average {load[0]:.2f} at the "
-              f"end), Python {platform.python_version()}; {args.size} disk of random data; "
-              f"median of {args.repeat} run(s) per tool, alternating.")
-        print()
-        print("| case | nbdcopy (s) | pynbd copy (s) | nbdcopy/pynbd | bar | |")
-        print("|---|---:|---:|---:|---:|---|")
-        for case, tn, tp, ratio, verdict in rows:
-            print(f"| {case} | {tn:.3f} | {tp:.3f} | {ratio:.2f} | >= {BAR} | {verdict} |")
-        print()
-        print("Produced by:")
-        print()
-        print("```")
-        print(shlex.join(["python", "benchmarks/copy.py", *(argv if argv is not None
-                                                             else sys.argv[1:])]))
-        print("```")
+        rows.append((case, tn, tp, ratio, "PASS" if ratio >= BAR else "FAIL"))
+    report(args, argv, rows)
     return 0 if ok else 1
 
 

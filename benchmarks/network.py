@@ -11,8 +11,9 @@
 - nbd: fio 4k randread qd64 through `pynbd serve nbd` in front of `nbdkit memory`, against
   `pynbd serve memory` alone; bar >= 0.8.
 
-Each pair runs alternately (pynbd first, then nbdkit first) --repeat times; the medians are
-compared. Every copy is checked byte for byte against the source. Needs nginx, sshd,
+Each pair runs alternately (pynbd first, then nbdkit first) --repeat times, after one
+untimed copy through each (the first copies after start-up were the slowest, whichever server
+made them); the medians are compared. Every copy is checked byte for byte against the source. Needs nginx, sshd,
 ssh-keygen, nbdkit, nbdcopy, fio. Exit 0 when every bar passes, 1 otherwise.
 """
 
@@ -82,14 +83,18 @@ def copy_time(uri: str, src: Path, out: Path) -> float:
 
 def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {"pynbd": [], "nbdkit": []}
-    for i in range(repeat):
+    for i in range(-1, repeat):  # run -1: one untimed copy through each, to warm up
         order = ("pynbd", "nbdkit") if i % 2 == 0 else ("nbdkit", "pynbd")
         for who in order:
             sock = d / f"{who}.sock"
             cmd = PYNBD if who == "pynbd" else ["nbdkit"]
             p = serve([*cmd, "-f", "-r", "-U", str(sock), *plugin_args], sock)
             try:
-                times[who].append(copy_time(f"nbd+unix:///?socket={sock}", src, d / "out"))
+                took = copy_time(f"nbd+unix:///?socket={sock}", src, d / "out")
+                print(f"  [{plugin_args[0]} run {i + 1 or 'warm-up'}] {who}: {took:.2f} s",
+                      flush=True)
+                if i >= 0:
+                    times[who].append(took)
             finally:
                 stop(p)
             sock.unlink(missing_ok=True)
@@ -154,17 +159,33 @@ def fio_iops(uri: str, out: Path, runtime: int) -> float:
     return float(json.loads(text[text.index("{"):])["jobs"][0]["read"]["iops"])
 
 
+#: The nbd runs: (name, server, plugin arguments); no server: fio straight to the backend.
+NBD_RUNS: tuple[tuple[str, list[str], list[str]], ...] = (
+    ("proxy", PYNBD, ["nbd", "socket={back}"]),
+    ("memory", PYNBD, ["memory", "1G"]),
+    ("nbdkit-proxy", ["nbdkit"], ["nbd", "socket={back}"]),
+    ("backend", [], []),
+)
+
+
 def bench_nbd(d: Path, repeat: int, runtime: int) -> tuple[float, float, str]:
-    got: dict[str, list[float]] = {"proxy": [], "memory": []}
+    """fio through `pynbd serve nbd` in front of `nbdkit memory`, against `pynbd serve
+    memory` (the bar); also through `nbdkit nbd` in front of the same backend, and
+    straight to the backend, for what the backend itself allows on this machine."""
+    got: dict[str, list[float]] = {name: [] for name, _, _ in NBD_RUNS}
     back_sock = d / "back.sock"
     back = serve(["nbdkit", "-f", "-U", str(back_sock), "memory", "1G"], back_sock)
     try:
         for i in range(repeat):
-            order = ("proxy", "memory") if i % 2 == 0 else ("memory", "proxy")
-            for who in order:
+            runs = NBD_RUNS if i % 2 == 0 else tuple(reversed(NBD_RUNS))
+            for who, server, args in runs:
+                if not server:
+                    got[who].append(fio_iops(f"nbd+unix:///?socket={back_sock}",
+                                             d / "fio.json", runtime))
+                    continue
                 sock = d / f"{who}.sock"
-                args = ["nbd", f"socket={back_sock}"] if who == "proxy" else ["memory", "1G"]
-                p = serve([*PYNBD, "-f", "-U", str(sock), *args], sock)
+                args = [a.format(back=back_sock) for a in args]
+                p = serve([*server, "-f", "-U", str(sock), *args], sock)
                 try:
                     got[who].append(fio_iops(f"nbd+unix:///?socket={sock}", d / "fio.json",
                                              runtime))
@@ -173,11 +194,16 @@ def bench_nbd(d: Path, repeat: int, runtime: int) -> tuple[float, float, str]:
                 sock.unlink(missing_ok=True)
     finally:
         stop(back)
+    med = {k: statistics.median(v) for k, v in got.items()}
+    print(f"nbd: nbdkit nbd in front of the same backend {med['nbdkit-proxy']:,.0f} IOPS; "
+          f"fio straight to the backend (nbdkit memory) {med['backend']:,.0f} IOPS; "
+          f"pynbd proxy/nbdkit proxy {med['proxy'] / med['nbdkit-proxy']:.2f}, "
+          f"pynbd proxy/backend alone {med['proxy'] / med['backend']:.2f}")
     # A ratio of throughputs: higher is better for the proxy, as for the copies (time ratio
     # inverted below).
-    return 1 / statistics.median(got["proxy"]), 1 / statistics.median(got["memory"]), \
-        "fio --ioengine=nbd --rw=randread --bs=4k --iodepth=64 --size=1G  # pynbd serve nbd " \
-        "socket=NBDKIT_MEMORY_SOCK, against pynbd serve memory 1G"
+    return 1 / med["proxy"], 1 / med["memory"], (
+        "fio --ioengine=nbd --rw=randread --bs=4k --iodepth=64 --size=1G  # pynbd serve nbd "
+        "socket=NBDKIT_MEMORY_SOCK, against pynbd serve memory 1G")
 
 
 def main() -> int:
@@ -198,6 +224,7 @@ def main() -> int:
         subprocess.run(["fio", "--name=mk", "--rw=write", "--bs=1M", f"--size={args.size}",
                         f"--filename={src}", "--refill_buffers", "--output=/dev/null"],
                        check=True)
+        os.sync()  # no write-back of the fresh file during the first timed copies
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         for name in args.only or ("curl", "ssh", "nbd"):
             sub = d / name

@@ -675,6 +675,21 @@ class DaemonServer:
             os.kill(self.pid, signal.SIGKILL)
 
 
+def _wait_pidfile(pidfile: Path, deadline: float, cmd: list[str]) -> int:
+    """The pid a daemonized server wrote to `pidfile` (failing the test at `deadline`)."""
+    pid = 0
+    while not pid:
+        try:
+            pid = int(pidfile.read_text().strip() or 0)
+        except (FileNotFoundError, ValueError):
+            pass
+        if not pid:
+            if time.monotonic() > deadline:
+                pytest.fail(f"{shlex.join(cmd)} wrote no pid file {pidfile}", pytrace=False)
+            time.sleep(0.01)
+    return pid
+
+
 def start_daemon_server(
     argv: Sequence[str | os.PathLike[str]],
     *,
@@ -706,16 +721,7 @@ def start_daemon_server(
             pytrace=False,
         )
     deadline = time.monotonic() + timeout
-    pid = 0
-    while not pid:
-        try:
-            pid = int(pidfile.read_text().strip() or 0)
-        except (FileNotFoundError, ValueError):
-            pass
-        if not pid:
-            if time.monotonic() > deadline:
-                pytest.fail(f"{shlex.join(cmd)} wrote no pid file {pidfile}", pytrace=False)
-            time.sleep(0.01)
+    pid = _wait_pidfile(pidfile, deadline, cmd)
     server = DaemonServer(
         argv=cmd,
         pid=pid,

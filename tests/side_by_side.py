@@ -170,5 +170,18 @@ def assert_views_equal(got: dict[str, Any], want: dict[str, Any], what: str) -> 
     assert len(g) == len(w)
     for i, (a, b) in enumerate(zip(g, w, strict=True)):
         if a != b:
-            sa, sb = repr(a), repr(b)
-            raise AssertionError(f"{what}: operation {i}: pynbd {sa[:300]}, nbdkit {sb[:300]}")
+            raise AssertionError(f"{what}: operation {i}: {_difference(a, b)}")
+
+
+def _difference(a: Any, b: Any) -> str:
+    """Where two results differ: for two reads, the first differing offset and the bytes
+    around it; otherwise both results, shortened."""
+    da = a[1] if isinstance(a, list) and len(a) == 2 and a[0] == "data" else None
+    db = b[1] if isinstance(b, list) and len(b) == 2 and b[0] == "data" else None
+    if isinstance(da, bytes | bytearray) and isinstance(db, bytes | bytearray):
+        at = next((k for k, (x, y) in enumerate(zip(da, db)) if x != y), min(len(da), len(db)))
+        lo = max(0, at - 8)
+        return (f"reads of {len(da)} (pynbd) and {len(db)} (nbdkit) bytes differ first at "
+                f"byte {at}: pynbd {bytes(da[lo:at + 24])!r}, nbdkit {bytes(db[lo:at + 24])!r}")
+    sa, sb = repr(a), repr(b)
+    return f"pynbd {sa[:300]}, nbdkit {sb[:300]}"

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["make_x509", "make_psk"]
+__all__ = ["make_psk", "make_x509"]
 
 _Key = rsa.RSAPrivateKey
 
@@ -40,9 +40,9 @@ def _write(d: Path, name: str, key: _Key, cert: x509.Certificate) -> None:
 
 
 def _builder(cn: str, issuer: x509.Name, key: _Key, expired: bool) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = ((datetime.datetime(1999, 1, 1, tzinfo=datetime.timezone.utc),
-                   datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)) if expired
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = ((datetime.datetime(1999, 1, 1, tzinfo=datetime.UTC),
+                   datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)) if expired
                   else (now - datetime.timedelta(days=1), now + datetime.timedelta(days=3650)))
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))

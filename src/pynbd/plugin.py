@@ -30,10 +30,12 @@ any callback that runs for a connection.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import threading
 import weakref
-from typing import Any, ClassVar
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from pynbd.errors import ConfigError
 
@@ -103,6 +105,10 @@ EXTENT_ZERO = 2
 #: An extent as returned by ``extents``: (offset, length, type) with type a mix of
 #: EXTENT_HOLE and EXTENT_ZERO (0 = allocated data).
 Extent = tuple[int, int, int]
+
+_T = TypeVar("_T")
+#: What a data callback returns: its value, or (``async def``) an awaitable of it.
+MaybeAwaitable: TypeAlias = _T | Awaitable[_T]
 
 _SIZE_SUFFIX = {
     "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
@@ -199,13 +205,17 @@ class ConnectionInfo:
 
 
 _current = threading.local()
+#: The connection of a coroutine callback awaited on the event loop (set in its task's
+#: context, so it stays right while other connections' callbacks run between its steps).
+_task_connection: contextvars.ContextVar[ConnectionInfo | None] = \
+    contextvars.ContextVar("pynbd_connection", default=None)
 
 
 def connection() -> ConnectionInfo | None:
     """The connection the calling callback serves, or None outside a connection
     (configuration, ``get_ready``, ``cleanup``...). Works on the event loop and in worker
     threads alike."""
-    return getattr(_current, "conn", None)
+    return _task_connection.get() or getattr(_current, "conn", None)
 
 
 def shutdown() -> None:
@@ -305,14 +315,14 @@ class Plugin:
         return frozenset(have)
 
     # Connection ------------------------------------------------------------------------
-    def preconnect(self, readonly: bool) -> None:
+    def preconnect(self, readonly: bool) -> None | Awaitable[None]:
         pass
 
-    def list_exports(self, readonly: bool, is_tls: bool) -> list[tuple[str, str]] | None:
+    def list_exports(self, readonly: bool, is_tls: bool) -> MaybeAwaitable[list[tuple[str, str]] | None]:
         """Exports as (name, description); None means just the default export."""
         return None
 
-    def default_export(self, readonly: bool, is_tls: bool) -> str | None:
+    def default_export(self, readonly: bool, is_tls: bool) -> MaybeAwaitable[str | None]:
         """The canonical name of the default export ``""``; None refuses ``""``."""
         return ""
 
@@ -320,11 +330,11 @@ class Plugin:
         """Return the per-connection handle (any object)."""
         return None
 
-    def close(self, h: Any) -> None:
+    def close(self, h: Any) -> None | Awaitable[None]:
         pass
 
     # Export properties -----------------------------------------------------------------
-    def get_size(self, h: Any) -> int:
+    def get_size(self, h: Any) -> MaybeAwaitable[int]:
         raise NotImplementedError
 
     def export_description(self, h: Any) -> str | None:
@@ -390,24 +400,24 @@ class Plugin:
         """
         raise BlockingIOError
 
-    def pwrite(self, h: Any, buf: memoryview, offset: int, flags: int) -> None:
+    def pwrite(self, h: Any, buf: memoryview, offset: int, flags: int) -> None | Awaitable[None]:
         raise NotImplementedError
 
-    def flush(self, h: Any, flags: int) -> None:
+    def flush(self, h: Any, flags: int) -> None | Awaitable[None]:
         raise NotImplementedError
 
-    def trim(self, h: Any, count: int, offset: int, flags: int) -> None:
+    def trim(self, h: Any, count: int, offset: int, flags: int) -> None | Awaitable[None]:
         raise NotImplementedError
 
-    def zero(self, h: Any, count: int, offset: int, flags: int) -> None:
+    def zero(self, h: Any, count: int, offset: int, flags: int) -> None | Awaitable[None]:
         """Write zeroes. Raise OSError(ENOTSUP) to make the server fall back to pwrite."""
         raise NotImplementedError
 
-    def extents(self, h: Any, count: int, offset: int, flags: int) -> list[Extent]:
+    def extents(self, h: Any, count: int, offset: int, flags: int) -> MaybeAwaitable[list[Extent]]:
         """Ascending, contiguous extents starting at or before ``offset``."""
         raise NotImplementedError
 
-    def cache(self, h: Any, count: int, offset: int, flags: int) -> None:
+    def cache(self, h: Any, count: int, offset: int, flags: int) -> None | Awaitable[None]:
         raise NotImplementedError
 
 

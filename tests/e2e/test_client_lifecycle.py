@@ -51,6 +51,35 @@ def blocks(n: int, size: int) -> list[bytes]:
 # --------------------------------------------------------------------------- data
 
 
+async def _every_other_command(c: AsyncClient, size: int, memory: bool) -> None:
+    """FUA write, flush, DF read, zero (NO_HOLE, FAST_ZERO), trim, cache, block status
+    (REQ_ONE too) near the end of a ``size`` disk (``memory``: the memory plugin's)."""
+    tail = size - (1 << 20)
+    await c.pwrite(b"F" * 8192, tail, CmdFlag.FUA)
+    await c.flush()
+    assert c.can_df()
+    assert await c.pread(8192, tail, CmdFlag.DF) == b"F" * 8192
+    await c.zero(4096, tail, CmdFlag.NO_HOLE)
+    assert await c.pread(8192, tail) == bytes(4096) + b"F" * 4096
+    if c.can_fast_zero():
+        await c.zero(4096, tail + 4096, CmdFlag.FAST_ZERO)
+    else:
+        await c.zero(4096, tail + 4096)
+    assert await c.pread(8192, tail) == bytes(8192)
+    await c.pwrite(b"T" * 65536, tail)
+    await c.trim(65536, tail)
+    if c.can_cache():
+        await c.cache(65536, 0)
+    one = await c.block_status(1 << 20, 0, CmdFlag.REQ_ONE)
+    assert len(one["base:allocation"]) == 1
+    assert one["base:allocation"][0][0] <= 1 << 20
+    ext = (await c.block_status(size, 0))["base:allocation"]
+    assert ext[0][1] == 0 and sum(ln for ln, _ in ext) <= size + (1 << 20)
+    if memory:
+        last = await c.block_status(65536, size - 65536, CmdFlag.REQ_ONE)
+        assert last["base:allocation"] == [(65536, State.HOLE | State.ZERO)]
+
+
 @pytest.mark.parametrize("plugin", ["memory", "file"])
 def test_many_in_flight_and_every_command(pynbd_server, plugin: str, tmp_path: Path) -> None:
     size = 4 << 20
@@ -87,31 +116,7 @@ def test_many_in_flight_and_every_command(pynbd_server, plugin: str, tmp_path: P
                 k += 1
             await asyncio.gather(*(c.pread_into(mv[o:o + ln], o) for o, ln in spans))
             assert whole == b"".join(data)
-            # every other command
-            tail = size - (1 << 20)
-            await c.pwrite(b"F" * 8192, tail, CmdFlag.FUA)
-            await c.flush()
-            assert c.can_df()
-            assert await c.pread(8192, tail, CmdFlag.DF) == b"F" * 8192
-            await c.zero(4096, tail, CmdFlag.NO_HOLE)
-            assert await c.pread(8192, tail) == bytes(4096) + b"F" * 4096
-            if c.can_fast_zero():
-                await c.zero(4096, tail + 4096, CmdFlag.FAST_ZERO)
-            else:
-                await c.zero(4096, tail + 4096)
-            assert await c.pread(8192, tail) == bytes(8192)
-            await c.pwrite(b"T" * 65536, tail)
-            await c.trim(65536, tail)
-            if c.can_cache():
-                await c.cache(65536, 0)
-            one = await c.block_status(1 << 20, 0, CmdFlag.REQ_ONE)
-            assert len(one["base:allocation"]) == 1
-            assert one["base:allocation"][0][0] <= 1 << 20
-            ext = (await c.block_status(size, 0))["base:allocation"]
-            assert ext[0][1] == 0 and sum(ln for ln, _ in ext) <= size + (1 << 20)
-            if plugin == "memory":
-                last = await c.block_status(65536, size - 65536, CmdFlag.REQ_ONE)
-                assert last["base:allocation"] == [(65536, State.HOLE | State.ZERO)]
+            await _every_other_command(c, size, plugin == "memory")
         finally:
             await c.close()
 

@@ -55,19 +55,7 @@ class Known:
 
 
 #: Open findings, each with its strict-xfail regression test.
-KNOWN: list[Known] = [
-    Known("test_client_refuses_export_size_of_2_63_or_more", "client", "accepted",
-          r"connected to an export of \d+ bytes"),
-    Known("test_blocking_refuses_a_zero_length_extent", "client", "data",
-          r"^blocking status .* accepted a descriptor of length 0"),
-    Known("test_blocking_block_status_reply_while_waiting_for_another", "client",
-          "false-alarm", r"^blocking: ServerGone: the server sent an unexpected chunk type 5"),
-    Known("test_libnbd_completes_every_command_when_the_connection_dies", "client", "hang",
-          r"^pynbd\.libnbd(:| did not finish)"),
-    Known("test_unread_replies_stay_within_the_connection_bound", "server", "memory",
-          r"^_greedy_probe|^unread replies"),
-    Known("test_idle_connections_cost_little", "server", "memory", r"^idle connections"),
-]
+KNOWN: list[Known] = []
 
 
 def known_as(f: Finding) -> Known | None:

@@ -190,8 +190,6 @@ def test_every_known_finding_has_its_test() -> None:
     assert not missing, f"findings.KNOWN names tests that do not exist: {missing}"
 
 
-@pytest.mark.xfail(strict=True, reason="clients accept an export size >= 2^63 "
-                   "(pynbd.client.negotiate; CVE-2023-5215: libnbd >= 1.16.5 refuses it)")
 @pytest.mark.parametrize("size", [1 << 63, (1 << 64) - 1], ids=["2^63", "2^64-1"])
 @pytest.mark.parametrize("face", ["async", "blocking", "libnbd"])
 def test_client_refuses_export_size_of_2_63_or_more(face: str, size: int) -> None:
@@ -201,8 +199,6 @@ def test_client_refuses_export_size_of_2_63_or_more(face: str, size: int) -> Non
         _connect(face, path)
 
 
-@pytest.mark.xfail(strict=True, reason="the blocking connection accepts a block-status "
-                   "descriptor of length 0 (pynbd.client.blocking; the engine refuses it)")
 def test_blocking_refuses_a_zero_length_extent() -> None:
     """The fuzzer: BlockingConnection.block_status returned [(0, 0), (512, 0)]."""
     from pynbd.client.blocking import BlockingConnection, ServerGone
@@ -222,9 +218,6 @@ def test_blocking_refuses_a_zero_length_extent() -> None:
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the blocking connection fails the connection when a "
-                   "BLOCK_STATUS reply arrives while reply() waits for another request "
-                   "(pynbd.client.blocking: send() cannot say where the extents go)")
 def test_blocking_block_status_reply_while_waiting_for_another() -> None:
     """The fuzzer (a false alarm against a server that broke nothing): a READ and a
     BLOCK_STATUS in flight, the status answered first; reply(read) raised
@@ -250,9 +243,6 @@ def test_blocking_block_status_reply_while_waiting_for_another() -> None:
             c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="after a protocol error the blocking connection's "
-                   "reply() for another request keeps reading the broken stream (blocks until "
-                   "the server hangs up) instead of raising (pynbd.client.blocking)")
 def test_blocking_reply_after_a_failure_raises_at_once() -> None:
     """Seen as the fuzzer's blocking cases that waited for the hostile server to hang up:
     after ServerGone for one reply, the next reply() must raise it at once, not wait on
@@ -282,9 +272,6 @@ def test_blocking_reply_after_a_failure_raises_at_once() -> None:
             c.abort()
 
 
-@pytest.mark.xfail(strict=True, reason="pynbd.libnbd loses the failure of commands the engine "
-                   "fails after the handle went DEAD: poll() raises without draining them and "
-                   "aio_command_completed() stays False (pynbd.libnbd)")
 def test_libnbd_completes_every_command_when_the_connection_dies() -> None:
     """The fuzzer's libnbd hangs (inputs where a command "neither completed nor failed"
     15 s after the server hung up). 200 reads in flight, the server kills the connection:
@@ -319,8 +306,6 @@ def test_libnbd_completes_every_command_when_the_connection_dies() -> None:
             h.close()
 
 
-@pytest.mark.xfail(strict=True, reason="unread replies grow the server without bound "
-                   "(pynbd.server.connection: issue 10, item 1)")
 @pytest.mark.parametrize("plugin", ["memory", "file"])
 def test_unread_replies_stay_within_the_connection_bound(pynbd_server: Any, sockdir: Any,
                                                          plugin: str) -> None:
@@ -329,8 +314,6 @@ def test_unread_replies_stay_within_the_connection_bound(pynbd_server: Any, sock
     assert greedy_probe(srv.sock, srv.pid) is None
 
 
-@pytest.mark.xfail(strict=True, reason="each accepted connection costs a 2 MiB receive buffer "
-                   "before it sends a byte (pynbd.server.connection: issue 10, item 3)")
 @pytest.mark.parametrize("plugin", ["memory", "file"])
 def test_idle_connections_cost_little(pynbd_server: Any, sockdir: Any, plugin: str) -> None:
     """The server fuzzer's probe: 100 connections idle after the greeting: +200 MiB."""

@@ -163,95 +163,99 @@ def _rejected_before_wire(c: AsyncClient) -> Any:
     return Ctx()
 
 
+async def _strict_rejections(aligned: str, nofua: str, ro: str, size: int) -> None:
+    """strict (the default): every bad request fails before the wire."""
+    c = await AsyncClient.connect(aligned)
+    try:
+        assert c.block_size() == (512, 4096, 65536)
+        cases = [
+            (c.pread(512, size), E.EINVAL),  # out of bounds
+            (c.pread(1024, size - 512), E.EINVAL),  # straddling the end
+            (c.pwrite(b"x" * 512, size), E.ENOSPC),  # a write out of bounds: libnbd's
+            (c.pread(0, 0), E.EINVAL),  # zero length
+            (c.zero(0, 0), E.EINVAL),
+            (c.pread(100, 0), E.EINVAL),  # unaligned length
+            (c.pread(512, 100), E.EINVAL),  # unaligned offset
+            (c.trim(512, 256), E.EINVAL),
+            (c.pwrite(b"x" * 131072, 0), E.ERANGE),  # over the advertised maximum
+            (c.pread(512, 0, CmdFlag.FUA), E.EINVAL),  # not a READ flag
+            (c.pwrite(b"x" * 512, 0, CmdFlag.REQ_ONE), E.EINVAL),
+            (c.pread(512, 0, 1 << 12), E.EINVAL),  # unknown flag
+        ]
+        for aw, errno in cases:
+            with _rejected_before_wire(c):
+                await fails(aw, errno)
+        assert await c.pread(512, 512) == bytes(512)
+    finally:
+        await c.close()
+    c = await AsyncClient.connect(nofua)
+    try:
+        assert not c.can_fua() and not c.can_zero() and c.can_flush()
+        for aw in [c.pwrite(b"x", 0, CmdFlag.FUA), c.zero(512, 0),
+                   c.trim(512, 0, CmdFlag.FUA)]:
+            with _rejected_before_wire(c):
+                await fails(aw, E.EINVAL)
+    finally:
+        await c.close()
+    c = await AsyncClient.connect(ro)
+    try:
+        # libnbd's order: a command the server lacks (a read-only export has no
+        # WRITE_ZEROES or TRIM) is EINVAL before the export being read-only is EPERM
+        for aw, errno in [(c.pwrite(b"x", 0), E.EPERM), (c.zero(512, 0), E.EINVAL),
+                          (c.trim(512, 0), E.EINVAL)]:
+            with _rejected_before_wire(c):
+                await fails(aw, errno)
+    finally:
+        await c.close()
+
+
+async def _server_errnos(aligned: str, nofua: str, ro: str, size: int) -> None:
+    """strict=False: the same requests go out and the server's errno comes back, the
+    connection surviving each; then a libnbd-style mask."""
+    c = await AsyncClient.connect(aligned, strict=False)
+    try:
+        await fails(c.pread(512, size), E.EINVAL)
+        await fails(c.pwrite(b"x" * 512, size), E.ENOSPC)
+        await fails(c.pread(0, 0), E.EINVAL)
+        await fails(c.pread(100, 0), E.EINVAL)
+        await fails(c.pread(512, 100), E.EINVAL)
+        await fails(c.pread(131072, 0), E.EINVAL)
+        assert await c.pread(512, 512) == bytes(512)
+        assert c.failure is None
+    finally:
+        await c.close()
+    c = await AsyncClient.connect(nofua, strict=False)
+    try:
+        await fails(c.pwrite(b"x", 0, CmdFlag.FUA), E.EINVAL)
+        await c.pwrite(b"y", 0)
+    finally:
+        await c.close()
+    c = await AsyncClient.connect(ro, strict=False)
+    try:
+        await fails(c.pwrite(b"x", 0), E.EPERM)
+        await fails(c.trim(512, 0), E.EPERM)
+        assert await c.pread(1, 0) == b"\0"
+    finally:
+        await c.close()
+    # a libnbd-style mask: only bounds checked here; a short read goes to the server
+    c = await AsyncClient.connect(aligned, strict=STRICT_BOUNDS)
+    try:
+        with _rejected_before_wire(c):
+            await fails(c.pread(512, size), E.EINVAL)
+        await fails(c.pread(100, 0), E.EINVAL)  # from the server this time
+        c.strict = STRICT_ALL
+        with _rejected_before_wire(c):
+            await fails(c.pread(100, 0), E.EINVAL)
+    finally:
+        await c.close()
+
+
 def test_strict_rejections_and_server_errnos(nbdkit_server) -> None:
     aligned = nbdkit_server("--filter=blocksize-policy", "memory", "1M", "blocksize-minimum=512",
                             "blocksize-maximum=65536", "blocksize-error-policy=error")
     nofua = nbdkit_server("--filter=fua", "--filter=nozero", "memory", "1M")
     ro = nbdkit_server("-r", "memory", "1M")
     size = 1 << 20
-
-    async def go() -> None:
-        # strict (the default): every bad request fails before the wire
-        c = await AsyncClient.connect(aligned.uri)
-        try:
-            assert c.block_size() == (512, 4096, 65536)
-            cases = [
-                (c.pread(512, size), E.EINVAL),  # out of bounds
-                (c.pread(1024, size - 512), E.EINVAL),  # straddling the end
-                (c.pwrite(b"x" * 512, size), E.ENOSPC),  # a write out of bounds: libnbd's
-                (c.pread(0, 0), E.EINVAL),  # zero length
-                (c.zero(0, 0), E.EINVAL),
-                (c.pread(100, 0), E.EINVAL),  # unaligned length
-                (c.pread(512, 100), E.EINVAL),  # unaligned offset
-                (c.trim(512, 256), E.EINVAL),
-                (c.pwrite(b"x" * 131072, 0), E.ERANGE),  # over the advertised maximum
-                (c.pread(512, 0, CmdFlag.FUA), E.EINVAL),  # not a READ flag
-                (c.pwrite(b"x" * 512, 0, CmdFlag.REQ_ONE), E.EINVAL),
-                (c.pread(512, 0, 1 << 12), E.EINVAL),  # unknown flag
-            ]
-            for aw, errno in cases:
-                with _rejected_before_wire(c):
-                    await fails(aw, errno)
-            assert await c.pread(512, 512) == bytes(512)
-        finally:
-            await c.close()
-        c = await AsyncClient.connect(nofua.uri)
-        try:
-            assert not c.can_fua() and not c.can_zero() and c.can_flush()
-            for aw in [c.pwrite(b"x", 0, CmdFlag.FUA), c.zero(512, 0),
-                       c.trim(512, 0, CmdFlag.FUA)]:
-                with _rejected_before_wire(c):
-                    await fails(aw, E.EINVAL)
-        finally:
-            await c.close()
-        c = await AsyncClient.connect(ro.uri)
-        try:
-            # libnbd's order: a command the server lacks (a read-only export has no
-            # WRITE_ZEROES or TRIM) is EINVAL before the export being read-only is EPERM
-            for aw, errno in [(c.pwrite(b"x", 0), E.EPERM), (c.zero(512, 0), E.EINVAL),
-                              (c.trim(512, 0), E.EINVAL)]:
-                with _rejected_before_wire(c):
-                    await fails(aw, errno)
-        finally:
-            await c.close()
-
-        # strict=False: the same requests go out and the server's errno comes back,
-        # the connection surviving each
-        c = await AsyncClient.connect(aligned.uri, strict=False)
-        try:
-            await fails(c.pread(512, size), E.EINVAL)
-            await fails(c.pwrite(b"x" * 512, size), E.ENOSPC)
-            await fails(c.pread(0, 0), E.EINVAL)
-            await fails(c.pread(100, 0), E.EINVAL)
-            await fails(c.pread(512, 100), E.EINVAL)
-            await fails(c.pread(131072, 0), E.EINVAL)
-            assert await c.pread(512, 512) == bytes(512)
-            assert c.failure is None
-        finally:
-            await c.close()
-        c = await AsyncClient.connect(nofua.uri, strict=False)
-        try:
-            await fails(c.pwrite(b"x", 0, CmdFlag.FUA), E.EINVAL)
-            await c.pwrite(b"y", 0)
-        finally:
-            await c.close()
-        c = await AsyncClient.connect(ro.uri, strict=False)
-        try:
-            await fails(c.pwrite(b"x", 0), E.EPERM)
-            await fails(c.trim(512, 0), E.EPERM)
-            assert await c.pread(1, 0) == b"\0"
-        finally:
-            await c.close()
-        # a libnbd-style mask: only bounds checked here; a short read goes to the server
-        c = await AsyncClient.connect(aligned.uri, strict=STRICT_BOUNDS)
-        try:
-            with _rejected_before_wire(c):
-                await fails(c.pread(512, size), E.EINVAL)
-            await fails(c.pread(100, 0), E.EINVAL)  # from the server this time
-            c.strict = STRICT_ALL
-            with _rejected_before_wire(c):
-                await fails(c.pread(100, 0), E.EINVAL)
-        finally:
-            await c.close()
-
-    run(go())
+    uris = (aligned.uri, nofua.uri, ro.uri)
+    run(_strict_rejections(*uris, size))
+    run(_server_errnos(*uris, size))

@@ -61,7 +61,11 @@ def test_what_clients_see(pynbd_server, nbdkit_server, tmp_path: Path) -> None:
     parallel(lambda i, filters: same_on_files(
         pynbd_server, nbdkit_server, [*filters, "file", "{disk}"], ops, image, tag=str(i)),
         [(0, ["--filter=readahead"]), (1, ["--filter=readahead", "--filter=cache"])])
+    # The write comes before the reads: readahead's prefetch runs in the background, and a
+    # prefetch copying a block into the overlay (cow-on-cache) while a later write of that
+    # block is in flight is a race whose outcome neither server fixes.
     same_on_files(pynbd_server, nbdkit_server,
                   ["--filter=readahead", "--filter=cow", "pattern", "1M", "cow-on-cache=true"],
-                  [("pread", 4096, 0), ("pread", 4096, 4096), ("pwrite", b"x" * 10, 5000),
-                   ("pread", 65536, 0), ("extents", MiB, 0)], image, zero_advertised)
+                  [("pwrite", b"x" * 10, 5000), ("pread", 4096, 0), ("pread", 4096, 4096),
+                   ("pread", 65536, 0), ("pread", 65536, 131072), ("extents", MiB, 0)],
+                  image, zero_advertised)

@@ -106,8 +106,9 @@ print(issubclass(nbd.Error, Exception))
 ''')
 
 
-def test_states_before_connecting() -> None:
-    differential(r'''
+#: A new handle: its getters, every call that needs a connection, the setters' checks,
+#: then a connect that fails and what the dead handle answers.
+BEFORE_CONNECTING = r'''
 h = nbd.NBD()
 print(h.get_handle_name(), nbd.NBD().get_handle_name(), h.connection_state())
 print(nbd.package_name, nbd.__version__, h.get_package_name(), h.get_version())
@@ -168,7 +169,11 @@ except nbd.Error as e:
 g.set_uri_allow_transports(nbd.ALLOW_TRANSPORT_TCP)
 tr("connect_uri(not allowed)", lambda: g.connect_uri("nbd+unix:///?socket=/tmp/sock"))
 print(g.aio_is_created())
-''')
+'''
+
+
+def test_states_before_connecting() -> None:
+    differential(BEFORE_CONNECTING)
 
 
 # ------------------------------------------------------------------------------ synchronous calls

@@ -8,8 +8,8 @@ are not allowed, local files), URIs that parse but do not connect (closed TCP po
 Unix sockets, vsock with nothing listening, unknown service names), subprocess servers that
 cannot be run or exit at once (``connect_command`` and
 ``connect_systemd_socket_activation``, including the child's line on stderr), and option
-mode against a plain (not fixed) newstyle server. ``nbds://`` is compared with what libnbd
-says when it is built without TLS (lib/crypto.c), since pynbd.libnbd has no TLS.
+mode against a plain (not fixed) newstyle server. ``nbds://`` URIs that do not connect are
+compared too (TLS itself: test_tls_client_libnbd.py).
 
 Each program runs under both interpreters (``helpers.run_libnbd`` for the real bindings,
 this interpreter with ``pynbd.libnbd`` installed as ``nbd`` for ours) and the outputs are
@@ -180,34 +180,19 @@ for port in ["1", "nosuchservice", "-1", "99999"]:
 """)
 
 
-def test_tls_urls_without_tls_support() -> None:
-    """libnbd built without TLS (lib/crypto.c) fails nbds URIs at the TLS step with ENOTSUP,
-    after the checks that come before it; pynbd.libnbd has no TLS and does the same."""
-    ours = run_ours(HEADER + r"""
-for u in ["nbds://localhost/", "nbds+unix:///?socket=/x", "nbds+vsock://2",
-          "nbds://localhost/?tls-certificates=/x"]:
+def test_tls_urls_that_do_not_connect(tmp_path: Path) -> None:
+    """nbds URIs go through the same checks and connect(2) as nbd ones, and set TLS_REQUIRE
+    (the TLS itself: tests/interop/test_tls_client_libnbd.py)."""
+    missing = str(tmp_path / "missing.sock")
+    differential(r"""
+for u in sys.argv[1:]:
     h = nbd.NBD()
     tr(u, lambda: h.connect_uri(u))
-    print("   ", state(h))
+    print("   ", state(h), h.get_tls())
 h = nbd.NBD()
 tr("set_tls(REQUIRE)", lambda: h.set_tls(nbd.TLS_REQUIRE))
-print(h.supports_tls())
-""")
-    assert ours.returncode == 0, ours.stderr
-    lines = ours.stdout.splitlines()
-    tls_err = "'nbd_connect_uri: libnbd was compiled without TLS support: Operation not " \
-              "supported' ENOTSUP 95"
-    assert lines[0:8] == [
-        f"nbds://localhost/ ERR {tls_err}", "    START",
-        f"nbds+unix:///?socket=/x ERR {tls_err}", "    START",
-        f"nbds+vsock://2 ERR {tls_err}", "    START",
-        f"nbds://localhost/?tls-certificates=/x ERR {tls_err}", "    START",
-    ]
-    assert lines[8:] == [
-        ("set_tls(REQUIRE) ERR 'nbd_set_tls: libnbd was compiled without TLS support: "
-         "Operation not supported' ENOTSUP 95"),
-        "False",
-    ]
+print(h.get_tls(), h.supports_tls())
+""", "nbds://localhost:1/", f"nbds+unix:///?socket={missing}", "nbds+vsock://3:1")
 
 
 def test_tcp_connections_that_work(tmp_path: Path) -> None:

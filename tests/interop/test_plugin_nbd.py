@@ -5,6 +5,7 @@ extents, write zeroes (fast or not), trim, flush and the server's errors must ma
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,9 @@ from typing import Any
 import pytest
 from helpers import PYNBD, Server, peer_env, require, run_peer, unix_uri
 from side_by_side import assert_same, assert_views_equal, probe, serve_both
+
+from pynbd.client.engine import AsyncClient
+from pynbd.errors import NBDError
 
 MIB = 1 << 20
 FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
@@ -249,3 +253,39 @@ def test_unreachable_server_is_logged(pynbd_server, sockdir):
     assert "connect_error" in r
     assert "nbd_connect_unix: connect: No such file or directory" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_read_errors_and_many_reads_in_flight(pynbd_server, nbdkit_server):
+    """READs go to the server many at once (the loop's fast path): a failing read is that
+    read's error, the others get their data."""
+    errs = nbdkit_server("--filter=error", "memory", "1M", "error-pread=EPERM",
+                         "error-pread-rate=1")
+    got = assert_same(pynbd_server, nbdkit_server, ["nbd", f"socket={errs.sock}"],
+                      ops=[("pread", 4096, 0), ("pread", 512, 8192)])
+    assert got["results"][0] == ["error", 1]
+    pat = nbdkit_server("pattern", "4M")
+    srv = pynbd_server("nbd", f"socket={pat.sock}")
+
+    async def many() -> list[bytearray]:
+        async with await AsyncClient.connect(srv.uri) as c:
+            return list(await asyncio.gather(*(c.pread(4096, i * 65536) for i in range(64))))
+
+    for i, data in enumerate(asyncio.run(many())):
+        assert data == b"".join((i * 65536 + k * 8).to_bytes(8, "big") for k in range(512))
+
+
+def test_server_gone_with_reads_in_flight(pynbd_server, nbdkit_server):
+    """The server behind the proxy dies: the client's requests fail (no hang, no
+    traceback)."""
+    back = nbdkit_server("memory", "1M")
+    srv = pynbd_server("nbd", f"socket={back.sock}")
+
+    async def go() -> None:
+        async with await AsyncClient.connect(srv.uri) as c:
+            assert await c.pread(512, 0) == bytes(512)
+            back.kill()
+            with pytest.raises((NBDError, OSError)):
+                await asyncio.gather(*(c.pread(512, i * 512) for i in range(8)))
+
+    asyncio.run(asyncio.wait_for(go(), 30))
+    assert "Traceback" not in srv.stderr

@@ -601,5 +601,15 @@ def test_environment_is_nbdkits(pynbd_server, nbdkit_server, tmp_path) -> None:
 @pytest.mark.parametrize("out", ["exit 0", "exit 2", "exit 3", "echo EPERM go away >&2; exit 1",
                                  'echo "$1 $2" >&2; [ "$2" = false ]'])
 def test_preconnect_same_as_nbdkit(live, out) -> None:
-    view = live.same([("pread", 512, 0)], preconnect=out)
-    assert ("connect_error" in view) == (out not in ("exit 0", "exit 2") and "[" not in out)
+    refused = out not in ("exit 0", "exit 2") and "[" not in out
+    if not refused:
+        view = live.same([("pread", 512, 0)], preconnect=out)
+        assert "connect_error" not in view
+        return
+    # A refused connection is closed before the handshake: libnbd reports that as a failed
+    # read or a reset depending on timing, so the words of the error are not compared, only
+    # that both servers refused (and the same calls reached the script).
+    live.answer(preconnect=out)
+    (got, elog), (want, nlog) = live.each(lambda uri: probe(uri, [("pread", 512, 0)]))
+    assert "connect_error" in got and "connect_error" in want, (got, want)
+    assert elog == nlog

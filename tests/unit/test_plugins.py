@@ -8,7 +8,6 @@ import inspect
 import itertools
 import os
 import random
-import statistics
 import struct
 import subprocess
 import sys
@@ -568,15 +567,26 @@ def test_pattern_plugin() -> None:
         make(PatternPlugin, "1M", seed="1")
 
 
-def test_pattern_speed() -> None:
-    """256 KiB reads must be fast (this is a benchmark plugin): well under 1 ms each (about
-    0.06 ms here). The median of 50 reads: a busy machine preempting a few does not count."""
-    times = []
-    for i in range(50):
-        t0 = time.perf_counter()
-        pattern_bytes(256 * 1024, (1 << 30) + i * 256 * 1024)
-        times.append(time.perf_counter() - t0)
-    assert statistics.median(times) < 1e-3, sorted(times)
+def test_pattern_reads_are_vectorised() -> None:
+    """256 KiB reads must be fast (this is a benchmark plugin): built from slices of a
+    template, not word by word in Python. Counted, not timed: a read anywhere on a giant
+    disk makes a handful of Python-level calls, whatever its size."""
+    calls = 0
+
+    def count(frame: Any, event: str, arg: Any) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    for offset in (0, (1 << 30) + 3, (1 << 62) + 12345):
+        calls = 0
+        sys.setprofile(count)
+        try:
+            data = pattern_bytes(256 * 1024, offset)
+        finally:
+            sys.setprofile(None)
+        assert len(data) == 256 * 1024
+        assert calls < 200, f"{calls} calls for one 256 KiB read at {offset}"
 
 
 def _need_nbdkit() -> str:

@@ -86,16 +86,20 @@ class BlockingConnection(Negotiation):
                 vsock: tuple[int, int] | None = None, sock: socket.socket | None = None,
                 export_name: str = "",
                 meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
-                structured: bool = True) -> BlockingConnection:
+                structured: bool = True, tls: Any = None) -> BlockingConnection:
         """Connect and negotiate in blocking calls (as
         :meth:`pynbd.client.AsyncClient.connect`, for a URI, a Unix, TCP or vsock address
-        or a connected socket, ``sock``, which it then owns; never extended headers)."""
+        or a connected socket, ``sock``, which it then owns; never extended headers).
+        ``tls``: a :class:`pynbd.client.tls.TLSConfig` (an ``nbds://`` URI brings its own)."""
         if uri is not None:
             t = uri_target(uri)
             export_name = t["export_name"]
             unix, vsock = t.get("unix"), t.get("vsock")
             host, port = t.get("host"), t.get("port", port)
+            tls = t["tls"] or tls
+        tls_host = host if sock is None and unix is None and vsock is None else None
         target: Any = None
+        c = None
         if sock is not None:
             pass
         elif unix is not None:
@@ -113,13 +117,25 @@ class BlockingConnection(Negotiation):
             if target is not None:
                 sock.connect(target)
             c = cls(sock)
+            c.tls, c.tls_host = tls, tls_host
             c.request_structured = structured
             c._meta_requested = list(meta_contexts)
             drive(c._handshake(export_name))
         except BaseException:
             sock.close()
+            if c is not None:
+                c.sock.close()
             raise
         return c
+
+    async def _start_tls(self) -> None:
+        """After NBD_OPT_STARTTLS: the TLS handshake (blocking), then on over TLS."""
+        from pynbd.client.tls import blocking_handshake, wrap
+
+        ssock, peer = wrap(self.sock, self.tls, self.tls_host)
+        self.sock = ssock
+        self.stream = _SocketStream(ssock)
+        blocking_handshake(ssock, peer)
 
     @classmethod
     def take_over(cls, client: Any) -> BlockingConnection:
@@ -129,7 +145,9 @@ class BlockingConnection(Negotiation):
             raise ValueError("a blocking connection does not speak extended headers")
         hs, export, protocol = client.hs, client.export, client.protocol
         structured, contexts = client.structured, dict(client.meta_contexts)
+        tls, negotiated = client.tls, client.tls_negotiated
         c = cls(client.detach())
+        c.tls, c.tls_negotiated = tls, negotiated
         c.hs, c.export, c.protocol = hs, export, protocol
         c.structured, c.meta_contexts = structured, contexts
         c._enter_transmission()
@@ -157,6 +175,12 @@ class BlockingConnection(Negotiation):
         try:
             if payload is None:
                 self.sock.sendall(hdr)
+            elif self.tls_negotiated:  # an SSL socket has no sendmsg
+                mv = memoryview(payload).cast("B")
+                first = 16384 - len(hdr)  # the header and the payload's start: one record
+                self.sock.sendall(hdr + mv[:first].tobytes())
+                if mv.nbytes > first:
+                    self.sock.sendall(mv[first:])
             else:
                 parts = [memoryview(hdr), memoryview(payload).cast("B")]
                 while parts:

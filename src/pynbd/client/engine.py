@@ -85,6 +85,11 @@ CLOSE_DRAIN_TIMEOUT = 5.0
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 
+def _wake_fut(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class _Pending(Pending):
     """A command awaiting its reply: the decoder's record, with the future its caller
     awaits (or, for :meth:`AsyncClient.submit`, the function called when it is done) and
@@ -155,11 +160,13 @@ class AsyncClient(Negotiation):
                       meta_contexts: Sequence[str] = (CONTEXT_BASE_ALLOCATION,),
                       structured: bool = True, extended: bool = False,
                       timeout: float | None = None, strict: bool | int = True,
-                      request_timeout: float | None = None) -> AsyncClient:
+                      request_timeout: float | None = None, tls: Any = None) -> AsyncClient:
         """Connect and negotiate. ``timeout`` bounds connecting and the whole handshake
         (TimeoutError); ``request_timeout`` sets :attr:`request_timeout`. ``strict`` is True
-        (every check), False (none) or a mask of the ``STRICT_*`` bits (libnbd's values)."""
+        (every check), False (none) or a mask of the ``STRICT_*`` bits (libnbd's values).
+        ``tls``: a :class:`pynbd.client.tls.TLSConfig` (an ``nbds://`` URI brings its own)."""
         c = cls()
+        c.tls = tls
         c.strict = strict
         c.request_timeout = request_timeout
         c.request_structured = structured
@@ -196,6 +203,9 @@ class AsyncClient(Negotiation):
             export_name = t["export_name"]
             unix, vsock = t.get("unix"), t.get("vsock")
             host, port = t.get("host"), t.get("port", port)
+            if t["tls"] is not None:
+                self.tls = t["tls"]
+        self.tls_host = host if sock is None and unix is None and vsock is None else None
         if sock is None:
             if unix is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -230,6 +240,35 @@ class AsyncClient(Negotiation):
         self._owner = sock
         self.stream = FdStream(loop, sock.fileno(), owner=sock)
         await self._handshake(export_name)
+
+    async def _start_tls(self) -> None:
+        """After NBD_OPT_STARTTLS: the TLS handshake, then a TLS stream (client/tls.py)."""
+        from pynbd.client.tls import handshake, wrap
+
+        assert self.stream is not None
+        self._owner = sock = self.stream.detach()
+        self.stream = None
+        ssock, peer = wrap(sock, self.tls, self.tls_host)
+        self._owner = ssock
+        await handshake(ssock, self._wait_fd, peer)
+        self.stream = self._tls_stream(ssock)
+
+    def _tls_stream(self, ssock: Any) -> Any:
+        from pynbd.client.tls_stream import TlsStream
+
+        return TlsStream(self.loop, ssock)
+
+    async def _wait_fd(self, fd: int, events: int) -> None:
+        loop = self.loop
+        assert loop is not None
+        fut = loop.create_future()
+        add, remove = ((loop.add_reader, loop.remove_reader) if events & 1
+                       else (loop.add_writer, loop.remove_writer))
+        add(fd, _wake_fut, fut)
+        try:
+            await fut
+        finally:
+            remove(fd)
 
     def _start_command(self, argv: list[str]) -> socket.socket:
         from pynbd.client.spawn import start_command
@@ -296,10 +335,16 @@ class AsyncClient(Negotiation):
         c.hs, c.export, c.protocol = conn.hs, conn.export, conn.protocol
         c.structured, c.extended = conn.structured, conn.extended
         c.meta_contexts = dict(conn.meta_contexts)
+        c.tls, c.tls_negotiated = conn.tls, conn.tls_negotiated
         sock = conn.detach()
         sock.setblocking(False)
         c._owner = sock
-        c.stream = FdStream(c.loop, sock.fileno(), owner=sock)
+        if conn.tls_negotiated:
+            from pynbd.client.tls_stream import TlsStream
+
+            c.stream = TlsStream(c.loop, sock)  # type: ignore[assignment]
+        else:
+            c.stream = FdStream(c.loop, sock.fileno(), owner=sock)
         c._enter_transmission()
         return c
 
@@ -519,6 +564,13 @@ class AsyncClient(Negotiation):
     def write_queued(self) -> None:
         """Write the requests queued (see :meth:`submit`)."""
         self._flush()
+
+    def write_soon(self) -> None:
+        """Write the requests queued (see :meth:`submit`) once this turn of the event loop
+        is over: one write for every command queued meanwhile."""
+        if not self._flush_scheduled and self.loop is not None:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -58,17 +58,22 @@ class ExportInfo(Record):
 
 def uri_target(uri: str) -> dict[str, Any]:
     """Where an NBD URI says to connect: ``unix``, ``vsock`` (cid, port) or ``host`` and
-    ``port``, and ``export_name``. TLS URIs are refused (not supported yet)."""
+    ``port``, ``export_name``, and ``tls`` (a :class:`pynbd.client.tls.TLSConfig` for an
+    ``nbds*://`` URI, else None)."""
     from pynbd.protocol._uriparse import checked, split
 
     u = checked(split(uri))  # what parse_uri() holds, without building an NBDURI
+    tls = None
     if u["tls"]:
-        raise NBDError("TLS (nbds URIs) is not supported yet by this version of pynbd")
+        from pynbd.client.tls import TLSConfig
+
+        tls = TLSConfig.from_uri(u)
     if u["transport"] == "unix":
-        return {"unix": u["socket"], "export_name": u["export"]}
+        return {"unix": u["socket"], "export_name": u["export"], "tls": tls}
     if u["transport"] == "vsock":
-        return {"vsock": (int(u["host"]), u["port"]), "export_name": u["export"]}
-    return {"host": u["host"] or "localhost", "port": u["port"], "export_name": u["export"]}
+        return {"vsock": (int(u["host"]), u["port"]), "export_name": u["export"], "tls": tls}
+    return {"host": u["host"] or "localhost", "port": u["port"], "export_name": u["export"],
+            "tls": tls}
 
 
 def drive(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -103,6 +108,10 @@ class Negotiation:
         self.opt_mode = False
         self.protocol = ""
         self.tls_negotiated = False
+        #: The TLS asked for (pynbd.client.tls.TLSConfig; None: plain NBD) and the TCP host
+        #: name connected to (what the server's certificate is checked against).
+        self.tls: Any = None
+        self.tls_host: str | None = None
         self.connected = False
         self.closed = False
 
@@ -124,6 +133,7 @@ class Negotiation:
         self.hs = ClientHandshake(self.handshake_flags)
         ev = await self._recv_event()
         if isinstance(ev, OldstyleGreeting):
+            self._tls_not_offered("server is oldstyle")
             self.protocol = "oldstyle"
             self.export = ExportInfo("", ev.size, ev.eflags)
             self._enter_transmission()
@@ -131,10 +141,13 @@ class Negotiation:
         assert isinstance(ev, Greeting)
         self.stream.write([self.hs.client_flags()])
         if not self.hs.fixed_newstyle:
+            self._tls_not_offered("server is not using fixed newstyle")
             self.protocol = "newstyle"
             await self._export_name(export_name)
             return
         self.protocol = "newstyle-fixed"
+        if self.tls is not None and self.tls.mode:
+            await self.opt_starttls()
         if self.request_extended:
             try:
                 await self.opt_extended_headers()
@@ -173,6 +186,8 @@ class Negotiation:
         last = replies[-1]
         if last.is_error:
             msg = last.data.decode("utf-8", "replace")
+            if not msg and last.type == Rep.ERR_TLS_REQD:
+                msg = "server requires TLS encryption first (use an nbds:// URI)"
             raise OptionError(last.type, f"{what}: {msg}" if msg else f"{what} failed")
         return replies[:-1]
 
@@ -185,8 +200,36 @@ class Negotiation:
         self.extended = True
         self.structured = True
 
-    async def opt_starttls(self) -> None:
-        raise NBDError("TLS is not supported yet by this version of pynbd")
+    def _tls_not_offered(self, why: str) -> None:
+        """No STARTTLS is possible: fine unless TLS is required (libnbd's words)."""
+        if self.tls is not None and self.tls.mode == 2:
+            from pynbd.client.tls import TLSRefused
+
+            raise TLSRefused(f"handshake: {why}, but handle TLS setting is 'require' (2)")
+
+    async def opt_starttls(self) -> bool:
+        """NBD_OPT_STARTTLS, then the TLS handshake (:meth:`_start_tls`); True if TLS is on.
+        A server that refuses fails the connection if TLS is required (:attr:`tls`), else
+        the connection goes on in plain text (False)."""
+        from pynbd.client.tls import TLSConfig, TLSRefused
+
+        if self.tls is None:
+            self.tls = TLSConfig()
+        replies = await self._option(Opt.STARTTLS)
+        last = replies[-1]
+        if last.is_error or last.type != Rep.ACK:
+            if self.tls.mode == 2:
+                raise TLSRefused("handshake: server refused TLS, but handle TLS setting is "
+                                 "'require' (2)")
+            return False
+        await self._start_tls()
+        self.tls_negotiated = True
+        return True
+
+    async def _start_tls(self) -> None:
+        """The TLS handshake on the connection, which then goes on over TLS (each connection
+        class does it its own way)."""
+        raise NBDError("this connection cannot do TLS")
 
     async def opt_list(self) -> list[tuple[str, str]]:
         out = []

@@ -13,7 +13,7 @@ from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._caching_params import parse_bool, parse_size, parse_unsigned
 from pynbd.filters._caching_reclaim import Reclaimer
 from pynbd.filters._caching_store import CHUNK, BlockStore, as_bytes, temp_file
-from pynbd.plugin import CacheMode, Extent, Filter, Flag, FuaMode
+from pynbd.plugin import CacheMode, Extent, Filter, Flag, FuaMode, ThreadModel
 
 __all__ = ["CacheFilter"]
 
@@ -185,7 +185,7 @@ class CacheFilter(Filter):
         if self.max_size != -1 and self.lo_thresh >= self.hi_thresh:
             raise ConfigError("cache-low-threshold must be less than cache-high-threshold")
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         fd = temp_file("cache", "cache")
         try:
             blksize = max(self.min_block_size, os.fstatvfs(fd).f_bsize)

@@ -12,7 +12,16 @@ from typing import Any
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._caching_params import parse_bool, parse_size
 from pynbd.filters._caching_store import BlockStore, as_bytes, temp_file, zeros
-from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, CacheMode, Extent, Filter, Flag, FuaMode
+from pynbd.plugin import (
+    EXTENT_HOLE,
+    EXTENT_ZERO,
+    CacheMode,
+    Extent,
+    Filter,
+    Flag,
+    FuaMode,
+    ThreadModel,
+)
 
 __all__ = ["CowFilter"]
 
@@ -142,7 +151,7 @@ class CowFilter(Filter):
         else:
             next_config(key, value)
 
-    def get_ready(self) -> None:
+    def get_ready(self, thread_model: ThreadModel) -> None:
         self._store = BlockStore(temp_file("cow", "overlay"), self.blksize)
 
     def unload(self) -> None:

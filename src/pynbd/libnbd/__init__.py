@@ -42,10 +42,19 @@ state, closing), :mod:`~pynbd.libnbd.settings`, :mod:`~pynbd.libnbd.connect`,
 
 Differences from libnbd (and why)
 ---------------------------------
-- No TLS yet (the engine has none): ``supports_tls()`` is False, and ``set_tls(TLS_REQUIRE)``
-  and ``nbds://`` URIs fail as in a libnbd built without GnuTLS ("libnbd was compiled
-  without TLS support", ENOTSUP; for a URI after the checks lib/uri.c makes first).
-  ``TLS_ALLOW`` is accepted and means plain NBD (such a libnbd refuses it too).
+- TLS is Python's ssl module (OpenSSL), not GnuTLS: a failed handshake names what failed
+  (an expired certificate, an unknown CA, the wrong host name, a refused pre-shared key)
+  where libnbd passes GnuTLS's message on; errno is 0 for both. PSK needs Python >= 3.13
+  (``SSLContext.set_psk_client_callback``); before, a PSK connection fails with ENOTSUP
+  saying so.
+- The server's certificate is always checked (unless ``set_tls_verify_peer(False)``): over
+  Unix and vsock sockets the chain (and the name given by ``set_tls_hostname``), and
+  without a certificates directory against the system's CAs. libnbd 1.14 checks nothing
+  over a Unix socket, nor over TCP when no certificates directory is found.
+- A ``tls-certificates`` directory that does not exist, or has no ``ca-cert.pem``, is an
+  error (libnbd 1.14 goes on without it).
+- ``tls-verify-peer=`` and ``tls-hostname=`` in URIs and ``set_tls_hostname``/
+  ``get_tls_hostname`` are later libnbd's (1.14 ignores those URI parameters).
 - Strict mode defaults to 1.14's ``STRICT_MASK`` (0x1f); ``STRICT_PAYLOAD`` (1.16) is
   accepted by ``set_strict_mode`` but off by default.
 - ``connection_state()`` reports the public states only (START, CONNECT.START, NEGOTIATING,

@@ -60,6 +60,7 @@ class Handle:
     _tls_username: str | None
     _tls_certs: str | None
     _tls_psk: str | None
+    _tls_hostname: str | None
     _allow_transports: int
     _allow_tls: int
     _allow_local_file: bool

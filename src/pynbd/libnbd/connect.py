@@ -49,11 +49,19 @@ class Connecting(Handle):
 
     def _engine(self) -> Engine:
         """A new engine with this handle's settings (libnbd makes its checks itself)."""
+        tls = tls_host = None
+        if self._tls != TLS_DISABLE:
+            from pynbd.client.tls import TLSConfig
+
+            tls = TLSConfig(self._tls, self._tls_certs, self._tls_verify, self._tls_username,
+                            self._tls_psk, self._tls_hostname)
+            u = self._uri
+            tls_host = u["host"] if u is not None and u["transport"] == "tcp" else None
         return Engine(self._stats, {
             "handshake_flags": self._hflags, "full_info": self._full_info,
             "request_block_size": self._request_bs, "request_structured": self._request_sr,
             "_meta_requested": [] if self._opt_mode else list(self._meta),
-            "opt_mode": self._opt_mode, "strict": 0})
+            "opt_mode": self._opt_mode, "strict": 0, "tls": tls, "tls_host": tls_host})
 
     def _connect_now(self, where: dict[str, Any], host: str) -> dict[str, Any]:
         """connect(2) in the call, as libnbd: a non-blocking socket whose failure is known at
@@ -155,7 +163,8 @@ class Connecting(Handle):
 
     @api(ST_CREATED)
     def connect_uri(self, uri: str) -> None:
-        """Connect to an NBD URI (nbd://, nbd+unix://, nbd+vsock://; nbds: no TLS yet)."""
+        """Connect to an NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://, nbd+vsock://,
+        nbds+vsock://)."""
         self._connect_blocking(*self._uri_target(uri))
 
     @api(ST_CREATED)
@@ -163,8 +172,8 @@ class Connecting(Handle):
         self._start_connect(*self._uri_target(uri))
 
     def _uri_target(self, uri: str) -> tuple[dict[str, Any], str]:
-        """lib/uri.c (1.14) over libxml2's parser: the same checks, order and messages. As in
-        a libnbd built without TLS, an nbds URI fails at the TLS step with ENOTSUP."""
+        """lib/uri.c (1.14) over libxml2's parser: the same checks, order and messages. An
+        nbds URI sets TLS_REQUIRE; an nbd one leaves the handle's TLS setting as it is."""
         raw = str(uri)
         u = parse_libxml2(raw)
         if u is None:
@@ -229,7 +238,7 @@ class Connecting(Handle):
             raise self._err(f'socket parameter is incompatible with "{scheme}:" (did you mean '
                             f'to use "{plain}+unix:///?socket=..."?)', _errno.EINVAL)
         if tls:
-            raise self._err("libnbd was compiled without TLS support", _errno.ENOTSUP)
+            self._tls = TLS_REQUIRE
         self._uri_files(queries)
         return transport, unixsocket
 
@@ -245,6 +254,12 @@ class Connecting(Handle):
                     self._tls_certs = value
                 else:
                     self._tls_psk = value
+            elif name == "tls-verify-peer":  # later libnbd's; 1.14 ignores it
+                v = value.lower()
+                if v in ("0", "false", "no", "off", "1", "true", "yes", "on"):
+                    self._tls_verify = v in ("1", "true", "yes", "on")
+            elif name == "tls-hostname":  # libnbd 1.22's
+                self._tls_hostname = value
 
     @api(ST_CREATED)
     def connect_unix(self, unixsocket: str) -> None:

@@ -157,7 +157,7 @@ class Driver:
         if eng._out:
             eng.write_queued()
         got = eng.lib_stats.bytes_received
-        eng._on_readable()  # what has already arrived, without waiting
+        self._read_ready(eng)  # what has already arrived, without waiting
         if eng.lib_stats.bytes_received != got or eng.closed:
             return True
         r = self._wait(st.rfd, _POLLIN | (_POLLOUT if st.pending else 0), timeout)
@@ -166,8 +166,18 @@ class Driver:
         if r & _POLLOUT and not eng.closed:
             st.flush()
         if r & _DONE and not eng.closed:
-            eng._on_readable()
+            self._read_ready(eng)
         return True
+
+    @staticmethod
+    def _read_ready(eng: Engine) -> None:
+        """Read what is there; over TLS also what OpenSSL holds already decrypted, which the
+        descriptor does not signal."""
+        eng._on_readable()
+        st = eng.stream
+        buffered = getattr(st, "buffered", None)
+        while buffered is not None and not eng.closed and buffered():
+            eng._on_readable()
 
     def notify(self, readable: bool) -> None:
         """``aio_notify_read``/``aio_notify_write``: the program's own poll says the
@@ -184,7 +194,7 @@ class Driver:
         if eng._out:
             eng.write_queued()
         if readable:
-            eng._on_readable()
+            self._read_ready(eng)
         else:
             eng.stream.flush()
 

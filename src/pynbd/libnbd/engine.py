@@ -78,6 +78,56 @@ class CountingStream(FdStream):
         return data
 
 
+def _counting_tls_stream() -> type:
+    """CountingStream's counting over TLS (client/tls.py, which imports ssl, is imported
+    when a handle first uses TLS)."""
+    from pynbd.client.tls_stream import TlsStream
+
+    class _CountingTlsStream(TlsStream):
+        def __init__(self, ssock: Any, stats: Stats) -> None:
+            super().__init__(None, ssock)
+            self.stats = stats
+
+        def write(self, bufs: list[Any]) -> None:
+            st = self.stats
+            for b in bufs:
+                n = memoryview(b).nbytes
+                st.bytes_sent += n
+                if isinstance(b, bytes) and n != 4:  # as CountingStream counts
+                    st.chunks_sent += 1
+            super().write(bufs)
+
+        def readinto(self, view: memoryview) -> int:
+            n = super().readinto(view)
+            self.stats.bytes_received += n
+            return n
+
+        def readinto2(self, first: memoryview, then: memoryview) -> int:
+            n = super().readinto2(first, then)
+            self.stats.bytes_received += n
+            return n
+
+        async def read_some(self, n: int = 65536) -> bytes:
+            data = await super().read_some(n)
+            if not data:
+                raise HangUp("server closed the connection during the handshake")
+            self.stats.bytes_received += len(data)
+            return data
+
+    return _CountingTlsStream
+
+
+def counting_tls_stream(ssock: Any, stats: Stats) -> Any:
+    """A CountingStream over TLS (the class is made on first use)."""
+    global _CTS
+    if _CTS is None:
+        _CTS = _counting_tls_stream()
+    return _CTS(ssock, stats)
+
+
+_CTS: Any = None
+
+
 class Engine(AsyncClient):
     """The engine with a handle's pre-connect settings applied and libnbd's ways."""
 
@@ -111,6 +161,12 @@ class Engine(AsyncClient):
     async def lib_export_name(self, name: str) -> None:
         """opt_go() on a plain newstyle server: NBD_OPT_EXPORT_NAME, then transmission."""
         await super()._export_name(name)
+
+    async def _wait_fd(self, fd: int, events: int) -> None:
+        await WantIO(fd, events)
+
+    def _tls_stream(self, ssock: Any) -> Any:
+        return counting_tls_stream(ssock, self.lib_stats)
 
     async def _recv_event(self) -> Any:
         ev = await super()._recv_event()

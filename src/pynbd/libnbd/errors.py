@@ -91,6 +91,8 @@ def failure_text(exc: BaseException, *, connecting: bool = False) -> tuple[str, 
     """(message, errno) for an exception out of the engine that ended the connection."""
     if isinstance(exc, CommandError):
         return exc.message, exc.errno
+    if type(exc).__name__ in ("TLSError", "TLSRefused"):  # pynbd.client.tls (imports ssl)
+        return exc.libnbd_text, exc.errno  # type: ignore[attr-defined]
     if isinstance(exc, HangUp):
         return "recv: server disconnected unexpectedly", 0
     if isinstance(exc, ExportSizeError):  # libnbd >= 1.16.5's words (there from get_size)

@@ -66,7 +66,7 @@ class NBD(Settings, Connecting, Options, Commands):
         self._name = f"nbd{next(_names)}"
         self._debug_on = os.environ.get("LIBNBD_DEBUG") == "1"
         self._debug_cb = None
-        self._private = 0
+        self._private: int = 0
         # settings
         self._export_name = ""
         self._full_info = False
@@ -75,6 +75,7 @@ class NBD(Settings, Connecting, Options, Commands):
         self._tls_username = None
         self._tls_certs = None
         self._tls_psk = None
+        self._tls_hostname = None
         self._request_sr = True
         self._request_bs = True
         self._pread_init = True

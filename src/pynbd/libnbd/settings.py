@@ -35,6 +35,8 @@ _TX_WRITE_ZEROES = int(TxFlag.SEND_WRITE_ZEROES)
 class Settings(Handle):
     """The settings and export-information calls of :class:`pynbd.libnbd.NBD`."""
 
+    _private: int
+
     @api()
     def set_debug(self, debug: bool) -> None:
         """Set or clear the debug flag."""
@@ -70,7 +72,8 @@ class Settings(Handle):
     @api()
     def set_private_data(self, private_data: int) -> int:
         """Store an unsigned integer for the application; return the previous value."""
-        old, self._private = self._private, index(private_data) & U64
+        old = self._private
+        self._private = index(private_data) & U64
         return old
 
     @api()
@@ -126,11 +129,9 @@ class Settings(Handle):
 
     @api(ST_CREATED)
     def set_tls(self, tls: int) -> None:
-        """TLS_DISABLE, TLS_ALLOW (plain NBD here: no TLS support yet) or TLS_REQUIRE (ENOTSUP)."""
-        v = self._check_enum(tls, TLS_REQUIRE, "tls")
-        if v == TLS_REQUIRE:
-            raise self._err("libnbd was compiled without TLS support", _errno.ENOTSUP)
-        self._tls = v
+        """TLS_DISABLE, TLS_ALLOW (TLS if the server agrees, else plain text) or
+        TLS_REQUIRE."""
+        self._tls = self._check_enum(tls, TLS_REQUIRE, "tls")
 
     @api()
     def get_tls(self) -> int:
@@ -138,8 +139,9 @@ class Settings(Handle):
 
     @api(ST_INFO)
     def get_tls_negotiated(self) -> bool:
-        """Whether TLS is in use (never, yet)."""
-        return False
+        """Whether the connection uses TLS."""
+        eng = self._eng or self._connecting
+        return bool(eng is not None and eng.tls_negotiated)
 
     @api(ST_CREATED)
     def set_tls_certificates(self, dir: str) -> None:
@@ -170,6 +172,17 @@ class Settings(Handle):
     @api(ST_CREATED)
     def set_tls_psk_file(self, filename: str) -> None:
         self._tls_psk = os.fsdecode(filename)
+
+    @api(ST_CREATED)
+    def set_tls_hostname(self, hostname: str) -> None:
+        """The name the server's certificate must carry (libnbd 1.22; default: the TCP
+        host name connected to)."""
+        self._tls_hostname = str(hostname)
+
+    @api()
+    def get_tls_hostname(self) -> str:
+        """The name set by :meth:`set_tls_hostname`; the empty string if none."""
+        return self._tls_hostname or ""
 
     @api(ST_CREATED)
     def set_request_structured_replies(self, request: bool) -> None:
@@ -357,7 +370,7 @@ class Settings(Handle):
 
     @api()
     def supports_tls(self) -> bool:
-        return False
+        return True
 
     @api()
     def supports_vsock(self) -> bool:
@@ -383,4 +396,7 @@ class Settings(Handle):
             kw["port"] = u["port"]
         if self._tls_username is not None and self._tls != TLS_DISABLE:
             kw["user"] = self._tls_username
+        if self._tls != TLS_DISABLE:  # the files with TLS_ALLOW too, as libnbd
+            kw.update(tls=self._tls == TLS_REQUIRE, tls_certificates=self._tls_certs,
+                      tls_psk_file=self._tls_psk)
         return format_uri(NBDURI(**kw), always_port=True)

@@ -16,7 +16,7 @@ from urllib3.util import SKIP_HEADER
 
 from pynbd.errors import CommandError, ConfigError
 
-__all__ = ["HttpSettings", "make_pool", "split_header"]
+__all__ = ["HttpSettings", "make_pool", "socket_options", "split_header", "tls_context"]
 
 #: TLS versions by nbdkit's ssl-version= names (the minimum version allowed).
 SSL_VERSIONS: dict[str, ssl.TLSVersion | None] = {
@@ -85,7 +85,7 @@ class _UnixPoolManager(urllib3.PoolManager):
         self.pool_classes_by_scheme = {"http": pool_cls, "https": pool_cls}
 
 
-def _socket_options(s: HttpSettings) -> list[tuple[int, int, int]]:
+def socket_options(s: HttpSettings) -> list[tuple[int, int, int]]:
     opts: list[tuple[int, int, int]] = []
     if s.tcp_nodelay and not s.unix_socket_path:
         opts.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
@@ -94,7 +94,7 @@ def _socket_options(s: HttpSettings) -> list[tuple[int, int, int]]:
     return opts
 
 
-def _tls_context(s: HttpSettings) -> ssl.SSLContext:
+def tls_context(s: HttpSettings) -> ssl.SSLContext:
     ctx = ssl.create_default_context()
     if not s.sslverify:
         ctx.check_hostname = False
@@ -135,8 +135,8 @@ def make_pool(s: HttpSettings) -> urllib3.PoolManager:
         "block": True,
         "timeout": timeout,
         "retries": False,
-        "socket_options": _socket_options(s),
-        "ssl_context": _tls_context(s),
+        "socket_options": socket_options(s),
+        "ssl_context": tls_context(s),
     }
     if not s.sslverify:
         kw["assert_hostname"] = False

@@ -3,9 +3,11 @@ manual page is :class:`CurlPlugin`'s docstring."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -30,12 +32,14 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class _Handle:
-    __slots__ = ("readonly", "size", "url")
+    __slots__ = ("readonly", "scheme_ok", "size", "url")
 
     def __init__(self, url: str, size: int, readonly: bool) -> None:
         self.url = url  # the URL after redirects: every range request goes straight there
         self.size = size
         self.readonly = readonly
+        #: The protocols= check passed for ``url`` (READs may skip urllib3).
+        self.scheme_ok = False
 
 
 class CurlPlugin(Plugin):
@@ -57,6 +61,14 @@ class CurlPlugin(Plugin):
         a client connects, the URL's redirects are followed once (HEAD) and every request
         of that client goes straight to the final URL. Read-only exports advertise
         multi-conn, so clients such as nbdcopy may open several connections.
+
+        Reads skip urllib3 when they can (no proxy=, no cookie jar): a plain HTTP/1.1 range
+        GET on a kept-alive connection (TLS for https), the body received straight into
+        the buffer sent to the client. Without header-script=, cookie-script= and
+        timeout=, and with no filter in front, they are made from the server's event loop
+        rather than worker threads (up to the thread count of connections to the web
+        server). Any answer but the 206 asked for is asked again through urllib3, so
+        errors read as they always do.
 
         Writes (without -r) are sent as HTTP PUT requests with a Content-Range header; most
         web servers refuse them (the client gets EIO). Serve read-only with -r.
@@ -214,6 +226,8 @@ class CurlPlugin(Plugin):
         self._scripts: dict[str, ScriptRunner] = {}
         self._jar: Any = None
         self._pool_error: CommandError | None = None
+        self._ranges: Any = None  # the READ path without urllib3 (_network_ranges)
+        self._loop_ranges: Any = None  # the same on the event loop (_network_loopranges)
 
     # Configuration ---------------------------------------------------------------------
     def config(self, key: str, value: str) -> None:
@@ -322,11 +336,34 @@ class CurlPlugin(Plugin):
             self._pool = make_pool(self.http)
         except CommandError as e:
             self._pool_error = e  # as libcurl: each client's open fails, saying why
+            return
+        if not self.http.proxy and self._jar is None:
+            from pynbd.plugins._network_http import tls_context
+            from pynbd.plugins._network_ranges import RangeReader
+
+            tls = tls_context(self.http)
+            self._ranges = RangeReader(self.http, tls, self.http.maxsize)
+            if not self._scripts and self.http.timeout <= 0:
+                from pynbd.plugins._network_loopranges import LoopRangeReader
+
+                # READs on the event loop (pynbd.server.coroutines): no worker thread each
+                self._loop_ranges = LoopRangeReader(self.http.unix_socket_path, tls,
+                                                    self.http.maxsize, self._fallback)
+                self.start_pread = self._start_pread
 
     def cleanup(self) -> None:
         if self._pool is not None:
             self._pool.clear()
             self._pool = None
+        if self._ranges is not None:
+            self._ranges.close()
+            self._ranges = None
+        if self._loop_ranges is not None:
+            try:
+                self._loop_ranges.close()
+            except RuntimeError:  # the event loop is gone, and its connections with it
+                pass
+            self._loop_ranges = None
 
     # Requests --------------------------------------------------------------------------
     def _base_headers(self) -> dict[str, Any]:
@@ -448,7 +485,13 @@ class CurlPlugin(Plugin):
             raise CommandError(errno.EIO,
                                "server does not support 'range' (byte range) requests")
         log.debug("curl: content length: %s", length)
-        return _Handle(url, int(length), readonly)
+        h = _Handle(url, int(length), readonly)
+        try:
+            self._check_protocol(url)
+            h.scheme_ok = True
+        except CommandError:
+            pass
+        return h
 
     def close(self, h: _Handle) -> None:
         if self._jar is not None and self.cookiejar:
@@ -467,8 +510,39 @@ class CurlPlugin(Plugin):
     # Data ------------------------------------------------------------------------------
     def pread(self, h: _Handle, count: int, offset: int, flags: int) -> Any:
         hdrs = self._headers(h.url)
+        if self._ranges is not None and h.scheme_ok:
+            data = self._ranges.get(h.url, hdrs, offset, count)
+            if data is not None:
+                return data
+        return self._pread_urllib3(h.url, hdrs, count, offset)
+
+    def _start_pread(self, h: _Handle, count: int, offset: int, flags: int,
+                     done: Callable[[BaseException | None, Any], None]) -> None:
+        """pread on the event loop (only without scripts, whose headers may block)."""
+        if not h.scheme_ok:
+            self._fallback(h.url, offset, count, done)
+            return
+        self._loop_ranges.start(h.url, self._headers(h.url), offset, count, done)
+
+    def _fallback(self, url: str, offset: int, count: int,
+                  done: Callable[[BaseException | None, Any], None]) -> None:
+        """A READ the loop could not do: urllib3 in a worker thread, ``done`` on the loop."""
+        def slow() -> Any:
+            return self._pread_urllib3(url, self._headers(url), count, offset)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                done(CommandError(errno.EIO, "pread: cancelled"), None)
+            elif f.exception() is not None:
+                done(f.exception(), None)
+            else:
+                done(None, f.result())
+
+        asyncio.get_running_loop().run_in_executor(None, slow).add_done_callback(finished)
+
+    def _pread_urllib3(self, url: str, hdrs: dict[str, Any], count: int, offset: int) -> Any:
         hdrs["Range"] = f"bytes={offset}-{offset + count - 1}"
-        resp = self._request("GET", h.url, hdrs)
+        resp = self._request("GET", url, hdrs)
         if resp.status >= 400:
             raise CommandError(errno.EIO, f"pread: curl_easy_perform: HTTP response code said "
                                           f"error: The requested URL returned error: "

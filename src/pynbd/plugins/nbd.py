@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from pynbd.client.engine import AsyncClient
@@ -16,7 +17,7 @@ from pynbd.errors import CommandError, ConfigError, NBDError, OptionError
 from pynbd.filters._params import absolute_path, parse_bool, parse_int, parse_unsigned
 from pynbd.plugin import CacheMode, Extent, Flag, FuaMode, Plugin, ThreadModel
 from pynbd.plugins._network_common import log_open_error
-from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, CmdFlag
+from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, Cmd, CmdFlag
 
 __all__ = ["NbdPlugin"]
 
@@ -33,6 +34,7 @@ _P_FUA, _P_MAY_TRIM = int(Flag.FUA), int(Flag.MAY_TRIM)
 _P_REQ_ONE, _P_FAST_ZERO = int(Flag.REQ_ONE), int(Flag.FAST_ZERO)
 _C_FUA, _C_NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
 _C_REQ_ONE, _C_FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FAST_ZERO)
+_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 
 
 class _Target:
@@ -421,6 +423,29 @@ class NbdPlugin(Plugin):
         await h.c.pread_into(buf, offset)
         return buf
 
+    # The event loop's fast path (pynbd.server.coroutines): with the plugin alone in the
+    # chain, READ and WRITE go to the server without a task or a future of their own; the
+    # replies call ``done`` from the client's reader. Many requests travel at once on the
+    # connection, as many as the client sent.
+    def start_pread(self, h: _Handle, count: int, offset: int, flags: int,
+                    done: Callable[[BaseException | None, Any], None]) -> None:
+        buf = bytearray(count)
+
+        def finished(p: Any) -> None:
+            done(_failure(p), buf)
+
+        h.c.submit(_READ, offset, count, 0, dest=memoryview(buf), done=finished)
+        h.c.write_soon()
+
+    def start_pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int,
+                     done: Callable[[BaseException | None, Any], None]) -> None:
+        def finished(p: Any) -> None:
+            done(_failure(p), None)
+
+        h.c.submit(_WRITE, offset, len(buf), _C_FUA if flags & _P_FUA else 0, payload=buf,
+                   done=finished)
+        h.c.write_soon()
+
     async def pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int) -> None:
         await h.c.pwrite(buf, offset, _C_FUA if flags & _P_FUA else 0)
 
@@ -462,6 +487,15 @@ class _Handle:
         self.c = c
         self.readonly = readonly
         self.shared = shared
+
+
+def _failure(p: Any) -> BaseException | None:
+    """What a finished command of the fast path failed with (None: it succeeded)."""
+    if p.failure is not None:
+        return p.failure  # type: ignore[no-any-return]
+    if p.error:
+        return CommandError(p.error, p.message or os.strerror(p.error))
+    return None
 
 
 def _parse_uint32(what: str, text: str) -> int:

@@ -27,7 +27,7 @@ DEFAULT_PREFERRED = 512 * 1024
 
 def _boto3() -> Any:
     try:
-        import boto3
+        import boto3  # type: ignore[import-untyped]
     except ImportError:
         raise ConfigError("S3: the S3 plugin needs boto3: pip install 'pynbd[s3]'") from None
     return boto3
@@ -156,7 +156,7 @@ class S3Plugin(Plugin):
 
     def _new_client(self) -> Any:
         boto3 = _boto3()
-        from botocore.config import Config
+        from botocore.config import Config  # type: ignore[import-untyped]
 
         return boto3.client(
             "s3", aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
@@ -169,7 +169,7 @@ class S3Plugin(Plugin):
         self._check(self._new_client())
 
     def _check(self, client: Any) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         try:
             if self.obj_size:
@@ -243,7 +243,7 @@ class S3Plugin(Plugin):
     # S3 requests -----------------------------------------------------------------------
     def _call(self, op: str, **kw: Any) -> Any:
         """One S3 request; its failure as a CommandError with a one-line message."""
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
         try:
             return getattr(self._s3(), op)(**kw)

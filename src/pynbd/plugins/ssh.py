@@ -24,6 +24,15 @@ DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa", "id_dsa")
 SFTP_BLOCK = 255 * 1024
 #: SFTP requests in flight per NBD request (asyncssh splits big reads and writes).
 SFTP_MAX_REQUESTS = 16
+#: The largest SSH packet the server may send (the default is 32 KiB): a 255 KiB SFTP read
+#: reply comes in one packet instead of eight, each of which costs Python-level work.
+SSH_MAX_PACKET = 256 * 1024
+#: The channel window: room for several such replies in flight.
+SSH_WINDOW = 8 * 1024 * 1024
+#: Ciphers tried first unless the ssh configuration has a Ciphers line: AES-GCM runs in
+#: hardware (AES-NI) through OpenSSL, where chacha20-poly1305 (asyncssh's first choice)
+#: costs about a third more CPU per byte.
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 _P_FUA = int(Flag.FUA)
 
 _UNKNOWN_HOST = (
@@ -72,7 +81,9 @@ class SshPlugin(Plugin):
         one). Relative paths are relative to the remote user's home directory.
 
         SSH is done with asyncssh, on the server's event loop: one connection carries many
-        requests at once without a thread per request.
+        requests at once without a thread per request. The server may send SSH packets of
+        up to 256 KiB (a whole SFTP read reply in one), and the AES-GCM ciphers are offered
+        first (they run in hardware) unless the ssh configuration has a Ciphers line.
 
         The server's host key must be in the known hosts file (by default ~/.ssh/known_hosts,
         then /etc/ssh/ssh_known_hosts) unless verify-remote-host=false; otherwise the client
@@ -285,6 +296,13 @@ class SshPlugin(Plugin):
         if self.timeout:
             kw["connect_timeout"] = self.timeout
         kw["agent_path"] = () if os.environ.get("SSH_AUTH_SOCK") else None
+        kw["max_pktsize"], kw["window"] = SSH_MAX_PACKET, SSH_WINDOW
+        if not _configures_ciphers(kw.get("config", ())):
+            from asyncssh.encryption import get_default_encryption_algs
+
+            algs = [a.decode() for a in get_default_encryption_algs()]
+            kw["encryption_algs"] = [a for a in PREFERRED_CIPHERS if a in algs] + \
+                [a for a in algs if a not in PREFERRED_CIPHERS]
         _ = asyncssh
         return kw
 
@@ -428,6 +446,22 @@ class SshPlugin(Plugin):
             await h.file.fsync()
         except asyncssh.SFTPError as e:
             raise CommandError(_sftp_errno(e), f"fsync failed: {e.reason}") from None
+
+
+def _configures_ciphers(config: Any) -> bool:
+    """Whether the ssh configuration asyncssh reads (``config``: a list of files, () for
+    ~/.ssh/config, None for none) chooses the ciphers itself."""
+    if config is None:
+        return False
+    paths = config or [os.path.expanduser("~/.ssh/config")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if any(line.strip().lower().startswith("ciphers") for line in f):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _sftp_errno(e: Any) -> int:

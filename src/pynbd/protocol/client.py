@@ -231,6 +231,10 @@ class ClientHandshake:
             buf.clear()
         elif final and rtype == 1 and opt == Opt.ABORT:
             self._go("abort-ack")
+        elif final and rtype == 1 and opt == Opt.STARTTLS and buf:
+            # anything after the ACK is to be TLS records, and a server cannot have sent
+            # them before the client's first handshake message
+            raise RemoteProtocolError("server sent data after accepting NBD_OPT_STARTTLS")
         else:
             self._go("reply-final" if final else "reply-partial")
         if final:

@@ -146,10 +146,10 @@ class ReplyDecoder:
         if self.sink is not None:
             raise RuntimeError("feed() while a sink is to be filled")
         pending = self.pending
-        # One loop for every reply in the buffer: the hot path, kept in one function (longer
+        # hot path: one loop for every reply in the buffer, kept in one function (longer
         # than the size budget) because each reply would otherwise pay a call per step:
-        # benchmarks/client_read.py's random job spends ~12 us of CPU per request in all,
-        # and a call costs ~0.1 us.
+        # the random job of benchmarks/client_read.py spends ~12 us of CPU per request in
+        # all, and a call costs ~0.1 us.
         while True:
             avail = end - pos
             if avail < 16:

@@ -9,7 +9,8 @@ zeroes, FUA by flush, CACHE by reading, extents as one data extent. Filters call
 below through a context too, so they get the same emulation.
 
 Plugin methods may be coroutines; a context running in a worker thread bridges them onto the
-event loop. Whether a chain runs on the loop or in worker threads is decided once
+event loop (the data path of a plugin alone in a PARALLEL chain awaits them on the loop
+without a thread: :mod:`pynbd.server.coroutines`). Whether a chain runs on the loop or in worker threads is decided once
 (:attr:`Chain.on_loop`). With ``debug`` every call through every layer is logged as nbdkit's
 ``-v`` logs it (``memory: pread count=512 offset=0``).
 """

@@ -23,12 +23,15 @@ already received.
 
 Plugins that never block run on the event loop; others run in the connection's worker
 threads with the thread model's locks, so a slow request never stops the reading of the
-next ones. A blocking plugin's ``pread_nowait`` is tried on the loop first.
+next ones. A blocking plugin's ``pread_nowait`` is tried on the loop first. A plugin written
+with ``async def`` (alone in the chain, PARALLEL) has its coroutines awaited in tasks on the
+loop, as many at once as the client sends (:mod:`~pynbd.server.coroutines`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import mmap
 import struct
@@ -50,6 +53,7 @@ from pynbd.protocol.constants import (
 )
 from pynbd.server import replies
 from pynbd.server.backend import PluginLayer
+from pynbd.server.coroutines import AsyncPath, async_path
 from pynbd.server.export import (
     BLOCK_STATUS,
     CACHE,
@@ -145,15 +149,23 @@ class Transmission:
         self._pwrite: Any = None
         self._nowait = False
         self._h: Any = None
+        self._aio: AsyncPath | None = None
+        self._task_results: list[tuple[Any, bool, Any]] = []
+        self._task_drain = False  # _drain_tasks is scheduled
         self._bind_plugin()
 
     def _bind_plugin(self) -> None:
         """The plugin methods the loop may call itself: every one of an on-loop chain (the
-        plugin's own when it has no filters), or a blocking plugin's ``pread_nowait`` when
-        it has one, no filters and the PARALLEL thread model."""
+        plugin's own when it has no filters), a plugin's coroutine methods (awaited in tasks
+        on the loop: :mod:`~pynbd.server.coroutines`), or a blocking plugin's
+        ``pread_nowait`` when it has one, no filters and the PARALLEL thread model."""
         ctx = self.export.ctx
         layer = ctx.layer
         self._h = ctx.handle
+        if not self._on_loop:
+            self._aio = async_path(ctx, self.server.thread_model, self.conn.info)
+        if self._aio is not None:
+            return
         if self._on_loop:
             target: Any = layer.plugin if isinstance(layer, PluginLayer) else layer
             self._pread = target.pread
@@ -383,6 +395,7 @@ class Transmission:
         1,200 runs). READs go to :meth:`_read`, everything else to :meth:`_handle`; each
         returns what it took on, counted against ``room``.
         """
+        # hot path: one pass per request, kept whole on purpose: benchmarks/fio_server.py
         if self._stopping:
             return
         view = self._view
@@ -463,6 +476,8 @@ class Transmission:
             if not length:
                 return replies.data(self._out, self.style, cookie, offset, b"", 0)
             pread = self._pread
+            if pread is None and self._aio is not None:
+                return self._aio_read(flags, cookie, offset, length)
             try:
                 if pread is None:
                     raise BlockingIOError
@@ -508,6 +523,16 @@ class Transmission:
             return replies.ok(self._out, self.style, cookie, offset)
         if cmd == WRITE and not self._on_loop and not owned:
             payload = memoryview(bytes(payload))  # type: ignore[arg-type]
+        if self._aio is not None:
+            job = (cmd, flags, cookie, offset, length)
+            cost = BUFFER_COST + (length if cmd == WRITE else 0)
+            start = self._aio.start_for(cmd, flags)
+            if start is not None:
+                return self._start_cb(job, cost, start, (self._h, payload, offset,
+                                                         P_FUA if flags & F_FUA else 0))
+            coro = self._aio.call_for(cmd, flags, offset, length, payload)
+            if coro is not None:
+                return self._start(job, coro, cost)
         fn, args = self._call_for(cmd, flags, offset, length, payload)
         if self._on_loop:
             try:
@@ -553,6 +578,64 @@ class Transmission:
                                               self._completed)
         workers.submit((job, cost), fn, args)
         return cost if self._inflight < MAX_REQUESTS_IN_FLIGHT else cost + _FULL
+
+    def _aio_read(self, flags: int, cookie: int, offset: int, length: int) -> int:
+        """A READ of a plugin with coroutine methods: its ``start_pread`` or a task."""
+        aio = self._aio
+        assert aio is not None
+        job = (READ, flags, cookie, offset, length)
+        if aio.start_pread is not None:
+            return self._start_cb(job, length + BUFFER_COST, aio.start_pread,
+                                  (self._h, length, offset, 0))
+        assert aio.pread is not None
+        return self._start(job, aio.pread(self._h, length, offset, 0), length + BUFFER_COST)
+
+    def _start_cb(self, job: tuple[int, int, int, int, int], cost: int, fn: Any,
+                  args: tuple[Any, ...]) -> int:
+        """Start a request with a plugin's ``start_*`` method; ``done`` brings the result."""
+        self._charge(cost)
+        self._inflight += 1
+        done = functools.partial(self._cb_done, (job, cost))
+        try:
+            fn(*args, done)
+        except BaseException as e:  # noqa: BLE001 - the plugin's failure is the reply
+            done(e, None)
+        return cost if self._inflight < MAX_REQUESTS_IN_FLIGHT else cost + _FULL
+
+    def _cb_done(self, item: Any, err: BaseException | None, value: Any) -> None:
+        if err is None:
+            self._task_results.append((item, True, value))
+        else:
+            self._task_results.append((item, False, err))
+        if not self._task_drain:
+            self._task_drain = True
+            self.loop.call_soon(self._drain_tasks)
+
+    def _start(self, job: tuple[int, int, int, int, int], coro: Any, cost: int) -> int:
+        """Await a coroutine callback in a task on the loop; like :meth:`_submit`, its
+        ``cost`` is held until the result is in."""
+        self._charge(cost)
+        self._inflight += 1
+        assert self._aio is not None
+        task = self.loop.create_task(coro, context=self._aio.context)
+        task.add_done_callback(functools.partial(self._task_done, (job, cost)))
+        return cost if self._inflight < MAX_REQUESTS_IN_FLIGHT else cost + _FULL
+
+    def _task_done(self, item: Any, task: asyncio.Task[Any]) -> None:
+        """A task's result, kept until every task done in this turn of the loop is in."""
+        if task.cancelled():
+            self._task_results.append((item, False, ConnectionError("request cancelled")))
+        else:
+            e = task.exception()
+            self._task_results.append((item, e is None, task.result() if e is None else e))
+        if not self._task_drain:
+            self._task_drain = True
+            self.loop.call_soon(self._drain_tasks)
+
+    def _drain_tasks(self) -> None:
+        self._task_drain = False
+        batch, self._task_results = self._task_results, []
+        self._completed(batch)
 
     def _completed(self, batch: list[tuple[Any, bool, Any]]) -> None:
         """Results from the worker threads, in a batch: one reply write for all of them."""

@@ -279,6 +279,16 @@ def address(o: Options) -> dict[str, Any]:
 
         t = uri_target(o.args[0])
         path = t.get("unix")
+        tls = t["tls"]
+        if tls is not None:  # relative tls-certificates= / tls-psk-file= paths too
+            for attr in ("certificates", "psk_file"):
+                v = getattr(tls, attr)
+                if v:
+                    setattr(tls, attr, os.path.join(o.cwd, v))
+            del t["tls"]
+            if path is not None and path and not path.startswith("\0"):
+                t["unix"] = os.path.join(o.cwd, path)
+            return {**t, "tls": tls}
         if path is None or path.startswith(("/", "\0")) or not path:
             return {"uri": o.args[0]}
         return {"unix": os.path.join(o.cwd, path), "export_name": t["export_name"]}

@@ -75,12 +75,8 @@ def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[b
     bufs = [buf]  # (nothing is allocated between raising the waiting flag and the read)
     view = memoryview(buf)
     hdr_size = fk.HDR
-    read_in = fk.READ_IN.unpack_from
     in_header = fk.IN_HEADER.unpack_from
-    out_pack = _OUT.pack_into
     rview = memoryview(bytearray(_OUT.size + fk.MAX_WRITE))
-    size = f.size
-    verbose = f.o.verbose
     waiting = stopping  # [stop requested, waiting for a request]
     while not waiting[0]:
         waiting[1] = True
@@ -101,59 +97,13 @@ def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[b
         _, opcode, unique, nodeid, _, _, _, _ = in_header(view, 0)
         try:
             if opcode == fk.READ:
-                _, offset, count, _, _, _, _ = read_in(view, hdr_size)
-                if verbose:
-                    f.debug(f"read: count={count}, offset={offset}")
-                if offset >= size:
-                    dev.reply(unique)
-                    continue
-                count = min(count, size - offset, fk.MAX_WRITE)
-                err = _errno(conn.pread_simple, rview, offset, count)
-                if err:
-                    dev.reply_error(unique, err)
-                    continue
-                out_pack(rview, 0, _OUT.size + count, 0, unique)
-                dev.reply_raw(rview[:_OUT.size + count])
+                _read(f, dev, conn, rview, view, unique)
             elif opcode == fk.WRITE:
-                _, offset, count, _, _, _, _ = fk.WRITE_IN.unpack_from(view, hdr_size)
-                if verbose:
-                    f.debug(f"write: count={count}, offset={offset}")
-                if f.readonly:
-                    dev.reply_error(unique, errno.EACCES)
-                    continue
-                n_ok = f.write_length(offset, count)
-                if n_ok <= 0:
-                    dev.reply_error(unique, -n_ok)
-                    continue
-                start = hdr_size + fk.WRITE_IN.size
-                err = _errno(conn.pwrite, view[start:start + n_ok], offset)
-                if err:
-                    dev.reply_error(unique, err)
-                else:
-                    dev.reply(unique, fk.WRITE_OUT.pack(n_ok, 0))
+                _write(f, dev, conn, view, unique)
             elif opcode in (fk.FSYNC, fk.FSYNCDIR):
-                f.debug("fsync")
-                err = 0
-                if not f.readonly and f.can_flush:
-                    err = _errno(conn.flush)
-                dev.reply_error(unique, err) if err else dev.reply(unique)
+                _fsync(f, dev, conn, unique)
             elif opcode == fk.FALLOCATE:
-                _, offset, length, mode, _ = fk.FALLOCATE_IN.unpack_from(view, hdr_size)
-                f.debug(f"fallocate: mode={mode}, offset={offset}, len={length}")
-                plan = f.fallocate_plan(mode, offset, length)
-                if isinstance(plan, int):
-                    dev.reply_error(unique, plan)
-                    continue
-                op, end = plan
-                err = 0
-                for pos, cnt in f.fallocate_steps(op, offset, end):
-                    if op == "write":
-                        err = _errno(conn.pwrite, bytes(cnt), pos)
-                    else:
-                        err = _errno(conn.trim if op == "trim" else conn.zero, cnt, pos)
-                    if err:
-                        break
-                dev.reply_error(unique, err) if err else dev.reply(unique)
+                _fallocate(f, dev, conn, view, unique)
             elif opcode == fk.INIT:
                 dev.answer_init(unique, view[hdr_size:n])
             elif opcode in (fk.FORGET, fk.BATCH_FORGET, fk.INTERRUPT):
@@ -167,6 +117,77 @@ def serve(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, stopping: list[b
                 conn.failure = ServerGone(str(e))
             f.reply_failure(unique, e)
     return "stopped"
+
+
+def _read(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, rview: memoryview,
+          view: memoryview, unique: int) -> None:
+    """READ: the data is received right behind the FUSE reply header in ``rview``."""
+    _, offset, count, _, _, _, _ = fk.READ_IN.unpack_from(view, fk.HDR)
+    if f.o.verbose:
+        f.debug(f"read: count={count}, offset={offset}")
+    size = f.size
+    if offset >= size:
+        dev.reply(unique)
+        return
+    count = min(count, size - offset, fk.MAX_WRITE)
+    err = _errno(conn.pread_simple, rview, offset, count)
+    if err:
+        dev.reply_error(unique, err)
+        return
+    _OUT.pack_into(rview, 0, _OUT.size + count, 0, unique)
+    dev.reply_raw(rview[:_OUT.size + count])
+
+
+def _write(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, view: memoryview,
+           unique: int) -> None:
+    """WRITE: sent from the request buffer as it is."""
+    hdr_size = fk.HDR
+    _, offset, count, _, _, _, _ = fk.WRITE_IN.unpack_from(view, hdr_size)
+    if f.o.verbose:
+        f.debug(f"write: count={count}, offset={offset}")
+    if f.readonly:
+        dev.reply_error(unique, errno.EACCES)
+        return
+    n_ok = f.write_length(offset, count)
+    if n_ok <= 0:
+        dev.reply_error(unique, -n_ok)
+        return
+    start = hdr_size + fk.WRITE_IN.size
+    err = _errno(conn.pwrite, view[start:start + n_ok], offset)
+    if err:
+        dev.reply_error(unique, err)
+    else:
+        dev.reply(unique, fk.WRITE_OUT.pack(n_ok, 0))
+
+
+def _fsync(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, unique: int) -> None:
+    """FSYNC, FSYNCDIR: a flush, when the server can."""
+    f.debug("fsync")
+    err = 0
+    if not f.readonly and f.can_flush:
+        err = _errno(conn.flush)
+    dev.reply_error(unique, err) if err else dev.reply(unique)
+
+
+def _fallocate(f: Any, dev: fk.FuseDevice, conn: BlockingConnection, view: memoryview,
+               unique: int) -> None:
+    """FALLOCATE: the tool's plan for the mode, carried out in steps."""
+    _, offset, length, mode, _ = fk.FALLOCATE_IN.unpack_from(view, fk.HDR)
+    f.debug(f"fallocate: mode={mode}, offset={offset}, len={length}")
+    plan = f.fallocate_plan(mode, offset, length)
+    if isinstance(plan, int):
+        dev.reply_error(unique, plan)
+        return
+    op, end = plan
+    err = 0
+    for pos, cnt in f.fallocate_steps(op, offset, end):
+        if op == "write":
+            err = _errno(conn.pwrite, bytes(cnt), pos)
+        else:
+            err = _errno(conn.trim if op == "trim" else conn.zero, cnt, pos)
+        if err:
+            break
+    dev.reply_error(unique, err) if err else dev.reply(unique)
 
 
 def install_stop_handler(stopping: list[bool], grace: float) -> None:

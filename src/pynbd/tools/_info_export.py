@@ -3,6 +3,7 @@ with nbdinfo's calls in nbdinfo's order, then printed as text or JSON."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -26,6 +27,10 @@ from pynbd.tools._info_output import (
 )
 
 __all__ = ["CONTENT_PROBE_BYTES", "ExportFacts", "ShowExport"]
+
+
+def _as_int(get: Callable[[nbd.NBD], bool], h: nbd.NBD) -> int:
+    return int(get(h))
 
 #: nbdinfo reads this much from the start of an export for file(1) (``buf[8192]`` in show.c).
 CONTENT_PROBE_BYTES = 8192
@@ -125,8 +130,8 @@ class ShowExport(Output):
                 nbd_fail(e)
         f.name = name
         f.desc = desc if desc is not None else try_(h.get_export_description, None)
-        f.flags = [(key, try_(lambda get=get: int(get(h)), -1)) for key, get in _FLAGS]
-        f.block_sizes = [(key, try_(lambda t=t: h.get_block_size(t), -1))
+        f.flags = [(key, try_(functools.partial(_as_int, get, h), -1)) for key, get in _FLAGS]
+        f.block_sizes = [(key, try_(functools.partial(h.get_block_size, t), -1))
                          for key, t in _BLOCK_SIZES]
 
         def collect_context(name: str) -> int:

@@ -303,6 +303,57 @@ def _print_rw(end: End, prefix: str) -> None:
           f"preferred block size={end.preferred}", file=sys.stderr)
 
 
+def _options(s: Settings, src: End, dst: End, connections: int,
+             synchronous: bool) -> Options:
+    """What the copy loops are told: connections, request, queue and sparse sizes settled
+    against what both ends allow (nbdcopy's rules). Fails if the destination is read-only
+    or smaller than the source."""
+    if dst.is_read_only():
+        raise CopyError(f"{PROG}: {dst.name}: "
+                        "the destination is read-only, cannot write to it")
+    if not src.can_multi_conn() or not dst.can_multi_conn():
+        connections = 1
+    if synchronous:
+        connections = 1
+    # Each thread is one request in flight on its own connections, in blocking calls
+    # (nbdcopy's default is a thread per CPU, each with many requests in flight).
+    threads = min(s.threads or connections, connections)
+    connections = threads
+
+    if s.request_size is None:
+        # Never above what a server accepts in one request.
+        request_size = min(DEFAULT_REQUEST_SIZE, src.max_request, dst.max_request)
+    else:
+        request_size = s.request_size
+    request_size = max(request_size, src.preferred, dst.preferred)
+    if s.queue_size is None:
+        queue_size = max(DEFAULT_QUEUE_SIZE, 4 * request_size)
+    else:
+        queue_size = max(s.queue_size, request_size)
+    sparse_size = s.sparse_size
+    if 0 < sparse_size < dst.preferred:
+        sparse_size = dst.preferred
+
+    destination_is_zero = s.destination_is_zero
+    if dst.truncate(src.size):
+        destination_is_zero = True
+    if src.size >= 0 and dst.size >= 0 and src.size > dst.size:
+        raise CopyError(f"{PROG}: error: destination size is smaller than source size")
+
+    if s.verbose:
+        _print_rw(src, f"{PROG}: src")
+        _print_rw(dst, f"{PROG}: dst")
+        print(f"{PROG}: connections={connections} requests={s.requests} "
+              f"threads={threads} synchronous={'true' if synchronous else 'false'}",
+              file=sys.stderr)
+
+    opts = Options(allocated=s.allocated, destination_is_zero=destination_is_zero,
+                   extents=s.extents and src.can_extents(), request_size=request_size,
+                   requests=s.requests, queue_size=queue_size, sparse_size=sparse_size,
+                   connections=connections, flush=s.flush)
+    return opts
+
+
 async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec, blocking: bool) -> None:
     """The copy. With ``blocking`` it is driven without an event loop (``drive``): the ends
     are opened in blocking calls, and if several connections are used the copy runs in
@@ -321,51 +372,9 @@ async def _run(s: Settings, src_spec: _Spec, dst_spec: _Spec, blocking: bool) ->
         ends.append(dst)
         synchronous = synchronous or sync1 or sync2
 
-        if dst.is_read_only():
-            raise CopyError(f"{PROG}: {dst.name}: "
-                            "the destination is read-only, cannot write to it")
-        if not src.can_multi_conn() or not dst.can_multi_conn():
-            connections = 1
-        if synchronous:
-            connections = 1
-        # Each thread is one request in flight on its own connections, in blocking calls
-        # (nbdcopy's default is a thread per CPU, each with many requests in flight).
-        threads = min(s.threads or connections, connections)
-        connections = threads
-
-        if s.request_size is None:
-            # Never above what a server accepts in one request.
-            request_size = min(DEFAULT_REQUEST_SIZE, src.max_request, dst.max_request)
-        else:
-            request_size = s.request_size
-        request_size = max(request_size, src.preferred, dst.preferred)
-        if s.queue_size is None:
-            queue_size = max(DEFAULT_QUEUE_SIZE, 4 * request_size)
-        else:
-            queue_size = max(s.queue_size, request_size)
-        sparse_size = s.sparse_size
-        if 0 < sparse_size < dst.preferred:
-            sparse_size = dst.preferred
-
-        destination_is_zero = s.destination_is_zero
-        if dst.truncate(src.size):
-            destination_is_zero = True
-        if src.size >= 0 and dst.size >= 0 and src.size > dst.size:
-            raise CopyError(f"{PROG}: error: destination size is smaller than source size")
-
-        if s.verbose:
-            _print_rw(src, f"{PROG}: src")
-            _print_rw(dst, f"{PROG}: dst")
-            print(f"{PROG}: connections={connections} requests={s.requests} "
-                  f"threads={threads} synchronous={'true' if synchronous else 'false'}",
-                  file=sys.stderr)
-
-        opts = Options(allocated=s.allocated, destination_is_zero=destination_is_zero,
-                       extents=s.extents and src.can_extents(), request_size=request_size,
-                       requests=s.requests, queue_size=queue_size, sparse_size=sparse_size,
-                       connections=connections, flush=s.flush)
+        opts = _options(s, src, dst, connections, synchronous)
         progress(0, 1)
-        if blocking and (synchronous or connections == 1):
+        if blocking and (synchronous or opts.connections == 1):
             # One connection (or a stream): many requests in flight on an event loop.
             import asyncio
 

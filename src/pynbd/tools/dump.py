@@ -577,7 +577,8 @@ def _main_ended(argv: list[str]) -> int:
         _lifetime.die_of(signal.SIGINT)
 
 
-def _main(argv: list[str]) -> int:
+def _command_line(argv: list[str]) -> tuple[dict[str, Any], list[str] | None, str]:
+    """The options ({"colour": ..., "limit": ...}), and the server: [ CMD ] or an NBD URI."""
     opts: dict[str, Any] = {"colour": None, "limit": UNLIMITED}
 
     def handle(opt: str, optarg: str | None) -> None:
@@ -602,19 +603,20 @@ def _main(argv: list[str]) -> int:
     except _Usage as e:
         _die(str(e))
     if len(rest) >= 3 and rest[0] == "[" and rest[-1] == "]":
-        command: list[str] | None = rest[1:-1]
-        uri = ""
-    elif len(rest) == 1:
-        command, uri = None, rest[0]
-    elif not rest:
+        return opts, rest[1:-1], ""
+    if len(rest) == 1:
+        return opts, None, rest[0]
+    if not rest:
         _die(f"no NBD-URI or [ CMD ARGS ... ] given (see {PROG} --help)")
-    elif rest[0] == "[":
+    if rest[0] == "[":
         _die("expected [ CMD ARGS ... ]: a command between separate '[' and ']' arguments"
              f" (see {PROG} --help)")
-    else:
-        _die(f"expected one NBD-URI or [ CMD ARGS ... ], got {len(rest)} arguments"
-             f" (see {PROG} --help)")
+    _die(f"expected one NBD-URI or [ CMD ARGS ... ], got {len(rest)} arguments"
+         f" (see {PROG} --help)")
 
+
+def _main(argv: list[str]) -> int:
+    opts, command, uri = _command_line(argv)
     out = sys.stdout.buffer
     colour = opts["colour"]
     if colour is None:

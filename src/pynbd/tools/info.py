@@ -389,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``pynbd info ARGS``; returns the exit status (0, 1, or 2 for --is/--can false)."""
     from pynbd.tools import _lifetime
 
-    with _lifetime.tool():  # a server started for [ CMD ] dies with this process
+    # A server started for [ CMD ] dies with this process; Ctrl-C kills at once, as nbdinfo
+    # (a KeyboardInterrupt raised inside a library call could wait out a held reply).
+    with _lifetime.tool(default_sigint=True):
         return _main(sys.argv[1:] if argv is None else list(argv))
 
 

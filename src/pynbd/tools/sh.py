@@ -249,10 +249,9 @@ def main(argv: list[str]) -> int:
         return e.status
 
 
-def _main(argv: list[str]) -> int:
-    parser, short_options, long_options = _parser()
-    args = parser.parse_args(argv)
-
+def _early_answer(args: argparse.Namespace, short_options: list[str],
+                  long_options: list[str]) -> int | None:
+    """Handle the options that end nbdsh before any snippet runs: the exit status, or None."""
     if args.n and args.need_handle:
         print(f"{PROG}: error: -n option cannot be used with --base-allocation, --opt-mode"
               " or --uri", file=sys.stderr)
@@ -266,14 +265,12 @@ def _main(argv: list[str]) -> int:
     if args.long_options:
         print("\n".join(sorted(long_options)))
         return 0
-    if args.verbose:
-        os.environ["LIBNBD_DEBUG"] = "1"
+    return None
 
-    h: nbd.NBD | None = None
-    if not args.n:
-        h = nbd.NBD()
-        h.set_handle_name("nbdsh")
-    # The names nbdsh's snippets see: the module, the handle and what nbdsh itself imported.
+
+def _namespace(h: nbd.NBD | None) -> dict[str, Any]:
+    """The names nbdsh's snippets see: the module, the handle and what nbdsh itself
+    imported."""
     ns: dict[str, Any] = {
         "__name__": "nbdsh",
         "__builtins__": builtins,
@@ -286,49 +283,76 @@ def _main(argv: list[str]) -> int:
     }
     if h is not None:
         ns["h"] = h
+    return ns
+
+
+def _handle_op(h: nbd.NBD | None, act: str, arg: Any) -> None:
+    """One of the handle options (--base-allocation, --opt-mode, --uri), in its turn."""
+    assert h is not None
+    if act == "base_allocation":
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    elif act == "opt_mode":
+        h.set_opt_mode(True)
+    else:
+        h.connect_uri(arg)
+
+
+def _run_snippets(args: argparse.Namespace, ns: dict[str, Any], h: nbd.NBD | None) -> int | None:
+    """Run the -c/- snippets, handle options and the script in order: the exit status if
+    one failed or exited, else None."""
 
     def run(source: str, filename: str) -> None:
         exec(compile(source, filename, "exec"), ns)  # noqa: S102 - running user code is the job
 
-    def handle_op(act: str, arg: Any) -> None:
-        assert h is not None
-        if act == "base_allocation":
-            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        elif act == "opt_mode":
-            h.set_opt_mode(True)
-        else:
-            h.connect_uri(arg)
-
     try:
-        try:
-            for act, arg in args.snippets:
-                if act == "command":
-                    run(arg, "<string>")
-                elif act == "stdin":
-                    run(sys.stdin.read(), "<string>")
-                else:
-                    handle_op(act, arg)
-            if args.script is not None:
-                source, filename = _read_script(args.script)
-                ns["__name__"] = "__main__"
-                ns["__file__"] = filename
-                sys.argv = [args.script, *args.script_args]
-                run(source, filename)
-        except nbd.Error as ex:
-            if os.environ.get("LIBNBD_DEBUG") == "1":
-                _print_user_traceback(ex)
+        for act, arg in args.snippets:
+            if act == "command":
+                run(arg, "<string>")
+            elif act == "stdin":
+                run(sys.stdin.read(), "<string>")
             else:
-                print(f"{PROG}: command line script failed: {ex.string}", file=sys.stderr)
-            return 1
-        except SystemExit as e:
-            return _system_exit_status(e)
-        except KeyboardInterrupt as e:
-            _print_user_traceback(e)
-            return 130
-        except Exception as e:  # noqa: BLE001 - any error of user code, reported as Python would
-            _print_user_traceback(e)
-            return 1
+                _handle_op(h, act, arg)
+        if args.script is not None:
+            source, filename = _read_script(args.script)
+            ns["__name__"] = "__main__"
+            ns["__file__"] = filename
+            sys.argv = [args.script, *args.script_args]
+            run(source, filename)
+    except nbd.Error as ex:
+        if os.environ.get("LIBNBD_DEBUG") == "1":
+            _print_user_traceback(ex)
+        else:
+            print(f"{PROG}: command line script failed: {ex.string}", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        return _system_exit_status(e)
+    except KeyboardInterrupt as e:
+        _print_user_traceback(e)
+        return 130
+    except Exception as e:  # noqa: BLE001 - any error of user code, reported as Python would
+        _print_user_traceback(e)
+        return 1
+    return None
 
+
+def _main(argv: list[str]) -> int:
+    parser, short_options, long_options = _parser()
+    args = parser.parse_args(argv)
+    status = _early_answer(args, short_options, long_options)
+    if status is not None:
+        return status
+    if args.verbose:
+        os.environ["LIBNBD_DEBUG"] = "1"
+
+    h: nbd.NBD | None = None
+    if not args.n:
+        h = nbd.NBD()
+        h.set_handle_name("nbdsh")
+    ns = _namespace(h)
+    try:
+        status = _run_snippets(args, ns, h)
+        if status is not None:
+            return status
         if len(args.snippets) - args.need_handle == 0 and args.script is None:
             return _interact(ns, h)
         return 0

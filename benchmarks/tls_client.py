@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Benchmark `pynbd copy` against nbdcopy over TLS, in ONE run.
+
+Source: `nbdkit --tls=require --tls-certificates=DIR memory SIZE` (SIZE defaults to 1 GiB)
+over a Unix socket, filled with random data first (nbdcopy from a file of os.urandom bytes:
+no hole, no zero block). Both tools copy it from the same `nbds+unix://` URI (X.509, test
+certificates made by tests/tls_certs.py) to:
+
+  null:   the copy's own reading and decrypting alone
+  mem:    a second `nbdkit --tls=require memory SIZE` (fresh for every run): encrypting too
+
+Each tool runs REPEAT times per case, alternating which goes first; the medians are
+compared. The ratio is nbdcopy time / pynbd time (higher is better for pynbd; the bar is
+>= 1.0). Times are wall-clock times of the whole command, start-up included.
+
+    python benchmarks/tls_client.py [--repeat 3] [--size 1G] [--cases null,mem]
+
+Needs nbdkit (with GnuTLS), nbdcopy and the test extra (cryptography, for the certificates).
+Exit status 0 when every ratio reaches the bar, 1 when one does not, 2 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+CASES = ("null", "mem")
+BAR = 1.0
+START_TIMEOUT = 15.0
+
+
+def parse_size(s: str) -> int:
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    s = s.strip().upper()
+    return int(s[:-1]) * mult[s[-1]] if s and s[-1] in mult else int(s)
+
+
+class TlsNbdkit:
+    """`nbdkit -f --tls=require --tls-certificates=PKI -U SOCK memory SIZE`."""
+
+    def __init__(self, d: str, name: str, size: int, pki: Path) -> None:
+        self.sock = os.path.join(d, f"{name}.sock")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.proc = subprocess.Popen(
+            ["nbdkit", "-f", "--tls=require", f"--tls-certificates={pki}", "-U", self.sock,
+             "memory", str(size)], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nbdkit did not start (rc {self.proc.poll()})")
+            time.sleep(0.02)
+        self.uri = f"nbds+unix:///?socket={self.sock}&tls-certificates={pki}"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    t = time.perf_counter()
+    cp = subprocess.run(argv, check=False, env=env, stdin=subprocess.DEVNULL,
+                        capture_output=True, timeout=600)
+    dt = time.perf_counter() - t
+    if cp.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} exited {cp.returncode}:\n"
+                           f"{cp.stderr.decode(errors='replace')}")
+    return dt
+
+
+def fill(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 << 20)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
+              ) -> dict[tuple[str, str], list[float]]:
+    from tls_certs import make_x509
+
+    pki = make_x509(Path(d) / "pki")
+    env_n = dict(os.environ)
+    env_p = dict(os.environ, PYTHONPYCACHEPREFIX=os.path.join(d, "pycache"))
+    env_p.pop("PYTHONDONTWRITEBYTECODE", None)
+    pynbd = [*shlex.split(args.pynbd), "copy"]
+    times: dict[tuple[str, str], list[float]] = {}
+    data = os.path.join(d, "data.img")
+    fill(data, size)
+    src = TlsNbdkit(d, "src", size, pki)
+    try:
+        subprocess.run(["nbdcopy", data, src.uri], check=True)
+        os.unlink(data)
+        subprocess.run([*pynbd, "--version"], env=env_p, check=True, capture_output=True)
+        tools = ("nbdcopy", "pynbd")
+        for case in cases:
+            for r in range(args.repeat):
+                for tool in (tools if r % 2 == 0 else tools[::-1]):
+                    cmd = ["nbdcopy"] if tool == "nbdcopy" else pynbd
+                    dst = TlsNbdkit(d, "dst", size, pki) if case == "mem" else None
+                    try:
+                        dt = timed([*cmd, src.uri, dst.uri if dst else "null:"],
+                                   env_n if tool == "nbdcopy" else env_p)
+                    finally:
+                        if dst is not None:
+                            dst.stop()
+                    times.setdefault((case, tool), []).append(dt)
+                    print(f"[{case}] {tool:8} {dt:7.3f} s", file=sys.stderr)
+    finally:
+        src.stop()
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool and case (median)")
+    ap.add_argument("--size", default="1G", help="disk size (default 1G)")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated: null, mem")
+    ap.add_argument("--pynbd", default=f"{ROOT / '.venv' / 'bin' / 'python'} -m pynbd",
+                    help="the pynbd command (default: this checkout's .venv python -m pynbd)")
+    args = ap.parse_args(argv)
+    cases = [c for c in args.cases.split(",") if c]
+    if any(c not in CASES for c in cases) or args.repeat < 1:
+        print("tls_client.py: bad --cases or --repeat", file=sys.stderr)
+        return 2
+    for tool in ("nbdkit", "nbdcopy"):
+        if shutil.which(tool) is None:
+            print(f"tls_client.py: needs {tool}", file=sys.stderr)
+            return 2
+    d = tempfile.mkdtemp(prefix="pynbd-tlsbench-")
+    try:
+        times = run_cases(d, args, cases, parse_size(args.size))
+    except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
+        print(f"tls_client.py: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    ok = True
+    load = os.getloadavg()
+    print(f"{'case':6} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar")
+    for case in cases:
+        tn = statistics.median(times[(case, "nbdcopy")])
+        tp = statistics.median(times[(case, "pynbd")])
+        ok = ok and tn / tp >= BAR
+        print(f"{case:6} {tn:10.3f} {tp:10.3f} {tn / tp:14.2f}  >= {BAR} "
+              f"{'PASS' if tn / tp >= BAR else 'FAIL'}")
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

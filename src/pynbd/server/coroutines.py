@@ -1,0 +1,105 @@
+"""Coroutine callbacks awaited on the event loop: the data path of a plugin written with
+``async def`` (the nbd plugin, rbd, ...), without a worker thread.
+
+A plugin's coroutine method would otherwise run through a worker thread that hands it to
+the loop and waits for it (:meth:`pynbd.server.backend.Layer._call`): two thread hops per
+request, and no more requests in flight than there are threads. When the chain is the
+plugin alone, under the PARALLEL thread model (so no lock to take), a request whose method
+is a coroutine function becomes a task on the loop instead; its result comes back to the
+transmission phase like a worker thread's, in a batch.
+
+A plugin may also offer ``start_pread(h, count, offset, flags, done)`` and
+``start_pwrite(h, buf, offset, flags, done)``: plain methods, called on the loop, that start
+the request and return at once; ``done(error, value)`` is called on the loop when it is
+over (``error`` None, ``value`` the data read; or the exception it failed with). They are
+used instead of the coroutines where the chain allows the coroutines: no task and no
+future per request (the nbd plugin's requests go to its server this way). A blocking plugin
+may offer ``start_pread`` too (an attribute it may set only once configured: the curl
+plugin's reads then go to the web server from the loop, its other calls to worker threads).
+
+What the per-connection :class:`~pynbd.server.backend.Context` would emulate for such a
+request (FUA by a flush, CACHE by reads, WRITE_ZEROES by writes, extents) still goes through
+the context in a worker thread: :meth:`AsyncPath.call_for` returns None for it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pynbd.plugin import CacheMode, FuaMode, Plugin, ThreadModel, _task_connection
+from pynbd.server.backend import Context, Layer, PluginLayer
+from pynbd.server.export import CACHE, F_FUA, FLUSH, P_FUA, TRIM, WRITE
+
+__all__ = ["AsyncPath", "async_path"]
+
+_AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
+
+
+def _coroutine_method(plugin: Plugin, name: str) -> _AsyncMethod | None:
+    m = getattr(plugin, name, None)
+    return m if inspect.iscoroutinefunction(m) else None
+
+
+def async_path(ctx: Context, server_model: ThreadModel, info: Any) -> AsyncPath | None:
+    """The loop's way to a plugin's coroutine methods, or None when requests must go to
+    worker threads: filters or ``-v`` in the chain, a thread model other than PARALLEL, no
+    coroutine ``pread`` nor ``start_pread``."""
+    layer: Layer = ctx.layer
+    if not isinstance(layer, PluginLayer) or \
+            not (layer.has_async or getattr(layer.plugin, "start_pread", None)):
+        return None
+    if layer.thread_model != ThreadModel.PARALLEL or server_model != ThreadModel.PARALLEL:
+        return None
+    path = AsyncPath(ctx, layer.plugin, info)
+    return path if path.pread is not None or path.start_pread is not None else None
+
+
+class AsyncPath:
+    """A plugin's coroutine data methods, for one connection."""
+
+    def __init__(self, ctx: Context, plugin: Plugin, info: Any) -> None:
+        self.ctx = ctx
+        self.pread = _coroutine_method(plugin, "pread")
+        self._pwrite = _coroutine_method(plugin, "pwrite")
+        self._flush = _coroutine_method(plugin, "flush")
+        self._trim = _coroutine_method(plugin, "trim")
+        self._cache = _coroutine_method(plugin, "cache")
+        self.start_pread: Callable[..., None] | None = getattr(plugin, "start_pread", None)
+        self.start_pwrite: Callable[..., None] | None = getattr(plugin, "start_pwrite", None)
+        #: The context every task of this connection runs in: pynbd.plugin.connection()
+        #: answers this connection in its steps, whatever ran on the loop in between.
+        self.context = contextvars.copy_context()
+        self.context.run(_task_connection.set, info)
+
+    def start_for(self, cmd: int, flags: int) -> Callable[..., None] | None:
+        """The ``start_*`` method serving a validated WRITE, if the plugin has one and the
+        context has nothing to emulate for it."""
+        if cmd == WRITE and self.start_pwrite is not None:
+            if flags & F_FUA and self.ctx.can_fua() != FuaMode.NATIVE:
+                return None
+            return self.start_pwrite
+        return None
+
+    def call_for(self, cmd: int, flags: int, offset: int, length: int,
+                 payload: Any) -> Coroutine[Any, Any, Any] | None:
+        """The coroutine serving a validated command other than READ, or None when the
+        context has to emulate part of it (then it runs in a worker thread)."""
+        ctx = self.ctx
+        h = ctx.handle
+        fua = bool(flags & F_FUA)
+        if cmd == WRITE and self._pwrite is not None:
+            if fua and ctx.can_fua() != FuaMode.NATIVE:
+                return None
+            return self._pwrite(h, payload, offset, P_FUA if fua else 0)
+        if cmd == FLUSH and self._flush is not None and ctx.can_flush():
+            return self._flush(h, 0)
+        if cmd == TRIM and self._trim is not None and ctx.can_trim():
+            if fua and ctx.can_fua() != FuaMode.NATIVE:
+                return None
+            return self._trim(h, length, offset, P_FUA if fua else 0)
+        if cmd == CACHE and self._cache is not None and ctx.can_cache() == CacheMode.NATIVE:
+            return self._cache(h, length, offset, 0)
+        return None

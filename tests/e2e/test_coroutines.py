@@ -1,0 +1,113 @@
+"""Coroutine callbacks awaited on the event loop (pynbd.server.coroutines): a plugin written
+with ``async def`` serves many requests at once on one connection, past the worker thread
+count; each failure is its request's; connection() is the right one in every step; the
+thread model still holds when it is not PARALLEL."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from helpers import PYNBD, short_tmpdir, start_server
+from rawclient import RawClient
+
+from pynbd.protocol.constants import Cmd
+
+PLUGIN = str(Path(__file__).parent / "plugins" / "asyncplug.py")
+MIB = 1 << 20
+
+
+@pytest.fixture
+def async_server():
+    d = short_tmpdir("pynbd-coro-")
+    servers = []
+
+    def start(*options: str, **env: str):
+        sock = str(d / f"s{len(servers)}.sock")
+        srv = start_server([*PYNBD, "serve", "-f", "-U", sock, *options, PLUGIN],
+                           logdir=d / f"s{len(servers)}.log", sock=sock, env=env)
+        servers.append(srv)
+        return srv
+
+    yield start
+    for s in servers:
+        s.stop()
+        assert "Traceback" not in s.stderr
+
+
+def test_reads_writes_and_flush(async_server):
+    srv = async_server()
+    with RawClient(srv.sock) as c:
+        c.negotiate(structured=True)
+        data = os.urandom(65536)
+        c.pwrite(4096, data)
+        assert c.cmd(Cmd.FLUSH).error == 0
+        assert c.pread(4096, 65536) == data
+        assert c.pread(0, 4096) == bytes(4096)
+
+
+def test_more_requests_in_flight_than_threads(async_server):
+    """40 READs wait for each other: with 2 worker threads only, they never would."""
+    srv = async_server("-t", "2", ASYNC_GATE="40")
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        cookies = {c.request(Cmd.READ, MIB + i * 512, 512)[0] for i in range(40)}
+        got = set()
+        for _ in range(40):
+            r = c.read_reply()
+            assert r.error == 0 and r.data == b"G" * 512
+            got.add(r.cookie)
+        assert got == cookies
+
+
+def test_each_failure_is_its_requests(async_server):
+    srv = async_server()
+    with RawClient(srv.sock) as c:
+        c.negotiate(structured=True)
+        bad, _ = c.request(Cmd.READ, 2 * MIB, 512)
+        good, _ = c.request(Cmd.READ, 0, 512)
+        replies = {r.cookie: r for r in (c.read_reply(), c.read_reply())}
+        assert replies[bad].error == errno.EPERM
+        assert replies[good].error == 0 and replies[good].data == bytes(512)
+        assert c.pread(0, 512) == bytes(512)  # the connection goes on
+
+
+def test_connection_is_the_callers_in_every_step(async_server):
+    srv = async_server()
+    with RawClient(srv.sock) as a, RawClient(srv.sock) as b:
+        a.negotiate()
+        b.negotiate()
+        for _ in range(3):  # interleaved: both connections' coroutines step in turn
+            a.request(Cmd.READ, 3 * MIB, 16)
+            b.request(Cmd.READ, 3 * MIB, 16)
+            ra, rb = a.read_reply(), b.read_reply()
+            assert ra.error == rb.error == 0
+            assert ra.data.strip() != rb.data.strip()
+            assert ra.data.strip().isdigit() and rb.data.strip().isdigit()
+
+
+@pytest.mark.parametrize(("model", "parallel"), [("PARALLEL", True),
+                                                   ("SERIALIZE_REQUESTS", False)])
+def test_thread_model_holds(async_server, model, parallel):
+    srv = async_server(ASYNC_THREAD_MODEL=model)
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        for i in range(8):
+            c.request(Cmd.READ, 4 * MIB + i * 512, 512)
+        for _ in range(8):
+            assert c.read_reply().error == 0
+        most = int(c.pread(5 * MIB, 16).strip())
+        assert (most > 1) == parallel
+
+
+def test_client_gone_with_requests_in_flight(async_server):
+    srv = async_server()
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        for i in range(8):
+            c.request(Cmd.READ, 4 * MIB + i * 512, 512)
+    with RawClient(srv.sock) as c:  # the server goes on
+        c.negotiate()
+        assert c.pread(0, 512) == bytes(512)
