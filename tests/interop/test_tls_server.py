@@ -597,3 +597,14 @@ def test_export_name_only_client_refused(pynbd_server: Callable[..., Server],
     got = [_export_name_only(start(*args).sock or "") for start in (pynbd_server,
                                                                       nbdkit_server)]
     assert got == [b"", b""]
+
+
+def test_pynbd_client_against_pynbd_server(pynbd_server: Callable[..., Server],
+                                           certs: Path) -> None:
+    """pynbd's own client and tools over TLS to pynbd serve (the same bytes as nbdcopy)."""
+    srv = pynbd_server("--tls=require", f"--tls-certificates={certs}", "pattern", "1M")
+    uri = tls_uri(srv, certs)
+    assert "with TLS" in pynbd("info", uri).stdout
+    mine = run_pynbd("copy", uri, "-", timeout=60).stdout
+    theirs = _run_peer("nbdcopy", uri, "-").stdout
+    assert mine == theirs and len(mine) == 1 << 20
