@@ -213,7 +213,7 @@ class SparseRandomPlugin(Plugin):
 def _parse_runlength(value: str) -> int:
     """A size with nbdkit's suffixes, or a plain number as nbdkit 1.32 parses it."""
     text = value.strip()
-    if text[-1:].isalpha():
+    if text[-1:].isalpha() and text[:-1].isdigit():
         n = parse_size(value)
     else:
         v, end = _strtol(value)
