@@ -122,6 +122,8 @@ class DataPlugin(MemoryPlugin):
             self._vars[key] = value
 
     def config_complete(self) -> None:
+        if not self._sources:
+            raise ConfigError("raw|base64|data parameter was not specified")
         if len(self._sources) != 1:
             raise ConfigError("raw|base64|data parameter must be specified exactly once")
         kind, value = self._sources[0]
