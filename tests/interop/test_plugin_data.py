@@ -21,8 +21,8 @@ STRINGS = [
     ["base64=AQIDBA=="], [" ( 0x55 0xAA )*2048 "], [' ( "Hello" )*2000 ', "size=8192"],
     ["@0x1be 0 0 2 0 0x83 0x20 0x20 0 le32:1 le32:0x7ff @0x1fe 0x55 0xaa", "size=1M"],
     ["0 1 2 3 @^0x200 @-2 le16:0xaa55"], ["be16:1 le32:0x01020304 be64:0x0102030405060708"],
-    [" ( 0x55 0xAA ) -> \\boot-signature ( @0x1fe \\boot-signature ) -> \\sector "
-     "\\sector \\sector "],
+    [(" ( 0x55 0xAA ) -> \\boot-signature ( @0x1fe \\boot-signature ) -> \\sector "
+     "\\sector \\sector ")],
     ["$pattern*16", "pattern=0x55 0xAA"],
     [' <( i=0; while :; do printf "%04d" $i; i=$((i+1)); done )[:32768] '],
     ["raw=Hello, world!"], ["0xff*100000", "size=1M"], ['"a\\tb\\\\c\\"d"'],

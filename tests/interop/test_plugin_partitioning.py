@@ -97,8 +97,8 @@ def test_partitioning_writes_as_nbdkit(pynbd_server, nbdkit_server, parts: list[
 @pytest.mark.parametrize("args, message", [
     ([], "at least one file= parameter must be supplied"),
     (["partition-type=foo", "P1"], "unknown partition-type: foo"),
-    (["alignment=100", "P1"], "partition alignment 100 should be >= sector size 512 and "
-                              "<= maximum alignment 1048576"),
+    (["alignment=100", "P1"], ("partition alignment 100 should be >= sector size 512 and "
+                              "<= maximum alignment 1048576")),
     (["alignment=4M", "P1"], "partition alignment 4194304 should be"),
     (["alignment=x", "P1"], "could not parse size string (x)"),
     (["mbr-id=x", "P1"], "mbr-id: empty string where we expected a number"),

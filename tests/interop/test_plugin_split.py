@@ -3,7 +3,6 @@ extents and writes; bad parameters get nbdkit's messages."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 

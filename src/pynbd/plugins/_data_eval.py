@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from pynbd.errors import ConfigError
 from pynbd.plugins._data_parse import Node, parse
@@ -142,7 +143,7 @@ def _evaluate_list(nodes: list[Node], scope: _Scope) -> Blob:
     cursor = 0
     for node in nodes:
         if node.kind == "move":
-            how, n = node.value  # type: ignore[misc]
+            how, n = cast("tuple[str, int]", node.value)
             if how == "=":
                 if n < 0:
                     raise ConfigError(f"data parameter @{n} must not be negative")

@@ -49,12 +49,12 @@ class BlockMap:
         n = self.nblocks
         if not HAVE_NUMPY:
             bits = bytearray(n)
-            state = [0]
+            cur = [0]
 
             def visit_py(i: int, r: int) -> None:
-                bits[i] = state[0]
-                if float(r) <= (thr_dh if state[0] else thr_hd):
-                    state[0] ^= 1
+                bits[i] = cur[0]
+                if float(r) <= (thr_dh if cur[0] else thr_hd):
+                    cur[0] ^= 1
             stream_map(seed, n, py_visit=visit_py)
             self._bits = bits
             return
@@ -75,7 +75,7 @@ class BlockMap:
         # Pass 2: each block's state, packed 8 blocks (steps) to a byte per lane.
         kb = -(-k // 8)
         packed = np.zeros((lanes, kb), dtype=np.uint8)
-        state = start
+        state: Any = start
 
         def record(r: Any, step: int) -> None:
             nonlocal state

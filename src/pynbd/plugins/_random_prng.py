@@ -25,7 +25,7 @@ from typing import Any
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy is optional
-    np = None
+    np = None  # type: ignore[assignment]
 
 __all__ = ["HAVE_NUMPY", "block_bytes", "block_contents", "random_bytes", "stream_map"]
 
