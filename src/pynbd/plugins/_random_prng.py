@@ -35,7 +35,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
 #: Bytes computed per numpy pass (bounds the temporary arrays to a few MiB each).
-_CHUNK = 1 << 19
+_CHUNK = 1 << 16
 
 
 # Plain Python -------------------------------------------------------------------------
@@ -95,6 +95,37 @@ def _third_output_byte(x: Any) -> Any:
     return low * np.uint8(9)
 
 
+def _mix_into(z: Any, t: Any) -> None:
+    """splitmix64's mixing of ``z`` in place (``t`` is scratch of the same shape)."""
+    np.right_shift(z, np.uint64(30), out=t)
+    z ^= t
+    z *= np.uint64(_MIX1)
+    np.right_shift(z, np.uint64(27), out=t)
+    z ^= t
+    z *= np.uint64(_MIX2)
+    np.right_shift(z, np.uint64(31), out=t)
+    z ^= t
+
+
+def _random_chunk(x: Any, out: Any, scratch: list[Any]) -> None:
+    """:func:`_third_output_byte` of ``x`` into ``out``, in place (no temporaries)."""
+    s0, s1, t = scratch
+    np.add(x, np.uint64(_GOLDEN), out=s0)
+    _mix_into(s0, t)
+    np.add(x, np.uint64((2 * _GOLDEN) & _M), out=s1)
+    _mix_into(s1, t)
+    s1 <<= np.uint64(17)
+    s0 ^= s1
+    np.add(x, np.uint64((4 * _GOLDEN) & _M), out=s1)
+    _mix_into(s1, t)
+    s0 ^= s1
+    s0 *= np.uint64(5)
+    np.left_shift(s0, np.uint64(7), out=t)
+    s0 >>= np.uint64(57)
+    s0 |= t
+    np.multiply(s0.astype(np.uint8), np.uint8(9), out=out)
+
+
 def random_bytes(seed: int, offset: int, count: int) -> bytes | bytearray:
     """The random plugin's ``count`` bytes at ``offset``."""
     if not HAVE_NUMPY:
@@ -102,11 +133,15 @@ def random_bytes(seed: int, offset: int, count: int) -> bytes | bytearray:
         return bytes(_third_byte_py((base + i) & _M) for i in range(count))
     out = bytearray(count)
     view = np.frombuffer(out, dtype=np.uint8)
+    n0 = min(_CHUNK, count)
+    steps = np.arange(n0, dtype=np.uint64)
+    x = np.empty(n0, dtype=np.uint64)
+    scratch = [np.empty(n0, dtype=np.uint64) for _ in range(3)]
     with np.errstate(over="ignore"):
-        for pos in range(0, count, _CHUNK):
-            n = min(_CHUNK, count - pos)
-            x = np.arange(n, dtype=np.uint64) + np.uint64((seed + offset + pos) & _M)
-            view[pos:pos + n] = _third_output_byte(x)
+        for pos in range(0, count, n0):
+            n = min(n0, count - pos)
+            np.add(steps[:n], np.uint64((seed + offset + pos) & _M), out=x[:n])
+            _random_chunk(x[:n], view[pos:pos + n], [a[:n] for a in scratch])
     return out
 
 
