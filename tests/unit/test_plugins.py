@@ -191,8 +191,8 @@ def test_memory_config_errors() -> None:
         make(MemoryPlugin, "lots")
     with pytest.raises(ConfigError, match=r"too large"):
         make(MemoryPlugin, "8E")  # 2^63 > 2^63-1
-    with pytest.raises(ConfigError, match=r"unknown allocator 'malloc'.*only allocator=sparse"):
-        make(MemoryPlugin, "1M", allocator="malloc")
+    with pytest.raises(ConfigError, match=r'unknown allocator "foo"'):
+        make(MemoryPlugin, "1M", allocator="foo")
     with pytest.raises(ConfigError, match=r"does not take extra parameters"):
         make(MemoryPlugin, "1M", allocator="sparse,foo")
     with pytest.raises(ConfigError, match=r"unknown parameter 'sise'"):
