@@ -192,7 +192,7 @@ class ViewFilter(Filter):
                     else:
                         extents.append([off, length, typ])
                     pos = off + length
-        except Exception:  # a layer without working extents: all data
+        except Exception:  # noqa: BLE001 -- a layer whose extents fail: all data
             extents, pos = [], 0
         if pos < size:
             extents.append([pos, size - pos, 0])
