@@ -68,6 +68,8 @@ class Publisher:
         self.want_state = False
         #: What a new subscriber is told first: export name -> size (known so far).
         self.exports: dict[str, int] = {}
+        #: Unread bytes a subscriber may have before batches to it are dropped.
+        self.max_backlog = MAX_BACKLOG
         self._listeners: list[socket.socket] = []
         self._paths: list[str] = []
         self._subs: dict[int, _Subscriber] = {}
@@ -151,6 +153,8 @@ class Publisher:
                 next_batch = time.monotonic() + BATCH_INTERVAL
         self._batch()
         for sub in list(self._subs.values()):  # a last effort, without waiting long
+            if sub.dropped:
+                sub.out += _dumps({"type": "dropped", "count": sub.dropped})
             sub.sock.setblocking(True)
             sub.sock.settimeout(0.5)
             try:
@@ -256,8 +260,10 @@ class Publisher:
             self._offer(sub, data, len(items))
 
     def _offer(self, sub: _Subscriber, data: bytes, count: int) -> None:
-        if len(sub.out) + len(data) > MAX_BACKLOG:
-            sub.dropped += count  # the viewer is behind: it misses this batch, counted
+        if sub.out and len(sub.out) + len(data) > self.max_backlog:
+            # The viewer is behind (the kernel's buffer is full and so is our backlog): it
+            # misses this batch, counted. (One batch is always taken when nothing waits.)
+            sub.dropped += count
             return
         if sub.dropped:
             sub.out += _dumps({"type": "dropped", "count": sub.dropped})

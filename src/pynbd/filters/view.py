@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from pynbd.errors import ConfigError
+from pynbd.filters._params import parse_size
 from pynbd.filters._view_publish import Publisher
 from pynbd.plugin import Filter, ThreadModel, connection
 
@@ -73,6 +74,10 @@ class ViewFilter(Filter):
 
         At least one of them is required.
 
+        view-backlog=SIZE
+            Bytes of events a viewer may leave unread before it misses batches (default
+            8M; 4K at least).
+
     STREAM FORMAT
         One JSON object per line. The first is
 
@@ -120,7 +125,8 @@ class ViewFilter(Filter):
     nonblocking = True
     config_help = (
         "view-socket=<PATH>            Unix socket viewers connect to.\n"
-        "view-address=<HOST>:<PORT>    Loopback TCP address viewers connect to.")
+        "view-address=<HOST>:<PORT>    Loopback TCP address viewers connect to.\n"
+        "view-backlog=<SIZE>           Unread bytes before a viewer misses events.")
 
     def __init__(self) -> None:
         self.paths: list[str] = []
@@ -136,6 +142,11 @@ class ViewFilter(Filter):
             self.paths.append(value)
         elif key == "view-address":
             self.addresses.append(_parse_address(value))
+        elif key == "view-backlog":
+            backlog = parse_size(value)
+            if backlog < 4096:
+                raise ConfigError(f"view-backlog: {value} is too small (4K at least)")
+            self.pub.max_backlog = backlog
         else:
             next_config(key, value)
 

@@ -21,6 +21,8 @@ __all__ = ["RecordWriter", "follow", "is_address", "read_replay"]
 
 #: Longest line accepted from a view socket (a state message of a very fragmented disk).
 MAX_LINE = 256 << 20
+#: Seconds a view socket has to say hello (the filter does at once).
+HELLO_TIMEOUT = 5.0
 
 
 class ViewError(Exception):
@@ -50,7 +52,13 @@ async def follow(target: str, src: int, deliver: Callable[[int, dict[str, Any]],
         first = True
         while True:
             try:
-                line = await reader.readline()
+                if first:  # a socket that is not a view filter's may say nothing at all
+                    line = await asyncio.wait_for(reader.readline(), HELLO_TIMEOUT)
+                else:
+                    line = await reader.readline()
+            except TimeoutError:
+                raise ViewError(f"{target}: not a view socket (no hello within "
+                                f"{HELLO_TIMEOUT:g} s)") from None
             except (ValueError, asyncio.LimitOverrunError):
                 raise ViewError(f"{target}: a line longer than {MAX_LINE} bytes") from None
             except OSError:

@@ -54,6 +54,7 @@ class WebView:
         app = web.Application()
         app.router.add_get("/", self._asset)
         app.router.add_get("/ws", self._ws)
+        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         for name in _ASSETS:
             app.router.add_get(f"/{name}", self._asset)
         return app

@@ -122,6 +122,7 @@ function layout(p) {
   p.img = p.smallCtx.createImageData(p.cols, p.rows);
   p.canvas.width = p.cols * zoom; p.canvas.height = p.rows * zoom;
   p.layoutDirty = false; p.fullDirty = true;
+  p.title.textContent = `${p.name}  (${mib(p.size)} MiB, ${p.block} bytes a cell)`;
 }
 
 function setPixel(p, i, c) {
@@ -194,7 +195,6 @@ function buildPanels(defs) {
     el.className = "panel";
     const title = document.createElement("div");
     title.className = "title";
-    title.textContent = `${p.name}  (${mib(p.size)} MiB, ${p.block} bytes a cell)`;
     p.countersEl = document.createElement("div");
     p.countersEl.className = "counters";
     p.canvas = document.createElement("canvas");
