@@ -1,0 +1,99 @@
+"""``pynbd view`` in a real browser: Debian's chromium, headless, driven by playwright
+(pointed at /usr/bin/chromium; playwright downloads no browser). While qemu-io writes to
+the export, the page's grid turns red where the writes went and nowhere else."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from view_helpers import wait_until
+
+from tests.helpers import PYNBD, Server, missing, require
+
+ZOOM = 4
+BLOCK = 4096
+#: (offset, length) qemu-io writes: blocks 0-63, 512-527 and 1792.
+WRITES = [(0, 256 << 10), (2 << 20, 64 << 10), (7 << 20, 4096)]
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        missing("chromium not found on PATH (Debian package chromium)")
+    return path
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    exe = _chromium()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("playwright is not installed (pip install playwright; the test extra has it)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _is_red(px: tuple[int, ...]) -> bool:
+    return px[0] > 180 and px[1] < 60 and px[2] < 60
+
+
+def test_page_shows_writes_in_red(browser: Any, pynbd_server: Callable[..., Server],
+                                  sockdir: Path) -> None:
+    from PIL import Image
+
+    qemu_io = require("qemu-io")
+    vsock = str(sockdir / "view.sock")
+    srv = pynbd_server("--filter=view", "memory", "8M", f"view-socket={vsock}")
+    errlog = sockdir / "viewer.err"
+    with open(errlog, "wb") as err:
+        viewer = subprocess.Popen([*PYNBD, "view", vsock, "--fade", "0", "--zoom", str(ZOOM)],
+                                  stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        assert viewer.stdout is not None
+        url = viewer.stdout.readline().decode().split()[-1]
+        wait_until(lambda: "watching" in errlog.read_text(), "the viewer to connect")
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url)
+        page.wait_for_function("window.pynbdView && window.pynbdView.ready")
+        cmds = [a for off, n in WRITES for a in ("-c", f"write -P 0x55 {off} {n}")]
+        subprocess.run([qemu_io, "-f", "raw", *cmds, f"nbd+unix:///?socket={srv.sock}"],
+                       check=True, capture_output=True, timeout=60)
+        page.wait_for_function(f"window.pynbdView.eventsSeen >= {len(WRITES)}")
+        # two animation frames: the last events are drawn
+        page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+        cols, nblocks = page.evaluate(
+            "[window.pynbdView.panels[0].cols, window.pynbdView.panels[0].nblocks]")
+        assert nblocks == (8 << 20) // BLOCK
+        shot = Image.open(io.BytesIO(page.locator("canvas").first.screenshot())).convert("RGB")
+        assert not errors, errors
+    finally:
+        viewer.terminate()
+        viewer.wait(30)
+    written = set()
+    for off, n in WRITES:
+        written.update(range(off // BLOCK, (off + n) // BLOCK))
+    wrong = []
+    for b in range(nblocks):
+        x, y = (b % cols) * ZOOM + ZOOM // 2, (b // cols) * ZOOM + ZOOM // 2
+        if _is_red(shot.getpixel((x, y))) != (b in written):
+            wrong.append((b, shot.getpixel((x, y))))
+    assert not wrong, f"{len(wrong)} cells wrong (block, pixel): {wrong[:10]}"
+    assert "Traceback" not in errlog.read_text()
