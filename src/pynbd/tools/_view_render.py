@@ -38,24 +38,36 @@ def cell_origin(model_or_panels: Any, panel: int, block: int, columns: int,
     return x, y
 
 
-def render(panels: list[Panel], now: float, fade: float, columns: int, cell: int) -> Any:
-    """The picture of ``panels`` at time ``now`` as a Pillow image (RGB)."""
+def render(panels: list[Panel], now: float, fade: float, columns: int, cell: int,
+           rows: int = 0) -> Any:
+    """The picture of ``panels`` at time ``now`` as a Pillow image (RGB), with room for
+    ``rows`` rows of cells at least."""
     Image, ImageDraw = _image_module()
-    rows = max((-(-p.nblocks // columns) for p in panels), default=1) or 1
+    rows = max(rows, *(-(-p.nblocks // columns) for p in panels), 1)
     width = 2 * MARGIN + len(panels) * columns * cell + (len(panels) - 1) * GAP
     height = 2 * MARGIN + LABEL + rows * cell
     im = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(im)
     for i, p in enumerate(panels):
         x0 = MARGIN + i * (columns * cell + GAP)
-        draw.text((x0, MARGIN), _label(p), fill=(0, 0, 0))
+        draw.text((x0, MARGIN), _label(p, columns * cell), fill=(0, 0, 0))
         _grid(im, p, now, fade, columns, cell, x0, MARGIN + LABEL)
     return im
 
 
-def _label(p: Panel) -> str:
+#: Pixels a character of Pillow's default font takes, about.
+_CHAR_WIDTH = 6
+
+
+def _label(p: Panel, width: int) -> str:
+    """The panel's name, with its size and request counts when they fit."""
+    name = os.path.basename(p.name) or p.name
     w, r = p.counters["W"], p.counters["R"]
-    return f"{os.path.basename(p.name) or p.name}  {p.size >> 20} MiB  R {r[0]} W {w[0]}"
+    for text in (f"{name}  {p.size >> 20} MiB  R {r[0]} W {w[0]}", f"{name}  {p.size >> 20} MiB",
+                 name):
+        if len(text) * _CHAR_WIDTH <= width:
+            return text
+    return name[:max(width // _CHAR_WIDTH, 1)]
 
 
 def _grid(im: Any, p: Panel, now: float, fade: float, columns: int, cell: int,
@@ -90,12 +102,17 @@ def write_apng(path: str, names: list[str], messages: list[tuple[int, dict[str, 
                block: int, fade: float, columns: int, cell: int, frames: int,
                frame_ms: int) -> int:
     """Replay ``messages`` into fresh panels and write an animated PNG of ``frames``
-    pictures evenly spread over the run's time. Returns the number of frames written."""
+    pictures evenly spread over the run's time. Returns the number of pictures made
+    (Pillow merges identical ones that follow each other into one longer frame)."""
     frames = max(1, min(frames, MAX_FRAMES))
     times = [t for _, m in messages if (t := _first_time(m)) is not None]
+    final = Model(names, block)  # every frame as large as the last one
+    for src, msg in messages:
+        final.panels[src].apply(msg)
+    rows = max(-(-p.nblocks // columns) for p in final.panels)
     model = Model(names, block)
     if not times:
-        pictures = [render(model.panels, 0.0, fade, columns, cell)]
+        pictures = [render(model.panels, 0.0, fade, columns, cell, rows)]
     else:
         start, end = min(times), max(times) + max(fade, 0.0)
         step = (end - start) / frames if end > start else 1.0
@@ -107,7 +124,7 @@ def write_apng(path: str, names: list[str], messages: list[tuple[int, dict[str, 
             while pending is not None and (_first_time(pending[1]) or 0.0) <= t:
                 model.panels[pending[0]].apply(pending[1])
                 pending = next(it, None)
-            pictures.append(render(model.panels, t, fade, columns, cell))
+            pictures.append(render(model.panels, t, fade, columns, cell, rows))
     pictures[0].save(path, format="PNG", save_all=True, append_images=pictures[1:],
                      duration=frame_ms, loop=0, optimize=True)
     return len(pictures)
