@@ -127,6 +127,10 @@ class Viewer:
         a = self.a
         if self.record is not None:
             self.record.close()
+        for p in self.model.panels:
+            n = sum(c[0] for c in p.counters.values()) + p.errors
+            print(f"pynbd view: {p.name}: {n} requests seen, {p.dropped} missed "
+                  "(the viewer fell behind)", file=sys.stderr)
         if a.snapshot:
             render.write_png(a.snapshot, self.model, a.fade, a.columns, a.cell)
             print(f"pynbd view: wrote {a.snapshot}", file=sys.stderr)
