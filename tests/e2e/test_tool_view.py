@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from view_helpers import wait_until
 
 from pynbd.client.blocking import BlockingConnection
-from pynbd.tools._view_model import COLOURS, DATA, HOLE
+from pynbd.tools._view_model import COLOURS, DATA, HOLE, decode_events
 from pynbd.tools._view_render import cell_origin
 from tests.helpers import PYNBD, Server
 
@@ -200,7 +200,8 @@ def _writes(msgs: list[dict[str, object]]) -> list[list[object]]:
     for m in msgs:
         for h in (m.get("history") or [m]):  # type: ignore[union-attr]
             if h.get("type") == "events":
-                out += [e[:3] for e in h["events"]]
+                out += [[chr(e[0]) if isinstance(e[0], int) else e[0], *e[1:3]]
+                        for e in decode_events(h)]
     return out
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.client.blocking import BlockingConnection
+from pynbd.tools._view_model import decode_events
 
 __all__ = ["Subscriber", "pipelined", "wait_until"]
 
@@ -63,7 +64,10 @@ class Subscriber:
         return [m for m in list(self.messages) if m.get("type") == typ]
 
     def events(self) -> list[list[Any]]:
-        return [ev for m in self.of_type("events") for ev in m["events"]]
+        """Every request, as [KIND letter, offset, length, flags, error, time, duration,
+        connection]."""
+        return [[chr(r[0]) if isinstance(r[0], int) else r[0], *r[1:]]
+                for m in self.of_type("events") for r in decode_events(m)]
 
     def close(self) -> None:
         self.sock.close()

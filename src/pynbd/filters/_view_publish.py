@@ -1,8 +1,12 @@
 """The view filter's publisher (private): subscribers, batches, the wire format.
 
-Requests are pushed onto a queue (a deque: appending is atomic, so request threads and the
-event loop never take a lock). One publisher thread wakes every :data:`BATCH_INTERVAL`,
-drains the queue and writes each subscriber one line per batch. A subscriber whose unsent
+Each request is appended to :attr:`Publisher.records` as one record of eight 64-bit
+integers (one ``array.extend``: atomic under the GIL, so request threads and the event loop
+never take a lock); other messages (open, close, state) go to a dict, with a marker record
+in their place so that the order is kept. One publisher thread wakes every
+:data:`BATCH_INTERVAL`, takes what accumulated and writes each subscriber one line per run
+of requests: the records' bytes in base64, which costs no Python work per request (JSON
+of each request cost ~4 µs, as much as serving it). A subscriber whose unsent
 backlog passes :data:`MAX_BACKLOG` misses batches (their events are counted and the count
 is sent with the next batch that fits): the disk never waits for its viewer.
 
@@ -12,13 +16,16 @@ The wire format is newline-delimited JSON (one object per line), documented in
 
 from __future__ import annotations
 
-import collections
+import array
+import base64
 import errno
+import itertools
 import json
 import logging
 import os
 import selectors
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -26,7 +33,7 @@ from typing import Any
 from pynbd.errors import ConfigError
 from pynbd.server.listeners import listen_unix
 
-__all__ = ["BATCH_INTERVAL", "MAX_BACKLOG", "PROTOCOL", "Publisher"]
+__all__ = ["BATCH_INTERVAL", "CONTROL", "FIELDS", "MAX_BACKLOG", "PROTOCOL", "Publisher"]
 
 log = logging.getLogger("pynbd.server")
 
@@ -37,14 +44,27 @@ BATCH_INTERVAL = 0.05
 #: Bytes a subscriber may leave unread before batches to it are dropped (a few seconds of a
 #: busy disk's events: enough to ride out a stall, small enough to bound the server's memory).
 MAX_BACKLOG = 8 << 20
-#: Events one drain takes from the queue at most (bounds one line; the rest wait one turn).
+#: Integers a record has: kind, offset, length, flags, error, time, duration, connection.
+FIELDS = 8
+#: The kind of a marker record: its offset field numbers a message in the control dict.
+CONTROL = 0
+#: Records one drain takes at most (bounds one line; the rest wait one turn).
 MAX_BATCH = 200_000
-#: Events kept while nobody listens: none (the hot path checks :attr:`Publisher.active`).
 _SEND_CHUNK = 1 << 20
+_MARK = array.array("q", [CONTROL]).tobytes()
 
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _events_line(records: array.array[int], start: int, end: int) -> bytes:
+    """One ``events`` line: records [start, end) as little-endian bytes, in base64."""
+    run = records[start * FIELDS:end * FIELDS]
+    if sys.byteorder == "big":
+        run.byteswap()
+    return b'{"type":"events","count":%d,"data":"%s"}\n' % (
+        end - start, base64.b64encode(run.tobytes()))
 
 
 class _Subscriber:
@@ -61,7 +81,10 @@ class Publisher:
     """Listening sockets, subscribers and the thread that feeds them."""
 
     def __init__(self) -> None:
-        self.queue: collections.deque[Any] = collections.deque()
+        #: Requests, FIELDS integers each (see the module's docstring).
+        self.records = array.array("q")
+        self._control: dict[int, dict[str, Any]] = {}
+        self._seq = itertools.count(1)
         #: True while at least one subscriber is connected (read lock-free by the hot path).
         self.active = False
         #: Set when a subscriber arrived: the next request publishes the export's state.
@@ -233,31 +256,48 @@ class Publisher:
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if sub.out else 0)
         self._sel.modify(sub.sock, want, "sub")
 
+    def message(self, msg: dict[str, Any]) -> None:
+        """Queue a message other than a request, in order with the requests."""
+        seq = next(self._seq)
+        self._control[seq] = msg
+        self.records.extend((CONTROL, seq, 0, 0, 0, 0, 0, 0))
+
+    def _take(self) -> array.array[int]:
+        recs = self.records
+        n = min(len(recs), MAX_BATCH * FIELDS)
+        n -= n % FIELDS  # (always whole records: each was one extend)
+        taken = recs[:n]
+        del recs[:n]  # only what was taken: records appended meanwhile stay
+        return taken
+
     def _batch(self) -> None:
-        """Drain the queue into lines: a run of requests is one ``events`` line, every
-        other message a line of its own."""
-        q = self.queue
-        n = min(len(q), MAX_BATCH)
-        if not n:
+        """Turn what accumulated into lines: a run of requests is one ``events`` line,
+        every other message a line of its own."""
+        taken = self._take()
+        if not taken:
             return
-        items = [q.popleft() for _ in range(n)]
+        count = len(taken) // FIELDS
+        kinds = taken[0::FIELDS].tobytes()
+        lines: list[bytes] = []
+        start = 0  # record index where the current run of requests began
+        pos = kinds.find(_MARK)
+        while pos >= 0:
+            if pos % 8 == 0:
+                i = pos // 8
+                if i > start:
+                    lines.append(_events_line(taken, start, i))
+                msg = self._control.pop(taken[i * FIELDS + 1], None)
+                if msg is not None:
+                    lines.append(_dumps(msg))
+                start = i + 1
+            pos = kinds.find(_MARK, pos + 1)
+        if count > start:
+            lines.append(_events_line(taken, start, count))
         if not self._subs:
             return
-        lines: list[bytes] = []
-        run: list[Any] = []
-        for it in items:
-            if isinstance(it, dict):
-                if run:
-                    lines.append(_dumps({"type": "events", "events": run}))
-                    run = []
-                lines.append(_dumps(it))
-            else:
-                run.append(it)
-        if run:
-            lines.append(_dumps({"type": "events", "events": run}))
         data = b"".join(lines)
         for sub in list(self._subs.values()):
-            self._offer(sub, data, len(items))
+            self._offer(sub, data, count)
 
     def _offer(self, sub: _Subscriber, data: bytes, count: int) -> None:
         if sub.out and len(sub.out) + len(data) > self.max_backlog:

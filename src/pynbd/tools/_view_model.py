@@ -10,11 +10,13 @@ of the messages of the last minutes (for the page's timeline). Standard library 
 from __future__ import annotations
 
 import array
+import base64
 import collections
+import sys
 from typing import Any
 
 __all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
-           "blend", "block_colour"]
+           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time"]
 
 #: Kinds drawn on the grid (flush and extents touch no block; they are only counted).
 KINDS = {"R": "read", "W": "write", "T": "trim", "Z": "zero", "C": "cache", "F": "flush",
@@ -30,6 +32,30 @@ HOLE = (200, 200, 200)
 DATA = (96, 112, 144)
 #: Around and between the grids.
 BACKGROUND = (245, 245, 245)
+_CODES = {k: ord(k) for k in KINDS}
+_NAMES = {ord(k): k for k in KINDS}
+
+
+def decode_events(msg: dict[str, Any]) -> list[Any]:
+    """The requests of an ``events`` message: ``events`` (lists, as nbdkit logs are
+    replayed), or ``data`` (the filter's records: eight little-endian int64 each, in
+    base64), as sequences (KIND, OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND
+    is a letter or its code."""
+    data = msg.get("data")
+    if data is None:
+        return list(msg.get("events", ()))
+    recs = array.array("q")
+    recs.frombytes(base64.b64decode(data))
+    if sys.byteorder == "big":
+        recs.byteswap()
+    it = iter(recs)
+    return list(zip(it, it, it, it, it, it, it, it, strict=False))
+
+
+def event_count(msg: dict[str, Any]) -> int:
+    if "count" in msg:
+        return int(msg["count"])
+    return len(msg.get("events", ()))
 #: Blocks one panel may have (the block size grows to fit: 4M bytes of state per panel).
 MAX_BLOCKS = 1 << 22
 #: Seconds of history kept for the timeline, and messages at most.
@@ -106,25 +132,52 @@ class Panel:
             if b > a:
                 self.base[a:b] = (b"\0" if typ & 1 else b"\1") * (b - a)
 
+    def events(self, evs: list[Any]) -> None:
+        """Apply a batch of requests. (Kept in one loop with locals: a busy disk sends
+        tens of thousands a second, and this runs for each.)"""
+        counters, colours, block = self.counters, COLOURS, self.block
+        kind_arr, when_arr, base_arr = self.kind, self.when, self.base
+        last = self.last_time
+        names = _NAMES
+        for ev in evs:
+            kind, offset, length, _flags, err, t_us = ev[0], ev[1], ev[2], ev[3], ev[4], ev[5]
+            kind = names.get(kind, kind)
+            c = counters.get(kind)
+            if c is None:
+                continue
+            t = t_us / 1e6
+            if t > last:  # noqa: PLR1730 -- cheaper than max() in this loop
+                last = t
+            if err:
+                self.errors += 1
+                continue
+            c[0] += 1
+            c[1] += length
+            if kind not in colours or length <= 0:
+                continue
+            a = offset // block
+            b = -(-(offset + length) // block)
+            if b > self.nblocks:
+                self.resize(offset + length)
+                kind_arr, when_arr, base_arr = self.kind, self.when, self.base
+                block = self.block  # (coarser if the export became very large)
+                a, b = offset // block, min(-(-(offset + length) // block), self.nblocks)
+            code = _CODES[kind]
+            if b == a + 1:  # one block: most requests
+                kind_arr[a] = code
+                when_arr[a] = t
+                if kind == "W":
+                    base_arr[a] = 1
+                elif kind == "T" or kind == "Z":
+                    base_arr[a] = 0
+            elif b > a:
+                self._mark(a, b, kind, t)
+        self.last_time = last
+
     def event(self, ev: list[Any]) -> None:
-        kind, offset, length, _flags, err, t_us = ev[0], ev[1], ev[2], ev[3], ev[4], ev[5]
-        c = self.counters.get(kind)
-        if c is None:
-            return
-        t = t_us / 1e6
-        self.last_time = max(self.last_time, t)
-        if err:
-            self.errors += 1
-            return
-        c[0] += 1
-        c[1] += length
-        if kind not in COLOURS or length <= 0:
-            return
-        if offset + length > self.size:
-            self.resize(offset + length)
-        a, b = self._range(offset, length)
-        if b <= a:
-            return
+        self.events([ev])
+
+    def _mark(self, a: int, b: int, kind: str, t: float) -> None:
         n = b - a
         self.kind[a:b] = kind.encode() * n
         self.when[a:b] = array.array("d", [t]) * n
@@ -137,8 +190,7 @@ class Panel:
         """Apply one message of the filter's stream."""
         typ = msg.get("type")
         if typ == "events":
-            for ev in msg.get("events", ()):
-                self.event(ev)
+            self.events(decode_events(msg))
         elif typ == "state":
             self.state(int(msg.get("size", 0)), msg.get("extents", []))
         elif typ == "open":
@@ -173,20 +225,32 @@ class Model:
     def apply(self, src: int, msg: dict[str, Any]) -> None:
         self.panels[src].apply(msg)
         self.history.append((src, msg))
-        self._history_events += len(msg.get("events", ())) + 1
+        self._history_events += event_count(msg) + 1
         self._trim_history()
 
     def _trim_history(self) -> None:
         h = self.history
         cutoff = self.now - HISTORY_SECONDS
-        while h and (self._history_events > HISTORY_EVENTS or _msg_time(h[0][1]) < cutoff):
+        while h and (self._history_events > HISTORY_EVENTS or message_time(h[0][1]) < cutoff):
             src, msg = h.popleft()
-            self._history_events -= len(msg.get("events", ())) + 1
+            self._history_events -= event_count(msg) + 1
             self.origin[src].apply(msg)
 
 
-def _msg_time(msg: dict[str, Any]) -> float:
-    evs = msg.get("events")
-    if evs:
-        return float(evs[-1][5]) / 1e6
+def message_time(msg: dict[str, Any]) -> float:
+    """When a message happened (an events message: its last request's start)."""
+    if msg.get("type") == "events":
+        evs = decode_events(msg) if "data" in msg else msg.get("events")
+        if evs:
+            return float(evs[-1][5]) / 1e6
     return float(msg.get("time", 0)) / 1e6
+
+
+def first_time(msg: dict[str, Any]) -> float | None:
+    """When a message began (an events message: its first request's start), or None."""
+    if msg.get("type") == "events":
+        evs = decode_events(msg) if "data" in msg else msg.get("events")
+        if evs:
+            return float(evs[0][5]) / 1e6
+    t = msg.get("time")
+    return float(t) / 1e6 if t else None

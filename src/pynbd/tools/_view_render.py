@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pynbd.tools._view_model import BACKGROUND, DATA, HOLE, Model, Panel, block_colour
+from pynbd.tools._view_model import BACKGROUND, DATA, HOLE, Model, Panel, block_colour, first_time
 
 __all__ = ["GAP", "LABEL", "MARGIN", "cell_origin", "render", "write_apng", "write_png"]
 
@@ -105,7 +105,7 @@ def write_apng(path: str, names: list[str], messages: list[tuple[int, dict[str, 
     pictures evenly spread over the run's time. Returns the number of pictures made
     (Pillow merges identical ones that follow each other into one longer frame)."""
     frames = max(1, min(frames, MAX_FRAMES))
-    times = [t for _, m in messages if (t := _first_time(m)) is not None]
+    times = [t for _, m in messages if (t := first_time(m)) is not None]
     final = Model(names, block)  # every frame as large as the last one
     for src, msg in messages:
         final.panels[src].apply(msg)
@@ -121,18 +121,10 @@ def write_apng(path: str, names: list[str], messages: list[tuple[int, dict[str, 
         pending = next(it, None)
         for k in range(1, frames + 1):
             t = start + k * step
-            while pending is not None and (_first_time(pending[1]) or 0.0) <= t:
+            while pending is not None and (first_time(pending[1]) or 0.0) <= t:
                 model.panels[pending[0]].apply(pending[1])
                 pending = next(it, None)
             pictures.append(render(model.panels, t, fade, columns, cell, rows))
     pictures[0].save(path, format="PNG", save_all=True, append_images=pictures[1:],
                      duration=frame_ms, loop=0, optimize=True)
     return len(pictures)
-
-
-def _first_time(msg: dict[str, Any]) -> float | None:
-    evs = msg.get("events")
-    if evs:
-        return float(evs[0][5]) / 1e6
-    t = msg.get("time")
-    return float(t) / 1e6 if t else None

@@ -22,7 +22,7 @@ from typing import Any
 
 from pynbd.errors import ConfigError
 from pynbd.plugin import parse_size
-from pynbd.tools._view_model import Model
+from pynbd.tools._view_model import Model, first_time
 from pynbd.tools._view_sources import RecordWriter, ViewError, follow, read_replay
 
 __all__ = ["main"]
@@ -113,7 +113,7 @@ class Viewer:
         start_wall = time.monotonic()
         first: float | None = None
         for src, msg in messages:
-            t = _msg_time(msg)
+            t = first_time(msg)
             if speed and t is not None:
                 first = t if first is None else first
                 delay = (t - first) / speed - (time.monotonic() - start_wall)
@@ -138,14 +138,6 @@ class Viewer:
             n = render.write_apng(a.apng, self.names, self.collected, self.model.block,
                                   a.fade, a.columns, a.cell, a.frames, a.frame_ms)
             print(f"pynbd view: wrote {a.apng} ({n} frames)", file=sys.stderr)
-
-
-def _msg_time(msg: dict[str, Any]) -> float | None:
-    evs = msg.get("events")
-    if evs:
-        return float(evs[0][5]) / 1e6
-    t = msg.get("time")
-    return float(t) / 1e6 if t else None
 
 
 async def _run(v: Viewer, messages: list[tuple[int, dict[str, Any]]] | None) -> None:

@@ -242,7 +242,23 @@ function updateTimeline(now) {
   document.getElementById("live").classList.toggle("on", view.live);
 }
 
+// The filter's records: eight little-endian int64 a request, in base64.
+function decodeEvents(b64) {
+  const raw = atob(b64);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+  const dv = new DataView(bytes.buffer);
+  const int = (o) => dv.getUint32(o, true) + dv.getInt32(o + 4, true) * 4294967296;
+  const out = [];
+  for (let o = 0; o + 64 <= bytes.length; o += 64) {
+    out.push([String.fromCharCode(int(o)), int(o + 8), int(o + 16), int(o + 24), int(o + 32),
+              int(o + 40), int(o + 48), int(o + 56)]);
+  }
+  return out;
+}
+
 function receive(m) {
+  if (m.type === "events" && m.data !== undefined && !m.events) m.events = decodeEvents(m.data);
   if (m.type === "init") {
     view.settings = m.settings;
     buildPanels(m.panels);
