@@ -11,12 +11,13 @@ from typing import Any
 
 from pynbd.errors import ConfigError
 from pynbd.filters._params import parse_size
-from pynbd.filters._view_publish import Publisher
+from pynbd.filters._view_publish import RECORD, Publisher
 from pynbd.plugin import Filter, ThreadModel, connection
 
 __all__ = ["ViewFilter"]
 
 _now = time.time_ns
+_pack = RECORD.pack
 #: A request's kind as the first integer of its record: the letter's code.
 _CODE = {k: ord(k) for k in "RWTZCFE"}
 
@@ -220,8 +221,8 @@ class ViewFilter(Filter):
     # not through a helper taking *args: the helper cost ~0.5 µs a request.
     def _failed(self, h: _Handle, kind: str, offset: int, count: int, flags: int, t0: int,
                 e: BaseException) -> None:
-        self.pub.records.extend((_CODE[kind], offset, count, flags, _error(e), t0 // 1000,
-                                 (_now() - t0) // 1000, h.conn))
+        self.pub.queue.append(_pack(_CODE[kind], offset, count, flags, _error(e), t0 // 1000,
+                                    (_now() - t0) // 1000, h.conn))
 
     def pread(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> Any:
         pub = self.pub
@@ -235,8 +236,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "R", offset, count, flags, t0, e)
             raise
-        pub.records.extend((82, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
-                            h.conn))  # 82: R
+        pub.queue.append(_pack(82, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
+                               h.conn))  # 82: R
         return r
 
     def pwrite(self, next: Any, h: _Handle, buf: Any, offset: int, flags: int) -> None:
@@ -252,8 +253,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "W", offset, count, flags, t0, e)
             raise
-        pub.records.extend((87, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
-                            h.conn))  # 87: W
+        pub.queue.append(_pack(87, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
+                               h.conn))  # 87: W
         return None
 
     def _other(self, kind: str, fn: Any, h: _Handle, count: int, offset: int,
@@ -268,8 +269,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, kind, offset, count, flags, t0, e)
             raise
-        pub.records.extend((_CODE[kind], offset, count, flags, 0, t0 // 1000,
-                            (_now() - t0) // 1000, h.conn))
+        pub.queue.append(_pack(_CODE[kind], offset, count, flags, 0, t0 // 1000,
+                               (_now() - t0) // 1000, h.conn))
         return r
 
     def trim(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> None:
