@@ -91,13 +91,17 @@ class ViewFilter(Filter):
 
         then, in order:
 
-            {"type":"events","events":[[KIND,OFFSET,LENGTH,FLAGS,ERROR,TIME,DURATION,CONN],...]}
-                Requests as they completed. KIND is R (read), W (write), T (trim),
-                Z (zero), C (cache), F (flush) or E (extents); FLAGS are the request's
-                (FUA 2, MAY_TRIM 1, REQ_ONE 4, FAST_ZERO 8); ERROR is 0 or the errno it
-                failed with; TIME the moment it started, DURATION how long it took, both
-                in microseconds (TIME since the Unix epoch); CONN the connection number.
-                Requests of one connection appear in the order they completed, each once.
+            {"type":"events","count":N,"data":BASE64}
+                N requests as they completed: DATA is N records of eight little-endian
+                signed 64-bit integers, KIND, OFFSET, LENGTH, FLAGS, ERROR, TIME,
+                DURATION, CONN, in base64. KIND is the code of the letter R (read),
+                W (write), T (trim), Z (zero), C (cache), F (flush) or E (extents);
+                FLAGS are the request's (FUA 2, MAY_TRIM 1, REQ_ONE 4, FAST_ZERO 8);
+                ERROR is 0 or the errno it failed with; TIME the moment it started,
+                DURATION how long it took, both in microseconds (TIME since the Unix
+                epoch); CONN the connection number. Requests of one connection appear in
+                the order they completed, each once. (Records, not JSON: encoding each
+                request as JSON cost as much as serving it.)
 
             {"type":"open","conn":CONN,"export":NAME,"size":SIZE,"time":T}
             {"type":"close","conn":CONN,"time":T}
