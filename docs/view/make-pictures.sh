@@ -48,4 +48,8 @@ wait $viewer
 pynbd view --replay raid5.jsonl --snapshot "$out/raid5.png" --fade 0 --columns 16 --cell 4
 pynbd view --replay raid5.jsonl --apng "$out/raid5-anim.png" --frames 40 --fade 0.5 \
     --columns 16 --cell 4
+# 3. The page itself, in headless chromium (needs playwright).
+if python3 -c "import playwright" 2>/dev/null; then
+    python3 "$here/page-shot.py" raid5.jsonl "$out/page.png" --fade 0 --zoom 4
+fi
 ls -l "$out"/*.png

@@ -163,8 +163,8 @@ function showCounters(p, now) {
   const lines = [];
   for (const k of ["R", "W", "T", "Z", "F"]) {
     const [n, bytes] = p.counters[k];
-    lines.push(`${KINDS[k].padEnd(6)}${String(n).padStart(9)} reqs ${mib(bytes).padStart(10)} MiB` +
-               `${mib(rate[k] || 0).padStart(9)} MiB/s`);
+    lines.push(`${KINDS[k].padEnd(6)}${String(n).padStart(7)} ${mib(bytes).padStart(8)} MiB` +
+               ` ${mib(rate[k] || 0).padStart(6)} MiB/s`);
   }
   lines.push(`errors ${p.errors}  dropped ${p.dropped}`);
   p.countersEl.textContent = lines.join("\n");
@@ -209,10 +209,11 @@ function buildPanels(defs) {
 
 function rebuild(until) {
   // The panels as they were at time `until`: the origin, then the history up to it.
-  const els = view.panels.map((p) => [p.el, p.canvas, p.ctx, p.small, p.smallCtx, p.countersEl]);
+  const els = view.panels.map((p) => [p.el, p.title, p.canvas, p.ctx, p.small, p.smallCtx,
+                                       p.countersEl]);
   view.panels = view.origin.map(clonePanel);
   view.panels.forEach((p, i) => {
-    [p.el, p.canvas, p.ctx, p.small, p.smallCtx, p.countersEl] = els[i];
+    [p.el, p.title, p.canvas, p.ctx, p.small, p.smallCtx, p.countersEl] = els[i];
     p.layoutDirty = true;
   });
   for (const m of view.history) {
