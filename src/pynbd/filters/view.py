@@ -47,7 +47,7 @@ class ViewFilter(Filter):
 
     SYNOPSIS
         pynbd serve --filter=view PLUGIN view-socket=PATH [view-address=HOST:PORT]
-                    [PLUGIN-ARGS...]
+                    [view-backlog=SIZE] [PLUGIN-ARGS...]
 
         pynbd view PATH [PATH...]
 
@@ -55,7 +55,8 @@ class ViewFilter(Filter):
         view is a filter that tells viewers about every request that passes it: its kind,
         offset, length, flags, result, time and connection. `pynbd view` draws them live in
         a browser, one cell per block, several exports side by side (see docs/view.md); any
-        program can read the stream, which is newline-delimited JSON.
+        program can read the stream, which is newline-delimited JSON. nbdkit has no such
+        filter (its log filter and a script reading the log come closest).
 
         Viewers connect to a Unix socket (view-socket) and/or a TCP port on loopback
         (view-address); any number may connect and leave at any time. With no viewer
