@@ -73,6 +73,8 @@ class Layer:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         r = fn(*args)
+        if r is None or type(r) in _PLAIN:  # the usual answers, never awaitable
+            return r
         if inspect.isawaitable(r):
             loop = self.loop
             if loop is None:
@@ -298,6 +300,13 @@ def _passthrough(method: str) -> Callable[..., Any]:
     return call
 
 
+#: Types a callback's result has that are never awaitable: checked first, as
+#: inspect.isawaitable costs as much as a small plugin call.
+_PLAIN = frozenset({bytes, bytearray, memoryview, list, tuple, int, bool, str})
+#: Flags as plain ints: ``int & IntFlag`` goes through enum's Python code.
+_FUA, _FAST_ZERO = int(Flag.FUA), int(Flag.FAST_ZERO)
+
+
 def _truth(v: Any) -> bool:
     return bool(v)
 
@@ -450,8 +459,8 @@ class Context:
     def pwrite(self, buf: Any, offset: int, flags: int = 0) -> None:
         if not self.can_write():
             raise CommandError(errno.EROFS, "the export is read-only")
-        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
-            self.layer.pwrite(self.handle, buf, offset, flags & ~Flag.FUA)
+        if flags & _FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.pwrite(self.handle, buf, offset, flags & ~_FUA)
             self.layer.flush(self.handle, 0)
         else:
             self.layer.pwrite(self.handle, buf, offset, flags)
@@ -463,8 +472,8 @@ class Context:
     def trim(self, count: int, offset: int, flags: int = 0) -> None:
         if not self.can_trim():
             return  # trim is advisory
-        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
-            self.layer.trim(self.handle, count, offset, flags & ~Flag.FUA)
+        if flags & _FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.trim(self.handle, count, offset, flags & ~_FUA)
             self.layer.flush(self.handle, 0)
         else:
             self.layer.trim(self.handle, count, offset, flags)
@@ -474,21 +483,21 @@ class Context:
             raise CommandError(errno.EROFS, "the export is read-only")
         if self.zero_mode() == ZeroMode.NONE:
             raise CommandError(errno.EOPNOTSUPP, "zero is not supported")
-        fua_emulated = bool(flags & Flag.FUA) and self.can_fua() == FuaMode.EMULATE
-        lflags = flags & ~Flag.FUA if fua_emulated else flags
+        fua_emulated = bool(flags & _FUA) and self.can_fua() == FuaMode.EMULATE
+        lflags = flags & ~_FUA if fua_emulated else flags
         if self.can_zero():
             try:
                 self.layer.zero(self.handle, count, offset, lflags)
             except (OSError, CommandError) as e:
-                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & Flag.FAST_ZERO:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & _FAST_ZERO:
                     raise
             else:
                 if fua_emulated:
                     self.layer.flush(self.handle, 0)
                 return
-        if flags & Flag.FAST_ZERO:
+        if flags & _FAST_ZERO:
             raise CommandError(errno.ENOTSUP, "fast zero is not supported")
-        wflags = lflags & Flag.FUA
+        wflags = lflags & _FUA
         pos, end = offset, offset + count
         while pos < end:
             n = min(len(_ZERO_CHUNK), end - pos)
