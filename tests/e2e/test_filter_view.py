@@ -25,9 +25,18 @@ KIND = {READ: "R", WRITE: "W", TRIM: "T", ZERO: "Z"}
 
 
 def _serve(pynbd_server: Callable[..., Server], sockdir: Path, *params: str,
-           size: str = "4M") -> tuple[Server, str]:
+           size: str = "4M", plugin: str = "memory") -> tuple[Server, str]:
+    """A server with the view filter over a memory disk, or over a file (``plugin="file"``:
+    requests then run in worker threads, several at once)."""
     vsock = str(sockdir / "view.sock")
-    srv = pynbd_server("--filter=view", "memory", size, f"view-socket={vsock}", *params)
+    if plugin == "file":
+        disk = sockdir / "disk.img"
+        with open(disk, "wb") as f:
+            f.truncate(4 << 20)
+        args = ["file", str(disk)]
+    else:
+        args = ["memory", size]
+    srv = pynbd_server("--filter=view", *args, f"view-socket={vsock}", *params)
     return srv, vsock
 
 
@@ -47,9 +56,10 @@ def _requests(conn_no: int, n: int) -> list[tuple[int, int, int, bytes | None]]:
     return out
 
 
+@pytest.mark.parametrize("plugin", ["memory", "file"])
 def test_every_request_once_in_order_under_load(pynbd_server: Callable[..., Server],
-                                                sockdir: Path) -> None:
-    srv, vsock = _serve(pynbd_server, sockdir)
+                                                sockdir: Path, plugin: str) -> None:
+    srv, vsock = _serve(pynbd_server, sockdir, plugin=plugin)
     sub = Subscriber(vsock)
     sub.wait_hello()
     n, conns = 400, 4
@@ -84,6 +94,23 @@ def test_every_request_once_in_order_under_load(pynbd_server: Callable[..., Serv
     # Each connection's requests, each once, in the order sent (which client is which
     # connection number is the server's business: match them up by content).
     assert sorted(map(tuple, by_conn.values())) == sorted(map(tuple, sent.values()))
+    sub.close()
+
+
+def test_every_request_once_with_many_in_flight(pynbd_server: Callable[..., Server],
+                                                sockdir: Path) -> None:
+    """Requests in flight at once, in worker threads: each appears exactly once (their
+    order is the order they completed, which the client does not fix)."""
+    srv, vsock = _serve(pynbd_server, sockdir, plugin="file")
+    sub = Subscriber(vsock)
+    sub.wait_hello()
+    reqs = _requests(0, 2000)
+    c = _connect(srv)
+    pipelined(c, reqs, depth=32)
+    c.close()
+    wait_until(lambda: bool(sub.of_type("close")), "the close message")
+    got = sorted((k, o, n) for k, o, n, *_ in sub.events() if k != "F")
+    assert got == sorted((KIND[cmd], off, cnt) for cmd, off, cnt, _ in reqs)
     sub.close()
 
 
