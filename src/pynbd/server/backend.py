@@ -199,10 +199,27 @@ class FilterLayer(Layer):
         self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not self.has_async
         self.thread_model = min(ThreadModel(flt.thread_model), below.thread_model)
         self._has = {m: _overrides(flt, m, Filter) for m in _DATA_METHODS + _QUERIES}
-        # Data calls a filter does not override go straight to the context below.
+        # Data calls a filter does not override go straight to the context below; those it
+        # overrides with plain methods go straight to them (no dispatch by name per call).
         for m in _DATA_METHODS:
-            if not self._has[m] and m != "pread_into":
+            if m == "pread_into":
+                continue
+            if not self._has[m]:
                 setattr(self, m, _passthrough(m))
+            elif not _is_async(flt, m):
+                setattr(self, m, self._direct(getattr(flt, m)))
+
+    def _direct(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        call_ = self._call
+
+        def call(h: Any, *args: Any) -> Any:
+            r = fn(h[1], h[0], *args)
+            if r is None or type(r) in _PLAIN:
+                return r
+            return call_(lambda: r)  # an awaitable, or something unusual: the slow path
+
+        call.__name__ = getattr(fn, "__name__", "call")
+        return call
 
     def preconnect(self, readonly: bool) -> None:
         self._call(self.filter.preconnect, self.below.preconnect, readonly)
