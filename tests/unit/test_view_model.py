@@ -23,7 +23,7 @@ T0 = 1_700_000_000_000_000  # µs
 
 
 def _records(*evs: tuple[str, int, int, int, int, int, int, int]) -> dict[str, object]:
-    data = b"".join(RECORD.pack(ord(e[0]), *e[1:]) for e in evs)
+    data = b"".join(RECORD.pack(ord(k), f, err, c, o, n, t, d) for k, o, n, f, err, t, d, c in evs)
     return {"type": "events", "count": len(evs), "data": base64.b64encode(data).decode()}
 
 
@@ -33,7 +33,7 @@ def test_records_decode() -> None:
                                   (82, 0, 512, 0, 5, T0 + 1, 3, 2)]
     assert first_time(msg) == T0 / 1e6
     raw = base64.b64decode(str(msg["data"]))
-    assert next(iter(struct.iter_unpack("<8q", raw)))[0] == ord("W")
+    assert next(iter(struct.iter_unpack("<BBHIQQqq", raw))) == (87, 2, 0, 1, 4096, 8192, T0, 63)
 
 
 def test_panel_applies_state_and_requests() -> None:
@@ -83,8 +83,8 @@ def test_publisher_keeps_messages_in_order() -> None:
     pub._subs = {0: None}  # type: ignore[dict-item]
     pub._offer = lambda sub, data, count: sent.append(data)  # type: ignore[method-assign]
     pub.message({"type": "open", "conn": 1})
-    pub.queue.append(RECORD.pack(87, 0, 4096, 0, 0, T0, 1, 1))
-    pub.queue.append(RECORD.pack(82, 0, 4096, 0, 0, T0, 1, 1))
+    pub.queue.append(RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1))
+    pub.queue.append(RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1))
     pub.message({"type": "close", "conn": 1})
     pub._batch()
     lines = [json.loads(x) for x in sent[0].splitlines()]

@@ -93,9 +93,10 @@ class ViewFilter(Filter):
         then, in order:
 
             {"type":"events","count":N,"data":BASE64}
-                N requests as they completed: DATA is N records of eight little-endian
-                signed 64-bit integers, KIND, OFFSET, LENGTH, FLAGS, ERROR, TIME,
-                DURATION, CONN, in base64. KIND is the code of the letter R (read),
+                N requests as they completed: DATA is N records of 40 bytes, in base64,
+                each (little-endian) KIND u8, FLAGS u8, ERROR u16, CONN u32, OFFSET u64,
+                LENGTH u64, TIME i64, DURATION i64 (Python's struct "<BBHIQQqq").
+                KIND is the code of the letter R (read),
                 W (write), T (trim), Z (zero), C (cache), F (flush) or E (extents);
                 FLAGS are the request's (FUA 2, MAY_TRIM 1, REQ_ONE 4, FAST_ZERO 8);
                 ERROR is 0 or the errno it failed with; TIME the moment it started,
@@ -226,8 +227,8 @@ class ViewFilter(Filter):
     # not through a helper taking *args: the helper cost ~0.5 µs a request.
     def _failed(self, h: _Handle, kind: str, offset: int, count: int, flags: int, t0: int,
                 e: BaseException) -> None:
-        self.pub.queue.append(_pack(_CODE[kind], offset, count, flags, _error(e), t0 // 1000,
-                                    (_now() - t0) // 1000, h.conn))
+        self.pub.queue.append(_pack(_CODE[kind], flags, _error(e), h.conn, offset, count,
+                                    t0 // 1000, (_now() - t0) // 1000))
 
     def pread(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> Any:
         pub = self.pub
@@ -241,8 +242,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "R", offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(82, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
-                               h.conn))  # 82: R
+        pub.queue.append(_pack(82, flags, 0, h.conn, offset, count, t0 // 1000,
+                               (_now() - t0) // 1000))  # 82: R
         return r
 
     def pwrite(self, next: Any, h: _Handle, buf: Any, offset: int, flags: int) -> None:
@@ -258,8 +259,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "W", offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(87, offset, count, flags, 0, t0 // 1000, (_now() - t0) // 1000,
-                               h.conn))  # 87: W
+        pub.queue.append(_pack(87, flags, 0, h.conn, offset, count, t0 // 1000,
+                               (_now() - t0) // 1000))  # 87: W
         return None
 
     def _other(self, kind: str, fn: Any, h: _Handle, count: int, offset: int,
@@ -274,8 +275,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, kind, offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(_CODE[kind], offset, count, flags, 0, t0 // 1000,
-                               (_now() - t0) // 1000, h.conn))
+        pub.queue.append(_pack(_CODE[kind], flags, 0, h.conn, offset, count, t0 // 1000,
+                               (_now() - t0) // 1000))
         return r
 
     def trim(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import array
 import base64
 import collections
-import sys
+import struct
 from typing import Any
 
 __all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
@@ -33,23 +33,21 @@ DATA = (96, 112, 144)
 #: Around and between the grids.
 BACKGROUND = (245, 245, 245)
 _CODES = {k: ord(k) for k in KINDS}
+#: The view filter's record (pynbd.filters._view_publish.RECORD).
+_RECORD = struct.Struct("<BBHIQQqq")
 _NAMES = {ord(k): k for k in KINDS}
 
 
 def decode_events(msg: dict[str, Any]) -> list[Any]:
     """The requests of an ``events`` message: ``events`` (lists, as nbdkit logs are
-    replayed), or ``data`` (the filter's records: eight little-endian int64 each, in
-    base64), as sequences (KIND, OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND
-    is a letter or its code."""
+    replayed), or ``data`` (the filter's 40-byte records, in base64), as sequences (KIND,
+    OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND is a letter or its code."""
     data = msg.get("data")
     if data is None:
         return list(msg.get("events", ()))
-    recs = array.array("q")
-    recs.frombytes(base64.b64decode(data))
-    if sys.byteorder == "big":
-        recs.byteswap()
-    it = iter(recs)
-    return list(zip(it, it, it, it, it, it, it, it, strict=False))
+    raw = base64.b64decode(data)
+    raw = raw[:len(raw) - len(raw) % _RECORD.size]
+    return [(k, o, n, f, e, t, d, c) for k, f, e, c, o, n, t, d in _RECORD.iter_unpack(raw)]
 
 
 def event_count(msg: dict[str, Any]) -> int:

@@ -243,7 +243,8 @@ function updateTimeline(now) {
   document.getElementById("live").classList.toggle("on", view.live);
 }
 
-// The filter's records: eight little-endian int64 a request, in base64.
+// The filter's records, in base64: 40 bytes a request, little-endian: kind u8, flags u8,
+// error u16, connection u32, offset u64, length u64, time i64, duration i64.
 function decodeEvents(b64) {
   const raw = atob(b64);
   const bytes = new Uint8Array(raw.length);
@@ -251,9 +252,9 @@ function decodeEvents(b64) {
   const dv = new DataView(bytes.buffer);
   const int = (o) => dv.getUint32(o, true) + dv.getInt32(o + 4, true) * 4294967296;
   const out = [];
-  for (let o = 0; o + 64 <= bytes.length; o += 64) {
-    out.push([String.fromCharCode(int(o)), int(o + 8), int(o + 16), int(o + 24), int(o + 32),
-              int(o + 40), int(o + 48), int(o + 56)]);
+  for (let o = 0; o + 40 <= bytes.length; o += 40) {
+    out.push([String.fromCharCode(dv.getUint8(o)), int(o + 8), int(o + 16), dv.getUint8(o + 1),
+              dv.getUint16(o + 2, true), int(o + 24), int(o + 32), dv.getUint32(o + 4, true)]);
   }
   return out;
 }
