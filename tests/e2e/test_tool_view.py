@@ -214,6 +214,9 @@ def _writes(msgs: list[dict[str, object]]) -> list[list[object]]:
      "pynbd view: /nonexistent/v.sock: No such file or directory"),
     (["--replay", "/nonexistent/run.jsonl", "--snapshot", "/tmp/never.png"], 1,
      "pynbd view: --replay: /nonexistent/run.jsonl: No such file or directory"),
+    (["x.sock", "--record", "/nonexistent/r.jsonl"], 1,
+     "pynbd view: --record: /nonexistent/r.jsonl: No such file or directory"),
+    (["--fade", "-1", "x.sock"], 2, "--fade and --speed must not be negative"),
 ])
 def test_bad_input(args: list[str], rc: int, message: str) -> None:
     r = subprocess.run([*PYNBD, "view", *args], capture_output=True, text=True, timeout=60,
@@ -233,6 +236,36 @@ def test_replay_of_something_else(sockdir: Path) -> None:
     assert r.stderr.strip() == (f"pynbd view: --replay: {junk}: neither a pynbd view "
                                 "recording nor an nbdkit log filter file")
     assert not (sockdir / "x.png").exists()
+
+
+def test_unwritable_picture(sockdir: Path) -> None:
+    rec = sockdir / "r.jsonl"
+    rec.write_text('{"type":"record","version":1,"sources":["a"]}\n'
+                   '{"type":"open","conn":1,"size":65536,"time":1,"src":0}\n')
+    r = subprocess.run([*PYNBD, "view", "--replay", str(rec), "--snapshot",
+                        "/nonexistent/x.png"], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == ("pynbd view: /nonexistent/x.png: "
+                                                 "No such file or directory")
+    assert "Traceback" not in r.stderr
+
+
+def test_bigger_cells(sockdir: Path) -> None:
+    """--block 8K: two blocks of 4 KiB a cell."""
+    rec = sockdir / "r.jsonl"
+    ev = ["W", 12288, 4096, 0, 0, 1_000_000, 1, 1]
+    rec.write_text('{"type":"record","version":1,"sources":["a"]}\n'
+                   '{"type":"open","conn":1,"size":65536,"time":1,"src":0}\n'
+                   + json.dumps({"type": "events", "events": [ev], "src": 0}) + "\n")
+    out = sockdir / "x.png"
+    r = subprocess.run([*PYNBD, "view", "--replay", str(rec), "--snapshot", str(out),
+                        "--block", "8K", *PICTURE], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    im = PImage.open(out).convert("RGB")
+    colours = [im.getpixel(cell_origin(None, 0, b, COLUMNS, CELL)) for b in range(8)]
+    assert colours == [HOLE, COLOURS["W"], *[HOLE] * 6]
 
 
 def test_an_nbd_socket_is_not_a_view_socket(pynbd_server: Callable[..., Server],

@@ -110,3 +110,17 @@ def test_nbdkit_log_lines() -> None:
     t0 = 1796601600 * 1_000_000  # 2026-12-07 00:00:00 UTC
     assert msgs[2]["events"] == [["R", 0, 0x200, 0, 5, t0 + 20, 10, 1]]
     assert msgs[3]["events"] == [["W", 0x1000, 0x2000, 2, 0, t0 + 10, 40, 1]]
+
+
+def test_view_address() -> None:
+    import pytest
+
+    from pynbd.errors import ConfigError
+    from pynbd.filters.view import _parse_address
+
+    assert _parse_address("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert _parse_address("[::1]:8000") == ("::1", 8000)
+    assert _parse_address("localhost:1") == ("localhost", 1)
+    for bad in ("10.0.0.1:80", "[::]:80", "example.com:80", "127.0.0.1:0", ":80", "1.2.3.4"):
+        with pytest.raises(ConfigError):
+            _parse_address(bad)
