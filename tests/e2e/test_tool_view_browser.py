@@ -5,6 +5,7 @@ the export, the page's grid turns red where the writes went and nowhere else."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -97,3 +98,50 @@ def test_page_shows_writes_in_red(browser: Any, pynbd_server: Callable[..., Serv
             wrong.append((b, shot.getpixel((x, y))))
     assert not wrong, f"{len(wrong)} cells wrong (block, pixel): {wrong[:10]}"
     assert "Traceback" not in errlog.read_text()
+
+
+def _red_blocks(page: Any, blocks: range) -> set[int]:
+    from PIL import Image
+
+    page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    cols = page.evaluate("window.pynbdView.panels[0].cols")
+    shot = Image.open(io.BytesIO(page.locator("canvas").first.screenshot())).convert("RGB")
+    return {b for b in blocks
+            if _is_red(shot.getpixel(((b % cols) * ZOOM + 1, (b // cols) * ZOOM + 1)))}
+
+
+def test_timeline_scrubs_back(browser: Any, sockdir: Path) -> None:
+    """A replayed run: moving the timeline before a write takes its red away; live brings
+    it back."""
+    t0 = 1_790_000_000_000_000  # µs
+    msgs = [{"type": "hello", "protocol": 1, "exports": {}, "time": t0},
+            {"type": "open", "conn": 1, "size": 1 << 20, "time": t0},
+            {"type": "events", "events": [["W", 0, 65536, 0, 0, t0 + 10_000_000, 5, 1]]},
+            {"type": "events", "events": [["W", 400 * 1024, 4096, 0, 0, t0 + 20_000_000, 5, 1]]}]
+    rec = sockdir / "run.jsonl"
+    rec.write_text("\n".join(json.dumps(m | {"src": 0}) for m in
+                             [{"type": "record", "version": 1, "sources": ["a"]}, *msgs]))
+    viewer = subprocess.Popen([*PYNBD, "view", "--replay", str(rec), "--speed", "0",
+                               "--fade", "0", "--zoom", str(ZOOM)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        assert viewer.stdout is not None
+        url = viewer.stdout.readline().decode().split()[-1]
+        page = browser.new_page(viewport={"width": 800, "height": 600})
+        page.goto(url)
+        page.wait_for_function("window.pynbdView && window.pynbdView.eventsSeen >= 2")
+        assert _red_blocks(page, range(256)) == set(range(16)) | {100}
+
+        def scrub_to(t_us: int) -> None:
+            page.evaluate(f"""() => {{ const s = document.getElementById('scrub');
+                s.value = {t_us / 1e6}; s.dispatchEvent(new Event('input')); }}""")
+
+        scrub_to(t0 + 15_000_000)
+        assert _red_blocks(page, range(256)) == set(range(16))
+        scrub_to(t0 + 5_000_000)
+        assert _red_blocks(page, range(256)) == set()
+        page.click("#live")
+        assert _red_blocks(page, range(256)) == set(range(16)) | {100}
+    finally:
+        viewer.terminate()
+        viewer.wait(30)
