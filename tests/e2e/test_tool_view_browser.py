@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from fuse_helpers import fuse_mount  # noqa: F401 (fixture)
 from view_helpers import wait_until
 
 from tests.helpers import PYNBD, Server, missing, require
@@ -100,14 +101,14 @@ def test_page_shows_writes_in_red(browser: Any, pynbd_server: Callable[..., Serv
     assert "Traceback" not in errlog.read_text()
 
 
-def _red_blocks(page: Any, blocks: range) -> set[int]:
+def _red_blocks(page: Any, blocks: range, zoom: int = ZOOM) -> set[int]:
     from PIL import Image
 
     page.evaluate("new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
     cols = page.evaluate("window.pynbdView.panels[0].cols")
     shot = Image.open(io.BytesIO(page.locator("canvas").first.screenshot())).convert("RGB")
     return {b for b in blocks
-            if _is_red(shot.getpixel(((b % cols) * ZOOM + 1, (b // cols) * ZOOM + 1)))}
+            if _is_red(shot.getpixel(((b % cols) * zoom, (b // cols) * zoom)))}
 
 
 def test_timeline_scrubs_back(browser: Any, sockdir: Path) -> None:
@@ -145,3 +146,53 @@ def test_timeline_scrubs_back(browser: Any, sockdir: Path) -> None:
     finally:
         viewer.terminate()
         viewer.wait(30)
+
+
+def test_mkfs_through_fuse_in_the_page(browser: Any, pynbd_server: Callable[..., Server],
+                                       sockdir: Path, fuse_mount: Any) -> None:  # noqa: F811
+    """mkfs.ext4 on the export through `pynbd fuse`, watched in the page (colours never
+    fade): a cell is red exactly where a write was the last request to touch the block, as
+    the recorded stream says."""
+    from pynbd.tools._view_model import decode_events
+
+    mkfs = require("mkfs.ext4")
+    vsock = str(sockdir / "view.sock")
+    srv = pynbd_server("--filter=view", "memory", "32M", f"view-socket={vsock}")
+    rec = sockdir / "run.jsonl"
+    errlog = sockdir / "viewer.err"
+    with open(errlog, "wb") as err:
+        viewer = subprocess.Popen([*PYNBD, "view", vsock, "--fade", "0", "--zoom", "2",
+                                   "--record", str(rec)], stdout=subprocess.PIPE, stderr=err,
+                                  stdin=subprocess.DEVNULL)
+    try:
+        assert viewer.stdout is not None
+        url = viewer.stdout.readline().decode().split()[-1]
+        wait_until(lambda: "watching" in errlog.read_text(), "the viewer to connect")
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        page.goto(url)
+        page.wait_for_function("window.pynbdView && window.pynbdView.ready")
+        m = fuse_mount(srv.uri)
+        subprocess.run([mkfs, "-q", "-F", str(m.file)], check=True, capture_output=True,
+                       timeout=120)
+        m.cleanup()
+        srv.stop()  # the stream ends: the recording is complete
+        wait_until(lambda: "went away" in errlog.read_text(), "the end of the stream")
+        last: dict[int, str] = {}
+        total = 0
+        for line in rec.read_text().splitlines()[1:]:
+            msg = json.loads(line)
+            if msg.get("type") != "events":
+                continue
+            for k, off, n, _f, e, *_ in decode_events(msg):
+                total += 1
+                if not e and chr(k) in "RWTZC" and n:
+                    for b in range(off // BLOCK, -(-(off + n) // BLOCK)):
+                        last[b] = chr(k)
+        page.wait_for_function(f"window.pynbdView.eventsSeen >= {total}")
+        red = _red_blocks(page, range((32 << 20) // BLOCK), zoom=2)
+    finally:
+        viewer.terminate()
+        viewer.wait(30)
+    written = {b for b, k in last.items() if k == "W"}
+    assert len(written) > 10  # mkfs wrote its metadata
+    assert red == written

@@ -96,7 +96,10 @@ class RecordWriter:
         self.file.write(json.dumps({"type": "record", "version": 1, "sources": names}) + "\n")
 
     def write(self, src: int, msg: dict[str, Any]) -> None:
+        """One message, flushed: the file is whole up to the last batch (20 a second),
+        whenever it is read or the viewer stops."""
         self.file.write(json.dumps({**msg, "src": src}, separators=(",", ":")) + "\n")
+        self.file.flush()
 
     def close(self) -> None:
         self.file.close()
