@@ -41,7 +41,6 @@ class Subscriber:
         self.thread.start()
 
     def _run(self) -> None:
-        buf = b""
         f = self.sock.makefile("rb")
         try:
             first = f.readline()  # the hello comes whether we read or not
@@ -52,7 +51,6 @@ class Subscriber:
         except (OSError, ValueError):
             pass
         finally:
-            del buf
             self.ended.set()
 
     def wait_hello(self) -> dict[str, Any]:
@@ -70,8 +68,13 @@ class Subscriber:
                 for m in self.of_type("events") for r in decode_events(m)]
 
     def close(self) -> None:
-        self.sock.close()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reading thread
+        except OSError:
+            pass
+        self.reading.set()
         self.thread.join(5)
+        self.sock.close()
 
 
 def pipelined(c: BlockingConnection, requests: list[tuple[int, int, int, Any]],
