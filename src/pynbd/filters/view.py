@@ -224,11 +224,12 @@ class ViewFilter(Filter):
     # Data ------------------------------------------------------------------------------
     # Each method: with no viewer, one attribute test and the call; with viewers, the
     # clock read around the call and one deque append (no lock). Written out per method,
-    # not through a helper taking *args: the helper cost ~0.5 µs a request.
+    # not through a helper taking *args: the helper cost ~0.5 µs a request. Flags and errno
+    # are masked to their record fields: a record that does not fit must never fail a request.
     def _failed(self, h: _Handle, kind: str, offset: int, count: int, flags: int, t0: int,
                 e: BaseException) -> None:
-        self.pub.queue.append(_pack(_CODE[kind], flags, _error(e), h.conn, offset, count,
-                                    t0 // 1000, (_now() - t0) // 1000))
+        self.pub.queue.append(_pack(_CODE[kind], flags & 0xFF, _error(e) & 0xFFFF, h.conn,
+                                    offset, count, t0 // 1000, (_now() - t0) // 1000))
 
     def pread(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> Any:
         pub = self.pub
@@ -242,7 +243,7 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "R", offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(82, flags, 0, h.conn, offset, count, t0 // 1000,
+        pub.queue.append(_pack(82, flags & 0xFF, 0, h.conn, offset, count, t0 // 1000,
                                (_now() - t0) // 1000))  # 82: R
         return r
 
@@ -259,7 +260,7 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, "W", offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(87, flags, 0, h.conn, offset, count, t0 // 1000,
+        pub.queue.append(_pack(87, flags & 0xFF, 0, h.conn, offset, count, t0 // 1000,
                                (_now() - t0) // 1000))  # 87: W
         return None
 
@@ -275,8 +276,8 @@ class ViewFilter(Filter):
         except Exception as e:
             self._failed(h, kind, offset, count, flags, t0, e)
             raise
-        pub.queue.append(_pack(_CODE[kind], flags, 0, h.conn, offset, count, t0 // 1000,
-                               (_now() - t0) // 1000))
+        pub.queue.append(_pack(_CODE[kind], flags & 0xFF, 0, h.conn, offset, count,
+                               t0 // 1000, (_now() - t0) // 1000))
         return r
 
     def trim(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> None:
