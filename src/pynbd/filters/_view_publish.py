@@ -1,7 +1,7 @@
 """The view filter's publisher (private): subscribers, batches, the wire format.
 
-Each request is packed into a record of 40 bytes (:data:`RECORD`) and appended to :attr:`Publisher.queue`, a deque: appending is atomic, so
-request threads and the event loop never take a lock. Other messages (open, close, state)
+Each request is packed into a record of 40 bytes (:data:`RECORD`) and appended to
+:attr:`Publisher.queue`, a deque: appending is atomic, so request threads and the event loop never take a lock. Other messages (open, close, state)
 go into the same deque as dicts, so the order is kept. One publisher thread wakes every
 :data:`BATCH_INTERVAL`, takes what accumulated and writes each subscriber one line per run
 of requests: the records joined, in base64, which costs no Python work per request. (JSON

@@ -36,13 +36,17 @@ def _parser() -> argparse.ArgumentParser:
                "(the servers exit, the replay is over) or on Ctrl-C.")
     p.add_argument("sockets", nargs="*", metavar="SOCKET",
                    help="a view filter's socket path, or HOST:PORT")
-    p.add_argument("--block", default="4K", metavar="SIZE", help="bytes a cell stands for (default 4K)")
+    p.add_argument("--block", default="4K",
+                   metavar="SIZE", help="bytes a cell stands for (default 4K)")
     p.add_argument("--open", action="store_true", help="open the page in a browser")
-    p.add_argument("--listen", default="127.0.0.1", metavar="ADDR", help="address of the page (loopback)")
-    p.add_argument("--port", type=int, default=0, metavar="N", help="port of the page (default: any)")
+    p.add_argument("--listen", default="127.0.0.1",
+                   metavar="ADDR", help="address of the page (loopback)")
+    p.add_argument("--port", type=int, default=0,
+                   metavar="N", help="port of the page (default: any)")
     p.add_argument("--fade", type=float, default=1.0, metavar="SECS",
                    help="seconds a request's colour takes to fade (0: never; default 1)")
-    p.add_argument("--zoom", type=int, default=4, metavar="PX", help="pixels a cell starts at on the page")
+    p.add_argument("--zoom", type=int, default=4,
+                   metavar="PX", help="pixels a cell starts at on the page")
     p.add_argument("--record", metavar="FILE", help="record every message to FILE")
     p.add_argument("--replay", metavar="FILE",
                    help="replay a recording, or an nbdkit log filter file")
@@ -50,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay speed (default 1: real time; 0: at once)")
     p.add_argument("--snapshot", metavar="PNG", help="write the picture to PNG at the end")
     p.add_argument("--apng", metavar="PNG", help="write an animated PNG of the whole run")
-    p.add_argument("--frames", type=int, default=100, metavar="N", help="frames of --apng (default 100)")
+    p.add_argument("--frames", type=int, default=100,
+                   metavar="N", help="frames of --apng (default 100)")
     p.add_argument("--frame-ms", type=int, default=100, metavar="MS",
                    help="milliseconds each --apng frame shows (default 100)")
     p.add_argument("--columns", type=int, default=128, metavar="N",
