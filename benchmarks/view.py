@@ -38,7 +38,7 @@ def wait_path(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) ->
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"did not start: {proc.args}")
+            raise SystemExit(f"did not start: {proc.args!r}")
         time.sleep(0.05)
 
 

@@ -11,6 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,8 +174,8 @@ def test_page_assets_and_websocket(pynbd_server: Callable[..., Server],
         c = BlockingConnection.connect(unix=srv.sock)
         c.pwrite(b"x" * 4096, 8192)
 
-        async def first_messages() -> list[dict[str, object]]:
-            got: list[dict[str, object]] = []
+        async def first_messages() -> list[dict[str, Any]]:
+            got: list[dict[str, Any]] = []
             async with aiohttp.ClientSession() as s, s.ws_connect(url + "ws") as ws:
                 got.append(json.loads((await ws.receive()).data))
                 c.pwrite(b"y" * 4096, 16384)  # live, after the page connected
@@ -194,11 +195,11 @@ def test_page_assets_and_websocket(pynbd_server: Callable[..., Server],
     assert "Traceback" not in errlog.read_text()
 
 
-def _writes(msgs: list[dict[str, object]]) -> list[list[object]]:
+def _writes(msgs: list[dict[str, Any]]) -> list[list[object]]:
     """(kind, offset, length) of the events in page messages, the init's history too."""
     out: list[list[object]] = []
     for m in msgs:
-        for h in (m.get("history") or [m]):  # type: ignore[union-attr]
+        for h in (m.get("history") or [m]):
             if h.get("type") == "events":
                 out += [[chr(e[0]) if isinstance(e[0], int) else e[0], *e[1:3]]
                         for e in decode_events(h)]

@@ -51,7 +51,7 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def _is_red(px: tuple[int, ...]) -> bool:
+def _is_red(px: Any) -> bool:
     return px[0] > 180 and px[1] < 60 and px[2] < 60
 
 
@@ -89,7 +89,7 @@ def test_page_shows_writes_in_red(browser: Any, pynbd_server: Callable[..., Serv
     finally:
         viewer.terminate()
         viewer.wait(30)
-    written = set()
+    written: set[int] = set()
     for off, n in WRITES:
         written.update(range(off // BLOCK, (off + n) // BLOCK))
     wrong = []
@@ -115,7 +115,8 @@ def test_timeline_scrubs_back(browser: Any, sockdir: Path) -> None:
     """A replayed run: moving the timeline before a write takes its red away; live brings
     it back."""
     t0 = 1_790_000_000_000_000  # µs
-    msgs = [{"type": "hello", "protocol": 1, "exports": {}, "time": t0},
+    msgs: list[dict[str, Any]] = [
+            {"type": "hello", "protocol": 1, "exports": {}, "time": t0},
             {"type": "open", "conn": 1, "size": 1 << 20, "time": t0},
             {"type": "events", "events": [["W", 0, 65536, 0, 0, t0 + 10_000_000, 5, 1]]},
             {"type": "events", "events": [["W", 400 * 1024, 4096, 0, 0, t0 + 20_000_000, 5, 1]]}]
