@@ -10,6 +10,7 @@ timeline is moved to.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from importlib import resources
@@ -46,6 +47,7 @@ class WebView:
         self.model = model
         self.settings = {"fade": fade, "zoom": zoom}
         self.sockets: dict[Any, Any] = {}
+        self._closing: set[asyncio.Future[Any]] = set()
         self.runner: Any = None
         self.url = ""
 
@@ -89,8 +91,6 @@ class WebView:
                             headers={"Cache-Control": "no-store"})
 
     async def _ws(self, request: Any) -> Any:
-        import asyncio
-
         web = _web()
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=0)
         await ws.prepare(request)
@@ -125,5 +125,7 @@ class WebView:
         for ws, queue in list(self.sockets.items()):
             if ws.closed or queue.qsize() > MAX_PAGE_BACKLOG:
                 self.sockets.pop(ws, None)
+                if not ws.closed:  # it stopped reading: closed, it says "reload"
+                    self._closing.add(asyncio.ensure_future(ws.close()))
                 continue
             queue.put_nowait(text)
