@@ -126,6 +126,8 @@ class WebView:
             if ws.closed or queue.qsize() > MAX_PAGE_BACKLOG:
                 self.sockets.pop(ws, None)
                 if not ws.closed:  # it stopped reading: closed, it says "reload"
-                    self._closing.add(asyncio.ensure_future(ws.close()))
+                    fut = asyncio.ensure_future(ws.close())
+                    self._closing.add(fut)
+                    fut.add_done_callback(self._closing.discard)
                 continue
             queue.put_nowait(text)
