@@ -1,4 +1,4 @@
-"""The ``pynbd`` command: ``pynbd serve|info|copy|sh|dump|fuse ...``."""
+"""The ``pynbd`` command: ``pynbd serve|info|copy|sh|dump|fuse|view ...``."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ commands:
   sh       a Python shell with a libnbd-API handle (nbdsh)
   dump     hexdump an NBD export (nbddump)
   fuse     show an NBD export as a regular file (nbdfuse)
+  view     watch exports being used, live in the browser (--filter=view)
 
 `pynbd COMMAND --help` describes each command.
 """
 
 
-TOOLS = ("info", "copy", "sh", "dump", "fuse")
+TOOLS = ("info", "copy", "sh", "dump", "fuse", "view")
 
 
 def main(argv: list[str] | None = None) -> int:

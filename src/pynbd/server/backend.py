@@ -74,6 +74,8 @@ class Layer:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         r = fn(*args)
+        if r is None or type(r) in _PLAIN:  # the usual answers, never awaitable
+            return r
         if inspect.isawaitable(r):
             loop = self.loop
             if loop is None:
@@ -198,10 +200,27 @@ class FilterLayer(Layer):
         self.nonblocking = bool(flt.nonblocking) and below.nonblocking and not self.has_async
         self.thread_model = min(ThreadModel(flt.thread_model), below.thread_model)
         self._has = {m: _overrides(flt, m, Filter) for m in _DATA_METHODS + _QUERIES}
-        # Data calls a filter does not override go straight to the context below.
+        # Data calls a filter does not override go straight to the context below; those it
+        # overrides with plain methods go straight to them (no dispatch by name per call).
         for m in _DATA_METHODS:
-            if not self._has[m] and m != "pread_into":
+            if m == "pread_into":
+                continue
+            if not self._has[m]:
                 setattr(self, m, _passthrough(m))
+            elif not _is_async(flt, m):
+                setattr(self, m, self._direct(getattr(flt, m)))
+
+    def _direct(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        call_ = self._call
+
+        def call(h: Any, *args: Any) -> Any:
+            r = fn(h[1], h[0], *args)
+            if r is None or type(r) in _PLAIN:
+                return r
+            return call_(lambda: r)  # an awaitable, or something unusual: the slow path
+
+        call.__name__ = getattr(fn, "__name__", "call")
+        return call
 
     def preconnect(self, readonly: bool) -> None:
         self._call(self.filter.preconnect, self.below.preconnect, readonly)
@@ -301,6 +320,13 @@ def _passthrough(method: str) -> Callable[..., Any]:
 
     call.__name__ = method
     return call
+
+
+#: Types a callback's result has that are never awaitable: checked first, as
+#: inspect.isawaitable costs as much as a small plugin call.
+_PLAIN = frozenset({bytes, bytearray, memoryview, list, tuple, int, bool, str})
+#: Flags as plain ints: ``int & IntFlag`` goes through enum's Python code.
+_FUA, _FAST_ZERO = int(Flag.FUA), int(Flag.FAST_ZERO)
 
 
 def _truth(v: Any) -> bool:
@@ -455,8 +481,8 @@ class Context:
     def pwrite(self, buf: Any, offset: int, flags: int = 0) -> None:
         if not self.can_write():
             raise CommandError(errno.EROFS, "the export is read-only")
-        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
-            self.layer.pwrite(self.handle, buf, offset, flags & ~Flag.FUA)
+        if flags & _FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.pwrite(self.handle, buf, offset, flags & ~_FUA)
             self.layer.flush(self.handle, 0)
         else:
             self.layer.pwrite(self.handle, buf, offset, flags)
@@ -468,8 +494,8 @@ class Context:
     def trim(self, count: int, offset: int, flags: int = 0) -> None:
         if not self.can_trim():
             return  # trim is advisory
-        if flags & Flag.FUA and self.can_fua() == FuaMode.EMULATE:
-            self.layer.trim(self.handle, count, offset, flags & ~Flag.FUA)
+        if flags & _FUA and self.can_fua() == FuaMode.EMULATE:
+            self.layer.trim(self.handle, count, offset, flags & ~_FUA)
             self.layer.flush(self.handle, 0)
         else:
             self.layer.trim(self.handle, count, offset, flags)
@@ -479,21 +505,21 @@ class Context:
             raise CommandError(errno.EROFS, "the export is read-only")
         if self.zero_mode() == ZeroMode.NONE:
             raise CommandError(errno.EOPNOTSUPP, "zero is not supported")
-        fua_emulated = bool(flags & Flag.FUA) and self.can_fua() == FuaMode.EMULATE
-        lflags = flags & ~Flag.FUA if fua_emulated else flags
+        fua_emulated = bool(flags & _FUA) and self.can_fua() == FuaMode.EMULATE
+        lflags = flags & ~_FUA if fua_emulated else flags
         if self.can_zero():
             try:
                 self.layer.zero(self.handle, count, offset, lflags)
             except (OSError, CommandError) as e:
-                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & Flag.FAST_ZERO:
+                if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & _FAST_ZERO:
                     raise
             else:
                 if fua_emulated:
                     self.layer.flush(self.handle, 0)
                 return
-        if flags & Flag.FAST_ZERO:
+        if flags & _FAST_ZERO:
             raise CommandError(errno.ENOTSUP, "fast zero is not supported")
-        wflags = lflags & Flag.FUA
+        wflags = lflags & _FUA
         pos, end = offset, offset + count
         while pos < end:
             n = min(len(_ZERO_CHUNK), end - pos)

@@ -1,0 +1,254 @@
+"""What ``pynbd view`` knows about each export (private): blocks, their state, counters.
+
+A :class:`Panel` is one source (one view socket, or one source of a recording): the
+export's size, one byte of state per block (hole or data, from the filter's ``state``
+message and the writes, trims and zeroes since), the last request that touched each block
+and when, and counters per kind of request. :class:`Model` holds the panels and a history
+of the messages of the last minutes (for the page's timeline). Standard library only.
+"""
+
+from __future__ import annotations
+
+import array
+import base64
+import collections
+import struct
+from typing import Any
+
+__all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
+           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time"]
+
+#: Kinds drawn on the grid (flush and extents touch no block; they are only counted).
+KINDS = {"R": "read", "W": "write", "T": "trim", "Z": "zero", "C": "cache", "F": "flush",
+         "E": "extents"}
+#: Colours of the requests, as in the "better loop mounts" demo: writes red, reads black,
+#: trims light purple, zeroes white (a cache request is drawn like a read, in grey).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "W": (224, 0, 0), "R": (0, 0, 0), "T": (200, 160, 255), "Z": (255, 255, 255),
+    "C": (80, 80, 80),
+}
+#: A block's resting colours: a hole (never written, trimmed or zeroed) and data.
+HOLE = (200, 200, 200)
+DATA = (96, 112, 144)
+#: Around and between the grids.
+BACKGROUND = (245, 245, 245)
+_CODES = {k: ord(k) for k in KINDS}
+#: The view filter's record (pynbd.filters._view_publish.RECORD).
+_RECORD = struct.Struct("<BBHIQQqq")
+_NAMES = {ord(k): k for k in KINDS}
+
+
+def decode_events(msg: dict[str, Any]) -> list[Any]:
+    """The requests of an ``events`` message: ``events`` (lists, as nbdkit logs are
+    replayed), or ``data`` (the filter's 40-byte records, in base64), as sequences (KIND,
+    OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND is a letter or its code."""
+    data = msg.get("data")
+    if data is None:
+        return list(msg.get("events", ()))
+    raw = base64.b64decode(data)
+    raw = raw[:len(raw) - len(raw) % _RECORD.size]
+    return [(k, o, n, f, e, t, d, c) for k, f, e, c, o, n, t, d in _RECORD.iter_unpack(raw)]
+
+
+def event_count(msg: dict[str, Any]) -> int:
+    if "count" in msg:
+        return int(msg["count"])
+    return len(msg.get("events", ()))
+#: Blocks one panel may have (the block size grows to fit: 4M bytes of state per panel).
+MAX_BLOCKS = 1 << 22
+#: Seconds of history kept for the timeline, and messages at most.
+HISTORY_SECONDS = 300.0
+HISTORY_EVENTS = 2_000_000
+
+
+def blend(a: tuple[int, int, int], b: tuple[int, int, int], f: float) -> tuple[int, int, int]:
+    """``a`` turning into ``b`` as ``f`` goes from 0 to 1."""
+    return (round(a[0] + (b[0] - a[0]) * f), round(a[1] + (b[1] - a[1]) * f),
+            round(a[2] + (b[2] - a[2]) * f))
+
+
+def block_colour(base: int, kind: int, age: float, fade: float) -> tuple[int, int, int]:
+    """The colour of a block: ``base`` 0 hole / 1 data, ``kind`` the last request's letter
+    code (0: none), ``age`` seconds since it, ``fade`` seconds to fade (0: never)."""
+    rest = DATA if base else HOLE
+    if not kind:
+        return rest
+    colour = COLOURS.get(chr(kind))
+    if colour is None:
+        return rest
+    if fade <= 0:
+        return colour
+    f = age / (fade / 2 if kind == 82 else fade)  # reads flash: they fade twice as fast
+    if f >= 1:
+        return rest
+    return blend(colour, rest, max(f, 0.0))
+
+
+class Panel:
+    """One export as the viewer draws it."""
+
+    def __init__(self, name: str, block: int) -> None:
+        self.name = name
+        self.block = block
+        self.size = 0
+        self.nblocks = 0
+        self.base = bytearray()  # 0 hole, 1 data
+        self.kind = bytearray()  # last request's letter, 0 none
+        self.when = array.array("d")  # and its time (seconds since the epoch)
+        self.counters: dict[str, list[int]] = {k: [0, 0] for k in KINDS}
+        self.errors = 0
+        self.dropped = 0
+        self.last_time = 0.0
+
+    def resize(self, size: int) -> None:
+        if size <= self.size:
+            return
+        block = self.block
+        while -(-size // block) > MAX_BLOCKS:
+            block *= 2
+        if block != self.block:  # too many blocks: coarser cells, state kept as is
+            self.block = block
+            self.base = bytearray()
+            self.kind = bytearray()
+            self.when = array.array("d")
+        n = -(-size // block)
+        grow = n - len(self.base)
+        self.base += bytes(grow)
+        self.kind += bytes(grow)
+        self.when.extend(array.array("d", bytes(8 * grow)))
+        self.size, self.nblocks = size, n
+
+    def _range(self, offset: int, length: int) -> tuple[int, int]:
+        a = min(offset // self.block, self.nblocks)
+        b = min(-(-(offset + length) // self.block), self.nblocks)
+        return a, b
+
+    def state(self, size: int, extents: list[list[int]]) -> None:
+        self.resize(size)
+        for off, length, typ in extents:
+            a, b = self._range(off, length)
+            if b > a:
+                self.base[a:b] = (b"\0" if typ & 1 else b"\1") * (b - a)
+
+    def events(self, evs: list[Any]) -> None:
+        """Apply a batch of requests. (Kept in one loop with locals: a busy disk sends
+        tens of thousands a second, and this runs for each.)"""
+        counters, colours, block = self.counters, COLOURS, self.block
+        kind_arr, when_arr, base_arr = self.kind, self.when, self.base
+        last = self.last_time
+        names = _NAMES
+        for ev in evs:
+            kind, offset, length, _flags, err, t_us = ev[0], ev[1], ev[2], ev[3], ev[4], ev[5]
+            kind = names.get(kind, kind)
+            c = counters.get(kind)
+            if c is None:
+                continue
+            t = t_us / 1e6
+            if t > last:  # noqa: PLR1730 -- cheaper than max() in this loop
+                last = t
+            if err:
+                self.errors += 1
+                continue
+            c[0] += 1
+            c[1] += length
+            if kind not in colours or length <= 0:
+                continue
+            a = offset // block
+            b = -(-(offset + length) // block)
+            if b > self.nblocks:
+                self.resize(offset + length)
+                kind_arr, when_arr, base_arr = self.kind, self.when, self.base
+                block = self.block  # (coarser if the export became very large)
+                a, b = offset // block, min(-(-(offset + length) // block), self.nblocks)
+            code = _CODES[kind]
+            if b == a + 1:  # one block: most requests
+                kind_arr[a] = code
+                when_arr[a] = t
+                if kind == "W":
+                    base_arr[a] = 1
+                elif kind == "T" or kind == "Z":
+                    base_arr[a] = 0
+            elif b > a:
+                self._mark(a, b, kind, t)
+        self.last_time = last
+
+    def event(self, ev: list[Any]) -> None:
+        self.events([ev])
+
+    def _mark(self, a: int, b: int, kind: str, t: float) -> None:
+        n = b - a
+        self.kind[a:b] = kind.encode() * n
+        self.when[a:b] = array.array("d", [t]) * n
+        if kind == "W":
+            self.base[a:b] = b"\1" * n
+        elif kind in "TZ":
+            self.base[a:b] = b"\0" * n
+
+    def apply(self, msg: dict[str, Any]) -> None:
+        """Apply one message of the filter's stream."""
+        typ = msg.get("type")
+        if typ == "events":
+            self.events(decode_events(msg))
+        elif typ == "state":
+            self.state(int(msg.get("size", 0)), msg.get("extents", []))
+        elif typ == "open":
+            self.resize(int(msg.get("size", 0)))
+        elif typ == "hello":
+            for size in msg.get("exports", {}).values():
+                self.resize(int(size))
+        elif typ == "dropped":
+            self.dropped += int(msg.get("count", 0))
+
+    def colour(self, i: int, now: float, fade: float) -> tuple[int, int, int]:
+        return block_colour(self.base[i], self.kind[i], now - self.when[i], fade)
+
+
+class Model:
+    """All panels, and the recent messages (for the page's timeline and late pages)."""
+
+    def __init__(self, names: list[str], block: int) -> None:
+        self.block = block
+        self.panels = [Panel(n, block) for n in names]
+        #: (source, message) of the last minutes, oldest first.
+        self.history: collections.deque[tuple[int, dict[str, Any]]] = collections.deque()
+        self._history_events = 0
+        #: The panels as they were before the oldest message in history.
+        self.origin = [Panel(n, block) for n in names]
+
+    @property
+    def now(self) -> float:
+        """The time of the latest request seen (seconds since the epoch)."""
+        return max((p.last_time for p in self.panels), default=0.0)
+
+    def apply(self, src: int, msg: dict[str, Any]) -> None:
+        self.panels[src].apply(msg)
+        self.history.append((src, msg))
+        self._history_events += event_count(msg) + 1
+        self._trim_history()
+
+    def _trim_history(self) -> None:
+        h = self.history
+        cutoff = self.now - HISTORY_SECONDS
+        while h and (self._history_events > HISTORY_EVENTS or message_time(h[0][1]) < cutoff):
+            src, msg = h.popleft()
+            self._history_events -= event_count(msg) + 1
+            self.origin[src].apply(msg)
+
+
+def message_time(msg: dict[str, Any]) -> float:
+    """When a message happened (an events message: its last request's start)."""
+    if msg.get("type") == "events":
+        evs = decode_events(msg) if "data" in msg else msg.get("events")
+        if evs:
+            return float(evs[-1][5]) / 1e6
+    return float(msg.get("time", 0)) / 1e6
+
+
+def first_time(msg: dict[str, Any]) -> float | None:
+    """When a message began (an events message: its first request's start), or None."""
+    if msg.get("type") == "events":
+        evs = decode_events(msg) if "data" in msg else msg.get("events")
+        if evs:
+            return float(evs[0][5]) / 1e6
+    t = msg.get("time")
+    return float(t) / 1e6 if t else None

@@ -1,0 +1,126 @@
+"""``pynbd view``'s model, the filter's record lines and the nbdkit log reader, in process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+from pynbd.filters._view_publish import RECORD, Publisher
+from pynbd.tools._view_model import (
+    COLOURS,
+    DATA,
+    HOLE,
+    Model,
+    Panel,
+    block_colour,
+    decode_events,
+    first_time,
+)
+from pynbd.tools._view_sources import parse_nbdkit_log
+
+T0 = 1_700_000_000_000_000  # µs
+
+
+def _records(*evs: tuple[str, int, int, int, int, int, int, int]) -> dict[str, object]:
+    data = b"".join(RECORD.pack(ord(k), f, err, c, o, n, t, d) for k, o, n, f, err, t, d, c in evs)
+    return {"type": "events", "count": len(evs), "data": base64.b64encode(data).decode()}
+
+
+def test_records_decode() -> None:
+    msg = _records(("W", 4096, 8192, 2, 0, T0, 63, 1), ("R", 0, 512, 0, 5, T0 + 1, 3, 2))
+    assert decode_events(msg) == [(87, 4096, 8192, 2, 0, T0, 63, 1),
+                                  (82, 0, 512, 0, 5, T0 + 1, 3, 2)]
+    assert first_time(msg) == T0 / 1e6
+    raw = base64.b64decode(str(msg["data"]))
+    assert next(iter(struct.iter_unpack("<BBHIQQqq", raw))) == (87, 2, 0, 1, 4096, 8192, T0, 63)
+
+
+def test_panel_applies_state_and_requests() -> None:
+    p = Panel("x", 4096)
+    p.apply({"type": "hello", "exports": {"": 64 * 4096}})
+    assert p.nblocks == 64
+    p.apply({"type": "state", "size": 64 * 4096, "extents": [[0, 8192, 0], [8192, 253952, 3]]})
+    assert list(p.base[:3]) == [1, 1, 0]
+    p.apply(_records(("W", 8192, 4096, 0, 0, T0, 1, 1), ("T", 0, 4096, 0, 0, T0, 1, 1),
+                     ("R", 40960, 100, 0, 0, T0, 1, 1), ("Z", 4096 * 63, 4096, 0, 5, T0, 1, 1)))
+    assert list(p.base[:3]) == [0, 1, 1]  # trimmed, data, written
+    assert p.colour(2, T0 / 1e6, 0) == COLOURS["W"]
+    assert p.colour(10, T0 / 1e6, 0) == COLOURS["R"]  # a part of a block counts
+    assert p.colour(63, T0 / 1e6, 0) == HOLE  # the zero failed: nothing drawn
+    assert p.errors == 1 and p.counters["W"] == [1, 4096]
+
+
+def test_fading() -> None:
+    w = ord("W")
+    assert block_colour(1, w, 0.0, 1.0) == COLOURS["W"]
+    assert block_colour(1, w, 1.0, 1.0) == DATA
+    mid = block_colour(0, w, 0.5, 1.0)
+    assert mid == tuple(round((a + b) / 2) for a, b in zip(COLOURS["W"], HOLE, strict=True))
+    assert block_colour(0, ord("R"), 0.5, 1.0) == HOLE  # reads fade twice as fast
+    assert block_colour(0, w, 100.0, 0) == COLOURS["W"]  # fade 0: never
+
+
+def test_requests_past_the_end_grow_the_panel() -> None:
+    p = Panel("x", 4096)
+    p.apply(_records(("W", 1 << 20, 4096, 0, 0, T0, 1, 1)))
+    assert p.nblocks == 257 and p.base[256] == 1
+
+
+def test_model_history_keeps_origin() -> None:
+    m = Model(["a"], 4096)
+    m.apply(0, {"type": "open", "size": 8192, "time": T0})
+    m.apply(0, _records(("W", 0, 4096, 0, 0, T0, 1, 1)))
+    assert len(m.history) == 2
+    m.apply(0, _records(("W", 4096, 4096, 0, 0, T0 + 400_000_000, 1, 1)))  # 400 s later
+    assert len(m.history) == 1  # older than the history's 300 s: folded into the origin
+    assert list(m.origin[0].base) == [1, 0] and list(m.panels[0].base) == [1, 1]
+
+
+def test_publisher_keeps_messages_in_order() -> None:
+    pub = Publisher()
+    sent: list[bytes] = []
+    pub._subs = {0: None}  # type: ignore[dict-item]
+    pub._offer = lambda sub, data, count: sent.append(data)  # type: ignore[method-assign]
+    pub.message({"type": "open", "conn": 1})
+    pub.queue.append(RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1))
+    pub.queue.append(RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1))
+    pub.message({"type": "close", "conn": 1})
+    pub._batch()
+    lines = [json.loads(x) for x in sent[0].splitlines()]
+    assert [m["type"] for m in lines] == ["open", "events", "close"]
+    assert [e[0] for e in decode_events(lines[1])] == [87, 82]
+    pub._subs = {}
+    pub.stop()
+
+
+def test_nbdkit_log_lines() -> None:
+    lines = [
+        ("2026-12-07 00:00:00.000000 connection=1 Connect export='' tls=0 size=0x100000 "
+        "minsize=0x1 prefsize=0x1000 maxsize=0xffffffff write=1 flush=1"),
+        "2026-12-07 00:00:00.000010 connection=1 Write id=1 offset=0x1000 count=0x2000 fua=1 ...",
+        "2026-12-07 00:00:00.000020 connection=1 Read id=2 offset=0x0 count=0x200 ...",
+        "2026-12-07 00:00:00.000030 connection=1 ...Read id=2 return=-1 error=EIO",
+        "2026-12-07 00:00:00.000050 connection=1 ...Write id=1 return=0",
+        "2026-12-07 00:00:00.000060 connection=1 Disconnect transactions=2",
+    ]
+    msgs = list(parse_nbdkit_log(lines))
+    assert [m["type"] for m in msgs] == ["hello", "open", "events", "events", "close"]
+    assert msgs[1]["size"] == 0x100000
+    t0 = 1796601600 * 1_000_000  # 2026-12-07 00:00:00 UTC
+    assert msgs[2]["events"] == [["R", 0, 0x200, 0, 5, t0 + 20, 10, 1]]
+    assert msgs[3]["events"] == [["W", 0x1000, 0x2000, 2, 0, t0 + 10, 40, 1]]
+
+
+def test_view_address() -> None:
+    import pytest
+
+    from pynbd.errors import ConfigError
+    from pynbd.filters.view import _parse_address
+
+    assert _parse_address("127.0.0.1:8000") == ("127.0.0.1", 8000)
+    assert _parse_address("[::1]:8000") == ("::1", 8000)
+    assert _parse_address("localhost:1") == ("localhost", 1)
+    for bad in ("10.0.0.1:80", "[::]:80", "example.com:80", "127.0.0.1:0", ":80", "1.2.3.4"):
+        with pytest.raises(ConfigError):
+            _parse_address(bad)
