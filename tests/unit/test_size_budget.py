@@ -128,7 +128,7 @@ def test_the_walk_sees_the_project() -> None:
     files = {p.relative_to(ROOT).as_posix() for p in python_files(ROOT)}
     assert "src/pynbd/protocol/replies.py" in files
     assert "tests/unit/test_size_budget.py" in files
-    assert "benchmarks/copy.py" in files
+    assert "benchmarks/tool_copy.py" in files
 
 
 # ------------------------------------------------------------------------------ the checker

@@ -16,7 +16,7 @@ first; the medians are compared. The ratio is nbdcopy time / pynbd time (higher 
 for pynbd; the bar is >= 1.0). Times are wall-clock times of the whole command, start-up
 included, as a user sees them.
 
-    python benchmarks/copy.py [--repeat 3] [--size 1G] [--cases mem-null,mem-mem] [--markdown]
+    python benchmarks/tool_copy.py [--repeat 3] [--size 1G] [--cases mem-null,mem-mem] [--markdown]
 
 `pynbd copy` runs as `.venv/bin/pynbd copy` (or --pynbd CMD) with its bytecode cached in a
 temporary PYTHONPYCACHEPREFIX after one warm-up, as an installed package would have it.
@@ -192,7 +192,7 @@ def report(args: argparse.Namespace, argv: list[str] | None,
     print("Produced by:")
     print()
     print("```")
-    print(shlex.join(["python", "benchmarks/copy.py", *(argv if argv is not None
+    print(shlex.join(["python", "benchmarks/tool_copy.py", *(argv if argv is not None
                                                          else sys.argv[1:])]))
     print("```")
 
@@ -202,17 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     bad = [c for c in cases if c not in CASES]
     if bad or args.repeat < 1:
-        print(f"copy.py: unknown case {bad[0]!r}" if bad else "copy.py: --repeat must be >= 1",
+        print(f"tool_copy.py: unknown case {bad[0]!r}" if bad else "tool_copy.py: --repeat must be >= 1",
               file=sys.stderr)
         return 2
     for tool in ("nbdkit", "nbdcopy"):
         if shutil.which(tool) is None:
-            print(f"copy.py: needs {tool}", file=sys.stderr)
+            print(f"tool_copy.py: needs {tool}", file=sys.stderr)
             return 2
     try:
         times = measure(args, cases, parse_size(args.size))
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
-        print(f"copy.py: {e}", file=sys.stderr)
+        print(f"tool_copy.py: {e}", file=sys.stderr)
         return 2
     rows = []
     ok = True
