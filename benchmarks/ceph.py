@@ -116,7 +116,9 @@ def bench_s3(info: dict, d: Path, repeat: int) -> list[tuple[str, float, float]]
                       aws_secret_access_key=s3i["secret_key"])
     s3.create_bucket(Bucket="bench")
     data = d / "data"
-    data.write_bytes(random.Random(0).randbytes(IMAGE_SIZE))
+    rnd = random.Random(0)  # randbytes of 256 MiB at once overflows: 16 MiB at a time
+    with open(data, "wb") as f:
+        f.writelines(rnd.randbytes(16 << 20) for _ in range(0, IMAGE_SIZE, 16 << 20))
     s3.upload_file(str(data), "bench", "disk.img")
     creds = [f"endpoint-url={s3i['endpoint']}", f"access-key={s3i['access_key']}",
              f"secret-key={s3i['secret_key']}", "bucket=bench"]

@@ -62,12 +62,13 @@ __all__ = [
 # Plain ints on the hot path (enum operators are Python functions).
 _READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
 _BS = int(Cmd.BLOCK_STATUS)
-
 #: Requests in flight per connection before new ones wait.
 DEFAULT_MAX_IN_FLIGHT = 64
 #: Payload bytes in flight per connection before new requests wait.
 DEFAULT_MAX_BYTES_IN_FLIGHT = 64 * 1024 * 1024
 _RECV_BUF = 1024 * 1024
+#: Reads per readiness callback before the event loop runs other work.
+_READS_PER_WAKEUP = 8
 #: With a payload being received into its destination, at most this much more is read into
 #: the receive buffer in the same system call: the next reply headers, and small replies,
 #: without copying much of the next large payload twice.
@@ -676,6 +677,13 @@ class AsyncClient(Negotiation):
     # ==================================================================================
     # the reader
     def _on_readable(self) -> None:
+        # A large reply comes in chunks; a round through the event loop costs more than a read.
+        for _ in range(_READS_PER_WAKEUP):
+            if not self._read_once() or self.closed:
+                return
+
+    def _read_once(self) -> bool:
+        """One read and what it completes; True if more may wait (a payload's rest, a full read)."""
         try:
             dec = self._dec
             sink = dec.sink
@@ -684,16 +692,19 @@ class AsyncClient(Negotiation):
                 # next reply headers) into the receive buffer, which is empty in this state.
                 got = self._sink_got
                 want = len(sink) - got
+                room = self._read_limit()
                 n = self.stream.readinto2(  # type: ignore[union-attr]
-                    sink[got:], self._view[:self._read_limit()])
+                    sink[got:], self._view[:room])
                 if n == 0:
-                    return self._fail(ConnectionError(
+                    self._fail(ConnectionError(
                         "server closed the connection in the middle of a reply"))
+                    return False
                 if n < want:
                     self._sink_got = got + n
-                    return
+                    return True
                 self._sink_got = 0
                 self._pos, self._end = 0, n - want
+                more = n == want + room
                 dec.sink_filled()
             else:
                 if self._end == len(self._buf):
@@ -701,14 +712,16 @@ class AsyncClient(Negotiation):
                 end = min(len(self._buf), self._end + self._read_limit())
                 n = self.stream.readinto(self._view[self._end:end])  # type: ignore[union-attr]
                 if n == 0:
-                    if self._end > self._pos:
-                        return self._fail(ConnectionError(
-                            "server closed the connection in the middle of a reply"))
-                    return self._fail(ConnectionError("server closed the connection"))
+                    self._fail(ConnectionError(
+                        "server closed the connection in the middle of a reply"
+                        if self._end > self._pos else "server closed the connection"))
+                    return False
                 self._end += n
+                more = self._end == end
             self._process()
+            return more
         except BlockingIOError:
-            return
+            return False
         except ProtocolError as e:
             self._fail(e)
         except OSError as e:
@@ -717,6 +730,7 @@ class AsyncClient(Negotiation):
             err = RemoteProtocolError(f"unexpected error handling a reply: {e!r}")
             err.__cause__ = e
             self._fail(err)
+        return False
 
     def _read_limit(self) -> int:
         """How much one read may put in the receive buffer. With mostly large reads in flight,
