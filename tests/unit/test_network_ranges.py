@@ -205,7 +205,9 @@ def test_many_reads_on_few_connections(server):
     got, fell = run(srv, reads, maxconns=3)
     assert [bytes(g) for g in got] == [DATA[o:o + n] for o, n in reads]
     assert not fell and srv.connections <= 3
-    assert "Range: bytes=0-4095" in srv.requests[0].decode()
+    # Reads go out on several connections at once: which request the server saw first
+    # depends on scheduling.
+    assert any("Range: bytes=0-4095" in r.decode() for r in srv.requests)
 
 
 def test_large_read(server):
