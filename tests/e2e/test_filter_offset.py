@@ -75,7 +75,6 @@ def test_strtol() -> None:
     assert strtol("0x") == (0, 1)
     assert strtol("  -12abc") == (-12, 5)
     assert strtol("abc") == (0, 0)
-    assert strtol("0x10", 10) == (0, 1)
 
 
 def test_manual() -> None:

@@ -1,4 +1,5 @@
-"""Parameter parsing with nbdkit's rules and messages (private to the built-in filters).
+"""Parameter parsing with nbdkit's rules and messages (private to the built-in filters and
+plugins: every one of them parses with these).
 
 nbdkit's filters parse their parameters with the server's helpers (``nbdkit_parse_unsigned``,
 ``nbdkit_parse_size``, ``nbdkit_parse_bool``, ``nbdkit_absolute_path``) or with C's
@@ -16,19 +17,26 @@ import re
 from pynbd.errors import ConfigError
 
 __all__ = [
+    "INT64_MAX",
+    "UINT32_MAX",
+    "UINT_MAX",
     "absolute_path",
     "parse_bool",
     "parse_int",
+    "parse_int64",
     "parse_size",
+    "parse_uint64",
     "parse_unsigned",
     "scan_double",
     "scan_unsigned",
+    "strtol",
 ]
 
-_UINT_MAX = (1 << 32) - 1
+UINT_MAX = UINT32_MAX = _UINT_MAX = (1 << 32) - 1
 _ULONG_MAX = (1 << 64) - 1
 _INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
-_INT64_MAX = (1 << 63) - 1
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_INT64_MAX = INT64_MAX
 _ERANGE_TEXT = os.strerror(34)  # "Numerical result out of range", as %m prints ERANGE
 #: C's isspace() in the "C" locale.
 _SPACE = " \t\n\v\f\r"
@@ -62,6 +70,11 @@ def _strtol(text: str, start: int = 0) -> tuple[int, int]:
     return (-value if neg else value), j
 
 
+def strtol(text: str) -> tuple[int, int]:
+    """C's strtol with base 0: (value, index after the number), 0 when there is none."""
+    return _strtol(text)
+
+
 def _number_tail(what: str, shown: str, value: int, end: int, start: int,
                  out_of_range: bool) -> int:
     """nbdkit's PARSE_COMMON_TAIL: range, then "empty", then trailing garbage."""
@@ -74,8 +87,9 @@ def _number_tail(what: str, shown: str, value: int, end: int, start: int,
     return value
 
 
-def parse_unsigned(what: str, text: str) -> int:
-    """``nbdkit_parse_unsigned``: decimal, 0x hex or 0 octal, at most 2^32-1."""
+def parse_unsigned(what: str, text: str, bits: int = 32) -> int:
+    """``nbdkit_parse_unsigned`` (bits=32) or ``nbdkit_parse_uint64_t`` (bits=64): decimal,
+    0x hex or 0 octal; leading blanks and a plus sign are allowed, a minus sign is not."""
     start = 0
     while start < len(text) and text[start] in _SPACE:
         start += 1
@@ -83,13 +97,24 @@ def parse_unsigned(what: str, text: str) -> int:
     if shown.startswith("-"):
         raise ConfigError(f"{what}: negative numbers are not allowed")
     value, end = _strtol(text, start)
-    return _number_tail(what, shown, value, end, start, value > _UINT_MAX)
+    return _number_tail(what, shown, value, end, start, value >> bits != 0)
+
+
+def parse_uint64(what: str, text: str) -> int:
+    """``nbdkit_parse_uint64_t``: 0 to 2^64-1."""
+    return parse_unsigned(what, text, 64)
 
 
 def parse_int(what: str, text: str) -> int:
     """``nbdkit_parse_int``: a signed C int, decimal, 0x hex or 0 octal."""
     value, end = _strtol(text)
     return _number_tail(what, text, value, end, 0, not _INT_MIN <= value <= _INT_MAX)
+
+
+def parse_int64(what: str, text: str) -> int:
+    """``nbdkit_parse_int64_t``: a signed 64-bit number."""
+    value, end = _strtol(text)
+    return _number_tail(what, text, value, end, 0, not INT64_MIN <= value <= INT64_MAX)
 
 
 def scan_unsigned(text: str) -> int | None:

@@ -1,25 +1,26 @@
 """Helpers of the filters that change the shape of the disk (private).
 
-offset, partition, truncate, blocksize, blocksize-policy, swab, protect, extentlist,
-noextents, cacheextents and ddrescue parse their parameters with nbdkit's server helpers
-(``nbdkit_parse_size``, ``nbdkit_parse_unsigned``, ``nbdkit_parse_int``,
-``nbdkit_parse_uint64_t``): users and scripts rely on what those accept (leading blanks, a
-sign, hex and octal for the integer forms) and on their messages, so the parsers here
-reproduce both as nbdkit 1.32 does. Every error is a :class:`~pynbd.errors.ConfigError`
-whose text is nbdkit's message.
-
-Also here: rounding, a reader-writer lock, and nbdkit's ``nbdkit_extents_aligned``.
+Rounding, a reader-writer lock, and nbdkit's ``nbdkit_extents_aligned`` for offset,
+partition, truncate, blocksize, blocksize-policy, swab, protect, extentlist, noextents,
+cacheextents and ddrescue; nbdkit's parameter parsers (from :mod:`pynbd.filters._params`)
+are re-exported for them.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pynbd.errors import ConfigError
+from pynbd.filters._params import (
+    INT64_MAX,
+    UINT32_MAX,
+    parse_int,
+    parse_size,
+    parse_unsigned,
+    strtol,
+)
 from pynbd.plugin import Extent, Flag
 
 __all__ = [
@@ -37,94 +38,6 @@ __all__ = [
     "shift_extents",
     "strtol",
 ]
-
-INT64_MAX = (1 << 63) - 1
-UINT32_MAX = (1 << 32) - 1
-_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
-#: What ``%m`` prints for ERANGE.
-_ERANGE_TEXT = os.strerror(34)
-#: C's isspace() in the "C" locale.
-_SPACE = " \t\n\v\f\r"
-_HEX = "0123456789abcdefABCDEF"
-_SIZE_SCALE = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-               "e": 1 << 60, "s": 512}
-
-
-def strtol(text: str, base: int = 0) -> tuple[int, int]:
-    """C's strtol/strtoull: (value, index after the number); the index is 0 when no number
-    was found. ``base`` is 0 (``0x`` hex, ``0`` octal, else decimal) or 10. The value is the
-    mathematical one: range checks are the caller's."""
-    n = len(text)
-    i = 0
-    while i < n and text[i] in _SPACE:
-        i += 1
-    neg = i < n and text[i] == "-"
-    if i < n and text[i] in "+-":
-        i += 1
-    digits = "0123456789"
-    if base == 0:
-        if text.startswith(("0x", "0X"), i) and i + 2 < n and text[i + 2] in _HEX:
-            digits, base, i = _HEX, 16, i + 2
-        elif text.startswith("0", i):
-            digits, base = "01234567", 8
-        else:
-            base = 10
-    j = i
-    while j < n and text[j] in digits:
-        j += 1
-    if j == i:
-        return 0, 0
-    value = int(text[i:j], base)
-    return (-value if neg else value), j
-
-
-def parse_size(text: str) -> int:
-    """``nbdkit_parse_size``: a decimal number with an optional suffix (b, k, M, G, T, P, E
-    for powers of 1024, s for 512-byte sectors)."""
-    value, end = strtol(text, 10)
-    if end == 0:
-        raise ConfigError(f"could not parse size string ({text})")
-    if value < 0:
-        raise ConfigError(f"size cannot be negative ({text})")
-    if value > INT64_MAX:
-        raise ConfigError(f"size ({text}) exceeds maximum value")
-    suffix = text[end:]
-    scale = 1
-    if suffix:
-        if suffix[0].lower() not in _SIZE_SCALE or len(suffix) > 1:
-            raise ConfigError(f"could not parse size: unknown suffix '{suffix}'")
-        scale = _SIZE_SCALE[suffix.lower()]
-    if INT64_MAX // scale < value:
-        raise ConfigError(f"overflow computing size ({text})")
-    return value * scale
-
-
-def _number_tail(what: str, text: str, end: int, out_of_range: bool) -> None:
-    if out_of_range:
-        raise ConfigError(f'{what}: could not parse number: "{text}": {_ERANGE_TEXT}')
-    if end == 0:
-        raise ConfigError(f"{what}: empty string where we expected a number")
-    if end != len(text):
-        raise ConfigError(f'{what}: could not parse number: "{text}": trailing garbage')
-
-
-def parse_unsigned(what: str, text: str, bits: int = 32) -> int:
-    """``nbdkit_parse_unsigned`` (bits=32) or ``nbdkit_parse_uint64_t`` (bits=64): decimal,
-    ``0x`` hex or ``0`` octal; no minus sign."""
-    text = text.lstrip(_SPACE)
-    if text.startswith("-"):
-        raise ConfigError(f"{what}: negative numbers are not allowed")
-    value, end = strtol(text)
-    _number_tail(what, text, end, value >= 1 << bits)
-    return value
-
-
-def parse_int(what: str, text: str) -> int:
-    """``nbdkit_parse_int``: a C int, decimal, ``0x`` hex or ``0`` octal."""
-    value, end = strtol(text)
-    _number_tail(what, text, end, not _INT_MIN <= value <= _INT_MAX)
-    return value
-
 
 #: Compared with 64 KiB pieces of a buffer: bytearray == buffer is one memcmp.
 _ZERO_PIECE = bytearray(1 << 16)

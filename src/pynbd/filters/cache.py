@@ -10,9 +10,9 @@ import threading
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._caching_params import parse_bool, parse_size, parse_unsigned
 from pynbd.filters._caching_reclaim import Reclaimer
 from pynbd.filters._caching_store import CHUNK, BlockStore, as_bytes, temp_file
+from pynbd.filters._params import parse_bool, parse_size, parse_unsigned
 from pynbd.plugin import CacheMode, Extent, Filter, Flag, FuaMode, ThreadModel
 
 __all__ = ["CacheFilter"]

@@ -10,8 +10,8 @@ import threading
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._caching_params import parse_bool, parse_size
 from pynbd.filters._caching_store import BlockStore, as_bytes, temp_file, zeros
+from pynbd.filters._params import parse_bool, parse_size
 from pynbd.plugin import (
     EXTENT_HOLE,
     EXTENT_ZERO,

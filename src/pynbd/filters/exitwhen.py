@@ -12,13 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._behaviour_common import (
-    absolute_path,
-    parse_int,
-    parse_uint64,
-    parse_unsigned,
-    shell,
-)
+from pynbd.filters._behaviour_common import shell
+from pynbd.filters._params import absolute_path, parse_int, parse_uint64, parse_unsigned
 from pynbd.plugin import Filter, ThreadModel, shutdown
 
 __all__ = ["ExitwhenFilter"]

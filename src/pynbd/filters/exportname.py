@@ -9,7 +9,8 @@ import shlex
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._behaviour_common import parse_bool, shell
+from pynbd.filters._behaviour_common import shell
+from pynbd.filters._params import parse_bool
 from pynbd.plugin import Filter
 
 __all__ = ["ExportnameFilter"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._behaviour_common import UINT_MAX, parse_int64, parse_unsigned
+from pynbd.filters._params import UINT_MAX, parse_int64, parse_unsigned
 from pynbd.plugin import ConnectionInfo, Filter, connection
 
 __all__ = ["IpFilter"]

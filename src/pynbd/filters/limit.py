@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from pynbd.errors import CommandError
-from pynbd.filters._behaviour_common import parse_unsigned
+from pynbd.filters._params import parse_unsigned
 from pynbd.plugin import Filter
 
 __all__ = ["LimitFilter"]

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._behaviour_common import parse_bool
+from pynbd.filters._params import parse_bool
 from pynbd.plugin import Filter, Flag, FuaMode, ThreadModel, connection
 
 __all__ = ["MultiConnFilter"]

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._behaviour_common import parse_bool, parse_unsigned, sleep
+from pynbd.filters._behaviour_common import sleep
+from pynbd.filters._params import parse_bool, parse_unsigned
 from pynbd.plugin import CacheMode, Filter, Flag, FuaMode, ThreadModel
 
 __all__ = ["RetryFilter"]

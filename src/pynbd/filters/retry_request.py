@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import ConfigError
-from pynbd.filters._behaviour_common import parse_bool, parse_unsigned, sleep
+from pynbd.filters._behaviour_common import sleep
+from pynbd.filters._params import parse_bool, parse_unsigned
 from pynbd.plugin import Filter
 
 __all__ = ["RetryRequestFilter"]

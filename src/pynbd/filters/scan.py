@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 from pynbd.errors import ConfigError
-from pynbd.filters._behaviour_common import parse_bool, parse_size
+from pynbd.filters._params import parse_bool, parse_size
 from pynbd.plugin import CacheMode, Filter, ThreadModel, connection
 
 __all__ = ["ScanFilter"]

@@ -26,6 +26,7 @@ import time
 
 from pynbd import plugin as _plugin
 from pynbd.errors import ConfigError as _ConfigError
+from pynbd.filters import _params
 
 __all__ = [
     "CACHE_EMULATE", "CACHE_NATIVE", "CACHE_NONE", "EXTENT_HOLE", "EXTENT_ZERO",
@@ -115,29 +116,12 @@ def shutdown(*args: object) -> None:
     _plugin.shutdown()
 
 
-_SIZE_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)(.*)", re.DOTALL)
-_SIZE_SUFFIX = {"": 1, "b": 1, "s": 512, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30,
-                "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
-
-
 def _nbdkit_parse_size(text: str) -> int:
-    """nbdkit_parse_size exactly: strtoimax's leading blanks and sign, decimal digits, then
-    nothing or one suffix letter (b s k m g t p e, either case)."""
-    m = _SIZE_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"could not parse size string ({text})")
-    sign, digits, suffix = m.groups()
-    value = int(digits)
-    if sign == "-" and value:
-        raise ValueError(f"size cannot be negative ({text})")
-    if value > (1 << 63) - 1:
-        raise ValueError(f"size ({text}) exceeds maximum value")
-    mult = _SIZE_SUFFIX.get(suffix.lower()) if len(suffix) <= 1 else None
-    if mult is None:
-        raise ValueError(f"could not parse size: unknown suffix '{suffix}'")
-    if value * mult > (1 << 63) - 1:
-        raise ValueError(f"overflow computing size ({text})")
-    return value * mult
+    """nbdkit_parse_size exactly; ValueError with nbdkit's message."""
+    try:
+        return _params.parse_size(text)
+    except _ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def parse_size(text: str) -> int:

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from pynbd.errors import CommandError, ConfigError
+from pynbd.filters import _params
 from pynbd.plugin import (
     CALLBACKS,
     EXTENT_HOLE,
@@ -97,9 +98,6 @@ _THREAD_MODELS = {
 }
 _MODES = {"none": 0, "emulate": 1, "native": 2}
 _EXPORT_MODES = (b"NAMES", b"INTERLEAVED", b"NAMES+DESCRIPTIONS")
-_INT64_MAX = (1 << 63) - 1
-_SCALE = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-          "e": 1 << 60, "s": 512}
 
 
 class ScriptError(CommandError):
@@ -146,27 +144,12 @@ def shell_quote(arg: str | bytes) -> str:
 
 
 def parse_size(text: str | bytes) -> int:
-    """``nbdkit_parse_size``, exactly: leading blanks, an optional sign, decimal digits and at
-    most one suffix (b, k, m, g, t, p, e: powers of 1024; s: 512). Raises ValueError with
+    """``nbdkit_parse_size`` of a C string (cut at a NUL byte); raises ValueError with
     nbdkit's message."""
-    s = as_text(_cstr(os.fsencode(text)))
-    m = re.match(r"[ \t\n\v\f\r]*([+-]?)([0-9]+)", s)
-    if m is None:
-        raise ValueError(f"could not parse size string ({s})")
-    value = int(m.group(2))
-    if m.group(1) == "-" and value:
-        raise ValueError(f"size cannot be negative ({s})")
-    if value > _INT64_MAX:
-        raise ValueError(f"size ({s}) exceeds maximum value")
-    rest = s[m.end():]
-    if not rest:
-        return value
-    scale = _SCALE.get(rest[0].lower())
-    if scale is None or len(rest) > 1:
-        raise ValueError(f"could not parse size: unknown suffix '{rest}'")
-    if value > _INT64_MAX // scale:
-        raise ValueError(f"overflow computing size ({s})")
-    return value * scale
+    try:
+        return _params.parse_size(as_text(_cstr(os.fsencode(text))))
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
 
 
 def parse_stderr(script: str, err: bytes) -> ScriptError:
