@@ -26,11 +26,12 @@ import mmap
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 
-__all__ = ["BlockStore", "as_bytes", "temp_file", "zeros"]
+__all__ = ["BlockStore", "as_bytes", "block_runs", "temp_file", "zeros"]
 
 log = logging.getLogger("pynbd.filters")
 
@@ -72,6 +73,22 @@ def as_bytes(data: Any) -> memoryview:
     """A flat byte view of any buffer a layer returned."""
     mv = data if isinstance(data, memoryview) else memoryview(data)
     return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def block_runs(offset: int, count: int, bs: int) -> Iterator[tuple[int, int, int, int, bool]]:
+    """How a request of ``count`` bytes at ``offset`` falls on blocks of ``bs`` bytes, in
+    order: (offset in the request, first block, offset in that block, length, partial).
+    A partial piece lies inside one block; a whole one covers ``length // bs`` blocks."""
+    pos, end = offset, offset + count
+    while pos < end:
+        b, boff = divmod(pos, bs)
+        if boff or end - pos < bs:
+            k = min(bs - boff, end - pos)
+            yield pos - offset, b, boff, k, True
+        else:
+            k = (end - pos) // bs * bs
+            yield pos - offset, b, 0, k, False
+        pos += k
 
 
 def temp_file(who: str, what: str) -> int:

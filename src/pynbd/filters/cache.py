@@ -11,7 +11,7 @@ from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._caching_reclaim import Reclaimer
-from pynbd.filters._caching_store import CHUNK, BlockStore, as_bytes, temp_file
+from pynbd.filters._caching_store import CHUNK, BlockStore, as_bytes, block_runs, temp_file
 from pynbd.filters._params import parse_bool, parse_size, parse_unsigned
 from pynbd.plugin import CacheMode, Extent, Filter, Flag, FuaMode, ThreadModel
 
@@ -369,23 +369,15 @@ class CacheFilter(Filter):
         """Write ``data`` (None: zeroes): partial blocks read, modified and written under
         the lock; whole blocks written as one run."""
         bs = self.store.blksize
-        pos, end = offset, offset + count
-        while pos < end:
-            b, boff = divmod(pos, bs)
-            if boff or end - pos < bs:
-                k = min(bs - boff, end - pos)
-                with self._lock:
+        for rel, b, boff, k, partial in block_runs(offset, count, bs):
+            piece = None if data is None else data[rel:rel + k]
+            with self._lock:
+                if partial:
                     block = self._read_block(next, b)
-                    block[boff:boff + k] = data[pos - offset:pos - offset + k] \
-                        if data is not None else bytes(k)
+                    block[boff:boff + k] = piece if piece is not None else bytes(k)
                     self._write_blocks(next, b, 1, block, flags)
-                pos += k
-            else:
-                n = (end - pos) // bs
-                with self._lock:
-                    self._write_blocks(next, b, n, None if data is None else
-                                       data[pos - offset:pos - offset + n * bs], flags)
-                pos += n * bs
+                else:
+                    self._write_blocks(next, b, k // bs, piece, flags)
 
     def _write_blocks(self, next: Any, blk: int, n: int, data: Any, flags: int) -> None:
         """Write ``n`` whole blocks (``data`` None: zeroes) as the mode says (lock held)."""

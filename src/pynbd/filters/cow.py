@@ -10,7 +10,7 @@ import threading
 from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
-from pynbd.filters._caching_store import BlockStore, as_bytes, temp_file, zeros
+from pynbd.filters._caching_store import BlockStore, as_bytes, block_runs, temp_file, zeros
 from pynbd.filters._params import parse_bool, parse_size
 from pynbd.plugin import (
     EXTENT_HOLE,
@@ -301,21 +301,15 @@ class CowFilter(Filter):
         """Apply ``data`` (None: zeroes) to ``count`` bytes at ``offset``: partial blocks by
         read-modify-write under the RMW lock, whole blocks with ``whole(blk, n, data)``."""
         bs = self.store.blksize
-        pos, end = offset, offset + count
-        while pos < end:
-            b, boff = divmod(pos, bs)
-            if boff or end - pos < bs:
-                k = min(bs - boff, end - pos)
+        for rel, b, boff, k, partial in block_runs(offset, count, bs):
+            piece = None if data is None else data[rel:rel + k]
+            if partial:
                 with self._rmw_lock:
                     block = self._read_block(next, b)
-                    block[boff:boff + k] = data[pos - offset:pos - offset + k] \
-                        if data is not None else bytes(k)
+                    block[boff:boff + k] = piece if piece is not None else bytes(k)
                     self._write(b, 1, block)
-                pos += k
             else:
-                n = (end - pos) // bs
-                whole(b, n, None if data is None else data[pos - offset:pos - offset + n * bs])
-                pos += n * bs
+                whole(b, k // bs, piece)
 
     def _write(self, blk: int, n: int, data: Any) -> None:
         st = self.store
