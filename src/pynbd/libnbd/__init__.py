@@ -88,52 +88,14 @@ import atexit
 import contextlib
 from collections.abc import Iterator
 
+from pynbd.libnbd import constants
 from pynbd.libnbd.buffers import Buffer
 from pynbd.libnbd.constants import *
 from pynbd.libnbd.errors import ClosedHandle, Error
 from pynbd.libnbd.handle import NBD, close_all
 
 __all__ = [
-    "AIO_DIRECTION_BOTH",
-    "AIO_DIRECTION_READ",
-    "AIO_DIRECTION_WRITE",
-    "ALLOW_TRANSPORT_MASK",
-    "ALLOW_TRANSPORT_TCP",
-    "ALLOW_TRANSPORT_UNIX",
-    "ALLOW_TRANSPORT_VSOCK",
-    "CMD_FLAG_DF",
-    "CMD_FLAG_FAST_ZERO",
-    "CMD_FLAG_FUA",
-    "CMD_FLAG_MASK",
-    "CMD_FLAG_NO_HOLE",
-    "CMD_FLAG_REQ_ONE",
-    "CONTEXT_BASE_ALLOCATION",
-    "HANDSHAKE_FLAG_FIXED_NEWSTYLE",
-    "HANDSHAKE_FLAG_MASK",
-    "HANDSHAKE_FLAG_NO_ZEROES",
-    "NAMESPACE_BASE",
     "NBD",
-    "READ_DATA",
-    "READ_ERROR",
-    "READ_HOLE",
-    "SHUTDOWN_ABANDON_PENDING",
-    "SHUTDOWN_MASK",
-    "SIZE_MAXIMUM",
-    "SIZE_MINIMUM",
-    "SIZE_PAYLOAD",
-    "SIZE_PREFERRED",
-    "STATE_HOLE",
-    "STATE_ZERO",
-    "STRICT_ALIGN",
-    "STRICT_BOUNDS",
-    "STRICT_COMMANDS",
-    "STRICT_FLAGS",
-    "STRICT_MASK",
-    "STRICT_PAYLOAD",
-    "STRICT_ZERO_SIZE",
-    "TLS_ALLOW",
-    "TLS_DISABLE",
-    "TLS_REQUIRE",
     "Buffer",
     "ClosedHandle",
     "Error",
@@ -141,6 +103,7 @@ __all__ = [
     "nbd",
     "package_name",
 ]
+__all__ += constants.__all__  # libnbd's constants
 
 # The names a program sees are the package's (``pynbd.libnbd.Error``), as libnbd's are nbd's.
 for _cls in (NBD, Buffer, Error, ClosedHandle):
