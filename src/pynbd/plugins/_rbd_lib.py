@@ -73,7 +73,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "rbd_poll_io_events": (c_int, [c_void_p, ctypes.POINTER(c_void_p), c_int]),
     "rbd_aio_create_completion": (c_int, [c_void_p, c_void_p, ctypes.POINTER(c_void_p)]),
     "rbd_aio_get_return_value": (c_ssize_t, [c_void_p]),
-    "rbd_aio_get_arg": (c_void_p, [c_void_p]),
     "rbd_aio_release": (None, [c_void_p]),
     "rbd_aio_read2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
     "rbd_aio_write2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
@@ -234,8 +233,9 @@ class Image:
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, tuple[_Done, Any]] = {}
-        self._next = 1
         self._polled = (c_void_p * POLL_BATCH)()
+        self._comp = c_void_p()  # where rbd_aio_create_completion puts a new completion
+        self._comp_ref = ctypes.byref(self._comp)
         try:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             r = lib.rbd_set_image_notification(self.handle, self._efd, EVENT_TYPE_EVENTFD)
@@ -287,17 +287,16 @@ class Image:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        lib, polled, pending = self.lib, self._polled, self._pending
-        get_arg, get_value, release = (lib.rbd_aio_get_arg, lib.rbd_aio_get_return_value,
-                                       lib.rbd_aio_release)
+        lib, pending = self.lib, self._pending
+        polled: Any = self._polled
+        get_value, release = lib.rbd_aio_get_return_value, lib.rbd_aio_release
         while True:
             n = lib.rbd_poll_io_events(self.handle, polled, POLL_BATCH)
             for i in range(max(n, 0)):
-                comp = polled[i]
-                key = get_arg(comp)
+                comp = polled[i]  # the completion's address: its key in _pending
                 r = get_value(comp)
                 release(comp)
-                entry = pending.pop(key, None)
+                entry = pending.pop(comp, None)
                 if entry is None:
                     continue
                 done, value = entry
@@ -316,36 +315,34 @@ class Image:
             if n < POLL_BATCH:
                 return
 
-    def _completion(self) -> tuple[int, c_void_p]:
-        """A new completion and its key (attached to the running loop at first use)."""
+    def _completion(self) -> int:
+        """A new completion's address (attached to the running loop at first use)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             self._attach()
-        key = self._next
-        self._next = key + 1
-        comp = c_void_p()
-        r = self.lib.rbd_aio_create_completion(key, None, ctypes.byref(comp))
+        r = self.lib.rbd_aio_create_completion(None, None, self._comp_ref)
         if r < 0:
             raise OSError(-r, os.strerror(-r))
-        return key, comp
+        comp: int = self._comp.value  # type: ignore[assignment]
+        return comp
 
-    def _pend(self, r: int, key: int, comp: c_void_p, done: _Done, value: Any) -> None:
+    def _pend(self, r: int, comp: int, done: _Done, value: Any) -> None:
         """After a submission returned ``r``: wait for its completion, or raise OSError.
         ``value`` None: ``done(None, librbd's return value)``; else the bytearray read into,
         ``done(None, value)`` once librbd read all of it."""
         if r < 0:
             self.lib.rbd_aio_release(comp)
             raise OSError(-r, os.strerror(-r))
-        self._pending[key] = (done, value)
+        self._pending[comp] = (done, value)
 
     def start_read(self, buf: bytearray, offset: int, done: _Done) -> None:
         """Read into ``buf`` on the loop; ``done(None, buf)`` when it is full, or
         ``done(OSError, None)``."""
         n = len(buf)
-        key, comp = self._completion()
+        comp = self._completion()
         r = self.lib.rbd_aio_read2(self.handle, offset, n,
                                    (ctypes.c_char * n).from_buffer(buf), comp, 0)
-        self._pend(r, key, comp, done, buf)
+        self._pend(r, comp, done, buf)
 
     def start_write(self, buf: Any, offset: int, done: _Done) -> None:
         """Write ``buf`` on the loop; ``done(None, n)`` or ``done(OSError, None)`` once it
@@ -363,15 +360,15 @@ class Image:
                 cbuf = (ctypes.c_char * n).from_buffer(buf)
             except (TypeError, ValueError):  # read-only, and not a bytes
                 cbuf = bytes(buf)
-        key, comp = self._completion()
+        comp = self._completion()
         r = self.lib.rbd_aio_write2(self.handle, offset, n, cbuf, comp, 0)
-        self._pend(r, key, comp, done, None)
+        self._pend(r, comp, done, None)
 
-    def _submit(self, call: Callable[[c_void_p], int]) -> asyncio.Future[int]:
+    def _submit(self, call: Callable[[int], int]) -> asyncio.Future[int]:
         """Submit ``call(completion)``: a future of librbd's return value."""
         fut: asyncio.Future[int] = self._attach().create_future()
-        key, comp = self._completion()
-        self._pend(call(comp), key, comp, functools.partial(_settle, fut), None)
+        comp = self._completion()
+        self._pend(call(comp), comp, functools.partial(_settle, fut), None)
         return fut
 
     def _future(self, start: Callable[..., None], *args: Any) -> asyncio.Future[Any]:
