@@ -11,9 +11,13 @@ accepts no larger object size). Bar pynbd/nbdkit >= 1.0.
 
     python benchmarks/ceph.py                  # starts a cluster (scripts/ceph-cluster)
     python benchmarks/ceph.py --runtime 5 --repeat 2
+    python benchmarks/ceph.py --jobs write --qd 16 --cluster DIR   # a running cluster
 
 Servers alternate which goes first; each number is the best of --repeat runs. The machine is
-shared: only ratios from one run mean anything.
+shared: only ratios from one run mean anything. For each rbd job and server it also prints
+the CPU time per MiB moved of the server (all its threads, librbd's included), of the OSD
+and of fio, in the best run: on a machine whose few cores run the OSD, the server and fio at
+once, throughput follows their sum, and these numbers are less disturbed by other work.
 """
 
 from __future__ import annotations
@@ -65,24 +69,42 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
-def fio(uri: str, rw: str, bs: str, qd: int, runtime: int, out: Path) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU time of process `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fio(uri: str, rw: str, bs: str, qd: int, runtime: int, out: Path,
+        pids: dict[str, int]) -> dict[str, float]:
+    """One fio job: IOPS, MiB/s, and CPU ms per MiB moved of each process in `pids`
+    (the server, the OSD) and of fio itself."""
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                     f"--bs={bs}", f"--iodepth={qd}", f"--size={IMAGE_SIZE}",
                     f"--runtime={runtime}", "--time_based", "--output-format=json",
                     f"--output={out}"], check=True, capture_output=True)
-    job = json.loads(out.read_text())["jobs"][0]["write" if rw == "write" else "read"]
-    return {"iops": job["iops"], "bw": job["bw"] / 1024}
+    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    j = json.loads(out.read_text())["jobs"][0]
+    job = j["write" if rw == "write" else "read"]
+    mib = job["io_bytes"] / MiB or float("nan")
+    cpu["fio"] = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["elapsed"]
+    return {"iops": job["iops"], "bw": job["bw"] / 1024,
+            **{f"{name} ms/MiB": 1000 * sec / mib for name, sec in cpu.items()}}
 
 
-def bench_rbd(info: dict, d: Path, runtime: int, repeat: int) -> list[tuple[str, float, float]]:
+def bench_rbd(info: dict, d: Path, a: argparse.Namespace) -> list[tuple[str, float, float]]:
     conf = info["conf"]
-    subprocess.run(["rbd", "-c", conf, "create", "--size", f"{IMAGE_SIZE}B", "rbd/bench"],
+    image = f"rbd/bench{os.getpid()}"
+    subprocess.run(["rbd", "-c", conf, "create", "--size", f"{IMAGE_SIZE}B", image],
                    check=True)
+    osd_pid = int((Path(info["dir"]) / "run" / "osd.0.pid").read_text())
     sock = d / "rbd.sock"
     servers = {
-        "pynbd": [*PYNBD, "-U", str(sock), "rbd", f"conf={conf}", "rbd/bench"],
+        "pynbd": [*PYNBD, "-U", str(sock), "rbd", f"conf={conf}", image],
         "qemu-nbd": ["qemu-nbd", "-t", "-k", str(sock), "-f", "raw", "--cache=writeback",
-                     f"rbd:rbd/bench:conf={conf}"],
+                     f"rbd:{image}:conf={conf}"],
     }
     uri = f"nbd+unix:///?socket={sock}"
     # Fill the image once so reads hit data, not missing objects.
@@ -92,19 +114,29 @@ def bench_rbd(info: dict, d: Path, runtime: int, repeat: int) -> list[tuple[str,
                    capture_output=True)
     stop(p)
     rows = []
-    for i, (rw, bs, qd, metric) in enumerate(FIO_JOBS):
-        best = {"pynbd": 0.0, "qemu-nbd": 0.0}
-        for r in range(repeat):
+    jobs = [(rw, bs, a.qd or qd, metric) for rw, bs, qd, metric in FIO_JOBS
+            if a.jobs is None or rw in a.jobs]
+    for i, (rw, bs, qd, metric) in enumerate(jobs):
+        best: dict[str, dict[str, float]] = {"pynbd": {}, "qemu-nbd": {}}
+        for r in range(a.repeat):
             order = list(servers) if (i + r) % 2 == 0 else list(reversed(servers))
             for name in order:
                 p = serve(servers[name], sock)
                 try:
-                    best[name] = max(best[name],
-                                     fio(uri, rw, bs, qd, runtime, d / "fio.json")[metric])
+                    m = fio(uri, rw, bs, qd, a.runtime, d / "fio.json",
+                            {"server": p.pid, "osd": osd_pid})
                 finally:
                     stop(p)
+                if m[metric] > best[name].get(metric, 0.0):
+                    best[name] = m
         unit = "IOPS" if metric == "iops" else "MiB/s"
-        rows.append((f"rbd {bs} {rw} qd{qd} ({unit})", best["pynbd"], best["qemu-nbd"]))
+        title = f"rbd {bs} {rw} qd{qd} ({unit})"
+        rows.append((title, best["pynbd"][metric], best["qemu-nbd"][metric]))
+        for name, m in best.items():
+            print(f"  {title} {name}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in m.items() if "ms/MiB" in k), flush=True)
+    subprocess.run(["rbd", "-c", conf, "rm", "--no-progress", image], check=False,
+                   capture_output=True)
     return rows
 
 
@@ -154,21 +186,32 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio job")
     ap.add_argument("--repeat", type=int, default=2, help="runs per job and server")
+    ap.add_argument("--jobs", nargs="+", choices=[j[0] for j in FIO_JOBS],
+                    help="only these rbd jobs, and no S3")
+    ap.add_argument("--qd", type=int, help="this queue depth for every rbd job")
+    ap.add_argument("--cluster", metavar="DIR",
+                    help="use this running cluster (scripts/ceph-cluster start DIR)")
     a = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "nbdkit", "nbdcopy", "rbd", "ceph-osd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (see .ci/run for the Debian packages)")
     d = Path(tempfile.mkdtemp(prefix="pynbd-bench-ceph-"))
-    cluster = d / "cluster"
-    out = subprocess.run([sys.executable, str(SCRIPT), "start", "--osd-size", "3G",
-                          str(cluster)], check=True, capture_output=True, text=True).stdout
-    info = json.loads(out)
+    cluster = Path(a.cluster) if a.cluster else d / "cluster"
+    if a.cluster:
+        info = json.loads((cluster / "cluster.json").read_text())
+    else:
+        out = subprocess.run([sys.executable, str(SCRIPT), "start", "--osd-size", "3G",
+                              str(cluster)], check=True, capture_output=True, text=True).stdout
+        info = json.loads(out)
+        print(f"cluster up in {info['start_seconds']} s", flush=True)
     try:
-        print(f"cluster up in {info['start_seconds']} s; load average {os.getloadavg()}")
-        rows = bench_rbd(info, d, a.runtime, a.repeat)
-        rows += bench_s3(info, d, a.repeat)
+        print(f"load average {os.getloadavg()}", flush=True)
+        rows = bench_rbd(info, d, a)
+        if a.jobs is None:
+            rows += bench_s3(info, d, a.repeat)
     finally:
-        subprocess.run([sys.executable, str(SCRIPT), "stop", str(cluster)], check=False)
+        if not a.cluster:
+            subprocess.run([sys.executable, str(SCRIPT), "stop", str(cluster)], check=False)
         shutil.rmtree(d, ignore_errors=True)
     print("\n| job | pynbd | peer | pynbd/peer |\n|---|---|---|---|")
     failed = False

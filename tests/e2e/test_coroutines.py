@@ -24,9 +24,9 @@ def async_server():
     d = short_tmpdir("pynbd-coro-")
     servers = []
 
-    def start(*options: str, **env: str):
+    def start(*options: str, plugin: str = PLUGIN, **env: str):
         sock = str(d / f"s{len(servers)}.sock")
-        srv = start_server([*PYNBD, "serve", "-f", "-U", sock, *options, PLUGIN],
+        srv = start_server([*PYNBD, "serve", "-f", "-U", sock, *options, plugin],
                            logdir=d / f"s{len(servers)}.log", sock=sock, env=env)
         servers.append(srv)
         return srv
@@ -111,3 +111,21 @@ def test_client_gone_with_requests_in_flight(async_server):
     with RawClient(srv.sock) as c:  # the server goes on
         c.negotiate()
         assert c.pread(0, 512) == bytes(512)
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_start_pwrite_payloads(async_server, copies):
+    """48 WRITEs of 64 KiB sent at once, each finishing a few loop turns later, read back
+    intact: a start_pwrite that keeps its payload gets a copy of its own; one that says
+    start_pwrite_copies gets the payload where it was received."""
+    plugin = str(Path(__file__).parent / "plugins" / "startplug.py")
+    srv = async_server(START_COPIES="1" if copies else "0", plugin=plugin)
+    chunks = [os.urandom(65536) for _ in range(48)]
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        c.send(b"".join(c.request(Cmd.WRITE, i * 65536, 65536, payload=d, send=False)[1]
+                        for i, d in enumerate(chunks)))
+        assert all(c.read_reply().error == 0 for _ in chunks)
+        assert c.pread(0, len(chunks) * 65536) == b"".join(chunks)
+        assert c.pread(4 * MIB - 4096, 16).strip() == \
+            (b"lent 48" if copies else b"owned 48")

@@ -15,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError
 
-__all__ = ["CephError", "Cluster", "Image", "load_libraries"]
+__all__ = ["FIXED_OPTIONS", "CephError", "Cluster", "Image", "load_libraries"]
+
+log = logging.getLogger("pynbd.server")
 
 c_void_p = ctypes.c_void_p
 c_char_p = ctypes.c_char_p
@@ -37,6 +41,13 @@ EVENT_TYPE_EVENTFD = 2
 WRITE_ZEROES_THICK = 1
 #: Completions collected per rbd_poll_io_events call.
 POLL_BATCH = 64
+#: Set on every connection whatever the configuration says. librbd copies a write's data
+#: before rbd_aio_write2 returns (the default): the caller's buffer is free at once, so the
+#: server lends the plugin the payload where it was received instead of copying it first.
+ZERO_COPY_OPTION = "rbd_disable_zero_copy_writes"
+FIXED_OPTIONS = {ZERO_COPY_OPTION: "true"}
+#: A request's end: ``done(None, value)`` or ``done(exception, None)``, on the loop.
+_Done = Callable[[BaseException | None, Any], None]
 #: The callback rbd_diff_iterate2 calls: (offset, length, exists, arg) -> 0 to go on.
 DIFF_CB = ctypes.CFUNCTYPE(c_int, c_uint64, c_size_t, c_int, c_void_p)
 
@@ -57,11 +68,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "rbd_open_read_only": (c_int, [c_void_p, c_char_p, ctypes.POINTER(c_void_p), c_char_p]),
     "rbd_close": (c_int, [c_void_p]),
     "rbd_get_size": (c_int, [c_void_p, ctypes.POINTER(c_uint64)]),
+    "rbd_metadata_get": (c_int, [c_void_p, c_char_p, c_char_p, ctypes.POINTER(c_size_t)]),
     "rbd_set_image_notification": (c_int, [c_void_p, c_int, c_int]),
     "rbd_poll_io_events": (c_int, [c_void_p, ctypes.POINTER(c_void_p), c_int]),
     "rbd_aio_create_completion": (c_int, [c_void_p, c_void_p, ctypes.POINTER(c_void_p)]),
     "rbd_aio_get_return_value": (c_ssize_t, [c_void_p]),
-    "rbd_aio_get_arg": (c_void_p, [c_void_p]),
     "rbd_aio_release": (None, [c_void_p]),
     "rbd_aio_read2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
     "rbd_aio_write2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
@@ -165,7 +176,7 @@ class Cluster:
             raise CephError(-r, f"cannot read Ceph configuration {conf}: {_strerror(r)}")
         self._found = " (no configuration file found: see conf=)" if r < 0 else ""
         lib.rados_conf_parse_env(self.handle, None)
-        settings = dict(options)
+        settings = {**options, **FIXED_OPTIONS}
         if keyring is not None:
             settings["keyring"] = keyring
         for key, value in settings.items():
@@ -221,14 +232,19 @@ class Image:
             raise CephError(-r, f"cannot open image '{name}': {_strerror(r)}")
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, tuple[asyncio.Future[int], Any]] = {}
-        self._next = 1
+        self._pending: dict[int, tuple[_Done, Any]] = {}
         self._polled = (c_void_p * POLL_BATCH)()
+        self._comp = c_void_p()  # where rbd_aio_create_completion puts a new completion
+        self._comp_ref = ctypes.byref(self._comp)
         try:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             r = lib.rbd_set_image_notification(self.handle, self._efd, EVENT_TYPE_EVENTFD)
             if r < 0:
                 raise CephError(-r, f"cannot set up completion events: {_strerror(r)}")
+            #: librbd copies a write's data as it takes it (FIXED_OPTIONS), unless the
+            #: image's own metadata says otherwise: then start_write copies it first.
+            self.copies_writes = self._metadata(f"conf_{ZERO_COPY_OPTION}") in (
+                None, "true", "1", "yes", "on")
         except BaseException:
             self.close()
             raise
@@ -239,6 +255,18 @@ class Image:
         if r < 0:
             raise CommandError(-r, f"rbd_get_size: {_strerror(r)}")
         return size.value
+
+    def _metadata(self, key: str) -> str | None:
+        """The image's metadata value for ``key`` (lower case), None if it has none."""
+        size = c_size_t(256)
+        buf = ctypes.create_string_buffer(size.value)
+        r = self.lib.rbd_metadata_get(self.handle, _b(key), buf, ctypes.byref(size))
+        if r == -errno.ERANGE and size.value > len(buf):
+            buf = ctypes.create_string_buffer(size.value)
+            r = self.lib.rbd_metadata_get(self.handle, _b(key), buf, ctypes.byref(size))
+        if r < 0:
+            return None
+        return buf.value.decode(errors="replace").strip().lower()
 
     # Completions on the event loop -----------------------------------------------------
     def _attach(self) -> asyncio.AbstractEventLoop:
@@ -252,72 +280,119 @@ class Image:
         return loop
 
     def _collect(self) -> None:
-        """On the loop, when librbd signalled the eventfd: resolve every finished request."""
+        """On the loop, when librbd signalled the eventfd: finish every completed request
+        (``done(None, value)``, or ``done(OSError, None)``: see :meth:`_pend`)."""
+        # hot path: once per wake-up, a few lines per request: benchmarks/ceph.py
         try:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        lib, polled, pending = self.lib, self._polled, self._pending
+        lib, pending = self.lib, self._pending
+        polled: Any = self._polled
+        get_value, release = lib.rbd_aio_get_return_value, lib.rbd_aio_release
         while True:
             n = lib.rbd_poll_io_events(self.handle, polled, POLL_BATCH)
             for i in range(max(n, 0)):
-                comp = polled[i]
-                key = lib.rbd_aio_get_arg(comp)
-                r = lib.rbd_aio_get_return_value(comp)
-                lib.rbd_aio_release(comp)
-                entry = pending.pop(key, None)
-                if entry is None or entry[0].done():
+                comp = polled[i]  # the completion's address: its key in _pending
+                r = get_value(comp)
+                release(comp)
+                entry = pending.pop(comp, None)
+                if entry is None:
                     continue
-                if r < 0:
-                    entry[0].set_exception(OSError(-r, os.strerror(-r)))
-                else:
-                    entry[0].set_result(r)
+                done, value = entry
+                try:
+                    if r < 0:
+                        done(OSError(-r, os.strerror(-r)), None)
+                    elif value is None:
+                        done(None, r)
+                    elif r == len(value):
+                        done(None, value)
+                    else:
+                        done(OSError(errno.EIO, f"short read ({r} of {len(value)} bytes)"),
+                             None)
+                except Exception:  # one caller's failure must not stop the others
+                    log.exception("rbd: a completion callback failed")
             if n < POLL_BATCH:
                 return
 
-    def _submit(self, call: Callable[[c_void_p], int], keep: Any) -> asyncio.Future[int]:
-        loop = self._attach()
-        key = self._next
-        self._next = key + 1
-        comp = c_void_p()
-        r = self.lib.rbd_aio_create_completion(key, None, ctypes.byref(comp))
+    def _completion(self) -> int:
+        """A new completion's address (attached to the running loop at first use)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._attach()
+        r = self.lib.rbd_aio_create_completion(None, None, self._comp_ref)
         if r < 0:
             raise OSError(-r, os.strerror(-r))
-        r = call(comp)
+        comp: int = self._comp.value  # type: ignore[assignment]
+        return comp
+
+    def _pend(self, r: int, comp: int, done: _Done, value: Any) -> None:
+        """After a submission returned ``r``: wait for its completion, or raise OSError.
+        ``value`` None: ``done(None, librbd's return value)``; else the bytearray read into,
+        ``done(None, value)`` once librbd read all of it."""
         if r < 0:
             self.lib.rbd_aio_release(comp)
             raise OSError(-r, os.strerror(-r))
-        fut: asyncio.Future[int] = loop.create_future()
-        self._pending[key] = (fut, keep)
+        self._pending[comp] = (done, value)
+
+    def start_read(self, buf: bytearray, offset: int, done: _Done) -> None:
+        """Read into ``buf`` on the loop; ``done(None, buf)`` when it is full, or
+        ``done(OSError, None)``."""
+        n = len(buf)
+        comp = self._completion()
+        r = self.lib.rbd_aio_read2(self.handle, offset, n,
+                                   (ctypes.c_char * n).from_buffer(buf), comp, 0)
+        self._pend(r, comp, done, buf)
+
+    def start_write(self, buf: Any, offset: int, done: _Done) -> None:
+        """Write ``buf`` on the loop; ``done(None, n)`` or ``done(OSError, None)`` once it
+        is written. librbd has copied ``buf`` when this returns (rbd_disable_zero_copy_writes
+        is always set, :data:`FIXED_OPTIONS`; or this copies it first): the caller may
+        reuse it at once."""
+        n = len(buf)
+        whole = getattr(buf, "obj", buf)  # a memoryview of all of a bytes: that bytes
+        cbuf: Any = whole if type(whole) is bytes and len(whole) == n else None
+        if not self.copies_writes:  # librbd uses the data until the write is over
+            cbuf = bytes(buf) if cbuf is None else cbuf
+            done = functools.partial(_holding, cbuf, done)
+        elif cbuf is None:
+            try:
+                cbuf = (ctypes.c_char * n).from_buffer(buf)
+            except (TypeError, ValueError):  # read-only, and not a bytes
+                cbuf = bytes(buf)
+        comp = self._completion()
+        r = self.lib.rbd_aio_write2(self.handle, offset, n, cbuf, comp, 0)
+        self._pend(r, comp, done, None)
+
+    def _submit(self, call: Callable[[int], int]) -> asyncio.Future[int]:
+        """Submit ``call(completion)``: a future of librbd's return value."""
+        fut: asyncio.Future[int] = self._attach().create_future()
+        comp = self._completion()
+        self._pend(call(comp), comp, functools.partial(_settle, fut), None)
         return fut
 
-    def submit_read(self, buf: bytearray, offset: int) -> asyncio.Future[int]:
-        cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
-        return self._submit(
-            lambda c: self.lib.rbd_aio_read2(self.handle, offset, len(buf), cbuf, c, 0),
-            cbuf)
+    def _future(self, start: Callable[..., None], *args: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = self._attach().create_future()
+        start(*args, functools.partial(_settle, fut))
+        return fut
+
+    def submit_read(self, buf: bytearray, offset: int) -> asyncio.Future[bytearray]:
+        return self._future(self.start_read, buf, offset)
 
     def submit_write(self, buf: Any, offset: int) -> asyncio.Future[int]:
-        n = len(buf)
-        try:
-            cbuf: Any = (ctypes.c_char * n).from_buffer(buf)
-        except (TypeError, ValueError):  # a read-only buffer: librbd needs an address
-            cbuf = (ctypes.c_char * n).from_buffer_copy(buf)
-        return self._submit(
-            lambda c: self.lib.rbd_aio_write2(self.handle, offset, n, cbuf, c, 0), cbuf)
+        return self._future(self.start_write, buf, offset)
 
     def submit_discard(self, offset: int, length: int) -> asyncio.Future[int]:
-        return self._submit(lambda c: self.lib.rbd_aio_discard(self.handle, offset, length, c),
-                            None)
+        return self._submit(lambda c: self.lib.rbd_aio_discard(self.handle, offset, length, c))
 
     def submit_write_zeroes(self, offset: int, length: int,
                             thick: bool) -> asyncio.Future[int]:
         flags = WRITE_ZEROES_THICK if thick else 0
         return self._submit(lambda c: self.lib.rbd_aio_write_zeroes(
-            self.handle, offset, length, c, flags, 0), None)
+            self.handle, offset, length, c, flags, 0))
 
     def submit_flush(self) -> asyncio.Future[int]:
-        return self._submit(lambda c: self.lib.rbd_aio_flush(self.handle, c), None)
+        return self._submit(lambda c: self.lib.rbd_aio_flush(self.handle, c))
 
     # Blocking calls (worker threads) ---------------------------------------------------
     def allocated(self, offset: int, length: int) -> list[tuple[int, int]]:
@@ -339,25 +414,35 @@ class Image:
 
     def close(self) -> None:
         """Close the image (flushing librbd's cache). Blocking; never on the event loop."""
-        if self._loop is not None and not self._loop.is_closed() and self._efd >= 0:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed() and self._efd >= 0:
             try:
-                self._loop.remove_reader(self._efd)
+                loop.remove_reader(self._efd)
             except RuntimeError:  # the loop is running in another thread
-                self._loop.call_soon_threadsafe(self._loop.remove_reader, self._efd)
-        self._loop = None
+                loop.call_soon_threadsafe(loop.remove_reader, self._efd)
         if self.handle:
             self.lib.rbd_close(self.handle)
             self.handle = c_void_p()
         if self._efd >= 0:
             os.close(self._efd)
             self._efd = -1
-        for fut, _ in self._pending.values():
-            if not fut.done() and not fut.get_loop().is_closed():
-                fut.get_loop().call_soon_threadsafe(
-                    _fail, fut, OSError(errno.ESHUTDOWN, "image closed"))
-        self._pending.clear()
+        pending, self._pending = self._pending, {}
+        if pending and loop is not None and not loop.is_closed():
+            e = OSError(errno.ESHUTDOWN, "image closed")
+            for done, _ in pending.values():
+                loop.call_soon_threadsafe(done, e, None)
 
 
-def _fail(fut: asyncio.Future[int], e: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(e)
+def _holding(data: bytes, done: _Done, err: BaseException | None, value: Any) -> None:
+    """``done``, keeping ``data`` (what librbd writes from) until the write is over."""
+    done(err, value)
+
+
+def _settle(fut: asyncio.Future[Any], err: BaseException | None, value: Any) -> None:
+    """A request's ``done`` for a caller awaiting a future."""
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(value)

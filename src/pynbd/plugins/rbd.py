@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, Extent, Flag, FuaMode, Plugin, ThreadModel
@@ -287,14 +289,10 @@ class RbdPlugin(Plugin):
 
     # Data ------------------------------------------------------------------------------
     async def pread(self, h: _Handle, count: int, offset: int, flags: int) -> bytearray:
-        buf = bytearray(count)
         try:
-            n = await self._img().submit_read(buf, offset)
+            return await self._img().submit_read(bytearray(count), offset)
         except OSError as e:
             raise _failed("read", offset, count, e) from None
-        if n != count:
-            raise CommandError(errno.EIO, f"read at {offset}: short read ({n} of {count})")
-        return buf
 
     async def pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int) -> None:
         h.wrote = True
@@ -305,6 +303,29 @@ class RbdPlugin(Plugin):
                 await image.submit_flush()
         except OSError as e:
             raise _failed("write", offset, len(buf), e) from None
+
+    # The event loop's fast path (pynbd.server.coroutines): with the plugin alone in the
+    # chain, READ and WRITE go to librbd without a task or a future; the completion calls
+    # ``done`` on the loop. librbd has copied a WRITE's data when rbd_aio_write2 returns,
+    # so the server lends start_pwrite the payload where it received it.
+    start_pwrite_copies = True
+
+    def start_pread(self, h: _Handle, count: int, offset: int, flags: int,
+                    done: Callable[[BaseException | None, Any], None]) -> None:
+        def finished(err: BaseException | None, buf: Any) -> None:
+            done(None if err is None else _failed("read", offset, count, err), buf)
+
+        self._img().start_read(bytearray(count), offset, finished)
+
+    def start_pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int,
+                     done: Callable[[BaseException | None, Any], None]) -> None:
+        h.wrote = True
+        n = len(buf)
+
+        def finished(err: BaseException | None, _n: Any) -> None:
+            done(None if err is None else _failed("write", offset, n, err), None)
+
+        self._img().start_write(buf, offset, finished)
 
     async def flush(self, h: _Handle, flags: int) -> None:
         try:
@@ -371,10 +392,11 @@ def _extents(ranges: list[tuple[int, int]], offset: int, count: int,
     return out
 
 
-def _failed(what: str, offset: int, count: int, e: OSError) -> CommandError:
-    err = e.errno if e.errno in _NBD_ERRNOS else errno.EIO
+def _failed(what: str, offset: int, count: int, e: BaseException) -> CommandError:
+    code = getattr(e, "errno", None)
+    err = code if code in _NBD_ERRNOS else errno.EIO
     where = f" at {offset} ({count} bytes)" if count else ""
-    return CommandError(err, f"rbd {what}{where}: {e.strerror or e}")
+    return CommandError(err, f"rbd {what}{where}: {getattr(e, 'strerror', None) or e}")
 
 
 def _nonempty(key: str, value: str) -> str:

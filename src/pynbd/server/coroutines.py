@@ -13,7 +13,11 @@ A plugin may also offer ``start_pread(h, count, offset, flags, done)`` and
 the request and return at once; ``done(error, value)`` is called on the loop when it is
 over (``error`` None, ``value`` the data read; or the exception it failed with). They are
 used instead of the coroutines where the chain allows the coroutines: no task and no
-future per request (the nbd plugin's requests go to its server this way). A blocking plugin
+future per request (the nbd plugin's requests go to its server this way). A WRITE's payload
+is the plugin's to keep (a copy out of the receive buffer), unless the plugin sets
+``start_pwrite_copies = True``, promising to be done with it when ``start_pwrite`` returns
+(the rbd plugin: librbd copies the data as it takes the request); then the payload is lent
+where it was received, without that copy. A blocking plugin
 may offer ``start_pread`` too (an attribute it may set only once configured: the curl
 plugin's reads then go to the web server from the loop, its other calls to worker threads).
 
@@ -69,6 +73,9 @@ class AsyncPath:
         self._cache = _coroutine_method(plugin, "cache")
         self.start_pread: Callable[..., None] | None = getattr(plugin, "start_pread", None)
         self.start_pwrite: Callable[..., None] | None = getattr(plugin, "start_pwrite", None)
+        #: The plugin's ``start_pwrite`` is done with the payload when it returns (it copied
+        #: what it needs): it gets the payload where it was received, not a copy of it.
+        self.lends_payload = bool(getattr(plugin, "start_pwrite_copies", False))
         #: The context every task of this connection runs in: pynbd.plugin.connection()
         #: answers this connection in its steps, whatever ran on the loop in between.
         self.context = contextvars.copy_context()

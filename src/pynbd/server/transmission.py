@@ -521,16 +521,20 @@ class Transmission:
             except BaseException as e:  # noqa: BLE001 - the plugin's failure is the reply
                 return self._failed(cmd, flags, cookie, offset, e)
             return replies.ok(self._out, self.style, cookie, offset)
-        if cmd == WRITE and not self._on_loop and not owned:
-            payload = memoryview(bytes(payload))  # type: ignore[arg-type]
-        if self._aio is not None:
+        aio = self._aio
+        if aio is not None:
             job = (cmd, flags, cookie, offset, length)
             cost = BUFFER_COST + (length if cmd == WRITE else 0)
-            start = self._aio.start_for(cmd, flags)
+            start = aio.start_for(cmd, flags)
             if start is not None:
+                if not owned and not aio.lends_payload:
+                    payload = memoryview(bytes(payload))  # type: ignore[arg-type]
                 return self._start_cb(job, cost, start, (self._h, payload, offset,
                                                          P_FUA if flags & F_FUA else 0))
-            coro = self._aio.call_for(cmd, flags, offset, length, payload)
+        if cmd == WRITE and not self._on_loop and not owned:
+            payload = memoryview(bytes(payload))  # type: ignore[arg-type]
+        if aio is not None:
+            coro = aio.call_for(cmd, flags, offset, length, payload)
             if coro is not None:
                 return self._start(job, coro, cost)
         fn, args = self._call_for(cmd, flags, offset, length, payload)

@@ -70,6 +70,24 @@ def test_nbdcopy_and_pynbd_copy_between_two_servers(ceph, pynbd_server, tmp_path
     assert ceph.export(c, tmp_path / "c") == data
 
 
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_writes_in_flight_with_and_without_zero_copy(ceph, pynbd_server, tmp_path: Path,
+                                                      zero_copy: bool) -> None:
+    """Many WRITEs in flight at once reach the image intact, whether librbd copies their data
+    as it takes them (the plugin then writes straight from the server's receive buffer) or,
+    as this image's metadata asks, uses the caller's memory until each write is over."""
+    image = ceph.new_image(32 * MiB)
+    if zero_copy:
+        ceph.rbd("image-meta", "set", image, "conf_rbd_disable_zero_copy_writes", "false")
+    data = _data(32 * MiB, 5)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    srv = _serve(pynbd_server, ceph, image)
+    run_peer("nbdcopy", "--request-size=262144", "--requests=16", src, srv.uri)
+    srv.stop()
+    assert ceph.export(image, tmp_path / "exported") == data
+
+
 def test_sparse_image_shows_its_holes(ceph, pynbd_server, libnbd) -> None:
     image = ceph.new_image(16 * MiB)
     srv = _serve(pynbd_server, ceph, image)

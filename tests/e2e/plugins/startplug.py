@@ -1,0 +1,67 @@
+"""A plugin with ``start_pread``/``start_pwrite`` (the loop's callback path), for the tests of
+how a WRITE payload reaches ``start_pwrite``.
+
+A write finishes a few turns of the event loop after it started (the server meanwhile
+receives the next requests into its buffer). With $START_COPIES=1 the plugin says
+``start_pwrite_copies = True`` and copies the payload before ``start_pwrite`` returns;
+otherwise it keeps the buffer it was given and copies it only when the write finishes.
+A READ of the last 4 KiB of the disk says what the payloads were: "lent N" (N payloads were
+views into the server's receive buffer) or "owned N" (all were the plugin's own).
+"""
+
+import os
+
+from pynbd.plugin import Plugin, ThreadModel
+
+SIZE = 4 << 20
+REPORT = SIZE - 4096
+
+
+class StartPlugin(Plugin):
+    name = "startplug"
+    thread_model = ThreadModel.PARALLEL
+    start_pwrite_copies = os.environ.get("START_COPIES") == "1"
+
+    def __init__(self):
+        self.data = bytearray(SIZE)
+        self.lent = 0
+        self.owned = 0
+
+    def get_size(self, h):
+        return SIZE
+
+    def can_write(self, h):
+        return True
+
+    async def open(self, readonly, export_name, is_tls):
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        return object()
+
+    def pread(self, h, count, offset, flags):  # the worker threads' way, unused here
+        raise AssertionError("start_pread expected")
+
+    def start_pread(self, h, count, offset, flags, done):
+        if offset == REPORT:
+            what = f"lent {self.lent}" if self.lent else f"owned {self.owned}"
+            done(None, what.encode().ljust(count, b" "))
+        else:
+            done(None, bytes(self.data[offset:offset + count]))
+
+    def start_pwrite(self, h, buf, offset, flags, done):
+        if isinstance(getattr(buf, "obj", None), bytes):
+            self.owned += 1
+        else:
+            self.lent += 1
+        if self.start_pwrite_copies:
+            buf = bytes(buf)
+
+        def finish(turns):
+            if turns:
+                self.loop.call_soon(finish, turns - 1)
+                return
+            self.data[offset:offset + len(buf)] = buf
+            done(None, None)
+
+        finish(3)
