@@ -71,17 +71,61 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
-def copy_time(uri: str, src: Path, out: Path) -> float:
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int, children: bool = False) -> float:
+    """CPU seconds of a process (all its threads); with children, also those of the
+    children it has reaped (sshd's per-connection processes, once they are gone)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLK
+
+
+def wait_no_children(pid: int, timeout: float = 10) -> None:
+    """Wait until the process has no children left (sshd reaps each connection's)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                            kids.append(entry)
+                except (OSError, ValueError, IndexError):
+                    continue
+        if not kids:
+            return
+        time.sleep(0.05)
+
+
+def copy_time(uri: str, src: Path, out: Path) -> tuple[float, float]:
+    """Seconds the copy took and nbdcopy's CPU seconds."""
     t = time.monotonic()
-    subprocess.run(["nbdcopy", uri, str(out)], check=True)
+    p = subprocess.Popen(["nbdcopy", uri, str(out)])
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
     took = time.monotonic() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"nbdcopy from {uri} failed ({p.returncode})")
     if subprocess.run(["cmp", "-s", str(src), str(out)], check=False).returncode != 0:
         raise RuntimeError(f"copy from {uri} differs from {src}")
     out.unlink()
-    return took
+    return took, usage.ru_utime + usage.ru_stime
 
 
-def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[str, list[float]]:
+#: CPU seconds per run of every process taking part: {who: {process: [seconds, ...]}}.
+CPU: dict[str, dict[str, list[float]]] = {}
+
+
+def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int,
+              peer: int | None = None) -> dict[str, list[float]]:
+    """Copies through each server; peer: the pid of the remote server (sshd) whose CPU,
+    with its reaped children's, is counted for each copy too."""
     times: dict[str, list[float]] = {"pynbd": [], "nbdkit": []}
     for i in range(-1, repeat):  # run -1: one untimed copy through each, to warm up
         order = ("pynbd", "nbdkit") if i % 2 == 0 else ("nbdkit", "pynbd")
@@ -90,14 +134,24 @@ def copy_pair(d: Path, src: Path, plugin_args: list[str], repeat: int) -> dict[s
             cmd = PYNBD if who == "pynbd" else ["nbdkit"]
             p = serve([*cmd, "-f", "-r", "-U", str(sock), *plugin_args], sock)
             try:
-                took = copy_time(f"nbd+unix:///?socket={sock}", src, d / "out")
-                print(f"  [{plugin_args[0]} run {i + 1 or 'warm-up'}] {who}: {took:.2f} s",
-                      flush=True)
-                if i >= 0:
-                    times[who].append(took)
+                peer0 = cpu_of(peer, children=True) if peer else 0.0
+                server0 = cpu_of(p.pid)
+                took, client = copy_time(f"nbd+unix:///?socket={sock}", src, d / "out")
+                server = cpu_of(p.pid) - server0
             finally:
                 stop(p)
             sock.unlink(missing_ok=True)
+            cpu = {"server": server, "nbdcopy": client}
+            if peer:
+                wait_no_children(peer)
+                cpu["sshd"] = cpu_of(peer, children=True) - peer0
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+            print(f"  [{plugin_args[0]} run {i + 1 or 'warm-up'}] {who}: {took:.2f} s "
+                  f"(CPU s: {shown})", flush=True)
+            if i >= 0:
+                times[who].append(took)
+                for k, v in cpu.items():
+                    CPU.setdefault(f"{plugin_args[0]} {who}", {}).setdefault(k, []).append(v)
     return times
 
 
@@ -143,7 +197,7 @@ def bench_ssh(d: Path, src: Path, repeat: int) -> tuple[float, float, str]:
         wait_for(port=port)
         args = ["ssh", "host=127.0.0.1", f"port={port}", "config=", f"identity={d}/user",
                 f"known-hosts={d}/kh", str(src)]
-        t = copy_pair(d, src, args, repeat)
+        t = copy_pair(d, src, args, repeat, peer=sshd.pid)
     finally:
         stop(sshd)
     return statistics.median(t["pynbd"]), statistics.median(t["nbdkit"]), \
@@ -206,6 +260,17 @@ def bench_nbd(d: Path, repeat: int, runtime: int) -> tuple[float, float, str]:
         "socket=NBDKIT_MEMORY_SOCK, against pynbd serve memory 1G")
 
 
+def print_cpu(name: str, size: int) -> None:
+    """Median CPU seconds per GiB copied of every process, for each server."""
+    for who in ("pynbd", "nbdkit"):
+        got = CPU.get(f"{name} {who}", {})
+        if not got:
+            continue
+        per = {k: statistics.median(v) * (1 << 30) / size for k, v in got.items()}
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in per.items())
+        print(f"  CPU s per GiB through {who}: {shown}, all {sum(per.values()):.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", choices=sorted(BARS), action="append")
@@ -246,6 +311,7 @@ def main() -> int:
                 print(f"{name}: pynbd {p:.2f} s ({size / p:.0f} MiB/s), nbdkit {n:.2f} s "
                       f"({size / n:.0f} MiB/s), pynbd/nbdkit {ratio:.2f} (bar >= "
                       f"{BARS[name]}) {'PASS' if ok else 'FAIL'}")
+                print_cpu(name, src.stat().st_size)
             print(f"  command: {cmd}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 1 if failed else 0

@@ -5,6 +5,7 @@ changed or unknown host key and for refused authentication."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -14,6 +15,9 @@ from pathlib import Path
 import pytest
 from helpers import PYNBD, free_tcp_port, peer_env, require, wait_listening
 from side_by_side import assert_views_equal, probe, serve_both
+
+from pynbd.client import Client
+from pynbd.errors import CommandError
 
 SIZE = 2 * 1000 * 1000 + 4096
 
@@ -80,6 +84,27 @@ def test_read_side_by_side(pynbd_server, nbdkit_server, sshd, tmp_path):
     got = probe(p.uri, OPS)
     assert_views_equal(got, probe(n.uri, OPS), "ssh -r")
     assert got["results"][2][1] == img.read_bytes()[12345:12345 + 300000]
+
+
+def test_reads_in_parts_and_past_a_shrunk_end(pynbd_server, sshd, tmp_path):
+    """Reads bigger than one SFTP request (255 KiB) come back whole and in order, many at
+    once on several connections; once the remote file shrinks under an open connection,
+    a read past its new end fails with EIO (the server's EOF), and the connection still
+    serves reads before the end."""
+    img = tmp_path / "big.img"
+    data = os.urandom(3 << 20)
+    img.write_bytes(data)
+    srv = pynbd_server(*sshd.args(img))
+    spans = [(1 << 20, 0), (600000, 1234567), (2 << 20, 1 << 20), (4096, (3 << 20) - 4096)]
+    with Client.connect(srv.uri) as a, Client.connect(srv.uri) as b:
+        for i, (count, offset) in enumerate(spans * 2):
+            assert (a if i % 2 else b).pread(count, offset) == data[offset:offset + count]
+        os.truncate(img, 1 << 20)
+        with pytest.raises(CommandError) as e:
+            a.pread(600000, 700000)
+        assert e.value.errno == errno.EIO
+        assert a.pread(4096, 8192) == data[8192:12288]
+    assert "Traceback" not in srv.stderr
 
 
 def test_write_and_flush(pynbd_server, nbdkit_server, sshd, tmp_path):
