@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -86,6 +87,12 @@ class TlsServer:
             self.proc.wait()
 
 
+def children_cpu() -> float:
+    """User + system CPU of the reaped children so far (the clients run to completion)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     t = time.perf_counter()
     cp = subprocess.run(argv, check=False, env=env, stdin=subprocess.DEVNULL,
@@ -114,21 +121,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one(job: str, which: str, d: Path, certs: Path, home: Path, data: Path,
-        args: argparse.Namespace) -> tuple[float, float]:
-    """The job's figure (MiB/s or seconds) and the server's CPU seconds during it."""
+        args: argparse.Namespace) -> tuple[float, float, float]:
+    """The job's figure (MiB/s or seconds), the server's and the client's CPU seconds
+    during it."""
     size = parse_size(args.size)
     srv = TlsServer(which, d, certs, size, args.plugin)
     try:
         if job == "copy-down" and args.plugin == "memory":
             run(["nbdcopy", str(data), srv.copy_uri])  # not timed: data to read
-        cpu0 = cpu_seconds(srv.proc.pid)
+        cpu0, ccpu0 = cpu_seconds(srv.proc.pid), children_cpu()
         if job.startswith("fio-"):
             v = fio(srv, "read" if "read" in job else "write", size, args.runtime, home)
         elif job == "copy-down":
             v = run(["nbdcopy", "--no-extents", srv.copy_uri, "null:"])[0]
         else:
             v = run(["nbdcopy", str(data), srv.copy_uri])[0]
-        return v, cpu_seconds(srv.proc.pid) - cpu0
+        return v, cpu_seconds(srv.proc.pid) - cpu0, children_cpu() - ccpu0
     finally:
         srv.stop()
 
@@ -146,7 +154,7 @@ def make_certs(d: Path) -> tuple[Path, Path]:
 
 def report(args: argparse.Namespace, jobs: list[str],
            results: dict[tuple[str, str], list[float]],
-           cpus: dict[tuple[str, str], list[float]], argv: list[str]) -> bool:
+           cpus: dict[tuple[str, str], list[tuple[float, float]]], argv: list[str]) -> bool:
     ok = True
     rows = []
     for job in jobs:
@@ -155,17 +163,20 @@ def report(args: argparse.Namespace, jobs: list[str],
         unit = "MiB/s" if job.startswith("fio-") else "s"
         verdict = "PASS" if ratio >= BAR else "FAIL"
         ok = ok and ratio >= BAR
-        # server CPU per GiB moved (fio moves bandwidth * runtime, nbdcopy the disk)
-        gib = {s: (statistics.median(results[(job, s)]) * args.runtime / 1024
-                   if job.startswith("fio-") else parse_size(args.size) / (1 << 30))
-               for s in ("pynbd", "nbdkit")}
-        cpu = tuple(statistics.median(cpus[(job, s)]) / gib[s] for s in ("pynbd", "nbdkit"))
+        # CPU per GiB moved (fio moves bandwidth * runtime, nbdcopy the disk), per run
+        size_gib = parse_size(args.size) / (1 << 30)
+        cpu = []
+        for side in (0, 1):  # the server's, the client's
+            for s in ("pynbd", "nbdkit"):
+                per = [c[side] / (v * args.runtime / 1024 if job.startswith("fio-") else size_gib)
+                       for v, c in zip(results[(job, s)], cpus[(job, s)], strict=True)]
+                cpu.append(statistics.median(per))
         rows.append((job, p, n, unit, ratio, verdict, cpu))
     print(f"{'job':15} {'pynbd':>10} {'nbdkit':>10} {'unit':>6} {'ratio':>6}  bar"
-          f"{'':12} CPU s/GiB pynbd nbdkit")
+          f"{'':12} CPU s/GiB server pynbd nbdkit, client with pynbd nbdkit")
     for job, p, n, unit, ratio, verdict, cpu in rows:
         print(f"{job:15} {p:10.1f} {n:10.1f} {unit:>6} {ratio:6.2f}  >= {BAR} {verdict}"
-              f"   {cpu[0]:6.2f} {cpu[1]:6.2f}")
+              f"   {cpu[0]:6.2f} {cpu[1]:6.2f}   {cpu[2]:6.2f} {cpu[3]:6.2f}")
     if args.markdown:
         load = os.getloadavg()
         print(f"\nMeasured {datetime.date.today()} on {platform.machine()} Linux "
@@ -173,11 +184,11 @@ def report(args: argparse.Namespace, jobs: list[str],
               f"end), Python {platform.python_version()}; {args.plugin} {args.size}, Unix socket, "
               f"TLS 1.3 X.509; median of {args.repeat} run(s) per server, alternating.\n")
         print("| job | pynbd | nbdkit | unit | ratio (higher: pynbd better) | bar | |"
-              " server CPU s/GiB pynbd / nbdkit |")
-        print("|---|---:|---:|---|---:|---:|---|---:|")
+              " server CPU s/GiB pynbd / nbdkit | client CPU s/GiB against pynbd / nbdkit |")
+        print("|---|---:|---:|---|---:|---:|---|---:|---:|")
         for job, p, n, unit, ratio, verdict, cpu in rows:
             print(f"| {job} | {p:.1f} | {n:.1f} | {unit} | {ratio:.2f} | >= {BAR} | {verdict} "
-                  f"| {cpu[0]:.2f} / {cpu[1]:.2f} |")
+                  f"| {cpu[0]:.2f} / {cpu[1]:.2f} | {cpu[2]:.2f} / {cpu[3]:.2f} |")
         print(f"\nProduced by:\n\n```\n{shlex.join(['python', 'benchmarks/tls.py', *argv])}\n```")
     return ok
 
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     d = Path(tempfile.mkdtemp(prefix="pynbd-tlsbench-"))
     results: dict[tuple[str, str], list[float]] = {}
-    cpus: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[tuple[float, float]]] = {}
     try:
         certs, home = make_certs(d)
         data = d / "data.img"
@@ -211,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             for r in range(args.repeat):
                 for which in (("pynbd", "nbdkit") if r % 2 == 0 else ("nbdkit", "pynbd")):
-                    v, cpu = one(job, which, d, certs, home, data, args)
+                    v, cpu, ccpu = one(job, which, d, certs, home, data, args)
                     results.setdefault((job, which), []).append(v)
-                    cpus.setdefault((job, which), []).append(cpu)
-                    print(f"[{job}] {which:6} {v:9.2f}  server CPU {cpu:6.2f} s",
-                          file=sys.stderr)
+                    cpus.setdefault((job, which), []).append((cpu, ccpu))
+                    print(f"[{job}] {which:6} {v:9.2f}  server CPU {cpu:6.2f} s, "
+                          f"client CPU {ccpu:6.2f} s", file=sys.stderr)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         print(f"tls.py: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -72,6 +73,19 @@ class TlsNbdkit:
             self.proc.wait()
 
 
+def children_cpu() -> float:
+    """User + system CPU of the reaped children so far (each copy runs to completion)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a running process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed(argv: list[str], env: dict[str, str]) -> float:
     t = time.perf_counter()
     cp = subprocess.run(argv, check=False, env=env, stdin=subprocess.DEVNULL,
@@ -93,7 +107,8 @@ def fill(path: str, size: int) -> None:
 
 
 def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
-              ) -> dict[tuple[str, str], list[float]]:
+              ) -> tuple[dict[tuple[str, str], list[float]],
+                         dict[tuple[str, str], list[tuple[float, float]]]]:
     from tls_certs import make_x509
 
     pki = make_x509(Path(d) / "pki")
@@ -102,6 +117,7 @@ def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
     env_p.pop("PYTHONDONTWRITEBYTECODE", None)
     pynbd = [*shlex.split(args.pynbd), "copy"]
     times: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[tuple[float, float]]] = {}
     data = os.path.join(d, "data.img")
     fill(data, size)
     src = TlsNbdkit(d, "src", size, pki)
@@ -115,17 +131,21 @@ def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
                 for tool in (tools if r % 2 == 0 else tools[::-1]):
                     cmd = ["nbdcopy"] if tool == "nbdcopy" else pynbd
                     dst = TlsNbdkit(d, "dst", size, pki) if case == "mem" else None
+                    c0, s0 = children_cpu(), cpu_seconds(src.proc.pid)
                     try:
                         dt = timed([*cmd, src.uri, dst.uri if dst else "null:"],
                                    env_n if tool == "nbdcopy" else env_p)
+                        c1, s1 = children_cpu(), cpu_seconds(src.proc.pid)
                     finally:
                         if dst is not None:
                             dst.stop()
                     times.setdefault((case, tool), []).append(dt)
-                    print(f"[{case}] {tool:8} {dt:7.3f} s", file=sys.stderr)
+                    cpus.setdefault((case, tool), []).append((c1 - c0, s1 - s0))
+                    print(f"[{case}] {tool:8} {dt:7.3f} s, CPU: the copy {c1 - c0:.2f} s, "
+                          f"the source nbdkit {s1 - s0:.2f} s", file=sys.stderr)
     finally:
         src.stop()
-    return times
+    return times, cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     d = tempfile.mkdtemp(prefix="pynbd-tlsbench-")
     try:
-        times = run_cases(d, args, cases, parse_size(args.size))
+        times, cpus = run_cases(d, args, cases, parse_size(args.size))
     except (RuntimeError, subprocess.CalledProcessError, OSError) as e:
         print(f"tls_client.py: {e}", file=sys.stderr)
         return 2
@@ -156,13 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(d, ignore_errors=True)
     ok = True
     load = os.getloadavg()
-    print(f"{'case':6} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar")
+    print(f"{'case':6} {'nbdcopy s':>10} {'pynbd s':>10} {'nbdcopy/pynbd':>14}  bar"
+          f"{'':11}copy CPU s nbdcopy pynbd, source nbdkit CPU s with nbdcopy pynbd")
     for case in cases:
         tn = statistics.median(times[(case, "nbdcopy")])
         tp = statistics.median(times[(case, "pynbd")])
+        cpu = [statistics.median(c[side] for c in cpus[(case, tool)])
+               for side in (0, 1) for tool in ("nbdcopy", "pynbd")]
         ok = ok and tn / tp >= BAR
         print(f"{case:6} {tn:10.3f} {tp:10.3f} {tn / tp:14.2f}  >= {BAR} "
-              f"{'PASS' if tn / tp >= BAR else 'FAIL'}")
+              f"{'PASS' if tn / tp >= BAR else 'FAIL'}   {cpu[0]:6.2f} {cpu[1]:6.2f}"
+              f"   {cpu[2]:6.2f} {cpu[3]:6.2f}")
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, {os.cpu_count()} CPUs")
     return 0 if ok else 1
 

@@ -23,6 +23,8 @@ from pynbd.protocol.constants import CONTEXT_BASE_ALLOCATION, SIMPLE_REPLY
 from pynbd.protocol.replies import Pending, ReplyDecoder
 from pynbd.protocol.transmission import build_request
 
+_SSL_ERROR_EOF = 8  # ssl.SSL_ERROR_EOF (ssl is not imported for plain connections)
+
 TYPE_CHECKING = False  # typing is not imported at run time (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -197,16 +199,23 @@ class BlockingConnection(Negotiation):
     def recv_into(self, view: memoryview, got: int = 0) -> None:
         """Fill ``view[got:]`` from the socket."""
         want = view.nbytes
-        sock = self.sock
+        # over TLS, the C method itself: ssl.py's recv_into adds four Python calls per
+        # 16 KiB record (and the interpreter lock is held meanwhile, which the other
+        # connections' threads wait for)
+        sslobj = getattr(self.sock, "_sslobj", None)
+        recv: Any = self.sock.recv_into if sslobj is None else sslobj.read
         try:
             while got < want:
-                n = sock.recv_into(view[got:])
+                n = recv(view[got:]) if sslobj is None else recv(want - got, view[got:])
                 if n == 0:
                     raise self._gone("the server closed the connection")
                 got += n
         except ServerGone:
             raise
         except OSError as e:
+            if sslobj is not None and e.args and e.args[0] == _SSL_ERROR_EOF:
+                # no close_notify: what ssl.py's recv_into reports as 0 bytes
+                raise self._gone("the server closed the connection") from None
             raise self._gone(f"recv: {e.strerror or e}") from None
 
     def _gone(self, why: str) -> ServerGone:

@@ -33,6 +33,11 @@ class TlsStream(FdStream):
         ssock.setblocking(False)
         super().__init__(loop, ssock.fileno(), owner=ssock)
         self.ssock = ssock
+        # the C methods themselves (ssl.py's recv_into and send add two Python calls and
+        # their checks per 16 KiB record)
+        sslobj: Any = getattr(ssock, "_sslobj", None) or ssock
+        self._read: Callable[..., int] = sslobj.read
+        self._write: Callable[[Any], int] = sslobj.write
         self._user_reader: Callable[[], None] | None = None
         self._retry: Any = None
         self._paused = False
@@ -70,11 +75,11 @@ class TlsStream(FdStream):
 
     def _recv(self, view: memoryview) -> int:
         """Decrypt into ``view`` until full, EOF or no more: bytes read (-1: none yet)."""
-        ss = self.ssock
+        read = self._read
         n, want = 0, len(view)
         while n < want:
             try:
-                k = ss.recv_into(view[n:])
+                k = read(want - n, view[n:])
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLWantWriteError:
@@ -131,13 +136,17 @@ class TlsStream(FdStream):
     # ---- writing
     def _flush(self) -> None:
         q = self._outq
-        ss = self.ssock
+        write = self._write
         while q:
             head = q[0]
-            if len(head) < _JOIN and len(q) > 1 and head is not self._retry:
-                head = self._join()
+            if head is not self._retry:
+                if len(head) < _JOIN:
+                    if len(q) > 1:
+                        head = self._join()
+                elif len(head) % _JOIN and len(q) > 1:
+                    head = self._split()
             try:
-                n = ss.send(head)
+                n = write(head)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError,
                     InterruptedError):
                 self._retry = head  # OpenSSL wants the same buffer again
@@ -188,6 +197,19 @@ class TlsStream(FdStream):
         q.appendleft(joined)
         self._uncharge((k - 1) * BUFFER_COST)
         return joined
+
+    def _split(self) -> memoryview:
+        """Cut the large buffer at the head of the queue after its last whole record: its
+        tail joins what follows (a 256 KiB request and its header take 16 records, not 17
+        with a small one, for the server to decrypt too)."""
+        q = self._outq
+        b = q[0]
+        b = b if type(b) is memoryview else memoryview(b)
+        whole = len(b) - len(b) % _JOIN
+        q[0] = b[whole:]
+        q.appendleft(b[:whole])
+        self._uncharge(-BUFFER_COST)  # one buffer more in the queue
+        return q[0]  # type: ignore[return-value]
 
     # ---- closing
     def detach(self) -> Any:
