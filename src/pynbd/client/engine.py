@@ -148,6 +148,7 @@ class AsyncClient(ReplyReader, Negotiation):
         self._end = 0
         self._sink_got = 0  # bytes of the decoder's sink already received
         self._out: list[Any] = []
+        self._out_plain = True  # _out holds request headers only (no write payload)
         self._flush_scheduled = False
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
                       "chunks_received": 0}
@@ -510,6 +511,7 @@ class AsyncClient(ReplyReader, Negotiation):
                                  payload is not None))
         if payload is not None:
             out.append(payload)
+            self._out_plain = False
 
     def submit(self, cmd: int, offset: int, length: int, flags: int = 0, payload: Any = None,
                dest: memoryview | None = None, chunk_cb: ChunkCallback | None = None,
@@ -542,6 +544,7 @@ class AsyncClient(ReplyReader, Negotiation):
                                  payload is not None))
         if payload is not None:
             out.append(payload)
+            self._out_plain = False
 
     def _on_timeout(self, p: _Pending, t: float) -> None:
         if p.fut is not None and not p.fut.done() and self._pending.get(p.cookie) is p:
@@ -588,7 +591,13 @@ class AsyncClient(ReplyReader, Negotiation):
         out = self._out
         if out and self.stream is not None:
             self._out = []
-            self.stream.write(out)
+            if self._out_plain and len(out) > 1:
+                # hot path: request headers only (reads...): one buffer, one iovec, and
+                # no per-buffer queueing in the stream (benchmarks/client_read.py)
+                self.stream.write_joined(b"".join(out), len(out))
+            else:
+                self.stream.write(out)
+            self._out_plain = True
 
     async def pread(self, count: int, offset: int, flags: int = 0) -> bytearray:
         buf = bytearray(count)
