@@ -611,9 +611,12 @@ class AsyncClient(ReplyReader, Negotiation):
 
     async def pread_into(self, buf: Any, offset: int, flags: int = 0,
                          chunk_cb: ChunkCallback | None = None) -> None:
-        mv = memoryview(buf).cast("B")
-        if mv.readonly:
-            raise TypeError("pread_into needs a writable buffer")
+        if type(buf) is bytearray:  # bytes, writable: no cast, no check (hot path)
+            mv = memoryview(buf)
+        else:
+            mv = memoryview(buf).cast("B")
+            if mv.readonly:
+                raise TypeError("pread_into needs a writable buffer")
         fut = None if flags else self._read_now(mv, offset, chunk_cb)
         if fut is None:
             await self._submit(_READ, offset, len(mv), flags, dest=mv, chunk_cb=chunk_cb)
