@@ -178,6 +178,10 @@ class FdStream:
         if not self._writer_on:
             self._flush()
 
+    def write_joined(self, data: bytes, parts: int) -> None:
+        """:meth:`write` of ``parts`` buffers (NBD requests) joined into ``data``."""
+        self.write([data])
+
     def _flush(self) -> None:
         q = self._outq
         while q:

@@ -210,7 +210,7 @@ def mutated(draw: st.DrawFn, structured: bool) -> bytes:
             del chunks[i]
         elif op == "dup" and chunks:
             chunks.insert(i, chunks[i])
-        elif op in ("flip", "set") and chunks:
+        elif op in ("flip", "set") and chunks and chunks[i]:  # a cut may leave it empty
             c = bytearray(chunks[i])
             k = draw(st.integers(0, len(c) - 1))
             c[k] = draw(st.integers(0, 255)) if op == "set" else c[k] ^ (

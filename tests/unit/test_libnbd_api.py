@@ -678,6 +678,14 @@ def test_stats(memsock: str) -> None:
     assert h.stats_bytes_sent() - sent == 28 and h.stats_chunks_sent() - csent == 1
     assert h.stats_bytes_received() - recv in (16, 20)  # simple reply or one NONE chunk
     assert h.stats_chunks_received() - crecv == 1
+    # requests queued together go out in one write, and each counts as a chunk still
+    sent, csent = h.stats_bytes_sent(), h.stats_chunks_sent()
+    cookies = [h.aio_pread(nbd.Buffer(512), i * 512) for i in range(5)]
+    h.aio_flush()
+    while h.aio_in_flight():
+        h.poll(-1)
+    assert all(h.aio_command_completed(c) for c in cookies)
+    assert h.stats_bytes_sent() - sent == 6 * 28 and h.stats_chunks_sent() - csent == 6
     h.close()
 
 

@@ -147,8 +147,8 @@ def api(states: frozenset[str] | None = None) -> Callable[[_F], _F]:
                     if self._debug_on:
                         self._trace_enter(fn, args, kw)
                     try:
-                        if states is not None:
-                            self._check_state(states)
+                        if states is not None and self._refresh() not in states:
+                            self._check_state(states)  # raises
                         r = fn(self, *args, **kw)
                     except Error as e:
                         if self._debug_on:

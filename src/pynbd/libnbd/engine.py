@@ -51,6 +51,12 @@ class CountingStream(FdStream):
                 st.chunks_sent += 1
         super().write(bufs)
 
+    def write_joined(self, data: bytes, parts: int) -> None:
+        st = self.stats
+        st.bytes_sent += len(data)
+        st.chunks_sent += parts  # request headers, one chunk each
+        FdStream.write(self, [data])
+
     def readinto(self, view: memoryview) -> int:
         n = os.readv(self.rfd, [view])
         self.stats.bytes_received += n
@@ -96,6 +102,12 @@ def _counting_tls_stream() -> type:
                 if isinstance(b, bytes) and n != 4:  # as CountingStream counts
                     st.chunks_sent += 1
             super().write(bufs)
+
+        def write_joined(self, data: bytes, parts: int) -> None:
+            st = self.stats
+            st.bytes_sent += len(data)
+            st.chunks_sent += parts  # as CountingStream counts
+            TlsStream.write(self, [data])
 
         def readinto(self, view: memoryview) -> int:
             n = super().readinto(view)

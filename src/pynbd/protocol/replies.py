@@ -66,6 +66,8 @@ MAX_CHUNK = 64 * 1024 * 1024
 
 
 _U32 = struct.Struct(">I")
+#: A structured reply chunk's header and the offset that starts an OFFSET_DATA payload.
+_SR_DATA = struct.Struct(">IHHQIQ")
 _U64 = struct.Struct(">Q")
 _HOLE = struct.Struct(">QI")
 _ERR = struct.Struct(">IH")
@@ -148,10 +150,30 @@ class ReplyDecoder:
         pending = self.pending
         # hot path: one loop for every reply in the buffer, kept in one function (longer
         # than the size budget) because each reply would otherwise pay a call per step:
-        # the random job of benchmarks/client_read.py spends ~12 us of CPU per request in
+        # the random job of benchmarks/client_read.py spends ~10 us of CPU per request in
         # all, and a call costs ~0.1 us.
+        sr = self.structured and not self.extended
         while True:
             avail = end - pos
+            if sr and avail >= 28:
+                # The usual reply first, with one unpack: a structured OFFSET_DATA chunk that
+                # answers a whole READ and ends it, its data here. Anything else (and
+                # anything to check) goes the general way below.
+                magic, flags, rtype, cookie, length, doff = _SR_DATA.unpack_from(view, pos)
+                if magic == _SR_MAGIC and rtype == _DATA and flags & _DONE:
+                    p = pending.get(cookie)
+                    n = length - 8
+                    if (p is not None and p.cmd == _READ and p.covered is None
+                            and doff == p.offset and n == p.length and n > 0
+                            and avail - 28 >= n and not p.error and p.chunk_cb is None
+                            and p.dest is not None):
+                        pos += 28
+                        p.dest[:n] = view[pos:pos + n]
+                        pos += n
+                        self.chunks += 1
+                        del pending[cookie]
+                        self.on_done(p)
+                        continue
             if avail < 16:
                 self.need = 32 if self.extended else 16
                 return pos
