@@ -20,7 +20,8 @@ from typing import Any
 from pynbd.tools import _view_batch
 
 __all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
-           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time"]
+           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time",
+           "records"]
 
 #: Kinds drawn on the grid (flush and extents touch no block; they are only counted).
 KINDS = {"R": "read", "W": "write", "T": "trim", "Z": "zero", "C": "cache", "F": "flush",
@@ -42,6 +43,15 @@ _RECORD = struct.Struct("<BBHIQQqq")
 _NAMES = {ord(k): k for k in KINDS}
 #: Apply the filter's records a batch at a time (numpy); False: one by one.
 BATCHED = _view_batch.HAVE_NUMPY
+
+
+def records(msg: dict[str, Any]) -> bytes | None:
+    """The records of an ``events`` message of the filter (whole ones), else None."""
+    data = msg.get("data")
+    if data is None or msg.get("type") != "events":
+        return None
+    raw = base64.b64decode(data)
+    return raw[:len(raw) - len(raw) % _RECORD.size]
 
 
 def decode_events(msg: dict[str, Any]) -> list[Any]:
@@ -205,13 +215,14 @@ class Panel:
         elif kind in "TZ":
             self.base[a:b] = b"\0" * n
 
-    def apply(self, msg: dict[str, Any]) -> None:
-        """Apply one message of the filter's stream."""
+    def apply(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        """Apply one message of the filter's stream (``raw``: an ``events`` message's
+        records, decoded already)."""
         typ = msg.get("type")
         if typ == "events":
             data = msg.get("data")
             if data is not None and BATCHED:
-                _view_batch.apply_records(self, base64.b64decode(data))
+                _view_batch.apply_records(self, base64.b64decode(data) if raw is None else raw)
             else:
                 self.events(decode_events(msg))
         elif typ == "state":
@@ -245,8 +256,8 @@ class Model:
         """The time of the latest request seen (seconds since the epoch)."""
         return max((p.last_time for p in self.panels), default=0.0)
 
-    def apply(self, src: int, msg: dict[str, Any]) -> None:
-        self.panels[src].apply(msg)
+    def apply(self, src: int, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        self.panels[src].apply(msg, raw)
         self.history.append((src, msg))
         self._history_events += event_count(msg) + 1
         self._trim_history()
