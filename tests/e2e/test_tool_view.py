@@ -4,8 +4,10 @@ recording), ``--apng``, the page's assets and WebSocket, and bad input."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 import urllib.request
@@ -177,13 +179,14 @@ def test_page_assets_and_websocket(pynbd_server: Callable[..., Server],
         async def first_messages() -> list[dict[str, Any]]:
             got: list[dict[str, Any]] = []
             async with aiohttp.ClientSession() as s, s.ws_connect(url + "ws") as ws:
-                got.append(json.loads((await ws.receive()).data))
+                got.append(_page_message(await ws.receive()))
                 c.pwrite(b"y" * 4096, 16384)  # live, after the page connected
                 while ["W", 16384, 4096] not in _writes(got):
-                    got.append(json.loads((await asyncio.wait_for(ws.receive(), 20)).data))
+                    got.append(_page_message(await asyncio.wait_for(ws.receive(), 20)))
             return got
 
         msgs = asyncio.run(first_messages())
+        assert any(m.get("binary") for m in msgs)  # the live requests: records, as they came
         c.close()
         init = msgs[0]
         assert init["type"] == "init" and init["panels"][0]["name"] == vsock
@@ -193,6 +196,17 @@ def test_page_assets_and_websocket(pynbd_server: Callable[..., Server],
         viewer.terminate()
         assert viewer.wait(30) == 0
     assert "Traceback" not in errlog.read_text()
+
+
+def _page_message(ws_msg: Any) -> dict[str, Any]:
+    """A message of the page's WebSocket: JSON, or requests as a binary message (the
+    source, u32 little-endian, then the filter's 40-byte records)."""
+    if isinstance(ws_msg.data, bytes):
+        src = struct.unpack_from("<I", ws_msg.data)[0]
+        return {"type": "events", "src": src, "binary": True,
+                "data": base64.b64encode(ws_msg.data[4:]).decode()}
+    msg: dict[str, Any] = json.loads(ws_msg.data)
+    return msg
 
 
 def _writes(msgs: list[dict[str, Any]]) -> list[list[object]]:

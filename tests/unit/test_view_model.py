@@ -124,3 +124,87 @@ def test_view_address() -> None:
     for bad in ("10.0.0.1:80", "[::]:80", "example.com:80", "127.0.0.1:0", ":80", "1.2.3.4"):
         with pytest.raises(ConfigError):
             _parse_address(bad)
+
+
+def _random_batches(seed: int) -> list[dict[str, object]]:
+    """Batches of records as a busy disk sends them: mostly one block, some spanning
+    several, reads after writes to the same block, failures, unknown kinds, zero lengths,
+    requests past the end."""
+    import random
+
+    rnd = random.Random(seed)
+    batches = []
+    t = T0
+    for _ in range(6):
+        evs = []
+        for _ in range(rnd.randrange(1, 400)):
+            t += rnd.randrange(0, 50)
+            kind = rnd.choice("WWWWRRRTZCFEQ")
+            block = rnd.randrange(0, 300 if rnd.random() < 0.98 else 600)
+            length = rnd.choice([4096, 4096, 4096, 512, 8192, 65536, 0, 4096 * 37])
+            offset = block * 4096 + rnd.choice([0, 0, 0, 1024])
+            err = 5 if rnd.random() < 0.05 else 0
+            evs.append((kind, offset, length, rnd.choice([0, 2]), err, t, 7, rnd.randrange(4)))
+        batches.append(_records(*evs))
+    return batches
+
+
+def _panel_after(batches: list[dict[str, object]], batched: bool) -> Panel:
+    import pynbd.tools._view_model as vm
+
+    saved = vm.BATCHED
+    vm.BATCHED = batched
+    try:
+        p = Panel("x", 4096)
+        p.apply({"type": "hello", "exports": {"": 256 * 4096}})
+        p.apply({"type": "state", "size": 256 * 4096, "extents": [[0, 65536, 0],
+                                                                 [65536, 983040, 3]]})
+        for b in batches:
+            p.apply(b)
+        return p
+    finally:
+        vm.BATCHED = saved
+
+
+def test_batched_records_match_one_by_one() -> None:
+    """numpy's batches leave a panel exactly as applying each request in order does."""
+    import pytest
+
+    from pynbd.tools import _view_batch
+
+    if not _view_batch.HAVE_NUMPY:
+        pytest.skip("numpy is not installed")
+    for seed in range(20):
+        batches = _random_batches(seed)
+        one, many = _panel_after(batches, False), _panel_after(batches, True)
+        assert many.nblocks == one.nblocks > 256  # grown by the requests past the end
+        assert many.base == one.base, seed
+        assert many.kind == one.kind, seed
+        assert many.when == one.when, seed
+        assert (many.counters, many.errors, many.last_time) == \
+            (one.counters, one.errors, one.last_time)
+
+
+def test_batched_records_in_several_passes(monkeypatch: object) -> None:
+    import pytest
+
+    from pynbd.tools import _view_batch
+
+    if not _view_batch.HAVE_NUMPY:
+        pytest.skip("numpy is not installed")
+    batches = _random_batches(99)
+    one = _panel_after(batches, False)
+    pytest.MonkeyPatch.setattr(monkeypatch, _view_batch, "MAX_PASS_BLOCKS", 50)  # type: ignore[arg-type]
+    many = _panel_after(batches, True)
+    assert (many.base, many.kind, many.when) == (one.base, one.kind, one.when)
+
+
+def test_message_times_without_decoding() -> None:
+    from pynbd.tools._view_model import message_time
+
+    for n in range(1, 8):  # every alignment of the last record in base64
+        evs = [("W", 0, 4096, 0, 0, T0 + i * 1000 + 7, 1, 1) for i in range(n)]
+        msg = _records(*evs)
+        assert first_time(msg) == (T0 + 7) / 1e6
+        assert message_time(msg) == (T0 + (n - 1) * 1000 + 7) / 1e6
+    assert message_time({"type": "events", "count": 0, "data": "", "time": 5_000_000}) == 5.0

@@ -4,7 +4,9 @@ A :class:`Panel` is one source (one view socket, or one source of a recording): 
 export's size, one byte of state per block (hole or data, from the filter's ``state``
 message and the writes, trims and zeroes since), the last request that touched each block
 and when, and counters per kind of request. :class:`Model` holds the panels and a history
-of the messages of the last minutes (for the page's timeline). Standard library only.
+of the messages of the last minutes (for the page's timeline). The filter's records are
+applied a batch at a time with numpy when it is installed (:mod:`._view_batch`), else one
+by one.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import collections
 import struct
 from typing import Any
 
+from pynbd.tools import _view_batch
+
 __all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
-           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time"]
+           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time",
+           "records"]
 
 #: Kinds drawn on the grid (flush and extents touch no block; they are only counted).
 KINDS = {"R": "read", "W": "write", "T": "trim", "Z": "zero", "C": "cache", "F": "flush",
@@ -36,6 +41,17 @@ _CODES = {k: ord(k) for k in KINDS}
 #: The view filter's record (pynbd.filters._view_publish.RECORD).
 _RECORD = struct.Struct("<BBHIQQqq")
 _NAMES = {ord(k): k for k in KINDS}
+#: Apply the filter's records a batch at a time (numpy); False: one by one.
+BATCHED = _view_batch.HAVE_NUMPY
+
+
+def records(msg: dict[str, Any]) -> bytes | None:
+    """The records of an ``events`` message of the filter (whole ones), else None."""
+    data = msg.get("data")
+    if data is None or msg.get("type") != "events":
+        return None
+    raw = base64.b64decode(data)
+    return raw[:len(raw) - len(raw) % _RECORD.size]
 
 
 def decode_events(msg: dict[str, Any]) -> list[Any]:
@@ -48,6 +64,19 @@ def decode_events(msg: dict[str, Any]) -> list[Any]:
     raw = base64.b64decode(data)
     raw = raw[:len(raw) - len(raw) % _RECORD.size]
     return [(k, o, n, f, e, t, d, c) for k, f, e, c, o, n, t, d in _RECORD.iter_unpack(raw)]
+
+
+def _record_time(data: str, index: int) -> float | None:
+    """The start (seconds) of record ``index`` (-1: the last) of an ``events`` message's
+    ``data``, decoding only the few base64 characters that hold it."""
+    size = len(data) // 4 * 3 - (data[-2:].count("=") if data else 0)
+    n = size // _RECORD.size
+    if not n:
+        return None
+    off = (index % n) * _RECORD.size + 24  # TIME's place in the record
+    group = off // 3
+    chunk = base64.b64decode(data[4 * group:4 * group + 16])
+    return int.from_bytes(chunk[off % 3:off % 3 + 8], "little", signed=True) / 1e6
 
 
 def event_count(msg: dict[str, Any]) -> int:
@@ -99,6 +128,8 @@ class Panel:
         self.errors = 0
         self.dropped = 0
         self.last_time = 0.0
+        #: Working space of :mod:`._view_batch` (an array of one integer per block).
+        self.scratch: Any = None
 
     def resize(self, size: int) -> None:
         if size <= self.size:
@@ -184,11 +215,16 @@ class Panel:
         elif kind in "TZ":
             self.base[a:b] = b"\0" * n
 
-    def apply(self, msg: dict[str, Any]) -> None:
-        """Apply one message of the filter's stream."""
+    def apply(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        """Apply one message of the filter's stream (``raw``: an ``events`` message's
+        records, decoded already)."""
         typ = msg.get("type")
         if typ == "events":
-            self.events(decode_events(msg))
+            data = msg.get("data")
+            if data is not None and BATCHED:
+                _view_batch.apply_records(self, base64.b64decode(data) if raw is None else raw)
+            else:
+                self.events(decode_events(msg))
         elif typ == "state":
             self.state(int(msg.get("size", 0)), msg.get("extents", []))
         elif typ == "open":
@@ -220,8 +256,8 @@ class Model:
         """The time of the latest request seen (seconds since the epoch)."""
         return max((p.last_time for p in self.panels), default=0.0)
 
-    def apply(self, src: int, msg: dict[str, Any]) -> None:
-        self.panels[src].apply(msg)
+    def apply(self, src: int, msg: dict[str, Any], raw: bytes | None = None) -> None:
+        self.panels[src].apply(msg, raw)
         self.history.append((src, msg))
         self._history_events += event_count(msg) + 1
         self._trim_history()
@@ -238,17 +274,23 @@ class Model:
 def message_time(msg: dict[str, Any]) -> float:
     """When a message happened (an events message: its last request's start)."""
     if msg.get("type") == "events":
-        evs = decode_events(msg) if "data" in msg else msg.get("events")
-        if evs:
-            return float(evs[-1][5]) / 1e6
+        if "data" in msg:
+            t = _record_time(msg["data"], -1)
+            if t is not None:
+                return t
+        elif msg.get("events"):
+            return float(msg["events"][-1][5]) / 1e6
     return float(msg.get("time", 0)) / 1e6
 
 
 def first_time(msg: dict[str, Any]) -> float | None:
     """When a message began (an events message: its first request's start), or None."""
     if msg.get("type") == "events":
-        evs = decode_events(msg) if "data" in msg else msg.get("events")
-        if evs:
-            return float(evs[0][5]) / 1e6
+        if "data" in msg:
+            t0 = _record_time(msg["data"], 0)
+            if t0 is not None:
+                return t0
+        elif msg.get("events"):
+            return float(msg["events"][0][5]) / 1e6
     t = msg.get("time")
     return float(t) / 1e6 if t else None

@@ -3,8 +3,10 @@
 A page that connects gets one ``init`` message: the display settings, each panel as it was
 at the start of the history (its size, block, and block states as base64, one byte a
 block: 0 hole, 1 data) with its counters, and the history itself (the messages of the last
-minutes, each with its source). Then every message as it arrives, with ``src`` added.
-The page replays the history to draw the present, and again up to any moment the
+minutes, each with its source). Then every message as it arrives: the filter's requests as
+a binary message (the source, u32 little-endian, then the filter's 40-byte records as they
+came: no JSON or base64 for the page to decode), any other message as JSON with ``src``
+added. The page replays the history to draw the present, and again up to any moment the
 timeline is moved to.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import struct
 from importlib import resources
 from typing import Any
 
@@ -92,12 +95,13 @@ class WebView:
 
     async def _ws(self, request: Any) -> Any:
         web = _web()
-        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=0)
+        # not compressed: on loopback, deflating every batch only costs both ends CPU
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=0, compress=False)
         await ws.prepare(request)
         init = {"type": "init", "settings": self.settings,
                 "panels": [_panel_json(p) for p in self.model.origin],
                 "history": [{**m, "src": s} for s, m in self.model.history]}
-        queue: asyncio.Queue[str] = asyncio.Queue()
+        queue: asyncio.Queue[str | bytes] = asyncio.Queue()
         queue.put_nowait(json.dumps(init, separators=(",", ":")))
         self.sockets[ws] = queue
         sender = asyncio.ensure_future(self._send(ws, queue))
@@ -112,16 +116,24 @@ class WebView:
     async def _send(self, ws: Any, queue: Any) -> None:
         try:
             while True:
-                await ws.send_str(await queue.get())
+                item = await queue.get()
+                if isinstance(item, bytes):
+                    await ws.send_bytes(item)
+                else:
+                    await ws.send_str(item)
         except (ConnectionError, RuntimeError):
             self.sockets.pop(ws, None)
 
-    def publish(self, src: int, msg: dict[str, Any]) -> None:
+    def publish(self, src: int, msg: dict[str, Any], raw: bytes | None = None) -> None:
         """Queue a message for every page (a page that stopped reading is dropped: it
-        can reload)."""
+        can reload); ``raw``: an ``events`` message's records, sent as they are."""
         if not self.sockets:
             return
-        text = json.dumps({**msg, "src": src}, separators=(",", ":"))
+        text: str | bytes
+        if raw is not None:
+            text = struct.pack("<I", src) + raw
+        else:
+            text = json.dumps({**msg, "src": src}, separators=(",", ":"))
         for ws, queue in list(self.sockets.items()):
             if ws.closed or queue.qsize() > MAX_PAGE_BACKLOG:
                 self.sockets.pop(ws, None)

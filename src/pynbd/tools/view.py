@@ -22,7 +22,7 @@ from typing import Any
 
 from pynbd.errors import ConfigError
 from pynbd.plugin import parse_size
-from pynbd.tools._view_model import Model, first_time
+from pynbd.tools._view_model import Model, first_time, records
 from pynbd.tools._view_sources import RecordWriter, ViewError, follow, read_replay
 
 __all__ = ["main"]
@@ -96,13 +96,14 @@ class Viewer:
         self.web: Any = None
 
     def deliver(self, src: int, msg: dict[str, Any]) -> None:
-        self.model.apply(src, msg)
+        raw = records(msg)  # decoded once, for the model and the pages
+        self.model.apply(src, msg, raw)
         if self.record is not None:
             self.record.write(src, msg)
         if self.collected is not None:
             self.collected.append((src, msg))
         if self.web is not None:
-            self.web.publish(src, msg)
+            self.web.publish(src, msg, raw)
 
     def connected(self, src: int) -> None:
         print(f"pynbd view: watching {self.names[src]}", file=sys.stderr, flush=True)
