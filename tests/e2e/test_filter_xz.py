@@ -6,6 +6,7 @@ opened read-only."""
 from __future__ import annotations
 
 import lzma
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -210,3 +211,27 @@ def test_reads_through_the_lzma_module_without_ctypes() -> None:
     _filter(chain)._pool.decoders = None
     for off in (0, 3 * BLOCK - 7, 5 * BLOCK + 100, 0):
         assert bytes(ctx.pread(2 * BLOCK, off)) == RAW[off:off + 2 * BLOCK]
+
+
+@pytest.mark.parametrize("damage", ["none", "data"])
+def test_block_read_in_several_chunks(monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """A block bigger than one read of the plugin below decodes chunk by chunk, the same
+    through ctypes as through the lzma module."""
+    from pynbd.filters._xz_decoder import DecoderPool
+
+    monkeypatch.setattr(_formats_xz, "_CHUNK", 1000)
+    pool = DecoderPool(1)
+    raw = random.Random(5).randbytes(2 * BLOCK)  # incompressible: a block is 64 KiB
+    disk, idx = _index_of(_xz_blocks(raw, BLOCK))
+    assert idx.totals[1] > 60000
+    if damage == "data":
+        disk.data[idx.offsets[1] + 2500] ^= 0x10
+    results = []
+    for p in (pool, None, pool):
+        try:
+            results.append(bytes(_formats_xz.decode_block(disk, idx, 1, p)))
+        except Exception as e:  # noqa: BLE001 - compared below
+            results.append(str(e))
+    assert results[0] == results[1] == results[2]
+    assert (results[0] == raw[BLOCK:]) == (damage == "none")
+    assert pool.decoders is None or len(pool.decoders) == 1  # one decoder, reused

@@ -221,22 +221,31 @@ def decode_block(next: Any, idx: XzIndex, i: int, pool: DecoderPool | None = Non
     n = min(_CHUNK, total)
     raw = _pread(next, n, offset, "read")
     out = pool.buffer(want)
-    dec = pool.decoder()
+    dec: Any = None
     ret = 0
-    try:
-        with pool.cpu:
+    with pool.cpu:  # the decoder too is taken and given back within: at most n exist
+        dec = pool.decoder()
+        try:
             ret = dec.begin(idx.headers[i], out) or dec.feed(raw)
-        done = n
-        while not ret and done < total:
-            n = min(_CHUNK, total - done)
-            raw = _pread(next, n, offset + done, "read")
-            with pool.cpu:
-                ret = dec.feed(raw)
-            done += n
-    finally:
-        last = dec.end()
-        pool.done(dec)
-    ret = ret or last
+        finally:
+            if n == total:
+                last = dec.end()
+                ret = ret or last
+                pool.done(dec)
+                dec = None
+    if dec is not None:  # a block of several chunks: the decoder is kept across reads
+        try:
+            done = n
+            while not ret and done < total:
+                n = min(_CHUNK, total - done)
+                raw = _pread(next, n, offset + done, "read")
+                with pool.cpu:
+                    ret = dec.feed(raw)
+                done += n
+        finally:
+            last = dec.end()
+            ret = ret or last
+            pool.done(dec)
     if ret:
         raise _fail(f"could not parse block data (error {_RET_ERRNO.get(ret, _DATA_ERROR)})")
     return out
