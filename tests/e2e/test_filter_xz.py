@@ -6,6 +6,7 @@ opened read-only."""
 from __future__ import annotations
 
 import lzma
+import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,9 +48,9 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     seen: list[int] = []
     real = _formats_xz.decode_block
 
-    def counting(next: Any, idx: Any, i: int) -> bytes:
+    def counting(next: Any, idx: Any, i: int, *pool: Any) -> Any:
         seen.append(i)
-        return real(next, idx, i)
+        return real(next, idx, i, *pool)
 
     monkeypatch.setattr("pynbd.filters.xz.decode_block", counting)
     return seen
@@ -106,10 +107,10 @@ def test_parallel_decompression(monkeypatch: pytest.MonkeyPatch) -> None:
     both = threading.Barrier(2, timeout=10)
     real = _formats_xz.decode_block
 
-    def slow(next: Any, idx: Any, i: int) -> bytes:
+    def slow(next: Any, idx: Any, i: int, *pool: Any) -> Any:
         both.wait()  # fails (BrokenBarrierError) unless two decodes overlap
         running.release()
-        return real(next, idx, i)
+        return real(next, idx, i, *pool)
 
     monkeypatch.setattr("pynbd.filters.xz.decode_block", slow)
     _, ctx = open_chain(Disk(XZ), (XzFilter, []))
@@ -134,3 +135,103 @@ def test_failed_decode_is_not_cached(decodes: list[int]) -> None:
 def test_manual() -> None:
     text = manual_of("xz")
     assert "xz-max-block=SIZE" in text and "xz-max-depth=N" in text
+
+
+class _Bytes:
+    """What a filter calls below it, over a bytearray."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+
+    def get_size(self) -> int:
+        return len(self.data)
+
+    def pread(self, count: int, offset: int, flags: int) -> bytes:
+        return bytes(self.data[offset:offset + count])
+
+
+def _index_of(data: bytes) -> tuple[Any, Any]:
+    disk = _Bytes(data)
+    return disk, _formats_xz.read_index(disk)
+
+
+@pytest.mark.parametrize("damage", ["none", "data", "check", "header", "short", "long"])
+def test_liblzma_called_directly_as_lzma_does(damage: str) -> None:
+    """The decoder called through ctypes gives the bytes and the errors of the lzma
+    module's: good blocks, corrupt data, a wrong integrity check, a broken block header,
+    and an index that says the block is shorter or longer than it is."""
+    from pynbd.filters._xz_decoder import DecoderPool
+
+    pool = DecoderPool(2)
+    assert pool.decoders is not None, "liblzma cannot be called: the fast path is untested"
+    disk, idx = _index_of(XZ)
+    i, off, total = 3, idx.offsets[3], idx.totals[3]
+    if damage == "data":
+        disk.data[off + total // 2] ^= 0x40
+    elif damage == "check":
+        disk.data[off + total - 1] ^= 0x01  # the CRC64's last byte
+    elif damage == "header":
+        disk.data[off + 1] ^= 0xFF  # block flags
+    elif damage == "short":
+        idx.sizes[i] -= 1
+    elif damage == "long":
+        idx.sizes[i] += 1
+
+    def outcome(p: Any) -> Any:
+        try:
+            return bytes(_formats_xz.decode_block(disk, idx, i, p))
+        except Exception as e:  # noqa: BLE001 - compared below
+            return (type(e), getattr(e, "errno", None), str(e))
+
+    direct, stdlib = outcome(pool), outcome(None)
+    assert direct == stdlib
+    assert (direct == RAW[3 * BLOCK:4 * BLOCK]) == (damage == "none")
+    assert outcome(pool) == direct  # the decoder is reset between blocks, even after errors
+
+
+def test_block_buffers_reused_only_when_unreferenced() -> None:
+    """An evicted block's buffer is decoded into again only once nothing refers to it: a
+    view returned by an earlier read (a reply not yet sent) keeps its bytes."""
+    chain, ctx = open_chain(Disk(XZ), (XzFilter, ["xz-max-depth=1"]))
+    held = ctx.pread(100, 0)
+    assert held.readonly
+    for b in range(1, 8):
+        assert bytes(ctx.pread(100, b * BLOCK)) == RAW[b * BLOCK:][:100]
+    assert bytes(held) == RAW[:100]
+    pool = _filter(chain)._pool
+    if pool.decoders is not None:
+        free = pool._free.get(BLOCK, [])
+        assert free, "no buffer came back for reuse"
+        assert all(not any(memoryview(buf)[:0]) for buf in free)  # bytearrays, usable
+
+
+def test_reads_through_the_lzma_module_without_ctypes() -> None:
+    """Where liblzma cannot be called through ctypes, the lzma module serves the same."""
+    chain, ctx = open_chain(Disk(XZ), (XzFilter, ["xz-max-depth=1"]))
+    _filter(chain)._pool.decoders = None
+    for off in (0, 3 * BLOCK - 7, 5 * BLOCK + 100, 0):
+        assert bytes(ctx.pread(2 * BLOCK, off)) == RAW[off:off + 2 * BLOCK]
+
+
+@pytest.mark.parametrize("damage", ["none", "data"])
+def test_block_read_in_several_chunks(monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    """A block bigger than one read of the plugin below decodes chunk by chunk, the same
+    through ctypes as through the lzma module."""
+    from pynbd.filters._xz_decoder import DecoderPool
+
+    monkeypatch.setattr(_formats_xz, "_CHUNK", 1000)
+    pool = DecoderPool(1)
+    raw = random.Random(5).randbytes(2 * BLOCK)  # incompressible: a block is 64 KiB
+    disk, idx = _index_of(_xz_blocks(raw, BLOCK))
+    assert idx.totals[1] > 60000
+    if damage == "data":
+        disk.data[idx.offsets[1] + 2500] ^= 0x10
+    results = []
+    for p in (pool, None, pool):
+        try:
+            results.append(bytes(_formats_xz.decode_block(disk, idx, 1, p)))
+        except Exception as e:  # noqa: BLE001 - compared below
+            results.append(str(e))
+    assert results[0] == results[1] == results[2]
+    assert (results[0] == raw[BLOCK:]) == (damage == "none")
+    assert pool.decoders is None or len(pool.decoders) == 1  # one decoder, reused

@@ -8,15 +8,17 @@ read backwards from the end, as ``xz --list`` and nbdkit's xz filter read it, an
 are reported with nbdkit 1.32's messages (liblzma's error numbers included: 7 is a format
 error, 8 unsupported options, 9 corrupt data).
 
-A block is decoded by the standard library's :mod:`lzma` (liblzma underneath, which
-releases the GIL while it works, so blocks decode in parallel in several threads): the
-stream's own 12-byte header followed by the block's bytes is a valid start of an xz stream,
-and the decoder checks the block's integrity check (CRC32, CRC64 or SHA-256) as it ends.
+A block is decoded by liblzma, called through :mod:`ctypes` (:mod:`._xz_decoder`) or
+through the standard library's :mod:`lzma` where that cannot be done; either way without
+the GIL, so blocks decode in parallel in several threads: the stream's own 12-byte header
+followed by the block's bytes is a valid start of an xz stream, and the decoder checks the
+block's integrity check (CRC32, CRC64 or SHA-256) as it ends.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import hashlib
 import lzma
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.filters._xz_decoder import DecoderPool
 
 __all__ = ["HEADER_SIZE", "XzIndex", "decode_block", "read_index"]
 
@@ -194,6 +197,8 @@ def _build(streams: Any, fingerprint: bytes) -> XzIndex:
     return idx
 
 
+#: liblzma's return values as the lzma module's messages make them (memory limit: memory).
+_RET_ERRNO = {5: 5, 6: 5, _FORMAT_ERROR: _FORMAT_ERROR, _OPTIONS_ERROR: _OPTIONS_ERROR}
 _LZMA_ERRORS = (("format", _FORMAT_ERROR), ("options", _OPTIONS_ERROR),
                 ("memory", 5), ("corrupt", _DATA_ERROR))
 
@@ -206,9 +211,47 @@ def _lzma_errno(e: lzma.LZMAError) -> int:
     return _DATA_ERROR
 
 
-def decode_block(next: Any, idx: XzIndex, i: int) -> bytes:
+def decode_block(next: Any, idx: XzIndex, i: int, pool: DecoderPool | None = None) -> Any:
     """Decompress block ``i`` (its integrity check verified): exactly its uncompressed
-    size in bytes, or nbdkit's error."""
+    size in bytes, or nbdkit's error. With a ``pool`` (see :class:`DecoderPool`), the
+    block comes back as a ``bytearray`` that nobody may write to."""
+    if pool is None or pool.decoders is None:
+        return _decode_lzma(next, idx, i, pool.cpu if pool else contextlib.nullcontext())
+    offset, total, want = idx.offsets[i], idx.totals[i], idx.sizes[i]
+    n = min(_CHUNK, total)
+    raw = _pread(next, n, offset, "read")
+    out = pool.buffer(want)
+    dec: Any = None
+    ret = 0
+    with pool.cpu:  # the decoder too is taken and given back within: at most n exist
+        dec = pool.decoder()
+        try:
+            ret = dec.begin(idx.headers[i], out) or dec.feed(raw)
+        finally:
+            if n == total:
+                last = dec.end()
+                ret = ret or last
+                pool.done(dec)
+                dec = None
+    if dec is not None:  # a block of several chunks: the decoder is kept across reads
+        try:
+            done = n
+            while not ret and done < total:
+                n = min(_CHUNK, total - done)
+                raw = _pread(next, n, offset + done, "read")
+                with pool.cpu:
+                    ret = dec.feed(raw)
+                done += n
+        finally:
+            last = dec.end()
+            ret = ret or last
+            pool.done(dec)
+    if ret:
+        raise _fail(f"could not parse block data (error {_RET_ERRNO.get(ret, _DATA_ERROR)})")
+    return out
+
+
+def _decode_lzma(next: Any, idx: XzIndex, i: int, cpu: Any) -> bytes:
     offset, total, want = idx.offsets[i], idx.totals[i], idx.sizes[i]
     dec = lzma.LZMADecompressor(lzma.FORMAT_XZ)
     try:
@@ -217,7 +260,9 @@ def decode_block(next: Any, idx: XzIndex, i: int) -> bytes:
         done = 0
         while done < total:
             n = min(_CHUNK, total - done)
-            parts.append(dec.decompress(_pread(next, n, offset + done, "read")))
+            raw = _pread(next, n, offset + done, "read")
+            with cpu:
+                parts.append(dec.decompress(raw))
             done += n
     except lzma.LZMAError as e:
         raise _fail(f"could not parse block data (error {_lzma_errno(e)})") from None
