@@ -128,18 +128,22 @@ class FdStream:
                 pass
             except (ConnectionResetError, BrokenPipeError):
                 return b""
-            if self.loop is None:
-                await WantIO(self.rfd, _POLLIN)
-                continue
-            fut = self.loop.create_future()
-            self._read_waiter = fut
-            self.loop.add_reader(self.rfd, _wake, fut)
-            try:
-                await fut
-            finally:
-                self._read_waiter = None
-                if not self.closed:
-                    self.loop.remove_reader(self.rfd)
+            await self._readable()
+
+    async def _readable(self) -> None:
+        """Wait until the descriptor is readable (or :meth:`interrupt_read`)."""
+        if self.loop is None:
+            await WantIO(self.rfd, _POLLIN)
+            return
+        fut = self.loop.create_future()
+        self._read_waiter = fut
+        self.loop.add_reader(self.rfd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self._read_waiter = None
+            if not self.closed:
+                self.loop.remove_reader(self.rfd)
 
     def interrupt_read(self) -> None:
         """Make the pending and every later :meth:`read_some` return b"" (shutdown)."""

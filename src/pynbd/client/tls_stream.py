@@ -14,11 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.client.tls import TLSError
-from pynbd.stream import BUFFER_COST, FdStream, WantIO
+from pynbd.stream import BUFFER_COST, FdStream
 
 __all__ = ["TlsStream"]
 
-_POLLIN = 1
 #: Small queued buffers are joined into one TLS record of up to this many bytes.
 _JOIN = 16 * 1024
 
@@ -120,18 +119,7 @@ class TlsStream(FdStream):
                 raise TLSError(f"TLS: {e.reason or e}") from None
             if k >= 0:
                 return bytes(buf[:k])
-            if self.loop is None:
-                await WantIO(self.rfd, _POLLIN)
-                continue
-            fut = self.loop.create_future()
-            self._read_waiter = fut
-            self.loop.add_reader(self.rfd, _set, fut)
-            try:
-                await fut
-            finally:
-                self._read_waiter = None
-                if not self.closed:
-                    self.loop.remove_reader(self.rfd)
+            await self._readable()
 
     # ---- writing
     def _flush(self) -> None:
@@ -226,8 +214,3 @@ class TlsStream(FdStream):
         except OSError:
             pass
         ss.close()
-
-
-def _set(fut: Any) -> None:
-    if not fut.done():
-        fut.set_result(None)
