@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fio_server import cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 SCRIPT = ROOT / "scripts" / "ceph-cluster"
@@ -69,11 +71,6 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU time of process `pid` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fio(uri: str, rw: str, bs: str, qd: int, runtime: int, out: Path,

@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
@@ -174,7 +175,13 @@ def _busy_seconds() -> float:
         return float("nan")
 
 
-def _cpu_seconds(pid: int) -> float:
+def children_cpu() -> float:
+    """User + system CPU of this process's reaped children so far (clients run to the end)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_seconds(pid: int) -> float:
     """User+system CPU time of process `pid` (all its threads), in seconds."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -257,7 +264,7 @@ def run_fio(
         "--output-format=json",
         f"--output={out}",
     ]
-    busy0, cpu0, t0 = _busy_seconds(), _cpu_seconds(server_pid), time.monotonic()
+    busy0, cpu0, t0 = _busy_seconds(), cpu_seconds(server_pid), time.monotonic()
     cp = subprocess.run(
         argv,
         check=False,
@@ -266,7 +273,7 @@ def run_fio(
         text=True,
         timeout=args.runtime + args.ramp + 120,
     )
-    busy1, cpu1, t1 = _busy_seconds(), _cpu_seconds(server_pid), time.monotonic()
+    busy1, cpu1, t1 = _busy_seconds(), cpu_seconds(server_pid), time.monotonic()
     if cp.returncode != 0:
         raise RuntimeError(
             f"fio exited {cp.returncode}: {shlex.join(argv)}\n{cp.stderr}{cp.stdout}"

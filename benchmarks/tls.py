@@ -35,7 +35,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shlex
 import shutil
 import signal
@@ -46,16 +45,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from fio_server import children_cpu, cpu_seconds, parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("fio-read-256k", "fio-write-256k", "copy-down", "copy-up")
 BAR = 1.0
 START_TIMEOUT = 20.0
 
 
-def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper()
-    return int(s[:-1]) * mult[s[-1]] if s and s[-1] in mult else int(s)
 
 
 class TlsServer:
@@ -87,10 +84,6 @@ class TlsServer:
             self.proc.wait()
 
 
-def children_cpu() -> float:
-    """User + system CPU of the reaped children so far (the clients run to completion)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -114,10 +107,6 @@ def fio(srv: TlsServer, rw: str, size: int, runtime: int, home: Path) -> float:
     return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / (1 << 20)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one(job: str, which: str, d: Path, certs: Path, home: Path, data: Path,

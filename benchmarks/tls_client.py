@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shlex
 import shutil
 import signal
@@ -34,6 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from fio_server import children_cpu, cpu_seconds, parse_size
+from tool_copy import timed
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 CASES = ("null", "mem")
@@ -41,10 +43,6 @@ BAR = 1.0
 START_TIMEOUT = 15.0
 
 
-def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper()
-    return int(s[:-1]) * mult[s[-1]] if s and s[-1] in mult else int(s)
 
 
 class TlsNbdkit:
@@ -73,28 +71,10 @@ class TlsNbdkit:
             self.proc.wait()
 
 
-def children_cpu() -> float:
-    """User + system CPU of the reaped children so far (each copy runs to completion)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process so far (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t = time.perf_counter()
-    cp = subprocess.run(argv, check=False, env=env, stdin=subprocess.DEVNULL,
-                        capture_output=True, timeout=600)
-    dt = time.perf_counter() - t
-    if cp.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited {cp.returncode}:\n"
-                           f"{cp.stderr.decode(errors='replace')}")
-    return dt
 
 
 def fill(path: str, size: int) -> None:

@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fio_server import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("mem-null", "mem-mem", "file-mem")
 BAR = 1.0
@@ -47,12 +49,6 @@ BAR = 1.0
 START_TIMEOUT = 15.0
 
 
-def parse_size(s: str) -> int:
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    s = s.strip().upper()
-    if s and s[-1] in mult:
-        return int(s[:-1]) * mult[s[-1]]
-    return int(s)
 
 
 class Nbdkit:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fio_server import ServerProcess, _busy_seconds, _cpu_seconds
+from fio_server import ServerProcess, _busy_seconds, cpu_seconds
 
 MiB = 1 << 20
 SIZE = 1024 * MiB
@@ -73,19 +73,19 @@ def randread(srv: ServerProcess, runtime: int, tmp: Path) -> tuple[float, float]
     argv = ["fio", "--name=xz", "--ioengine=nbd", f"--uri={srv.uri}", "--rw=randread",
             "--bs=4k", "--iodepth=16", f"--size={SIZE}", "--time_based",
             f"--runtime={runtime}", "--ramp_time=2", "--output-format=json", f"--output={out}"]
-    cpu0, t0 = _cpu_seconds(srv.proc.pid), time.monotonic()
+    cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
     subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, capture_output=True)
-    cpu = (_cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
+    cpu = (cpu_seconds(srv.proc.pid) - cpu0) / (time.monotonic() - t0)
     text = out.read_text()
     return float(json.loads(text[text.index("{"):])["jobs"][0]["read"]["iops"]), cpu
 
 
 def copy(srv: ServerProcess) -> tuple[float, float]:
     """(MiB/s, server CPUs busy) of nbdcopy to null:."""
-    cpu0, t0 = _cpu_seconds(srv.proc.pid), time.monotonic()
+    cpu0, t0 = cpu_seconds(srv.proc.pid), time.monotonic()
     subprocess.run(["nbdcopy", srv.uri, "null:"], check=True, stdin=subprocess.DEVNULL)
     wall = time.monotonic() - t0
-    return SIZE / MiB / wall, (_cpu_seconds(srv.proc.pid) - cpu0) / wall
+    return SIZE / MiB / wall, (cpu_seconds(srv.proc.pid) - cpu0) / wall
 
 
 def run(image: Path, runtime: int) -> dict[str, dict[str, tuple[float, float]]]:
