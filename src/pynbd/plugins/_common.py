@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, ClassVar
 
 from pynbd.errors import ConfigError
 from pynbd.limits import MAX_PAYLOAD_ACCEPTED
 from pynbd.plugin import parse_size
 
-__all__ = ["ZEROES", "SizeParameter", "zeroes"]
+__all__ = ["ZEROES", "SizeParameter", "settle", "zeroes"]
 
 #: Shared zeroes, as large as the largest read the server accepts. ``bytes(n)`` is calloc'ed,
 #: so this costs no memory until written (never) and reading it maps the kernel's zero page.
@@ -35,3 +36,13 @@ class SizeParameter:
 
     def get_size(self, h: Any) -> int:
         return self._size
+
+
+def settle(fut: asyncio.Future[Any], err: BaseException | None, value: Any) -> None:
+    """A ``start_*`` request's ``done(error, value)`` for a caller awaiting ``fut``."""
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(err)
+    else:
+        fut.set_result(value)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.plugins._common import settle
 
 __all__ = ["FIXED_OPTIONS", "CephError", "Cluster", "Image", "load_libraries"]
 
@@ -368,12 +369,12 @@ class Image:
         """Submit ``call(completion)``: a future of librbd's return value."""
         fut: asyncio.Future[int] = self._attach().create_future()
         comp = self._completion()
-        self._pend(call(comp), comp, functools.partial(_settle, fut), None)
+        self._pend(call(comp), comp, functools.partial(settle, fut), None)
         return fut
 
     def _future(self, start: Callable[..., None], *args: Any) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._attach().create_future()
-        start(*args, functools.partial(_settle, fut))
+        start(*args, functools.partial(settle, fut))
         return fut
 
     def submit_read(self, buf: bytearray, offset: int) -> asyncio.Future[bytearray]:
@@ -436,13 +437,3 @@ class Image:
 def _holding(data: bytes, done: _Done, err: BaseException | None, value: Any) -> None:
     """``done``, keeping ``data`` (what librbd writes from) until the write is over."""
     done(err, value)
-
-
-def _settle(fut: asyncio.Future[Any], err: BaseException | None, value: Any) -> None:
-    """A request's ``done`` for a caller awaiting a future."""
-    if fut.done():
-        return
-    if err is not None:
-        fut.set_exception(err)
-    else:
-        fut.set_result(value)

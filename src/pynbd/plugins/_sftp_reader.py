@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.plugins._common import settle
 
 __all__ = ["SftpReader"]
 
@@ -265,15 +267,7 @@ class SftpReader:
 
     async def read(self, count: int, offset: int) -> bytearray:
         fut = self._loop.create_future()
-
-        def done(err: BaseException | None, value: Any) -> None:
-            if fut.done():
-                return
-            if err is not None:
-                fut.set_exception(err)
-            else:
-                fut.set_result(value)
-        self.start_read(count, offset, done)
+        self.start_read(count, offset, functools.partial(settle, fut))
         data: bytearray = await fut
         return data
 
