@@ -213,3 +213,26 @@ def test_bad_parameters(params: list[str], message: str) -> None:
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_records_carry_flags_and_connection(pynbd_server: Callable[..., Server],
+                                            sockdir: Path) -> None:
+    """Writes and reads with and without flags: each record's fields as sent (the hot path
+    packs a header made once per connection when a request has no flags)."""
+    srv, vsock = _serve(pynbd_server, sockdir, size="1M")
+    sub = Subscriber(vsock)
+    sub.wait_hello()
+    c = _connect(srv)
+    c.pwrite(b"a" * 4096, 0)
+    c.pwrite(b"b" * 8192, 8192, flags=1)  # NBD_CMD_FLAG_FUA: the filter sees FUA (2)
+    buf = bytearray(4096)
+    c.pread_into(memoryview(buf), 8192)
+    c.pread_into(memoryview(buf), 0, flags=4)  # NBD_CMD_FLAG_DF: no flag for a read
+    c.close()
+    wait_until(lambda: bool(sub.of_type("close")), "the connection's close")
+    conn = sub.of_type("open")[0]["conn"]
+    evs = [e for e in sub.events() if e[0] != "F"]
+    assert [(k, o, n, f, err, cn) for k, o, n, f, err, _t, _d, cn in evs] == [
+        ("W", 0, 4096, 0, 0, conn), ("W", 8192, 8192, 2, 0, conn),
+        ("R", 8192, 4096, 0, 0, conn), ("R", 0, 4096, 0, 0, conn)]
+    sub.close()
