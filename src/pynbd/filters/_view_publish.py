@@ -270,7 +270,8 @@ class Publisher:
             if len(prev) > done:
                 stragglers.extend(itertools.islice(prev, done, None))
         q = self.queue
-        self.queue = new = collections.deque()
+        new: collections.deque[Any] = collections.deque()
+        self.queue = new
         self.put = new.append
         taken = list(q)
         self._prev = (q, len(taken))
