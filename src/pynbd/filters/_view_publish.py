@@ -2,8 +2,8 @@
 
 Each request is packed into a record of 40 bytes (:data:`RECORD`) and appended to
 :attr:`Publisher.queue`, a deque, through :attr:`Publisher.put` (its ``append``, bound
-once): appending is atomic, so request threads and the event loop never take a lock. Other messages (open, close, state)
-go into the same deque as dicts, so the order is kept. One publisher thread wakes every
+once): appending is atomic, so request threads and the event loop never take a lock. Other
+messages (open, close, state) go into the same deque as dicts, so the order is kept. One publisher thread wakes every
 :data:`BATCH_INTERVAL`, takes what accumulated and writes each subscriber one line per run
 of requests: the records joined, in base64, which costs no Python work per request. (JSON
 of each request cost ~4 µs on the publisher thread, as much as serving the request;
