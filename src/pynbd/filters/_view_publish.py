@@ -1,8 +1,9 @@
 """The view filter's publisher (private): subscribers, batches, the wire format.
 
 Each request is packed into a record of 40 bytes (:data:`RECORD`) and appended to
-:attr:`Publisher.queue`, a deque: appending is atomic, so request threads and the event loop never take a lock. Other messages (open, close, state)
-go into the same deque as dicts, so the order is kept. One publisher thread wakes every
+:attr:`Publisher.queue`, a deque, through :attr:`Publisher.put` (its ``append``, bound
+once): appending is atomic, so request threads and the event loop never take a lock. Other
+messages (open, close, state) go into the same deque as dicts, so the order is kept. One publisher thread wakes every
 :data:`BATCH_INTERVAL`, takes what accumulated and writes each subscriber one line per run
 of requests: the records joined, in base64, which costs no Python work per request. (JSON
 of each request cost ~4 µs on the publisher thread, as much as serving the request;
@@ -79,6 +80,9 @@ class Publisher:
     def __init__(self) -> None:
         #: Requests (packed records) and other messages (dicts), in order.
         self.queue: collections.deque[bytes | dict[str, Any]] = collections.deque()
+        #: ``queue.append``, bound once (rebound when the queue is swapped): what the
+        #: request path calls.
+        self.put = self.queue.append
         #: The deque taken last time, and how much of it was taken (see :meth:`_take`).
         self._prev: tuple[collections.deque[Any], int] | None = None
         #: True while at least one subscriber is connected (read lock-free by the hot path).
@@ -260,17 +264,18 @@ class Publisher:
         """What accumulated. The deque is swapped for a new one, but a request thread may
         still append to the old one (it read ``queue`` just before the swap): the old
         one's stragglers are taken first the next time."""
-        out: list[Any] = []
+        stragglers: list[Any] = []
         if self._prev is not None:
             prev, done = self._prev
             if len(prev) > done:
-                out.extend(itertools.islice(prev, done, None))
+                stragglers.extend(itertools.islice(prev, done, None))
         q = self.queue
-        self.queue = collections.deque()
+        new: collections.deque[Any] = collections.deque()
+        self.queue = new
+        self.put = new.append
         taken = list(q)
         self._prev = (q, len(taken))
-        out += taken
-        return out
+        return stragglers + taken if stragglers else taken
 
     def _batch(self) -> None:
         """Turn what accumulated into lines: a run of requests is one ``events`` line,

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""The view filter's own cost per request, in process: ``ViewFilter.pwrite`` over a layer
+that does nothing, with nobody watching and with a viewer (the record: clock read twice,
+packed, queued), and the publisher thread's share per record (taking the queue, joining,
+base64, sending to one subscriber through a socket pair). No fio, no server: what the
+end-to-end benchmark (benchmarks/view.py) cannot separate from a busy machine's noise.
+
+    python benchmarks/view_record.py
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import sys
+import threading
+import time
+import timeit
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from pynbd.filters._view_publish import RECORD, _Subscriber
+from pynbd.filters.view import ViewFilter, _Handle
+
+N = 200_000
+BATCH = 5000
+
+
+class _Below:
+    """The layer below: does nothing."""
+
+    def pwrite(self, buf: object, offset: int, flags: int) -> None:
+        pass
+
+
+def request_ns(active: bool) -> float:
+    f, h, below = ViewFilter(), _Handle(3, ""), _Below()
+    f.pub.active = active
+    buf = memoryview(bytearray(4096))
+    best = min(timeit.repeat("f.pwrite(below, h, buf, 4096, 0)", setup="f.pub.queue.clear()",
+                             number=N, repeat=9, globals=locals()))
+    return best / N * 1e9
+
+
+def publisher_ns() -> float:
+    f = ViewFilter()
+    pub = f.pub
+    pub._sel = selectors.DefaultSelector()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    pub._subs[a.fileno()] = _Subscriber(a, "bench")
+    pub._sel.register(a, selectors.EVENT_READ, "sub")
+
+    def drain() -> None:
+        while b.recv(1 << 20):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    recs = [RECORD.pack(87, 0, 0, 1, i * 4096, 4096, 1_765_000_000_000_000 + i, 3)
+            for i in range(BATCH)]
+    best = float("inf")
+    for _ in range(30):
+        for r in recs:
+            pub.queue.append(bytes(r))  # a new object each, as requests make them
+        t = time.thread_time_ns()
+        pub._batch()
+        best = min(best, time.thread_time_ns() - t)
+        time.sleep(0.01)
+    a.close()
+    b.close()
+    return best / BATCH
+
+
+def main() -> None:
+    idle, live = request_ns(False), request_ns(True)
+    print(f"ViewFilter.pwrite: no viewer {idle:.0f} ns, viewer {live:.0f} ns "
+          f"(the record: {live - idle:.0f} ns)")
+    print(f"publisher thread: {publisher_ns():.0f} ns a record (batches of {BATCH})")
+
+
+if __name__ == "__main__":
+    main()
