@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.plugin import completions
 from pynbd.plugins._common import settle
 
 __all__ = ["FIXED_OPTIONS", "NBD_ERRNOS", "CephError", "Cluster", "Image", "load_libraries"]
@@ -299,29 +300,30 @@ class Image:
         pending, poll, handle = self._pending, self._poll, self.handle
         polled: Any = self._polled
         get_value, release = self._get_value, self._release
-        while True:
-            n = poll(handle, polled, POLL_BATCH)
-            for i in range(max(n, 0)):
-                comp = polled[i]  # the completion's address: its key in _pending
-                r = get_value(comp)
-                release(comp)
-                entry = pending.pop(comp, None)
-                if entry is None:
-                    continue
-                done, value, offset, count = entry
-                try:
-                    if r < 0:
-                        done(_error(-r, offset, count, value), None)
-                    elif value is None:
-                        done(None, r)
-                    elif r == count:
-                        done(None, value)
-                    else:
-                        done(OSError(errno.EIO, f"short read ({r} of {count} bytes)"), None)
-                except Exception:  # one caller's failure must not stop the others
-                    log.exception("rbd: a completion callback failed")
-            if n < POLL_BATCH:
-                return
+        with completions():  # the server answers them all at the end
+            while True:
+                n = poll(handle, polled, POLL_BATCH)
+                for i in range(max(n, 0)):
+                    comp = polled[i]  # the completion's address: its key in _pending
+                    r = get_value(comp)
+                    release(comp)
+                    entry = pending.pop(comp, None)
+                    if entry is None:
+                        continue
+                    done, value, offset, count = entry
+                    try:
+                        if r < 0:
+                            done(_error(-r, offset, count, value), None)
+                        elif value is None:
+                            done(None, r)
+                        elif r == count:
+                            done(None, value)
+                        else:
+                            done(OSError(errno.EIO, f"short read ({r} of {count} bytes)"), None)
+                    except Exception:  # one caller's failure must not stop the others
+                        log.exception("rbd: a completion callback failed")
+                if n < POLL_BATCH:
+                    return
 
     def _completion(self) -> int:
         """A new completion's address (attached to the running loop at first use)."""
