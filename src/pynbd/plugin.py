@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import logging
 import threading
 import weakref
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, TypeAlias, TypeVar
 
 from pynbd.errors import ConfigError
@@ -52,6 +53,7 @@ __all__ = [
     "Plugin",
     "ThreadModel",
     "ZeroMode",
+    "completions",
     "connection",
     "parse_bool",
     "parse_size",
@@ -234,6 +236,46 @@ _servers: weakref.WeakSet[Any] = weakref.WeakSet()
 def _set_connection(info: ConnectionInfo | None) -> None:
     """For the server: the connection whose callbacks run next on this thread."""
     _current.conn = info
+
+
+class _Deferred(threading.local):
+    calls: list[Callable[[], None]] | None = None
+
+
+_deferred = _Deferred()
+
+
+class completions:  # used as a function: ``with completions():``
+    """Around ``done`` calls a plugin makes in a batch on the event loop (``start_pread``,
+    ``start_pwrite``; e.g. every request one wake-up found finished): the server answers
+    them when the block ends, in one write, instead of in a later turn of the loop."""
+
+    __slots__ = ("_outer",)
+
+    def __enter__(self) -> None:
+        self._outer = _deferred.calls is not None  # nested: the outer block runs them
+        if not self._outer:
+            _deferred.calls = []
+
+    def __exit__(self, *exc: object) -> None:
+        if self._outer:
+            return
+        calls, _deferred.calls = _deferred.calls, None
+        for call in calls or ():
+            try:
+                call()
+            except Exception:  # one connection's failure must not stop the others
+                logging.getLogger("pynbd.server").exception("answering completions")
+
+
+def _defer(call: Callable[[], None]) -> bool:
+    """For the server: run ``call`` when the open :class:`completions` block ends
+    (False, and nothing done, outside one)."""
+    calls = _deferred.calls
+    if calls is None:
+        return False
+    calls.append(call)
+    return True
 
 
 #: nbdkit's callback names, in the order ``--dump-plugin`` lists its ``has_X=1`` lines.

@@ -129,3 +129,18 @@ def test_start_pwrite_payloads(async_server, copies):
         assert c.pread(0, len(chunks) * 65536) == b"".join(chunks)
         assert c.pread(4 * MIB - 4096, 16).strip() == \
             (b"lent 48" if copies else b"owned 48")
+
+
+def test_start_pwrite_completions_in_a_batch(async_server):
+    """WRITEs finished together inside pynbd.plugin.completions() are all answered (when
+    the block ends), and the data reads back intact."""
+    plugin = str(Path(__file__).parent / "plugins" / "startplug.py")
+    srv = async_server(START_COPIES="1", START_BATCH="1", plugin=plugin)
+    chunks = [os.urandom(65536) for _ in range(48)]
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        for _ in range(2):
+            c.send(b"".join(c.request(Cmd.WRITE, i * 65536, 65536, payload=d, send=False)[1]
+                            for i, d in enumerate(chunks)))
+            assert all(c.read_reply().error == 0 for _ in chunks)
+        assert c.pread(0, len(chunks) * 65536) == b"".join(chunks)

@@ -22,14 +22,16 @@ from collections.abc import Callable
 from typing import Any
 
 from pynbd.errors import CommandError
+from pynbd.plugin import completions
 from pynbd.plugins._common import settle
 
-__all__ = ["FIXED_OPTIONS", "CephError", "Cluster", "Image", "load_libraries"]
+__all__ = ["FIXED_OPTIONS", "NBD_ERRNOS", "CephError", "Cluster", "Image", "load_libraries"]
 
 log = logging.getLogger("pynbd.server")
 
 c_void_p = ctypes.c_void_p
 c_char_p = ctypes.c_char_p
+c_char = ctypes.c_char
 c_int = ctypes.c_int
 c_uint8 = ctypes.c_uint8
 c_uint64 = ctypes.c_uint64
@@ -47,6 +49,9 @@ POLL_BATCH = 64
 #: server lends the plugin the payload where it was received instead of copying it first.
 ZERO_COPY_OPTION = "rbd_disable_zero_copy_writes"
 FIXED_OPTIONS = {ZERO_COPY_OPTION: "true"}
+#: The errnos NBD has a code for; an error named by the image becomes EIO otherwise.
+NBD_ERRNOS = frozenset({errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
+                        errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN, errno.EROFS})
 #: A request's end: ``done(None, value)`` or ``done(exception, None)``, on the loop.
 _Done = Callable[[BaseException | None, Any], None]
 #: The callback rbd_diff_iterate2 calls: (offset, length, exists, arg) -> 0 to go on.
@@ -233,10 +238,14 @@ class Image:
             raise CephError(-r, f"cannot open image '{name}': {_strerror(r)}")
         self._efd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, tuple[_Done, Any]] = {}
+        self._pending: dict[int, tuple[_Done, Any, int, int]] = {}
         self._polled = (c_void_p * POLL_BATCH)()
         self._comp = c_void_p()  # where rbd_aio_create_completion puts a new completion
         self._comp_ref = ctypes.byref(self._comp)
+        # the calls made per request, looked up once
+        self._create, self._release = lib.rbd_aio_create_completion, lib.rbd_aio_release
+        self._get_value, self._poll = lib.rbd_aio_get_return_value, lib.rbd_poll_io_events
+        self._read, self._write = lib.rbd_aio_read2, lib.rbd_aio_write2
         try:
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             r = lib.rbd_set_image_notification(self.handle, self._efd, EVENT_TYPE_EVENTFD)
@@ -288,82 +297,93 @@ class Image:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        lib, pending = self.lib, self._pending
+        pending, poll, handle = self._pending, self._poll, self.handle
         polled: Any = self._polled
-        get_value, release = lib.rbd_aio_get_return_value, lib.rbd_aio_release
-        while True:
-            n = lib.rbd_poll_io_events(self.handle, polled, POLL_BATCH)
-            for i in range(max(n, 0)):
-                comp = polled[i]  # the completion's address: its key in _pending
-                r = get_value(comp)
-                release(comp)
-                entry = pending.pop(comp, None)
-                if entry is None:
-                    continue
-                done, value = entry
-                try:
-                    if r < 0:
-                        done(OSError(-r, os.strerror(-r)), None)
-                    elif value is None:
-                        done(None, r)
-                    elif r == len(value):
-                        done(None, value)
-                    else:
-                        done(OSError(errno.EIO, f"short read ({r} of {len(value)} bytes)"),
-                             None)
-                except Exception:  # one caller's failure must not stop the others
-                    log.exception("rbd: a completion callback failed")
-            if n < POLL_BATCH:
-                return
+        get_value, release = self._get_value, self._release
+        with completions():  # the server answers them all at the end
+            while True:
+                n = poll(handle, polled, POLL_BATCH)
+                for i in range(max(n, 0)):
+                    comp = polled[i]  # the completion's address: its key in _pending
+                    r = get_value(comp)
+                    release(comp)
+                    entry = pending.pop(comp, None)
+                    if entry is None:
+                        continue
+                    done, value, offset, count = entry
+                    try:
+                        if r < 0:
+                            done(_error(-r, offset, count, value), None)
+                        elif value is None:
+                            done(None, r)
+                        elif r == count:
+                            done(None, value)
+                        else:
+                            done(OSError(errno.EIO, f"short read ({r} of {count} bytes)"), None)
+                    except Exception:  # one caller's failure must not stop the others
+                        log.exception("rbd: a completion callback failed")
+                if n < POLL_BATCH:
+                    return
 
     def _completion(self) -> int:
         """A new completion's address (attached to the running loop at first use)."""
         loop = self._loop
         if loop is None or loop.is_closed():
             self._attach()
-        r = self.lib.rbd_aio_create_completion(None, None, self._comp_ref)
+        r = self._create(None, None, self._comp_ref)
         if r < 0:
             raise OSError(-r, os.strerror(-r))
         comp: int = self._comp.value  # type: ignore[assignment]
         return comp
 
-    def _pend(self, r: int, comp: int, done: _Done, value: Any) -> None:
+    def _pend(self, r: int, comp: int, done: _Done, value: Any, offset: int = -1,
+              count: int = 0) -> None:
         """After a submission returned ``r``: wait for its completion, or raise OSError.
         ``value`` None: ``done(None, librbd's return value)``; else the bytearray read into,
-        ``done(None, value)`` once librbd read all of it."""
+        ``done(None, value)`` once librbd read all of it. ``offset`` >= 0: an error names
+        the request ("rbd write at OFFSET (COUNT bytes): ...")."""
         if r < 0:
-            self.lib.rbd_aio_release(comp)
-            raise OSError(-r, os.strerror(-r))
-        self._pending[comp] = (done, value)
+            self._release(comp)
+            raise _error(-r, offset, count, value)
+        self._pending[comp] = (done, value, offset, count)
 
-    def start_read(self, buf: bytearray, offset: int, done: _Done) -> None:
+    def start_read(self, buf: bytearray, offset: int, done: _Done, named: bool = True) -> None:
         """Read into ``buf`` on the loop; ``done(None, buf)`` when it is full, or
-        ``done(OSError, None)``."""
+        ``done(OSError, None)`` (its message names the request if ``named``)."""
         n = len(buf)
         comp = self._completion()
-        r = self.lib.rbd_aio_read2(self.handle, offset, n,
-                                   (ctypes.c_char * n).from_buffer(buf), comp, 0)
-        self._pend(r, comp, done, buf)
+        r = self._read(self.handle, offset, n, (ctypes.c_char * n).from_buffer(buf), comp, 0)
+        self._pend(r, comp, done, buf, offset if named else -1, n)
 
-    def start_write(self, buf: Any, offset: int, done: _Done) -> None:
-        """Write ``buf`` on the loop; ``done(None, n)`` or ``done(OSError, None)`` once it
-        is written. librbd has copied ``buf`` when this returns (rbd_disable_zero_copy_writes
-        is always set, :data:`FIXED_OPTIONS`; or this copies it first): the caller may
-        reuse it at once."""
+    def start_write(self, buf: Any, offset: int, done: _Done, named: bool = True) -> None:
+        """Write ``buf`` on the loop; ``done(None, n)`` or ``done(OSError, None)`` (its
+        message names the request if ``named``) once it is written. librbd has copied
+        ``buf`` when this returns (rbd_disable_zero_copy_writes is always set,
+        :data:`FIXED_OPTIONS`; or this copies it first): the caller may reuse it at once."""
+        # hot path: once per WRITE: benchmarks/ceph.py
         n = len(buf)
-        whole = getattr(buf, "obj", buf)  # a memoryview of all of a bytes: that bytes
-        cbuf: Any = whole if type(whole) is bytes and len(whole) == n else None
         if not self.copies_writes:  # librbd uses the data until the write is over
-            cbuf = bytes(buf) if cbuf is None else cbuf
+            whole = getattr(buf, "obj", buf)  # a memoryview of all of a bytes: that bytes
+            cbuf: Any = whole if type(whole) is bytes and len(whole) == n else bytes(buf)
             done = functools.partial(_holding, cbuf, done)
-        elif cbuf is None:
+        else:
             try:
-                cbuf = (ctypes.c_char * n).from_buffer(buf)
-            except (TypeError, ValueError):  # read-only, and not a bytes
-                cbuf = bytes(buf)
-        comp = self._completion()
-        r = self.lib.rbd_aio_write2(self.handle, offset, n, cbuf, comp, 0)
-        self._pend(r, comp, done, None)
+                cbuf = (c_char * n).from_buffer(buf)
+            except (TypeError, ValueError):  # read-only: a bytes, or a view of one
+                whole = getattr(buf, "obj", buf)
+                cbuf = whole if type(whole) is bytes and len(whole) == n else bytes(buf)
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            self._attach()
+        r = self._create(None, None, self._comp_ref)
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        comp: int = self._comp.value  # type: ignore[assignment]
+        r = self._write(self.handle, offset, n, cbuf, comp, 0)
+        if r < 0:
+            self._release(comp)
+            raise _error(-r, offset if named else -1, n, None)
+        self._pending[comp] = (done, None, offset if named else -1, n)
 
     def _submit(self, call: Callable[[int], int]) -> asyncio.Future[int]:
         """Submit ``call(completion)``: a future of librbd's return value."""
@@ -374,7 +394,7 @@ class Image:
 
     def _future(self, start: Callable[..., None], *args: Any) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._attach().create_future()
-        start(*args, functools.partial(settle, fut))
+        start(*args, functools.partial(settle, fut), named=False)
         return fut
 
     def submit_read(self, buf: bytearray, offset: int) -> asyncio.Future[bytearray]:
@@ -430,8 +450,18 @@ class Image:
         pending, self._pending = self._pending, {}
         if pending and loop is not None and not loop.is_closed():
             e = OSError(errno.ESHUTDOWN, "image closed")
-            for done, _ in pending.values():
+            for done, *_ in pending.values():
                 loop.call_soon_threadsafe(done, e, None)
+
+
+def _error(err: int, offset: int, count: int, value: Any) -> OSError:
+    """librbd's ``-err`` as an OSError; naming the request (and its errno one NBD has)
+    when ``offset`` >= 0."""
+    if offset < 0:
+        return OSError(err, os.strerror(err))
+    what = "write" if value is None else "read"
+    code = err if err in NBD_ERRNOS else errno.EIO
+    return OSError(code, f"rbd {what} at {offset} ({count} bytes): {os.strerror(err)}")
 
 
 def _holding(data: bytes, done: _Done, err: BaseException | None, value: Any) -> None:

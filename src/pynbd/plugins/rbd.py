@@ -11,7 +11,7 @@ from typing import Any
 
 from pynbd.errors import CommandError, ConfigError
 from pynbd.plugin import EXTENT_HOLE, EXTENT_ZERO, Extent, Flag, FuaMode, Plugin, ThreadModel
-from pynbd.plugins._rbd_lib import CephError, Cluster, Image, load_libraries
+from pynbd.plugins._rbd_lib import NBD_ERRNOS, CephError, Cluster, Image, load_libraries
 
 __all__ = ["RbdPlugin"]
 
@@ -22,9 +22,6 @@ _MAY_TRIM = int(Flag.MAY_TRIM)
 _FAST_ZERO = int(Flag.FAST_ZERO)
 #: Seconds to wait for the monitors when connecting (librados' own default is 300).
 DEFAULT_TIMEOUT = 30
-#: Errors a client can be told as they are (NBD's errors); any other becomes EIO.
-_NBD_ERRNOS = frozenset({errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
-                         errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN, errno.EROFS})
 
 
 class _Handle:
@@ -312,20 +309,13 @@ class RbdPlugin(Plugin):
 
     def start_pread(self, h: _Handle, count: int, offset: int, flags: int,
                     done: Callable[[BaseException | None, Any], None]) -> None:
-        def finished(err: BaseException | None, buf: Any) -> None:
-            done(None if err is None else _failed("read", offset, count, err), buf)
-
-        self._img().start_read(bytearray(count), offset, finished)
+        # an error reaches ``done`` as an OSError naming the request, as _failed would
+        self._img().start_read(bytearray(count), offset, done)
 
     def start_pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int,
                      done: Callable[[BaseException | None, Any], None]) -> None:
         h.wrote = True
-        n = len(buf)
-
-        def finished(err: BaseException | None, _n: Any) -> None:
-            done(None if err is None else _failed("write", offset, n, err), None)
-
-        self._img().start_write(buf, offset, finished)
+        self._img().start_write(buf, offset, done)
 
     async def flush(self, h: _Handle, flags: int) -> None:
         try:
@@ -394,7 +384,7 @@ def _extents(ranges: list[tuple[int, int]], offset: int, count: int,
 
 def _failed(what: str, offset: int, count: int, e: BaseException) -> CommandError:
     code = getattr(e, "errno", None)
-    err = code if code in _NBD_ERRNOS else errno.EIO
+    err = code if code in NBD_ERRNOS else errno.EIO
     where = f" at {offset} ({count} bytes)" if count else ""
     return CommandError(err, f"rbd {what}{where}: {getattr(e, 'strerror', None) or e}")
 

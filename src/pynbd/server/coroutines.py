@@ -11,7 +11,9 @@ transmission phase like a worker thread's, in a batch.
 A plugin may also offer ``start_pread(h, count, offset, flags, done)`` and
 ``start_pwrite(h, buf, offset, flags, done)``: plain methods, called on the loop, that start
 the request and return at once; ``done(error, value)`` is called on the loop when it is
-over (``error`` None, ``value`` the data read; or the exception it failed with). They are
+over (``error`` None, ``value`` the data read; or the exception it failed with); ``done``
+calls made inside ``with pynbd.plugin.completions():`` are answered when the block ends, in
+one write (else in the next turn of the loop). They are
 used instead of the coroutines where the chain allows the coroutines: no task and no
 future per request (the nbd plugin's requests go to its server this way). A WRITE's payload
 is the plugin's to keep (a copy out of the receive buffer), unless the plugin sets

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynbd.errors import ProtocolError
 from pynbd.limits import MAX_PAYLOAD_ACCEPTED, MAX_REQUESTS_IN_FLIGHT
-from pynbd.plugin import Plugin, ThreadModel, _set_connection
+from pynbd.plugin import Plugin, ThreadModel, _defer, _set_connection
 from pynbd.protocol.constants import (
     EXT_REQUEST,
     EXT_REQUEST_MAGIC,
@@ -613,7 +613,8 @@ class Transmission:
             self._task_results.append((item, False, err))
         if not self._task_drain:
             self._task_drain = True
-            self.loop.call_soon(self._drain_tasks)
+            if not _defer(self._drain_tasks):  # else at the end of the plugin's batch
+                self.loop.call_soon(self._drain_tasks)
 
     def _start(self, job: tuple[int, int, int, int, int], coro: Any, cost: int) -> int:
         """Await a coroutine callback in a task on the loop; like :meth:`_submit`, its
