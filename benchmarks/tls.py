@@ -37,7 +37,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,13 +45,11 @@ import time
 from pathlib import Path
 
 from fio_server import children_cpu, cpu_seconds, parse_size
+from tool_copy import stop_process, wait_for_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = ("fio-read-256k", "fio-write-256k", "copy-down", "copy-up")
 BAR = 1.0
-START_TIMEOUT = 20.0
-
-
 
 
 class TlsServer:
@@ -67,23 +64,12 @@ class TlsServer:
             [*cmd, "-f", "-U", str(self.sock), "--tls=require",
              f"--tls-certificates={certs}", plugin, str(size)],
             stdin=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{which} did not start (rc {self.proc.poll()})")
-            time.sleep(0.05)
+        wait_for_socket(self.proc, str(self.sock), which)
         self.uri = f"nbds+unix:///?socket={self.sock}"
         self.copy_uri = f"{self.uri}&tls-certificates={certs}"
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
+        stop_process(self.proc)
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -105,8 +91,6 @@ def fio(srv: TlsServer, rw: str, size: int, runtime: int, home: Path) -> float:
                  env=dict(os.environ, HOME=str(home)))
     job = json.loads(out[out.index("{"):])["jobs"][0]
     return float(job["read" if rw == "read" else "write"]["bw_bytes"]) / (1 << 20)
-
-
 
 
 def one(job: str, which: str, d: Path, certs: Path, home: Path, data: Path,

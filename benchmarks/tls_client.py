@@ -25,56 +25,19 @@ import argparse
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from fio_server import children_cpu, cpu_seconds, parse_size
-from tool_copy import timed
+from tool_copy import Nbdkit, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 CASES = ("null", "mem")
 BAR = 1.0
-START_TIMEOUT = 15.0
-
-
-
-
-class TlsNbdkit:
-    """`nbdkit -f --tls=require --tls-certificates=PKI -U SOCK memory SIZE`."""
-
-    def __init__(self, d: str, name: str, size: int, pki: Path) -> None:
-        self.sock = os.path.join(d, f"{name}.sock")
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.proc = subprocess.Popen(
-            ["nbdkit", "-f", "--tls=require", f"--tls-certificates={pki}", "-U", self.sock,
-             "memory", str(size)], stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nbdkit did not start (rc {self.proc.poll()})")
-            time.sleep(0.02)
-        self.uri = f"nbds+unix:///?socket={self.sock}&tls-certificates={pki}"
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-
-
-
-
 
 
 def fill(path: str, size: int) -> None:
@@ -100,7 +63,7 @@ def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
     cpus: dict[tuple[str, str], list[tuple[float, float]]] = {}
     data = os.path.join(d, "data.img")
     fill(data, size)
-    src = TlsNbdkit(d, "src", size, pki)
+    src = Nbdkit(d, "src", size, pki)
     try:
         subprocess.run(["nbdcopy", data, src.uri], check=True)
         os.unlink(data)
@@ -110,7 +73,7 @@ def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
             for r in range(args.repeat):
                 for tool in (tools if r % 2 == 0 else tools[::-1]):
                     cmd = ["nbdcopy"] if tool == "nbdcopy" else pynbd
-                    dst = TlsNbdkit(d, "dst", size, pki) if case == "mem" else None
+                    dst = Nbdkit(d, "dst", size, pki) if case == "mem" else None
                     c0, s0 = children_cpu(), cpu_seconds(src.proc.pid)
                     try:
                         dt = timed([*cmd, src.uri, dst.uri if dst else "null:"],

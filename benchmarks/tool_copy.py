@@ -51,29 +51,42 @@ START_TIMEOUT = 15.0
 
 
 
-class Nbdkit:
-    """`nbdkit -f -U SOCK memory SIZE` in a private directory."""
+def wait_for_socket(proc: subprocess.Popen[bytes], sock: str, what: str) -> None:
+    """Wait until server ``proc`` listens on ``sock`` (or fail if it exits or is slow)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (rc {proc.poll()})")
+        time.sleep(0.02)
 
-    def __init__(self, d: str, name: str, size: int) -> None:
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class Nbdkit:
+    """`nbdkit -f -U SOCK memory SIZE` in a private directory; with ``pki``, over TLS
+    (`--tls=require --tls-certificates=PKI`)."""
+
+    def __init__(self, d: str, name: str, size: int, pki: Path | None = None) -> None:
         self.sock = os.path.join(d, f"{name}.sock")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
-        self.proc = subprocess.Popen(["nbdkit", "-f", "-U", self.sock, "memory", str(size)],
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nbdkit did not start (rc {self.proc.poll()})")
-            time.sleep(0.02)
-        self.uri = f"nbd+unix:///?socket={self.sock}"
+        tls = [] if pki is None else ["--tls=require", f"--tls-certificates={pki}"]
+        self.proc = subprocess.Popen(["nbdkit", "-f", *tls, "-U", self.sock, "memory",
+                                      str(size)], stdin=subprocess.DEVNULL)
+        wait_for_socket(self.proc, self.sock, "nbdkit")
+        self.uri = (f"nbd+unix:///?socket={self.sock}" if pki is None else
+                    f"nbds+unix:///?socket={self.sock}&tls-certificates={pki}")
 
     def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
