@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from fio_server import children_cpu, cpu_seconds, parse_size
-from tool_copy import Nbdkit, timed
+from tool_copy import Nbdkit, timed, write_random
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -40,13 +40,6 @@ CASES = ("null", "mem")
 BAR = 1.0
 
 
-def fill(path: str, size: int) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, 16 << 20)
-            f.write(os.urandom(n))
-            left -= n
 
 
 def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
@@ -62,7 +55,7 @@ def run_cases(d: str, args: argparse.Namespace, cases: list[str], size: int
     times: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[tuple[float, float]]] = {}
     data = os.path.join(d, "data.img")
-    fill(data, size)
+    write_random(data, size)
     src = Nbdkit(d, "src", size, pki)
     try:
         subprocess.run(["nbdcopy", data, src.uri], check=True)
