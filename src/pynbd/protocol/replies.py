@@ -217,6 +217,7 @@ class ReplyDecoder:
                     if (n == p.length and flags & _DONE and end - pos >= n and not p.error
                             and p.chunk_cb is None):
                         # the usual reply: all of the data, here, in one chunk that ends it
+                        # (with extended headers; without them the top of the loop took it)
                         p.dest[:n] = view[pos:pos + n]  # type: ignore[index]
                         pos += n
                         del pending[cookie]
