@@ -185,6 +185,45 @@ def test_batched_records_match_one_by_one() -> None:
             (one.counters, one.errors, one.last_time)
 
 
+def test_uniform_batches_match_one_by_one() -> None:
+    """Batches of one kind (the usual ones, applied by a shorter way) leave a panel as
+    applying each request in order does, blocks named twice in a batch included; a batch
+    that cannot take the shorter way (out of order, several blocks, a failure, past the
+    end) is applied all the same."""
+    import random
+
+    import pytest
+
+    from pynbd.tools import _view_batch
+
+    if not _view_batch.HAVE_NUMPY:
+        pytest.skip("numpy is not installed")
+    rnd = random.Random(7)
+    batches, t = [], T0
+    for i in range(40):
+        kind = rnd.choice("WWRTZCF")
+        evs = []
+        if i % 6 == 5:  # a batch in order, but earlier than the ones before
+            t = T0
+        for _ in range(rnd.randrange(1, 300)):
+            t += rnd.randrange(0, 3)
+            skew = rnd.choice([0, 100]) if i % 3 == 0 else rnd.choice([0, 0, 3000])
+            evs.append((kind, rnd.randrange(0, 64) * 4096 + skew,
+                        rnd.choice([4096, 1000]) if not skew else 1000, 0, 0, t, 5, 1))
+        if i % 5 == 1:
+            evs[-1] = (*evs[-1][:5], T0, 5, 1)  # one started before the others
+        if i % 7 == 2:
+            evs[0] = (kind, 300 * 4096, 4096, 0, 0, t, 5, 1)  # past the end
+        if i % 9 == 3:
+            evs[0] = (kind, 0, 4096, 0, 5, t, 5, 1)  # failed
+        batches.append(_records(*evs))
+    for n in range(1, len(batches) + 1):  # after every batch
+        one, many = _panel_after(batches[:n], False), _panel_after(batches[:n], True)
+        assert (many.base, many.kind, many.when) == (one.base, one.kind, one.when), n
+        assert (many.counters, many.errors, many.last_time) == \
+            (one.counters, one.errors, one.last_time)
+
+
 def test_batched_records_in_several_passes(monkeypatch: object) -> None:
     import pytest
 
