@@ -290,3 +290,37 @@ def test_an_nbd_socket_is_not_a_view_socket(pynbd_server: Callable[..., Server],
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 1
     assert "not a view socket" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("size", ['"x"', "-1", str(1 << 40)])
+def test_a_bad_binary_events_message(sockdir: Path, size: str) -> None:
+    """A stream whose binary events message gives a size that is not one: one line, no
+    traceback (and the viewer asked for binary records after the hello)."""
+    import socket
+    import threading
+
+    path = str(sockdir / "fake.sock")
+    ls = socket.socket(socket.AF_UNIX)
+    ls.bind(path)
+    ls.listen(1)
+    asked: list[bytes] = []
+
+    def serve() -> None:
+        c, _ = ls.accept()
+        c.sendall(b'{"type":"hello","protocol":1,"exports":{},"binary":true}\n')
+        asked.append(c.makefile("rb").readline())
+        c.sendall(b'{"type":"events","count":1,"size":%s}\n' % size.encode())
+        c.recv(1)  # until the viewer goes away
+        c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    r = subprocess.run([*PYNBD, "view", path, "--snapshot", str(sockdir / "x.png")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    t.join(10)
+    ls.close()
+    assert asked == [b'{"type":"format","events":"binary"}\n']
+    assert r.returncode == 1
+    shown = "'x'" if size == '"x"' else size
+    assert r.stderr.splitlines()[-1] == f"pynbd view: {path}: an events message of {shown} bytes"
+    assert "Traceback" not in r.stderr

@@ -25,9 +25,12 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 20) -> None
 
 
 class Subscriber:
-    """A viewer of a view socket: every message it got, in order."""
+    """A viewer of a view socket: every message it got, in order. With ``binary``, it
+    asks for binary records (an ``events`` message then has them as ``raw``)."""
 
-    def __init__(self, path: str, read: bool = True, rcvbuf: int | None = None) -> None:
+    def __init__(self, path: str, read: bool = True, rcvbuf: int | None = None,
+                 binary: bool = False) -> None:
+        self.binary = binary
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -45,9 +48,16 @@ class Subscriber:
         try:
             first = f.readline()  # the hello comes whether we read or not
             self.messages.append(json.loads(first))
+            if self.binary:
+                assert self.messages[0]["binary"] is True
+                self.sock.sendall(b'{"type":"format","events":"binary"}\n')
             self.reading.wait()
             for line in f:
-                self.messages.append(json.loads(line))
+                msg = json.loads(line)
+                if msg.get("type") == "events" and "size" in msg:
+                    msg["raw"] = f.read(msg["size"])
+                    assert len(msg["raw"]) == msg["size"]
+                self.messages.append(msg)
         except (OSError, ValueError):
             pass
         finally:

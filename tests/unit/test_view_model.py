@@ -77,19 +77,35 @@ def test_model_history_keeps_origin() -> None:
     assert list(m.origin[0].base) == [1, 0] and list(m.panels[0].base) == [1, 1]
 
 
+class _FakeSubscriber:
+    def __init__(self, binary: bool) -> None:
+        self.binary = binary
+
+
 def test_publisher_keeps_messages_in_order() -> None:
+    """Both formats (base64 lines, binary records after a line giving their size): the
+    messages in order, each batch encoded once per format."""
     pub = Publisher()
-    sent: list[bytes] = []
-    pub._subs = {0: None}  # type: ignore[dict-item]
-    pub._offer = lambda sub, data, count: sent.append(data)  # type: ignore[method-assign]
+    sent: list[tuple[bool, bytes]] = []
+    pub._subs = {0: _FakeSubscriber(False), 1: _FakeSubscriber(True),  # type: ignore[dict-item]
+                 2: _FakeSubscriber(True)}
+    pub._offer = lambda sub, data, count: sent.append((sub.binary, data))  # type: ignore[method-assign]
     pub.message({"type": "open", "conn": 1})
-    pub.queue.append(RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1))
-    pub.queue.append(RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1))
+    recs = [RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1), RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1)]
+    pub.queue.extend(recs)
     pub.message({"type": "close", "conn": 1})
     pub._batch()
-    lines = [json.loads(x) for x in sent[0].splitlines()]
+    assert [b for b, _ in sent] == [False, True, True] and sent[1][1] is sent[2][1]
+    lines = [json.loads(x) for x in sent[0][1].splitlines()]
     assert [m["type"] for m in lines] == ["open", "events", "close"]
     assert [e[0] for e in decode_events(lines[1])] == [87, 82]
+    data = sent[1][1]
+    opened, rest = data.split(b"\n", 1)
+    head, rest = rest.split(b"\n", 1)
+    assert json.loads(opened) == {"type": "open", "conn": 1}
+    assert json.loads(head) == {"type": "events", "count": 2, "size": 80}
+    assert rest[:80] == b"".join(recs)
+    assert json.loads(rest[80:]) == {"type": "close", "conn": 1}
     pub._subs = {}
     pub.stop()
 

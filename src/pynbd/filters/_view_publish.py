@@ -5,7 +5,9 @@ Each request is packed into a record of 40 bytes (:data:`RECORD`) and appended t
 once): appending is atomic, so request threads and the event loop never take a lock. Other
 messages (open, close, state) go into the same deque as dicts, so the order is kept. One publisher thread wakes every
 :data:`BATCH_INTERVAL`, takes what accumulated and writes each subscriber one line per run
-of requests: the records joined, in base64, which costs no Python work per request. (JSON
+of requests: the records joined, in base64 (or as they are, after a line giving their
+size, for a subscriber that asked for binary records), which costs no Python work per
+request; each batch is encoded once per format. (JSON
 of each request cost ~4 µs on the publisher thread, as much as serving the request;
 ``array.extend`` of eight integers ~2.8 µs; ``struct.pack`` plus ``append`` costs
 ~0.5 µs, and records of 40 bytes cost a third less to join, encode and send than eight
@@ -36,7 +38,7 @@ from typing import Any
 from pynbd.errors import ConfigError
 from pynbd.server.listeners import listen_unix
 
-__all__ = ["BATCH_INTERVAL", "MAX_BACKLOG", "PROTOCOL", "RECORD", "Publisher"]
+__all__ = ["BATCH_INTERVAL", "BINARY_REQUEST", "MAX_BACKLOG", "PROTOCOL", "RECORD", "Publisher"]
 
 log = logging.getLogger("pynbd.server")
 
@@ -64,14 +66,29 @@ def _events_line(records: bytes) -> bytes:
         len(records) // RECORD.size, base64.b64encode(records))
 
 
+def _events_binary(records: bytes) -> bytes:
+    """One ``events`` message for a subscriber that asked for binary records: a line
+    saying how many bytes of records follow it, then the records as they are."""
+    return b'{"type":"events","count":%d,"size":%d}\n%s' % (
+        len(records) // RECORD.size, len(records), records)
+
+
+#: What a subscriber sends to have its records without base64 (see the manual page).
+BINARY_REQUEST = {"type": "format", "events": "binary"}
+#: Bytes of requests a subscriber may send before a newline (more: it is disconnected).
+_MAX_REQUEST = 4096
+
+
 class _Subscriber:
-    __slots__ = ("dropped", "out", "peer", "sock")
+    __slots__ = ("binary", "dropped", "inbuf", "out", "peer", "sock")
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock = sock
         self.peer = peer
         self.out = bytearray()
         self.dropped = 0  # events this subscriber missed so far
+        self.binary = False  # it asked for binary records
+        self.inbuf = b""  # what it sent, up to the next newline
 
 
 class Publisher:
@@ -211,7 +228,8 @@ class Publisher:
         sock.setblocking(False)
         sub = _Subscriber(sock, str(addr) if addr else "unix")
         hello = {"type": "hello", "protocol": PROTOCOL, "server": "pynbd", "pid": os.getpid(),
-                 "time": time.time_ns() // 1000, "exports": dict(self.exports)}
+                 "time": time.time_ns() // 1000, "exports": dict(self.exports),
+                 "binary": True}
         sub.out += _dumps(hello)
         self._subs[sock.fileno()] = sub
         self._sel.register(sock, selectors.EVENT_READ, "sub")
@@ -227,8 +245,21 @@ class Publisher:
             return
         except OSError:
             data = b""
-        if not data:  # the viewer went away; anything it sends is ignored
+        if not data:  # the viewer went away
             self._drop(sub)
+            return
+        # Lines of JSON; the one request known is BINARY_REQUEST, anything else is ignored.
+        lines = (sub.inbuf + data).split(b"\n")
+        sub.inbuf = lines.pop()
+        if len(sub.inbuf) > _MAX_REQUEST:
+            self._drop(sub)
+            return
+        for line in lines:
+            try:
+                if json.loads(line) == BINARY_REQUEST:
+                    sub.binary = True
+            except ValueError:
+                pass
 
     def _drop(self, sub: _Subscriber) -> None:
         assert self._sel is not None
@@ -278,28 +309,17 @@ class Publisher:
         return stragglers + taken if stragglers else taken
 
     def _batch(self) -> None:
-        """Turn what accumulated into lines: a run of requests is one ``events`` line,
-        every other message a line of its own."""
+        """Send what accumulated to every subscriber, encoded once for each format asked
+        (base64 lines, binary records)."""
         items = self._take()
         if not items or not self._subs:
             return
-        try:
-            lines = [_events_line(b"".join(items))]  # requests only: the usual case
-        except TypeError:  # messages among them
-            lines = []
-            run: list[bytes] = []
-            for it in items:
-                if isinstance(it, dict):
-                    if run:
-                        lines.append(_events_line(b"".join(run)))
-                        run = []
-                    lines.append(_dumps(it))
-                else:
-                    run.append(it)
-            if run:
-                lines.append(_events_line(b"".join(run)))
-        data = b"".join(lines)
+        encoded: dict[bool, bytes] = {}
         for sub in list(self._subs.values()):
+            data = encoded.get(sub.binary)
+            if data is None:
+                data = encoded[sub.binary] = _encode(
+                    items, _events_binary if sub.binary else _events_line)
             self._offer(sub, data, len(items))
 
     def _offer(self, sub: _Subscriber, data: bytes, count: int) -> None:
@@ -313,3 +333,25 @@ class Publisher:
             sub.dropped = 0
         sub.out += data
         self._flush(sub)
+
+
+def _encode(items: list[Any], events: Any) -> bytes:
+    """Requests and messages as the stream: a run of requests is one ``events`` message
+    (made by ``events`` from the records joined), every other message a line of its own."""
+    try:
+        return events(b"".join(items))  # type: ignore[no-any-return]  # requests only: the usual case
+    except TypeError:  # messages among them
+        pass
+    lines = []
+    run: list[bytes] = []
+    for it in items:
+        if isinstance(it, dict):
+            if run:
+                lines.append(events(b"".join(run)))
+                run = []
+            lines.append(_dumps(it))
+        else:
+            run.append(it)
+    if run:
+        lines.append(events(b"".join(run)))
+    return b"".join(lines)

@@ -96,7 +96,7 @@ class ViewFilter(Filter):
         One JSON object per line. The first is
 
             {"type":"hello","protocol":1,"server":"pynbd","pid":N,"time":T,
-             "exports":{"NAME":SIZE,...}}
+             "exports":{"NAME":SIZE,...},"binary":true}
 
         then, in order:
 
@@ -126,6 +126,13 @@ class ViewFilter(Filter):
                 The viewer was behind: N events before the next line were not sent.
 
         Viewers must ignore types and fields they do not know.
+
+        A viewer may send the line {"type":"format","events":"binary"} (anything else it
+        sends is ignored). From the next batch on, its events messages are then
+
+            {"type":"events","count":N,"size":M}
+                followed (after the newline) by the M bytes of the N records as they are:
+                no base64 to encode or decode (`pynbd view` asks for this).
 
     EXAMPLES
         Watch mkfs.ext4 on a RAM disk in the browser:

@@ -20,8 +20,8 @@ from typing import Any
 from pynbd.tools import _view_batch
 
 __all__ = ["BACKGROUND", "COLOURS", "DATA", "HOLE", "KINDS", "MAX_BLOCKS", "Model", "Panel",
-           "blend", "block_colour", "decode_events", "event_count", "first_time", "message_time",
-           "records"]
+           "as_json", "blend", "block_colour", "decode_events", "event_count", "first_time",
+           "message_time", "records"]
 
 #: Kinds drawn on the grid (flush and extents touch no block; they are only counted).
 KINDS = {"R": "read", "W": "write", "T": "trim", "Z": "zero", "C": "cache", "F": "flush",
@@ -46,24 +46,48 @@ BATCHED = _view_batch.HAVE_NUMPY
 
 
 def records(msg: dict[str, Any]) -> bytes | None:
-    """The records of an ``events`` message of the filter (whole ones), else None."""
-    data = msg.get("data")
-    if data is None or msg.get("type") != "events":
+    """The records of an ``events`` message of the filter (whole ones), else None: its
+    ``raw`` bytes (binary records, as ``pynbd view`` asks for them) or its ``data``
+    (in base64)."""
+    if msg.get("type") != "events":
         return None
-    raw = base64.b64decode(data)
-    return raw[:len(raw) - len(raw) % _RECORD.size]
+    raw = msg.get("raw")
+    if raw is None:
+        data = msg.get("data")
+        if data is None:
+            return None
+        raw = base64.b64decode(data)
+    return raw[:len(raw) - len(raw) % _RECORD.size]  # type: ignore[no-any-return]
+
+
+def as_json(msg: dict[str, Any]) -> dict[str, Any]:
+    """``msg`` as it can be written in JSON (binary records in base64, as ``data``)."""
+    raw = msg.get("raw")
+    if raw is None:
+        return msg
+    out = {k: v for k, v in msg.items() if k not in ("raw", "size")}
+    out["data"] = base64.b64encode(raw).decode()
+    return out
 
 
 def decode_events(msg: dict[str, Any]) -> list[Any]:
     """The requests of an ``events`` message: ``events`` (lists, as nbdkit logs are
-    replayed), or ``data`` (the filter's 40-byte records, in base64), as sequences (KIND,
-    OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND is a letter or its code."""
-    data = msg.get("data")
-    if data is None:
+    replayed), or the filter's 40-byte records (``raw``, or ``data`` in base64), as
+    sequences (KIND, OFFSET, LENGTH, FLAGS, ERROR, TIME, DURATION, CONN); KIND is a
+    letter or its code."""
+    raw = records(msg)
+    if raw is None:
         return list(msg.get("events", ()))
-    raw = base64.b64decode(data)
-    raw = raw[:len(raw) - len(raw) % _RECORD.size]
     return [(k, o, n, f, e, t, d, c) for k, f, e, c, o, n, t, d in _RECORD.iter_unpack(raw)]
+
+
+def _raw_time(raw: bytes, index: int) -> float | None:
+    """The start (seconds) of record ``index`` (-1: the last) of binary records."""
+    n = len(raw) // _RECORD.size
+    if not n:
+        return None
+    off = (index % n) * _RECORD.size + 24  # TIME's place in the record
+    return int.from_bytes(raw[off:off + 8], "little", signed=True) / 1e6
 
 
 def _record_time(data: str, index: int) -> float | None:
@@ -220,9 +244,10 @@ class Panel:
         records, decoded already)."""
         typ = msg.get("type")
         if typ == "events":
-            data = msg.get("data")
-            if data is not None and BATCHED:
-                _view_batch.apply_records(self, base64.b64decode(data) if raw is None else raw)
+            if raw is None:
+                raw = records(msg)
+            if raw is not None and BATCHED:
+                _view_batch.apply_records(self, raw)
             else:
                 self.events(decode_events(msg))
         elif typ == "state":
@@ -274,8 +299,8 @@ class Model:
 def message_time(msg: dict[str, Any]) -> float:
     """When a message happened (an events message: its last request's start)."""
     if msg.get("type") == "events":
-        if "data" in msg:
-            t = _record_time(msg["data"], -1)
+        if "raw" in msg or "data" in msg:
+            t = _raw_time(msg["raw"], -1) if "raw" in msg else _record_time(msg["data"], -1)
             if t is not None:
                 return t
         elif msg.get("events"):
@@ -286,8 +311,8 @@ def message_time(msg: dict[str, Any]) -> float:
 def first_time(msg: dict[str, Any]) -> float | None:
     """When a message began (an events message: its first request's start), or None."""
     if msg.get("type") == "events":
-        if "data" in msg:
-            t0 = _record_time(msg["data"], 0)
+        if "raw" in msg or "data" in msg:
+            t0 = _raw_time(msg["raw"], 0) if "raw" in msg else _record_time(msg["data"], 0)
             if t0 is not None:
                 return t0
         elif msg.get("events"):

@@ -17,6 +17,8 @@ import re
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from pynbd.tools._view_model import as_json
+
 __all__ = ["RecordWriter", "follow", "is_address", "read_replay"]
 
 #: Longest line accepted from a view socket (a state message of a very fragmented disk).
@@ -76,10 +78,28 @@ async def follow(target: str, src: int, deliver: Callable[[int, dict[str, Any]],
                 if msg.get("type") != "hello":
                     raise ViewError(f"{target}: not a view socket (no hello message)")
                 first = False
+                if msg.get("binary") is True:  # records without base64, please
+                    writer.write(_BINARY_REQUEST)
                 connected(src)
+            elif "size" in msg and msg.get("type") == "events":
+                try:
+                    msg["raw"] = await _binary_records(target, reader, msg["size"])
+                except (asyncio.IncompleteReadError, OSError):
+                    break
             deliver(src, msg)
     finally:
         writer.close()
+
+
+#: What a viewer sends for binary records (pynbd.filters._view_publish.BINARY_REQUEST).
+_BINARY_REQUEST = b'{"type":"format","events":"binary"}\n'
+
+
+async def _binary_records(target: str, reader: asyncio.StreamReader, size: Any) -> bytes:
+    """The records that follow a binary ``events`` line."""
+    if not isinstance(size, int) or not 0 <= size <= MAX_LINE:
+        raise ViewError(f"{target}: an events message of {size!r} bytes")
+    return await reader.readexactly(size)
 
 
 class RecordWriter:
@@ -98,7 +118,7 @@ class RecordWriter:
     def write(self, src: int, msg: dict[str, Any]) -> None:
         """One message, flushed: the file is whole up to the last batch (20 a second),
         whenever it is read or the viewer stops."""
-        self.file.write(json.dumps({**msg, "src": src}, separators=(",", ":")) + "\n")
+        self.file.write(json.dumps({**as_json(msg), "src": src}, separators=(",", ":")) + "\n")
         self.file.flush()
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import struct
 from importlib import resources
 from typing import Any
 
-from pynbd.tools._view_model import Model, Panel
+from pynbd.tools._view_model import Model, Panel, as_json
 
 __all__ = ["WebView"]
 
@@ -100,7 +100,7 @@ class WebView:
         await ws.prepare(request)
         init = {"type": "init", "settings": self.settings,
                 "panels": [_panel_json(p) for p in self.model.origin],
-                "history": [{**m, "src": s} for s, m in self.model.history]}
+                "history": [{**as_json(m), "src": s} for s, m in self.model.history]}
         queue: asyncio.Queue[str | bytes] = asyncio.Queue()
         queue.put_nowait(json.dumps(init, separators=(",", ":")))
         self.sockets[ws] = queue
@@ -133,7 +133,7 @@ class WebView:
         if raw is not None:
             text = struct.pack("<I", src) + raw
         else:
-            text = json.dumps({**msg, "src": src}, separators=(",", ":"))
+            text = json.dumps({**as_json(msg), "src": src}, separators=(",", ":"))
         for ws, queue in list(self.sockets.items()):
             if ws.closed or queue.qsize() > MAX_PAGE_BACKLOG:
                 self.sockets.pop(ws, None)
