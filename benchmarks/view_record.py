@@ -2,7 +2,8 @@
 """The view filter's own cost per request, in process: ``ViewFilter.pwrite`` over a layer
 that does nothing, with nobody watching and with a viewer (the record: clock read twice,
 packed, queued), and the publisher thread's share per record (taking the queue, joining,
-base64, sending to one subscriber through a socket pair). No fio, no server: what the
+encoding, sending to one subscriber through a socket pair), for a subscriber taking the
+records in base64 and for one taking them binary (as ``pynbd view`` does). No fio, no server: what the
 end-to-end benchmark (benchmarks/view.py) cannot separate from a busy machine's noise.
 
     python benchmarks/view_record.py
@@ -43,13 +44,14 @@ def request_ns(active: bool) -> float:
     return best / N * 1e9
 
 
-def publisher_ns() -> float:
+def publisher_ns(binary: bool) -> float:
     f = ViewFilter()
     pub = f.pub
     pub._sel = selectors.DefaultSelector()
     a, b = socket.socketpair()
     a.setblocking(False)
-    pub._subs[a.fileno()] = _Subscriber(a, "bench")
+    sub = pub._subs[a.fileno()] = _Subscriber(a, "bench")
+    sub.binary = binary
     pub._sel.register(a, selectors.EVENT_READ, "sub")
 
     def drain() -> None:
@@ -76,7 +78,8 @@ def main() -> None:
     idle, live = request_ns(False), request_ns(True)
     print(f"ViewFilter.pwrite: no viewer {idle:.0f} ns, viewer {live:.0f} ns "
           f"(the record: {live - idle:.0f} ns)")
-    print(f"publisher thread: {publisher_ns():.0f} ns a record (batches of {BATCH})")
+    print(f"publisher thread: {publisher_ns(False):.0f} ns a record in base64, "
+          f"{publisher_ns(True):.0f} ns binary (batches of {BATCH})")
 
 
 if __name__ == "__main__":
