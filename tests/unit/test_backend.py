@@ -124,6 +124,21 @@ def test_readonly_context_refuses_writes():
     assert ei.value.errno == errno.EROFS
 
 
+def test_a_context_reopened_read_only_refuses_writes_it_took_before():
+    """The write path remembers that a layer is writable (no checks per write): a reopen
+    read-only (the retry filter's) forgets it."""
+    plugin = Recorder()
+    ctx = Chain(plugin).open(False, "", False)
+    ctx.pwrite(b"x", 0)
+    ctx.pwrite(b"y", 1)  # the shorter way
+    assert plugin.calls[-2:] == [("pwrite", 1, 0, 0), ("pwrite", 1, 1, 0)]
+    ctx.reopen(readonly=True)
+    with pytest.raises(CommandError) as ei:
+        ctx.pwrite(b"z", 2)
+    assert ei.value.errno == errno.EROFS
+    assert plugin.data[:3] == b"xy\0"
+
+
 def test_zero_is_emulated_with_writes_and_fast_zero_fails():
     plugin = Recorder()
     plugin.data[:] = b"\xff" * len(plugin.data)
