@@ -3,8 +3,11 @@
 that does nothing, with nobody watching and with a viewer (the record: clock read twice,
 packed, queued), and the publisher thread's share per record (taking the queue, joining,
 encoding, sending to one subscriber through a socket pair), for a subscriber taking the
-records in base64 and for one taking them binary (as ``pynbd view`` does). No fio, no server: what the
-end-to-end benchmark (benchmarks/view.py) cannot separate from a busy machine's noise.
+records in base64 and for one taking them binary (as ``pynbd view`` does). No fio, no
+server: what the end-to-end benchmark (benchmarks/view.py) cannot separate from a busy
+machine's noise.
+First, a write through the whole chain as the server makes it: no filter, a filter that
+does nothing (``nofilter``), the view filter with nobody watching and with a viewer.
 
     python benchmarks/view_record.py
 """
@@ -22,7 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from pynbd.filters._view_publish import RECORD, _Subscriber
+from pynbd.filters.nofilter import NofilterFilter
 from pynbd.filters.view import ViewFilter, _Handle
+from pynbd.plugins.memory import MemoryPlugin
+from pynbd.server.backend import Chain, PluginLayer
 
 N = 200_000
 BATCH = 5000
@@ -74,7 +80,35 @@ def publisher_ns(binary: bool) -> float:
     return best / BATCH
 
 
+def chain_ns(filters: list[object], active: bool = False) -> float:
+    """A 4 KiB write as the server makes it (its connection's bound ``pwrite``) through a
+    chain over a memory plugin: what a filter layer costs, the view filter's included."""
+    chain = Chain(MemoryPlugin(), filters)  # type: ignore[arg-type]
+    chain.config("size", "256M")
+    if filters and isinstance(filters[0], ViewFilter):
+        chain.config("view-address", "127.0.0.1:1")  # never listened on here
+    chain.config_complete()
+    ctx = chain.open(False, "", False)
+    layer = ctx.layer
+    pwrite = (layer.plugin if isinstance(layer, PluginLayer) else layer).pwrite  # type: ignore[attr-defined]
+    h, buf = ctx.handle, memoryview(bytearray(4096))
+    clear = filters[0].pub.queue.clear if filters and active else (lambda: None)  # type: ignore[attr-defined]
+    if active:
+        filters[0].pub.active = True  # type: ignore[attr-defined]
+    best = float("inf")
+    for _ in range(9):
+        clear()
+        best = min(best, timeit.timeit("pwrite(h, buf, 4096, 0)", number=N,
+                                       globals={"pwrite": pwrite, "h": h, "buf": buf}))
+    ctx.close()
+    return best / N * 1e9
+
+
 def main() -> None:
+    plain, nofilter = chain_ns([]), chain_ns([NofilterFilter()])
+    view, viewed = chain_ns([ViewFilter()]), chain_ns([ViewFilter()], active=True)
+    print(f"pwrite through the chain: no filter {plain:.0f} ns, nofilter {nofilter:.0f} ns, "
+          f"view {view:.0f} ns, view with a viewer {viewed:.0f} ns")
     idle, live = request_ns(False), request_ns(True)
     print(f"ViewFilter.pwrite: no viewer {idle:.0f} ns, viewer {live:.0f} ns "
           f"(the record: {live - idle:.0f} ns)")
