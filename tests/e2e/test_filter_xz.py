@@ -286,3 +286,16 @@ def test_failed_decode_fails_every_read_waiting_for_it(decodes: list[int]) -> No
     assert [getattr(e, "errno", None) for e in got[:3]] == [5, 5, 5]
     assert got[3] == RAW[BLOCK:BLOCK + 10]
     assert sorted(decodes) == [0, 1]
+
+
+def test_decoding_threads_end_with_the_server() -> None:
+    before = set(threading.enumerate())
+    chain, ctx = open_chain(Disk(XZ), (XzFilter, []))
+    assert _loop_reads(ctx, _filter(chain), [(0, 10)]) == [RAW[:10]]
+    named = [t for t in set(threading.enumerate()) - before if t.name.startswith("pynbd-xz-")]
+    assert named
+    ctx.close()
+    chain.cleanup()
+    for t in named:
+        t.join(10)
+        assert not t.is_alive()

@@ -175,10 +175,20 @@ class _Decoders:
                     self.started = True
         self.jobs.put(job)
 
+    def stop(self) -> None:
+        """The threads end once the jobs queued are done."""
+        with self.lock:
+            if self.started:
+                for _ in range(self.n):
+                    self.jobs.put(None)
+                self.started = False
+
     def _work(self) -> None:
         get = self.jobs.get
         while True:
             job = get()
+            if job is None:
+                return
             try:
                 job()
             except BaseException:  # noqa: BLE001, S110 - handed to the waiters already
@@ -323,6 +333,9 @@ class XzFilter(Filter):
             self.max_depth = depth
         else:
             next_config(key, value)
+
+    def cleanup(self) -> None:
+        self._decoders.stop()
 
     def open(self, next_open: Any, readonly: bool, export_name: str, is_tls: bool) -> Any:
         next_open(True, export_name)  # the plugin is only ever read
