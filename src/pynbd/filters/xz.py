@@ -280,6 +280,10 @@ class XzFilter(Filter):
         At most two blocks per CPU decompress at a time (more would only share the same
         CPUs and thrash their caches); up to that many decoders are kept between blocks,
         each with its dictionary (the size xz was run with: 8 MiB for the default -6).
+        When xz is the outermost filter (and nothing below it serializes requests), reads
+        do not take a worker thread each: a read of a cached block is answered at once,
+        the others when their block is decompressed, all the reads waiting for a block
+        together (one wake-up, one write).
 
         This is nbdkit-xz-filter(1) for pynbd, with nbdkit 1.32's parameters and messages.
         It calls liblzma (as nbdkit does) through ctypes, into buffers it reuses; where
