@@ -5,6 +5,7 @@ opened read-only."""
 
 from __future__ import annotations
 
+import asyncio
 import lzma
 import random
 import threading
@@ -235,3 +236,66 @@ def test_block_read_in_several_chunks(monkeypatch: pytest.MonkeyPatch, damage: s
     assert results[0] == results[1] == results[2]
     assert (results[0] == raw[BLOCK:]) == (damage == "none")
     assert pool.decoders is None or len(pool.decoders) == 1  # one decoder, reused
+
+
+def _loop_reads(ctx: Any, flt: XzFilter, reads: list[tuple[int, int]]) -> list[Any]:
+    """``reads`` (offset, length) started at once with the filter's ``start_pread`` on an
+    event loop, as the server starts them: each its bytes, or the exception it failed
+    with; every answer is checked to come on the loop's thread."""
+    fh, nxt = ctx.handle
+
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        me = threading.get_ident()
+        futs = []
+        for off, n in reads:
+            fut = loop.create_future()
+
+            def done(err: Any, value: Any, fut: Any = fut) -> None:
+                assert threading.get_ident() == me
+                fut.set_result(err if err is not None else bytes(value))
+            flt.start_pread(nxt, fh, n, off, 0, done)
+            futs.append(fut)
+        return await asyncio.wait_for(asyncio.gather(*futs), 20)
+
+    return asyncio.run(main())
+
+
+def test_reads_answered_on_the_event_loop(decodes: list[int]) -> None:
+    """The server's path: reads started on the loop, answered there when their block is
+    decoded (in the filter's threads), once per block however many wait for it, the
+    cached ones at once, reads across blocks put together."""
+    chain, ctx = open_chain(Disk(XZ), (XzFilter, []))
+    flt = _filter(chain)
+    reads = [(BLOCK + n * 4096, 4096) for n in range(16)]
+    reads += [(3 * BLOCK - 10, 2 * BLOCK + 20), (5 * BLOCK, BLOCK), (0, 1)]
+    got = _loop_reads(ctx, flt, reads)
+    assert got == [RAW[off:off + n] for off, n in reads]
+    assert sorted(decodes) == [0, 1, 2, 3, 4, 5]
+    again = [(BLOCK + 100, 200), (4 * BLOCK - 1, 2)]
+    assert _loop_reads(ctx, flt, again) == [RAW[off:off + n] for off, n in again]
+    assert len(decodes) == 6  # all cached
+
+
+def test_failed_decode_fails_every_read_waiting_for_it(decodes: list[int]) -> None:
+    disk = Disk(XZ)
+    chain, ctx = open_chain(disk, (XzFilter, []))
+    flt = _filter(chain)
+    disk.data[100:160] = bytes(b ^ 0x5A for b in disk.data[100:160])
+    got = _loop_reads(ctx, flt, [(0, 10), (4096, 10), (BLOCK - 5, 10), (BLOCK, 10)])
+    assert [getattr(e, "errno", None) for e in got[:3]] == [5, 5, 5]
+    assert got[3] == RAW[BLOCK:BLOCK + 10]
+    assert sorted(decodes) == [0, 1]
+
+
+def test_decoding_threads_end_with_the_server() -> None:
+    before = set(threading.enumerate())
+    chain, ctx = open_chain(Disk(XZ), (XzFilter, []))
+    assert _loop_reads(ctx, _filter(chain), [(0, 10)]) == [RAW[:10]]
+    named = [t for t in set(threading.enumerate()) - before if t.name.startswith("pynbd-xz-")]
+    assert named
+    ctx.close()
+    chain.cleanup()
+    for t in named:
+        t.join(10)
+        assert not t.is_alive()

@@ -3,10 +3,13 @@ manual page is :class:`XzFilter`'s docstring."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import errno
+import functools
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +18,7 @@ from pynbd.errors import CommandError, ConfigError
 from pynbd.filters._formats_xz import XzIndex, decode_block, read_index
 from pynbd.filters._params import parse_size, parse_unsigned
 from pynbd.filters._xz_decoder import DecoderPool
-from pynbd.plugin import CacheMode, Filter
+from pynbd.plugin import CacheMode, Filter, completions
 
 __all__ = ["XzFilter"]
 
@@ -30,14 +33,30 @@ def _ncpu() -> int:
 
 
 class _Loading:
-    """A block being decoded by one thread while others wait for it."""
+    """A block being decoded by one thread while others wait for it: threads on ``done``,
+    requests on the event loop as ``waiters`` (``(answer, start, length)``: ``answer(error,
+    view)`` is called on ``loop`` with those bytes of the block)."""
 
-    __slots__ = ("data", "done", "error")
+    __slots__ = ("data", "done", "error", "loop", "waiters")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.data: Any = None
         self.error: BaseException | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.waiters: list[tuple[Callable[..., None], int, int]] | None = None
+
+    def answer(self) -> None:
+        """On the loop: every waiter, in one batch (one write per connection)."""
+        waiters, self.waiters = self.waiters or [], None
+        err = self.error
+        view = None if err is not None else memoryview(self.data).toreadonly()
+        with completions():
+            for answer, start, length in waiters:
+                if view is None:
+                    answer(err, None)
+                else:
+                    answer(None, view[start:start + length])
 
 
 class BlockCache:
@@ -80,6 +99,34 @@ class BlockCache:
                 raise pending.error
             assert pending.data is not None
             return pending.data
+        return self.fill(i, pending, load)
+
+    def attach(self, i: int, waiter: tuple[Callable[..., None], int, int],
+               loop: asyncio.AbstractEventLoop) -> tuple[Any, _Loading | None]:
+        """On the loop: ``(block, None)`` when block ``i`` is cached; else ``waiter`` is
+        answered when it is decoded, and ``(None, load)`` comes back, with the load to run
+        (:meth:`fill`) when nobody had started it, else None."""
+        with self.lock:
+            data = self.blocks.get(i)
+            if data is not None:
+                self.blocks.move_to_end(i)
+                self.hits += 1
+                return data, None
+            pending = self.loading.get(i)
+            new = pending is None
+            if pending is None:
+                pending = self.loading[i] = _Loading()
+                self.misses += 1
+            else:
+                self.hits += 1
+            if pending.waiters is None:
+                pending.waiters = []
+                pending.loop = loop
+            pending.waiters.append(waiter)
+        return None, (pending if new else None)
+
+    def fill(self, i: int, pending: _Loading, load: Callable[[], Any]) -> Any:
+        """Decode block ``i`` (``load()``) into the cache, then wake who waits for it."""
         try:
             data = load()
         except BaseException as e:
@@ -99,7 +146,54 @@ class BlockCache:
         finally:
             with self.lock:
                 del self.loading[i]
+                waiters = pending.waiters
             pending.done.set()
+            if waiters and pending.loop is not None:
+                try:  # one wake-up of the loop for all the requests waiting for the block
+                    pending.loop.call_soon_threadsafe(pending.answer)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+
+class _Decoders:
+    """The ``n`` threads that decode the blocks requests on the event loop wait for
+    (started with the first job), first come, first served."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.started = False
+        self.lock = threading.Lock()
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        if not self.started:
+            with self.lock:
+                if not self.started:
+                    for k in range(self.n):
+                        threading.Thread(target=self._work, name=f"pynbd-xz-{k}",
+                                         daemon=True).start()
+                    self.started = True
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        """The threads end once the jobs queued are done."""
+        with self.lock:
+            if self.started:
+                for _ in range(self.n):
+                    self.jobs.put(None)
+                self.started = False
+
+    def _work(self) -> None:
+        get = self.jobs.get
+        while True:
+            job = get()
+            if job is None:
+                return
+            try:
+                job()
+            except BaseException:  # noqa: BLE001, S110 - handed to the waiters already
+                pass
+            del job
 
 
 class _Shared:
@@ -112,11 +206,36 @@ class _Shared:
 
 
 class _Handle:
-    __slots__ = ("key", "shared")
+    __slots__ = ("key", "loop", "shared")
 
     def __init__(self) -> None:
         self.shared: _Shared | None = None
         self.key: tuple[str, int, bytes] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+
+class _Gather:
+    """A read over several blocks, answered once every part is in."""
+
+    __slots__ = ("done", "error", "left", "out")
+
+    def __init__(self, count: int, parts: int, done: Callable[..., None]) -> None:
+        self.out = bytearray(count)
+        self.left = parts
+        self.done = done
+        self.error: BaseException | None = None
+
+    def part(self, pos: int) -> Callable[..., None]:
+        """What answers the part at ``pos`` of the read."""
+        def got(err: BaseException | None, view: Any) -> None:
+            if err is not None:
+                self.error = self.error or err
+            else:
+                self.out[pos:pos + len(view)] = view
+            self.left -= 1
+            if not self.left:
+                self.done(self.error, None if self.error else self.out)
+        return got
 
 
 class XzFilter(Filter):
@@ -161,6 +280,10 @@ class XzFilter(Filter):
         At most two blocks per CPU decompress at a time (more would only share the same
         CPUs and thrash their caches); up to that many decoders are kept between blocks,
         each with its dictionary (the size xz was run with: 8 MiB for the default -6).
+        When xz is the outermost filter (and nothing below it serializes requests), reads
+        do not take a worker thread each: a read of a cached block is answered at once,
+        the others when their block is decompressed, all the reads waiting for a block
+        together (one wake-up, one write).
 
         This is nbdkit-xz-filter(1) for pynbd, with nbdkit 1.32's parameters and messages.
         It calls liblzma (as nbdkit does) through ctypes, into buffers it reuses; where
@@ -202,6 +325,7 @@ class XzFilter(Filter):
         self._files: dict[tuple[str, int, bytes], _Shared] = {}
         self._lock = threading.Lock()
         self._pool = DecoderPool(2 * _ncpu())
+        self._decoders = _Decoders(2 * _ncpu())
 
     def config(self, next_config: Any, key: str, value: str) -> None:
         if key == "xz-max-block":
@@ -213,6 +337,9 @@ class XzFilter(Filter):
             self.max_depth = depth
         else:
             next_config(key, value)
+
+    def cleanup(self) -> None:
+        self._decoders.stop()
 
     def open(self, next_open: Any, readonly: bool, export_name: str, is_tls: bool) -> Any:
         next_open(True, export_name)  # the plugin is only ever read
@@ -272,6 +399,44 @@ class XzFilter(Filter):
 
     def _block(self, next: Any, shared: _Shared, i: int) -> Any:
         return shared.cache.get(i, lambda: decode_block(next, shared.index, i, self._pool))
+
+    def start_pread(self, next: Any, h: _Handle, count: int, offset: int, flags: int,
+                    done: Callable[..., None]) -> None:
+        """A READ from the event loop (:mod:`pynbd.server.coroutines`): answered at once
+        from the cache, else when the block is decoded, by one of the filter's threads,
+        with the other reads that wait for it."""
+        shared = h.shared
+        assert shared is not None
+        idx = shared.index
+        i = idx.locate(offset)
+        rel = offset - idx.starts[i]
+        if h.loop is None:
+            h.loop = asyncio.get_running_loop()
+        if rel + count <= idx.sizes[i]:
+            return self._want(next, h, shared, i, (done, rel, count))
+        g = _Gather(count, 0, done)
+        parts = []
+        pos = 0
+        while pos < count:
+            n = min(idx.sizes[i] - rel, count - pos)
+            parts.append((i, (g.part(pos), rel, n)))
+            pos += n
+            i, rel = i + 1, 0
+        g.left = len(parts)
+        for i, waiter in parts:
+            self._want(next, h, shared, i, waiter)
+        return None
+
+    def _want(self, next: Any, h: _Handle, shared: _Shared, i: int,
+              waiter: tuple[Callable[..., None], int, int]) -> None:
+        assert h.loop is not None
+        data, pending = shared.cache.attach(i, waiter, h.loop)
+        if data is not None:
+            answer, rel, n = waiter
+            answer(None, memoryview(data).toreadonly()[rel:rel + n])
+        elif pending is not None:
+            load = functools.partial(decode_block, next, shared.index, i, self._pool)
+            self._decoders.submit(functools.partial(shared.cache.fill, i, pending, load))
 
     def pread(self, next: Any, h: _Handle, count: int, offset: int, flags: int) -> Any:
         shared = h.shared

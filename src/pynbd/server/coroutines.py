@@ -22,6 +22,10 @@ is the plugin's to keep (a copy out of the receive buffer), unless the plugin se
 where it was received, without that copy. A blocking plugin
 may offer ``start_pread`` too (an attribute it may set only once configured: the curl
 plugin's reads then go to the web server from the loop, its other calls to worker threads).
+So may the outermost filter, as ``start_pread(next, h, count, offset, flags, done)``, when
+the chain below it is PARALLEL too (the xz filter: a read of a block already decompressed
+is answered on the loop, and the reads waiting for one block are answered together when
+it is done); its other calls go to worker threads.
 
 What the per-connection :class:`~pynbd.server.backend.Context` would emulate for such a
 request (FUA by a flush, CACHE by reads, WRITE_ZEROES by writes, extents) still goes through
@@ -36,7 +40,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pynbd.plugin import CacheMode, FuaMode, Plugin, ThreadModel, _task_connection
-from pynbd.server.backend import Context, Layer, PluginLayer
+from pynbd.server.backend import Context, FilterLayer, Layer, PluginLayer
 from pynbd.server.export import CACHE, F_FUA, FLUSH, P_FUA, TRIM, WRITE
 
 __all__ = ["AsyncPath", "async_path"]
@@ -44,7 +48,7 @@ __all__ = ["AsyncPath", "async_path"]
 _AsyncMethod = Callable[..., Coroutine[Any, Any, Any]]
 
 
-def _coroutine_method(plugin: Plugin, name: str) -> _AsyncMethod | None:
+def _coroutine_method(plugin: Plugin | None, name: str) -> _AsyncMethod | None:
     m = getattr(plugin, name, None)
     return m if inspect.iscoroutinefunction(m) else None
 
@@ -54,6 +58,8 @@ def async_path(ctx: Context, server_model: ThreadModel, info: Any) -> AsyncPath 
     worker threads: filters or ``-v`` in the chain, a thread model other than PARALLEL, no
     coroutine ``pread`` nor ``start_pread``."""
     layer: Layer = ctx.layer
+    if isinstance(layer, FilterLayer):
+        return _filter_path(ctx, layer, server_model, info)
     if not isinstance(layer, PluginLayer) or \
             not (layer.has_async or getattr(layer.plugin, "start_pread", None)):
         return None
@@ -63,17 +69,36 @@ def async_path(ctx: Context, server_model: ThreadModel, info: Any) -> AsyncPath 
     return path if path.pread is not None or path.start_pread is not None else None
 
 
-class AsyncPath:
-    """A plugin's coroutine data methods, for one connection."""
+def _filter_path(ctx: Context, layer: FilterLayer, server_model: ThreadModel,
+                 info: Any) -> AsyncPath | None:
+    """The outermost filter's ``start_pread``, bound to this connection's handles."""
+    start = getattr(layer.filter, "start_pread", None)
+    if start is None or layer.has_async or layer.thread_model != ThreadModel.PARALLEL or \
+            server_model != ThreadModel.PARALLEL:
+        return None
+    fh, nxt = ctx.handle
 
-    def __init__(self, ctx: Context, plugin: Plugin, info: Any) -> None:
+    def start_pread(h: Any, count: int, offset: int, flags: int,
+                    done: Callable[..., None]) -> None:
+        start(nxt, fh, count, offset, flags, done)
+
+    return AsyncPath(ctx, None, info, start_pread)
+
+
+class AsyncPath:
+    """A plugin's coroutine data methods (or a filter's ``start_pread``), for one
+    connection."""
+
+    def __init__(self, ctx: Context, plugin: Plugin | None, info: Any,
+                 start_pread: Callable[..., None] | None = None) -> None:
         self.ctx = ctx
         self.pread = _coroutine_method(plugin, "pread")
         self._pwrite = _coroutine_method(plugin, "pwrite")
         self._flush = _coroutine_method(plugin, "flush")
         self._trim = _coroutine_method(plugin, "trim")
         self._cache = _coroutine_method(plugin, "cache")
-        self.start_pread: Callable[..., None] | None = getattr(plugin, "start_pread", None)
+        self.start_pread: Callable[..., None] | None = \
+            start_pread or getattr(plugin, "start_pread", None)
         self.start_pwrite: Callable[..., None] | None = getattr(plugin, "start_pwrite", None)
         #: The plugin's ``start_pwrite`` is done with the payload when it returns (it copied
         #: what it needs): it gets the payload where it was received, not a copy of it.
