@@ -206,12 +206,13 @@ class TlsStream(FdStream):
     def readinto(self, view: memoryview) -> int:
         """Fill ``view`` with as many records as are here (one call may cover many records
         and many requests: the batch the plain stream would get from one readv)."""
-        read = self._read
+        read, bio = self._read, self._in
         want = len(view)
         got = 0
         while got < want:
+            ask = want - got
             try:
-                n: int = read(want - got, view[got:])
+                n: int = read(ask, view[got:])
             except ssl.SSLWantReadError:
                 try:
                     self._fill()
@@ -225,6 +226,13 @@ class TlsStream(FdStream):
             if n == 0:
                 break
             got += n
+            if n < ask and not bio.pending:
+                # The record is used up and no ciphertext is left: the next read could
+                # only raise SSLWantReadError (~2 µs, ~25,000 times per GiB); fill first.
+                try:
+                    self._fill()
+                except BlockingIOError:
+                    break
         if self._out.pending:
             self._send_records()
         return got
