@@ -157,7 +157,7 @@ class BlockCache:
 
 class _Decoders:
     """The ``n`` threads that decode the blocks requests on the event loop wait for
-    (started with the first job), first come, first served."""
+    (started with the first job), first come, first served: one per CPU."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -283,7 +283,7 @@ class XzFilter(Filter):
         When xz is the outermost filter (and nothing below it serializes requests), reads
         do not take a worker thread each: a read of a cached block is answered at once,
         the others when their block is decompressed, all the reads waiting for a block
-        together (one wake-up, one write).
+        together (one wake-up, one write), and blocks decompress in one thread per CPU.
 
         This is nbdkit-xz-filter(1) for pynbd, with nbdkit 1.32's parameters and messages.
         It calls liblzma (as nbdkit does) through ctypes, into buffers it reuses; where
@@ -325,7 +325,9 @@ class XzFilter(Filter):
         self._files: dict[tuple[str, int, bytes], _Shared] = {}
         self._lock = threading.Lock()
         self._pool = DecoderPool(2 * _ncpu())
-        self._decoders = _Decoders(2 * _ncpu())
+        # one per CPU: each keeps a CPU (and its cache) to itself, as nbdkit's threads do; more
+        # would take turns on the CPUs, each turn refilling the CPU's cache with its block
+        self._decoders = _Decoders(_ncpu())
 
     def config(self, next_config: Any, key: str, value: str) -> None:
         if key == "xz-max-block":
