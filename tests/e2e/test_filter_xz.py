@@ -190,6 +190,37 @@ def test_liblzma_called_directly_as_lzma_does(damage: str) -> None:
     assert outcome(pool) == direct  # the decoder is reset between blocks, even after errors
 
 
+def _strided(b: bytes) -> memoryview:
+    spaced = bytearray(2 * len(b))
+    spaced[::2] = b
+    return memoryview(spaced)[::2]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "view", "readonly view", "strided"])
+def test_decoder_reads_any_buffer_the_plugin_returns(kind: str) -> None:
+    """The compressed block is decoded from the buffer the layer below returns, whatever
+    buffer it is (read in place when it can be, else copied once)."""
+    from pynbd.filters._xz_decoder import DecoderPool
+
+    pool = DecoderPool(1)
+    assert pool.decoders is not None, "liblzma cannot be called: the fast path is untested"
+    disk, idx = _index_of(XZ)
+    wrap = {"bytes": bytes, "bytearray": bytearray,
+            "view": lambda b: memoryview(bytearray(b)),
+            "readonly view": lambda b: memoryview(b),
+            "strided": _strided}[kind]
+    given: list[Any] = []
+
+    def pread(count: int, offset: int, flags: int) -> Any:
+        given.append(wrap(bytes(disk.data[offset:offset + count])))
+        return given[-1]
+
+    disk.pread = pread  # type: ignore[method-assign]
+    for i in (2, 5):
+        assert bytes(_formats_xz.decode_block(disk, idx, i, pool)) == RAW[i * BLOCK:][:BLOCK]
+    assert len(given) == 2
+
+
 def test_block_buffers_reused_only_when_unreferenced() -> None:
     """An evicted block's buffer is decoded into again only once nothing refers to it: a
     view returned by an earlier read (a reply not yet sent) keeps its bytes."""

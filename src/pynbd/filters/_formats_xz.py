@@ -133,8 +133,13 @@ def _decode_index(raw: bytes) -> list[tuple[int, int]]:
 
 
 def _pread(next: Any, count: int, offset: int, what: str) -> bytes:
+    return bytes(_pread_any(next, count, offset, what))
+
+
+def _pread_any(next: Any, count: int, offset: int, what: str) -> Any:
+    """The buffer the layer below returns, as it is (no copy)."""
     try:
-        return bytes(next.pread(count, offset, 0))
+        return next.pread(count, offset, 0)
     except (CommandError, OSError) as e:
         raise _fail(f"xz: {what}: error {e.errno or errno.EIO}") from e
 
@@ -219,7 +224,7 @@ def decode_block(next: Any, idx: XzIndex, i: int, pool: DecoderPool | None = Non
         return _decode_lzma(next, idx, i, pool.cpu if pool else contextlib.nullcontext())
     offset, total, want = idx.offsets[i], idx.totals[i], idx.sizes[i]
     n = min(_CHUNK, total)
-    raw = _pread(next, n, offset, "read")
+    raw = _pread_any(next, n, offset, "read")  # the decoder reads any buffer: no copy
     out = pool.buffer(want)
     dec: Any = None
     ret = 0
@@ -238,7 +243,7 @@ def decode_block(next: Any, idx: XzIndex, i: int, pool: DecoderPool | None = Non
             done = n
             while not ret and done < total:
                 n = min(_CHUNK, total - done)
-                raw = _pread(next, n, offset + done, "read")
+                raw = _pread_any(next, n, offset + done, "read")
                 with pool.cpu:
                     ret = dec.feed(raw)
                 done += n

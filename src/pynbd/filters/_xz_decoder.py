@@ -102,11 +102,25 @@ class Decoder:
         s.next_out, s.avail_out = ctypes.addressof(self._dest), len(out)
         return self.feed(header)
 
-    def feed(self, data: bytes) -> int:
-        """Decode the next bytes of the block (one call, without the GIL, when they fit)."""
+    def feed(self, data: Any) -> int:
+        """Decode the next bytes of the block (one call, without the GIL, when they fit):
+        ``data`` is any buffer, read where it is when it is bytes or writable."""
+        keep: Any
+        if type(data) is bytes:
+            keep = ctypes.c_char_p(data)  # its own buffer, no copy
+            return self._code(ctypes.cast(keep, ctypes.c_void_p), len(data))
+        view = memoryview(data)
+        if view.readonly or not view.c_contiguous:
+            return self.feed(bytes(view))
+        if not view.nbytes:
+            return 0
+        keep = (ctypes.c_char * view.nbytes).from_buffer(view)
+        return self._code(ctypes.addressof(keep), view.nbytes)
+
+    def _code(self, address: Any, size: int) -> int:
+        """Decode the ``size`` bytes at ``address`` (kept alive by the caller)."""
         s, code, ref = self._strm, self._lib.lzma_code, self._ref
-        keep = ctypes.c_char_p(data)  # bytes: its own buffer, no copy
-        s.next_in, s.avail_in = ctypes.cast(keep, ctypes.c_void_p), len(data)
+        s.next_in, s.avail_in = address, size
         while s.avail_in:
             if not s.avail_out:  # full: what is left must bring no more data
                 s.next_out, s.avail_out = ctypes.addressof(self._scratch), 16
