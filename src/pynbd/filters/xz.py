@@ -33,14 +33,16 @@ def _ncpu() -> int:
 
 
 class _Loading:
-    """A block being decoded by one thread while others wait for it: threads on ``done``,
+    """A block being decoded by one thread while others wait for it: threads on ``done`` (a
+    lock held until the block is in: cheaper to make than an Event, one per block),
     requests on the event loop as ``waiters`` (``(answer, start, length)``: ``answer(error,
     view)`` is called on ``loop`` with those bytes of the block)."""
 
     __slots__ = ("data", "done", "error", "loop", "waiters")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.data: Any = None
         self.error: BaseException | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -94,7 +96,8 @@ class BlockCache:
             else:
                 self.hits += 1
         if not mine:
-            pending.done.wait()
+            with pending.done:  # released when the block is in; then to the next waiter
+                pass
             if pending.error is not None:
                 raise pending.error
             assert pending.data is not None
@@ -147,7 +150,7 @@ class BlockCache:
             with self.lock:
                 del self.loading[i]
                 waiters = pending.waiters
-            pending.done.set()
+            pending.done.release()
             if waiters and pending.loop is not None:
                 try:  # one wake-up of the loop for all the requests waiting for the block
                     pending.loop.call_soon_threadsafe(pending.answer)
