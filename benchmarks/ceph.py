@@ -15,8 +15,9 @@ accepts no larger object size). Bar pynbd/nbdkit >= 1.0.
 
 Servers alternate which goes first; each number is the best of --repeat runs. The machine is
 shared: only ratios from one run mean anything. For each rbd job and server it also prints
-the CPU time per MiB moved of the server (all its threads, librbd's included), of the OSD
-and of fio, in the best run: on a machine whose few cores run the OSD, the server and fio at
+the CPU time per MiB moved of the server (all its threads, librbd's included; and its main
+thread alone, which reads the requests, starts them and answers them), of the OSD and of
+fio, in the best run: on a machine whose few cores run the OSD, the server and fio at
 once, throughput follows their sum, and these numbers are less disturbed by other work.
 """
 
@@ -73,16 +74,30 @@ def stop(p: subprocess.Popen[bytes]) -> None:
 
 
 
+def main_thread_seconds(pid: int) -> float:
+    """User+system CPU time of process `pid`'s main thread, in seconds."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def fio(uri: str, rw: str, bs: str, qd: int, runtime: int, out: Path,
         pids: dict[str, int]) -> dict[str, float]:
     """One fio job: IOPS, MiB/s, and CPU ms per MiB moved of each process in `pids`
-    (the server, the OSD) and of fio itself."""
+    (the server, the OSD), of the server's main thread, and of fio itself."""
+    server = pids.get("server")
+    main0 = main_thread_seconds(server) if server else 0.0
     cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     subprocess.run(["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}",
                     f"--bs={bs}", f"--iodepth={qd}", f"--size={IMAGE_SIZE}",
                     f"--runtime={runtime}", "--time_based", "--output-format=json",
                     f"--output={out}"], check=True, capture_output=True)
     cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    if server:  # the thread that reads the requests and answers them
+        cpu["server main thread"] = main_thread_seconds(server) - main0
     j = json.loads(out.read_text())["jobs"][0]
     job = j["write" if rw == "write" else "read"]
     mib = job["io_bytes"] / MiB or float("nan")
