@@ -55,7 +55,7 @@ class CountingStream(FdStream):
         st = self.stats
         st.bytes_sent += len(data)
         st.chunks_sent += parts  # request headers, one chunk each
-        FdStream.write(self, [data])
+        FdStream.write_joined(self, data, parts)
 
     def readinto(self, view: memoryview) -> int:
         n = os.readv(self.rfd, [view])

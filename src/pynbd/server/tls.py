@@ -304,6 +304,10 @@ class TlsStream(FdStream):
         self._kick()
 
     # ---- writing -----------------------------------------------------------------------
+    def write_joined(self, data: bytes, parts: int) -> None:
+        """Encrypted, as :meth:`write` (never straight to the descriptor)."""
+        self.write([data])
+
     def write(self, bufs: list[Any]) -> None:
         """Encrypt and queue, in full records: buffers below a record are gathered (one
         copy, which the cipher's own copy dwarfs); a large one fills the record at hand,
