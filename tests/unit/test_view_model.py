@@ -92,7 +92,8 @@ def test_publisher_keeps_messages_in_order() -> None:
     pub._offer = lambda sub, data, count: sent.append((sub.binary, data))  # type: ignore[method-assign]
     pub.message({"type": "open", "conn": 1})
     recs = [RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1), RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1)]
-    pub.queue.extend(recs)
+    for r in recs:
+        pub.put(r)
     pub.message({"type": "close", "conn": 1})
     pub._batch()
     assert [b for b, _ in sent] == [False, True, True] and sent[1][1] is sent[2][1]

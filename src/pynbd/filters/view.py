@@ -238,10 +238,10 @@ class ViewFilter(Filter):
 
     # Data ------------------------------------------------------------------------------
     # Each method: with no viewer, one attribute test and the call; with viewers, the
-    # clock read around the call and one deque append (no lock), through ``pub.put`` (the
-    # deque's bound ``append``). Written out per method, not through a helper taking
-    # *args: the helper cost ~0.5 µs a request. Flags and errno
-    # are masked to their record fields: a record that does not fit must never fail a request.
+    # clock read around the call and the record appended (no lock) through ``pub.put``
+    # (the bound ``extend`` of the publisher's bytearray). Written out per method, not
+    # through a helper taking *args: the helper cost ~0.5 µs a request. Flags and errno are
+    # masked to their record fields: a record that does not fit must never fail a request.
     def _failed(self, h: _Handle, kind: str, offset: int, count: int, flags: int, t0: int,
                 e: BaseException) -> None:
         self.pub.put(_pack(_CODE[kind], flags & 0xFF, _error(e) & 0xFFFF, h.conn,
