@@ -21,10 +21,12 @@ try:
 except ImportError:  # pragma: no cover - numpy is optional (the view extra has it)
     np = None  # type: ignore[assignment]
 
+from pynbd.filters._view_publish import records_to_us
+
 if TYPE_CHECKING:
     from pynbd.tools._view_model import Panel
 
-__all__ = ["HAVE_NUMPY", "apply_records"]
+__all__ = ["HAVE_NUMPY", "apply_records", "ns_to_us"]
 
 HAVE_NUMPY = np is not None
 #: Blocks marked in one vectorised pass at most (bounds the temporary arrays); a batch
@@ -43,6 +45,17 @@ if np is not None:
     _STATE = np.full(256, 2, np.uint8)
     _STATE[ord("W")] = 1
     _STATE[[ord("T"), ord("Z")]] = 0
+
+
+def ns_to_us(raw: bytes) -> bytes:
+    """The whole records of ``raw`` with TIME and DURATION in nanoseconds (a ``"time":"ns"``
+    events message) as the stream's usual records, in microseconds (the floor, as the
+    filter divides them for other viewers)."""
+    if np is None:
+        return records_to_us(raw[:len(raw) - len(raw) % 40])
+    a = np.frombuffer(raw, "<i8", len(raw) // 40 * 5).reshape(-1, 5).copy()
+    a[:, 3:] //= 1000
+    return a.tobytes()  # type: ignore[no-any-return]
 
 
 def apply_records(panel: Panel, raw: bytes) -> None:

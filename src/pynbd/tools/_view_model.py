@@ -48,7 +48,7 @@ BATCHED = _view_batch.HAVE_NUMPY
 def records(msg: dict[str, Any]) -> bytes | None:
     """The records of an ``events`` message of the filter (whole ones), else None: its
     ``raw`` bytes (binary records, as ``pynbd view`` asks for them) or its ``data``
-    (in base64)."""
+    (in base64), time and duration in µs."""
     if msg.get("type") != "events":
         return None
     raw = msg.get("raw")
@@ -57,6 +57,8 @@ def records(msg: dict[str, Any]) -> bytes | None:
         if data is None:
             return None
         raw = base64.b64decode(data)
+    if msg.get("time") == "ns":  # (``follow`` makes them µs as they arrive)
+        return _view_batch.ns_to_us(raw)
     return raw[:len(raw) - len(raw) % _RECORD.size]  # type: ignore[no-any-return]
 
 
