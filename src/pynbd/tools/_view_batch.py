@@ -47,18 +47,21 @@ if np is not None:
     _STATE[[ord("T"), ord("Z")]] = 0
 
 
-def ns_to_us(raw: bytes) -> bytes:
-    """The whole records of ``raw`` with TIME and DURATION in nanoseconds (a ``"time":"ns"``
-    events message) as the stream's usual records, in microseconds (the floor, as the
-    filter divides them for other viewers)."""
+def ns_to_us(raw: bytes | bytearray, start: int = 0, size: int = -1) -> bytearray:
+    """The whole records of ``raw`` (``size`` bytes from ``start``; to its end by default)
+    with TIME and DURATION in nanoseconds (a ``"time":"ns"`` events message) as the
+    stream's usual records, in microseconds (the floor, as the filter divides them for
+    other viewers). One copy, divided in place."""
+    n = (len(raw) - start if size < 0 else size) // 40
+    out = bytearray(memoryview(raw)[start:start + 40 * n])
     if np is None:
-        return records_to_us(raw[:len(raw) - len(raw) % 40])
-    a = np.frombuffer(raw, "<i8", len(raw) // 40 * 5).reshape(-1, 5).copy()
-    a[:, 3:] //= 1000
-    return a.tobytes()  # type: ignore[no-any-return]
+        out[:] = records_to_us(out)
+    else:
+        np.frombuffer(out, "<i8").reshape(-1, 5)[:, 3:] //= 1000
+    return out
 
 
-def apply_records(panel: Panel, raw: bytes) -> None:
+def apply_records(panel: Panel, raw: bytes | bytearray) -> None:
     """Apply the records in ``raw`` (whole records only) to ``panel``."""
     rec = np.frombuffer(raw, _DTYPE, len(raw) // _DTYPE.itemsize)
     if len(rec) and _apply_uniform(panel, rec):
