@@ -3,8 +3,9 @@
 without the view filter, through it with nobody watching, and through it with one live
 viewer (``pynbd view`` reading every event into its picture, ``--snapshot``: no page). One
 run, servers alternating; prints IOPS, the ratios to the run without the filter, and the
-CPU time the server (and the viewer) spent per request, which a busy machine disturbs
-less than IOPS. Bar (live viewer) >= 0.9, goal 0.97.
+CPU time the server (its serving thread, the event loop, and its other threads: the view
+filter's publisher) and the viewer spent per request, which a busy machine disturbs less
+than IOPS. Bar (live viewer) >= 0.9, goal 0.97.
 
 With ``--page``, one more run: ``pynbd view`` serving its page to a headless Chromium
 (Debian's, through playwright) that draws it live; the viewer's CPU is then the viewer's
