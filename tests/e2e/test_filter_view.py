@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from view_helpers import Subscriber, pipelined, wait_until
 
 from pynbd.client.blocking import BlockingConnection
+from pynbd.filters._view_publish import RECORD
 from tests.helpers import PYNBD, Server
 
 WRITE, TRIM, ZERO, READ = 1, 4, 6, 0
@@ -58,12 +59,13 @@ def _requests(conn_no: int, n: int) -> list[tuple[int, int, int, bytes | None]]:
 
 
 @pytest.mark.parametrize(("plugin", "binary"), [("memory", False), ("file", False),
-                                               ("memory", True), ("file", True)])
+                                               ("memory", True), ("file", True),
+                                               ("memory", "ns"), ("file", "ns")])
 def test_every_request_once_in_order_under_load(pynbd_server: Callable[..., Server],
                                                 sockdir: Path, plugin: str,
-                                                binary: bool) -> None:
-    """Every request once, in order per connection, in either format of the records
-    (base64 lines; binary, as ``pynbd view`` asks for them)."""
+                                                binary: bool | str) -> None:
+    """Every request once, in order per connection, in each format of the records
+    (base64 lines; binary; binary in nanoseconds, as ``pynbd view`` asks for them)."""
     srv, vsock = _serve(pynbd_server, sockdir, plugin=plugin)
     sub = Subscriber(vsock, binary=binary)
     sub.wait_hello()
@@ -249,3 +251,31 @@ def test_records_carry_flags_and_connection(pynbd_server: Callable[..., Server],
         ("W", 0, 4096, 0, 0, conn), ("W", 8192, 8192, 2, 0, conn),
         ("R", 8192, 4096, 0, 0, conn), ("R", 0, 4096, 0, 0, conn)]
     sub.close()
+
+
+def test_times_in_each_format(pynbd_server: Callable[..., Server], sockdir: Path) -> None:
+    """Three viewers at once (base64, binary, binary in nanoseconds): the same records,
+    the nanosecond viewer's times and durations those of the others times 1000 (floor),
+    and the time is the time of day."""
+    srv, vsock = _serve(pynbd_server, sockdir, size="1M")
+    subs = [Subscriber(vsock), Subscriber(vsock, binary=True), Subscriber(vsock, binary="ns")]
+    for s in subs:
+        s.wait_hello()
+    time.sleep(0.3)  # each request read before the first batch
+    before = time.time_ns()
+    c = _connect(srv)
+    for i in range(50):
+        c.pwrite(b"x" * 4096, i * 4096)
+    c.close()
+    after = time.time_ns()
+    for s in subs:
+        wait_until(lambda s=s: bool(s.of_type("close")), "the connection's close")
+    us = [[e for e in s.events() if e[0] == "W"] for s in subs]
+    assert len(us[0]) == 50 and us[0] == us[1] == us[2]
+    ns = [r for m in subs[2].of_type("events")
+          for r in RECORD.iter_unpack(m["raw"]) if r[0] == ord("W")]
+    assert all(m.get("time") == "ns" for m in subs[2].of_type("events"))
+    assert [(t // 1000, d // 1000) for *_, t, d in ns] == [(e[5], e[6]) for e in us[0]]
+    assert all(before <= t <= after and 0 <= d <= after - before for *_, t, d in ns)
+    for s in subs:
+        s.close()

@@ -26,10 +26,11 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 20) -> None
 
 class Subscriber:
     """A viewer of a view socket: every message it got, in order. With ``binary``, it
-    asks for binary records (an ``events`` message then has them as ``raw``)."""
+    asks for binary records (an ``events`` message then has them as ``raw``); with
+    ``binary="ns"``, for binary records in nanoseconds."""
 
     def __init__(self, path: str, read: bool = True, rcvbuf: int | None = None,
-                 binary: bool = False) -> None:
+                 binary: bool | str = False) -> None:
         self.binary = binary
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if rcvbuf is not None:
@@ -48,7 +49,10 @@ class Subscriber:
         try:
             first = f.readline()  # the hello comes whether we read or not
             self.messages.append(json.loads(first))
-            if self.binary:
+            if self.binary == "ns":
+                assert self.messages[0]["ns"] is True
+                self.sock.sendall(b'{"type":"format","events":"binary","time":"ns"}\n')
+            elif self.binary:
                 assert self.messages[0]["binary"] is True
                 self.sock.sendall(b'{"type":"format","events":"binary"}\n')
             self.reading.wait()

@@ -16,6 +16,7 @@ from pynbd.tools._view_model import (
     block_colour,
     decode_events,
     first_time,
+    records,
 )
 from pynbd.tools._view_sources import parse_nbdkit_log
 
@@ -78,36 +79,58 @@ def test_model_history_keeps_origin() -> None:
 
 
 class _FakeSubscriber:
-    def __init__(self, binary: bool) -> None:
-        self.binary = binary
+    def __init__(self, fmt: str) -> None:
+        self.format = fmt
 
 
 def test_publisher_keeps_messages_in_order() -> None:
-    """Both formats (base64 lines, binary records after a line giving their size): the
-    messages in order, each batch encoded once per format."""
+    """Each format (base64 lines, binary records after a line giving their size, binary
+    in nanoseconds): the messages in order, each batch encoded once per format, times
+    and durations in µs but for the nanosecond subscriber."""
     pub = Publisher()
-    sent: list[tuple[bool, bytes]] = []
-    pub._subs = {0: _FakeSubscriber(False), 1: _FakeSubscriber(True),  # type: ignore[dict-item]
-                 2: _FakeSubscriber(True)}
-    pub._offer = lambda sub, data, count: sent.append((sub.binary, data))  # type: ignore[method-assign]
+    sent: list[tuple[str, bytes]] = []
+    pub._subs = {0: _FakeSubscriber("base64"), 1: _FakeSubscriber("binary"),  # type: ignore[dict-item]
+                 2: _FakeSubscriber("binary"), 3: _FakeSubscriber("ns")}
+    pub._offer = lambda sub, data, count: sent.append((sub.format, data))  # type: ignore[method-assign]
     pub.message({"type": "open", "conn": 1})
-    recs = [RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1), RECORD.pack(82, 0, 0, 1, 0, 4096, T0, 1)]
-    pub.queue.extend(recs)
+    recs = [RECORD.pack(87, 0, 0, 1, 0, 4096, T0 * 1000 + 999, 1999),  # as the filter packs
+            RECORD.pack(82, 0, 0, 1, 0, 4096, T0 * 1000, -1)]
+    for r in recs:
+        pub.put(r)
     pub.message({"type": "close", "conn": 1})
     pub._batch()
-    assert [b for b, _ in sent] == [False, True, True] and sent[1][1] is sent[2][1]
+    assert [f for f, _ in sent] == ["base64", "binary", "binary", "ns"]
+    assert sent[1][1] is sent[2][1]
     lines = [json.loads(x) for x in sent[0][1].splitlines()]
     assert [m["type"] for m in lines] == ["open", "events", "close"]
-    assert [e[0] for e in decode_events(lines[1])] == [87, 82]
-    data = sent[1][1]
-    opened, rest = data.split(b"\n", 1)
-    head, rest = rest.split(b"\n", 1)
-    assert json.loads(opened) == {"type": "open", "conn": 1}
-    assert json.loads(head) == {"type": "events", "count": 2, "size": 80}
-    assert rest[:80] == b"".join(recs)
-    assert json.loads(rest[80:]) == {"type": "close", "conn": 1}
+    assert [(e[0], e[5], e[6]) for e in decode_events(lines[1])] == [(87, T0, 1), (82, T0, -1)]
+    us = [RECORD.pack(87, 0, 0, 1, 0, 4096, T0, 1), RECORD.pack(82, 0, 0, 1, 0, 4096, T0, -1)]
+    for fmt, data, want, head in (("binary", sent[1][1], us, {}),
+                                  ("ns", sent[3][1], recs, {"time": "ns"})):
+        opened, rest = data.split(b"\n", 1)
+        line, rest = rest.split(b"\n", 1)
+        assert json.loads(opened) == {"type": "open", "conn": 1}, fmt
+        assert json.loads(line) == {"type": "events", "count": 2, "size": 80, **head}, fmt
+        assert rest[:80] == b"".join(want), fmt
+        assert json.loads(rest[80:]) == {"type": "close", "conn": 1}, fmt
     pub._subs = {}
     pub.stop()
+
+
+def test_records_in_ns_made_us() -> None:
+    """The publisher's division (standard library) and the viewer's (numpy) agree, floor
+    of negative durations included; whole records only."""
+    from pynbd.filters._view_publish import records_to_us
+    from pynbd.tools._view_batch import ns_to_us
+
+    ns = b"".join(RECORD.pack(87, 2, 5, 7, i << 40, 4096, T0 * 1000 + i * 777, d)
+                  for i, d in enumerate((0, 999, 1000, 123456789, -1, -1001)))
+    want = b"".join(RECORD.pack(87, 2, 5, 7, i << 40, 4096, (T0 * 1000 + i * 777) // 1000,
+                                d // 1000)
+                    for i, d in enumerate((0, 999, 1000, 123456789, -1, -1001)))
+    assert records_to_us(ns) == want
+    assert ns_to_us(ns + b"part") == want
+    assert records({"type": "events", "count": 6, "size": 240, "time": "ns", "raw": ns}) == want
 
 
 def test_nbdkit_log_lines() -> None:

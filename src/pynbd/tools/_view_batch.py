@@ -21,10 +21,12 @@ try:
 except ImportError:  # pragma: no cover - numpy is optional (the view extra has it)
     np = None  # type: ignore[assignment]
 
+from pynbd.filters._view_publish import records_to_us
+
 if TYPE_CHECKING:
     from pynbd.tools._view_model import Panel
 
-__all__ = ["HAVE_NUMPY", "apply_records"]
+__all__ = ["HAVE_NUMPY", "apply_records", "ns_to_us"]
 
 HAVE_NUMPY = np is not None
 #: Blocks marked in one vectorised pass at most (bounds the temporary arrays); a batch
@@ -45,7 +47,21 @@ if np is not None:
     _STATE[[ord("T"), ord("Z")]] = 0
 
 
-def apply_records(panel: Panel, raw: bytes) -> None:
+def ns_to_us(raw: bytes | bytearray, start: int = 0, size: int = -1) -> bytearray:
+    """The whole records of ``raw`` (``size`` bytes from ``start``; to its end by default)
+    with TIME and DURATION in nanoseconds (a ``"time":"ns"`` events message) as the
+    stream's usual records, in microseconds (the floor, as the filter divides them for
+    other viewers). One copy, divided in place."""
+    n = (len(raw) - start if size < 0 else size) // 40
+    out = bytearray(memoryview(raw)[start:start + 40 * n])
+    if np is None:
+        out[:] = records_to_us(out)
+    else:
+        np.frombuffer(out, "<i8").reshape(-1, 5)[:, 3:] //= 1000
+    return out
+
+
+def apply_records(panel: Panel, raw: bytes | bytearray) -> None:
     """Apply the records in ``raw`` (whole records only) to ``panel``."""
     rec = np.frombuffer(raw, _DTYPE, len(raw) // _DTYPE.itemsize)
     if len(rec) and _apply_uniform(panel, rec):

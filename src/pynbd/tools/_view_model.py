@@ -45,10 +45,10 @@ _NAMES = {ord(k): k for k in KINDS}
 BATCHED = _view_batch.HAVE_NUMPY
 
 
-def records(msg: dict[str, Any]) -> bytes | None:
+def records(msg: dict[str, Any]) -> bytes | bytearray | None:
     """The records of an ``events`` message of the filter (whole ones), else None: its
     ``raw`` bytes (binary records, as ``pynbd view`` asks for them) or its ``data``
-    (in base64)."""
+    (in base64), time and duration in µs."""
     if msg.get("type") != "events":
         return None
     raw = msg.get("raw")
@@ -57,7 +57,10 @@ def records(msg: dict[str, Any]) -> bytes | None:
         if data is None:
             return None
         raw = base64.b64decode(data)
-    return raw[:len(raw) - len(raw) % _RECORD.size]  # type: ignore[no-any-return]
+    if msg.get("time") == "ns":  # (``follow`` makes them µs as they arrive)
+        return _view_batch.ns_to_us(raw)
+    part = len(raw) % _RECORD.size
+    return raw[:len(raw) - part] if part else raw  # type: ignore[no-any-return]
 
 
 def as_json(msg: dict[str, Any]) -> dict[str, Any]:
@@ -239,7 +242,7 @@ class Panel:
         elif kind in "TZ":
             self.base[a:b] = b"\0" * n
 
-    def apply(self, msg: dict[str, Any], raw: bytes | None = None) -> None:
+    def apply(self, msg: dict[str, Any], raw: bytes | bytearray | None = None) -> None:
         """Apply one message of the filter's stream (``raw``: an ``events`` message's
         records, decoded already)."""
         typ = msg.get("type")
@@ -281,7 +284,7 @@ class Model:
         """The time of the latest request seen (seconds since the epoch)."""
         return max((p.last_time for p in self.panels), default=0.0)
 
-    def apply(self, src: int, msg: dict[str, Any], raw: bytes | None = None) -> None:
+    def apply(self, src: int, msg: dict[str, Any], raw: bytes | bytearray | None = None) -> None:
         self.panels[src].apply(msg, raw)
         self.history.append((src, msg))
         self._history_events += event_count(msg) + 1

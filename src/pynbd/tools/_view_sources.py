@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from pynbd.tools._view_batch import ns_to_us
 from pynbd.tools._view_model import as_json
 
 __all__ = ["RecordWriter", "follow", "is_address", "read_replay"]
@@ -78,7 +79,9 @@ async def follow(target: str, src: int, deliver: Callable[[int, dict[str, Any]],
                 if msg.get("type") != "hello":
                     raise ViewError(f"{target}: not a view socket (no hello message)")
                 first = False
-                if msg.get("binary") is True:  # records without base64, please
+                if msg.get("ns") is True:  # records as the filter packs them, please
+                    writer.write(_NS_REQUEST)
+                elif msg.get("binary") is True:  # records without base64, please
                     writer.write(_BINARY_REQUEST)
                 connected(src)
             elif "size" in msg and msg.get("type") == "events":
@@ -86,13 +89,18 @@ async def follow(target: str, src: int, deliver: Callable[[int, dict[str, Any]],
                     msg["raw"] = await _binary_records(target, reader, msg["size"])
                 except (asyncio.IncompleteReadError, OSError):
                     break
+                if msg.get("time") == "ns":  # kept (and recorded) as the usual records, µs
+                    msg["raw"] = ns_to_us(msg.pop("raw"))
+                    del msg["time"]
             deliver(src, msg)
     finally:
         writer.close()
 
 
-#: What a viewer sends for binary records (pynbd.filters._view_publish.BINARY_REQUEST).
+#: What a viewer sends for binary records (pynbd.filters._view_publish.BINARY_REQUEST),
+#: and for binary records in nanoseconds (NS_REQUEST).
 _BINARY_REQUEST = b'{"type":"format","events":"binary"}\n'
+_NS_REQUEST = b'{"type":"format","events":"binary","time":"ns"}\n'
 
 
 async def _binary_records(target: str, reader: asyncio.StreamReader, size: Any) -> bytes:

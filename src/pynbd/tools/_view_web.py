@@ -124,7 +124,7 @@ class WebView:
         except (ConnectionError, RuntimeError):
             self.sockets.pop(ws, None)
 
-    def publish(self, src: int, msg: dict[str, Any], raw: bytes | None = None) -> None:
+    def publish(self, src: int, msg: dict[str, Any], raw: bytes | bytearray | None = None) -> None:
         """Queue a message for every page (a page that stopped reading is dropped: it
         can reload); ``raw``: an ``events`` message's records, sent as they are."""
         if not self.sockets:
