@@ -233,6 +233,9 @@ class TlsStream(FdStream):
         whole = self._whole
         while at <= end:
             whole = at
+            if at == end:  # the common case: reads end where records do
+                self._part = b""
+                break
             if at + 5 > end:  # the header is cut: keep its start
                 self._part = (self._part if at < fed else b"") + bytes(raw[max(at - fed, 0):n])
                 break
