@@ -11,9 +11,11 @@ callbacks; the file is read again on each handshake, as nbdkit does.
 
 :class:`TlsStream` is an :class:`~pynbd.stream.FdStream` whose bytes pass through an
 :class:`ssl.SSLObject` over memory BIOs: reads fill the caller's buffer straight from the
-decrypted record, writes coalesce small buffers into full records and encrypt large ones
-in one call, and the ciphertext of a whole batch leaves in one ``writev`` through the
-plain stream's queue. Plain connections never touch this module.
+decrypted record, asking OpenSSL only for records that are whole in its BIO (the stream
+follows the record headers of the ciphertext it feeds), writes coalesce small buffers into
+full records and encrypt large ones in one call, and the ciphertext of a whole batch leaves
+in one ``writev`` through the plain stream's queue. Plain connections never touch this
+module.
 """
 
 from __future__ import annotations
