@@ -3,9 +3,11 @@ URIs --run and --print-uri give (no network)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,3 +111,63 @@ def test_uris(argv: list[str], where: dict[str, object], uri: str) -> None:
     o = parse_args([*argv, "memory", "1M"])
     kw = {"unix_path": None, "port": None, "vsock_port": None, **where}
     assert make_uri(o, **kw) == uri  # type: ignore[arg-type]
+
+
+def _stream_pair(tmp_path: Path) -> tuple[ssl.SSLObject, ssl.MemoryBIO, Any, socket.socket]:
+    """A server TlsStream over a socket pair, its handshake done in memory; the client's
+    SSLObject, its outgoing BIO, the stream and the client's end of the socket pair."""
+    from tls_certs import make_x509
+
+    from pynbd.server.tls import TlsStream
+    from pynbd.stream import FdStream
+
+    d = make_x509(tmp_path / "x509")
+    sctx = make_context("require", str(d), False, None)
+    assert sctx is not None
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.load_verify_locations(str(d / "ca-cert.pem"))
+    cctx.check_hostname = False
+    si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = sctx.wrap_bio(si, so, server_side=True)
+    client = cctx.wrap_bio(ci, co)
+    for _ in range(10):
+        for o in (client, server):
+            try:
+                o.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        si.write(co.read())
+        ci.write(so.read())
+    client.write(b"early")  # lands in the server's BIO before the stream exists
+    si.write(co.read())
+    a, b = socket.socketpair()
+    return client, co, TlsStream(FdStream(None, a.fileno(), owner=a), server, si, so), b
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5, 7, 4096, 16405, 16406, 16411, 50000])
+def test_stream_reads_records_cut_anywhere(tmp_path: Path, cut: int) -> None:
+    """Ciphertext arrives cut at every kind of place (inside a record's 5-byte header, at
+    its end, inside its body): the stream returns every byte in order, and never says
+    'nothing here' while a whole record waits inside it."""
+    client, co, stream, peer = _stream_pair(tmp_path)
+    data = bytes(range(256)) * 700  # 179,200 bytes: 11 records of 16 KiB and a short one
+    client.write(data[:1000])
+    client.write(data[1000:])
+    wire = co.read()
+    want = b"early" + data
+    got = bytearray()
+    buf = memoryview(bytearray(70000))
+    try:
+        for i in range(0, len(wire), cut):
+            peer.sendall(wire[i:i + cut])
+            while True:
+                try:
+                    n = stream.readinto(buf)
+                except BlockingIOError:
+                    break
+                got += buf[:n]
+        assert bytes(got) == want
+        assert stream._next is not None  # the framing was followed to the end
+    finally:
+        stream.close()
+        peer.close()

@@ -129,6 +129,8 @@ class Transmission:
         self._view = memoryview(self._buf)
         self._view[:len(trailing)] = trailing
         self._pos, self._end, self._want = 0, len(trailing), self._hdr.size
+        #: Most bytes read at once (a TLS stream decrypts a batch of records in one call)
+        self._window = getattr(self.stream, "read_window", RECV_WINDOW)
         # A large WRITE payload being received: (buffer, bytes got, request, reserved).
         self._payload: memoryview | None = None
         self._payload_got = 0
@@ -336,7 +338,7 @@ class Transmission:
         if end == size:  # defensive: _process keeps room after the unparsed rest
             self._move_to_front(self._pos, end)
             end = self._end
-        limit = end + RECV_WINDOW
+        limit = end + self._window
         need = self._pos + self._want
         limit = max(limit, need)
         n = self.stream.readinto(self._view[end:min(size, limit)])
