@@ -121,6 +121,19 @@ _SCRIPT = ('echo "$act|$type|${connection:-}|${id:-}|${offset:-}|${count:-}|${fu
            '${transactions:-}|${thread_model:-}" >> "$OUT"')
 
 
+def _wait_for_script(path: Path, timeout: float = 10) -> list[str]:
+    """The script's lines once all are written. Each runs in the background, so the
+    Disconnect line may come before others: it names the transactions (an ENTER and a
+    LEAVE each), and Preconnect (two), Ready, Connect and Disconnect make five more."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        ends = [line.split("|") for line in lines if line.startswith("Disconnect|PRINT|")]
+        if ends and len(lines) >= 2 * int(ends[0][13]) + 5 or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
+
+
 def test_log_script_sees_what_nbdkits_sees(pynbd_server: Callable[..., Server],
                                            nbdkit_server: Callable[..., Server],
                                            tmp_path: Path) -> None:
@@ -132,10 +145,11 @@ def test_log_script_sees_what_nbdkits_sees(pynbd_server: Callable[..., Server],
                       env={"OUT": str(out)})
         assert srv.sock is not None
         run_libnbd(_CLIENT, srv.sock, "")
-        lines = _wait_for(out, "Disconnect|PRINT")
+        lines = _wait_for_script(out)
         srv.stop()
         outs.append(sorted(lines))
     assert outs[0] == outs[1]
+    assert len(outs[0]) == 2 * 13 + 5  # the client's 13 requests that reach the filter
     assert ("Extents|LEAVE|1|13||||0||0x0 0x10000 hole,zero 0x10000 0x8000  0x18000 0x28000 "
             "hole,zero|||||") in outs[0]
     assert "Ready|PRINT|||||||||||||3" in outs[0]
