@@ -345,6 +345,7 @@ class _Copy:
         threads = [threading.Thread(target=self._blocking_main, args=(i,),
                                     name=f"pynbd-copy-{i}", daemon=True)
                    for i in range(self.o.connections)]
+        self._opened = threading.Barrier(len(threads))
         old_interval = sys.getswitchinterval()
         sys.setswitchinterval(SWITCH_INTERVAL)
         try:
@@ -381,16 +382,20 @@ class _Copy:
                 return
             coro.close()
             raise RuntimeError("a blocking copy worker waited on an event loop")
-        except _Failed:
-            pass
+        except (_Failed, threading.BrokenBarrierError):
+            self._opened.abort()  # a thread that failed to connect releases the others
         except BaseException as e:  # noqa: BLE001 - recorded; the main thread reports it
             self.fail(str(e) if isinstance(e, CopyError)
                       else f"{PROG}: {e or type(e).__name__}")
+            self._opened.abort()
 
     async def _blocking_worker(self, index: int) -> None:
-        # Each thread connects its own connections (the handshakes run in parallel).
+        # Each thread connects its own connections (the handshakes run in parallel); no
+        # data moves until every connection is open, as nbdcopy opens all of its first, so
+        # a failure to connect is reported as that, never after part of the copy.
         await self.src.open_conn(index)
         await self.dst.open_conn(index)
+        self._opened.wait()
         await self.worker(index)
 
     async def _worker_group(self, index: int) -> None:
