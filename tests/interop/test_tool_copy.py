@@ -409,6 +409,52 @@ def test_failed_write_reported_at_its_offset(capsys: pytest.CaptureFixture[str],
     dst.stop(check=False)
 
 
+SLOW_FOURTH_OPEN_PLUGIN = """
+import threading
+import time
+
+API_VERSION = 2
+opened = 0
+lock = threading.Lock()
+
+def open(readonly):
+    global opened
+    with lock:
+        opened += 1
+        n = opened
+    if n == 4:
+        time.sleep(1.5)
+    return n
+
+def get_size(h):
+    return 8 * 1024 * 1024
+
+def can_multi_conn(h):
+    return True
+
+def pread(h, buf, offset, flags):
+    buf[:] = bytes(len(buf))
+"""
+
+
+def test_every_connection_opens_before_data_moves(capsys: pytest.CaptureFixture[str],
+                                                 nbdkit_server, tmp_path: Path) -> None:
+    """As nbdcopy, the copy connects all of its connections before it reads: the source's
+    fourth connection takes 1.5 s to open, and no read reaches the source before it has."""
+    plugin = tmp_path / "slow_open.py"
+    plugin.write_text(SLOW_FOURTH_OPEN_PLUGIN)
+    log = tmp_path / "src.log"
+    src = nbdkit_server("--filter=log", "python", plugin, f"logfile={log}")
+    rc, err = ours(capsys, "-C", "4", "-T", "4", src.uri, "null:")
+    assert rc == 0, err
+    src.stop()
+    lines = log.read_text().splitlines()
+    connects = [i for i, line in enumerate(lines) if " Connect " in line]
+    reads = [i for i, line in enumerate(lines) if " Read " in line]
+    assert len(connects) == 4 and reads, lines
+    assert max(connects) < min(reads), lines
+
+
 def test_server_killed_mid_copy(nbdkit_server, tmp_path: Path) -> None:
     """The source dies while the copy waits on it (a read in flight, delayed 2 s; a 64 MiB
     disk is one work range, so one of the four threads reads): the copy fails at once with
