@@ -116,6 +116,15 @@ class _Pending(Pending):
 PendingCommand = _Pending
 
 
+class _ReadStats:
+    """What the reader counts: the bytes received in transmission."""
+
+    __slots__ = ("bytes_received",)
+
+    def __init__(self) -> None:
+        self.bytes_received = 0
+
+
 class AsyncClient(ReplyReader, Negotiation):
     """An NBD client connection. Create with :meth:`connect` (or the connect_* helpers)."""
 
@@ -147,9 +156,11 @@ class AsyncClient(ReplyReader, Negotiation):
         self._pos = 0
         self._end = 0
         self._sink_got = 0  # bytes of the decoder's sink already received
+        self._rstats: Any = _ReadStats()
         self._out: list[Any] = []
         self._out_plain = True  # _out holds request headers only (no write payload)
         self._flush_scheduled = False
+        self._flush_due = False  # a caller was woken: write what it queues in its turn
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
                       "chunks_received": 0}
 
@@ -448,7 +459,7 @@ class AsyncClient(ReplyReader, Negotiation):
         self._rules = StrictRules(self.export.eflags, self.export.size, self.export.block_size,
                                   self.structured or self.extended, bool(self.meta_contexts))
         self.stream.on_write_error = self._on_write_error
-        self.stream.set_reader(self._on_readable)
+        self._use_stream(self.stream)
 
     # ==================================================================================
     # commands
@@ -591,10 +602,10 @@ class AsyncClient(ReplyReader, Negotiation):
         out = self._out
         if out and self.stream is not None:
             self._out = []
-            if self._out_plain and len(out) > 1:
+            if self._out_plain:
                 # hot path: request headers only (reads...): one buffer, one iovec, and
                 # no per-buffer queueing in the stream (benchmarks/client_read.py)
-                self.stream.write_joined(b"".join(out), len(out))
+                self.stream.write_joined(out[0] if len(out) == 1 else b"".join(out), len(out))
             else:
                 self.stream.write(out)
             self._out_plain = True
@@ -745,6 +756,8 @@ class AsyncClient(ReplyReader, Negotiation):
             fut.set_exception(CommandError(p.error, p.message or os.strerror(p.error)))
         else:
             fut.set_result(p.result)
+        # the reader writes what the woken callers queue in the turn they run (_flush_due)
+        self._flush_due = True
 
     # ---- context manager -----------------------------------------------------------
     async def __aenter__(self) -> Self:
