@@ -9,7 +9,9 @@ and bytes in flight, strict checks before the wire.
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import errno as E
+import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -75,6 +77,9 @@ CLOSE_DRAIN_TIMEOUT = 5.0
 
 #: chunk(data: memoryview, offset: int, status: int, error: int) -> None; status 1=data 2=hole
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
+
+
+_STOCK_CREATE_FUTURE = asyncio.base_events.BaseEventLoop.create_future
 
 
 def _wake_fut(fut: asyncio.Future[None]) -> None:
@@ -161,6 +166,7 @@ class AsyncClient(ReplyReader, Negotiation):
         self._out_plain = True  # _out holds request headers only (no write payload)
         self._flush_scheduled = False
         self._flush_due = False  # a caller was woken: write what it queues in its turn
+        self._new_future: Callable[[], asyncio.Future[Any]] = self._no_loop
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
                       "chunks_received": 0}
 
@@ -460,9 +466,19 @@ class AsyncClient(ReplyReader, Negotiation):
                                   self.structured or self.extended, bool(self.meta_contexts))
         self.stream.on_write_error = self._on_write_error
         self._use_stream(self.stream)
+        loop = self.loop
+        if loop is not None:
+            # the stock loop's create_future, without its Python frame (hot path:
+            # benchmarks/client_read.py); another loop's own futures otherwise
+            self._new_future = (functools.partial(asyncio.Future, loop=loop)
+                                if type(loop).create_future is _STOCK_CREATE_FUTURE
+                                else loop.create_future)
 
     # ==================================================================================
     # commands
+    def _no_loop(self) -> asyncio.Future[Any]:
+        raise RuntimeError("the client has no event loop")
+
     def _strict_mask(self) -> int:
         st = self.strict
         if st is True:
@@ -650,7 +666,7 @@ class AsyncClient(ReplyReader, Negotiation):
             return None
         cookie = self._next_cookie
         self._next_cookie = cookie + 1
-        fut = self.loop.create_future()  # type: ignore[union-attr]
+        fut = self._new_future()
         pending[cookie] = _Pending(cookie, _READ, offset, n, 0, mv, chunk_cb, fut, n)
         self._bytes_in_flight += n
         self._out.append(build_request(_READ, cookie, offset, n, 0, self.extended))

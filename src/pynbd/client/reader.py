@@ -110,7 +110,15 @@ class ReplyReader:
                         return
                     self._end += n
                     more = self._end == end
-                self._process()
+                if self.closed:
+                    return
+                # decode what is buffered, then make room for what the decoder needs next,
+                # unless a payload is to go straight to its destination
+                pos = dec.feed(self._view, self._pos, self._end)
+                if dec.sink is not None:  # everything buffered was used
+                    self._pos = self._end = 0
+                else:
+                    self._settle(pos)
                 if not more or self.closed:
                     return
             except BlockingIOError:
@@ -157,16 +165,10 @@ class ReplyReader:
             self._buf[:rest] = self._buf[self._pos:self._end]
         self._pos, self._end = 0, rest
 
-    def _process(self) -> None:
-        """Decode what is buffered (pynbd.protocol.replies); then make room for what the
-        decoder needs next, unless a payload is to go straight to its destination."""
+    def _settle(self, pos: int) -> None:
+        """After the decoder (pynbd.protocol.replies) reached ``pos`` in what is buffered and
+        set no sink: make room in the receive buffer for what it needs next."""
         dec = self._dec
-        if self.closed:
-            return
-        pos = dec.feed(self._view, self._pos, self._end)
-        if dec.sink is not None:  # everything buffered was used
-            self._pos = self._end = 0
-            return
         if pos == self._end:
             self._pos = self._end = 0
             if len(self._buf) > RECV_BUF:  # grown for one huge chunk: give it back
