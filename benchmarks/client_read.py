@@ -20,6 +20,13 @@ and checked against the pattern after the timed part: a run that read wrong data
 wrong amount, fails, as does a run that fails; the exit status is then 1.
 
     python benchmarks/client_read.py [--repeat 3] [--size 1G] [--markdown]
+                                     [--pynbd-python /usr/bin/python3]
+
+pynbd's clients run under the interpreter running the benchmark unless --pynbd-python
+names another. libnbd's bindings run under Debian's /usr/bin/python3 (libpython linked into
+the executable), which runs the same Python code on less CPU than a default source build
+with a shared libpython; `--pynbd-python /usr/bin/python3` runs all three programs on one
+interpreter.
 
 Bars (issue 14): (c) >= 1.0x (a) on both jobs; (b) >= 1.0x (a) on bulk and >= 1.2x on rand.
 """
@@ -171,8 +178,9 @@ def run(argv: list[str], env: dict[str, str] | None, srv_pid: int) -> tuple[floa
     return float(el), float(usr) + float(sys_), s1 - s0
 
 
-def setup(d: str, size: str) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
-    """The server (written with the pattern) and the three client programs."""
+def setup(d: str, size: str, python: str) -> tuple[subprocess.Popen[bytes], str, dict[str, Any]]:
+    """The server (written with the pattern) and the three client programs (pynbd's under
+    the interpreter ``python``)."""
     sock = os.path.join(d, "sock")
     srv = subprocess.Popen(["nbdkit", "-f", "-U", sock, "memory", size])
     for _ in range(100):
@@ -193,8 +201,8 @@ def setup(d: str, size: str) -> tuple[subprocess.Popen[bytes], str, dict[str, An
     env_b = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     clients = {
         "libnbd": (["/usr/bin/python3", str(d_prog / "libnbd_prog.py")], None),
-        "pynbd.AsyncClient": ([sys.executable, str(d_prog / "async_prog.py")], env_b),
-        "pynbd.libnbd": ([sys.executable, str(d_prog / "libnbd_prog.py")], env_c),
+        "pynbd.AsyncClient": ([python, str(d_prog / "async_prog.py")], env_b),
+        "pynbd.libnbd": ([python, str(d_prog / "libnbd_prog.py")], env_c),
     }
     return srv, uri, clients
 
@@ -275,6 +283,9 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rand-count", type=int, default=200000)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--pynbd-python", default=sys.executable, metavar="PYTHON",
+                    help="the interpreter of pynbd's two clients (default: this one; "
+                         "/usr/bin/python3 runs all three programs on libnbd's own)")
     args = ap.parse_args()
     if not shutil.which("nbdkit") or not os.path.exists("/usr/bin/python3"):
         print("needs nbdkit and Debian's python3-libnbd", file=sys.stderr)
@@ -283,7 +294,7 @@ def main() -> int:
     d = tempfile.mkdtemp(prefix="pynbd-cbench-")
     srv = None
     try:
-        srv, uri, clients = setup(d, args.size)
+        srv, uri, clients = setup(d, args.size, args.pynbd_python)
         results, failures = measure(srv, uri, clients, args.repeat, args.rand_count,
                                     not args.markdown)
     finally:

@@ -9,7 +9,9 @@ and bytes in flight, strict checks before the wire.
 from __future__ import annotations
 
 import asyncio
+import asyncio.base_events
 import errno as E
+import functools
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -77,6 +79,9 @@ CLOSE_DRAIN_TIMEOUT = 5.0
 ChunkCallback = Callable[[memoryview, int, int, int], Any]
 
 
+_STOCK_CREATE_FUTURE = asyncio.base_events.BaseEventLoop.create_future
+
+
 def _wake_fut(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -116,6 +121,15 @@ class _Pending(Pending):
 PendingCommand = _Pending
 
 
+class _ReadStats:
+    """What the reader counts: the bytes received in transmission."""
+
+    __slots__ = ("bytes_received",)
+
+    def __init__(self) -> None:
+        self.bytes_received = 0
+
+
 class AsyncClient(ReplyReader, Negotiation):
     """An NBD client connection. Create with :meth:`connect` (or the connect_* helpers)."""
 
@@ -147,9 +161,12 @@ class AsyncClient(ReplyReader, Negotiation):
         self._pos = 0
         self._end = 0
         self._sink_got = 0  # bytes of the decoder's sink already received
+        self._rstats: Any = _ReadStats()
         self._out: list[Any] = []
         self._out_plain = True  # _out holds request headers only (no write payload)
         self._flush_scheduled = False
+        self._flush_due = False  # a caller was woken: write what it queues in its turn
+        self._new_future: Callable[[], asyncio.Future[Any]] = self._no_loop
         self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
                       "chunks_received": 0}
 
@@ -448,10 +465,20 @@ class AsyncClient(ReplyReader, Negotiation):
         self._rules = StrictRules(self.export.eflags, self.export.size, self.export.block_size,
                                   self.structured or self.extended, bool(self.meta_contexts))
         self.stream.on_write_error = self._on_write_error
-        self.stream.set_reader(self._on_readable)
+        self._use_stream(self.stream)
+        loop = self.loop
+        if loop is not None:
+            # the stock loop's create_future, without its Python frame (hot path:
+            # benchmarks/client_read.py); another loop's own futures otherwise
+            self._new_future = (functools.partial(asyncio.Future, loop=loop)
+                                if type(loop).create_future is _STOCK_CREATE_FUTURE
+                                else loop.create_future)
 
     # ==================================================================================
     # commands
+    def _no_loop(self) -> asyncio.Future[Any]:
+        raise RuntimeError("the client has no event loop")
+
     def _strict_mask(self) -> int:
         st = self.strict
         if st is True:
@@ -591,10 +618,10 @@ class AsyncClient(ReplyReader, Negotiation):
         out = self._out
         if out and self.stream is not None:
             self._out = []
-            if self._out_plain and len(out) > 1:
+            if self._out_plain:
                 # hot path: request headers only (reads...): one buffer, one iovec, and
                 # no per-buffer queueing in the stream (benchmarks/client_read.py)
-                self.stream.write_joined(b"".join(out), len(out))
+                self.stream.write_joined(out[0] if len(out) == 1 else b"".join(out), len(out))
             else:
                 self.stream.write(out)
             self._out_plain = True
@@ -639,7 +666,7 @@ class AsyncClient(ReplyReader, Negotiation):
             return None
         cookie = self._next_cookie
         self._next_cookie = cookie + 1
-        fut = self.loop.create_future()  # type: ignore[union-attr]
+        fut = self._new_future()
         pending[cookie] = _Pending(cookie, _READ, offset, n, 0, mv, chunk_cb, fut, n)
         self._bytes_in_flight += n
         self._out.append(build_request(_READ, cookie, offset, n, 0, self.extended))
@@ -745,6 +772,8 @@ class AsyncClient(ReplyReader, Negotiation):
             fut.set_exception(CommandError(p.error, p.message or os.strerror(p.error)))
         else:
             fut.set_result(p.result)
+        # the reader writes what the woken callers queue in the turn they run (_flush_due)
+        self._flush_due = True
 
     # ---- context manager -----------------------------------------------------------
     async def __aenter__(self) -> Self:

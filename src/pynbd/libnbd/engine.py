@@ -36,7 +36,8 @@ class Stats:
 
 class CountingStream(FdStream):
     """The engine's stream, driven by the handle (no event loop), counting the protocol bytes
-    and the request and option headers sent."""
+    and the request and option headers sent, and the bytes received while negotiating (the
+    engine's reader counts those of replies)."""
 
     def __init__(self, sock: socket.socket, stats: Stats) -> None:
         super().__init__(None, sock.fileno(), owner=sock)
@@ -56,16 +57,6 @@ class CountingStream(FdStream):
         st.bytes_sent += len(data)
         st.chunks_sent += parts  # request headers, one chunk each
         FdStream.write_joined(self, data, parts)
-
-    def readinto(self, view: memoryview) -> int:
-        n = os.readv(self.rfd, [view])
-        self.stats.bytes_received += n
-        return n
-
-    def readinto2(self, first: memoryview, then: memoryview) -> int:
-        n = os.readv(self.rfd, [first, then])
-        self.stats.bytes_received += n
-        return n
 
     async def read_some(self, n: int = 65536) -> bytes:
         """Negotiation reads. A reset connection raises (libnbd: "recv: Connection reset by
@@ -109,16 +100,6 @@ def _counting_tls_stream() -> type:
             st.chunks_sent += parts  # as CountingStream counts
             TlsStream.write(self, [data])
 
-        def readinto(self, view: memoryview) -> int:
-            n = super().readinto(view)
-            self.stats.bytes_received += n
-            return n
-
-        def readinto2(self, first: memoryview, then: memoryview) -> int:
-            n = super().readinto2(first, then)
-            self.stats.bytes_received += n
-            return n
-
         async def read_some(self, n: int = 65536) -> bytes:
             data = await super().read_some(n)
             if not data:
@@ -146,6 +127,7 @@ class Engine(AsyncClient):
     def __init__(self, stats: Stats, settings: dict[str, Any]) -> None:
         super().__init__()
         self.lib_stats = stats
+        self._rstats = stats  # the reader counts the bytes it receives there
         self.lib_in_handshake = False
         for k, v in settings.items():
             setattr(self, k, v)

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import weakref
+from operator import index as _index
 from typing import Self
 
 from pynbd.libnbd.callbacks import index
@@ -127,7 +128,7 @@ class NBD(Settings, Connecting, Options, Commands):
     def poll(self, timeout: int) -> int:
         """Wait up to ``timeout`` ms (-1: forever) for the connection and make progress
         (callbacks run here); 1 if anything happened, 0 on timeout."""
-        t = index(timeout)
+        t = _index(timeout)
         st = self._refresh()
         if st not in (CONNECTING, READY):
             raise self._err(f"nothing to poll for in state {STATE_TEXT[st][0]}", _errno.EINVAL)
