@@ -91,6 +91,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 _libs: Any = None
+_running_loop = asyncio.get_running_loop
 
 
 class CephError(Exception):
@@ -327,8 +328,7 @@ class Image:
 
     def _completion(self) -> int:
         """A new completion's address (attached to the running loop at first use)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
+        if _running_loop() is not self._loop:
             self._attach()
         r = self._create(None, None, self._comp_ref)
         if r < 0:
@@ -372,8 +372,7 @@ class Image:
             except (TypeError, ValueError):  # read-only: a bytes, or a view of one
                 whole = getattr(buf, "obj", buf)
                 cbuf = whole if type(whole) is bytes and len(whole) == n else bytes(buf)
-        loop = self._loop
-        if loop is None or loop.is_closed():
+        if _running_loop() is not self._loop:
             self._attach()
         r = self._create(None, None, self._comp_ref)
         if r < 0:

@@ -315,7 +315,10 @@ class RbdPlugin(Plugin):
     def start_pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int,
                      done: Callable[[BaseException | None, Any], None]) -> None:
         h.wrote = True
-        self._img().start_write(buf, offset, done)
+        image = self._image
+        if image is None:
+            raise CommandError(errno.ESHUTDOWN, "the image is closed")
+        image.start_write(buf, offset, done)
 
     async def flush(self, h: _Handle, flags: int) -> None:
         try:

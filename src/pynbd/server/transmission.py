@@ -58,6 +58,7 @@ from pynbd.server.export import (
     BLOCK_STATUS,
     CACHE,
     DISC,
+    EXTENDED,
     F_FAST_ZERO,
     F_FUA,
     F_NO_HOLE,
@@ -154,6 +155,10 @@ class Transmission:
         self._aio: AsyncPath | None = None
         self._task_results: list[tuple[Any, bool, Any]] = []
         self._task_drain = False  # _drain_tasks is scheduled
+        #: A plugin's ``start_pwrite`` that borrows the payload, with the flags a plain WRITE
+        #: carries when the export accepts it: :meth:`_write_lent` (else None).
+        self._lent_write: Any = None
+        self._lent_flags = 0
         self._bind_plugin()
 
     def _bind_plugin(self) -> None:
@@ -166,7 +171,13 @@ class Transmission:
         self._h = ctx.handle
         if not self._on_loop:
             self._aio = async_path(ctx, self.server.thread_model, self.conn.info)
-        if self._aio is not None:
+        aio = self._aio
+        if aio is not None:
+            rule = self.export.rules.get(WRITE)
+            if aio.start_pwrite is not None and aio.lends_payload and rule is not None:
+                _mask, need, err = rule
+                if not err:
+                    self._lent_write, self._lent_flags = aio.start_pwrite, need
             return
         if self._on_loop:
             target: Any = layer.plugin if isinstance(layer, PluginLayer) else layer
@@ -308,9 +319,16 @@ class Transmission:
 
     # ---- receiving -------------------------------------------------------------------
     def _on_readable(self) -> None:
+        # once per wake-up: what _guarded does, inline (benchmarks/ceph.py)
         _set_connection(self.conn.info)
-        self._guarded(self._receive)
-        self._flush()
+        try:
+            self._receive()
+        except BlockingIOError:
+            pass
+        except Exception as e:  # noqa: BLE001 - _step_failed says which end it is
+            self._step_failed(e)
+        if self._out:
+            self._flush()
 
     def _guarded(self, step: Any) -> None:
         """Run a receiving step: a protocol error or a lost client ends the connection with
@@ -319,17 +337,20 @@ class Transmission:
             step()
         except BlockingIOError:
             return
-        except OSError as e:  # reset, broken pipe...
+        except Exception as e:  # noqa: BLE001 - _step_failed says which end it is
+            self._step_failed(e)
+
+    def _step_failed(self, e: Exception) -> None:
+        if isinstance(e, OSError):  # reset, broken pipe...
             log.debug("client %d: read failed: %s", self.id, e)
             self._eof()
-        except ProtocolError as e:
+            return
+        if isinstance(e, ProtocolError):
             log.error("client %d: %s", self.id, e)
-            self._flush()
-            self._fatal()
-        except Exception:
-            log.exception("client %d: internal error", self.id)
-            self._flush()
-            self._fatal()
+        else:
+            log.error("client %d: internal error", self.id, exc_info=e)
+        self._flush()
+        self._fatal()
 
     def _receive(self) -> None:
         if self._payload is not None:
@@ -344,8 +365,10 @@ class Transmission:
         n = self.stream.readinto(self._view[end:min(size, limit)])
         if n == 0:
             return self._eof()
-        self._end = end + n
-        self._process()
+        self._end = end = end + n
+        if end - self._pos >= self._want:  # else still waiting for the rest of a request
+            self._process()
+        return None
 
     def _receive_payload(self) -> None:
         pv = self._payload
@@ -409,6 +432,7 @@ class Transmission:
         plen = F_PAYLOAD_LEN if extended else 0  # a flag saying "a payload follows"
         wcmd = -1 if extended else WRITE  # the command that always carries one
         read = self._read
+        write = self._handle if self._lent_write is None else self._write_lent
         room = self._room()
         want = hsize
         while end - pos >= hsize:
@@ -430,8 +454,7 @@ class Transmission:
                 start = pos + hsize
                 if end - start >= length:
                     pos = start + length
-                    room -= self._handle(flags, cmd, cookie, offset, length,
-                                         view[start:pos], False)
+                    room -= write(flags, cmd, cookie, offset, length, view[start:pos], False)
                     continue
                 if length <= INLINE_PAYLOAD:
                     want = hsize + length  # wait for the rest where it will land
@@ -549,6 +572,28 @@ class Transmission:
         cost = BUFFER_COST + (length if cmd == WRITE else 0)
         return self._submit((cmd, flags, cookie, offset, length), fn, args, cost)
 
+    def _write_lent(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                    payload: memoryview, owned: bool) -> int:
+        """:meth:`_handle` of a request with a payload in the receive buffer, for a plugin
+        whose ``start_pwrite`` borrows it: a plain WRITE goes straight to the plugin (what
+        :func:`validate` would check of it, checked here), anything else to :meth:`_handle`."""
+        # once per WRITE: four calls fewer than _handle's way (benchmarks/ceph.py)
+        ex = self.export
+        m = ex.minimum
+        if cmd != WRITE or flags != self._lent_flags or not length or \
+                offset + length > ex.size or (m > 1 and (offset % m or length % m)):
+            return self._handle(flags, cmd, cookie, offset, length, payload, owned)
+        cost = BUFFER_COST + length
+        self._held += cost
+        self.budget.used += cost
+        self._inflight += 1
+        done = functools.partial(self._cb_done, ((WRITE, flags, cookie, offset, length), cost))
+        try:
+            self._lent_write(self._h, payload, offset, 0, done)
+        except BaseException as e:  # noqa: BLE001 - the plugin's failure is the reply
+            done(e, None)
+        return cost if self._inflight < MAX_REQUESTS_IN_FLIGHT else cost + _FULL
+
     def _call_for(self, cmd: int, flags: int, offset: int, length: int,
                   payload: memoryview | None) -> tuple[Any, tuple[Any, ...]]:
         """The context method and arguments for a validated command."""
@@ -651,13 +696,17 @@ class Transmission:
         _set_connection(self.conn.info)
         live = not self.stream.closed and self.stream.write_error is None
         freed = 0
+        self._inflight -= len(batch)
+        out = self._out
+        plain = self.style != EXTENDED  # a success without data: a simple reply
         for ((cmd, flags, cookie, offset, length), cost), ok, value in batch:
-            self._inflight -= 1
             freed += cost
             if not live:
                 continue
             if not ok:
                 self._failed(cmd, flags, cookie, offset, value)
+            elif cmd == WRITE and plain:
+                out.append(_simple(SIMPLE_REPLY_MAGIC, 0, cookie))
             elif cmd == READ:
                 self._read(flags, cookie, offset, length, value)
             else:
