@@ -91,7 +91,6 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 _libs: Any = None
-_running_loop = asyncio.get_running_loop
 
 
 class CephError(Exception):
@@ -328,7 +327,8 @@ class Image:
 
     def _completion(self) -> int:
         """A new completion's address (attached to the running loop at first use)."""
-        if _running_loop() is not self._loop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
             self._attach()
         r = self._create(None, None, self._comp_ref)
         if r < 0:
@@ -372,7 +372,8 @@ class Image:
             except (TypeError, ValueError):  # read-only: a bytes, or a view of one
                 whole = getattr(buf, "obj", buf)
                 cbuf = whole if type(whole) is bytes and len(whole) == n else bytes(buf)
-        if _running_loop() is not self._loop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
             self._attach()
         r = self._create(None, None, self._comp_ref)
         if r < 0:
