@@ -144,3 +144,43 @@ def test_start_pwrite_completions_in_a_batch(async_server):
                             for i, d in enumerate(chunks)))
             assert all(c.read_reply().error == 0 for _ in chunks)
         assert c.pread(0, len(chunks) * 65536) == b"".join(chunks)
+
+
+def test_start_pwritev_pairs_writes_one_after_the_other(async_server):
+    """A plugin with start_pwritev gets a WRITE and the next one, just after it on the
+    disk, as one request; WRITEs out of order, a READ between and the last WRITE go alone;
+    everything is answered and reads back intact."""
+    plugin = str(Path(__file__).parent / "plugins" / "startplug.py")
+    srv = async_server(START_COPIES="1", START_VEC="1", plugin=plugin)
+    chunks = [os.urandom(65536) for _ in range(40)]
+    order = list(range(32)) + [39, 37, 35, 33, 38, 36, 34]  # then 32 after a READ
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        parts = [c.request(Cmd.WRITE, i * 65536, 65536, payload=chunks[i], send=False)[1]
+                 for i in order]
+        parts.append(c.request(Cmd.READ, 0, 512, send=False)[1])
+        parts.append(c.request(Cmd.WRITE, 32 * 65536, 65536, payload=chunks[32],
+                               send=False)[1])
+        c.send(b"".join(parts))
+        replies = [c.read_reply() for _ in range(len(order) + 2)]
+        assert all(r.error == 0 for r in replies)
+        assert c.pread(0, len(chunks) * 65536) == b"".join(chunks)
+        lent, vec = c.pread(4 * MIB - 4096, 32).split()[1::2]
+        assert int(lent) == 40 and 8 <= int(vec) <= 16
+
+
+def test_start_pwritev_a_stalled_next_write(async_server):
+    """A WRITE held for the next one goes alone when the client stops in the middle of that
+    next WRITE: its reply comes before the rest is sent."""
+    plugin = str(Path(__file__).parent / "plugins" / "startplug.py")
+    srv = async_server(START_COPIES="1", START_VEC="1", plugin=plugin)
+    first, second = os.urandom(65536), os.urandom(65536)
+    with RawClient(srv.sock) as c:
+        c.negotiate()
+        one = c.request(Cmd.WRITE, 0, 65536, payload=first, send=False)[1]
+        two = c.request(Cmd.WRITE, 65536, 65536, payload=second, send=False)[1]
+        c.send(one + two[:40000])
+        assert c.read_reply().error == 0
+        c.send(two[40000:])
+        assert c.read_reply().error == 0
+        assert c.pread(0, 131072) == first + second

@@ -82,6 +82,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "rbd_aio_release": (None, [c_void_p]),
     "rbd_aio_read2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
     "rbd_aio_write2": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_void_p, c_int]),
+    "rbd_aio_writev": (c_int, [c_void_p, c_void_p, c_int, c_uint64, c_void_p]),
     "rbd_aio_discard": (c_int, [c_void_p, c_uint64, c_uint64, c_void_p]),
     "rbd_aio_write_zeroes": (c_int, [c_void_p, c_uint64, c_size_t, c_void_p, c_int, c_int]),
     "rbd_aio_flush": (c_int, [c_void_p, c_void_p]),
@@ -91,6 +92,10 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
 }
 
 _libs: Any = None
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = (("iov_base", c_void_p), ("iov_len", c_size_t))
 
 
 class CephError(Exception):
@@ -384,6 +389,28 @@ class Image:
             self._release(comp)
             raise _error(-r, offset if named else -1, n, None)
         self._pending[comp] = (done, None, offset if named else -1, n)
+
+    def start_writev(self, bufs: list[Any], offset: int, done: _Done) -> None:
+        """:meth:`start_write` of ``bufs`` one after the other from ``offset``, in one
+        librbd request (rbd_aio_writev copies them before it returns, as rbd_aio_write2)."""
+        n = sum(len(b) for b in bufs)
+        if not self.copies_writes or len(bufs) == 1:
+            return self.start_write(b"".join(bufs) if len(bufs) > 1 else bufs[0], offset, done)
+        iov = (_IOVec * len(bufs))()
+        try:
+            arrays = [(c_char * len(b)).from_buffer(b) for b in bufs]
+        except (TypeError, ValueError):  # read-only: a bytes, or a view of one
+            arrays = [ctypes.create_string_buffer(bytes(b), len(b)) for b in bufs]
+        for i, a in enumerate(arrays):
+            iov[i].iov_base = ctypes.addressof(a)
+            iov[i].iov_len = len(a)
+        comp = self._completion()
+        r = self.lib.rbd_aio_writev(self.handle, iov, len(bufs), offset, comp)
+        if r < 0:
+            self._release(comp)
+            raise _error(-r, offset, n, None)
+        self._pending[comp] = (done, None, offset, n)
+        return None
 
     def _submit(self, call: Callable[[int], int]) -> asyncio.Future[int]:
         """Submit ``call(completion)``: a future of librbd's return value."""

@@ -19,7 +19,12 @@ future per request (the nbd plugin's requests go to its server this way). A WRIT
 is the plugin's to keep (a copy out of the receive buffer), unless the plugin sets
 ``start_pwrite_copies = True``, promising to be done with it when ``start_pwrite`` returns
 (the rbd plugin: librbd copies the data as it takes the request); then the payload is lent
-where it was received, without that copy. A blocking plugin
+where it was received, without that copy. Such a plugin may also offer
+``start_pwritev(h, bufs, offset, flags, done)``: a plain WRITE is then held back while the
+next request, a WRITE just after it on the disk, is still arriving (a few milliseconds at
+most: :data:`~pynbd.server.transmission.HOLD_SECONDS`), and the two come as one call, their lent
+payloads in order, one ``done`` answering both (the rbd plugin: one rbd_aio_writev, one
+librbd request instead of two). A blocking plugin
 may offer ``start_pread`` too (an attribute it may set only once configured: the curl
 plugin's reads then go to the web server from the loop, its other calls to worker threads).
 So may the outermost filter, as ``start_pread(next, h, count, offset, flags, done)``, when
@@ -103,6 +108,10 @@ class AsyncPath:
         #: The plugin's ``start_pwrite`` is done with the payload when it returns (it copied
         #: what it needs): it gets the payload where it was received, not a copy of it.
         self.lends_payload = bool(getattr(plugin, "start_pwrite_copies", False))
+        #: ``start_pwritev(h, bufs, offset, flags, done)``: lent payloads written one after
+        #: the other from ``offset``, one request to the plugin (its ``done`` answers all).
+        self.start_pwritev: Callable[..., None] | None = \
+            getattr(plugin, "start_pwritev", None) if self.lends_payload else None
         #: The context every task of this connection runs in: pynbd.plugin.connection()
         #: answers this connection in its steps, whatever ran on the loop in between.
         self.context = contextvars.copy_context()

@@ -9,6 +9,8 @@ A READ of the last 4 KiB of the disk says what the payloads were: "lent N" (N pa
 views into the server's receive buffer) or "owned N" (all were the plugin's own).
 With $START_BATCH=1 writes finish together, every one started so far in one ``done`` batch
 inside ``pynbd.plugin.completions()`` (as the rbd plugin delivers librbd's completions).
+With $START_VEC=1 (and $START_COPIES=1) it has ``start_pwritev`` too, for WRITEs one after
+the other on the disk, and the report says how many came that way: "lent N vec K".
 """
 
 import os
@@ -28,6 +30,7 @@ class StartPlugin(Plugin):
         self.data = bytearray(SIZE)
         self.lent = 0
         self.owned = 0
+        self.vec = 0
         self.batch = []  # (done, offset, data) waiting for the next batch
 
     def get_size(self, h):
@@ -48,6 +51,8 @@ class StartPlugin(Plugin):
     def start_pread(self, h, count, offset, flags, done):
         if offset == REPORT:
             what = f"lent {self.lent}" if self.lent else f"owned {self.owned}"
+            if self.vec:
+                what += f" vec {self.vec}"
             done(None, what.encode().ljust(count, b" "))
         else:
             done(None, bytes(self.data[offset:offset + count]))
@@ -74,6 +79,22 @@ class StartPlugin(Plugin):
             done(None, None)
 
         finish(3)
+
+    if os.environ.get("START_VEC") == "1":
+        def start_pwritev(self, h, bufs, offset, flags, done):
+            assert len(bufs) > 1
+            self.vec += 1
+            self.lent += len(bufs)
+            data = b"".join(bufs)  # a copy: the payloads are lent
+
+            def finish(turns):
+                if turns:
+                    self.loop.call_soon(finish, turns - 1)
+                    return
+                self.data[offset:offset + len(data)] = data
+                done(None, None)
+
+            finish(2)
 
     def finish_batch(self):
         batch, self.batch = self.batch, []
