@@ -215,7 +215,7 @@ def test_start_up_leaves_out_the_heavy_modules(image: Path, tmp_path: Path,
     out = tmp_path / "out.img"
     code = ("import sys\n"
             "from pynbd.cli import main\n"
-            f"rc = main(['copy', '-v', {srv.uri!r}, {os.fspath(out)!r}])\n"
+            f"rc = main(['copy', '-v', '-T', '4', {srv.uri!r}, {os.fspath(out)!r}])\n"
             "heavy = ('asyncio', 'dataclasses', 'inspect', 'typing')\n"
             "print(rc, [m for m in heavy if m in sys.modules])\n")
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -223,6 +223,24 @@ def test_start_up_leaves_out_the_heavy_modules(image: Path, tmp_path: Path,
     assert cp.stdout == "0 []\n", cp.stderr
     assert "connections=4 " in cp.stderr
     assert out.read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("opts", [(), ("-C", "3"), ("-C", "8"), ("-T", "3"), ("-T", "1"),
+                                  ("-C", "1", "-T", "4"), ("-C", "3", "-T", "8")])
+def test_connections_and_threads_as_nbdcopy(capsys: pytest.CaptureFixture[str], image: Path,
+                                            nbdkit_server, opts: tuple[str, ...]) -> None:
+    """How many connections and threads a copy uses, by default (a thread per online CPU)
+    and when told: nbdcopy's numbers, as -v prints them (connections never more than
+    threads; on 2 CPUs, 2 by default, not 4)."""
+    srv = nbdkit_server("memory", str(image.stat().st_size))
+    rc, err = ours(capsys, "-v", *opts, srv.uri, "null:")
+    trc, terr = theirs("-v", *opts, srv.uri, "null:")
+    assert rc == trc == 0, (err, terr)
+    line = [x for x in err.splitlines() if "connections=" in x]
+    assert line == [x for x in terr.splitlines() if "connections=" in x]
+    if not opts:
+        cpus = os.cpu_count() or 1
+        assert line[0].startswith(f"pynbd copy: connections={min(4, cpus)} ")
 
 
 def test_one_connection_after_all(capsys: pytest.CaptureFixture[str], image: Path,
