@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -471,6 +472,32 @@ def test_every_connection_opens_before_data_moves(capsys: pytest.CaptureFixture[
     reads = [i for i, line in enumerate(lines) if " Read " in line]
     assert len(connects) == 4 and reads, lines
     assert max(connects) < min(reads), lines
+
+
+def test_two_reads_in_flight_per_connection(nbdkit_server, tmp_path: Path) -> None:
+    """Each blocking connection sends the next piece's read before it waits for the reply
+    to the one in hand: the server (nbdkit's log, reads delayed 50 ms) sees two reads at
+    once on a connection, never more; the copy is byte for byte."""
+    log = tmp_path / "src.log"
+    size = 4 * 1024 * 1024
+    src = nbdkit_server("--filter=log", "--filter=delay", "pattern", str(size),
+                        "rdelay=50ms", f"logfile={log}")
+    out = tmp_path / "out.img"
+    cp = subprocess.run([*PYNBD, "copy", "-C", "2", "-T", "2", "--request-size=262144",
+                         src.uri, out], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert cp.returncode == 0, cp.stderr
+    src.stop()
+    inside: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        m = re.search(r"connection=(\d+) (\.\.\.)?Read id=", line)
+        if m:
+            conn = m.group(1)
+            inside[conn] = inside.get(conn, 0) + (-1 if m.group(2) else 1)
+            most[conn] = max(most.get(conn, 0), inside[conn])
+    assert most and set(most.values()) == {2}, most
+    assert out.read_bytes() == b"".join(struct.pack(">Q", o) for o in range(0, size, 8))
 
 
 def test_server_killed_mid_copy(nbdkit_server, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import struct
 import sys
 from collections.abc import Sequence
 
+from pynbd.client.blocking import READ as BLOCKING_READ
 from pynbd.client.blocking import WRITE as BLOCKING_WRITE
 from pynbd.client.blocking import BlockingConnection
 from pynbd.errors import CommandError, NBDError
@@ -133,6 +134,8 @@ class End:
     #: The operations run in blocking calls in the calling thread, with no event loop (the
     #: blocking copy); their coroutines then never suspend. Set before :meth:`open`.
     blocking = False
+    #: :meth:`read_ahead` starts reads (when blocking): an NBD end.
+    reads_ahead = False
 
     def go_async(self) -> None:
         """From blocking operations to ones on the running event loop (the copy turned out
@@ -167,6 +170,15 @@ class End:
     async def read_into(self, index: int, buf: memoryview, offset: int) -> None:
         raise NotImplementedError
 
+    def read_ahead(self, index: int, buf: memoryview, offset: int) -> Any:
+        """Start a read whose data lands in ``buf`` while the caller does other work (a
+        blocking end with ``reads_ahead``: the request is sent, its reply collected by
+        :meth:`read_done`)."""
+        raise NotImplementedError
+
+    def read_done(self, index: int, token: Any) -> None:
+        """Wait for the read :meth:`read_ahead` started (OpError if it failed)."""
+
     async def read_stream(self, buf: memoryview) -> int:
         """Read what comes next (a stream); 0 at the end."""
         raise NotImplementedError
@@ -200,6 +212,7 @@ class NbdEnd(End):
     """An NBD server: a URI, or ``[ CMD ARGS ]`` started with socket activation."""
 
     ops_name = "nbd_ops"
+    reads_ahead = True
 
     def __init__(self, name: str, *, uri: str | None = None,
                  argv: Sequence[str] | None = None, reading: bool, extents: bool) -> None:
@@ -334,6 +347,20 @@ class NbdEnd(End):
     async def read_into(self, index: int, buf: memoryview, offset: int) -> None:
         try:
             await self._call(self._c(index).pread_into(buf, offset))
+        except (NBDError, OSError) as e:
+            errno, msg = _strerror(e)
+            raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
+
+    def read_ahead(self, index: int, buf: memoryview, offset: int) -> Any:
+        try:
+            return self.conns[index].send(BLOCKING_READ, offset, buf.nbytes, into=buf)
+        except OSError as e:
+            errno, msg = _strerror(e)
+            raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
+
+    def read_done(self, index: int, token: Any) -> None:
+        try:
+            self.conns[index].reply(token)
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
