@@ -474,6 +474,20 @@ def test_every_connection_opens_before_data_moves(capsys: pytest.CaptureFixture[
     assert max(connects) < min(reads), lines
 
 
+def most_in_flight(log: Path, command: str) -> dict[str, int]:
+    """The most ``command`` requests (Read, Write) nbdkit's log shows at once, by
+    connection."""
+    inside: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        m = re.search(rf"connection=(\d+) (\.\.\.)?{command} id=", line)
+        if m:
+            conn = m.group(1)
+            inside[conn] = inside.get(conn, 0) + (-1 if m.group(2) else 1)
+            most[conn] = max(most.get(conn, 0), inside[conn])
+    return most
+
+
 def test_two_reads_in_flight_per_connection(nbdkit_server, tmp_path: Path) -> None:
     """Each blocking connection sends the next piece's read before it waits for the reply
     to the one in hand: the server (nbdkit's log, reads delayed 50 ms) sees two reads at
@@ -488,16 +502,31 @@ def test_two_reads_in_flight_per_connection(nbdkit_server, tmp_path: Path) -> No
                         check=False)
     assert cp.returncode == 0, cp.stderr
     src.stop()
-    inside: dict[str, int] = {}
-    most: dict[str, int] = {}
-    for line in log.read_text().splitlines():
-        m = re.search(r"connection=(\d+) (\.\.\.)?Read id=", line)
-        if m:
-            conn = m.group(1)
-            inside[conn] = inside.get(conn, 0) + (-1 if m.group(2) else 1)
-            most[conn] = max(most.get(conn, 0), inside[conn])
+    most = most_in_flight(log, "Read")
     assert most and set(most.values()) == {2}, most
     assert out.read_bytes() == b"".join(struct.pack(">Q", o) for o in range(0, size, 8))
+
+
+def test_two_writes_behind_per_connection(nbdkit_server, tmp_path: Path) -> None:
+    """A blocking connection waits for a write's reply only when two are owed: the
+    destination (writes delayed 50 ms) sees two writes at once on a connection, never
+    more; every byte arrives."""
+    image = tmp_path / "src.img"
+    image.write_bytes(bytes(range(1, 256)) * (4 * 1024 * 1024 // 255 + 1))
+    size = image.stat().st_size
+    log = tmp_path / "dst.log"
+    dst = nbdkit_server("--filter=log", "--filter=delay", "memory", str(size),
+                        "wdelay=50ms", f"logfile={log}")
+    cp = subprocess.run([*PYNBD, "copy", "-C", "2", "-T", "2", "--request-size=262144",
+                         image, dst.uri], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert cp.returncode == 0, cp.stderr
+    back = tmp_path / "back.img"
+    run_peer("nbdcopy", dst.uri, back)
+    dst.stop()
+    most = most_in_flight(log, "Write")
+    assert most and set(most.values()) == {2}, most
+    assert back.read_bytes() == image.read_bytes()
 
 
 def test_server_killed_mid_copy(nbdkit_server, tmp_path: Path) -> None:

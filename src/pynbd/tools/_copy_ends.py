@@ -15,6 +15,7 @@ import os
 import stat
 import struct
 import sys
+from collections import deque
 from collections.abc import Sequence
 
 from pynbd.client.blocking import READ as BLOCKING_READ
@@ -60,6 +61,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: Writes a blocking connection sends before it waits for the oldest one's reply (with
+#: one thread per CPU, two keep the destination as busy as four connections with one did).
+WRITES_BEHIND = 2
 #: Longest block-status request (the NBD limit is 32 bits; stay well inside it).
 MAX_EXTENTS_REQUEST = 1 << 30
 
@@ -226,7 +230,7 @@ class NbdEnd(End):
         #: connection index -> connection, when blocking
         self.conns: dict[int, BlockingConnection] = {}
         #: connection index -> (cookie, offset) of a write sent and not yet waited for
-        self._behind: dict[int, tuple[int, int]] = {}
+        self._behind: dict[int, deque[tuple[int, int]]] = {}
         self._can_zero = False
         self._can_flush = False
 
@@ -365,17 +369,18 @@ class NbdEnd(End):
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
 
-    def _settle(self, index: int) -> None:
-        behind = self._behind.pop(index, None)
-        if behind is None:
-            return
-        cookie, offset = behind
-        try:
-            self.conns[index].reply(cookie)
-        except (NBDError, OSError) as e:
-            errno, msg = _strerror(e)
-            raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}",
-                          offset) from None
+    def _settle(self, index: int, keep: int = 0) -> None:
+        """Collect the replies to the writes sent on connection ``index`` until at most
+        ``keep`` are left, oldest first."""
+        behind = self._behind.get(index)
+        while behind and len(behind) > keep:
+            cookie, offset = behind.popleft()
+            try:
+                self.conns[index].reply(cookie)
+            except (NBDError, OSError) as e:
+                errno, msg = _strerror(e)
+                raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}",
+                              offset) from None
 
     async def settle(self, index: int) -> None:
         if self.blocking:
@@ -387,15 +392,16 @@ class NbdEnd(End):
                                     + os.strerror(E.ENOSPC))
         if self.blocking:
             # Write behind: once sent, the buffer is the kernel's copy and may be refilled;
-            # the reply is collected before the next command on this connection (the
-            # server works on this write while the next piece is read).
-            self._settle(index)
+            # the replies are collected, oldest first, so that no more than WRITES_BEHIND
+            # are owed, and all of them before any other command on this connection (the
+            # server works on these writes while the next pieces are read).
+            self._settle(index, WRITES_BEHIND - 1)
             try:
                 cookie = self.conns[index].send(BLOCKING_WRITE, offset, len(buf), 0, buf)
             except OSError as e:
                 errno, msg = _strerror(e)
                 raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}") from None
-            self._behind[index] = (cookie, offset)
+            self._behind.setdefault(index, deque()).append((cookie, offset))
             return
         try:
             await self._call(self._c(index).pwrite(buf, offset))
