@@ -12,11 +12,12 @@ With one connection the worker runs ``lanes`` coroutines on the event loop, many
 flight. With several (multi-conn on both ends), each worker is a thread with one lane on
 its own connections in blocking calls (the ends opened ``blocking``;
 :mod:`pynbd.client.blocking` for NBD): from an NBD source the next piece's read is sent
-before the reply to the one in hand is waited for (two reads in flight), and a write's
-reply is collected while the next piece is read: the same coroutines, which then never
-suspend, driven to the end without an event loop. Measured on 2 cores against event loops
-in threads: 1 GiB to null: in 25-30% less time, and no slower into nbdkit: a thread spends its time in system calls (where the others
-run), no loop wakes up per request, and asyncio is never imported.
+before the reply to the one in hand is waited for (two reads in flight), and writes'
+replies are collected while the next pieces are read (two writes behind): the same
+coroutines, which then never suspend, driven to the end without an event loop. Measured on
+2 cores against event loops in threads: 1 GiB to null: in 25-30% less time, and no slower
+into nbdkit: a thread spends its time in system calls (where the others run), no loop
+wakes up per request, and asyncio is never imported.
 
 Synchronous copy (``--synchronous``, and always when either end is a stream): in order, one
 request-size chunk after another, with several reads in flight when the source is NBD.
