@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -215,7 +216,7 @@ def test_start_up_leaves_out_the_heavy_modules(image: Path, tmp_path: Path,
     out = tmp_path / "out.img"
     code = ("import sys\n"
             "from pynbd.cli import main\n"
-            f"rc = main(['copy', '-v', {srv.uri!r}, {os.fspath(out)!r}])\n"
+            f"rc = main(['copy', '-v', '-T', '4', {srv.uri!r}, {os.fspath(out)!r}])\n"
             "heavy = ('asyncio', 'dataclasses', 'inspect', 'typing')\n"
             "print(rc, [m for m in heavy if m in sys.modules])\n")
     cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -223,6 +224,24 @@ def test_start_up_leaves_out_the_heavy_modules(image: Path, tmp_path: Path,
     assert cp.stdout == "0 []\n", cp.stderr
     assert "connections=4 " in cp.stderr
     assert out.read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("opts", [(), ("-C", "3"), ("-C", "8"), ("-T", "3"), ("-T", "1"),
+                                  ("-C", "1", "-T", "4"), ("-C", "3", "-T", "8")])
+def test_connections_and_threads_as_nbdcopy(capsys: pytest.CaptureFixture[str], image: Path,
+                                            nbdkit_server, opts: tuple[str, ...]) -> None:
+    """How many connections and threads a copy uses, by default (a thread per online CPU)
+    and when told: nbdcopy's numbers, as -v prints them (connections never more than
+    threads; on 2 CPUs, 2 by default, not 4)."""
+    srv = nbdkit_server("memory", str(image.stat().st_size))
+    rc, err = ours(capsys, "-v", *opts, srv.uri, "null:")
+    trc, terr = theirs("-v", *opts, srv.uri, "null:")
+    assert rc == trc == 0, (err, terr)
+    line = [x for x in err.splitlines() if "connections=" in x]
+    assert line == [x for x in terr.splitlines() if "connections=" in x]
+    if not opts:
+        cpus = os.cpu_count() or 1
+        assert line[0].startswith(f"pynbd copy: connections={min(4, cpus)} ")
 
 
 def test_one_connection_after_all(capsys: pytest.CaptureFixture[str], image: Path,
@@ -453,6 +472,61 @@ def test_every_connection_opens_before_data_moves(capsys: pytest.CaptureFixture[
     reads = [i for i, line in enumerate(lines) if " Read " in line]
     assert len(connects) == 4 and reads, lines
     assert max(connects) < min(reads), lines
+
+
+def most_in_flight(log: Path, command: str) -> dict[str, int]:
+    """The most ``command`` requests (Read, Write) nbdkit's log shows at once, by
+    connection."""
+    inside: dict[str, int] = {}
+    most: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        m = re.search(rf"connection=(\d+) (\.\.\.)?{command} id=", line)
+        if m:
+            conn = m.group(1)
+            inside[conn] = inside.get(conn, 0) + (-1 if m.group(2) else 1)
+            most[conn] = max(most.get(conn, 0), inside[conn])
+    return most
+
+
+def test_two_reads_in_flight_per_connection(nbdkit_server, tmp_path: Path) -> None:
+    """Each blocking connection sends the next piece's read before it waits for the reply
+    to the one in hand: the server (nbdkit's log, reads delayed 50 ms) sees two reads at
+    once on a connection, never more; the copy is byte for byte."""
+    log = tmp_path / "src.log"
+    size = 4 * 1024 * 1024
+    src = nbdkit_server("--filter=log", "--filter=delay", "pattern", str(size),
+                        "rdelay=50ms", f"logfile={log}")
+    out = tmp_path / "out.img"
+    cp = subprocess.run([*PYNBD, "copy", "-C", "2", "-T", "2", "--request-size=262144",
+                         src.uri, out], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert cp.returncode == 0, cp.stderr
+    src.stop()
+    most = most_in_flight(log, "Read")
+    assert most and set(most.values()) == {2}, most
+    assert out.read_bytes() == b"".join(struct.pack(">Q", o) for o in range(0, size, 8))
+
+
+def test_two_writes_behind_per_connection(nbdkit_server, tmp_path: Path) -> None:
+    """A blocking connection waits for a write's reply only when two are owed: the
+    destination (writes delayed 50 ms) sees two writes at once on a connection, never
+    more; every byte arrives."""
+    image = tmp_path / "src.img"
+    image.write_bytes(bytes(range(1, 256)) * (4 * 1024 * 1024 // 255 + 1))
+    size = image.stat().st_size
+    log = tmp_path / "dst.log"
+    dst = nbdkit_server("--filter=log", "--filter=delay", "memory", str(size),
+                        "wdelay=50ms", f"logfile={log}")
+    cp = subprocess.run([*PYNBD, "copy", "-C", "2", "-T", "2", "--request-size=262144",
+                         image, dst.uri], capture_output=True, text=True, timeout=60,
+                        check=False)
+    assert cp.returncode == 0, cp.stderr
+    back = tmp_path / "back.img"
+    run_peer("nbdcopy", dst.uri, back)
+    dst.stop()
+    most = most_in_flight(log, "Write")
+    assert most and set(most.values()) == {2}, most
+    assert back.read_bytes() == image.read_bytes()
 
 
 def test_server_killed_mid_copy(nbdkit_server, tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ import os
 import stat
 import struct
 import sys
+from collections import deque
 from collections.abc import Sequence
 
+from pynbd.client.blocking import READ as BLOCKING_READ
 from pynbd.client.blocking import WRITE as BLOCKING_WRITE
 from pynbd.client.blocking import BlockingConnection
 from pynbd.errors import CommandError, NBDError
@@ -59,6 +61,9 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: Writes a blocking connection sends before it waits for the oldest one's reply (with
+#: one thread per CPU, two keep the destination as busy as four connections with one did).
+WRITES_BEHIND = 2
 #: Longest block-status request (the NBD limit is 32 bits; stay well inside it).
 MAX_EXTENTS_REQUEST = 1 << 30
 
@@ -133,6 +138,8 @@ class End:
     #: The operations run in blocking calls in the calling thread, with no event loop (the
     #: blocking copy); their coroutines then never suspend. Set before :meth:`open`.
     blocking = False
+    #: :meth:`read_ahead` starts reads (when blocking): an NBD end.
+    reads_ahead = False
 
     def go_async(self) -> None:
         """From blocking operations to ones on the running event loop (the copy turned out
@@ -167,6 +174,15 @@ class End:
     async def read_into(self, index: int, buf: memoryview, offset: int) -> None:
         raise NotImplementedError
 
+    def read_ahead(self, index: int, buf: memoryview, offset: int) -> Any:
+        """Start a read whose data lands in ``buf`` while the caller does other work (a
+        blocking end with ``reads_ahead``: the request is sent, its reply collected by
+        :meth:`read_done`)."""
+        raise NotImplementedError
+
+    def read_done(self, index: int, token: Any) -> None:
+        """Wait for the read :meth:`read_ahead` started (OpError if it failed)."""
+
     async def read_stream(self, buf: memoryview) -> int:
         """Read what comes next (a stream); 0 at the end."""
         raise NotImplementedError
@@ -200,6 +216,7 @@ class NbdEnd(End):
     """An NBD server: a URI, or ``[ CMD ARGS ]`` started with socket activation."""
 
     ops_name = "nbd_ops"
+    reads_ahead = True
 
     def __init__(self, name: str, *, uri: str | None = None,
                  argv: Sequence[str] | None = None, reading: bool, extents: bool) -> None:
@@ -213,7 +230,7 @@ class NbdEnd(End):
         #: connection index -> connection, when blocking
         self.conns: dict[int, BlockingConnection] = {}
         #: connection index -> (cookie, offset) of a write sent and not yet waited for
-        self._behind: dict[int, tuple[int, int]] = {}
+        self._behind: dict[int, deque[tuple[int, int]]] = {}
         self._can_zero = False
         self._can_flush = False
 
@@ -338,17 +355,32 @@ class NbdEnd(End):
             errno, msg = _strerror(e)
             raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
 
-    def _settle(self, index: int) -> None:
-        behind = self._behind.pop(index, None)
-        if behind is None:
-            return
-        cookie, offset = behind
+    def read_ahead(self, index: int, buf: memoryview, offset: int) -> Any:
         try:
-            self.conns[index].reply(cookie)
+            return self.conns[index].send(BLOCKING_READ, offset, buf.nbytes, into=buf)
+        except OSError as e:
+            errno, msg = _strerror(e)
+            raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
+
+    def read_done(self, index: int, token: Any) -> None:
+        try:
+            self.conns[index].reply(token)
         except (NBDError, OSError) as e:
             errno, msg = _strerror(e)
-            raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}",
-                          offset) from None
+            raise OpError(errno, f"nbd_pread: read: command failed: {msg}") from None
+
+    def _settle(self, index: int, keep: int = 0) -> None:
+        """Collect the replies to the writes sent on connection ``index`` until at most
+        ``keep`` are left, oldest first."""
+        behind = self._behind.get(index)
+        while behind and len(behind) > keep:
+            cookie, offset = behind.popleft()
+            try:
+                self.conns[index].reply(cookie)
+            except (NBDError, OSError) as e:
+                errno, msg = _strerror(e)
+                raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}",
+                              offset) from None
 
     async def settle(self, index: int) -> None:
         if self.blocking:
@@ -360,15 +392,16 @@ class NbdEnd(End):
                                     + os.strerror(E.ENOSPC))
         if self.blocking:
             # Write behind: once sent, the buffer is the kernel's copy and may be refilled;
-            # the reply is collected before the next command on this connection (the
-            # server works on this write while the next piece is read).
-            self._settle(index)
+            # the replies are collected, oldest first, so that no more than WRITES_BEHIND
+            # are owed, and all of them before any other command on this connection (the
+            # server works on these writes while the next pieces are read).
+            self._settle(index, WRITES_BEHIND - 1)
             try:
                 cookie = self.conns[index].send(BLOCKING_WRITE, offset, len(buf), 0, buf)
             except OSError as e:
                 errno, msg = _strerror(e)
                 raise OpError(errno, f"nbd_pwrite: write: command failed: {msg}") from None
-            self._behind[index] = (cookie, offset)
+            self._behind.setdefault(index, deque()).append((cookie, offset))
             return
         try:
             await self._call(self._c(index).pwrite(buf, offset))
