@@ -167,8 +167,6 @@ class AsyncClient(ReplyReader, Negotiation):
         self._flush_scheduled = False
         self._flush_due = False  # a caller was woken: write what it queues in its turn
         self._new_future: Callable[[], asyncio.Future[Any]] = self._no_loop
-        self.stats = {"bytes_sent": 0, "chunks_sent": 0, "bytes_received": 0,
-                      "chunks_received": 0}
 
     # ==================================================================================
     # connecting
