@@ -55,7 +55,7 @@ class ReplyReader:
 
     def _on_readable(self) -> None:
         try:
-            self._read_replies()
+            self._read_guarded()
         finally:
             if self._flush_due:
                 # Callers woken by replies run in the next turn of the event loop and queue
@@ -66,6 +66,22 @@ class ReplyReader:
                     self._flush_scheduled = True
                     self.loop.call_soon(self._flush)
 
+    def _read_guarded(self) -> None:
+        """:meth:`_read_replies`, and what a failed read or a bad reply means: the
+        connection fails, with a message; never a reader left dead and callers hanging."""
+        try:
+            self._read_replies()
+        except BlockingIOError:
+            pass
+        except ProtocolError as e:
+            self._fail(e)
+        except OSError as e:
+            self._fail(ConnectionError(f"read from the server failed: {e}"))
+        except Exception as e:  # noqa: BLE001 - never leave the reader dead, callers hanging
+            err = RemoteProtocolError(f"unexpected error handling a reply: {e!r}")
+            err.__cause__ = e
+            self._fail(err)
+
     def _read_replies(self) -> None:
         # hot path: a large reply comes in chunks (a round through the event loop costs more
         # than a read), so up to _READS_PER_WAKEUP reads per wake-up, each with no call on the
@@ -73,66 +89,52 @@ class ReplyReader:
         dec = self._dec
         readv = self._readv
         for _ in range(_READS_PER_WAKEUP):
-            try:
-                sink = dec.sink
-                if sink is not None:
-                    # The rest of a payload straight into its destination, and what follows
-                    # (the next reply headers) into the receive buffer, empty in this state.
-                    got = self._sink_got
-                    want = len(sink) - got
-                    room = (_SCATTER_TAIL if self._bytes_in_flight > _BIG_READS * len(
-                        self._pending) else len(self._buf))
-                    n = readv([sink[got:] if got else sink, self._view[:room]])
-                    self._rstats.bytes_received += n
-                    if n < want:
-                        if n == 0:
-                            self._fail(ConnectionError(
-                                "server closed the connection in the middle of a reply"))
-                            return
-                        self._sink_got = got + n
-                        continue
-                    self._sink_got = 0
-                    self._pos, self._end = 0, n - want
-                    dec.sink_filled()
-                    if n == want:  # nothing after it was there: nothing else to decode
-                        return
-                    more = n == want + room
-                else:
-                    if self._end == len(self._buf):
-                        self._compact()
-                    end = min(len(self._buf), self._end + self._read_limit())
-                    n = readv([self._view[self._end:end]])
-                    self._rstats.bytes_received += n
+            sink = dec.sink
+            if sink is not None:
+                # The rest of a payload straight into its destination, and what follows
+                # (the next reply headers) into the receive buffer, empty in this state.
+                got = self._sink_got
+                want = len(sink) - got
+                room = (_SCATTER_TAIL if self._bytes_in_flight > _BIG_READS * len(
+                    self._pending) else len(self._buf))
+                n = readv([sink[got:] if got else sink, self._view[:room]])
+                self._rstats.bytes_received += n
+                if n < want:
                     if n == 0:
                         self._fail(ConnectionError(
-                            "server closed the connection in the middle of a reply"
-                            if self._end > self._pos else "server closed the connection"))
+                            "server closed the connection in the middle of a reply"))
                         return
-                    self._end += n
-                    more = self._end == end
-                if self.closed:
+                    self._sink_got = got + n
+                    continue
+                self._sink_got = 0
+                self._pos, self._end = 0, n - want
+                dec.sink_filled()
+                if n == want:  # nothing after it was there: nothing else to decode
                     return
-                # decode what is buffered, then make room for what the decoder needs next,
-                # unless a payload is to go straight to its destination
-                pos = dec.feed(self._view, self._pos, self._end)
-                if dec.sink is not None:  # everything buffered was used
-                    self._pos = self._end = 0
-                else:
-                    self._settle(pos)
-                if not more or self.closed:
+                more = n == want + room
+            else:
+                if self._end == len(self._buf):
+                    self._compact()
+                end = min(len(self._buf), self._end + self._read_limit())
+                n = readv([self._view[self._end:end]])
+                self._rstats.bytes_received += n
+                if n == 0:
+                    self._fail(ConnectionError(
+                        "server closed the connection in the middle of a reply"
+                        if self._end > self._pos else "server closed the connection"))
                     return
-            except BlockingIOError:
+                self._end += n
+                more = self._end == end
+            if self.closed:
                 return
-            except ProtocolError as e:
-                self._fail(e)
-                return
-            except OSError as e:
-                self._fail(ConnectionError(f"read from the server failed: {e}"))
-                return
-            except Exception as e:  # noqa: BLE001 - never leave the reader dead, callers hanging
-                err = RemoteProtocolError(f"unexpected error handling a reply: {e!r}")
-                err.__cause__ = e
-                self._fail(err)
+            # decode what is buffered, then make room for what the decoder needs next,
+            # unless a payload is to go straight to its destination
+            pos = dec.feed(self._view, self._pos, self._end)
+            if dec.sink is not None:  # everything buffered was used
+                self._pos = self._end = 0
+            else:
+                self._settle(pos)
+            if not more or self.closed:
                 return
 
     def _use_stream(self, stream: Any) -> None:

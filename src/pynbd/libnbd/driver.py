@@ -159,7 +159,7 @@ class Driver:
         got = eng.lib_stats.bytes_received
         # what has already arrived, without waiting (hot path: benchmarks/client_read.py)
         if getattr(st, "buffered", None) is None:
-            eng._read_replies()
+            eng._read_guarded()
         else:
             self._read_ready(eng)
         if eng.lib_stats.bytes_received != got or eng.closed:
