@@ -263,31 +263,26 @@ class TlsStream(FdStream):
         want = len(view)
         got = 0
         while got < want:
-            if self._next is not None and self._fed - bio.pending >= self._whole and \
-                    not self._eof and not self._pending():
-                try:  # no whole record here: more ciphertext first
-                    self._fill()
-                except BlockingIOError:
-                    if got:
-                        break
-                    raise
-                continue
-            ask = want - got
-            try:
-                n: int = read(ask, view[got:])
-            except ssl.SSLWantReadError:
+            if self._next is None or self._fed - bio.pending < self._whole or \
+                    self._eof or self._pending():
                 try:
-                    self._fill()
-                except BlockingIOError:
-                    if got:
-                        break
-                    raise
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                break
-            if n == 0:
-                break
-            got += n
+                    n: int = read(want - got, view[got:])
+                except ssl.SSLWantReadError:
+                    n = -1
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    break
+                if n == 0:
+                    break
+                if n > 0:
+                    got += n
+                    continue
+            # no whole record here (or OpenSSL wants more): more ciphertext first
+            try:
+                self._fill()
+            except BlockingIOError:
+                if got:
+                    break
+                raise
         if self._out.pending:
             self._send_records()
         return got
