@@ -315,19 +315,13 @@ class RbdPlugin(Plugin):
     def start_pwrite(self, h: _Handle, buf: memoryview, offset: int, flags: int,
                      done: Callable[[BaseException | None, Any], None]) -> None:
         h.wrote = True
-        image = self._image
-        if image is None:
-            raise CommandError(errno.ESHUTDOWN, "the image is closed")
-        image.start_write(buf, offset, done)
+        self._img().start_write(buf, offset, done)
 
     def start_pwritev(self, h: _Handle, bufs: list[memoryview], offset: int, flags: int,
                       done: Callable[[BaseException | None, Any], None]) -> None:
         # WRITEs one after the other on the disk, received together: one librbd request
         h.wrote = True
-        image = self._image
-        if image is None:
-            raise CommandError(errno.ESHUTDOWN, "the image is closed")
-        image.start_writev(bufs, offset, done)
+        self._img().start_writev(bufs, offset, done)
 
     async def flush(self, h: _Handle, flags: int) -> None:
         try:
