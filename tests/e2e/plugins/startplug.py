@@ -71,14 +71,7 @@ class StartPlugin(Plugin):
                 self.loop.call_soon(self.finish_batch)
             return
 
-        def finish(turns):
-            if turns:
-                self.loop.call_soon(finish, turns - 1)
-                return
-            self.data[offset:offset + len(buf)] = buf
-            done(None, None)
-
-        finish(3)
+        self._store_later(3, buf, offset, done)
 
     if os.environ.get("START_VEC") == "1":
         def start_pwritev(self, h, bufs, offset, flags, done):
@@ -87,14 +80,15 @@ class StartPlugin(Plugin):
             self.lent += len(bufs)
             data = b"".join(bufs)  # a copy: the payloads are lent
 
-            def finish(turns):
-                if turns:
-                    self.loop.call_soon(finish, turns - 1)
-                    return
-                self.data[offset:offset + len(data)] = data
-                done(None, None)
+            self._store_later(2, data, offset, done)
 
-            finish(2)
+    def _store_later(self, turns, data, offset, done):
+        """Store ``data`` at ``offset`` and answer, ``turns`` loop turns from now."""
+        if turns:
+            self.loop.call_soon(self._store_later, turns - 1, data, offset, done)
+            return
+        self.data[offset:offset + len(data)] = data
+        done(None, None)
 
     def finish_batch(self):
         batch, self.batch = self.batch, []
