@@ -20,13 +20,15 @@ and checked against the pattern after the timed part: a run that read wrong data
 wrong amount, fails, as does a run that fails; the exit status is then 1.
 
     python benchmarks/client_read.py [--repeat 3] [--size 1G] [--markdown]
-                                     [--pynbd-python /usr/bin/python3]
+                                     [--pynbd-python PYTHON]
 
-pynbd's clients run under the interpreter running the benchmark unless --pynbd-python
-names another. libnbd's bindings run under Debian's /usr/bin/python3 (libpython linked into
-the executable), which runs the same Python code on less CPU than a default source build
-with a shared libpython; `--pynbd-python /usr/bin/python3` runs all three programs on one
-interpreter.
+All three programs run under ONE interpreter: Debian's /usr/bin/python3, the only one
+libnbd's bindings (python3-libnbd) are built for. A program written for libnbd that switches
+to pynbd.libnbd keeps the interpreter it ran under, so this compares the libraries and not
+two builds of Python: a default source build with a shared libpython (pyenv's) runs the same
+Python code on more CPU than Debian's (libpython linked into the executable).
+`--pynbd-python PATH` runs pynbd's two clients under another interpreter (e.g. the one
+running the benchmark: `--pynbd-python "$(command -v python)"`) to see what that costs.
 
 Bars (issue 14): (c) >= 1.0x (a) on both jobs; (b) >= 1.0x (a) on bulk and >= 1.2x on rand.
 """
@@ -45,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The interpreter libnbd's bindings are installed for (Debian's python3-libnbd).
+LIBNBD_PYTHON = "/usr/bin/python3"
 
 #: The check each program makes after its timed part (prepended to both programs).
 CHECK_CODE = r'''
@@ -200,7 +204,7 @@ def setup(d: str, size: str, python: str) -> tuple[subprocess.Popen[bytes], str,
     env_c = dict(os.environ, PYTHONPATH=f"{shim}:{ROOT / 'src'}")
     env_b = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     clients = {
-        "libnbd": (["/usr/bin/python3", str(d_prog / "libnbd_prog.py")], None),
+        "libnbd": ([LIBNBD_PYTHON, str(d_prog / "libnbd_prog.py")], None),
         "pynbd.AsyncClient": ([python, str(d_prog / "async_prog.py")], env_b),
         "pynbd.libnbd": ([python, str(d_prog / "libnbd_prog.py")], env_c),
     }
@@ -283,14 +287,15 @@ def main() -> int:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rand-count", type=int, default=200000)
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--pynbd-python", default=sys.executable, metavar="PYTHON",
-                    help="the interpreter of pynbd's two clients (default: this one; "
-                         "/usr/bin/python3 runs all three programs on libnbd's own)")
+    ap.add_argument("--pynbd-python", default=LIBNBD_PYTHON, metavar="PYTHON",
+                    help="the interpreter of pynbd's two clients (default: libnbd's own, "
+                         f"{LIBNBD_PYTHON}, so all three programs run on one)")
     args = ap.parse_args()
-    if not shutil.which("nbdkit") or not os.path.exists("/usr/bin/python3"):
+    if not shutil.which("nbdkit") or not os.path.exists(LIBNBD_PYTHON):
         print("needs nbdkit and Debian's python3-libnbd", file=sys.stderr)
         return 2
-    print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", file=sys.stderr)
+    print(f"load average: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; libnbd under "
+          f"{LIBNBD_PYTHON}, pynbd under {args.pynbd_python}", file=sys.stderr)
     d = tempfile.mkdtemp(prefix="pynbd-cbench-")
     srv = None
     try:
