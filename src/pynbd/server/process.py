@@ -142,8 +142,8 @@ def keep_heap() -> None:
     For TLS: every batch of encrypted replies leaves OpenSSL's memory BIO as a new bytes
     object (``MemoryBIO.read``, 256 KiB and up), freed once written. With glibc's
     defaults the freed top of the heap goes back to the kernel whenever it exceeds twice
-    the largest block seen, and the next batches fault fresh pages in again: 10,000-24,000
-    page faults per GiB sent to nbdcopy, ~8% of the server's CPU (docs/performance.md).
+    the largest block seen, and the next batches fault fresh pages in again: 10,000-30,000
+    page faults per GiB sent to nbdcopy, 3-9% of the server's time (docs/performance.md).
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "trim_threshold" in tunables or "mmap_threshold" in tunables or \
