@@ -122,8 +122,14 @@ def send(s: socket.socket, path: Path, pace_us: float) -> None:
         os.close(fd)
 
 
-def one(src: Path, d: Path, certs: Path, args: argparse.Namespace) -> float:
-    """The server's CPU seconds per GiB for one replay."""
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+def one(src: Path, d: Path, certs: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """The server's CPU seconds and minor page faults per GiB for one replay."""
     sock = d / "pynbd.sock"
     sock.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pynbd", "serve"]
@@ -143,12 +149,14 @@ def one(src: Path, d: Path, certs: Path, args: argparse.Namespace) -> float:
                 while s.recv(1 << 20):
                     pass
             t = threading.Thread(target=drain)
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0, flt0 = cpu_seconds(proc.pid), minor_faults(proc.pid)
             t.start()
             send(s, d / "requests.bin", args.pace)
             t.join()
             cpu = cpu_seconds(proc.pid) - cpu0
-        return cpu / (size / (1 << 30))
+            flt = minor_faults(proc.pid) - flt0
+        gib = size / (1 << 30)
+        return cpu / gib, flt / gib
     finally:
         stop_process(proc)
         (d / "requests.bin").unlink(missing_ok=True)
@@ -170,13 +178,17 @@ def main() -> int:
         d = Path(tmp)
         certs = make_x509(d / "x509")
         runs: dict[str, list[float]] = {s: [] for s in servers}
+        faults: dict[str, list[float]] = {s: [] for s in servers}
         for r in range(args.repeat):
             for server in servers if r % 2 == 0 else servers[::-1]:
-                runs[server].append(one(Path(server), d, certs, args))
+                cpu, flt = one(Path(server), d, certs, args)
+                runs[server].append(cpu)
+                faults[server].append(flt)
     for server, v in runs.items():
         print(f"{server} {args.mode} pace={args.pace:g}: server CPU s/GiB "
               f"{' '.join(f'{x:.3f}' for x in v)}  (median {statistics.median(v):.3f}, "
-              f"min {min(v):.3f})")
+              f"min {min(v):.3f}); minor page faults/GiB "
+              f"{' '.join(f'{x:.0f}' for x in faults[server])}")
     return 0
 
 

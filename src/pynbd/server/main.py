@@ -208,6 +208,8 @@ def server_config(o: Options) -> ServerConfig:
 
 def _serve(o: Options, chain: Chain) -> int:
     server = Server(chain, server_config(o))
+    if server.config.tls_context is not None:
+        process.keep_heap()  # the TLS stream's batches reuse the heap, not fresh pages
     if o.exit_with_parent:
         process.set_pdeathsig()
     activated = process.listen_fds()
