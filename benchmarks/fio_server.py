@@ -191,6 +191,12 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of process `pid` so far (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 class ServerProcess:
     def __init__(self, name: str, argv: list[str], sock: str, logdir: Path) -> None:
         self.name = name

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from fio_server import cpu_seconds
+from fio_server import cpu_seconds, minor_faults
 from tool_copy import stop_process, wait_for_socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +69,6 @@ class Waits:
         self._stop = True
         self._t.join()
         return (sum(self.last.values()) - self.start) / 1e9
-
-
-def minor_faults(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def one(server: str, job: str, d: Path, certs: Path, data: Path) -> tuple[float, ...]:

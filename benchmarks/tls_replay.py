@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from fio_server import cpu_seconds, parse_size
+from fio_server import cpu_seconds, minor_faults, parse_size
 from tool_copy import stop_process, wait_for_socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,12 +120,6 @@ def send(s: socket.socket, path: Path, pace_us: float) -> None:
                     pass
     finally:
         os.close(fd)
-
-
-def minor_faults(pid: int) -> int:
-    """Minor page faults of process ``pid`` so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
 def one(src: Path, d: Path, certs: Path, args: argparse.Namespace) -> tuple[float, float]:
